@@ -1,0 +1,187 @@
+"""The ``directpred`` command line (also ``python -m directpred``).
+
+Subcommands: ``train`` (a run directory per run; YAML config + ``--set key=value`` overrides; ``--resume``),
+``eval`` (kNN + linear probe of a run's checkpoint), ``theory`` (the paper's learning dynamics), and the
+diagnostics commands ``plot`` and ``diagnose``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from directpred.config import ConfigError
+
+EPILOG = """examples:
+  directpred train configs/cpu/quickstart.yaml --out runs/qs
+  directpred train configs/cpu/quickstart.yaml --set predictor.name=linear --set train.epochs=3
+  directpred train --resume runs/qs
+  directpred eval runs/qs
+  torchrun --standalone --nproc_per_node=2 -m directpred train configs/cpu/quickstart.yaml --out runs/ddp
+"""
+
+
+def _print_results(results: dict, header: str) -> None:
+    print(header)
+    if results.get("knn_top1") is not None:
+        print(f"  kNN top-1:           {results['knn_top1']:6.2f} %   (cosine, k=200, T=0.1 unless configured)")
+    if results.get("linear_top1") is not None:
+        print(f"  linear probe top-1:  {results['linear_top1']:6.2f} %   (final probe epoch)")
+        print(f"  linear probe best:   {results['linear_top1_best']:6.2f} %   (best over probe epochs, as the "
+              "authors' code reports)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from directpred import distributed
+    from directpred.config import config_from_dict, dump_config, load_config
+    from directpred.train.checkpoint import atomic_write_text
+    from directpred.train.loop import Trainer, check_resume_config
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg_file = run_dir / "config.yaml"
+        if not cfg_file.is_file():
+            raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
+        if args.config:
+            raise ConfigError("give either a CONFIG file or --resume RUN_DIR, not both (use --set to change "
+                              "allowed settings such as train.epochs on resume)")
+        saved = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+        cfg = load_config(None, args.set, base=saved.to_dict())
+        check_resume_config(saved, cfg, force=args.force)
+        if cfg != saved and distributed.is_main():
+            atomic_write_text(cfg_file, dump_config(cfg))
+        trainer = Trainer(cfg, run_dir, resume=True, force=args.force, command=" ".join(sys.argv))
+    else:
+        if not args.config:
+            raise ConfigError("directpred train needs a CONFIG file (e.g. configs/cpu/quickstart.yaml) or "
+                              "--resume RUN_DIR")
+        cfg = load_config(args.config, args.set)
+        out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = out
+        trainer = Trainer(cfg, out, command=" ".join(sys.argv))
+    summary = trainer.fit()
+    if distributed.is_main():
+        _print_results(summary, f"\nrun {run_dir}: {summary['epochs']:g} epochs, {summary['steps']} steps, "
+                                f"{summary['images_per_second'] or 0:.0f} images/s, "
+                                f"{summary['wall_seconds']:.0f} s wall")
+        print(f"  summary: {run_dir / 'summary.json'}")
+    distributed.shutdown()
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+    import yaml
+
+    from directpred.config import config_from_dict, load_config
+    from directpred.data.datasets import load_data
+    from directpred.methods import build_method
+    from directpred.train.checkpoint import atomic_write_json, load_checkpoint
+    from directpred.train.loop import evaluate, resolve_device, resolve_precision
+
+    run_dir = Path(args.run_dir)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{run_dir}: no config.yaml; give a run directory made by `directpred train`")
+    saved = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+    cfg = load_config(None, args.set, base=saved.to_dict())
+    ckpt = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "last.pt"
+    device = resolve_device(cfg.train.device)
+    state = load_checkpoint(ckpt, map_location=device)
+    torch.manual_seed(cfg.train.seed)
+    method = build_method(cfg).to(device)
+    if cfg.train.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    method.load_state_dict(state["model"])
+    data = load_data(cfg.data, seed=cfg.train.seed)
+    results = evaluate(method, data, cfg, device, linear=not args.no_linear,
+                       autocast_dtype=resolve_precision(cfg.train.precision, device))
+    results.update(checkpoint=str(ckpt), step=int(state["step"]))
+    atomic_write_json(run_dir / "eval.json", results)
+    _print_results(results, f"{run_dir} (checkpoint {ckpt.name}, step {state['step']}):")
+    summary_file = run_dir / "summary.json"
+    if summary_file.is_file() and not args.checkpoint:
+        s = json.loads(summary_file.read_text())
+        for key in ("knn_top1", "linear_top1", "linear_top1_best"):
+            if s.get(key) is not None and results.get(key) is not None:
+                print(f"  {key}: training run reported {s[key]:.2f} %, now {results[key]:.2f} % "
+                      f"(difference {results[key] - s[key]:+.2f})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="directpred", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="BYOL/SimSiam with DirectPred (Tian, Chen, Ganguli, ICML 2021): train, evaluate, diagnose, "
+                    "and simulate the paper's learning dynamics.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (a run directory per run)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+                       description="Pre-train with a YAML config, then report kNN and linear-probe accuracy. "
+                                   "The run directory gets config.yaml, metrics.jsonl, TensorBoard events, "
+                                   "checkpoints/ and summary.json.")
+    p.add_argument("config", nargs="?", help="YAML config (see configs/); its keys override the defaults")
+    p.add_argument("--out", help="run directory (default: runs/<config name>-<timestamp>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set predictor.rho=0.5 (repeatable; value parsed as YAML)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from checkpoints/last.pt")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: accept config changes that are not normally allowed on resume")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="kNN + linear probe of a run's checkpoint",
+                       description="Evaluate the online backbone of a run: kNN (cosine, weighted votes) and the "
+                                   "authors' linear-probe protocol. Writes RUN_DIR/eval.json.")
+    p.add_argument("run_dir", help="a run directory made by `directpred train`")
+    p.add_argument("--checkpoint", help="checkpoint file (default: RUN_DIR/checkpoints/last.pt)")
+    p.add_argument("--no-linear", action="store_true", help="skip the linear probe (kNN only)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override evaluation settings, e.g. --set eval.linear_epochs=100")
+    p.set_defaults(func=cmd_eval)
+
+    try:
+        from directpred.theory.cli import register as register_theory
+    except ImportError:
+        pass
+    else:
+        register_theory(sub)
+    try:
+        from directpred.diagnose_cli import register as register_diagnostics
+    except ImportError:
+        pass
+    else:
+        register_diagnostics(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``directpred`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"directpred: config error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from directpred.data.datasets import DataError
+        from directpred.train.checkpoint import CheckpointError
+        from directpred.train.loop import TrainingError
+
+        if isinstance(exc, (DataError, CheckpointError, TrainingError, FloatingPointError)):
+            print(f"directpred: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

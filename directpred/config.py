@@ -1,0 +1,370 @@
+"""Typed run configuration: dataclass defaults, YAML overrides, strict ``--set key=value``.
+
+The defaults reproduce the paper's CIFAR-10/STL-10 recipe (paper.md §5-6): ResNet-18, batch 128, SGD lr 0.03,
+momentum 0.9, weight decay 4e-4, EMA 0.996, 100 epochs, DirectPred with rho=0.3, eps=0.1, freq=1.
+
+A YAML file only overrides these defaults. Every key is checked: an unknown key, a value of the wrong type or an
+impossible value raises :class:`ConfigError` naming the key and what is allowed, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, has the wrong type, or an impossible value."""
+
+
+@dataclass
+class MethodConfig:
+    """The self-supervised method: BYOL (EMA target) or SimSiam (stop-gradient of the online branch)."""
+
+    name: Literal["byol", "simsiam"] = "byol"
+    ema: float = 0.996  # gamma_a: target momentum (BYOL); 1 - gamma_a = alpha*beta in the paper's notation
+    ema_schedule: Literal["constant", "cosine"] = "constant"  # cosine: gamma_a -> 1 over training (BYOL paper)
+    symmetric_loss: bool = True  # both views predict each other; False: only view 1 predicts view 2
+    stop_gradient: bool = True  # False is the Theorem 2 ablation (SimSiam only): the network collapses
+    target_init: Literal["copy", "random"] = "copy"  # random: independent init as in the authors' code
+
+
+@dataclass
+class PredictorConfig:
+    """The predictor W_p. See :mod:`directpred.heads` for the maths of each choice."""
+
+    name: Literal["directpred", "directcopy", "linear", "mlp", "none"] = "directpred"
+    # linear / mlp
+    bias: bool = False
+    symmetric: bool = False  # the paper's "sym W_p" (Table 3): symmetric init, symmetrised update
+    hidden_dim: int = 512  # mlp only
+    # directpred / directcopy: the running estimate F^ of E[f f^T] (Eq. 19) and the map to W_p (Eq. 18)
+    rho: float = 0.3
+    eps: float = 0.1
+    freq: int = 1
+    eps_mode: Literal["code", "paper"] = "code"
+    c: float = 0.0  # the c_j variant p_j = sqrt(max(s_j - c, 0)) (Table 7); 0 disables it
+    zero_mean: bool = False
+    average: Literal["ema", "cumulative"] = "ema"
+    partitions: int = 0  # >0: feature-dependent W_p from this many random hyperplanes (directpred only)
+
+
+@dataclass
+class BackboneConfig:
+    """A torchvision ResNet without its classifier."""
+
+    name: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    width: int = 64  # base channels; 64 is the standard ResNet, CPU recipes use 16-32
+    cifar_stem: bool = True  # 3x3 stride-1 first conv and no max-pool (for 32x32 images)
+
+
+@dataclass
+class ProjectorConfig:
+    """Projector Linear-BN-ReLU-Linear (authors' defaults 512 -> 512 -> 128)."""
+
+    hidden_dim: int = 512
+    out_dim: int = 128
+    bn_affine: bool = False  # the authors' code uses BatchNorm1d(affine=False) in projector and MLP predictor
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are augmented."""
+
+    dataset: Literal["cifar10", "cifar100", "stl10", "folder"] = "cifar10"
+    path: str | None = None  # folder: an ImageFolder directory or .tar/.tar.gz with train/ and test/
+    root: str = "~/.cache/directpred/torchvision"  # torchvision datasets live here
+    download: bool = False  # let torchvision download cifar10/cifar100/stl10 into `root`
+    cache_dir: str = "~/.cache/directpred"  # decoded archives and image arrays
+    augment: Literal["cifar", "stl10", "imagenet", "auto"] = "auto"  # auto: by dataset / image size
+    image_size: int = 0  # 0: the dataset's own size
+    train_subset: int = 0  # >0: a class-balanced subset of this many training images
+    test_subset: int = 0  # >0: a class-balanced subset of the test images (quick evaluations)
+    workers: int = 0  # DataLoader workers for datasets decoded lazily from disk
+    skip_corrupt: bool = False  # warn and skip unreadable images instead of failing
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser of backbone + projector; the predictor gets its own parameter group."""
+
+    name: Literal["sgd", "lars"] = "sgd"
+    lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 4e-4
+    alpha_p: float = 1.0  # the predictor's learning rate relative to the trunk (paper: alpha_p)
+    predictor_weight_decay: float = -1.0  # <0: same as weight_decay
+    schedule: Literal["constant", "warmup_cosine"] = "constant"  # the paper uses a constant lr
+    warmup_epochs: float = 0.0
+    lars_eta: float = 0.001  # LARS trust coefficient
+
+
+@dataclass
+class TrainConfig:
+    """Length, batch, precision, checkpoints and logging of a training run."""
+
+    epochs: int = 100
+    batch_size: int = 128  # per process; the global batch is batch_size * world_size
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the hardware runs it fast
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the online encoder
+    sync_bn: bool = False  # SyncBatchNorm in multi-process runs
+    checkpoint_every: int = 10  # epochs between kept checkpoints/epoch_XXXX.pt (last.pt is written every epoch)
+    checkpoint_every_steps: int = 0  # >0: also refresh last.pt every this many steps (preemptible machines)
+    log_every: int = 20  # steps between metrics.jsonl / TensorBoard rows
+    progress: bool = True  # tqdm progress bar
+    max_steps: int = 0  # >0: stop after this many optimiser steps (smoke tests)
+
+
+@dataclass
+class EvalConfig:
+    """kNN monitor during training and the offline linear probe at the end."""
+
+    knn_every: int = 1  # epochs between kNN evaluations; 0: only at the end
+    knn_k: int = 200
+    knn_t: float = 0.1
+    linear: bool = True  # run the linear probe when training ends
+    linear_epochs: int = 50
+    linear_lr: float = 3e-4
+    linear_weight_decay: float = 1e-3
+    linear_batch_size: int = 128
+    batch_size: int = 512  # feature extraction batch
+
+
+@dataclass
+class DiagConfig:
+    """Training diagnostics: predictor spectrum, eigenspace alignment, collapse warning."""
+
+    every: int = 50  # steps between diagnostics; 0 disables them
+    stop_on_collapse: bool = False
+    rho: float = 0.3  # moving-average rate of the F^ estimate kept for predictors that do not keep one
+
+
+@dataclass
+class Config:
+    """A complete run configuration."""
+
+    method: MethodConfig = field(default_factory=MethodConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    diag: DiagConfig = field(default_factory=DiagConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (what ``config.yaml`` holds)."""
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Strict merging
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if isinstance(tp, types.UnionType) or get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; int is accepted where float is expected."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not allowed; expected {_type_name(tp)}")
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        for arg in get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} has the wrong type; expected {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: {value!r} has the wrong type; expected {_type_name(tp)}")
+
+
+def _merge(obj: Any, updates: dict[str, Any], prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{full}'.{hint} Allowed keys here: {', '.join(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a mapping of its keys ({', '.join(f.name for f in dataclasses.fields(current))})")
+            _merge(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``'a.b=value'``; the value is parsed as YAML (so ``3`` is an int, ``true`` a bool, ``null`` None)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. predictor.rho=0.5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: cannot parse the value: {exc}") from None
+    return key, value
+
+
+def nest(key: str, value: Any) -> dict[str, Any]:
+    """``nest('a.b', 1) == {'a': {'b': 1}}``."""
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict[str, Any] | None = None) -> Config:
+    """Build a validated :class:`Config` from defaults, an optional YAML file and ``key=value`` overrides.
+
+    Args:
+        path: YAML file whose keys override the defaults (may be None).
+        overrides: strings like ``"predictor.rho=0.5"``, applied after the file.
+        base: a nested dict applied before the file (e.g. a run directory's resolved ``config.yaml``).
+
+    Raises:
+        ConfigError: on an unknown key, a wrong type or an impossible value.
+    """
+    cfg = Config()
+    if base:
+        _merge(cfg, base, "")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (method, predictor, ...)")
+        _merge(cfg, data, "")
+    for text in overrides:
+        key, value = parse_override(text)
+        _merge(cfg, nest(key, value), "")
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values with a message naming the key and what is allowed."""
+    p, m, o, t, d, e, b = cfg.predictor, cfg.method, cfg.optim, cfg.train, cfg.data, cfg.eval, cfg.backbone
+    _check(0.0 <= p.rho < 1.0, "predictor.rho", p.rho, "the moving-average rate must lie in [0, 1)")
+    _check(p.eps >= 0.0, "predictor.eps", p.eps, "must be >= 0")
+    _check(p.freq >= 1, "predictor.freq", p.freq, "must be an integer >= 1 (1 = set W_p every step)")
+    _check(p.hidden_dim >= 1, "predictor.hidden_dim", p.hidden_dim, "must be >= 1")
+    _check(p.partitions >= 0, "predictor.partitions", p.partitions, "must be >= 0 (0 = one global F^)")
+    _check(p.partitions == 0 or p.name == "directpred", "predictor.partitions", p.partitions,
+           "feature-dependent W_p is implemented for predictor.name=directpred only")
+    _check(p.partitions == 0 or p.average == "ema", "predictor.partitions", p.partitions,
+           "partitions use the ema average (predictor.average=ema)")
+    _check(0.0 <= m.ema <= 1.0, "method.ema", m.ema, "the target momentum must lie in [0, 1]")
+    _check(m.stop_gradient or m.name == "simsiam", "method.stop_gradient", m.stop_gradient,
+           "the no-stop-gradient ablation (Theorem 2) needs method.name=simsiam: BYOL's EMA target gets no gradient")
+    _check(b.width >= 1, "backbone.width", b.width, "base channel count must be >= 1 (64 is standard)")
+    _check(cfg.projector.hidden_dim >= 1 and cfg.projector.out_dim >= 1, "projector", cfg.projector,
+           "hidden_dim and out_dim must be >= 1")
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "must lie in [0, 1)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(o.alpha_p >= 0, "optim.alpha_p", o.alpha_p, "must be >= 0 (0 freezes the predictor)")
+    _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
+    _check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    _check(t.batch_size >= 2, "train.batch_size", t.batch_size, "must be >= 2 (BatchNorm needs two samples)")
+    _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1 epoch")
+    _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", t.checkpoint_every_steps, "must be >= 0")
+    _check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
+    _check(t.max_steps >= 0, "train.max_steps", t.max_steps, "must be >= 0 (0 = no limit)")
+    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", t.device,
+           "use auto, cpu, cuda or cuda:N")
+    _check(d.train_subset >= 0 and d.test_subset >= 0, "data.train_subset", d.train_subset, "must be >= 0")
+    _check(d.image_size >= 0, "data.image_size", d.image_size, "must be >= 0 (0 = the dataset's size)")
+    _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
+    _check(d.dataset != "folder" or bool(d.path), "data.path", d.path,
+           "data.dataset=folder needs data.path: an ImageFolder directory or a .tar/.tar.gz with train/ and test/")
+    if d.dataset == "folder" and d.path:
+        _check(Path(d.path).expanduser().exists(), "data.path", d.path,
+               "the path does not exist; point it at an ImageFolder directory or a .tar/.tar.gz archive")
+    _check(e.knn_every >= 0, "eval.knn_every", e.knn_every, "must be >= 0 (0 = only at the end)")
+    _check(e.knn_k >= 1, "eval.knn_k", e.knn_k, "must be >= 1")
+    _check(e.knn_t > 0, "eval.knn_t", e.knn_t, "the temperature must be > 0")
+    _check(e.linear_epochs >= 1, "eval.linear_epochs", e.linear_epochs, "must be >= 1")
+    _check(e.linear_lr > 0, "eval.linear_lr", e.linear_lr, "must be > 0")
+    _check(e.linear_batch_size >= 1 and e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
+    _check(cfg.diag.every >= 0, "diag.every", cfg.diag.every, "must be >= 0 (0 disables diagnostics)")
+    _check(0.0 <= cfg.diag.rho < 1.0, "diag.rho", cfg.diag.rho, "must lie in [0, 1)")
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (e.g. a run's ``config.yaml``)."""
+    cfg = Config()
+    _merge(cfg, data, "")
+    validate(cfg)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text of the resolved configuration."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def diff_configs(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """Keys whose values differ, as ``{'a.b': (old, new)}``."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(old.to_dict()), flat(new.to_dict())
+    return {k: (a[k], b[k]) for k in a if a[k] != b[k]}

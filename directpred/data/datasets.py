@@ -1,0 +1,335 @@
+"""Datasets as decoded uint8 arrays in memory: CIFAR-10/100 and STL-10 through torchvision, any ImageFolder
+directory, or a ``.tar``/``.tar.gz`` archive holding ``train/<class>/...`` and ``test/<class>/...``.
+
+Folders and archives are decoded once (Pillow, both cores) into ``.npy`` files in ``data.cache_dir``, keyed by the
+source's path, size and modification time, and written atomically; later runs memory-map them in a second. Images
+of differing sizes are resized (shorter side) and centre-cropped to ``data.image_size``. Archives are read in place,
+never extracted next to themselves (the shared mirror is read-only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+_CACHE_VERSION = 1
+
+
+class DataError(RuntimeError):
+    """Missing, corrupt or inconsistent data; the message names the files and the fix."""
+
+
+@dataclass
+class ImageArrays:
+    """Decoded images of one split.
+
+    Attributes:
+        images: uint8 tensor (N, H, W, 3).
+        labels: int64 tensor (N,); -1 for unlabelled images (STL-10 ``unlabeled``).
+        classes: class names, index = label.
+        skipped: corrupt files skipped while decoding (with ``data.skip_corrupt``).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def subset(self, index: torch.Tensor) -> ImageArrays:
+        return ImageArrays(self.images[index], self.labels[index], self.classes, self.skipped)
+
+
+@dataclass
+class DataBundle:
+    """The three roles data plays: pre-training images, and labelled train/test sets for kNN and the probe."""
+
+    pretrain: ImageArrays
+    train: ImageArrays
+    test: ImageArrays
+    name: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train.classes)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.pretrain.images.shape[1])
+
+
+def balanced_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Indices of ``n`` samples with (as nearly as possible) equally many per class, in ascending order.
+
+    Labels < 0 (unlabelled) count as one extra class. Deterministic for a given seed.
+    """
+    if n >= len(labels):
+        return torch.arange(len(labels))
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.unique(labels)
+    per_class = [torch.nonzero(labels == c).flatten() for c in classes]
+    per_class = [idx[torch.randperm(len(idx), generator=g)] for idx in per_class]
+    quota = [0] * len(classes)
+    remaining = n
+    # Round-robin quotas so that classes smaller than n/C give their share to the others.
+    while remaining > 0:
+        open_classes = [i for i in range(len(classes)) if quota[i] < len(per_class[i])]
+        if not open_classes:
+            break
+        share = max(remaining // len(open_classes), 1)
+        for i in open_classes:
+            take = min(share, len(per_class[i]) - quota[i], remaining)
+            quota[i] += take
+            remaining -= take
+            if remaining == 0:
+                break
+    chosen = torch.cat([idx[:q] for idx, q in zip(per_class, quota)])
+    return torch.sort(chosen).values
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Folders and archives
+
+
+def _list_source(path: Path) -> dict[str, list[tuple[str, int]]]:
+    """Map split -> [(member name, class index)]; validates the layout."""
+    if path.is_dir():
+        names = [str(p.relative_to(path)).replace(os.sep, "/") for p in path.rglob("*") if p.is_file()]
+        dirs = {str(p.relative_to(path)).replace(os.sep, "/") for p in path.rglob("*") if p.is_dir()}
+    elif tarfile.is_tarfile(path):
+        try:
+            with tarfile.open(path) as tf:
+                members = tf.getmembers()
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise DataError(f"{path}: the archive is corrupt or truncated ({exc}); re-copy it or point data.path "
+                            "at an extracted folder") from None
+        names = [m.name.lstrip("./") for m in members if m.isfile()]
+        dirs = {m.name.lstrip("./") for m in members if m.isdir()}
+        dirs |= {n.rsplit("/", 1)[0] for n in names if "/" in n}
+    else:
+        raise DataError(f"{path} is neither a directory nor a tar archive; data.path must be an ImageFolder "
+                        "directory or a .tar/.tar.gz holding train/<class>/... and test/<class>/...")
+    # Accept one wrapping top-level folder (archive.tar.gz -> name/train/...).
+    roots = {n.split("/", 1)[0] for n in names if "/" in n}
+    prefix = ""
+    if "train" not in roots and len(roots) == 1:
+        prefix = next(iter(roots)) + "/"
+    splits: dict[str, list[tuple[str, int]]] = {}
+    non_images: list[str] = []
+    class_lists: dict[str, list[str]] = {}
+    for split in ("train", "test"):
+        base = f"{prefix}{split}/"
+        class_dirs = sorted({d[len(base):].split("/")[0] for d in dirs if d.startswith(base) and d != base.rstrip("/")}
+                            | {n[len(base):].split("/")[0] for n in names if n.startswith(base) and
+                               n[len(base):].count("/") >= 1})
+        if not class_dirs:
+            raise DataError(f"{path}: no '{base}<class>/' folders found; the data must be laid out as "
+                            "train/<class>/<image> and test/<class>/<image> (torchvision ImageFolder layout)")
+        class_lists[split] = class_dirs
+        items: list[tuple[str, int]] = []
+        counts = dict.fromkeys(class_dirs, 0)
+        for n in sorted(names):
+            if not n.startswith(base):
+                continue
+            rel = n[len(base):]
+            if "/" not in rel:
+                continue
+            cls = rel.split("/")[0]
+            if not n.lower().endswith(IMAGE_EXTENSIONS):
+                non_images.append(n)
+                continue
+            items.append((n, class_dirs.index(cls)))
+            counts[cls] += 1
+        empty = [c for c, k in counts.items() if k == 0]
+        if empty:
+            raise DataError(f"{path}: {len(empty)} empty class folder(s) in {split}/: {', '.join(empty[:5])}; "
+                            "remove them or add images (an empty class would shift every label)")
+        splits[split] = items
+    if class_lists["train"] != class_lists["test"]:
+        only_train = sorted(set(class_lists["train"]) - set(class_lists["test"]))
+        only_test = sorted(set(class_lists["test"]) - set(class_lists["train"]))
+        raise DataError(f"{path}: train/ and test/ hold different classes (only in train: {only_train[:5]}, "
+                        f"only in test: {only_test[:5]}); both splits need the same class folders")
+    if non_images:
+        warnings.warn(f"{path}: ignored {len(non_images)} non-image file(s), e.g. {non_images[:3]}", stacklevel=3)
+    splits["__classes__"] = [(c, i) for i, c in enumerate(class_lists["train"])]
+    return splits
+
+
+def _decode(blob: bytes, size: int) -> np.ndarray:
+    with Image.open(io.BytesIO(blob)) as im:
+        im = im.convert("RGB")
+        if size and (im.width != size or im.height != size):
+            scale = size / min(im.width, im.height)
+            im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))),
+                           Image.BICUBIC)
+            left, top = (im.width - size) // 2, (im.height - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _decode_chunk(args: tuple[list[bytes], int]) -> list[np.ndarray | str]:
+    blobs, size = args
+    out: list[np.ndarray | str] = []
+    for b in blobs:
+        try:
+            out.append(_decode(b, size))
+        except Exception as exc:  # noqa: BLE001 - any decoder failure means a corrupt file
+            out.append(f"{type(exc).__name__}: {exc}")
+    return out
+
+
+def _read_blobs(path: Path, names: list[str]) -> list[bytes]:
+    if path.is_dir():
+        return [(path / n).read_bytes() for n in names]
+    wanted = set(names)
+    found: dict[str, bytes] = {}
+    with tarfile.open(path) as tf:
+        for m in tf:
+            name = m.name.lstrip("./")
+            if m.isfile() and name in wanted:
+                f = tf.extractfile(m)
+                found[name] = f.read() if f is not None else b""
+    return [found[n] for n in names]
+
+
+def _decode_split(path: Path, items: list[tuple[str, int]], size: int, skip_corrupt: bool,
+                  blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray, int]:
+    chunks = [blobs[i: i + 2000] for i in range(0, len(blobs), 2000)]
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    if workers > 1 and len(blobs) > 4000:
+        with ProcessPoolExecutor(workers) as pool:
+            decoded = [x for part in pool.map(_decode_chunk, [(c, size) for c in chunks]) for x in part]
+    else:
+        decoded = [x for c in chunks for x in _decode_chunk((c, size))]
+    bad = [(items[i][0], d) for i, d in enumerate(decoded) if isinstance(d, str)]
+    if bad and not skip_corrupt:
+        listing = "; ".join(f"{n} ({why})" for n, why in bad[:5])
+        raise DataError(f"{path}: {len(bad)} image(s) cannot be decoded: {listing}. Remove or replace them, or "
+                        "set data.skip_corrupt=true to skip them with a warning")
+    if bad:
+        warnings.warn(f"{path}: skipped {len(bad)} corrupt image(s), e.g. {[n for n, _ in bad[:3]]}", stacklevel=3)
+    good = [(d, items[i][1]) for i, d in enumerate(decoded) if not isinstance(d, str)]
+    if not good:
+        raise DataError(f"{path}: no decodable images")
+    shapes = {d.shape for d, _ in good}
+    if len(shapes) > 1:
+        raise DataError(f"{path}: images have different sizes ({sorted(shapes)[:3]}...); set data.image_size to "
+                        "resize and centre-crop them to one size while decoding")
+    images = np.stack([d for d, _ in good])
+    labels = np.asarray([y for _, y in good], dtype=np.int64)
+    return images, labels, len(bad)
+
+
+def _cache_key(path: Path, size: int, skip_corrupt: bool) -> str:
+    st = path.stat()
+    if path.is_dir():  # a folder's own mtime misses edits inside class folders: fold in every file's
+        stamp = sum(p.stat().st_mtime_ns + p.stat().st_size for p in path.rglob("*") if p.is_file())
+    else:
+        stamp = st.st_mtime_ns + st.st_size
+    text = f"{_CACHE_VERSION}|{path.resolve()}|{stamp}|{size}|{skip_corrupt}"
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def load_folder(path: str | Path, *, cache_dir: str | Path, image_size: int = 0,
+                skip_corrupt: bool = False) -> tuple[ImageArrays, ImageArrays]:
+    """Decode (once, then from the cache) the ``train`` and ``test`` splits of a folder or archive.
+
+    Raises:
+        DataError: missing layout, empty class folders, mismatched classes, corrupt images (listing up to five
+            and the count), or images of different sizes without ``image_size``.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"data.path {str(path)!r} does not exist")
+    cache = Path(cache_dir).expanduser() / "arrays" / f"{path.name}-{_cache_key(path, image_size, skip_corrupt)}"
+    if not (cache / "meta.json").is_file():
+        splits = _list_source(path)
+        classes = [c for c, _ in splits["__classes__"]]
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        meta: dict[str, object] = {"source": str(path.resolve()), "classes": classes, "skipped": {}}
+        for split in ("train", "test"):
+            items = splits[split]
+            blobs = _read_blobs(path, [n for n, _ in items])
+            images, labels, skipped = _decode_split(path, items, image_size, skip_corrupt, blobs)
+            np.save(tmp / f"{split}_images.npy", images)
+            np.save(tmp / f"{split}_labels.npy", labels)
+            meta["skipped"][split] = skipped  # type: ignore[index]
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.replace(tmp, cache)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    meta = json.loads((cache / "meta.json").read_text())
+    out = []
+    for split in ("train", "test"):
+        images = torch.from_numpy(np.load(cache / f"{split}_images.npy"))
+        labels = torch.from_numpy(np.load(cache / f"{split}_labels.npy"))
+        out.append(ImageArrays(images, labels, list(meta["classes"]), int(meta["skipped"][split])))
+    return out[0], out[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torchvision datasets
+
+
+def _torchvision_split(name: str, root: str, split: str, download: bool) -> ImageArrays:
+    import torchvision
+
+    root = str(Path(root).expanduser())
+    try:
+        if name in ("cifar10", "cifar100"):
+            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+            ds = cls(root, train=split == "train", download=download)
+            return ImageArrays(torch.from_numpy(ds.data), torch.as_tensor(ds.targets), list(ds.classes))
+        ds = torchvision.datasets.STL10(root, split=split, download=download)
+        images = torch.from_numpy(ds.data).permute(0, 2, 3, 1).contiguous()  # (N, 3, 96, 96) -> (N, 96, 96, 3)
+        return ImageArrays(images, torch.as_tensor(ds.labels).long(), list(ds.classes))
+    except RuntimeError as exc:
+        raise DataError(f"{name} not found under {root} ({exc}). Set data.download=true where the internet is "
+                        f"reachable, or use data.dataset=folder with data.path pointing at an ImageFolder "
+                        f"directory or archive (e.g. ../shared/data/cifar10-jpeg.tar.gz)") from None
+
+
+def load_data(cfg, seed: int = 0) -> DataBundle:
+    """Build the :class:`DataBundle` of a :class:`directpred.config.DataConfig`."""
+    if cfg.dataset == "folder":
+        train, test = load_folder(cfg.path, cache_dir=cfg.cache_dir, image_size=cfg.image_size,
+                                  skip_corrupt=cfg.skip_corrupt)
+        pretrain = train
+        name = Path(cfg.path).name
+    elif cfg.dataset in ("cifar10", "cifar100"):
+        train = _torchvision_split(cfg.dataset, cfg.root, "train", cfg.download)
+        test = _torchvision_split(cfg.dataset, cfg.root, "test", cfg.download)
+        pretrain, name = train, cfg.dataset
+    elif cfg.dataset == "stl10":
+        pretrain = _torchvision_split("stl10", cfg.root, "train+unlabeled", cfg.download)
+        train = _torchvision_split("stl10", cfg.root, "train", cfg.download)
+        test = _torchvision_split("stl10", cfg.root, "test", cfg.download)
+        name = "stl10"
+    else:
+        raise DataError(f"unknown data.dataset {cfg.dataset!r}")
+    if cfg.train_subset:
+        pretrain = pretrain.subset(balanced_subset(pretrain.labels, cfg.train_subset, seed))
+        if cfg.dataset != "stl10":
+            train = pretrain
+    if cfg.test_subset:
+        test = test.subset(balanced_subset(test.labels, cfg.test_subset, seed))
+    return DataBundle(pretrain, train, test, name)

@@ -1,0 +1,85 @@
+"""Heads: projector and every predictor, behind one protocol.
+
+Every predictor is an ``nn.Module`` with ``forward(z) -> p`` and ``update(z)``; the method calls ``update`` under
+``torch.no_grad()`` in training steps only (a no-op for predictors trained by gradient descent). Linear predictors
+expose ``weight`` (W_p, (d, d)).
+
+Use in your own loop::
+
+    from directpred.heads import DirectPred
+    predictor = DirectPred(128, rho=0.3, eps=0.1, freq=1)
+    ...
+    z1, z2 = projector(backbone(x1)), projector(backbone(x2))
+    if predictor.training:
+        with torch.no_grad():
+            predictor.update(torch.cat([z1, z2]))     # F^ <- rho F^ + (1-rho) z^T z / B; sets W_p every freq calls
+    p1, p2 = predictor(z1), predictor(z2)              # z @ W_p^T
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from directpred.heads.correlation import CorrelationEstimator, symmetric_eigh
+from directpred.heads.directpred import DirectCopy, DirectPred, PartitionedDirectPred, directpred_eigenvalues
+from directpred.heads.linear import IdentityPredictor, LinearPredictor
+from directpred.heads.mlp import MLP
+
+__all__ = [
+    "MLP", "LinearPredictor", "IdentityPredictor", "DirectPred", "DirectCopy", "PartitionedDirectPred",
+    "CorrelationEstimator", "symmetric_eigh", "directpred_eigenvalues", "PREDICTORS", "register_predictor",
+    "build_predictor",
+]
+
+PREDICTORS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_predictor(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator adding a predictor builder ``fn(dim, cfg) -> nn.Module`` under ``name``."""
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        PREDICTORS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_predictor("directpred")
+def _directpred(dim: int, cfg, **_: object) -> nn.Module:  # cfg: directpred.config.PredictorConfig
+    kwargs = dict(rho=cfg.rho, eps=cfg.eps, freq=cfg.freq, eps_mode=cfg.eps_mode, c=cfg.c, zero_mean=cfg.zero_mean,
+                  average=cfg.average)
+    if cfg.partitions > 0:
+        return PartitionedDirectPred(dim, partitions=cfg.partitions, **kwargs)
+    return DirectPred(dim, **kwargs)
+
+
+@register_predictor("directcopy")
+def _directcopy(dim: int, cfg, **_: object) -> nn.Module:
+    return DirectCopy(dim, rho=cfg.rho, eps=cfg.eps, freq=cfg.freq, zero_mean=cfg.zero_mean, average=cfg.average)
+
+
+@register_predictor("linear")
+def _linear(dim: int, cfg, **_: object) -> nn.Module:
+    return LinearPredictor(dim, bias=cfg.bias, symmetric=cfg.symmetric)
+
+
+@register_predictor("mlp")
+def _mlp(dim: int, cfg, *, bn_affine: bool = False, **_: object) -> nn.Module:
+    return MLP(dim, cfg.hidden_dim, dim, bias=True, bn_affine=bn_affine, tied=cfg.symmetric)
+
+
+@register_predictor("none")
+def _none(dim: int, cfg, **_: object) -> nn.Module:
+    return IdentityPredictor(dim)
+
+
+def build_predictor(dim: int, cfg, *, bn_affine: bool = False) -> nn.Module:
+    """Build the predictor named by ``cfg.name`` (a :class:`directpred.config.PredictorConfig`).
+
+    ``bn_affine`` is the BatchNorm setting of the two-layer predictor (shared with the projector).
+    """
+    if cfg.name not in PREDICTORS:
+        raise ValueError(f"unknown predictor {cfg.name!r}; choose one of {sorted(PREDICTORS)}")
+    return PREDICTORS[cfg.name](dim, cfg, bn_affine=bn_affine)

@@ -1,0 +1,122 @@
+"""The running estimate F^ of the predictor-input correlation E[f f^T] (paper Eq. 19).
+
+``F^ <- rho F^ + (1 - rho) E_B[f f^T]``, with the batch term ``z^T z / B`` (never per-sample outer products), summed
+over all processes before it is averaged, so every rank holds the same F^. The first update takes the batch term
+as it is (as the authors' ``Accumulator`` does); ``average="cumulative"`` keeps the simple average of all batch terms
+instead (the paper's "simple average", reported to differ little).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from directpred import distributed
+
+
+class CorrelationEstimator(nn.Module):
+    """Moving average F^ of ``E[f f^T]`` over training batches.
+
+    All state is in buffers (``corr``, ``mean``, ``count``), so ``state_dict()`` carries it into checkpoints.
+
+    Args:
+        dim: feature dimension d.
+        rho: moving-average rate of Eq. 19 (0.3 in the paper's best runs: F^ spans only 1-2 batches).
+        average: ``"ema"`` (Eq. 19) or ``"cumulative"`` (simple average of every batch term).
+        zero_mean: use the covariance ``F^ - m m^T`` instead of the correlation (the paper reports this hurts).
+
+    Example:
+        >>> est = CorrelationEstimator(4, rho=0.3)
+        >>> est.update(torch.randn(32, 4))
+        >>> est.matrix().shape
+        torch.Size([4, 4])
+    """
+
+    corr: torch.Tensor
+    mean: torch.Tensor
+    count: torch.Tensor
+
+    def __init__(self, dim: int, *, rho: float = 0.3, average: str = "ema", zero_mean: bool = False) -> None:
+        super().__init__()
+        if not 0.0 <= rho < 1.0:
+            raise ValueError(f"rho={rho} must lie in [0, 1)")
+        if average not in ("ema", "cumulative"):
+            raise ValueError(f"average={average!r} must be 'ema' or 'cumulative'")
+        self.dim, self.rho, self.average, self.zero_mean = dim, rho, average, zero_mean
+        self.register_buffer("corr", torch.zeros(dim, dim))  # F^, (d, d)
+        self.register_buffer("mean", torch.zeros(dim))  # running E[f], used when zero_mean
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))  # batches seen
+
+    def _weight_of_new_batch(self) -> float:
+        n = int(self.count)
+        if n == 0:
+            return 1.0
+        return 1.0 / (n + 1) if self.average == "cumulative" else 1.0 - self.rho
+
+    @torch.no_grad()
+    def update(self, z: torch.Tensor) -> None:
+        """Fold the batch ``z`` (B, d) into F^. Call only in training steps."""
+        z = z.detach().float()
+        if z.ndim != 2 or z.shape[1] != self.dim:
+            raise ValueError(f"expected z of shape (B, {self.dim}), got {tuple(z.shape)}")
+        # One all-reduce carries sum z z^T, sum z and B, so ranks with different batch sizes average correctly.
+        stats = torch.cat([(z.t() @ z).flatten(), z.sum(0), z.new_tensor([z.shape[0]])])
+        distributed.all_reduce_sum(stats)
+        n = stats[-1]
+        d = self.dim
+        batch_corr = stats[: d * d].view(d, d) / n
+        batch_mean = stats[d * d: d * d + d] / n
+        if not torch.isfinite(batch_corr).all():
+            raise FloatingPointError(
+                "non-finite values in the predictor's input batch (E_B[f f^T]); the network has diverged. "
+                "Lower optim.lr, check the data normalisation, or resume from the last good checkpoint.")
+        w = self._weight_of_new_batch()
+        self.corr.lerp_(batch_corr.to(self.corr.dtype), w)
+        self.mean.lerp_(batch_mean.to(self.mean.dtype), w)
+        self.count += 1
+
+    def matrix(self) -> torch.Tensor:
+        """The current F^ (d, d); the covariance if ``zero_mean``."""
+        if self.zero_mean:
+            return self.corr - torch.outer(self.mean, self.mean)
+        return self.corr
+
+
+def symmetric_eigh(M: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Eigendecomposition of a symmetric matrix with a fallback that always returns finite factors.
+
+    Tries ``torch.linalg.eigh`` in ``dtype`` (float32 or float64, also under mixed precision). If that raises or
+    returns non-finite values, retries in float64 with a small diagonal jitter, and warns.
+
+    Returns:
+        ``(s, U, fell_back)``: eigenvalues ascending (d,), eigenvectors as columns (d, d), in ``M``'s dtype, and
+        whether the fallback was needed.
+
+    Raises:
+        FloatingPointError: if ``M`` itself holds NaN or infinity.
+    """
+    if not torch.isfinite(M).all():
+        raise FloatingPointError("F^ holds NaN or infinity; the predictor inputs diverged (lower optim.lr).")
+    out_dtype = M.dtype if M.dtype in (torch.float32, torch.float64) else torch.float32
+    A = 0.5 * (M + M.t())
+    try:
+        s, U = torch.linalg.eigh(A.to(dtype))
+        if torch.isfinite(s).all() and torch.isfinite(U).all():
+            return s.to(out_dtype), U.to(out_dtype), False
+    except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+        pass
+    A64 = A.double()
+    scale = float(A64.diagonal().abs().mean().clamp(min=1e-12))
+    eye = torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
+    for jitter in (1e-10, 1e-7, 1e-4):
+        try:
+            s, U = torch.linalg.eigh(A64 + jitter * scale * eye)
+        except RuntimeError:
+            continue
+        if torch.isfinite(s).all() and torch.isfinite(U).all():
+            warnings.warn(f"eigh of F^ failed in {dtype}; fell back to float64 with jitter {jitter:g}*mean(diag)",
+                          RuntimeWarning, stacklevel=2)
+            return (s - jitter * scale).to(out_dtype), U.to(out_dtype), True
+    raise FloatingPointError("the eigendecomposition of F^ failed even in float64 with jitter")

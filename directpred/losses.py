@@ -1,0 +1,38 @@
+"""Losses: pure functions. The stop-gradient and the two-view symmetrisation live here and nowhere else."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def negative_cosine(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``mean_b (2 - 2 cos(p_b, t_b))``, which equals ``mean_b ||p_b/|p_b| - t_b/|t_b|||^2`` (BYOL's loss).
+
+    Args:
+        p: predictions (B, d).
+        t: targets (B, d); the caller decides whether they carry gradient.
+    """
+    return 2.0 - 2.0 * F.cosine_similarity(p.float(), t.float(), dim=-1, eps=1e-8).mean()
+
+
+def two_view_loss(p1: torch.Tensor, p2: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, *,
+                  symmetric: bool = True, stop_gradient: bool = True) -> torch.Tensor:
+    """The BYOL/SimSiam objective for two views.
+
+    View 1's prediction ``p1`` regresses view 2's target ``t2``; with ``symmetric`` the roles are also swapped and
+    the two terms are **summed**, as in the authors' code and BYOL (so lr 0.03 means what it meant there).
+
+    Args:
+        p1, p2: predictions of views 1 and 2 (B, d).
+        t1, t2: targets of views 1 and 2 (B, d): the EMA network's projections (BYOL) or the online ones (SimSiam).
+        symmetric: add the swapped term (the default); False is the asymmetric loss (the paper's 60-epoch ImageNet).
+        stop_gradient: ``StopGrad`` on the targets (Eq. 1). False is the Theorem 2 ablation: gradients flow through
+            the targets too, and the network collapses.
+    """
+    if stop_gradient:
+        t1, t2 = t1.detach(), t2.detach()
+    loss = negative_cosine(p1, t2)
+    if symmetric:
+        loss = loss + negative_cosine(p2, t1)
+    return loss

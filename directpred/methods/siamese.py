@@ -1,0 +1,141 @@
+"""BYOL and SimSiam as one composition: encoder + projector + predictor + loss + target rule.
+
+They differ only in the target branch: BYOL regresses an EMA copy of the online encoder, SimSiam the online
+encoder itself (with a stop-gradient). Paper §1: ``J = 1/2 E ||W_p f_1 - StopGrad(f_2a)||^2`` with the cosine form.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from directpred.losses import two_view_loss
+from directpred.methods.ema import ema_update
+
+
+class Encoder(nn.Module):
+    """Backbone followed by the projector: images (B, 3, H, W) -> projections f (B, d)."""
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))
+
+
+class OnlineBranch(nn.Module):
+    """Encoder and predictor: the part that receives gradients (and that DDP wraps).
+
+    In training mode ``forward`` calls ``predictor.update`` on both views' projections, detached and under
+    ``no_grad``, before predicting, so a DirectPred W_p reflects F^ including the current batch. In eval mode the
+    predictor's statistics are never touched.
+    """
+
+    def __init__(self, encoder: Encoder, predictor: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.predictor = predictor
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        z1, z2 = self.encoder(x1), self.encoder(x2)  # separate passes: BatchNorm statistics per view, as in BYOL
+        if self.training:
+            with torch.no_grad():
+                self.predictor.update(torch.cat([z1, z2]).detach())
+        return z1, z2, self.predictor(z1), self.predictor(z2)
+
+
+@dataclass
+class StepOutput:
+    """What one training step produced."""
+
+    loss: torch.Tensor
+    z1: torch.Tensor  # online projections of view 1, (B, d)
+    z2: torch.Tensor
+    p1: torch.Tensor  # predictions, (B, d)
+    p2: torch.Tensor
+
+
+class Siamese(nn.Module):
+    """BYOL (``target="ema"``) or SimSiam (``target="online"``).
+
+    Args:
+        encoder: the online backbone + projector.
+        predictor: any predictor of :mod:`directpred.heads`.
+        target: ``"ema"`` (BYOL) or ``"online"`` (SimSiam).
+        target_init: ``"copy"`` (BYOL) or ``"random"`` (an independent random init, as the authors' code does).
+        symmetric_loss: see :func:`directpred.losses.two_view_loss`.
+        stop_gradient: see :func:`directpred.losses.two_view_loss`.
+        make_encoder: builds a fresh encoder; needed for ``target_init="random"``.
+    """
+
+    def __init__(self, encoder: Encoder, predictor: nn.Module, *, target: str = "ema", target_init: str = "copy",
+                 symmetric_loss: bool = True, stop_gradient: bool = True, make_encoder=None) -> None:
+        super().__init__()
+        if target not in ("ema", "online"):
+            raise ValueError(f"target={target!r} must be 'ema' (BYOL) or 'online' (SimSiam)")
+        self.online = OnlineBranch(encoder, predictor)
+        self.symmetric_loss, self.stop_gradient = symmetric_loss, stop_gradient
+        self.target: Encoder | None = None
+        if target == "ema":
+            if target_init == "copy":
+                self.target = copy.deepcopy(encoder)
+            elif target_init == "random":
+                if make_encoder is None:
+                    raise ValueError("target_init='random' needs make_encoder")
+                self.target = make_encoder()
+            else:
+                raise ValueError(f"target_init={target_init!r} must be 'copy' or 'random'")
+            self.target.requires_grad_(False)
+
+    def use_wrapped_online(self, wrapped: nn.Module) -> None:
+        """Call ``wrapped`` (e.g. DDP around ``self.online``) in training steps; not registered as a submodule."""
+        self.__dict__["_online_call"] = wrapped
+
+    @property
+    def encoder(self) -> Encoder:
+        """The online encoder (what evaluation uses)."""
+        return self.online.encoder
+
+    @property
+    def predictor(self) -> nn.Module:
+        return self.online.predictor
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> StepOutput:
+        """Loss of one batch of view pairs (B, 3, H, W) each."""
+        z1, z2, p1, p2 = self.__dict__.get("_online_call", self.online)(x1, x2)
+        if self.target is None:  # SimSiam: the target is the online projection (stop-gradient in the loss)
+            t1, t2 = z1, z2
+        else:
+            with torch.no_grad():
+                t1, t2 = self.target(x1), self.target(x2)
+        loss = two_view_loss(p1, p2, t1, t2, symmetric=self.symmetric_loss, stop_gradient=self.stop_gradient)
+        return StepOutput(loss, z1, z2, p1, p2)
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        """EMA step of the target (BYOL); nothing for SimSiam."""
+        if self.target is not None:
+            ema_update(self.target, self.online.encoder, momentum)
+
+
+def build_method(cfg) -> Siamese:
+    """The method of a :class:`directpred.config.Config`."""
+    from directpred.backbones import build_backbone
+    from directpred.heads import MLP, build_predictor
+
+    def make_encoder() -> Encoder:
+        backbone = build_backbone(cfg.backbone)
+        projector = MLP(backbone.out_dim, cfg.projector.hidden_dim, cfg.projector.out_dim,
+                        bn_affine=cfg.projector.bn_affine)
+        return Encoder(backbone, projector)
+
+    encoder = make_encoder()
+    predictor = build_predictor(cfg.projector.out_dim, cfg.predictor, bn_affine=cfg.projector.bn_affine)
+    return Siamese(encoder, predictor, target="ema" if cfg.method.name == "byol" else "online",
+                   target_init=cfg.method.target_init, symmetric_loss=cfg.method.symmetric_loss,
+                   stop_gradient=cfg.method.stop_gradient, make_encoder=make_encoder)

@@ -1,0 +1,92 @@
+"""Atomic checkpoints: a partial file is never loaded and a valid one is never overwritten by a broken one."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message says which file and why."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, write) -> None:  # noqa: ANN001 - write(fileobj) callback
+    """Write through a temporary file in the same folder, fsync, then rename over ``path``.
+
+    If anything fails (disk full, permissions, an exception in ``write``), ``path`` keeps its previous content
+    and the temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}; the previous file is kept. "
+                                  "Free disk space or fix permissions, then resume.") from exc
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Atomically replace a text file."""
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Atomically replace a JSON file."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _assert_finite(state: dict[str, Any], where: str = "") -> None:
+    for key, value in state.items():
+        if isinstance(value, dict):
+            _assert_finite(value, f"{where}{key}.")
+        elif isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"refusing to write a checkpoint holding NaN/inf in '{where}{key}'; the last good "
+                                  "checkpoint is kept")
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """``torch.save`` ``state`` atomically; refuses (CheckpointError) if the model weights hold NaN or inf."""
+    _assert_finite(state.get("model", {}), "model.")
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`, with a clear error when it is missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise CheckpointError(f"{path} is corrupt or unreadable ({type(exc).__name__}: {exc}); use an earlier "
+                              "checkpoint from the same folder") from None

@@ -1,0 +1,468 @@
+"""The training loop: one code path for 1 and N processes (torchrun), CPU or CUDA.
+
+Determinism and resume: the data order of an epoch is a pure function of ``(seed, epoch)`` and the augmentation draws
+of a step a pure function of ``(seed, step)``, so the complete training state is the model (online, target,
+predictor with F^ and its counters), the optimiser and the step counter. A run stopped at any step boundary and
+resumed ends with the same numbers as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from directpred import distributed
+from directpred.config import Config, ConfigError, diff_configs, dump_config
+from directpred.data.augment import TwoViewAugment, ViewRecipe, recipe
+from directpred.data.datasets import DataBundle, load_data
+from directpred.eval.features import extract_features
+from directpred.eval.knn import KNNClassifier
+from directpred.eval.linear_probe import LinearProbe
+from directpred.methods import Siamese, build_method, ema_momentum
+from directpred.train.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from directpred.train.logger import RunLogger
+from directpred.train.optim import build_optimizer, lr_factor, set_lr
+
+# Settings that may change when a run is resumed: they do not alter what has been computed so far.
+RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.progress", "train.log_every",
+                     "train.checkpoint_every", "train.checkpoint_every_steps", "train.device", "data.workers",
+                     "data.cache_dir", "data.root", "data.path", "eval.", "diag.stop_on_collapse")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, changed config on resume, ...); the message says what to do."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA (this process's ``LOCAL_RANK`` GPU under torchrun) when available, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto")
+    return device
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``train.precision`` (None = fp32). ``auto``: bf16 where the hardware runs it natively."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+def git_commit() -> str:
+    """The commit of the source tree this package runs from (``+dirty`` if it has changes), or ``unknown``."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def view_recipes(cfg: Config, data: DataBundle) -> tuple[ViewRecipe, ViewRecipe]:
+    """The augmentation recipe of ``data.augment`` (``auto``: by dataset and image size)."""
+    size = cfg.data.image_size or data.image_size
+    name = cfg.data.augment
+    if name == "auto":
+        name = "stl10" if cfg.data.dataset == "stl10" else ("cifar" if size <= 64 else "imagenet")
+    return recipe(name, size)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of the training set in ``epoch`` (the same on every rank)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of the augmentation draws of global ``step``."""
+    return torch.Generator().manual_seed((seed * 2_654_435_761 + 7919 * (step + 1)) % (2**63 - 1))
+
+
+@torch.no_grad()
+def evaluate(method: Siamese, data: DataBundle, cfg: Config, device: torch.device, *, linear: bool = True,
+             autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """kNN (and optionally the linear probe) of the online backbone's frozen features.
+
+    Returns ``knn_top1`` and, with ``linear``, ``linear_top1`` (final probe epoch, the headline) and
+    ``linear_top1_best`` (best over probe epochs, the authors' reported figure), all in percent.
+    """
+    _, r2 = view_recipes(cfg, data)
+    test_recipe = r2
+    backbone = method.encoder.backbone
+    kw = dict(batch_size=cfg.eval.batch_size, device=device, autocast_dtype=autocast_dtype,
+              channels_last=cfg.train.channels_last)
+    f_train = extract_features(backbone, data.train.images, test_recipe, **kw)
+    f_test = extract_features(backbone, data.test.images, test_recipe, **kw)
+    labelled = data.train.labels >= 0
+    f_train, y_train = f_train[labelled.to(f_train.device)], data.train.labels[labelled]
+    out: dict[str, float] = {}
+    knn = KNNClassifier(k=cfg.eval.knn_k, temperature=cfg.eval.knn_t).fit(f_train, y_train.to(f_train.device))
+    out["knn_top1"] = 100.0 * knn.score(f_test, data.test.labels)
+    if linear:
+        with torch.enable_grad():
+            probe = LinearProbe(epochs=cfg.eval.linear_epochs, lr=cfg.eval.linear_lr,
+                                weight_decay=cfg.eval.linear_weight_decay, batch_size=cfg.eval.linear_batch_size,
+                                seed=cfg.train.seed).fit(f_train.cpu(), y_train, f_test.cpu(), data.test.labels)
+        out["linear_top1"] = 100.0 * probe.history_[-1]
+        out["linear_top1_best"] = 100.0 * probe.best_accuracy_
+    return out
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a request to stop after the current step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Train a :class:`Config` into ``run_dir`` (or continue the run there with ``resume=True``).
+
+    Example:
+        >>> cfg = load_config("configs/cpu/quickstart.yaml")  # doctest: +SKIP
+        >>> summary = Trainer(cfg, "runs/qs").fit()  # doctest: +SKIP
+    """
+
+    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False,
+                 command: str = "", data: DataBundle | None = None) -> None:
+        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        self.device = resolve_device(cfg.train.device)
+        distributed.init_from_env(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.autocast_dtype = resolve_precision(cfg.train.precision, self.device)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self._prepare_run_dir(command, force)
+
+        torch.manual_seed(cfg.train.seed)  # the same initialisation on every rank
+        if data is None:
+            if not distributed.is_main():
+                distributed.barrier()  # rank 0 decodes and caches first
+            data = load_data(cfg.data, seed=cfg.train.seed)
+            if distributed.is_main():
+                distributed.barrier()
+        self.data = data
+        self.augment = TwoViewAugment(*view_recipes(cfg, data))
+
+        self.method = build_method(cfg).to(self.device)
+        if cfg.train.channels_last:
+            self.method = self.method.to(memory_format=torch.channels_last)
+        self.world = distributed.world_size()
+        if self.world > 1:
+            online: nn.Module = self.method.online
+            if cfg.train.sync_bn:
+                online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+                self.method.online = online  # type: ignore[assignment]
+            if any(p.requires_grad for p in online.parameters()):
+                ddp = nn.parallel.DistributedDataParallel(
+                    online, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.method.use_wrapped_online(ddp)
+        if cfg.train.compile:
+            self.method.use_wrapped_online(torch.compile(self.method.__dict__.get("_online_call", self.method.online)))
+        self.optimizer = build_optimizer(cfg.optim, self.method.online.encoder, self.method.online.predictor)
+        self.scaler = torch.amp.GradScaler(enabled=self.autocast_dtype == torch.float16)
+
+        self.global_batch = cfg.train.batch_size * self.world
+        self.steps_per_epoch = len(data.pretrain) // self.global_batch
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} x {self.world} process(es) is larger than "
+                              f"the {len(data.pretrain)} training images; lower the batch size")
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        self.step = 0
+        self.train_seconds = 0.0
+        self.wall_before = 0.0
+        self.knn_history: list[dict[str, float]] = []
+        self.logger = RunLogger(self.run_dir)
+        self.diagnostics = None  # set by directpred.train.diagnostics when available
+        self._resume_diag_state = None
+        self._t_start = time.time()
+        if resume:
+            self._load(self.ckpt_dir / "last.pt")
+        self._make_diagnostics()
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _prepare_run_dir(self, command: str, force: bool) -> None:
+        cfg_path = self.run_dir / "config.yaml"
+        if distributed.is_main():
+            if self.resume:
+                if not (self.ckpt_dir / "last.pt").is_file():
+                    raise TrainingError(f"nothing to resume in {self.run_dir}: no checkpoints/last.pt")
+            else:
+                if (self.ckpt_dir / "last.pt").is_file():
+                    raise TrainingError(f"{self.run_dir} already holds a run; continue it with "
+                                        f"`directpred train --resume {self.run_dir}` or choose another --out")
+                try:
+                    self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                    probe = self.ckpt_dir / ".write_test"
+                    probe.write_bytes(b"ok")
+                    probe.unlink()
+                except OSError as exc:
+                    raise TrainingError(f"cannot write to the run directory {self.run_dir}: {exc.strerror or exc}; "
+                                        "choose a writable --out") from None
+                atomic_write_text(cfg_path, dump_config(self.cfg))
+            with open(self.run_dir / "command.txt", "a") as f:
+                f.write((command or " ".join(sys.argv)) + "\n")
+        distributed.barrier()
+
+    def _make_diagnostics(self) -> None:
+        if self.cfg.diag.every <= 0:
+            return
+        try:
+            from directpred.train.diagnostics import Diagnostics
+        except ImportError:
+            return
+        self.diagnostics = Diagnostics(self.cfg, self.method)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "global_batch": self.global_batch,
+            "world_size": self.world,
+            "train_seconds": self.train_seconds,
+            "wall_seconds": self.wall_before + (time.time() - self._t_start),
+            "knn_history": self.knn_history,
+            "diagnostics": self.diagnostics.state_dict() if self.diagnostics is not None else None,
+            "config": self.cfg.to_dict(),
+            "git_commit": git_commit(),
+        }
+
+    def save(self, *, keep: bool = False) -> None:
+        """Write ``checkpoints/last.pt`` (and ``epoch_XXXX.pt`` with ``keep``) atomically, from rank 0."""
+        if distributed.is_main():
+            state = self._state()
+            save_checkpoint(self.ckpt_dir / "last.pt", state)
+            if keep:
+                save_checkpoint(self.ckpt_dir / f"epoch_{state['epoch']:04d}.pt", state)
+        distributed.barrier()
+
+    def _load(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        if state["global_batch"] != self.global_batch:
+            raise TrainingError(f"{path} was trained with a global batch of {state['global_batch']} "
+                                f"({state['world_size']} process(es)); now it would be {self.global_batch}. Resume "
+                                "with the same batch_size x number of processes so the data order is unchanged")
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.train_seconds = float(state["train_seconds"])
+        self.wall_before = float(state["wall_seconds"])
+        self.knn_history = list(state.get("knn_history", []))
+        self._resume_diag_state = state.get("diagnostics")
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _batch(self, order: torch.Tensor, step_in_epoch: int) -> torch.Tensor:
+        start = step_in_epoch * self.global_batch + distributed.rank() * self.cfg.train.batch_size
+        idx = order[start: start + self.cfg.train.batch_size]
+        return self.data.pretrain.images[idx]
+
+    def train_step(self, images: torch.Tensor) -> dict[str, Any]:
+        """One optimiser step on a uint8 batch; returns the loss and the step output."""
+        cfg = self.cfg
+        images = images.to(self.device, non_blocking=True)
+        x1, x2 = self.augment(images, step_generator(cfg.train.seed, self.step),
+                              shard=(distributed.rank(), self.world))
+        if cfg.train.channels_last:
+            x1 = x1.contiguous(memory_format=torch.channels_last)
+            x2 = x2.contiguous(memory_format=torch.channels_last)
+        lr = set_lr(self.optimizer, cfg.optim.lr,
+                    lr_factor(self.step, self.total_steps, self.warmup_steps, cfg.optim.schedule))
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            out = self.method(x1, x2)
+        loss = out.loss
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"non-finite loss ({loss.item()}) at step {self.step}. Likely causes: a learning rate too high for "
+                f"this batch size (optim.lr={cfg.optim.lr}), fp16 overflow (try train.precision=bf16 or fp32), or "
+                f"corrupt inputs. Nothing was written from this step; the last good checkpoint is "
+                f"{self.ckpt_dir / 'last.pt'} (resume with `directpred train --resume {self.run_dir}`).")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        m = ema_momentum(self.step, self.total_steps, cfg.method.ema, cfg.method.ema_schedule)
+        self.method.update_target(m)
+        self.step += 1
+        return {"loss": loss.detach(), "lr": lr, "ema": m, "out": out}
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``train.epochs`` (or ``train.max_steps``), evaluate, write ``summary.json``; returns it."""
+        cfg = self.cfg
+        self._t_start = time.time()
+        if self._resume_diag_state and self.diagnostics is not None:
+            self.diagnostics.load_state_dict(self._resume_diag_state)
+        last_step = self.total_steps if not cfg.train.max_steps else min(cfg.train.max_steps, self.total_steps)
+        self.method.train()
+        main = distributed.is_main()
+        pbar = None
+        if cfg.train.progress and main and self.step < last_step:
+            from tqdm import tqdm
+
+            pbar = tqdm(total=last_step, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                        desc="train")
+        stop = _StopFlag()
+        stopped_by: int | None = None
+        collapsed_stop = False
+        rate_images, rate_t = 0, time.time()
+        with stop:
+            while self.step < last_step:
+                epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+                order = epoch_order(len(self.data.pretrain), cfg.train.seed, epoch)
+                while step_in_epoch < self.steps_per_epoch and self.step < last_step:
+                    t0 = time.time()
+                    res = self.train_step(self._batch(order, step_in_epoch))
+                    step_in_epoch += 1
+                    dt = time.time() - t0
+                    self.train_seconds += dt
+                    rate_images += self.global_batch
+                    if self.diagnostics is not None and self.step % cfg.diag.every == 0:
+                        row = self.diagnostics.observe(self.step, res["out"])
+                        if row:
+                            self.logger.log({"step": self.step, "epoch": epoch, **row}, group="diag")
+                            if self.diagnostics.collapsed and cfg.diag.stop_on_collapse:
+                                collapsed_stop = True
+                    if self.step % cfg.train.log_every == 0 or self.step == last_step:
+                        loss = float(res["loss"])
+                        ips = rate_images / max(time.time() - rate_t, 1e-9)
+                        rate_images, rate_t = 0, time.time()
+                        self.logger.log({"step": self.step, "epoch": epoch, "loss": loss, "lr": res["lr"],
+                                         "ema": res["ema"], "images_per_second": ips})
+                        if pbar is not None:
+                            pbar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", img_s=f"{ips:.0f}", refresh=False)
+                    if pbar is not None:
+                        pbar.update(1)
+                    if cfg.train.checkpoint_every_steps and self.step % cfg.train.checkpoint_every_steps == 0:
+                        self.save()
+                    requested = stop.signum is not None
+                    if self.world > 1:  # every rank stops at the same step
+                        flag = torch.tensor([float(requested or collapsed_stop)], device=self.device)
+                        requested = bool(distributed.all_reduce_sum(flag).item() > 0)
+                    if requested or collapsed_stop:
+                        stopped_by = stop.signum if stop.signum is not None else -1
+                        break
+                if stopped_by is not None:
+                    break
+                if step_in_epoch == self.steps_per_epoch:  # an epoch ended
+                    done = epoch + 1
+                    if cfg.eval.knn_every and done % cfg.eval.knn_every == 0 and self.step < last_step:
+                        res_knn = evaluate(self.method, self.data, cfg, self.device, linear=False,
+                                           autocast_dtype=self.autocast_dtype)
+                        self.knn_history.append({"epoch": done, "step": self.step, **res_knn})
+                        self.logger.log({"step": self.step, "epoch": done, **res_knn}, group="eval")
+                        if pbar is not None:
+                            pbar.write(f"epoch {done}: kNN top-1 {res_knn['knn_top1']:.2f}%")
+                        self.method.train()
+                    self.save(keep=done % cfg.train.checkpoint_every == 0)
+        if pbar is not None:
+            pbar.close()
+        if stopped_by is not None and not collapsed_stop:
+            self.save()
+            self.logger.close()
+            name = signal.Signals(stopped_by).name if stopped_by > 0 else "stop"
+            if main:
+                print(f"\nStopped by {name} at step {self.step}; checkpoint written to {self.ckpt_dir / 'last.pt'}."
+                      f"\nResume with: directpred train --resume {self.run_dir}", file=sys.stderr)
+            raise SystemExit(128 + stopped_by if stopped_by > 0 else 1)
+        self.save()
+        summary = self.finish(stopped_early=collapsed_stop)
+        self.logger.close()
+        return summary
+
+    def finish(self, *, stopped_early: bool = False) -> dict[str, Any]:
+        """Final kNN + linear probe; writes ``summary.json`` (rank 0) and returns it."""
+        cfg = self.cfg
+        results = evaluate(self.method, self.data, cfg, self.device, linear=cfg.eval.linear,
+                           autocast_dtype=self.autocast_dtype)
+        epochs_done = self.step / self.steps_per_epoch
+        self.logger.log({"step": self.step, "epoch": math.floor(epochs_done), **results}, group="final")
+        images = self.step * self.global_batch
+        summary: dict[str, Any] = {
+            **{k: None for k in ("knn_top1", "linear_top1", "linear_top1_best")},
+            **results,
+            "epochs": round(epochs_done, 4),
+            "steps": self.step,
+            "images_per_second": images / self.train_seconds if self.train_seconds > 0 else None,
+            "train_seconds": self.train_seconds,
+            "wall_seconds": self.wall_before + (time.time() - self._t_start),
+            "git_commit": git_commit(),
+            "world_size": self.world,
+            "device": str(self.device),
+            "precision": str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else "fp32",
+            "method": cfg.method.name,
+            "predictor": cfg.predictor.name,
+            "knn_history": self.knn_history,
+            "stopped_early": stopped_early,
+            "skipped_corrupt": self.data.pretrain.skipped + self.data.test.skipped,
+            "eigh_fallbacks": int(getattr(self.method.predictor, "eigh_fallbacks", torch.zeros(())).item()),
+        }
+        if self.diagnostics is not None:
+            summary.update(self.diagnostics.summary())
+        if distributed.is_main():
+            atomic_write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+
+def check_resume_config(saved: Config, new: Config, *, force: bool = False) -> None:
+    """Refuse to resume with changes other than :data:`RESUMABLE_CHANGES`, showing the difference."""
+    changes = {k: v for k, v in diff_configs(saved, new).items()
+               if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUMABLE_CHANGES)}
+    if changes and not force:
+        lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
+        raise TrainingError("the run would resume with a different configuration:\n" + lines +
+                            "\nOnly these may change on resume: " + ", ".join(RESUMABLE_CHANGES) +
+                            ". Start a new run, or pass --force to resume anyway.")
