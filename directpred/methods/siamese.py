@@ -42,11 +42,14 @@ class OnlineBranch(nn.Module):
         self.predictor = predictor
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        z1, z2 = self.encoder(x1), self.encoder(x2)  # separate passes: BatchNorm statistics per view, as in BYOL
+        """``(h1, h2, z1, z2, p1, p2)``: backbone features, projections and predictions of both views."""
+        # Separate passes per view: BatchNorm statistics per view, as in BYOL and the authors' code.
+        h1, h2 = self.encoder.backbone(x1), self.encoder.backbone(x2)
+        z1, z2 = self.encoder.projector(h1), self.encoder.projector(h2)
         if self.training:
             with torch.no_grad():
                 self.predictor.update(torch.cat([z1, z2]).detach())
-        return z1, z2, self.predictor(z1), self.predictor(z2)
+        return h1, h2, z1, z2, self.predictor(z1), self.predictor(z2)
 
 
 @dataclass
@@ -54,10 +57,14 @@ class StepOutput:
     """What one training step produced."""
 
     loss: torch.Tensor
-    z1: torch.Tensor  # online projections of view 1, (B, d)
+    h1: torch.Tensor  # backbone features of view 1 (the representation), (B, D)
+    h2: torch.Tensor
+    z1: torch.Tensor  # online projections of view 1 (the predictor's input f), (B, d)
     z2: torch.Tensor
-    p1: torch.Tensor  # predictions, (B, d)
+    p1: torch.Tensor  # predictions W_p f, (B, d)
     p2: torch.Tensor
+    t1: torch.Tensor  # targets of view 1 (EMA projections for BYOL, online ones for SimSiam), (B, d)
+    t2: torch.Tensor
 
 
 class Siamese(nn.Module):
@@ -107,14 +114,14 @@ class Siamese(nn.Module):
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> StepOutput:
         """Loss of one batch of view pairs (B, 3, H, W) each."""
-        z1, z2, p1, p2 = self.__dict__.get("_online_call", self.online)(x1, x2)
+        h1, h2, z1, z2, p1, p2 = self.__dict__.get("_online_call", self.online)(x1, x2)
         if self.target is None:  # SimSiam: the target is the online projection (stop-gradient in the loss)
             t1, t2 = z1, z2
         else:
             with torch.no_grad():
                 t1, t2 = self.target(x1), self.target(x2)
         loss = two_view_loss(p1, p2, t1, t2, symmetric=self.symmetric_loss, stop_gradient=self.stop_gradient)
-        return StepOutput(loss, z1, z2, p1, p2)
+        return StepOutput(loss, h1, h2, z1, z2, p1, p2, t1, t2)
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
