@@ -1,0 +1,366 @@
+"""``directpred theory {simulate, portrait, figures}``: the theory toolkit's command line.
+
+``register(subparsers)`` plugs the ``theory`` subcommand into the main ``directpred`` parser;
+``main(argv)`` runs it
+standalone (``python -m directpred.theory.cli figures --out out/figs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+# ----------------------------------------------------------------------------------------------------
+# Config of `simulate`
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimulateConfig:
+    """Everything ``directpred theory simulate`` reads from YAML (unknown keys are errors).
+
+    ``model: linear`` runs the full linear model (Eqs. 2-4) on data ``data`` and, if ``sgd_batch > 0``, the
+    same
+    model trained by minibatch SGD with learning rate ``dt``; ``model: reduced`` runs Eqs. 11-13 from ``p0``,
+    ``s0``, ``tau0``.
+    """
+
+    model: str = "linear"
+    alpha_p: float = 1.0
+    eta: float = 0.04
+    beta: float = 0.4
+    sigma2: float = 0.1
+    dt: float = 0.01
+    steps: int = 5000
+    method: str = "euler"
+    record_every: int = 10
+    seed: int = 0
+    # linear model
+    n1: int = 10
+    n2: int = 5
+    mode: str = "byol"
+    stop_gradient: bool = True
+    predictor: bool = True
+    symmetric: bool = False
+    data: str = "isotropic"
+    init_scale: float = 1.0
+    wa_init: str = "zero"
+    sgd_batch: int = 0
+    # reduced model
+    p0: list = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4])
+    s0: list = field(default_factory=lambda: [0.0025, 0.01, 0.04, 0.16])
+    tau0: float = 0.0
+    ema: bool = True
+
+
+CHOICES = {
+    "model": ("linear", "reduced"),
+    "method": ("euler", "rk4"),
+    "mode": ("byol", "simsiam"),
+    "data": ("isotropic", "anisotropic", "additive", "scrambling"),
+    "wa_init": ("zero", "copy"),
+}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, list):
+        value = [value] if isinstance(value, int | float) and not isinstance(value, bool) else value
+        if not isinstance(value, list) or not all(isinstance(v, int | float) for v in value):
+            raise ValueError(f"{key} must be a list of numbers, got {value!r}")
+        return [float(v) for v in value]
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] = ()) -> SimulateConfig:
+    """Strictly merge YAML ``raw`` and ``--set key=value`` overrides into a validated
+    :class:`SimulateConfig`."""
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(SimulateConfig)
+    }
+    merged: dict[str, Any] = {}
+    items = list((raw or {}).items())
+    for ov in overrides:
+        if "=" not in ov:
+            raise ValueError(f"--set expects key=value, got {ov!r}")
+        k, v = ov.split("=", 1)
+        items.append((k.strip(), yaml.safe_load(v)))
+    for k, v in items:
+        if k not in defaults:
+            raise ValueError(f"unknown config key {k!r}; allowed keys: {', '.join(sorted(defaults))}")
+        merged[k] = _coerce(k, v, defaults[k])
+    cfg = SimulateConfig(**merged)
+    for k, allowed in CHOICES.items():
+        if getattr(cfg, k) not in allowed:
+            raise ValueError(f"{k} must be one of {list(allowed)}, got {getattr(cfg, k)!r}")
+    checks = [
+        (cfg.dt > 0, f"dt must be > 0, got {cfg.dt}"),
+        (cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}"),
+        (cfg.record_every >= 1, f"record_every must be >= 1, got {cfg.record_every}"),
+        (cfg.eta >= 0, f"eta (weight decay) must be >= 0, got {cfg.eta}"),
+        (cfg.alpha_p > 0, f"alpha_p must be > 0, got {cfg.alpha_p}"),
+        (cfg.beta >= 0, f"beta must be >= 0, got {cfg.beta}"),
+        (cfg.sigma2 >= 0, f"sigma2 must be >= 0, got {cfg.sigma2}"),
+        (cfg.n1 >= 1 and cfg.n2 >= 1, f"n1 and n2 must be >= 1, got {cfg.n1}, {cfg.n2}"),
+        (cfg.sgd_batch >= 0, f"sgd_batch must be >= 0 (0 = no SGD run), got {cfg.sgd_batch}"),
+        (cfg.init_scale > 0, f"init_scale must be > 0, got {cfg.init_scale}"),
+        (len(cfg.p0) == len(cfg.s0), f"p0 and s0 need equal lengths, got {len(cfg.p0)} and {len(cfg.s0)}"),
+        (all(s >= 0 for s in cfg.s0), "s0 (eigenvalues of F) must be >= 0"),
+        (cfg.stop_gradient or cfg.mode == "simsiam", "stop_gradient: false needs mode: simsiam (Theorem 2)"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> SimulateConfig:
+    """Read a YAML file and apply overrides (see :func:`build_config`)."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of keys to values")
+    return build_config(raw, overrides)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------
+
+
+def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
+    """Run one configured simulation; write ``trajectory.npz``, ``summary.json`` and ``summary.png`` into
+    ``out``."""
+    from directpred.theory import plots
+    from directpred.theory.dynamics import _jsonable, simulate_linear
+    from directpred.theory.invariants import track
+    from directpred.theory.reduced import p_star, simulate_reduced
+    from directpred.theory.sgd import make_data, simulate_sgd
+
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(alpha_p=cfg.alpha_p, eta=cfg.eta, beta=cfg.beta)
+    summary: dict[str, Any] = {"config": dataclasses.asdict(cfg)}
+    if cfg.model == "reduced":
+        tau0 = cfg.tau0
+        tr = simulate_reduced(
+            cfg.p0,
+            cfg.s0,
+            tau0,
+            sigma2=cfg.sigma2,
+            dt=cfg.dt,
+            steps=cfg.steps,
+            ema=cfg.ema,
+            method=cfg.method,
+            record_every=cfg.record_every,
+            **common,
+        )
+        tr.save(out / "trajectory.npz")
+        fig, axes = plots.new_figure(1, 4)
+        for ax, key in zip(axes[0], ("p", "s", "tau", "K")):
+            plots.lines(ax, tr.t, tr[key], color="C0")
+            ax.set_title(key, fontsize=9)
+            ax.set_xlabel("t")
+        axes[0, 3].axhline(0, color="k", lw=0.6)
+        plots.save(fig, str(out / "summary.png"))
+        summary.update(
+            p_final=tr.p[-1],
+            s_final=tr.s[-1],
+            tau_final=tr.tau[-1],
+            K_min=float(tr.K.min()),
+            p_star_at_tau1=p_star(1.0, cfg.eta, cfg.sigma2),
+        )
+    else:
+        rng = np.random.default_rng(cfg.seed)
+        W = cfg.init_scale * rng.normal(size=(cfg.n2, cfg.n1)) / np.sqrt(cfg.n1)
+        Wp = cfg.init_scale * rng.normal(size=(cfg.n2, cfg.n2)) / np.sqrt(cfg.n2)
+        Wa = np.zeros_like(W) if cfg.wa_init == "zero" else W.copy()
+        data = make_data(cfg.data, cfg.n1, cfg.sigma2)
+        switches = dict(
+            mode=cfg.mode, stop_gradient=cfg.stop_gradient, predictor=cfg.predictor, symmetric=cfg.symmetric
+        )
+        tr = simulate_linear(
+            W,
+            Wp,
+            Wa,
+            data.X,
+            data.Xp,
+            dt=cfg.dt,
+            steps=cfg.steps,
+            method=cfg.method,
+            record_every=cfg.record_every,
+            **common,
+            **switches,
+        )
+        q = track(tr)
+        tr.save(out / "trajectory.npz", **q)
+        fig, axes = plots.new_figure(2, 3)
+        plots.linear_summary(axes, tr.t, q, label="gradient flow", color="C0")
+        summary["flow"] = {k: v[-1] for k, v in q.items()}
+        summary["flow"]["balance_error_max"] = float(q["balance_error"].max())
+        if cfg.sgd_batch > 0:
+            sg = simulate_sgd(
+                W,
+                Wp,
+                Wa,
+                data,
+                lr=cfg.dt,
+                steps=cfg.steps,
+                batch=cfg.sgd_batch,
+                seed=cfg.seed,
+                record_every=cfg.record_every,
+                **common,
+                **switches,
+            )
+            qs = track(sg)
+            sg.save(out / "sgd.npz", **qs)
+            plots.linear_summary(axes, sg.t, qs, label=f"SGD (batch {cfg.sgd_batch})", color="C1")
+            summary["sgd"] = {k: v[-1] for k, v in qs.items()}
+            summary["sgd_vs_flow_rel_W"] = float(
+                np.linalg.norm(sg.W[-1] - tr.W[-1]) / np.linalg.norm(tr.W[-1])
+            )
+        axes[1, 1].legend(fontsize=7)
+        plots.save(fig, str(out / "summary.png"))
+    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=1) + "\n")
+    return summary
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.set or [])
+    except (ValueError, OSError, yaml.YAMLError) as e:
+        print(f"directpred theory simulate: error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    run_simulate(cfg, Path(args.out))
+    print(f"wrote {args.out}/{{trajectory.npz,summary.json,summary.png}} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _cmd_portrait(args: argparse.Namespace) -> int:
+    from directpred.theory import plots
+    from directpred.theory.reduced import fixed_points
+
+    if args.eta < 0 or args.alpha_p <= 0 or args.sigma2 < 0:
+        print("directpred theory portrait: error: need eta >= 0, alpha_p > 0, sigma2 >= 0", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plots.new_figure(1, 1, size=(4.5, 3.8))
+    plots.phase_portrait(
+        axes[0, 0],
+        alpha_p=args.alpha_p,
+        eta=args.eta,
+        tau=args.tau,
+        sigma2=args.sigma2,
+        p_range=(args.p_min, args.p_max),
+        s_range=(0.0, args.s_max),
+    )
+    axes[0, 0].legend(fontsize=7, loc="upper left")
+    plots.save(fig, str(out))
+    fps = fixed_points(args.tau, args.eta, args.sigma2)
+    print(f"wrote {out}; fixed points p* on s=p²/α_p: {np.round(fps, 4).tolist()}")
+    return 0
+
+
+def _cmd_figures(args: argparse.Namespace) -> int:
+    from directpred.theory.figures import make_figures
+
+    only = [s.strip() for s in args.only.split(",")] if args.only else None
+    try:
+        times = make_figures(args.out, only)
+    except ValueError as e:
+        print(f"directpred theory figures: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(times)} figures to {args.out} in {sum(times.values()):.1f}s")
+    return 0
+
+
+def _add_theory_commands(theory: argparse.ArgumentParser) -> None:
+    sub = theory.add_subparsers(dest="theory_command", metavar="{simulate,portrait,figures}", required=True)
+    sim = sub.add_parser(
+        "simulate",
+        help="simulate the linear (Eqs. 2-4) or reduced (Eqs. 11-13) model from YAML",
+        description="Simulate from a YAML config; writes trajectories (npz), summary.json, plots.",
+    )
+    sim.add_argument("config", help="YAML config (see configs/theory/*.yaml); unknown keys are errors")
+    sim.add_argument("--out", required=True, help="output directory")
+    sim.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key (value parsed as YAML); repeatable",
+    )
+    sim.set_defaults(func=_cmd_simulate)
+    por = sub.add_parser(
+        "portrait",
+        help="phase portrait of Eqs. 11-12 at fixed tau",
+        description="Streamlines of (p_j, s_j) with fixed points and the parabola s = p²/α_p.",
+    )
+    por.add_argument("--eta", type=float, default=0.01, help="weight decay η (default 0.01)")
+    por.add_argument(
+        "--alpha-p", type=float, default=1.0, help="relative predictor learning rate α_p (default 1)"
+    )
+    por.add_argument(
+        "--tau", type=float, default=1.0, help="EMA ratio τ = W_a/W, fixed (default 1 = SimSiam)"
+    )
+    por.add_argument("--sigma2", type=float, default=0.0, help="augmentation variance σ² (default 0)")
+    por.add_argument("--p-min", type=float, default=-0.6, help="left edge of the p axis (default -0.6)")
+    por.add_argument("--p-max", type=float, default=1.6, help="right edge of the p axis (default 1.6)")
+    por.add_argument("--s-max", type=float, default=2.0, help="top of the s axis (default 2)")
+    por.add_argument("--out", required=True, help="output PNG path")
+    por.set_defaults(func=_cmd_portrait)
+    fig = sub.add_parser(
+        "figures",
+        help="regenerate the paper's synthetic figures (3, 4, 5, 7, 8, 9, 10)",
+        description="Write figN.png/.npz/.json/.txt for each synthetic figure of the paper.",
+    )
+    fig.add_argument("--out", required=True, help="output directory")
+    fig.add_argument("--only", default=None, help="comma-separated subset, e.g. fig3,fig5 (default: all)")
+    fig.set_defaults(func=_cmd_figures)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``theory`` subcommand (with sub-subcommands simulate, portrait, figures) to the main parser."""
+    theory = subparsers.add_parser(
+        "theory",
+        help="learning-dynamics theory: simulations and the paper's figures",
+        description="Learning dynamics of the linear BYOL/SimSiam model (paper §2-3).",
+    )
+    _add_theory_commands(theory)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point: ``python -m directpred.theory.cli {simulate,portrait,figures} ...``."""
+    parser = argparse.ArgumentParser(
+        prog="directpred theory",
+        description="Learning dynamics of the linear BYOL/SimSiam model (paper §2-3).",
+    )
+    _add_theory_commands(parser)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""The `directpred theory` CLI: strict configs, simulate/portrait/figures in-process, and register()."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from directpred.theory.cli import build_config, load_config, main, register
+
+
+def test_shipped_configs_load():
+    for name in ("linear", "reduced", "no_stop_gradient"):
+        cfg = load_config(f"configs/theory/{name}.yaml")
+        assert cfg.dt > 0
+
+
+@pytest.mark.parametrize(
+    "raw, msg",
+    [
+        ({"etaa": 0.1}, "unknown config key 'etaa'; allowed keys: .*eta"),
+        ({"dt": 0}, "dt must be > 0"),
+        ({"dt": -0.1}, "dt must be > 0"),
+        ({"eta": -0.01}, "eta .* must be >= 0"),
+        ({"steps": 0}, "steps must be >= 1"),
+        ({"steps": 1.5}, "steps must be an integer"),
+        ({"mode": "moco"}, "mode must be one of"),
+        ({"stop_gradient": False}, "needs mode: simsiam"),
+    ],
+)
+def test_config_rejects_bad_values(raw, msg):
+    with pytest.raises(ValueError, match=msg):
+        build_config(raw)
+
+
+def test_set_overrides_parse_yaml_and_are_strict():
+    cfg = build_config({"eta": 0.1}, ["eta=0.02", "mode=simsiam", "p0=[0.1, 0.2]", "s0=[0.1, 0.2]"])
+    assert cfg.eta == 0.02 and cfg.mode == "simsiam" and cfg.p0 == [0.1, 0.2]
+    with pytest.raises(ValueError, match="unknown config key 'nope'"):
+        build_config({}, ["nope=1"])
+
+
+def test_simulate_linear_writes_outputs_and_obeys_theorem1(tmp_path, capsys):
+    out = tmp_path / "lin"
+    rc = main(
+        [
+            "simulate",
+            "configs/theory/linear.yaml",
+            "--out",
+            str(out),
+            "--set",
+            "steps=300",
+            "--set",
+            "sgd_batch=64",
+            "--set",
+            "method=rk4",
+        ]
+    )
+    assert rc == 0
+    z = np.load(out / "trajectory.npz")
+    pred = z["balance_prediction"]
+    np.testing.assert_allclose(z["balance"], pred, rtol=1e-6)  # RK4: Theorem 1 holds to O(dt⁴)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["steps"] == 300 and "sgd" in summary
+    assert (out / "summary.png").stat().st_size > 1000 and (out / "sgd.npz").exists()
+
+
+def test_simulate_reduced_and_bad_config_exit_code(tmp_path, capsys):
+    out = tmp_path / "red"
+    assert main(["simulate", "configs/theory/reduced.yaml", "--out", str(out), "--set", "steps=200"]) == 0
+    z = np.load(out / "trajectory.npz")
+    assert z["p"].shape[1] == 4
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: linear\nlearning_rate: 0.1\n")
+    assert main(["simulate", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert "unknown config key 'learning_rate'" in capsys.readouterr().err
+
+
+def test_portrait_reports_fixed_points(tmp_path, capsys):
+    png = tmp_path / "p.png"
+    assert main(["portrait", "--eta", "0.01", "--alpha-p", "1", "--tau", "1", "--out", str(png)]) == 0
+    assert png.stat().st_size > 1000
+    out = capsys.readouterr().out
+    # fixed points of Eq. 16 at σ² = 0: (1 ∓ sqrt(1 − 0.04))/2
+    assert f"{(1 - np.sqrt(0.96)) / 2:.4f}"[:6] in out and f"{(1 + np.sqrt(0.96)) / 2:.4f}"[:6] in out
+
+
+def test_register_adds_theory_subcommand():
+    parser = argparse.ArgumentParser(prog="directpred")
+    sub = parser.add_subparsers(dest="command")
+    register(sub)
+    args = parser.parse_args(["theory", "figures", "--out", "x", "--only", "fig4"])
+    assert callable(args.func) and args.only == "fig4"
+    args = parser.parse_args(["theory", "portrait", "--eta", "0.2", "--out", "p.png"])
+    assert args.eta == 0.2 and args.alpha_p == 1.0

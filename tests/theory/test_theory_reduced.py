@@ -1,0 +1,178 @@
+"""Per-mode dynamics, Eqs. 11-16: fixed points, their stability, the threshold, and the integral of motion."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from directpred.theory import (
+    eta_threshold,
+    fixed_points,
+    integral_of_motion,
+    jacobian_ps,
+    p_star,
+    parabola_constant,
+    rhs_parabola,
+    rhs_ps,
+    simulate_reduced,
+)
+from directpred.theory.reduced import rhs_parabola_dp
+
+taus = st.floats(0.2, 2.0)
+sig2 = st.floats(0.0, 1.0)
+alphas = st.floats(0.2, 5.0)
+
+
+def _fd_jacobian(p, s, tau, **kw):
+    h = 1e-6
+    J = np.zeros((2, 2))
+    for k, (dp, ds) in enumerate([(h, 0.0), (0.0, h)]):
+        plus = np.array(rhs_ps(p + dp, s + ds, tau, **kw))
+        minus = np.array(rhs_ps(p - dp, s - ds, tau, **kw))
+        J[:, k] = (plus - minus) / (2 * h)
+    return J
+
+
+@settings(max_examples=60, deadline=None)
+@given(tau=taus, sigma2=sig2, alpha_p=alphas, frac=st.floats(0.02, 0.98))
+def test_fixed_points_below_threshold_zeros_and_stability(tau, sigma2, alpha_p, frac):
+    """0 < η < τ²/4(1+σ²): p = 0 and p*₊ stable, p*₋ unstable, in Eq. 16 and in the (p, s) system Eqs.
+    11-12."""
+    eta = frac * eta_threshold(tau, sigma2)
+    kw = dict(alpha_p=alpha_p, eta=eta, sigma2=sigma2)
+    pm, pp = p_star(tau, eta, sigma2)
+    assert 0 < pm < pp
+    np.testing.assert_allclose(fixed_points(tau, eta, sigma2), [0.0, pm, pp])
+    for p in (0.0, pm, pp):
+        s = p**2 / alpha_p  # the fixed points lie on the invariant parabola
+        np.testing.assert_allclose(rhs_ps(p, s, tau, **kw), 0.0, atol=1e-12)
+        assert abs(rhs_parabola(p, tau, eta, sigma2)) < 1e-12
+        J = jacobian_ps(p, s, tau, **kw)
+        np.testing.assert_allclose(J, _fd_jacobian(p, s, tau, **kw), rtol=1e-5, atol=1e-7)
+    ev = lambda p: np.linalg.eigvals(jacobian_ps(p, p**2 / alpha_p, tau, **kw)).real  # noqa: E731
+    assert ev(0.0).max() < 0 and ev(pp).max() < 0  # stable
+    assert ev(pm).max() > 0  # unstable (a saddle in the (p, s) plane)
+    d1 = [rhs_parabola_dp(p, tau, eta, sigma2) for p in (0.0, pm, pp)]
+    assert d1[0] < 0 and d1[1] > 0 and d1[2] < 0
+    # the corrected factorisation of Eq. 16 (the Fig. 4 caption omits the (1+σ²))
+    q = np.linspace(-0.5, 2, 7)
+    np.testing.assert_allclose(
+        rhs_parabola(q, tau, eta, sigma2), -(1 + sigma2) * q * (q - pm) * (q - pp), atol=1e-12
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(tau=taus, sigma2=sig2, alpha_p=alphas, factor=st.floats(1.01, 10.0))
+def test_beyond_threshold_only_collapse(tau, sigma2, alpha_p, factor):
+    eta = factor * eta_threshold(tau, sigma2)
+    assert np.all(np.isnan(p_star(tau, eta, sigma2)))
+    np.testing.assert_array_equal(fixed_points(tau, eta, sigma2), [0.0])
+    assert (
+        np.linalg.eigvals(jacobian_ps(0.0, 0.0, tau, alpha_p=alpha_p, eta=eta, sigma2=sigma2)).real.max() < 0
+    )
+    q = np.linspace(1e-3, 3, 200)
+    assert np.all(rhs_parabola(q, tau, eta, sigma2) < 0)  # every p > 0 flows to 0
+
+
+def test_basins_on_the_invariant_parabola():
+    """Start on s = p²/α_p slightly above / below p*₋ (SimSiam, τ ≡ 1): converge to p*₊ / to collapse."""
+    sigma2, eta, alpha_p = 0.1, 0.1, 2.0
+    pm, pp = p_star(1.0, eta, sigma2)
+    kw = dict(
+        alpha_p=alpha_p, eta=eta, beta=0.0, sigma2=sigma2, dt=0.05, steps=6000, ema=False, record_every=6000
+    )
+    up = simulate_reduced(1.05 * pm, (1.05 * pm) ** 2 / alpha_p, 1.0, **kw)
+    down = simulate_reduced(0.95 * pm, (0.95 * pm) ** 2 / alpha_p, 1.0, **kw)
+    assert abs(up.p[-1, 0] - pp) < 1e-3 and abs(up.s[-1, 0] - pp**2 / alpha_p) < 1e-3
+    assert down.p[-1, 0] < 1e-2 * pm and down.s[-1, 0] < 1e-4
+
+
+def test_collapse_basin_grows_with_eta_and_shrinks_with_tau():
+    """Obs. #4 and #10 (App. B.2): p*₋ increases with η and decreases with τ."""
+    etas = np.linspace(0.001, 0.2, 20)
+    pm = [p_star(1.0, e, 0.1)[0] for e in etas]
+    assert np.all(np.diff(pm) > 0)
+    tau = np.linspace(0.7, 2.0, 20)
+    pm_tau = [p_star(t, 0.1, 0.1)[0] for t in tau]
+    assert np.all(np.diff(pm_tau) < 0)
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_integral_of_motion_eq14(ema):
+    """s_j − p_j²/α_p − e^{−2ηt}c_j = 0 with the corrected c_j = s_j(0) − p_j²(0)/α_p, for any τ(t).
+
+    RK4 at dt = 0.01: residual O(dt⁴); 1e-8 is the bound. The main-text sign of c_j would give a residual of
+    2e^{−2ηt}|c_j| instead, which the last assert rules out.
+    """
+    p0, s0 = np.array([0.5, 0.2, -0.1]), np.array([0.3, 0.6, 0.05])
+    tr = simulate_reduced(
+        p0,
+        s0,
+        0.1,
+        alpha_p=1.3,
+        eta=0.05,
+        beta=0.4,
+        sigma2=0.3,
+        dt=0.01,
+        steps=2000,
+        ema=ema,
+        method="rk4",
+        record_every=100,
+    )
+    res = integral_of_motion(tr.t, tr.p, tr.s, alpha_p=1.3, eta=0.05)
+    assert np.abs(res).max() < 1e-8
+    c_wrong = -parabola_constant(p0, s0, 1.3)
+    wrong = tr.s - tr.p**2 / 1.3 - np.exp(-0.1 * tr.t)[:, None] * c_wrong
+    assert np.abs(wrong).max() > 0.1
+
+
+def test_no_weight_decay_stays_on_parabola_and_reaches_p_equals_tau_over_lambda():
+    """η = 0, τ ≡ 1, start above the parabola: s = p²/α_p + c_j forever and p → τ/(1+σ²) (non-collapsed)."""
+    alpha_p, sigma2 = 1.0, 0.25
+    tr = simulate_reduced(
+        0.1,
+        0.2,
+        1.0,
+        alpha_p=alpha_p,
+        eta=0.0,
+        beta=0.0,
+        sigma2=sigma2,
+        dt=0.01,
+        steps=3000,
+        ema=False,
+        method="rk4",
+        record_every=3000,
+    )
+    c = 0.2 - 0.01
+    np.testing.assert_allclose(tr.s[-1, 0], tr.p[-1, 0] ** 2 / alpha_p + c, atol=1e-9)
+    np.testing.assert_allclose(tr.p[-1, 0], 1 / (1 + sigma2), atol=1e-4)
+
+
+def test_ema_tau_converges_to_one_at_the_non_collapsed_fixed_point():
+    """With EMA, at a non-collapsed fixed point ṡ = 0 so Eq. 13 gives τ → 1 (Obs. #8's curriculum ends
+    there)."""
+    tr = simulate_reduced(
+        [0.4, 0.3],
+        [0.5, 0.4],
+        0.0,
+        alpha_p=1.0,
+        eta=0.04,
+        beta=0.4,
+        sigma2=0.1,
+        dt=0.01,
+        steps=20000,
+        record_every=20000,
+    )
+    pm, pp = p_star(1.0, 0.04, 0.1)
+    np.testing.assert_allclose(tr.tau[-1, 0], 1.0, atol=1e-3)
+    np.testing.assert_allclose(tr.p[-1], pp, atol=1e-3)
+    assert np.all(tr.K[-1] > 0)
+
+
+def test_reduced_rejects_bad_input():
+    with pytest.raises(ValueError, match="dt"):
+        simulate_reduced(0.1, 0.1, 0.0, alpha_p=1, eta=0, beta=0, sigma2=0, dt=-1, steps=1)
+    with pytest.raises(ValueError, match="eta"):
+        simulate_reduced(0.1, 0.1, 0.0, alpha_p=1, eta=-0.1, beta=0, sigma2=0, dt=0.1, steps=1)
+    with pytest.raises(ValueError, match="s0"):
+        simulate_reduced(0.1, -0.1, 0.0, alpha_p=1, eta=0, beta=0, sigma2=0, dt=0.1, steps=1)
