@@ -1,0 +1,84 @@
+"""Shared fixtures: small synthetic image datasets in the ImageFolder layout, and a tiny run config."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+MIRROR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+# Tiny test networks gain nothing from a second thread, and a single thread is immune to OpenMP spin-waiting
+# when other processes share the two cores.
+torch.set_num_threads(1)
+
+
+def synthetic_images(n_per_class: int, n_classes: int = 4, size: int = 32, seed: int = 0):
+    """Class-dependent coloured blobs on noise: learnable, so kNN beats chance quickly."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    yy, xx = np.mgrid[0:size, 0:size]
+    for c in range(n_classes):
+        colour = np.array([(c * 67) % 256, (c * 151 + 40) % 256, (c * 29 + 90) % 256])
+        for _ in range(n_per_class):
+            cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+            r = size // 4 + (c % 3)
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+            img = rng.integers(0, 80, (size, size, 3))
+            img[mask] = np.clip(colour + rng.integers(-20, 20, 3), 0, 255)
+            images.append(img.astype(np.uint8))
+            labels.append(c)
+    return images, labels
+
+
+def write_folder(root: Path, n_train: int = 16, n_test: int = 4, n_classes: int = 4, size: int = 32,
+                 fmt: str = "png") -> Path:
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        images, labels = synthetic_images(n, n_classes, size, seed)
+        for i, (img, y) in enumerate(zip(images, labels)):
+            d = root / split / f"class{y}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(d / f"{i:04d}.{fmt}")
+    return root
+
+
+def write_tar(folder: Path, archive: Path) -> Path:
+    with tarfile.open(archive, "w:gz") as tf:
+        for p in sorted(folder.rglob("*")):
+            tf.add(p, arcname=str(p.relative_to(folder)), recursive=False)
+    return archive
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """4 classes x (32 train, 8 test) images of 32x32 in the ImageFolder layout."""
+    return write_folder(tmp_path_factory.mktemp("tiny") / "data", n_train=32, n_test=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_archive(tmp_path_factory, tiny_folder) -> Path:
+    return write_tar(tiny_folder, tmp_path_factory.mktemp("tar") / "tiny.tar.gz")
+
+
+@pytest.fixture
+def tiny_overrides(tiny_folder, tmp_path) -> list[str]:
+    """``--set`` overrides that make any config run a few steps in seconds on the CPU."""
+    return [
+        "data.dataset=folder", f"data.path={tiny_folder}", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.image_size=0", "data.train_subset=0", "data.test_subset=0",
+        "backbone.width=4", "projector.hidden_dim=32", "projector.out_dim=16", "predictor.hidden_dim=32",
+        "train.batch_size=16", "train.progress=false", "train.log_every=1", "train.device=cpu",
+        "train.precision=fp32", "eval.knn_every=0", "eval.linear=false", "eval.knn_k=10", "diag.every=0",
+    ]
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()

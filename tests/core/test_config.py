@@ -1,0 +1,85 @@
+"""Strict configuration: unknown keys, wrong types and impossible values fail with the key's name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from directpred.config import Config, ConfigError, diff_configs, load_config, parse_override
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_the_paper_recipe():
+    c = Config()
+    assert (c.optim.lr, c.optim.momentum, c.optim.weight_decay, c.train.batch_size) == (0.03, 0.9, 4e-4, 128)
+    assert (c.method.ema, c.predictor.rho, c.predictor.eps, c.predictor.freq) == (0.996, 0.3, 0.1, 1)
+    assert c.backbone.name == "resnet18" and c.train.epochs == 100 and c.optim.schedule == "constant"
+
+
+def test_overrides_are_parsed_as_yaml_and_typed():
+    cfg = load_config(None, ["predictor.rho=0.5", "train.epochs=3", "method.symmetric_loss=false",
+                             "predictor.name=linear", "optim.lr=1"])
+    assert cfg.predictor.rho == 0.5 and cfg.train.epochs == 3 and cfg.method.symmetric_loss is False
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1.0
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("predictor.rhoo=0.5", "predictor.rhoo"),
+    ("predictr.rho=0.5", "predictr"),
+    ("predictor.rho=1.0", "predictor.rho"),
+    ("predictor.rho=-0.1", "predictor.rho"),
+    ("predictor.freq=0", "predictor.freq"),
+    ("predictor.eps=-0.1", "predictor.eps"),
+    ("predictor.name=mlp3", "predictor.name"),
+    ("train.epochs=two", "train.epochs"),
+    ("train.epochs=1.5", "train.epochs"),
+    ("method.symmetric_loss=3", "method.symmetric_loss"),
+    ("data.dataset=folder", "data.path"),
+    ("method.stop_gradient=false", "method.stop_gradient"),
+    ("train.batch_size=1", "train.batch_size"),
+    ("predictor", "key=value"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match="Did you mean 'predictor.rho'"):
+        load_config(None, ["predictor.rh=0.5"])
+
+
+def test_missing_data_path_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="data.path"):
+        load_config(None, ["data.dataset=folder", f"data.path={tmp_path / 'nope.tar.gz'}"])
+
+
+def test_yaml_file_unknown_key(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("predictor:\n  name: directpred\n  rhoo: 0.3\n")
+    with pytest.raises(ConfigError, match="predictor.rhoo"):
+        load_config(f)
+    f.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(f)
+
+
+def test_diff_configs_lists_changed_keys():
+    a, b = load_config(None), load_config(None, ["train.epochs=5", "predictor.rho=0.5"])
+    assert diff_configs(a, b) == {"train.epochs": (100, 5), "predictor.rho": (0.3, 0.5)}
+
+
+def test_every_shipped_config_loads():
+    files = sorted((REPO / "configs").rglob("*.yaml"))
+    training = [f for f in files if "theory" not in f.parts]
+    assert len(training) >= 2
+    for f in training:
+        first = f.read_text().splitlines()[0]
+        assert first.startswith("#"), f"{f} must begin with a comment (command, hardware, time, result)"
+        try:
+            load_config(f)
+        except ConfigError as exc:
+            assert "data.path" in str(exc), f"{f}: {exc}"  # only a missing data folder is acceptable here

@@ -1,0 +1,57 @@
+"""Losses (pure functions) and the EMA target rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from directpred.losses import negative_cosine, two_view_loss
+from directpred.methods.ema import ema_momentum, ema_update
+
+
+def test_negative_cosine_equals_mse_of_normalised_vectors():
+    p, t = torch.randn(32, 16), torch.randn(32, 16)
+    mse = ((F.normalize(p, dim=1) - F.normalize(t, dim=1)) ** 2).sum(1).mean()
+    torch.testing.assert_close(negative_cosine(p, t), mse, rtol=1e-5, atol=1e-6)
+    assert negative_cosine(p, 3 * p).item() == pytest.approx(0.0, abs=1e-6)
+    assert negative_cosine(p, -p).item() == pytest.approx(4.0, abs=1e-5)
+
+
+def test_two_view_loss_sums_both_directions():
+    p1, p2, t1, t2 = (torch.randn(8, 4) for _ in range(4))
+    sym = two_view_loss(p1, p2, t1, t2)
+    torch.testing.assert_close(sym, negative_cosine(p1, t2) + negative_cosine(p2, t1))
+    torch.testing.assert_close(two_view_loss(p1, p2, t1, t2, symmetric=False), negative_cosine(p1, t2))
+
+
+def test_stop_gradient_blocks_target_gradient():
+    p1, p2 = torch.randn(8, 4, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    t1, t2 = torch.randn(8, 4, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    two_view_loss(p1, p2, t1, t2).backward()
+    assert t1.grad is None and t2.grad is None and p1.grad is not None
+    two_view_loss(p1, p2, t1, t2, stop_gradient=False).backward()
+    assert t1.grad is not None and t1.grad.abs().sum() > 0
+
+
+def test_ema_update_formula_and_buffers_copied():
+    torch.manual_seed(0)
+    online = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    target = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    online(torch.randn(10, 4))  # moves the online running stats
+    before = [p.clone() for p in target.parameters()]
+    ema_update(target, online, 0.9)
+    for b, t, o in zip(before, target.parameters(), online.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * o)
+    torch.testing.assert_close(target[1].running_mean, online[1].running_mean)
+
+
+def test_ema_momentum_schedules():
+    assert ema_momentum(123, 1000, 0.996) == 0.996
+    assert ema_momentum(0, 1000, 0.996, "cosine") == pytest.approx(0.996)
+    assert ema_momentum(1000, 1000, 0.996, "cosine") == pytest.approx(1.0)
+    assert ema_momentum(500, 1000, 0.99, "cosine") == pytest.approx(1 - 0.01 * (math.cos(math.pi / 2) + 1) / 2)
+    with pytest.raises(ValueError):
+        ema_momentum(0, 10, 0.9, "linear")

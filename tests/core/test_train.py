@@ -1,0 +1,106 @@
+"""End-to-end training on tiny data: shipped configs run, resume equals an uninterrupted run, run outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from directpred.cli import main
+from directpred.config import load_config
+from directpred.train.loop import Trainer, TrainingError
+
+REPO = Path(__file__).resolve().parents[2]
+TRAINING_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "theory" not in p.parts)
+
+
+@pytest.mark.parametrize("path", TRAINING_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_shipped_config_runs_two_steps(path, tiny_overrides, tmp_path):
+    cfg = load_config(path, tiny_overrides + ["train.max_steps=2"])
+    summary = Trainer(cfg, tmp_path / "run").fit()
+    assert summary["steps"] == 2
+    assert 0.0 <= summary["knn_top1"] <= 100.0
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert state["step"] == 2
+
+
+def _final_state(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+@pytest.mark.parametrize("predictor,schedules,how", [
+    ("directpred", ["method.ema_schedule=cosine", "optim.schedule=warmup_cosine", "optim.warmup_epochs=0.5"],
+     "stopped"),
+    ("linear", [], "extended"),
+])
+def test_resume_at_epoch_boundary_equals_uninterrupted(predictor, schedules, how, tiny_overrides, tmp_path):
+    """A run stopped after epoch 1 (or extended from 1 to 3 epochs, with constant schedules) and resumed ends
+    bit-identical to one that never stopped: weights, target, F^ and counters, optimiser and kNN figure."""
+    common = tiny_overrides + [f"predictor.name={predictor}", "predictor.freq=2"] + schedules
+    full = Trainer(load_config(None, common + ["train.epochs=3"]), tmp_path / "full").fit()
+    if how == "stopped":
+        Trainer(load_config(None, common + ["train.epochs=3", "train.max_steps=8"]), tmp_path / "part").fit()
+        resume_args = ["--set", "train.max_steps=0"]
+    else:
+        Trainer(load_config(None, common + ["train.epochs=1"]), tmp_path / "part").fit()
+        resume_args = ["--set", "train.epochs=3"]
+    assert main(["train", "--resume", str(tmp_path / "part"), *resume_args]) == 0
+    resumed = json.loads((tmp_path / "part" / "summary.json").read_text())
+    a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "part")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert resumed["steps"] == full["steps"] == 24 and resumed["knn_top1"] == full["knn_top1"]
+
+
+def test_resume_refuses_changed_config_and_accepts_force(tiny_overrides, tmp_path):
+    Trainer(load_config(None, tiny_overrides + ["train.epochs=1"]), tmp_path / "r").fit()
+    assert main(["train", "--resume", str(tmp_path / "r"), "--set", "predictor.rho=0.5"]) == 1
+    assert main(["train", "--resume", str(tmp_path / "r"), "--set", "predictor.rho=0.5",
+                 "--set", "train.epochs=2", "--force"]) == 0
+
+
+def test_new_run_refuses_existing_run_dir(tiny_overrides, tmp_path):
+    cfg = load_config(None, tiny_overrides + ["train.max_steps=1"])
+    Trainer(cfg, tmp_path / "r").fit()
+    with pytest.raises(TrainingError, match="--resume"):
+        Trainer(cfg, tmp_path / "r")
+
+
+def test_run_directory_contents_and_eval_reproduces(tiny_overrides, tmp_path, capsys):
+    run = tmp_path / "run"
+    over = tiny_overrides + ["train.epochs=2", "eval.linear=true", "eval.linear_epochs=3", "eval.knn_every=1"]
+    args = ["train", str(REPO / "configs" / "cpu" / "quickstart.yaml"), "--out", str(run)]
+    for o in over:
+        args += ["--set", o]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "kNN top-1" in out and "linear probe top-1" in out
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("knn_top1", "linear_top1", "linear_top1_best", "epochs", "steps", "images_per_second",
+                "wall_seconds", "git_commit"):
+        assert summary[key] is not None, key
+    assert summary["epochs"] == 2 and summary["linear_top1_best"] >= summary["linear_top1"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 2
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == list(range(1, summary["steps"] + 1))
+    assert all(r["loss"] > 0 for r in train_rows)
+    assert any(r["kind"] == "eval" and "knn_top1" in r for r in rows)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "checkpoints" / "last.pt").is_file()
+    # `directpred eval` reproduces the run's figures from its checkpoint.
+    assert main(["eval", str(run)]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["knn_top1"] == pytest.approx(summary["knn_top1"], abs=1e-6)
+    assert ev["linear_top1"] == pytest.approx(summary["linear_top1"], abs=1e-6)
+
+
+def test_tiny_run_learns_above_chance(tiny_overrides, tmp_path):
+    """Four well-separated synthetic classes: a few epochs of BYOL + DirectPred beat chance (25%) clearly."""
+    cfg = load_config(None, tiny_overrides + ["train.epochs=4", "backbone.width=8"])
+    summary = Trainer(cfg, tmp_path / "r").fit()
+    assert summary["knn_top1"] > 50.0

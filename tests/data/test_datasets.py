@@ -1,0 +1,95 @@
+"""Folders and archives decode once into a cache; bad data fails with the files named."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+
+import pytest
+import torch
+from conftest import write_folder
+
+from directpred.data.datasets import DataError, balanced_subset, load_folder
+
+
+def test_folder_and_archive_decode_identically(tiny_folder, tiny_archive, tmp_path):
+    a_train, a_test = load_folder(tiny_folder, cache_dir=tmp_path / "c1")
+    b_train, b_test = load_folder(tiny_archive, cache_dir=tmp_path / "c2")
+    assert a_train.classes == b_train.classes == ["class0", "class1", "class2", "class3"]
+    assert torch.equal(a_train.images, b_train.images) and torch.equal(a_test.labels, b_test.labels)
+    assert a_train.images.shape == (128, 32, 32, 3) and a_train.images.dtype == torch.uint8
+    assert torch.equal(a_train.labels.bincount(), torch.tensor([32, 32, 32, 32]))
+
+
+def test_cache_is_reused_and_never_written_beside_the_archive(tiny_archive, tmp_path):
+    before = sorted(os.listdir(tiny_archive.parent))
+    load_folder(tiny_archive, cache_dir=tmp_path / "c")
+    caches = list((tmp_path / "c" / "arrays").iterdir())
+    assert len(caches) == 1 and (caches[0] / "meta.json").is_file()
+    mtime = (caches[0] / "train_images.npy").stat().st_mtime_ns
+    load_folder(tiny_archive, cache_dir=tmp_path / "c")
+    assert (caches[0] / "train_images.npy").stat().st_mtime_ns == mtime
+    assert sorted(os.listdir(tiny_archive.parent)) == before
+
+
+def test_balanced_subset():
+    labels = torch.arange(10).repeat_interleave(50)
+    idx = balanced_subset(labels, 100, seed=0)
+    assert len(idx) == 100 and torch.equal(labels[idx].bincount(), torch.full((10,), 10))
+    assert torch.equal(idx, balanced_subset(labels, 100, seed=0))
+    skewed = torch.cat([torch.zeros(5, dtype=torch.long), torch.ones(100, dtype=torch.long)])
+    assert labels.new_tensor(skewed[balanced_subset(skewed, 40)].bincount().tolist()).tolist() == [5, 35]
+
+
+def test_corrupt_images_are_named_or_skipped(tmp_path):
+    root = write_folder(tmp_path / "d", n_train=4, n_test=2)
+    bad = root / "train" / "class1" / "0005.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(DataError, match=r"1 image\(s\) cannot be decoded: .*0005\.png.*skip_corrupt"):
+        load_folder(root, cache_dir=tmp_path / "c")
+    with pytest.warns(UserWarning, match="skipped 1 corrupt"):
+        train, _ = load_folder(root, cache_dir=tmp_path / "c", skip_corrupt=True)
+    assert len(train) == 15 and train.skipped == 1
+
+
+def test_layout_errors_name_the_problem(tmp_path):
+    root = write_folder(tmp_path / "d", n_train=2, n_test=1)
+    (root / "train" / "class9").mkdir()
+    with pytest.raises(DataError, match="empty class folder.*class9"):
+        load_folder(root, cache_dir=tmp_path / "c")
+    (root / "train" / "class9").rmdir()
+    (root / "test" / "class3").rename(root / "test" / "other")
+    with pytest.raises(DataError, match="different classes"):
+        load_folder(root, cache_dir=tmp_path / "c")
+    flat = tmp_path / "flat"
+    (flat / "images").mkdir(parents=True)
+    with pytest.raises(DataError, match="train/<class>"):
+        load_folder(flat, cache_dir=tmp_path / "c")
+    with pytest.raises(DataError, match="does not exist"):
+        load_folder(tmp_path / "missing", cache_dir=tmp_path / "c")
+
+
+def test_truncated_archive_is_reported(tiny_archive, tmp_path):
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(tiny_archive.read_bytes()[: tiny_archive.stat().st_size // 2])
+    with pytest.raises(DataError, match="broken.tar.gz"):
+        load_folder(broken, cache_dir=tmp_path / "c")
+
+
+def test_archive_with_wrapping_folder(tmp_path):
+    root = write_folder(tmp_path / "wrap" / "mydata", n_train=2, n_test=1)
+    archive = tmp_path / "wrapped.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(root, arcname="mydata")
+    train, test = load_folder(archive, cache_dir=tmp_path / "c")
+    assert len(train) == 8 and len(test) == 4
+
+
+def test_mixed_sizes_need_image_size(tmp_path):
+    root = write_folder(tmp_path / "d", n_train=2, n_test=1, size=32)
+    write_folder(tmp_path / "d2", n_train=1, n_test=1, size=40)
+    (tmp_path / "d2" / "train" / "class0" / "0000.png").rename(root / "train" / "class0" / "big.png")
+    with pytest.raises(DataError, match="data.image_size"):
+        load_folder(root, cache_dir=tmp_path / "c")
+    train, _ = load_folder(root, cache_dir=tmp_path / "c", image_size=24)
+    assert train.images.shape[1:] == (24, 24, 3)
