@@ -61,9 +61,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("directpred train needs a CONFIG file (e.g. configs/cpu/quickstart.yaml) or "
                               "--resume RUN_DIR")
         cfg = load_config(args.config, args.set)
-        out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = out
-        trainer = Trainer(cfg, out, command=" ".join(sys.argv))
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{stamp}"
+        trainer = Trainer(cfg, run_dir, command=" ".join(sys.argv))
     summary = trainer.fit()
     if distributed.is_main():
         _print_results(summary, f"\nrun {run_dir}: {summary['epochs']:g} epochs, {summary['steps']} steps, "

@@ -224,7 +224,8 @@ def _merge(obj: Any, updates: dict[str, Any], prefix: str) -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"{full}: expected a mapping of its keys ({', '.join(f.name for f in dataclasses.fields(current))})")
+                keys = ", ".join(f.name for f in dataclasses.fields(current))
+                raise ConfigError(f"{full}: expected a mapping of its keys ({keys})")
             _merge(current, value, f"{full}.")
         else:
             setattr(obj, key, _coerce(full, value, hints[key]))
