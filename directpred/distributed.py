@@ -92,6 +92,14 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank ``src``'s buffers (e.g. BatchNorm running statistics, which DDP only syncs at the start of
+    a forward pass, so after the last training step each rank holds statistics of its own batch)."""
+    if is_distributed():
+        for buf in module.buffers():
+            dist.broadcast(buf.data, src=src)
+
+
 def barrier() -> None:
     """Wait for every process (no-op in a single process)."""
     if is_distributed():

@@ -122,9 +122,9 @@ def evaluate(method: Siamese, data: DataBundle, cfg: Config, device: torch.devic
     Returns ``knn_top1`` and, with ``linear``, ``linear_top1`` (final probe epoch, the headline) and
     ``linear_top1_best`` (best over probe epochs, the authors' reported figure), all in percent.
     """
-    _, r2 = view_recipes(cfg, data)
-    test_recipe = r2
+    _, test_recipe = view_recipes(cfg, data)
     backbone = method.encoder.backbone
+    distributed.broadcast_buffers(backbone)  # every rank embeds with rank 0's BatchNorm statistics
     kw = dict(batch_size=cfg.eval.batch_size, device=device, autocast_dtype=autocast_dtype,
               channels_last=cfg.train.channels_last)
     f_train = extract_features(backbone, data.train.images, test_recipe, **kw)
