@@ -195,6 +195,9 @@ class Trainer:
             data = load_data(cfg.data, seed=cfg.train.seed)
             if distributed.is_main():
                 distributed.barrier()
+        if self.device.type == "cuda" and data.pretrain.images.numel() < 8 * 2**30:
+            # Keep the decoded uint8 images on the GPU: batches are gathered and augmented there.
+            data.pretrain.images = data.pretrain.images.to(self.device)
         self.data = data
         self.augment = TwoViewAugment(*view_recipes(cfg, data))
 
@@ -313,17 +316,26 @@ class Trainer:
     def _batch(self, order: torch.Tensor, step_in_epoch: int) -> torch.Tensor:
         start = step_in_epoch * self.global_batch + distributed.rank() * self.cfg.train.batch_size
         idx = order[start: start + self.cfg.train.batch_size]
-        return self.data.pretrain.images[idx]
+        images = self.data.pretrain.images
+        return images[idx.to(images.device)]
+
+    def views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two augmented views of this step's uint8 batch (the data pipeline), on the training device."""
+        images = images.to(self.device, non_blocking=True)
+        x1, x2 = self.augment(images, step_generator(self.cfg.train.seed, self.step),
+                              shard=(distributed.rank(), self.world))
+        if self.cfg.train.channels_last:
+            x1 = x1.contiguous(memory_format=torch.channels_last)
+            x2 = x2.contiguous(memory_format=torch.channels_last)
+        return x1, x2
 
     def train_step(self, images: torch.Tensor) -> dict[str, Any]:
         """One optimiser step on a uint8 batch; returns the loss and the step output."""
+        return self.optimize(*self.views(images))
+
+    def optimize(self, x1: torch.Tensor, x2: torch.Tensor) -> dict[str, Any]:
+        """Forward, loss, backward, optimiser and EMA updates on augmented views (no data pipeline)."""
         cfg = self.cfg
-        images = images.to(self.device, non_blocking=True)
-        x1, x2 = self.augment(images, step_generator(cfg.train.seed, self.step),
-                              shard=(distributed.rank(), self.world))
-        if cfg.train.channels_last:
-            x1 = x1.contiguous(memory_format=torch.channels_last)
-            x2 = x2.contiguous(memory_format=torch.channels_last)
         lr = set_lr(self.optimizer, cfg.optim.lr,
                     lr_factor(self.step, self.total_steps, self.warmup_steps, cfg.optim.schedule))
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,

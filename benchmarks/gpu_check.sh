@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# GPU check, prepared to finish in under 8 minutes on one H100/H200:
+#   1. images/s of the full-width CIFAR recipe (ResNet-18 width 64, batch 128) in bf16, against its bare
+#      forward/backward, for DirectPred at freq 1 and 5, and the data pipeline on the GPU;
+#   2. DirectPred's overhead at d = 128 and 256 (projector output), and eigh alone up to d = 4096;
+#   3. a 2-epoch BYOL + DirectPred run on CIFAR-10 with its kNN figure.
+# Usage (from the repository root):  bash benchmarks/gpu_check.sh [DATA] [OUT]
+#   DATA: the CIFAR-10 mirror archive or an ImageFolder directory (default ../shared/data/cifar10-jpeg.tar.gz)
+#   OUT:  where results go (default $OUT or /tmp/gpu_check)
+# Without CUDA the same steps run at tiny sizes on the CPU (tests/benchmarks/test_benchmarks.py runs that path).
+set -euo pipefail
+DATA=${1:-../shared/data/cifar10-jpeg.tar.gz}
+DEST=${2:-${OUT:-/tmp/gpu_check}}
+mkdir -p "$DEST"
+export PYTHONUNBUFFERED=1
+if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  DEV=cuda; PREC=bf16; STEPS=30; EPOCHS=2; DIMS=128,256,512,1024,2048,4096
+  SIZE=(--set backbone.width=64)
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+else
+  echo "gpu_check: no CUDA device; running the CPU fallback at tiny sizes"
+  DEV=cpu; PREC=fp32; STEPS=2; EPOCHS=1; DIMS=128,256
+  SIZE=(--set backbone.width=4 --set projector.hidden_dim=32 --set train.batch_size=32
+        --set data.train_subset=512 --set data.test_subset=200 --set eval.knn_k=10)
+fi
+DATASET=(--set data.dataset=folder --set "data.path=$DATA" --set train.precision=$PREC)
+CFG=configs/cifar10/byol_directpred.yaml
+
+echo "== 1. throughput: step vs bare forward/backward, data pipeline (d=128) =="
+python benchmarks/throughput.py --config $CFG --device $DEV --steps $STEPS --warmup 3 "${DATASET[@]}" "${SIZE[@]}" \
+  --predictors directpred_freq1,directpred_freq5 --eigh-dims $DIMS --out "$DEST/throughput_d128.json"
+
+echo "== 2. DirectPred overhead at d=256 =="
+python benchmarks/throughput.py --config $CFG --device $DEV --steps $STEPS --warmup 3 "${DATASET[@]}" "${SIZE[@]}" \
+  --set projector.out_dim=256 --predictors directpred_freq1 --eigh-dims "" --out "$DEST/throughput_d256.json"
+
+echo "== 3. $EPOCHS-epoch BYOL + DirectPred, kNN =="
+rm -rf "$DEST/knn_run"
+python -m directpred train $CFG --out "$DEST/knn_run" "${DATASET[@]}" "${SIZE[@]}" --set train.epochs=$EPOCHS \
+  --set eval.knn_every=1 --set eval.linear=false --set train.progress=false
+python - "$DEST" <<'PY'
+import json, sys, pathlib
+d = pathlib.Path(sys.argv[1])
+t = json.loads((d / "throughput_d128.json").read_text())
+t2 = json.loads((d / "throughput_d256.json").read_text())
+s = json.loads((d / "knn_run" / "summary.json").read_text())
+step = t["steps"]["directpred_freq1"]
+print("\n== gpu_check summary ==")
+print(f"device: {t['device']}  precision: {t['precision']}  commit: {t['commit']}")
+print(f"bare fwd+bwd {t['limit']['images_per_s']:.0f} img/s; step (DirectPred freq 1) {step['step_images_per_s']:.0f} "
+      f"img/s = {step['step_over_limit']:.3f} of the limit; freq 5 {t['steps']['directpred_freq5']['step_images_per_s']:.0f} img/s")
+print(f"data pipeline {t['pipeline']['images_per_s']:.0f} img/s = {t['pipeline_over_step']:.2f} x the step")
+print(f"DirectPred update: d=128 {1e3 * step['predictor_update_s']:.2f} ms ({100 * step['predictor_update_share_of_step']:.2f}% of step), "
+      f"d=256 {1e3 * t2['steps']['directpred_freq1']['predictor_update_s']:.2f} ms")
+print("eigh ms by d: " + ", ".join(f"{k}: {1e3 * v:.2f}" for k, v in t["eigh_s"].items()))
+print(f"{s['epochs']:g}-epoch run: kNN top-1 {s['knn_top1']:.2f}%, {s['images_per_second']:.0f} img/s end to end, "
+      f"{s['wall_seconds']:.0f} s wall")
+PY

@@ -1,0 +1,29 @@
+"""The benchmark scripts run end to end (the GPU check's CPU fallback path included) and report sane numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_check_cpu_fallback(tiny_archive, tmp_path):
+    if torch.cuda.is_available():  # the fallback is what CI machines (no GPU) run
+        return
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tiny_archive), str(tmp_path / "out")], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "CPU fallback" in proc.stdout and "gpu_check summary" in proc.stdout
+    t = json.loads((tmp_path / "out" / "throughput_d128.json").read_text())
+    step = t["steps"]["directpred_freq1"]
+    assert t["limit"]["images_per_s"] > 0 and step["step_images_per_s"] > 0 and t["pipeline"]["images_per_s"] > 0
+    assert 0 < step["predictor_update_share_of_step"] < 1
+    assert set(t["eigh_s"]) == {"128", "256"}
+    s = json.loads((tmp_path / "out" / "knn_run" / "summary.json").read_text())
+    assert s["epochs"] == 1 and 0 <= s["knn_top1"] <= 100
