@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 class MethodConfig:
     """The self-supervised method: BYOL (EMA target) or SimSiam (stop-gradient of the online branch)."""
 
-    name: Literal["byol", "simsiam"] = "byol"
+    name: Literal["byol", "simsiam"] = "byol"  # byol: EMA target; simsiam: target = online branch, stop-grad
     ema: float = 0.996  # gamma_a: target momentum (BYOL); 1 - gamma_a = alpha*beta in the paper's notation
     ema_schedule: Literal["constant", "cosine"] = "constant"  # cosine: gamma_a -> 1 over training (BYOL paper)
     symmetric_loss: bool = True  # both views predict each other; False: only view 1 predicts view 2
@@ -40,19 +40,19 @@ class MethodConfig:
 class PredictorConfig:
     """The predictor W_p. See :mod:`directpred.heads` for the maths of each choice."""
 
-    name: Literal["directpred", "directcopy", "linear", "mlp", "none"] = "directpred"
+    name: Literal["directpred", "directcopy", "linear", "mlp", "none"] = "directpred"  # none: W_p = I (collapses)
     # linear / mlp
-    bias: bool = False
+    bias: bool = False  # linear predictor bias (Tables 2/3)
     symmetric: bool = False  # the paper's "sym W_p" (Table 3): symmetric init, symmetrised update
     hidden_dim: int = 512  # mlp only
     # directpred / directcopy: the running estimate F^ of E[f f^T] (Eq. 19) and the map to W_p (Eq. 18)
-    rho: float = 0.3
-    eps: float = 0.1
-    freq: int = 1
-    eps_mode: Literal["code", "paper"] = "code"
+    rho: float = 0.3  # moving-average rate of F^ (Eq. 19), in [0, 1)
+    eps: float = 0.1  # boost of small eigenvalues (Eq. 18); DirectCopy: the eps of F^/||F^|| + eps I
+    freq: int = 1  # set W_p every freq steps; >1: SGD steps on W_p in between (the hybrid, Table 8)
+    eps_mode: Literal["code", "paper"] = "code"  # code: sqrt(s/s_max)+eps; paper: sqrt(s)+eps*s_max
     c: float = 0.0  # the c_j variant p_j = sqrt(max(s_j - c, 0)) (Table 7); 0 disables it
-    zero_mean: bool = False
-    average: Literal["ema", "cumulative"] = "ema"
+    zero_mean: bool = False  # covariance instead of correlation (the paper reports it hurts)
+    average: Literal["ema", "cumulative"] = "ema"  # cumulative: simple average of all batch terms
     partitions: int = 0  # >0: feature-dependent W_p from this many random hyperplanes (directpred only)
 
 
@@ -60,7 +60,7 @@ class PredictorConfig:
 class BackboneConfig:
     """A torchvision ResNet without its classifier."""
 
-    name: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    name: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"  # torchvision architecture, fc removed
     width: int = 64  # base channels; 64 is the standard ResNet, CPU recipes use 16-32
     cifar_stem: bool = True  # 3x3 stride-1 first conv and no max-pool (for 32x32 images)
 
@@ -69,8 +69,8 @@ class BackboneConfig:
 class ProjectorConfig:
     """Projector Linear-BN-ReLU-Linear (authors' defaults 512 -> 512 -> 128)."""
 
-    hidden_dim: int = 512
-    out_dim: int = 128
+    hidden_dim: int = 512  # projector hidden units
+    out_dim: int = 128  # projector output d: the predictor's input and output size
     bn_affine: bool = False  # the authors' code uses BatchNorm1d(affine=False) in projector and MLP predictor
 
 
@@ -95,14 +95,14 @@ class DataConfig:
 class OptimConfig:
     """Optimiser of backbone + projector; the predictor gets its own parameter group."""
 
-    name: Literal["sgd", "lars"] = "sgd"
-    lr: float = 0.03
-    momentum: float = 0.9
-    weight_decay: float = 4e-4
+    name: Literal["sgd", "lars"] = "sgd"  # SGD with momentum (the paper) or LARS (BYOL, large batches)
+    lr: float = 0.03  # base learning rate alpha (not scaled with the batch size)
+    momentum: float = 0.9  # SGD/LARS momentum
+    weight_decay: float = 4e-4  # eta-bar = alpha * eta in the paper's notation
     alpha_p: float = 1.0  # the predictor's learning rate relative to the trunk (paper: alpha_p)
     predictor_weight_decay: float = -1.0  # <0: same as weight_decay
     schedule: Literal["constant", "warmup_cosine"] = "constant"  # the paper uses a constant lr
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 0.0  # linear warmup length (also with the constant schedule)
     lars_eta: float = 0.001  # LARS trust coefficient
 
 
@@ -110,12 +110,12 @@ class OptimConfig:
 class TrainConfig:
     """Length, batch, precision, checkpoints and logging of a training run."""
 
-    epochs: int = 100
+    epochs: int = 100  # pre-training epochs (the last partial batch of an epoch is dropped)
     batch_size: int = 128  # per process; the global batch is batch_size * world_size
-    seed: int = 0
+    seed: int = 0  # initialisation, data order and augmentation draws
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the hardware runs it fast
-    channels_last: bool = True
+    channels_last: bool = True  # channels-last memory format (faster convolutions on CPU and GPU)
     compile: bool = False  # torch.compile the online encoder
     sync_bn: bool = False  # SyncBatchNorm in multi-process runs
     checkpoint_every: int = 10  # epochs between kept checkpoints/epoch_XXXX.pt (last.pt is written every epoch)
@@ -130,13 +130,13 @@ class EvalConfig:
     """kNN monitor during training and the offline linear probe at the end."""
 
     knn_every: int = 1  # epochs between kNN evaluations; 0: only at the end
-    knn_k: int = 200
-    knn_t: float = 0.1
+    knn_k: int = 200  # neighbours (cosine similarity, votes weighted by exp(sim / T))
+    knn_t: float = 0.1  # kNN temperature T
     linear: bool = True  # run the linear probe when training ends
-    linear_epochs: int = 50
-    linear_lr: float = 3e-4
-    linear_weight_decay: float = 1e-3
-    linear_batch_size: int = 128
+    linear_epochs: int = 50  # authors' probe: standardised features, logistic regression, Adam
+    linear_lr: float = 3e-4  # Adam learning rate of the probe
+    linear_weight_decay: float = 1e-3  # Adam weight decay of the probe
+    linear_batch_size: int = 128  # probe minibatch
     batch_size: int = 512  # feature extraction batch
 
 
@@ -145,7 +145,7 @@ class DiagConfig:
     """Training diagnostics: predictor spectrum, eigenspace alignment, collapse warning."""
 
     every: int = 50  # steps between diagnostics; 0 disables them
-    stop_on_collapse: bool = False
+    stop_on_collapse: bool = False  # end the run (and evaluate) when the collapse warning fires
     rho: float = 0.3  # moving-average rate of the F^ estimate kept for predictors that do not keep one
 
 
