@@ -123,6 +123,9 @@ class TrainConfig:
     log_every: int = 20  # steps between metrics.jsonl / TensorBoard rows
     progress: bool = True  # tqdm progress bar
     max_steps: int = 0  # >0: stop after this many optimiser steps (smoke tests)
+    # >0: a step whose loss or gradient is NaN/inf is skipped (no optimiser, EMA or statistics update) instead of
+    # stopping the run, up to this many skipped steps in total over the run (resumes included); 0: stop at the first
+    skip_nonfinite: int = 0
 
 
 @dataclass
@@ -322,6 +325,8 @@ def validate(cfg: Config) -> None:
     _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", t.checkpoint_every_steps, "must be >= 0")
     _check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
     _check(t.max_steps >= 0, "train.max_steps", t.max_steps, "must be >= 0 (0 = no limit)")
+    _check(t.skip_nonfinite >= 0, "train.skip_nonfinite", t.skip_nonfinite,
+           "must be >= 0 (0 = stop at the first non-finite loss or gradient; N = skip up to N such steps)")
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", t.device,
            "use auto, cpu, cuda or cuda:N")
     _check(d.train_subset >= 0 and d.test_subset >= 0, "data.train_subset", d.train_subset, "must be >= 0")
