@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -123,6 +124,9 @@ class TrainConfig:
     log_every: int = 20  # steps between metrics.jsonl / TensorBoard rows
     progress: bool = True  # tqdm progress bar
     max_steps: int = 0  # >0: stop after this many optimiser steps (smoke tests)
+    # >0: a step whose loss or gradient is NaN/inf is skipped (no optimiser, EMA or statistics update) instead of
+    # stopping the run, up to this many skipped steps in total over the run (resumes included); 0: stop at the first
+    skip_nonfinite: int = 0
 
 
 @dataclass
@@ -205,7 +209,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond the float range
+                number = math.inf
+            if not math.isfinite(number):  # YAML reads .inf and .nan; no setting here means anything with them
+                raise ConfigError(f"{key}: {value!r} is not a finite number")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -317,11 +327,14 @@ def validate(cfg: Config) -> None:
     _check(o.alpha_p >= 0, "optim.alpha_p", o.alpha_p, "must be >= 0 (0 freezes the predictor)")
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
     _check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    _check(0 <= t.seed < 2**32, "train.seed", t.seed, "must lie in [0, 2**32) (it seeds torch generators)")
     _check(t.batch_size >= 2, "train.batch_size", t.batch_size, "must be >= 2 (BatchNorm needs two samples)")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1 epoch")
     _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", t.checkpoint_every_steps, "must be >= 0")
     _check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
     _check(t.max_steps >= 0, "train.max_steps", t.max_steps, "must be >= 0 (0 = no limit)")
+    _check(t.skip_nonfinite >= 0, "train.skip_nonfinite", t.skip_nonfinite,
+           "must be >= 0 (0 = stop at the first non-finite loss or gradient; N = skip up to N such steps)")
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", t.device,
            "use auto, cpu, cuda or cuda:N")
     _check(d.train_subset >= 0 and d.test_subset >= 0, "data.train_subset", d.train_subset, "must be >= 0")
@@ -330,7 +343,11 @@ def validate(cfg: Config) -> None:
     _check(d.dataset != "folder" or bool(d.path), "data.path", d.path,
            "data.dataset=folder needs data.path: an ImageFolder directory or a .tar/.tar.gz with train/ and test/")
     if d.dataset == "folder" and d.path:
-        _check(Path(d.path).expanduser().exists(), "data.path", d.path,
+        try:
+            exists = Path(d.path).expanduser().exists()
+        except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, an unknown ~user
+            exists = False
+        _check(exists, "data.path", d.path,
                "the path does not exist; point it at an ImageFolder directory or a .tar/.tar.gz archive")
     _check(e.knn_every >= 0, "eval.knn_every", e.knn_every, "must be >= 0 (0 = only at the end)")
     _check(e.knn_k >= 1, "eval.knn_k", e.knn_k, "must be >= 1")

@@ -69,9 +69,12 @@ class CorrelationEstimator(nn.Module):
         batch_corr = stats[: d * d].view(d, d) / n
         batch_mean = stats[d * d: d * d + d] / n
         if not torch.isfinite(batch_corr).all():
+            what = ("NaN/inf in the predictor's inputs f" if not torch.isfinite(z).all() else
+                    f"the predictor's inputs f reach |f| = {z.abs().max().item():.3g}, whose squares overflow "
+                    "float32 in E_B[f f^T]")
             raise FloatingPointError(
-                "non-finite values in the predictor's input batch (E_B[f f^T]); the network has diverged. "
-                "Lower optim.lr, check the data normalisation, or resume from the last good checkpoint.")
+                f"{what}; the network has diverged. Lower optim.lr, check the data normalisation, or resume from "
+                "the last good checkpoint.")
         w = self._weight_of_new_batch()
         self.corr.lerp_(batch_corr.to(self.corr.dtype), w)
         self.mean.lerp_(batch_mean.to(self.mean.dtype), w)
@@ -100,7 +103,7 @@ def symmetric_eigh(M: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple
     if not torch.isfinite(M).all():
         raise FloatingPointError("F^ holds NaN or infinity; the predictor inputs diverged (lower optim.lr).")
     out_dtype = M.dtype if M.dtype in (torch.float32, torch.float64) else torch.float32
-    A = 0.5 * (M + M.t())
+    A = 0.5 * M + 0.5 * M.t()  # not 0.5 * (M + M^T): the sum overflows for entries near the float32 maximum
     try:
         s, U = torch.linalg.eigh(A.to(dtype))
         if torch.isfinite(s).all() and torch.isfinite(U).all():

@@ -10,6 +10,7 @@ hybrid. With ``freq == 1`` any gradient step would be overwritten before use, so
 from __future__ import annotations
 
 import abc
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +106,8 @@ class DirectPred(_SetFromCorrelation):
         s, U, fell_back = symmetric_eigh(F_hat, self.eigh_dtype)
         self.eigh_fallbacks += int(fell_back)
         p = directpred_eigenvalues(s, eps=self.eps, eps_mode=self.eps_mode, c=self.c)
-        return (U * p) @ U.t()
+        W = (U * p) @ U.t()
+        return 0.5 * W + 0.5 * W.t()  # exactly symmetric (the product is only up to rounding)
 
 
 class DirectCopy(_SetFromCorrelation):
@@ -123,12 +125,20 @@ class DirectCopy(_SetFromCorrelation):
                          eigh_dtype=eigh_dtype)
 
     def target_weight(self, F_hat: torch.Tensor) -> torch.Tensor:
-        A = 0.5 * (F_hat + F_hat.t())
-        norm = torch.linalg.eigvalsh(A.to(self.eigh_dtype)).abs().max().to(A.dtype)
+        A = 0.5 * F_hat + 0.5 * F_hat.t()  # the sum first would overflow for entries near the float32 maximum
+        try:
+            norm = torch.linalg.eigvalsh(A.to(self.eigh_dtype)).abs().max()
+        except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+            norm = A.new_tensor(float("nan"))
+        if not torch.isfinite(norm):  # same fallback as DirectPred's symmetric_eigh: float64
+            norm = torch.linalg.eigvalsh(A.double()).abs().max()
+            self.eigh_fallbacks += 1
+            warnings.warn(f"eigvalsh of F^ failed in {self.eigh_dtype}; fell back to float64", RuntimeWarning,
+                          stacklevel=2)
         eye = torch.eye(self.dim, dtype=A.dtype, device=A.device)
         if not torch.isfinite(norm) or norm <= 0:
             return eye * (1.0 + self.eps)
-        return A / norm + self.eps * eye
+        return (A.double() / norm.double()).to(A.dtype) + self.eps * eye
 
 
 class PartitionedDirectPred(DirectPred):

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+TMP_SUFFIX = ".tmp"  # temporaries are ".<name>.<random>.tmp" beside the file they replace
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message says which file and why."""
@@ -35,8 +37,12 @@ def atomic_write_bytes(path: str | Path, write) -> None:  # noqa: ANN001 - write
     and the temporary file is removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    except OSError as exc:  # the folder is missing, not a folder, read-only, or the disk is full
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}; the previous file is kept. "
+                              "Free disk space or fix permissions, then resume.") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -78,6 +84,22 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """``torch.save`` ``state`` atomically; refuses (CheckpointError) if the model weights hold NaN or inf."""
     _assert_finite(state.get("model", {}), "model.")
     atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporaries that a killed writer (SIGKILL, power loss) left in ``folder``; returns them.
+
+    They are never loaded (only the final names are), but each holds a whole checkpoint's worth of disk.
+    Call it only while no other process writes into ``folder``.
+    """
+    removed = []
+    for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

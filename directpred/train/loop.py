@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,20 @@ from directpred.eval.features import extract_features
 from directpred.eval.knn import KNNClassifier
 from directpred.eval.linear_probe import LinearProbe
 from directpred.methods import Siamese, build_method, ema_momentum
-from directpred.train.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from directpred.train.checkpoint import (
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from directpred.train.logger import RunLogger
 from directpred.train.optim import build_optimizer, lr_factor, set_lr
 
 # Settings that may change when a run is resumed: they do not alter what has been computed so far.
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.progress", "train.log_every",
-                     "train.checkpoint_every", "train.checkpoint_every_steps", "train.device", "data.workers",
+                     "train.checkpoint_every", "train.checkpoint_every_steps", "train.skip_nonfinite", "train.device",
+                     "data.workers",
                      "data.cache_dir", "data.root", "data.path", "eval.", "diag.stop_on_collapse")
 
 
@@ -227,6 +235,8 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.step = 0
+        self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient (train.skip_nonfinite)
+        self.last_checkpoint: tuple[Path, int] | None = None  # (file, step) of the last checkpoint written
         self.train_seconds = 0.0
         self.wall_before = 0.0
         self.knn_history: list[dict[str, float]] = []
@@ -245,18 +255,21 @@ class Trainer:
             if self.resume:
                 if not (self.ckpt_dir / "last.pt").is_file():
                     raise TrainingError(f"nothing to resume in {self.run_dir}: no checkpoints/last.pt")
-            else:
-                if (self.ckpt_dir / "last.pt").is_file():
-                    raise TrainingError(f"{self.run_dir} already holds a run; continue it with "
-                                        f"`directpred train --resume {self.run_dir}` or choose another --out")
-                try:
-                    self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-                    probe = self.ckpt_dir / ".write_test"
-                    probe.write_bytes(b"ok")
-                    probe.unlink()
-                except OSError as exc:
-                    raise TrainingError(f"cannot write to the run directory {self.run_dir}: {exc.strerror or exc}; "
-                                        "choose a writable --out") from None
+            elif (self.ckpt_dir / "last.pt").is_file():
+                raise TrainingError(f"{self.run_dir} already holds a run; continue it with "
+                                    f"`directpred train --resume {self.run_dir}` or choose another --out")
+            # Fail before any work rather than at the first checkpoint (also on resume: the disk may be full now).
+            try:
+                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                probe = self.ckpt_dir / ".write_test"
+                probe.write_bytes(b"ok")
+                probe.unlink()
+            except OSError as exc:
+                raise TrainingError(f"cannot write to the run directory {self.run_dir}: {exc.strerror or exc}; "
+                                    + ("free disk space or fix permissions, then resume" if self.resume else
+                                       "choose a writable --out")) from None
+            remove_stale_temporaries(self.ckpt_dir)  # left by a writer killed mid-write; never loaded
+            if not self.resume:
                 atomic_write_text(cfg_path, dump_config(self.cfg))
             with open(self.run_dir / "command.txt", "a") as f:
                 f.write((command or " ".join(sys.argv)) + "\n")
@@ -277,6 +290,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
+            "skipped_steps": self.skipped_steps,
             "epoch": self.step // self.steps_per_epoch,
             "global_batch": self.global_batch,
             "world_size": self.world,
@@ -296,6 +310,7 @@ class Trainer:
             if keep:
                 save_checkpoint(self.ckpt_dir / f"epoch_{state['epoch']:04d}.pt", state)
         distributed.barrier()
+        self.last_checkpoint = (self.ckpt_dir / "last.pt", self.step)
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
@@ -307,6 +322,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.last_checkpoint = (path, self.step)
         self.train_seconds = float(state["train_seconds"])
         self.wall_before = float(state["wall_seconds"])
         self.knn_history = list(state.get("knn_history", []))
@@ -338,24 +355,65 @@ class Trainer:
         cfg = self.cfg
         lr = set_lr(self.optimizer, cfg.optim.lr,
                     lr_factor(self.step, self.total_steps, self.warmup_steps, cfg.optim.schedule))
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            out = self.method(x1, x2)
-        loss = out.loss
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"non-finite loss ({loss.item()}) at step {self.step}. Likely causes: a learning rate too high for "
-                f"this batch size (optim.lr={cfg.optim.lr}), fp16 overflow (try train.precision=bf16 or fp32), or "
-                f"corrupt inputs. Nothing was written from this step; the last good checkpoint is "
-                f"{self.ckpt_dir / 'last.pt'} (resume with `directpred train --resume {self.run_dir}`).")
+        m = ema_momentum(self.step, self.total_steps, cfg.method.ema, cfg.method.ema_schedule)
+        snapshot = self._snapshot() if cfg.train.skip_nonfinite else None
+        fault: str | None = None
+        out = None
+        try:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
+                out = self.method(x1, x2)
+        except FloatingPointError as exc:  # the predictor refused non-finite statistics (the same on every rank)
+            fault = str(exc)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        if out is not None:
+            # Backward even for a non-finite loss: under DDP the all-reduced gradient then tells every rank.
+            self.scaler.scale(out.loss).backward()
+            if not torch.isfinite(out.loss):
+                fault = f"non-finite loss ({out.loss.item()})"
+            elif not self.scaler.is_enabled() and self._grads_nonfinite():  # fp16: GradScaler skips inf steps
+                fault = "non-finite gradient (the loss was finite)"
+        if fault is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.skipped_steps >= cfg.train.skip_nonfinite:
+                raise TrainingError(self._fault_message(fault))
+            self.method.load_state_dict(snapshot, strict=False)  # undo BatchNorm / F^ / W_p updates of the step
+            self.skipped_steps += 1
+            warnings.warn(f"step {self.step}: {fault}; step skipped ({self.skipped_steps} of at most "
+                          f"{cfg.train.skip_nonfinite}, train.skip_nonfinite)", RuntimeWarning, stacklevel=2)
+            self.step += 1  # the data order and augmentation draws stay functions of the step
+            return {"loss": torch.tensor(float("nan")), "lr": lr, "ema": m, "out": None, "skipped": True}
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        m = ema_momentum(self.step, self.total_steps, cfg.method.ema, cfg.method.ema_schedule)
         self.method.update_target(m)
         self.step += 1
-        return {"loss": loss.detach(), "lr": lr, "ema": m, "out": out}
+        return {"loss": out.loss.detach(), "lr": lr, "ema": m, "out": out}
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        """Copies of what a forward pass changes: every buffer (BatchNorm, F^, counters) and the predictor's
+        parameters (DirectPred sets W_p in ``update``)."""
+        keep = {n for n, _ in self.method.named_buffers()}
+        keep |= {f"online.predictor.{n}" for n, _ in self.method.online.predictor.named_parameters()}
+        return {k: v.detach().clone() for k, v in self.method.state_dict().items() if k in keep}
+
+    def _grads_nonfinite(self) -> bool:
+        grads = [p.grad for p in self.method.online.parameters() if p.grad is not None]
+        # The max-norm is inf/NaN exactly when an entry is (a 2-norm could overflow on large finite gradients).
+        return bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf"))))
+
+    def _fault_message(self, fault: str) -> str:
+        cfg = self.cfg
+        if self.last_checkpoint is not None:
+            path, step = self.last_checkpoint
+            where = (f"The last good checkpoint is {path} (step {step}); resume from it with `directpred train "
+                     f"--resume {self.run_dir}` (changing optim.lr on resume needs --force).")
+        else:
+            where = ("No checkpoint was written yet (train.checkpoint_every_steps writes them within an epoch); "
+                     "restart with a lower optim.lr.")
+        return (f"{fault} at step {self.step}; training stopped. Likely causes: a learning rate too high for this "
+                f"batch size (optim.lr={cfg.optim.lr}), fp16 overflow (try train.precision=bf16 or fp32), or corrupt "
+                f"inputs. Nothing from this step was written. {where} To skip isolated bad steps instead, set "
+                f"train.skip_nonfinite to the number of steps that may be skipped.")
 
     def fit(self) -> dict[str, Any]:
         """Train to ``train.epochs`` (or ``train.max_steps``), evaluate, write ``summary.json``; returns it."""
@@ -387,7 +445,7 @@ class Trainer:
                     dt = time.time() - t0
                     self.train_seconds += dt
                     rate_images += self.global_batch
-                    if self.diagnostics is not None:  # called every step; it reports every diag.every steps
+                    if self.diagnostics is not None and not res.get("skipped"):  # reports every diag.every steps
                         row = self.diagnostics.observe(self.step, res["out"])
                         if row:
                             self.logger.log({"step": self.step, "epoch": epoch, **row}, group="diag")
@@ -465,6 +523,7 @@ class Trainer:
             "knn_history": self.knn_history,
             "stopped_early": stopped_early,
             "skipped_corrupt": self.data.pretrain.skipped + self.data.test.skipped,
+            "skipped_steps": self.skipped_steps,
             "eigh_fallbacks": int(getattr(self.method.predictor, "eigh_fallbacks", torch.zeros(())).item()),
         }
         if self.diagnostics is not None:

@@ -1,0 +1,195 @@
+"""Numerical faults: a non-finite loss or gradient stops the run naming the step and the last good checkpoint (or
+is skipped, up to train.skip_nonfinite); the eigendecomposition of F^ falls back and W_p stays finite and
+symmetric on degenerate inputs."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from directpred.config import load_config
+from directpred.heads.directpred import DirectCopy, DirectPred
+from directpred.train.checkpoint import load_checkpoint
+from directpred.train.loop import Trainer, TrainingError, epoch_order
+
+NAN = float("nan")
+
+
+def _trainer(tiny_overrides, tmp_path, *extra: str) -> Trainer:
+    over = tiny_overrides + ["train.epochs=1", "train.checkpoint_every_steps=2", "predictor.freq=2", *extra]
+    return Trainer(load_config(None, over), tmp_path / "run")
+
+
+def _poison_loss_at(trainer: Trainer, steps: set[int]) -> None:
+    """The loss (and so every gradient) becomes NaN at the given steps."""
+    forward = trainer.method.forward
+
+    def poisoned(x1, x2):
+        out = forward(x1, x2)
+        if trainer.step in steps:
+            out.loss = out.loss * NAN
+        return out
+
+    trainer.method.forward = poisoned
+
+
+def _poison_grad_at(trainer: Trainer, steps: set[int]) -> None:
+    """A finite loss, but one parameter's gradient becomes inf at the given steps."""
+    p = next(trainer.method.online.encoder.parameters())
+    p.register_hook(lambda g: g * float("inf") if trainer.step in steps else g)
+
+
+@pytest.mark.parametrize("fault", ["loss", "gradient", "predictor input"])
+def test_nonfinite_step_stops_with_step_cause_and_last_good_checkpoint(fault, tiny_overrides, tmp_path):
+    trainer = _trainer(tiny_overrides, tmp_path)
+    if fault == "loss":
+        _poison_loss_at(trainer, {5})
+        expected = "non-finite loss"
+    elif fault == "gradient":
+        _poison_grad_at(trainer, {5})
+        expected = "non-finite gradient"
+    else:  # NaN projections reach DirectPred's F^, which refuses them
+        trainer.method.online.encoder.projector.register_forward_hook(
+            lambda m, i, out: out * NAN if trainer.step == 5 else out)
+        expected = "NaN/inf in the predictor's inputs"
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    with pytest.raises(TrainingError) as info:
+        trainer.fit()
+    msg = str(info.value)
+    assert expected in msg and "at step 5" in msg and "optim.lr" in msg
+    assert f"last good checkpoint is {last} (step 4)" in msg and "--resume" in msg
+    state = load_checkpoint(last)  # the checkpoint of step 4 is intact and finite
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_nonfinite_before_any_checkpoint_says_so(tiny_overrides, tmp_path):
+    trainer = _trainer(tiny_overrides, tmp_path)
+    _poison_loss_at(trainer, {0})
+    with pytest.raises(TrainingError, match="at step 0.*No checkpoint was written yet"):
+        trainer.fit()
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_skipped_step_changes_nothing_but_the_step_counter(tiny_overrides, tmp_path):
+    trainer = _trainer(tiny_overrides, tmp_path, "train.skip_nonfinite=1")
+    _poison_grad_at(trainer, {1})
+    order = epoch_order(len(trainer.data.pretrain), trainer.cfg.train.seed, 0)
+    trainer.train_step(trainer._batch(order, 0))
+    before = {k: v.clone() for k, v in trainer.method.state_dict().items()}
+    momentum = [s["momentum_buffer"].clone() for s in trainer.optimizer.state.values()]
+    with pytest.warns(RuntimeWarning, match=r"step 1: non-finite gradient.*skipped \(1 of at most 1"):
+        res = trainer.train_step(trainer._batch(order, 1))
+    assert res["skipped"] and trainer.step == 2 and trainer.skipped_steps == 1
+    after = trainer.method.state_dict()
+    for k in before:  # weights, target, BatchNorm statistics, F^, W_p and counters
+        assert torch.equal(before[k], after[k]), f"{k} changed in a skipped step"
+    assert all(torch.equal(a, s["momentum_buffer"]) for a, s in zip(momentum, trainer.optimizer.state.values()))
+
+
+def test_skip_policy_finishes_counts_and_stops_past_its_limit(tiny_overrides, tmp_path):
+    trainer = _trainer(tiny_overrides, tmp_path, "train.skip_nonfinite=2")
+    _poison_loss_at(trainer, {2, 5})
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        summary = trainer.fit()
+    assert summary["skipped_steps"] == 2 and summary["steps"] == 8
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_steps"] == 2
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["skipped_steps"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] is None for r in rows if r["kind"] == "train"] == [s in (3, 6) for s in range(1, 9)]
+
+    limited = _trainer(tiny_overrides, tmp_path / "b", "train.skip_nonfinite=1")
+    _poison_loss_at(limited, {2, 5})
+    with pytest.warns(RuntimeWarning), pytest.raises(TrainingError, match="non-finite loss.*at step 5"):
+        limited.fit()
+
+
+def test_eigh_failure_falls_back_with_warning_and_counter_in_summary(tiny_overrides, tmp_path, monkeypatch):
+    eigh, calls = torch.linalg.eigh, []
+
+    def failing_once(A, *args, **kwargs):
+        calls.append(A.dtype)
+        if len(calls) == 1:
+            raise torch.linalg.LinAlgError("injected: the algorithm failed to converge")
+        return eigh(A, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing_once)
+    trainer = _trainer(tiny_overrides, tmp_path, "train.max_steps=3", "predictor.freq=1")
+    with pytest.warns(RuntimeWarning, match="fell back to float64"):
+        summary = trainer.fit()
+    assert calls[1] == torch.float64 and len(calls) == 4  # one retry, then float32 again
+    assert summary["eigh_fallbacks"] == 1 and summary["steps"] == 3
+    W = trainer.method.predictor.weight.detach()
+    assert torch.isfinite(W).all() and torch.equal(W, W.T)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Property-based: DirectPred and DirectCopy on degenerate batches
+
+F32_SAFE = 1e15  # |f| whose squares (F^ up to ~1e30 * d) stay inside float32
+
+
+@st.composite
+def degenerate_batches(draw) -> torch.Tensor:
+    d = 6
+    b = draw(st.integers(1, 12))
+    kind = draw(st.sampled_from(["zeros", "rank1", "duplicated", "random", "one-hot", "sparse"]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    if kind == "zeros":
+        z = torch.zeros(b, d)
+    elif kind == "rank1":
+        z = torch.randn(b, 1, generator=g) * torch.randn(1, d, generator=g)
+    elif kind == "duplicated":
+        z = torch.randn(1, d, generator=g).expand(b, d).clone()
+    elif kind == "one-hot":
+        z = torch.zeros(b, d)
+        z[:, draw(st.integers(0, d - 1))] = 1.0
+    elif kind == "sparse":
+        z = torch.randn(b, d, generator=g) * (torch.rand(b, d, generator=g) < 0.2)
+    else:
+        z = torch.randn(b, d, generator=g)
+    scale = draw(st.sampled_from([1e-30, 1e-20, 1e-8, 1.0, 1e8, 1e12, F32_SAFE]))
+    return z * scale
+
+
+predictors = st.sampled_from([
+    lambda: DirectPred(6, eps_mode="code"), lambda: DirectPred(6, eps_mode="paper"),
+    lambda: DirectPred(6, eps=0.0), lambda: DirectPred(6, c=0.5), lambda: DirectPred(6, rho=0.0),
+    lambda: DirectPred(6, average="cumulative"), lambda: DirectPred(6, zero_mean=True),
+    lambda: DirectPred(6, eigh_dtype=torch.float64), lambda: DirectCopy(6), lambda: DirectCopy(6, eps=0.0),
+])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(make=predictors, batches=st.lists(degenerate_batches(), min_size=1, max_size=4))
+def test_weight_stays_finite_and_symmetric_on_degenerate_batches(make, batches):
+    pred = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # fallbacks may warn; that is allowed
+        for z in batches:
+            pred.update(z)
+            W = pred.weight.detach()
+            assert torch.isfinite(W).all(), f"W_p not finite after a batch of scale {z.abs().max():.3g}"
+            assert torch.equal(W, W.T), "W_p not exactly symmetric"
+            assert torch.isfinite(pred.corr).all()
+    assert int(pred.count) == len(batches)
+
+
+@settings(max_examples=30, deadline=None)
+@given(make=predictors, bad=st.sampled_from([NAN, float("inf"), -float("inf"), 1e30]),
+       row=st.integers(0, 7), col=st.integers(0, 5))
+def test_nonfinite_or_overflowing_input_raises_and_leaves_state_unchanged(make, bad, row, col):
+    pred = make()
+    pred.update(torch.randn(8, 6, generator=torch.Generator().manual_seed(0)))
+    before = {k: v.clone() for k, v in pred.state_dict().items()}
+    z = torch.randn(8, 6)
+    z[row, col] = bad
+    with pytest.raises(FloatingPointError, match="diverged"):
+        pred.update(z)
+    for k, v in pred.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a refused batch"
