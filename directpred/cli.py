@@ -180,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, (DataError, CheckpointError, TrainingError, FloatingPointError)):
             print(f"directpred: error: {exc}", file=sys.stderr)
             return 1
+        if isinstance(exc, OSError):  # e.g. a full disk while logging: checkpoints are written atomically
+            print(f"directpred: error: {exc.strerror or exc} ({exc.filename or 'output'}); the last checkpoint "
+                  "is intact: free space or fix permissions, then resume with `directpred train --resume RUN_DIR`",
+                  file=sys.stderr)
+            return 1
         raise
 
 
