@@ -198,6 +198,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: {value!r} has the wrong type; expected {_type_name(tp)}")
+    if origin is list:
+        (item,) = get_args(tp) or (Any,)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # a scalar where a list is expected: a one-element list
+        if isinstance(value, list):
+            return value if item is Any else [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+        raise ConfigError(f"{key}: {value!r} has the wrong type; expected a list")
     if tp is type(None):
         if value is None:
             return None
@@ -222,7 +229,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: {value!r} has the wrong type; expected {_type_name(tp)}")
 
 
-def _merge(obj: Any, updates: dict[str, Any], prefix: str) -> None:
+def merge_into(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    """Strictly merge a nested dict into the dataclass ``obj`` in place (unknown keys and wrong types raise
+    :class:`ConfigError` naming the key). Also used by ``directpred theory simulate``."""
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in updates.items():
@@ -236,7 +245,7 @@ def _merge(obj: Any, updates: dict[str, Any], prefix: str) -> None:
             if not isinstance(value, dict):
                 keys = ", ".join(f.name for f in dataclasses.fields(current))
                 raise ConfigError(f"{full}: expected a mapping of its keys ({keys})")
-            _merge(current, value, f"{full}.")
+            merge_into(current, value, f"{full}.")
         else:
             setattr(obj, key, _coerce(full, value, hints[key]))
 
@@ -279,7 +288,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """
     cfg = Config()
     if base:
-        _merge(cfg, base, "")
+        merge_into(cfg, base, "")
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -290,10 +299,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (method, predictor, ...)")
-        _merge(cfg, data, "")
+        merge_into(cfg, data, "")
     for text in overrides:
         key, value = parse_override(text)
-        _merge(cfg, nest(key, value), "")
+        merge_into(cfg, nest(key, value), "")
     validate(cfg)
     return cfg
 
@@ -362,7 +371,7 @@ def validate(cfg: Config) -> None:
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (e.g. a run's ``config.yaml``)."""
     cfg = Config()
-    _merge(cfg, data, "")
+    merge_into(cfg, data, "")
     validate(cfg)
     return cfg
 

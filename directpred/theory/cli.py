@@ -14,10 +14,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
+
+from directpred.config import ConfigError, merge_into, parse_override
 
 # ----------------------------------------------------------------------------------------------------
 # Config of `simulate`
@@ -29,93 +31,48 @@ class SimulateConfig:
     """Everything ``directpred theory simulate`` reads from YAML (unknown keys are errors).
 
     ``model: linear`` runs the full linear model (Eqs. 2-4) on data ``data`` and, if ``sgd_batch > 0``, the
-    same
-    model trained by minibatch SGD with learning rate ``dt``; ``model: reduced`` runs Eqs. 11-13 from ``p0``,
+    same model trained by minibatch SGD with learning rate ``dt``; ``model: reduced`` runs Eqs. 11-13 from ``p0``,
     ``s0``, ``tau0``.
     """
 
-    model: str = "linear"
+    model: Literal["linear", "reduced"] = "linear"
     alpha_p: float = 1.0
     eta: float = 0.04
     beta: float = 0.4
     sigma2: float = 0.1
     dt: float = 0.01
     steps: int = 5000
-    method: str = "euler"
+    method: Literal["euler", "rk4"] = "euler"
     record_every: int = 10
     seed: int = 0
     # linear model
     n1: int = 10
     n2: int = 5
-    mode: str = "byol"
+    mode: Literal["byol", "simsiam"] = "byol"
     stop_gradient: bool = True
     predictor: bool = True
     symmetric: bool = False
-    data: str = "isotropic"
+    data: Literal["isotropic", "anisotropic", "additive", "scrambling"] = "isotropic"
     init_scale: float = 1.0
-    wa_init: str = "zero"
+    wa_init: Literal["zero", "copy"] = "zero"
     sgd_batch: int = 0
     # reduced model
-    p0: list = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4])
-    s0: list = field(default_factory=lambda: [0.0025, 0.01, 0.04, 0.16])
+    p0: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4])
+    s0: list[float] = field(default_factory=lambda: [0.0025, 0.01, 0.04, 0.16])
     tau0: float = 0.0
     ema: bool = True
 
 
-CHOICES = {
-    "model": ("linear", "reduced"),
-    "method": ("euler", "rk4"),
-    "mode": ("byol", "simsiam"),
-    "data": ("isotropic", "anisotropic", "additive", "scrambling"),
-    "wa_init": ("zero", "copy"),
-}
-
-
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"{key} must be true or false, got {value!r}")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key} must be an integer, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if isinstance(default, list):
-        value = [value] if isinstance(value, int | float) and not isinstance(value, bool) else value
-        if not isinstance(value, list) or not all(isinstance(v, int | float) for v in value):
-            raise ValueError(f"{key} must be a list of numbers, got {value!r}")
-        return [float(v) for v in value]
-    if not isinstance(value, str):
-        raise ValueError(f"{key} must be a string, got {value!r}")
-    return value
-
-
 def build_config(raw: dict[str, Any], overrides: list[str] = ()) -> SimulateConfig:
-    """Strictly merge YAML ``raw`` and ``--set key=value`` overrides into a validated
-    :class:`SimulateConfig`."""
-    defaults = {
-        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        for f in dataclasses.fields(SimulateConfig)
-    }
-    merged: dict[str, Any] = {}
-    items = list((raw or {}).items())
+    """Strictly merge YAML ``raw`` and ``--set key=value`` overrides into a validated :class:`SimulateConfig`.
+
+    Parsing and type checks are the training configuration's (:mod:`directpred.config`); errors are
+    :class:`directpred.config.ConfigError` (a ``ValueError``) naming the key.
+    """
+    cfg = SimulateConfig()
+    merge_into(cfg, dict(raw or {}))
     for ov in overrides:
-        if "=" not in ov:
-            raise ValueError(f"--set expects key=value, got {ov!r}")
-        k, v = ov.split("=", 1)
-        items.append((k.strip(), yaml.safe_load(v)))
-    for k, v in items:
-        if k not in defaults:
-            raise ValueError(f"unknown config key {k!r}; allowed keys: {', '.join(sorted(defaults))}")
-        merged[k] = _coerce(k, v, defaults[k])
-    cfg = SimulateConfig(**merged)
-    for k, allowed in CHOICES.items():
-        if getattr(cfg, k) not in allowed:
-            raise ValueError(f"{k} must be one of {list(allowed)}, got {getattr(cfg, k)!r}")
+        merge_into(cfg, dict([parse_override(ov)]))
     checks = [
         (cfg.dt > 0, f"dt must be > 0, got {cfg.dt}"),
         (cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}"),
@@ -133,7 +90,7 @@ def build_config(raw: dict[str, Any], overrides: list[str] = ()) -> SimulateConf
     ]
     for ok, msg in checks:
         if not ok:
-            raise ValueError(msg)
+            raise ConfigError(msg)
     return cfg
 
 
@@ -141,7 +98,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> SimulateConfig:
     """Read a YAML file and apply overrides (see :func:`build_config`)."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of keys to values")
+        raise ConfigError(f"{path}: expected a mapping of keys to values")
     return build_config(raw, overrides)
 
 

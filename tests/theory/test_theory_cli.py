@@ -18,13 +18,14 @@ def test_shipped_configs_load():
 @pytest.mark.parametrize(
     "raw, msg",
     [
-        ({"etaa": 0.1}, "unknown config key 'etaa'; allowed keys: .*eta"),
+        ({"etaa": 0.1}, "unknown config key 'etaa'.*Allowed keys here: .*eta"),
         ({"dt": 0}, "dt must be > 0"),
         ({"dt": -0.1}, "dt must be > 0"),
         ({"eta": -0.01}, "eta .* must be >= 0"),
         ({"steps": 0}, "steps must be >= 1"),
-        ({"steps": 1.5}, "steps must be an integer"),
-        ({"mode": "moco"}, "mode must be one of"),
+        ({"steps": 1.5}, "steps: 1.5 has the wrong type; expected int"),
+        ({"mode": "moco"}, "mode: 'moco' is not allowed; expected one of 'byol', 'simsiam'"),
+        ({"p0": ["a"]}, r"p0\[0\]: 'a' has the wrong type"),
         ({"stop_gradient": False}, "needs mode: simsiam"),
     ],
 )
