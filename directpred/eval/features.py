@@ -26,7 +26,7 @@ def extract_features(backbone: nn.Module, images: torch.Tensor, recipe: ViewReci
     index = torch.arange(r, len(images), w)
     chunks = []
     for start in range(0, len(index), batch_size):
-        batch = images[index[start: start + batch_size]].to(device, non_blocking=True)
+        batch = images[index[start: start + batch_size].to(images.device)].to(device, non_blocking=True)
         x = eval_transform(batch, recipe)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

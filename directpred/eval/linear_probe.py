@@ -43,15 +43,16 @@ class LinearProbe:
         xs = self._standardise(x_train)
         y = y_train.long()
         n_classes = int(y.max()) + 1
-        self.linear_ = nn.Linear(xs.shape[1], n_classes)
+        self.linear_ = nn.Linear(xs.shape[1], n_classes).to(xs.device)
         with torch.no_grad():  # seeded init, independent of the global RNG
             bound = 1.0 / xs.shape[1] ** 0.5
             self.linear_.weight.copy_(torch.rand(self.linear_.weight.shape, generator=g) * 2 * bound - bound)
             self.linear_.bias.copy_(torch.rand(self.linear_.bias.shape, generator=g) * 2 * bound - bound)
+        y = y.to(xs.device)
         opt = torch.optim.Adam(self.linear_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         self.history_: list[float] = []
         for _ in range(self.epochs):
-            perm = torch.randperm(len(xs), generator=g)
+            perm = torch.randperm(len(xs), generator=g).to(xs.device)  # drawn on the CPU: same order on any device
             for start in range(0, len(xs), self.batch_size):
                 idx = perm[start: start + self.batch_size]
                 loss = F.cross_entropy(self.linear_(xs[idx]), y[idx])
@@ -69,4 +70,4 @@ class LinearProbe:
 
     def score(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Top-1 accuracy in [0, 1]."""
-        return float((self.predict(x) == y.long()).float().mean())
+        return float((self.predict(x.to(self.mean_.device)).cpu() == y.long().cpu()).float().mean())

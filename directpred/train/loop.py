@@ -146,7 +146,7 @@ def evaluate(method: Siamese, data: DataBundle, cfg: Config, device: torch.devic
         with torch.enable_grad():
             probe = LinearProbe(epochs=cfg.eval.linear_epochs, lr=cfg.eval.linear_lr,
                                 weight_decay=cfg.eval.linear_weight_decay, batch_size=cfg.eval.linear_batch_size,
-                                seed=cfg.train.seed).fit(f_train.cpu(), y_train, f_test.cpu(), data.test.labels)
+                                seed=cfg.train.seed).fit(f_train, y_train, f_test, data.test.labels)
         out["linear_top1"] = 100.0 * probe.history_[-1]
         out["linear_top1_best"] = 100.0 * probe.best_accuracy_
     return out
