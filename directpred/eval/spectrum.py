@@ -73,7 +73,7 @@ def alignment_summary(cos: torch.Tensor, s: torch.Tensor) -> dict[str, float]:
 
 
 def asymmetry(W_p: torch.Tensor) -> float:
-    """``||W_p - W_p^T||_F / ||W_p||_F``: 0 for a symmetric predictor, sqrt(2) for an antisymmetric one."""
+    """``||W_p - W_p^T||_F / ||W_p||_F``: 0 for a symmetric predictor, 2 for an antisymmetric one."""
     W = W_p.detach().double()
     n = float(W.norm())
     return float((W - W.t()).norm()) / n if n > 0 else 0.0
