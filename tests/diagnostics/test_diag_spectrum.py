@@ -40,7 +40,7 @@ def test_alignment_is_one_for_a_commuting_pair():
 
 @pytest.mark.parametrize("theta", [0.0, 0.3, math.pi / 4, 1.2])
 def test_alignment_of_a_rotation_is_its_cosine(theta):
-    # W_p = R(theta) in every 2-D block: W_p u = cos(theta) u + sin(theta) u_perp, so cos(W_p u, u) = cos(theta)
+    # W_p = R(theta) in each 2-D block: W_p u = cos(theta) u + sin(theta) u_perp, so cos(W_p u, u) = cos theta
     d = 6
     R = torch.zeros(d, d, dtype=torch.float64)
     c, s_ = math.cos(theta), math.sin(theta)
