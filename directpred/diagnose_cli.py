@@ -14,6 +14,7 @@ from typing import Any
 
 from directpred.config import ConfigError
 
+ALIGN_TOP = 32  # eigenvectors shown in the alignment heat map (the rest of F^'s spectrum is ~1e-4 of s_max)
 PLOT_EPILOG = """examples:
   directpred plot runs/full/byol_directpred runs/full/byol_linear --out docs/figures/diagnostics
   directpred diagnose runs/full/byol_linear
@@ -53,8 +54,9 @@ def _labels(run_dirs: list[Path]) -> list[str]:
 def make_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     """Write the PNG figures of ``run_dirs`` into ``out_dir``; returns their paths.
 
-    ``overview.png`` overlays the runs (loss, kNN top-1, alignment, asymmetry, RankMe of the projections
-    and of the representation, std of the normalised projections); ``spectra_<run>.png`` shows, per run, heat
+    ``overview.png`` overlays the runs (loss, kNN top-1, alignment weighted and unweighted, asymmetry, RankMe
+    of the projections and of the representation, std of the normalised projections, loss per term, and the
+    correlation of p_j with sqrt(s_j)); ``spectra_<run>.png`` shows, per run, heat
     maps of F^'s spectrum and of the per-eigenvector alignment over training (the paper's Fig. 2 view).
     """
     import numpy as np
@@ -66,7 +68,7 @@ def make_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     flagged = {label: s.get("collapse_step") for label, (_, _, s) in runs.items()}
     written = []
 
-    fig, axes = plots.new_figure(2, 4, width=4.6, height=3.4)
+    fig, axes = plots.new_figure(2, 5, width=4.4, height=3.4)
     ax = axes[0][0]
     plots.plot_curves(ax, {k: _series(r, "train", "loss") for k, (_, r, _) in runs.items()}, ylabel="loss",
                       title="training loss (2 - 2cos, summed over views)", markers=flagged)
@@ -82,10 +84,14 @@ def make_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     else:
         plots.note(ax, "no kNN evaluations in these runs")
     ax = axes[0][2]
-    plots.plot_curves(ax, {k: _series(r, "diag", "alignment") for k, (_, r, _) in runs.items()},
-                      ylabel="mean_j cos(W_p u_j, u_j)", title="eigenspace alignment (Thm 3, Fig. 2)",
-                      markers=flagged)
+    plots.plot_curves(ax, {k: _series(r, "diag", "alignment_weighted") for k, (_, r, _) in runs.items()},
+                      ylabel="sum_j s_j cos(W_p u_j, u_j) / sum_j s_j",
+                      title="alignment, weighted by s_j (Thm 3, Fig. 2)", markers=flagged)
     ax = axes[0][3]
+    plots.plot_curves(ax, {k: _series(r, "diag", "alignment") for k, (_, r, _) in runs.items()},
+                      ylabel="mean_j cos(W_p u_j, u_j)", title="alignment, mean over all u_j",
+                      markers=flagged)
+    ax = axes[0][4]
     plots.plot_curves(ax, {k: _series(r, "diag", "asymmetry") for k, (_, r, _) in runs.items()},
                       ylabel="||W_p - W_p^T|| / ||W_p||", title="asymmetry of W_p")
     ax = axes[1][0]
@@ -102,6 +108,9 @@ def make_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     plots.plot_curves(ax, {k: _series(r, "diag", "loss_per_term") for k, (_, r, _) in runs.items()},
                       ylabel="loss per term", title="loss per 2 - 2cos term", logy=True,
                       hlines={f"collapse threshold {LOSS_PER_TERM_MAX}": LOSS_PER_TERM_MAX}, markers=flagged)
+    ax = axes[1][4]
+    plots.plot_curves(ax, {k: _series(r, "diag", "p_sqrt_s_corr") for k, (_, r, _) in runs.items()},
+                      ylabel="corr(p_j, sqrt(s_j))", title="p_j vs sqrt(s_j) (Eqs. 14, 18)")
     written.append(plots.save_figure(fig, out_dir / "overview.png"))
 
     for label, (_, r, _) in runs.items():
@@ -115,11 +124,11 @@ def make_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
                                title=f"{label}: spectrum of F^, log10(s_j / s_max)", cbar_label="log10",
                                vmin=max(-8.0, float(np.nanmin(rel))), vmax=0.0)
             if all(row.get("align") for row in diag):
-                a = np.array([[np.nan if v is None else v for v in row["align"]] for row in diag],
+                a = np.array([[np.nan if v is None else v for v in row["align"][:ALIGN_TOP]] for row in diag],
                              dtype=float)
                 plots.plot_heatmap(axes[0][1], steps, a, ylabel="eigenvector u_j of F^ (largest s_j first)",
-                                   title=f"{label}: cos(W_p u_j, u_j)", cbar_label="cosine", vmin=-1.0,
-                                   vmax=1.0, cmap="RdBu_r")
+                                   title=f"{label}: cos(W_p u_j, u_j), top {a.shape[1]} u_j",
+                                   cbar_label="cosine", vmin=-1.0, vmax=1.0, cmap="RdBu_r")
             else:
                 plots.note(axes[0][1], "no predictor matrix (alignment not defined)")
         else:
