@@ -16,9 +16,11 @@ is *collapsed-looking* when all three hold:
 * ``loss_per_term < 0.1``: the loss, per ``2 - 2 cos`` term, is near its minimum 0 (mean cosine between the
   prediction and the other view's target above 0.95), i.e. the objective has been solved trivially.
 
-The run is flagged ``collapsed`` at the second *consecutive* collapsed-looking report step (one noisy batch
-does not trigger it). The flag is sticky, recorded in ``summary.json`` with the step and the evidence,
-printed once from rank 0, and with ``diag.stop_on_collapse`` the loop stops the run.
+In multi-process runs F^ is global (all-reduced) and the three batch signals are averaged over the ranks
+before the rule is applied, so every rank flags (and stops) at the same step. The run is flagged
+``collapsed`` at the second *consecutive* collapsed-looking report step (one noisy batch does not trigger it).
+The flag is sticky, recorded in ``summary.json`` with the step and the evidence, printed once from rank 0,
+and with ``diag.stop_on_collapse`` the loop stops the run.
 """
 
 from __future__ import annotations
@@ -185,6 +187,12 @@ class Diagnostics:
         loss = float(out.loss.detach())
         row["loss"] = _r(loss)
         row["loss_per_term"] = _r(loss / self.loss_terms)
+        if distributed.is_distributed():  # batch signals are per rank: average them so all ranks decide alike
+            keys = ("z_std_ratio", "rankme_z", "loss_per_term")
+            vals = torch.tensor([math.nan if row[k] is None else float(row[k]) for k in keys],
+                                device=z.device)
+            vals = distributed.all_reduce_sum(vals) / distributed.world_size()
+            row.update({k: _r(v) for k, v in zip(keys, vals.tolist())})
         self._apply_rule(step, row)
         row["collapsed"] = int(self.collapsed)
         self.last_row = {k: v for k, v in row.items() if not isinstance(v, list)}

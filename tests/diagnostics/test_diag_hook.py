@@ -145,3 +145,34 @@ def test_state_dict_round_trip_continues_the_detector():
 def test_thresholds_are_the_documented_ones():
     assert (diag_mod.STD_RATIO_MAX, diag_mod.RANK_FRACTION_MAX, diag_mod.LOSS_PER_TERM_MAX,
             diag_mod.CONSECUTIVE) == (0.25, 0.15, 0.1, 2)
+
+
+def _two_rank_worker(rank: int, init_file: str, results: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    diag = Diagnostics(make_cfg(), FakeMethod(LinearPredictor(D)))
+    g = torch.Generator().manual_seed(rank)
+    flags = []
+    for step in range(1, 9):
+        # rank 0 sees collapsed projections, rank 1 healthy ones: the averaged signals decide for both
+        collapsed = rank == 0 or step > 4
+        row = diag.observe(step, step_output(g, collapsed=collapsed, loss=0.001))
+        if row is not None:
+            flags.append(row["collapsed"])
+    corr = diag.own_estimator.corr.clone()
+    dist.all_reduce(corr)
+    torch.save({"flags": flags, "step": diag.collapse_step, "corr_equal":
+                bool(torch.allclose(corr / 2, diag.own_estimator.corr, atol=1e-5))}, f"{results}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_two_processes_decide_alike(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_rank_worker, args=(str(tmp_path / "init"), str(tmp_path / "res")), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"res.{r}") for r in (0, 1))
+    assert r0["flags"] == r1["flags"] == [0, 0, 0, 1]  # flagged only once both ranks' batches look collapsed
+    assert r0["step"] == r1["step"] == 8
+    assert r0["corr_equal"] and r1["corr_equal"]  # F^ is all-reduced: the same on both ranks
