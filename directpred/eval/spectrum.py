@@ -111,10 +111,13 @@ def sqrt_law_fit(p: torch.Tensor, s: torch.Tensor, *, rel_floor: float = 1e-6) -
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Pearson correlation of two vectors (nan when one is constant)."""
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    denom = float(a.norm() * b.norm())
-    return float((a * b).sum()) / denom if denom > 0 else float("nan")
+    """Pearson correlation of two vectors (nan when one is constant up to rounding, e.g. W_p = I)."""
+    a, b = a.double(), b.double()
+    tiny = [float(v.abs().max()) * 1e-9 for v in (a, b)]
+    a, b = a - a.mean(), b - b.mean()
+    if float(a.norm()) <= tiny[0] or float(b.norm()) <= tiny[1]:
+        return float("nan")
+    return float((a * b).sum()) / float(a.norm() * b.norm())
 
 
 def rankme(Z: torch.Tensor, eps: float = 1e-7) -> float:

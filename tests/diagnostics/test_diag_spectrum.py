@@ -93,6 +93,13 @@ def test_sqrt_law_fit_on_directpred():
     assert fit["p_s_slope"] == pytest.approx(1.0)
 
 
+def test_sqrt_law_fit_undefined_for_the_identity():
+    s = torch.logspace(0, -3, 8, dtype=torch.float64)
+    p = torch.ones(8, dtype=torch.float64) + 1e-16 * torch.randn(8, dtype=torch.float64)
+    assert math.isnan(spectrum.sqrt_law_fit(p, s)["p_sqrt_s_corr"])
+    assert spectrum.pearson(s, 2 * s + 1) == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("k", [1, 3, 10])
 def test_rankme_of_rank_k_embedding(k):
     # k orthonormal directions with equal weight: the singular values are k equal numbers -> RankMe = k
