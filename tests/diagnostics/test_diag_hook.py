@@ -176,3 +176,18 @@ def test_two_processes_decide_alike(tmp_path):
     assert r0["flags"] == r1["flags"] == [0, 0, 0, 1]  # flagged only once both ranks' batches look collapsed
     assert r0["step"] == r1["step"] == 8
     assert r0["corr_equal"] and r1["corr_equal"]  # F^ is all-reduced: the same on both ranks
+
+
+def test_logger_writes_spectra_as_tensorboard_histograms(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from directpred.train.logger import RunLogger, read_metrics
+
+    diag = Diagnostics(make_cfg(every=1), FakeMethod(LinearPredictor(D)))
+    row = diag.observe(1, step_output(torch.Generator().manual_seed(0), collapsed=False, loss=1.0))
+    logger = RunLogger(tmp_path)
+    logger.log({"step": 1, **row}, group="diag")
+    logger.close()
+    assert read_metrics(tmp_path)[0]["s"] == row["s"]
+    acc = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert "diag/s" in acc.Tags()["histograms"] and "diag/alignment" in acc.Tags()["scalars"]
