@@ -9,12 +9,12 @@ applies the collapse rule.
 Collapse rule (documented in docs/diagnostics.md with the measurements behind the thresholds). A report step
 is *collapsed-looking* when all three hold:
 
-* ``z_std_ratio < 0.25``: the per-dimension std of the l2-normalised projections, times sqrt(d), is below a
-  quarter of its value for outputs spread over the sphere (collapsed outputs give ~0);
-* ``rankme_z < 0.15 min(N, d)``: the RankMe effective rank of the batch's projections (N = 2B samples of both
+* ``z_std_ratio < 0.08``: the per-dimension std of the l2-normalised projections, times sqrt(d), is below
+  8 % of its value for outputs spread over the sphere (collapsed outputs give ~0);
+* ``rankme_z < 0.08 min(N, d)``: the RankMe effective rank of the batch's projections (N = 2B samples of both
   views) has fallen to a small fraction of its maximum;
-* ``loss_per_term < 0.1``: the loss, per ``2 - 2 cos`` term, is near its minimum 0 (mean cosine between the
-  prediction and the other view's target above 0.95), i.e. the objective has been solved trivially.
+* ``loss_per_term < 0.05``: the loss, per ``2 - 2 cos`` term, is near its minimum 0 (mean cosine between the
+  prediction and the other view's target above 0.975), i.e. the objective has been solved trivially.
 
 In multi-process runs F^ is global (all-reduced) and the three batch signals are averaged over the ranks
 before the rule is applied, so every rank flags (and stops) at the same step. The run is flagged
@@ -38,9 +38,9 @@ from directpred import distributed
 from directpred.eval import spectrum
 from directpred.heads import CorrelationEstimator
 
-STD_RATIO_MAX = 0.25  # z_std_ratio below this looks collapsed (measured: see docs/diagnostics.md)
-RANK_FRACTION_MAX = 0.15  # rankme_z below this fraction of min(N, d) looks collapsed
-LOSS_PER_TERM_MAX = 0.1  # 2 - 2 cos below this: mean cosine above 0.95
+STD_RATIO_MAX = 0.08  # z_std_ratio below this looks collapsed (measured: see docs/diagnostics.md)
+RANK_FRACTION_MAX = 0.08  # rankme_z below this fraction of min(N, d) looks collapsed
+LOSS_PER_TERM_MAX = 0.05  # 2 - 2 cos below this: mean cosine above 0.975
 CONSECUTIVE = 2  # collapsed-looking report steps in a row before the run is flagged
 
 

@@ -144,7 +144,7 @@ def test_state_dict_round_trip_continues_the_detector():
 
 def test_thresholds_are_the_documented_ones():
     assert (diag_mod.STD_RATIO_MAX, diag_mod.RANK_FRACTION_MAX, diag_mod.LOSS_PER_TERM_MAX,
-            diag_mod.CONSECUTIVE) == (0.25, 0.15, 0.1, 2)
+            diag_mod.CONSECUTIVE) == (0.08, 0.08, 0.05, 2)
 
 
 def _two_rank_worker(rank: int, init_file: str, results: str) -> None:
