@@ -167,13 +167,16 @@ class Diagnostics:
             step: the global step just completed (1-based, as the loop counts).
             out: the step's :class:`directpred.methods.siamese.StepOutput`.
         """
+        report = self.every > 0 and step % self.every == 0
+        if self.own_estimator is None and not report:
+            return None  # the predictor keeps F^ itself: nothing to do on an ordinary step
         # (2B, d): both views, as the predictor's own F^ sees them
         z = torch.cat([out.z1.detach(), out.z2.detach()]).float()
         if self.own_estimator is not None:
             if self.own_estimator.corr.device != z.device:
                 self.own_estimator.to(z.device)
             self.own_estimator.update(z)  # all-reduces: called on every rank every step
-        if self.every <= 0 or step % self.every != 0:
+        if not report:
             return None
         h = torch.cat([out.h1.detach(), out.h2.detach()]).float()
         predictor = self.method.predictor
