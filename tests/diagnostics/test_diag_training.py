@@ -78,7 +78,7 @@ def test_healthy_runs_are_not_flagged(tmp_path, data, name, overrides):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     diag = [r for r in rows if r["kind"] == "diag"]
     assert [r["step"] for r in diag] == list(range(2, 25, 2))
-    assert all(r["collapsed"] == 0 and r["loss_per_term"] > 0.1 for r in diag)
+    assert all(r["collapsed"] == 0 for r in diag)
     if name.endswith("directpred"):  # W_p is built from F^'s eigenvectors: aligned and symmetric
         assert all(r["alignment"] > 0.999 and r["asymmetry"] < 1e-5 for r in diag)
     if name == "byol_directpred":  # the checkpoint-level report and the figures of the same run
