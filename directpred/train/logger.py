@@ -7,11 +7,16 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from directpred import distributed
 
 
 class RunLogger:
-    """Appends rows to ``metrics.jsonl`` and mirrors numeric fields to TensorBoard under ``group/key``."""
+    """Appends rows to ``metrics.jsonl`` and mirrors numeric fields to TensorBoard under ``group/key``.
+
+    Lists of numbers (the diagnostics' spectra) go to TensorBoard as histograms.
+    """
 
     def __init__(self, run_dir: str | Path, *, tensorboard: bool = True) -> None:
         self.enabled = distributed.is_main()
@@ -34,6 +39,8 @@ class RunLogger:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.writer.add_scalar(f"{group}/{k}", v, step)
+                elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
+                    self.writer.add_histogram(f"{group}/{k}", np.asarray(v, dtype=np.float64), step)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -1,0 +1,256 @@
+"""Training diagnostics: predictor spectrum, eigenspace alignment (paper Fig. 2), collapse early warning.
+
+The training loop calls :meth:`Diagnostics.observe` after every step. On ordinary steps it only folds the
+step's projections into its own running F^ (for predictors that keep none; DirectPred and DirectCopy keep F^
+in ``corr`` and it is read from there). Every ``diag.every`` steps it returns a row of metrics (see
+:func:`diagnostic_row`), which the loop writes to ``metrics.jsonl`` (kind ``"diag"``) and TensorBoard, and it
+applies the collapse rule.
+
+Collapse rule (documented in docs/diagnostics.md with the measurements behind the thresholds). A report step
+is *collapsed-looking* when all three hold:
+
+* ``z_std_ratio < 0.08``: the per-dimension std of the l2-normalised projections, times sqrt(d), is below
+  8 % of its value for outputs spread over the sphere (collapsed outputs give ~0);
+* ``rankme_z < 0.08 min(N, d)``: the RankMe effective rank of the batch's projections (N = 2B samples of both
+  views) has fallen to a small fraction of its maximum;
+* ``loss_per_term < 0.05``: the loss, per ``2 - 2 cos`` term, is near its minimum 0 (mean cosine between the
+  prediction and the other view's target above 0.975), i.e. the objective has been solved trivially.
+
+In multi-process runs F^ is global (all-reduced) and the three batch signals are averaged over the ranks
+before the rule is applied, so every rank flags (and stops) at the same step. The run is flagged
+``collapsed`` at the second *consecutive* collapsed-looking report step (one noisy batch does not trigger it).
+The flag is sticky, recorded in ``summary.json`` with the step and the evidence, printed once from rank 0,
+and with ``diag.stop_on_collapse`` the loop stops the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from directpred import distributed
+from directpred.eval import spectrum
+from directpred.heads import CorrelationEstimator
+
+STD_RATIO_MAX = 0.08  # z_std_ratio below this looks collapsed (measured: see docs/diagnostics.md)
+RANK_FRACTION_MAX = 0.08  # rankme_z below this fraction of min(N, d) looks collapsed
+LOSS_PER_TERM_MAX = 0.05  # 2 - 2 cos below this: mean cosine above 0.975
+CONSECUTIVE = 2  # collapsed-looking report steps in a row before the run is flagged
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the small (d x d) linear algebra on one thread.
+
+    Measured on a 2-core machine shared with other jobs: ``eigh`` of a 128 x 128 matrix took 0.8 s with 2
+    threads (OpenMP threads waiting on a busy core) and 1.7 ms with one.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _r(x: float) -> float | None:
+    """Round for the log (6 significant digits); non-finite values become None (JSON null)."""
+    x = float(x)
+    return float(f"{x:.6g}") if math.isfinite(x) else None
+
+
+def _rl(v: torch.Tensor) -> list[float | None]:
+    return [_r(x) for x in v.tolist()]
+
+
+def diagnostic_row(F_hat: torch.Tensor, W_p: torch.Tensor | None, *, h: torch.Tensor | None = None,
+                   z: torch.Tensor | None = None) -> dict[str, Any]:
+    """All diagnostics of one moment of training, as a flat JSON-serialisable dict.
+
+    Args:
+        F_hat: running correlation of the predictor's inputs (d, d).
+        W_p: the predictor matrix (d, d) (``weight``, or the MLP's mean Jacobian), or None.
+        h: representations (backbone features) of a batch (N, D), for ``rankme_h`` / ``h_std_ratio``.
+        z: projections (the predictor's input) of a batch (N, d), for ``rankme_z`` / ``z_std_ratio``.
+
+    Returns:
+        ``s`` (F^'s eigenvalues, descending), ``s_max``, ``F_rank`` (RankMe of F^'s eigenvalues, i.e. of
+        ``F^^{1/2}``); with W_p: ``wp_eig`` (eigenvalues of its symmetric part, descending), ``p`` (Rayleigh
+        quotients u_j^T W_p u_j), ``align`` (cos(W_p u_j, u_j) in the order of ``s``), ``alignment``,
+        ``alignment_weighted``, ``asymmetry``, ``commutator`` (``||[F^, W_p]||_F / (||F^||_F ||W_p||_F)``,
+        Theorem 3's quantity), ``p_s_slope``, ``p_sqrt_s_corr``; with h/z: ``rankme_h``, ``rankme_z``,
+        ``h_std``, ``z_std``, ``z_std_ratio`` (``z_std * sqrt(d)``, ~1 healthy, ~0 collapsed), ``z_rank_max``
+        (min(N, d)).
+    """
+    row: dict[str, Any] = {}
+    s, U = spectrum.eigen_spectrum(F_hat)
+    row["s"] = _rl(s)
+    row["s_max"] = _r(s[0])
+    row["F_rank"] = _r(spectrum.rankme(torch.diag(s.clamp(min=0).sqrt())))
+    if W_p is not None:
+        W = W_p.detach().double()
+        row["wp_eig"] = _rl(spectrum.eigen_spectrum(W)[0])
+        p = spectrum.rayleigh_eigenvalues(W, U)
+        cos = spectrum.alignment(W, U)
+        row["p"] = _rl(p)
+        row["align"] = _rl(cos)
+        row.update({k: _r(v) for k, v in spectrum.alignment_summary(cos, s).items()})
+        row["asymmetry"] = _r(spectrum.asymmetry(W))
+        Fd = F_hat.detach().double()
+        denom = float(Fd.norm() * W.norm())
+        row["commutator"] = _r(float((Fd @ W - W @ Fd).norm()) / denom if denom > 0 else float("nan"))
+        row.update({k: _r(v) for k, v in spectrum.sqrt_law_fit(p, s).items()})
+    if h is not None:
+        row["rankme_h"] = _r(spectrum.rankme(h))
+        row["h_std"] = _r(spectrum.normalized_std(h))
+    if z is not None:
+        d = z.shape[1]
+        row["rankme_z"] = _r(spectrum.rankme(z))
+        row["z_std"] = _r(spectrum.normalized_std(z))
+        row["z_std_ratio"] = _r(spectrum.normalized_std(z) * math.sqrt(d))
+        row["z_rank_max"] = min(z.shape[0], d)
+    return row
+
+
+def looks_collapsed(row: dict[str, Any]) -> bool:
+    """The per-report-step test of the collapse rule (module docstring) on a :func:`diagnostic_row`."""
+    ratio, rank, rank_max = row.get("z_std_ratio"), row.get("rankme_z"), row.get("z_rank_max")
+    loss = row.get("loss_per_term")
+    if ratio is None or rank is None or rank_max is None or loss is None:
+        return False
+    return ratio < STD_RATIO_MAX and rank < RANK_FRACTION_MAX * rank_max and loss < LOSS_PER_TERM_MAX
+
+
+class Diagnostics:
+    """Diagnostics of one training run (see the module docstring for the collapse rule).
+
+    Args:
+        cfg: the run's :class:`directpred.config.Config` (uses ``diag.every``, ``diag.rho``).
+        method: the :class:`directpred.methods.Siamese` being trained.
+
+    Example:
+        >>> diag = Diagnostics(cfg, method)  # doctest: +SKIP
+        >>> row = diag.observe(step, out)     # every step; a dict every diag.every steps, else None
+    """
+
+    def __init__(self, cfg: Any, method: nn.Module) -> None:
+        self.every = int(cfg.diag.every)
+        self.loss_terms = 2 if cfg.method.symmetric_loss else 1  # two_view_loss sums the two views' terms
+        self.method = method
+        predictor = method.predictor
+        self.own_estimator: CorrelationEstimator | None = None
+        if not isinstance(predictor, CorrelationEstimator):
+            dim = cfg.projector.out_dim
+            self.own_estimator = CorrelationEstimator(dim, rho=cfg.diag.rho)
+        self.collapsed = False
+        self.collapse_step: int | None = None
+        self.collapse_evidence = ""
+        self.streak = 0  # consecutive collapsed-looking report steps
+        self.last_row: dict[str, Any] = {}
+
+    def _F_hat(self) -> torch.Tensor:
+        if self.own_estimator is not None:
+            return self.own_estimator.matrix()
+        return self.method.predictor.matrix()  # type: ignore[operator]
+
+    @torch.no_grad()
+    def observe(self, step: int, out: Any) -> dict[str, Any] | None:
+        """Fold one training step's output in; every ``diag.every`` steps return the metrics row.
+
+        Args:
+            step: the global step just completed (1-based, as the loop counts).
+            out: the step's :class:`directpred.methods.siamese.StepOutput`.
+        """
+        report = self.every > 0 and step % self.every == 0
+        if self.own_estimator is None and not report:
+            return None  # the predictor keeps F^ itself: nothing to do on an ordinary step
+        # (2B, d): both views, as the predictor's own F^ sees them
+        z = torch.cat([out.z1.detach(), out.z2.detach()]).float()
+        if self.own_estimator is not None:
+            if self.own_estimator.corr.device != z.device:
+                self.own_estimator.to(z.device)
+            self.own_estimator.update(z)  # all-reduces: called on every rank every step
+        if not report:
+            return None
+        h = torch.cat([out.h1.detach(), out.h2.detach()]).float()
+        predictor = self.method.predictor
+        W_p, kind = spectrum.predictor_matrix(predictor)
+        if kind == "none" and hasattr(predictor, "fc1"):  # two-layer MLP: mean Jacobian, each view's BN batch
+            W_p = 0.5 * (spectrum.mlp_mean_jacobian(predictor, out.z1.detach().float())
+                         + spectrum.mlp_mean_jacobian(predictor, out.z2.detach().float()))
+        with single_thread():
+            row = diagnostic_row(self._F_hat().float().cpu(), None if W_p is None else W_p.cpu(), h=h.cpu(),
+                                 z=z.cpu())
+        loss = float(out.loss.detach())
+        row["loss"] = _r(loss)
+        row["loss_per_term"] = _r(loss / self.loss_terms)
+        if distributed.is_distributed():  # batch signals are per rank: average them so all ranks decide alike
+            keys = ("z_std_ratio", "rankme_z", "loss_per_term")
+            vals = torch.tensor([math.nan if row[k] is None else float(row[k]) for k in keys],
+                                device=z.device)
+            vals = distributed.all_reduce_sum(vals) / distributed.world_size()
+            row.update({k: _r(v) for k, v in zip(keys, vals.tolist())})
+        self._apply_rule(step, row)
+        row["collapsed"] = int(self.collapsed)
+        self.last_row = {k: v for k, v in row.items() if not isinstance(v, list)}
+        return row
+
+    def _apply_rule(self, step: int, row: dict[str, Any]) -> None:
+        if self.collapsed:
+            return
+        self.streak = self.streak + 1 if looks_collapsed(row) else 0
+        if self.streak < CONSECUTIVE:
+            return
+        self.collapsed, self.collapse_step = True, step
+        self.collapse_evidence = (
+            f"z_std_ratio={row['z_std_ratio']:.3g} (< {STD_RATIO_MAX}; ~1 healthy, 0 collapsed), "
+            f"rankme_z={row['rankme_z']:.3g} of max {row['z_rank_max']} "
+            f"(< {RANK_FRACTION_MAX * row['z_rank_max']:.3g}), "
+            f"loss per term={row['loss_per_term']:.3g} (< {LOSS_PER_TERM_MAX}), "
+            f"{CONSECUTIVE} report steps in a row")
+        if distributed.is_main():
+            msg = (f"\nWARNING: the run looks COLLAPSED at step {step}: {self.collapse_evidence}. "
+                   "All projections point (nearly) the same way; the representation is unlikely to recover. "
+                   "See docs/diagnostics.md (diag.stop_on_collapse=true stops such runs).")
+            try:
+                from tqdm import tqdm
+
+                tqdm.write(msg, file=sys.stderr)
+            except ImportError:
+                print(msg, file=sys.stderr)
+
+    def summary(self) -> dict[str, Any]:
+        """What ``summary.json`` gets: ``collapsed``, ``collapse_step``, ``collapse_evidence`` and the last
+        report's scalar diagnostics under ``diag_*``."""
+        out: dict[str, Any] = {"collapsed": self.collapsed, "collapse_step": self.collapse_step,
+                               "collapse_evidence": self.collapse_evidence}
+        for k in ("alignment", "alignment_weighted", "asymmetry", "p_s_slope", "rankme_h", "rankme_z",
+                  "z_std_ratio"):
+            if k in self.last_row:
+                out[f"diag_{k}"] = self.last_row[k]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the detector (and the F^ estimate) after a resume."""
+        return {"collapsed": self.collapsed, "collapse_step": self.collapse_step,
+                "collapse_evidence": self.collapse_evidence, "streak": self.streak, "last_row": self.last_row,
+                "estimator": None if self.own_estimator is None else
+                {k: v.cpu() for k, v in self.own_estimator.state_dict().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.collapsed = bool(state.get("collapsed", False))
+        self.collapse_step = state.get("collapse_step")
+        self.collapse_evidence = state.get("collapse_evidence", "")
+        self.streak = int(state.get("streak", 0))
+        self.last_row = dict(state.get("last_row", {}))
+        est = state.get("estimator")
+        if est is not None and self.own_estimator is not None:
+            device = self.own_estimator.corr.device
+            self.own_estimator.load_state_dict({k: v.to(device) for k, v in est.items()})

@@ -1,0 +1,71 @@
+"""Measure the cost of the training diagnostics (not a test; run by hand, numbers go to docs/diagnostics.md).
+
+    OMP_NUM_THREADS=1 python -m tests.diagnostics.measure_overhead [--steps 20] [--set key=value ...]
+
+Times, on the quick-start recipe (ResNet-18 width 16, batch 128, BYOL + DirectPred unless overridden): a
+training step, ``Diagnostics.observe`` on an ordinary step (the F^ update only), ``observe`` on a report step,
+and logging the report row (metrics.jsonl + TensorBoard, spectra as histograms). Prints the overhead at
+``diag.every = 50``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from directpred.config import load_config
+from directpred.train.diagnostics import Diagnostics
+from directpred.train.loop import Trainer, epoch_order
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20, help="training steps to time")
+    parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
+    args = parser.parse_args()
+    cfg = load_config("configs/cpu/quickstart.yaml", ["train.progress=false", "diag.every=1", *args.set])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, tmp)
+        diag = trainer.diagnostics
+        ordinary = Diagnostics(cfg, trainer.method)
+        ordinary.every = 10**9  # never reports: the per-step cost only
+        order = epoch_order(len(trainer.data.pretrain), cfg.train.seed, 0)
+        t_step, t_ord, t_rep, t_log = [], [], [], []
+        trainer.method.train()
+        for i in range(args.steps):
+            t0 = time.perf_counter()
+            res = trainer.train_step(trainer._batch(order, i))
+            t1 = time.perf_counter()
+            ordinary.observe(trainer.step, res["out"])
+            t2 = time.perf_counter()
+            row = diag.observe(trainer.step, res["out"])
+            t3 = time.perf_counter()
+            trainer.logger.log({"step": trainer.step, **row}, group="diag")
+            t4 = time.perf_counter()
+            if i >= 2:  # warm-up
+                t_step.append(t1 - t0)
+                t_ord.append(t2 - t1)
+                t_rep.append(t3 - t2)
+                t_log.append(t4 - t3)
+        trainer.logger.close()
+    m = {k: statistics.median(v) for k, v in
+         (("step", t_step), ("ordinary", t_ord), ("report", t_rep), ("log", t_log))}
+    every = 50
+    overhead = (m["report"] + m["log"] + (every - 1) * m["ordinary"]) / (every * m["step"])
+    print(f"threads={torch.get_num_threads()} {cfg.method.name}+{cfg.predictor.name} "
+          f"width={cfg.backbone.width} "
+          f"batch={cfg.train.batch_size} (medians over {len(t_step)} steps)")
+    print(f"  training step       {1e3 * m['step']:8.1f} ms")
+    for key, name in (("ordinary", "observe, ordinary "), ("report", "observe, report   ")):
+        print(f"  {name}  {1e3 * m[key]:8.2f} ms  ({100 * m[key] / m['step']:.2f} % of a step)")
+    print(f"  log the report row  {1e3 * m['log']:8.1f} ms")
+    print(f"  overhead at diag.every={every}: {100 * overhead:.2f} % of training time")
+
+
+if __name__ == "__main__":
+    main()

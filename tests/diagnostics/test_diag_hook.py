@@ -1,0 +1,193 @@
+"""The Diagnostics hook on synthetic step outputs: cadence, the collapse rule, summary and resume state."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from directpred.config import Config
+from directpred.heads import MLP, DirectPred, IdentityPredictor, LinearPredictor
+from directpred.methods.siamese import StepOutput
+from directpred.train import diagnostics as diag_mod
+from directpred.train.diagnostics import Diagnostics, looks_collapsed
+
+D, B, FEAT = 16, 32, 24
+
+
+class FakeMethod(nn.Module):
+    def __init__(self, predictor: nn.Module) -> None:
+        super().__init__()
+        self.predictor = predictor
+
+
+def make_cfg(every: int = 2) -> Config:
+    cfg = Config()
+    cfg.diag.every = every
+    cfg.projector.out_dim = D
+    return cfg
+
+
+def step_output(g: torch.Generator, *, collapsed: bool, loss: float) -> StepOutput:
+    if collapsed:  # every sample projects to (almost) the same vector
+        base = torch.randn(1, D, generator=g)
+        z1 = base + 1e-3 * torch.randn(B, D, generator=g)
+        z2 = base + 1e-3 * torch.randn(B, D, generator=g)
+    else:
+        z1, z2 = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
+    h1, h2 = torch.randn(B, FEAT, generator=g), torch.randn(B, FEAT, generator=g)
+    return StepOutput(torch.tensor(loss), h1, h2, z1, z2, z1, z2, z2, z1)
+
+
+def run(diag: Diagnostics, steps: range, *, collapsed: bool, loss: float, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for step in steps:
+        row = diag.observe(step, step_output(g, collapsed=collapsed, loss=loss))
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def test_reports_every_n_steps_and_rows_are_json():
+    diag = Diagnostics(make_cfg(every=3), FakeMethod(LinearPredictor(D)))
+    g = torch.Generator().manual_seed(0)
+    got = [s for s in range(1, 10) if diag.observe(s, step_output(g, collapsed=False, loss=1.5)) is not None]
+    assert got == [3, 6, 9]
+    row = diag.observe(12, step_output(g, collapsed=False, loss=1.5))
+    json.dumps(row)  # serialisable
+    for key in ("s", "wp_eig", "align", "alignment", "asymmetry", "p_s_slope", "rankme_h", "rankme_z",
+                "z_std_ratio", "loss_per_term", "collapsed"):
+        assert key in row
+    assert len(row["s"]) == D and row["s"] == sorted(row["s"], reverse=True)
+
+
+def test_healthy_outputs_are_not_flagged():
+    diag = Diagnostics(make_cfg(), FakeMethod(LinearPredictor(D)))
+    rows = run(diag, range(1, 21), collapsed=False, loss=1.5)
+    assert not diag.collapsed and all(r["collapsed"] == 0 for r in rows)
+    assert rows[-1]["z_std_ratio"] == pytest.approx(1.0, abs=0.15)  # isotropic Gaussian projections
+    assert diag.summary()["collapsed"] is False and diag.summary()["collapse_step"] is None
+
+
+def test_collapsed_outputs_are_flagged_at_the_second_report(capsys):
+    diag = Diagnostics(make_cfg(), FakeMethod(IdentityPredictor(D)))
+    rows = run(diag, range(1, 11), collapsed=True, loss=0.001)
+    assert looks_collapsed(rows[0]) and rows[0]["collapsed"] == 0  # one report is not enough
+    assert diag.collapsed and diag.collapse_step == 4 and rows[1]["collapsed"] == 1
+    s = diag.summary()
+    assert s["collapsed"] is True and s["collapse_step"] == 4 and "z_std_ratio" in s["collapse_evidence"]
+    err = capsys.readouterr().err
+    assert err.count("COLLAPSED") == 1  # printed once, with the evidence
+    assert "rankme_z" in err
+
+
+def test_low_loss_alone_is_not_collapse():
+    # a healthy spread of projections with a small loss (views agree) must not be flagged
+    diag = Diagnostics(make_cfg(), FakeMethod(LinearPredictor(D)))
+    run(diag, range(1, 11), collapsed=False, loss=0.01)
+    assert not diag.collapsed
+
+
+def test_a_single_collapsed_looking_report_resets():
+    diag = Diagnostics(make_cfg(), FakeMethod(LinearPredictor(D)))
+    run(diag, range(1, 3), collapsed=True, loss=0.001)
+    run(diag, range(3, 5), collapsed=False, loss=1.0)
+    run(diag, range(5, 7), collapsed=True, loss=0.001)
+    assert not diag.collapsed and diag.streak == 1
+
+
+def test_uses_the_predictor_F_hat_when_it_keeps_one():
+    dp = DirectPred(D)
+    diag = Diagnostics(make_cfg(), FakeMethod(dp))
+    assert diag.own_estimator is None
+    g = torch.Generator().manual_seed(0)
+    for step in (1, 2):
+        out = step_output(g, collapsed=False, loss=1.0)
+        dp.update(torch.cat([out.z1, out.z2]))  # what the method does in a training step
+        row = diag.observe(step, out)
+    # DirectPred's W_p is built from its own F^: aligned and symmetric by construction, p_j ∝ sqrt(s_j) + eps
+    assert row["alignment"] == pytest.approx(1.0, abs=1e-4)
+    assert row["asymmetry"] == pytest.approx(0.0, abs=1e-5)
+    assert row["p_sqrt_s_corr"] == pytest.approx(1.0, abs=1e-4)
+    s_top = max(row["s"])
+    assert s_top == pytest.approx(float(torch.linalg.eigvalsh(dp.matrix().double()).max()), rel=1e-4)
+
+
+def test_own_estimator_tracks_the_projection_correlation():
+    diag = Diagnostics(make_cfg(every=1), FakeMethod(LinearPredictor(D)))
+    g = torch.Generator().manual_seed(0)
+    out = step_output(g, collapsed=False, loss=1.0)
+    diag.observe(1, out)  # first batch: F^ is this batch's E[f f^T]
+    z = torch.cat([out.z1, out.z2])
+    assert torch.allclose(diag.own_estimator.matrix(), z.T @ z / z.shape[0], atol=1e-5)
+
+
+def test_mlp_predictor_gets_a_jacobian_alignment():
+    diag = Diagnostics(make_cfg(), FakeMethod(MLP(D, 32, D)))
+    rows = run(diag, range(1, 5), collapsed=False, loss=1.0)
+    assert -1.0 <= rows[-1]["alignment"] <= 1.0 and math.isfinite(rows[-1]["asymmetry"])
+
+
+def test_state_dict_round_trip_continues_the_detector():
+    a = Diagnostics(make_cfg(), FakeMethod(LinearPredictor(D)))
+    run(a, range(1, 3), collapsed=True, loss=0.001)  # one collapsed-looking report
+    b = Diagnostics(make_cfg(), FakeMethod(LinearPredictor(D)))
+    b.load_state_dict(a.state_dict())
+    assert b.streak == 1 and torch.equal(b.own_estimator.corr, a.own_estimator.corr)
+    run(b, range(3, 5), collapsed=True, loss=0.001)
+    assert b.collapsed and b.collapse_step == 4
+
+
+def test_thresholds_are_the_documented_ones():
+    assert (diag_mod.STD_RATIO_MAX, diag_mod.RANK_FRACTION_MAX, diag_mod.LOSS_PER_TERM_MAX,
+            diag_mod.CONSECUTIVE) == (0.08, 0.08, 0.05, 2)
+
+
+def _two_rank_worker(rank: int, init_file: str, results: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    diag = Diagnostics(make_cfg(), FakeMethod(LinearPredictor(D)))
+    g = torch.Generator().manual_seed(rank)
+    flags = []
+    for step in range(1, 9):
+        # rank 0 sees collapsed projections, rank 1 healthy ones: the averaged signals decide for both
+        collapsed = rank == 0 or step > 4
+        row = diag.observe(step, step_output(g, collapsed=collapsed, loss=0.001))
+        if row is not None:
+            flags.append(row["collapsed"])
+    corr = diag.own_estimator.corr.clone()
+    dist.all_reduce(corr)
+    torch.save({"flags": flags, "step": diag.collapse_step, "corr_equal":
+                bool(torch.allclose(corr / 2, diag.own_estimator.corr, atol=1e-5))}, f"{results}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_two_processes_decide_alike(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_rank_worker, args=(str(tmp_path / "init"), str(tmp_path / "res")), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"res.{r}") for r in (0, 1))
+    assert r0["flags"] == r1["flags"] == [0, 0, 0, 1]  # flagged only once both ranks' batches look collapsed
+    assert r0["step"] == r1["step"] == 8
+    assert r0["corr_equal"] and r1["corr_equal"]  # F^ is all-reduced: the same on both ranks
+
+
+def test_logger_writes_spectra_as_tensorboard_histograms(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from directpred.train.logger import RunLogger, read_metrics
+
+    diag = Diagnostics(make_cfg(every=1), FakeMethod(LinearPredictor(D)))
+    row = diag.observe(1, step_output(torch.Generator().manual_seed(0), collapsed=False, loss=1.0))
+    logger = RunLogger(tmp_path)
+    logger.log({"step": 1, **row}, group="diag")
+    logger.close()
+    assert read_metrics(tmp_path)[0]["s"] == row["s"]
+    acc = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert "diag/s" in acc.Tags()["histograms"] and "diag/alignment" in acc.Tags()["scalars"]
