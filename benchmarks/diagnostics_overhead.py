@@ -1,6 +1,6 @@
 """Measure the cost of the training diagnostics (not a test; run by hand, numbers go to docs/diagnostics.md).
 
-    OMP_NUM_THREADS=1 python -m tests.diagnostics.measure_overhead [--steps 20] [--set key=value ...]
+    OMP_NUM_THREADS=1 python benchmarks/diagnostics_overhead.py [--steps 20] [--set key=value ...]
 
 Times, on the quick-start recipe (ResNet-18 width 16, batch 128, BYOL + DirectPred unless overridden): a
 training step, ``Diagnostics.observe`` on an ordinary step (the F^ update only), ``observe`` on a report step,
