@@ -212,6 +212,10 @@ class Trainer:
         self.method = build_method(cfg).to(self.device)
         if cfg.train.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
+        if cfg.train.compile:
+            # In place (state_dict keys unchanged) and only the encoder: the predictor's update (eigh, copy_ into
+            # W_p) would only cause graph breaks.
+            self.method.online.encoder.compile()
         self.world = distributed.world_size()
         if self.world > 1:
             online: nn.Module = self.method.online
@@ -222,8 +226,6 @@ class Trainer:
                 ddp = nn.parallel.DistributedDataParallel(
                     online, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                 self.method.use_wrapped_online(ddp)
-        if cfg.train.compile:
-            self.method.use_wrapped_online(torch.compile(self.method.__dict__.get("_online_call", self.method.online)))
         self.optimizer = build_optimizer(cfg.optim, self.method.online.encoder, self.method.online.predictor)
         self.scaler = torch.amp.GradScaler(enabled=self.autocast_dtype == torch.float16)
 
