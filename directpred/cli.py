@@ -55,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_resume_config(saved, cfg, force=args.force)
         if cfg != saved and distributed.is_main():
             atomic_write_text(cfg_file, dump_config(cfg))
-        trainer = Trainer(cfg, run_dir, resume=True, force=args.force, command=" ".join(sys.argv))
+        trainer = Trainer(cfg, run_dir, resume=True, command=" ".join(sys.argv))
     else:
         if not args.config:
             raise ConfigError("directpred train needs a CONFIG file (e.g. configs/cpu/quickstart.yaml) or "

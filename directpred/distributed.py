@@ -83,15 +83,6 @@ def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """Send a picklable object from ``src`` to every rank."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Give every rank ``src``'s buffers (e.g. BatchNorm running statistics, which DDP only syncs at the start of
     a forward pass, so after the last training step each rank holds statistics of its own batch)."""

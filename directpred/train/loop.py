@@ -185,7 +185,7 @@ class Trainer:
         >>> summary = Trainer(cfg, "runs/qs").fit()  # doctest: +SKIP
     """
 
-    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False,
+    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False,
                  command: str = "", data: DataBundle | None = None) -> None:
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
         self.device = resolve_device(cfg.train.device)
@@ -194,7 +194,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.autocast_dtype = resolve_precision(cfg.train.precision, self.device)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self._prepare_run_dir(command, force)
+        self._prepare_run_dir(command)
 
         torch.manual_seed(cfg.train.seed)  # the same initialisation on every rank
         if data is None:
@@ -251,7 +251,7 @@ class Trainer:
         self._make_diagnostics()
 
     # ------------------------------------------------------------------------------------------------------------
-    def _prepare_run_dir(self, command: str, force: bool) -> None:
+    def _prepare_run_dir(self, command: str) -> None:
         cfg_path = self.run_dir / "config.yaml"
         if distributed.is_main():
             if self.resume:
