@@ -272,6 +272,15 @@ def rhs_linear(t: float, y: Array, params: LinearParams) -> Array:
     return pack(*linear_field(*unpack(y, n1, n2), params))
 
 
+def run_record(model: str, *, alpha_p: float, eta: float, beta: float, dt: float, steps: int, mode: str,
+               stop_gradient: bool, predictor: bool, symmetric: bool, record_every: int, n1: int, n2: int,
+               X: np.ndarray, Xp: np.ndarray, **extra: object) -> dict:
+    """The parameters a linear-model :class:`Trajectory` records (gradient flow or minibatch SGD)."""
+    return dict(model=model, alpha_p=float(alpha_p), eta=float(eta), beta=float(beta), dt=float(dt),
+                steps=int(steps), mode=mode, stop_gradient=stop_gradient, predictor=predictor, symmetric=symmetric,
+                record_every=int(record_every), n1=int(n1), n2=int(n2), X=X, Xp=Xp, **extra)
+
+
 def flow_params(
     X: Array,
     Xp: Array,
@@ -405,22 +414,7 @@ def simulate_linear(
         rhs_linear, pack(W, Wp, Wa), params, dt=dt, steps=steps, method=method, record_every=record_every
     )
     Ws, Wps, Was = unpack(ys, n1, n2)
-    record = dict(
-        model="linear",
-        alpha_p=float(alpha_p),
-        eta=float(eta),
-        beta=float(beta),
-        dt=float(dt),
-        steps=int(steps),
-        mode=mode,
-        stop_gradient=stop_gradient,
-        predictor=predictor,
-        symmetric=symmetric,
-        method=method,
-        record_every=int(record_every),
-        n1=int(n1),
-        n2=int(n2),
-        X=X,
-        Xp=Xp,
-    )
+    record = run_record("linear", alpha_p=alpha_p, eta=eta, beta=beta, dt=dt, steps=steps, mode=mode,
+                        stop_gradient=stop_gradient, predictor=predictor, symmetric=symmetric,
+                        record_every=record_every, n1=n1, n2=n2, X=X, Xp=Xp, method=method)
     return Trajectory(t=t, states={"W": Ws, "Wp": Wps, "Wa": Was}, params=record)
