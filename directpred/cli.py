@@ -78,6 +78,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
     import yaml
 
+    from directpred.backbones import resolve_channels_last
     from directpred.config import config_from_dict, load_config
     from directpred.data.datasets import load_data
     from directpred.methods import build_method
@@ -95,7 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     state = load_checkpoint(ckpt, map_location=device)
     torch.manual_seed(cfg.train.seed)
     method = build_method(cfg).to(device)
-    if cfg.train.channels_last:
+    if resolve_channels_last(cfg.train.channels_last, method, device):
         method = method.to(memory_format=torch.channels_last)
     method.load_state_dict(state["model"])
     data = load_data(cfg.data, seed=cfg.train.seed)

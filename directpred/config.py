@@ -116,7 +116,9 @@ class TrainConfig:
     seed: int = 0  # initialisation, data order and augmentation draws
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the hardware runs it fast
-    channels_last: bool = True  # channels-last memory format (faster convolutions on CPU and GPU)
+    # channels-last memory format (faster convolutions); auto: on unless a CPU would hit oneDNN's broken backward
+    # of narrow (< 8 input channels) strided 1x1 convolutions (directpred/backbones/memory_format.py)
+    channels_last: Literal["auto"] | bool = "auto"
     compile: bool = False  # torch.compile the online encoder
     sync_bn: bool = False  # SyncBatchNorm in multi-process runs
     checkpoint_every: int = 10  # epochs between kept checkpoints/epoch_XXXX.pt (last.pt is written every epoch)

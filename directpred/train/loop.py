@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from directpred import distributed
+from directpred.backbones import resolve_channels_last
 from directpred.config import Config, ConfigError, diff_configs, dump_config
 from directpred.data.augment import TwoViewAugment, ViewRecipe, recipe
 from directpred.data.datasets import DataBundle, load_data
@@ -134,7 +135,7 @@ def evaluate(method: Siamese, data: DataBundle, cfg: Config, device: torch.devic
     backbone = method.encoder.backbone
     distributed.broadcast_buffers(backbone)  # every rank embeds with rank 0's BatchNorm statistics
     kw = dict(batch_size=cfg.eval.batch_size, device=device, autocast_dtype=autocast_dtype,
-              channels_last=cfg.train.channels_last)
+              channels_last=resolve_channels_last(cfg.train.channels_last, backbone, device))
     f_train = extract_features(backbone, data.train.images, test_recipe, **kw)
     f_test = extract_features(backbone, data.test.images, test_recipe, **kw)
     labelled = data.train.labels >= 0
@@ -210,7 +211,8 @@ class Trainer:
         self.augment = TwoViewAugment(*view_recipes(cfg, data))
 
         self.method = build_method(cfg).to(self.device)
-        if cfg.train.channels_last:
+        self.channels_last = resolve_channels_last(cfg.train.channels_last, self.method, self.device)
+        if self.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         if cfg.train.compile:
             # In place (state_dict keys unchanged) and only the encoder: the predictor's update (eigh, copy_ into
@@ -343,7 +345,7 @@ class Trainer:
         images = images.to(self.device, non_blocking=True)
         x1, x2 = self.augment(images, step_generator(self.cfg.train.seed, self.step),
                               shard=(distributed.rank(), self.world))
-        if self.cfg.train.channels_last:
+        if self.channels_last:
             x1 = x1.contiguous(memory_format=torch.channels_last)
             x2 = x2.contiguous(memory_format=torch.channels_last)
         return x1, x2

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from directpred.backbones import resolve_channels_last
 from directpred.config import load_config
 from directpred.data.augment import TwoViewAugment
 from directpred.data.datasets import load_data
@@ -50,7 +51,10 @@ def reference(cfg, steps: int, world: int = WORLD):
     torch.manual_seed(cfg.train.seed)
     data = load_data(cfg.data, seed=cfg.train.seed)
     aug = TwoViewAugment(*view_recipes(cfg, data))
-    method = build_method(cfg).to(memory_format=torch.channels_last)
+    method = build_method(cfg)
+    fmt = torch.channels_last if resolve_channels_last(cfg.train.channels_last, method, torch.device("cpu")) \
+        else torch.contiguous_format  # what the trainer chooses (the guard of issue 9)
+    method = method.to(memory_format=fmt)
     method.train()
     enc, pred, target = method.online.encoder, method.online.predictor, method.target
     opt = build_optimizer(cfg.optim, enc, pred)
@@ -62,7 +66,7 @@ def reference(cfg, steps: int, world: int = WORLD):
         epoch, s = divmod(step, spe)
         idx = epoch_order(len(data.pretrain), cfg.train.seed, epoch)[s * gb:(s + 1) * gb]
         x1, x2 = aug(data.pretrain.images[idx], step_generator(cfg.train.seed, step))
-        x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
+        x1, x2 = (x.contiguous(memory_format=fmt) for x in (x1, x2))
         set_lr(opt, cfg.optim.lr, lr_factor(step, total, 0, cfg.optim.schedule))
         zs, snapshot = [], None
         for k in range(world):
@@ -95,7 +99,8 @@ def reference(cfg, steps: int, world: int = WORLD):
 def test_two_processes_equal_one_process_on_the_global_batch(predictor, method_name, tiny_overrides, tmp_path):
     # Two steps cover the all-reduces, momentum, the EMA target and the predictor state carried between steps.
     # Longer comparisons are not meaningful at this size: the width-4 network with BatchNorm over 8 samples
-    # amplifies float rounding (different summation order in the all-reduce) ~1000x in a single step.
+    # amplifies float rounding (different summation order in the all-reduce) ~1000x in a single step, by an amount
+    # that depends on the CPU's kernels; hence a tolerance relative to each tensor's change (below).
     steps = 2
     over = tiny_overrides + [f"predictor.name={predictor}", f"method.name={method_name}", "train.batch_size=8",
                              f"train.max_steps={steps}", "train.epochs=2"]
@@ -106,9 +111,17 @@ def test_two_processes_equal_one_process_on_the_global_batch(predictor, method_n
     ref = reference(cfg, steps).state_dict()
     model = got["model"]
     assert model.keys() == ref.keys()
+    torch.manual_seed(cfg.train.seed)
+    init = build_method(cfg).state_dict()
     for k, v in ref.items():
         if v.is_floating_point():
-            torch.testing.assert_close(model[k], v, rtol=1e-3, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+            # The two runs differ only in summation order, which BatchNorm over 8 samples of a width-4 network
+            # amplifies (a channel with near-zero batch variance divides by sqrt(eps)). Measured, as a fraction of
+            # each tensor's change over the two steps: 0.25 % (AVX-512) and 1.05 % (AVX2). A real fault (gradients
+            # summed instead of averaged, a wrong shard, a missing all-reduce) is of the order of the change itself.
+            change = (v - init[k]).abs().max().item()
+            err = (model[k] - v).abs().max().item()
+            assert err <= 0.05 * change + 1e-6, f"{k}: |DDP - single process| = {err:.3g}, change {change:.3g}"
         else:
             assert torch.equal(model[k], v), k
     if predictor == "directpred":  # every rank set W_p from the same all-reduced F^
