@@ -174,10 +174,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"directpred: config error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from directpred.data.datasets import DataError
+        import urllib.error
+
+        from directpred.data.datasets import DataError, DownloadError
         from directpred.train.checkpoint import CheckpointError
         from directpred.train.loop import TrainingError
 
+        if isinstance(exc, (DownloadError, urllib.error.URLError)):  # a network failure, never a disk problem
+            print(f"directpred: network error: {exc}", file=sys.stderr)
+            return 1
         if isinstance(exc, (DataError, CheckpointError, TrainingError, FloatingPointError)):
             print(f"directpred: error: {exc}", file=sys.stderr)
             return 1

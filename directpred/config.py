@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -80,9 +81,14 @@ class DataConfig:
     """Where images come from and how they are augmented."""
 
     dataset: Literal["cifar10", "cifar100", "stl10", "folder"] = "cifar10"
-    path: str | None = None  # folder: an ImageFolder directory or .tar/.tar.gz with train/ and test/
+    # An ImageFolder directory or .tar/.tar.gz with train/ and test/: the data of `folder`, or an explicit local copy
+    # of cifar10/cifar100/stl10 used instead of torchvision. Must exist. Relative in a config file: to its folder.
+    path: str | None = None
+    # cifar10/cifar100/stl10: a local copy (layout as `path`) used when it exists, else torchvision (`root`,
+    # `download`); e.g. the mirror beside the repository. Relative in a config file: to its folder.
+    local_copy: str | None = None
     root: str = "~/.cache/directpred/torchvision"  # torchvision datasets live here
-    download: bool = False  # let torchvision download cifar10/cifar100/stl10 into `root`
+    download: bool = False  # let torchvision download cifar10/cifar100/stl10 into `root` when no copy exists
     cache_dir: str = "~/.cache/directpred"  # decoded archives and image arrays
     augment: Literal["cifar", "stl10", "imagenet", "auto"] = "auto"  # auto: by dataset / image size
     image_size: int = 0  # 0: the dataset's own size
@@ -281,8 +287,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Build a validated :class:`Config` from defaults, an optional YAML file and ``key=value`` overrides.
 
     Args:
-        path: YAML file whose keys override the defaults (may be None).
-        overrides: strings like ``"predictor.rho=0.5"``, applied after the file.
+        path: YAML file whose keys override the defaults (may be None). Relative ``data.path`` and
+            ``data.local_copy`` in it are resolved against the file's folder.
+        overrides: strings like ``"predictor.rho=0.5"``, applied after the file; relative data paths in them are
+            resolved against the current directory.
         base: a nested dict applied before the file (e.g. a run directory's resolved ``config.yaml``).
 
     Raises:
@@ -302,11 +310,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (method, predictor, ...)")
         merge_into(cfg, data, "")
+        # A config file names its data relative to itself, so it works from any current directory.
+        _absolute_data_paths(cfg, path.parent, [k for k in DATA_PATH_KEYS if k in (data.get("data") or {})])
     for text in overrides:
         key, value = parse_override(text)
         merge_into(cfg, nest(key, value), "")
+        if key.startswith("data."):  # a --set path is relative to the current directory
+            _absolute_data_paths(cfg, Path.cwd(), [key.split(".", 1)[1]])
     validate(cfg)
     return cfg
+
+
+DATA_PATH_KEYS = ("path", "local_copy")  # data.* keys that name files; stored absolute in a run's config.yaml
+
+
+def _absolute_data_paths(cfg: Config, base: Path, keys: list[str]) -> None:
+    """Make the relative ``data.<key>`` of :data:`DATA_PATH_KEYS` among ``keys`` absolute against ``base``
+    (``~`` paths are kept: they are absolute once expanded)."""
+    for key in keys:
+        if key not in DATA_PATH_KEYS:
+            continue
+        value = getattr(cfg.data, key)
+        if value and not value.startswith("~") and not Path(value).is_absolute():
+            setattr(cfg.data, key, os.path.normpath(os.path.abspath(base / value)))
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -353,13 +379,11 @@ def validate(cfg: Config) -> None:
     _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
     _check(d.dataset != "folder" or bool(d.path), "data.path", d.path,
            "data.dataset=folder needs data.path: an ImageFolder directory or a .tar/.tar.gz with train/ and test/")
-    if d.dataset == "folder" and d.path:
-        try:
-            exists = Path(d.path).expanduser().exists()
-        except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, an unknown ~user
-            exists = False
-        _check(exists, "data.path", d.path,
-               "the path does not exist; point it at an ImageFolder directory or a .tar/.tar.gz archive")
+    if d.path:
+        _check(path_exists(d.path), "data.path", d.path,
+               "the path does not exist; point it at an ImageFolder directory or a .tar/.tar.gz archive"
+               + ("" if d.dataset == "folder" else
+                  f", or leave it unset to use torchvision's {d.dataset} (data.root, data.download)"))
     _check(e.knn_every >= 0, "eval.knn_every", e.knn_every, "must be >= 0 (0 = only at the end)")
     _check(e.knn_k >= 1, "eval.knn_k", e.knn_k, "must be >= 1")
     _check(e.knn_t > 0, "eval.knn_t", e.knn_t, "the temperature must be > 0")
@@ -368,6 +392,14 @@ def validate(cfg: Config) -> None:
     _check(e.linear_batch_size >= 1 and e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
     _check(cfg.diag.every >= 0, "diag.every", cfg.diag.every, "must be >= 0 (0 disables diagnostics)")
     _check(0.0 <= cfg.diag.rho < 1.0, "diag.rho", cfg.diag.rho, "must lie in [0, 1)")
+
+
+def path_exists(path: str) -> bool:
+    """Whether ``path`` (``~`` expanded) exists; False for names the OS cannot even look up."""
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, an unknown ~user
+        return False
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

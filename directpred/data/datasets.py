@@ -10,11 +10,14 @@ never extracted next to themselves (the shared mirror is read-only).
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
 import os
 import shutil
+import socket
 import tarfile
+import urllib.error
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -24,12 +27,24 @@ import numpy as np
 import torch
 from PIL import Image
 
+from directpred.config import path_exists
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _CACHE_VERSION = 1
 
 
 class DataError(RuntimeError):
     """Missing, corrupt or inconsistent data; the message names the files and the fix."""
+
+
+class DownloadError(DataError):
+    """A dataset could not be downloaded (no network, a blocked or failing server); not a disk or data problem."""
+
+
+# What urllib/http raise when the network is down or the server fails (URLError covers HTTPError and DNS errors).
+_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout)
+
+_TORCHVISION_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "stl10": "STL-10"}
 
 
 @dataclass
@@ -290,39 +305,95 @@ def load_folder(path: str | Path, *, cache_dir: str | Path, image_size: int = 0,
 # torchvision datasets
 
 
-def _torchvision_split(name: str, root: str, split: str, download: bool) -> ImageArrays:
+def _torchvision_dataset(name: str, root: str, split: str, download: bool):  # noqa: ANN202 - a torchvision dataset
     import torchvision
 
+    if name in ("cifar10", "cifar100"):
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        return cls(root, train=split == "train", download=download)
+    return torchvision.datasets.STL10(root, split=split, download=download)
+
+
+def _offline_message(name: str, root: str, local_copy: str | None) -> str:
+    copy = f"no local copy at data.local_copy={local_copy!r} and " if local_copy else ""
+    return (f"{_TORCHVISION_NAMES[name]} is not available: {copy}no torchvision copy under data.root={root!r}. "
+            f"Connect to the internet and set data.download=true, or give a local copy with --set "
+            f"data.path=PATH (an ImageFolder directory or .tar/.tar.gz with train/<class>/ and test/<class>/, "
+            f"e.g. cifar10-jpeg.tar.gz)")
+
+
+def _torchvision_split(name: str, root: str, split: str, download: bool,
+                       local_copy: str | None = None) -> ImageArrays:
+    """One split of a torchvision dataset: the copy under ``root`` if it is complete, else (with ``download``)
+    downloaded there.
+
+    Raises:
+        DownloadError: the download failed for a network reason (the message says so and how to avoid it).
+        DataError: the dataset is missing and ``download`` is off, or the downloaded file is corrupt.
+        OSError: the disk is full or ``root`` is not writable (a disk problem, told apart from the two above).
+    """
     root = str(Path(root).expanduser())
     try:
-        if name in ("cifar10", "cifar100"):
-            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-            ds = cls(root, train=split == "train", download=download)
-            return ImageArrays(torch.from_numpy(ds.data), torch.as_tensor(ds.targets), list(ds.classes))
-        ds = torchvision.datasets.STL10(root, split=split, download=download)
-        images = torch.from_numpy(ds.data).permute(0, 2, 3, 1).contiguous()  # (N, 3, 96, 96) -> (N, 96, 96, 3)
-        return ImageArrays(images, torch.as_tensor(ds.labels).long(), list(ds.classes))
-    except RuntimeError as exc:
-        raise DataError(f"{name} not found under {root} ({exc}). Set data.download=true where the internet is "
-                        f"reachable, or use data.dataset=folder with data.path pointing at an ImageFolder "
-                        f"directory or archive (e.g. ../shared/data/cifar10-jpeg.tar.gz)") from None
+        ds = _torchvision_dataset(name, root, split, download=False)
+    except RuntimeError:  # not there (torchvision: "Dataset not found or corrupted")
+        if not download:
+            raise DataError(_offline_message(name, root, local_copy)) from None
+        try:
+            ds = _torchvision_dataset(name, root, split, download=True)
+        except _NETWORK_ERRORS as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise DownloadError(
+                f"cannot download {_TORCHVISION_NAMES[name]} ({type(exc).__name__}: {reason}); no network? "
+                f"Connect to the internet and retry, or give a local copy with --set data.path=PATH (an ImageFolder "
+                f"directory or .tar/.tar.gz with train/<class>/ and test/<class>/, e.g. cifar10-jpeg.tar.gz)"
+            ) from None
+        except RuntimeError as exc:  # the md5 of the downloaded archive does not match
+            raise DataError(f"{_TORCHVISION_NAMES[name]} under {root} is corrupt after downloading ({exc}); delete "
+                            f"{root} and retry, or give a local copy with --set data.path=PATH") from None
+    if name in ("cifar10", "cifar100"):
+        return ImageArrays(torch.from_numpy(ds.data), torch.as_tensor(ds.targets), list(ds.classes))
+    images = torch.from_numpy(ds.data).permute(0, 2, 3, 1).contiguous()  # (N, 3, 96, 96) -> (N, 96, 96, 3)
+    return ImageArrays(images, torch.as_tensor(ds.labels).long(), list(ds.classes))
+
+
+def resolve_source(cfg) -> tuple[str, str | None]:  # noqa: ANN001 - a DataConfig
+    """Where :func:`load_data` reads ``cfg`` from: ``("folder", path)`` for an ImageFolder directory or archive,
+    ``("torchvision", None)`` for torchvision's copy under ``data.root`` (downloaded with ``data.download``).
+
+    ``data.path`` always wins (it must exist); for cifar10/cifar100/stl10, ``data.local_copy`` is used when it
+    exists; otherwise torchvision.
+    """
+    if cfg.dataset == "folder" or cfg.path:
+        if not cfg.path or not path_exists(cfg.path):
+            raise DataError(f"data.path {cfg.path!r} does not exist; point it at an ImageFolder directory or a "
+                            ".tar/.tar.gz archive with train/<class>/ and test/<class>/")
+        return "folder", cfg.path
+    if cfg.local_copy and path_exists(cfg.local_copy):
+        return "folder", cfg.local_copy
+    return "torchvision", None
 
 
 def load_data(cfg, seed: int = 0) -> DataBundle:
-    """Build the :class:`DataBundle` of a :class:`directpred.config.DataConfig`."""
-    if cfg.dataset == "folder":
-        train, test = load_folder(cfg.path, cache_dir=cfg.cache_dir, image_size=cfg.image_size,
+    """Build the :class:`DataBundle` of a :class:`directpred.config.DataConfig` (source: :func:`resolve_source`).
+
+    Raises:
+        DownloadError: a needed download failed for a network reason.
+        DataError: the data is missing, corrupt or mis-arranged (the message names the files and the fix).
+    """
+    kind, path = resolve_source(cfg)
+    if kind == "folder":
+        train, test = load_folder(path, cache_dir=cfg.cache_dir, image_size=cfg.image_size,
                                   skip_corrupt=cfg.skip_corrupt)
         pretrain = train
-        name = Path(cfg.path).name
+        name = Path(path).name if cfg.dataset == "folder" else cfg.dataset
     elif cfg.dataset in ("cifar10", "cifar100"):
-        train = _torchvision_split(cfg.dataset, cfg.root, "train", cfg.download)
-        test = _torchvision_split(cfg.dataset, cfg.root, "test", cfg.download)
+        train = _torchvision_split(cfg.dataset, cfg.root, "train", cfg.download, cfg.local_copy)
+        test = _torchvision_split(cfg.dataset, cfg.root, "test", cfg.download, cfg.local_copy)
         pretrain, name = train, cfg.dataset
     elif cfg.dataset == "stl10":
-        pretrain = _torchvision_split("stl10", cfg.root, "train+unlabeled", cfg.download)
-        train = _torchvision_split("stl10", cfg.root, "train", cfg.download)
-        test = _torchvision_split("stl10", cfg.root, "test", cfg.download)
+        pretrain = _torchvision_split("stl10", cfg.root, "train+unlabeled", cfg.download, cfg.local_copy)
+        train = _torchvision_split("stl10", cfg.root, "train", cfg.download, cfg.local_copy)
+        test = _torchvision_split("stl10", cfg.root, "test", cfg.download, cfg.local_copy)
         name = "stl10"
     else:
         raise DataError(f"unknown data.dataset {cfg.dataset!r}")

@@ -44,7 +44,8 @@ from directpred.train.optim import build_optimizer, lr_factor, set_lr
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.progress", "train.log_every",
                      "train.checkpoint_every", "train.checkpoint_every_steps", "train.skip_nonfinite", "train.device",
                      "data.workers",
-                     "data.cache_dir", "data.root", "data.path", "eval.", "diag.stop_on_collapse")
+                     "data.cache_dir", "data.root", "data.path", "data.local_copy", "data.download", "eval.",
+                     "diag.stop_on_collapse")
 
 
 class TrainingError(RuntimeError):
