@@ -4,3 +4,14 @@ Training, evaluation, training diagnostics and the paper's learning-dynamics the
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # noqa: ANN202 - lazy, so that `import directpred` stays cheap (theory: numpy only)
+    if name == "load_backbone":
+        from directpred.export import load_backbone
+
+        return load_backbone
+    raise AttributeError(f"module 'directpred' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "load_backbone"]

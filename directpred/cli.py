@@ -1,7 +1,8 @@
 """The ``directpred`` command line (also ``python -m directpred``).
 
 Subcommands: ``train`` (a run directory per run; YAML config + ``--set key=value`` overrides; ``--resume``),
-``eval`` (kNN + linear probe of a run's checkpoint), ``theory`` (the paper's learning dynamics), and the
+``eval`` (kNN + linear probe of a run's checkpoint), ``export`` and ``embed`` (the trained backbone and its
+features), ``theory`` (the paper's learning dynamics), and the
 diagnostics commands ``plot`` and ``diagnose``.
 """
 
@@ -20,6 +21,8 @@ EPILOG = """examples:
   directpred train configs/cpu/quickstart.yaml --set predictor.name=linear --set train.epochs=3
   directpred train --resume runs/qs
   directpred eval runs/qs
+  directpred export runs/qs --out backbone.pt
+  directpred embed runs/qs --data my_images/ --out features.npy
   torchrun --standalone --nproc_per_node=2 -m directpred train configs/cpu/quickstart.yaml --out runs/ddp
 """
 
@@ -115,6 +118,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from directpred.export import export_backbone
+
+    if args.onnx:
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            print("directpred: error: --onnx needs the onnx package: pip install onnx onnxscript", file=sys.stderr)
+            return 1
+    exp = export_backbone(args.source, args.out, checkpoint=args.checkpoint, torchscript=args.torchscript,
+                          onnx=args.onnx)
+    print(f"{args.out}: {exp.arch} width {exp.width}{' CIFAR stem' if exp.cifar_stem else ''}, {exp.out_dim}-d "
+          f"features of {exp.image_size}x{exp.image_size} images, step {exp.step}")
+    for label, path in (("TorchScript", args.torchscript), ("ONNX", args.onnx)):
+        if path:
+            print(f"{path}: {label} (input: normalised images (B, 3, {exp.image_size}, {exp.image_size}))")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from directpred.export import embed, read_backbone, read_image_folder, save_features
+    from directpred.train.loop import resolve_device
+
+    exp = read_backbone(args.source, checkpoint=args.checkpoint)
+    data, names = read_image_folder(args.data, image_size=exp.image_size, split=args.split,
+                                    skip_corrupt=args.skip_corrupt)
+    device = resolve_device(args.device)
+    feats = embed(exp.build().to(device), data.images, exp.recipe, batch_size=args.batch_size, device=device)
+    files = save_features(args.out, feats.numpy(), data.labels.numpy(), data.classes, names)
+    print(f"{len(feats)} images, {len(data.classes)} classes, {feats.shape[1]}-d features -> "
+          + ", ".join(str(f) for f in files))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="directpred", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -145,6 +182,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override evaluation settings, e.g. --set eval.linear_epochs=100")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write the trained backbone as a plain state dict (and TorchScript/ONNX)",
+                       description="Write the online backbone of a run as a dict with a torchvision ResNet "
+                                   "state dict (no fc) and what rebuilds it (arch, width, stem, image size, "
+                                   "normalisation). Load it with directpred.load_backbone(FILE).")
+    p.add_argument("source", help="a run directory, a checkpoint file, or an exported file")
+    p.add_argument("--out", required=True, help="the exported file, e.g. backbone.pt")
+    p.add_argument("--checkpoint", help="with a run directory: this checkpoint instead of checkpoints/last.pt")
+    p.add_argument("--torchscript", metavar="FILE", help="also write a traced TorchScript module")
+    p.add_argument("--onnx", metavar="FILE", help="also write an ONNX graph (needs the onnx package)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("embed", help="features of an ImageFolder with a run's backbone",
+                       description="Embed every image of an ImageFolder (<class>/<image>, a directory or "
+                                   ".tar/.tar.gz; a train/ + test/ layout gives --split) with the online backbone "
+                                   "and the run's test-time transform. --out X.npy writes X.npy (features) and "
+                                   "X.labels.npy; --out X.npz one file with features, labels, classes, paths.")
+    p.add_argument("source", help="a run directory, a checkpoint file, or an exported file")
+    p.add_argument("--data", required=True, help="an ImageFolder directory or .tar/.tar.gz")
+    p.add_argument("--out", required=True, help="features.npy or features.npz")
+    p.add_argument("--split", default="test", choices=["train", "test"],
+                   help="which split of a train/ + test/ layout (default: test)")
+    p.add_argument("--checkpoint", help="with a run directory: this checkpoint instead of checkpoints/last.pt")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--skip-corrupt", action="store_true", help="skip undecodable images with a warning")
+    p.set_defaults(func=cmd_embed)
 
     try:
         from directpred.theory.cli import register as register_theory

@@ -224,7 +224,7 @@ def _read_blobs(path: Path, names: list[str]) -> list[bytes]:
 
 
 def _decode_split(path: Path, items: list[tuple[str, int]], size: int, skip_corrupt: bool,
-                  blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray, int]:
+                  blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray, int, list[str]]:
     chunks = [blobs[i: i + 2000] for i in range(0, len(blobs), 2000)]
     workers = max(1, min(os.cpu_count() or 1, 8))
     if workers > 1 and len(blobs) > 4000:
@@ -248,7 +248,30 @@ def _decode_split(path: Path, items: list[tuple[str, int]], size: int, skip_corr
                         "resize and centre-crop them to one size while decoding")
     images = np.stack([d for d, _ in good])
     labels = np.asarray([y for _, y in good], dtype=np.int64)
-    return images, labels, len(bad)
+    kept = [items[i][0] for i, d in enumerate(decoded) if not isinstance(d, str)]
+    return images, labels, len(bad), kept
+
+
+def list_members(path: str | Path) -> list[str]:
+    """The files of a directory or tar archive, as '/'-separated names relative to it (a leading './' removed)."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(str(p.relative_to(path)).replace(os.sep, "/") for p in path.rglob("*") if p.is_file())
+    try:
+        with tarfile.open(path) as tf:
+            return sorted(m.name.lstrip("./") for m in tf.getmembers() if m.isfile())
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(f"{path} is neither a directory nor a readable tar archive ({exc})") from None
+
+
+def decode_images(path: str | Path, items: list[tuple[str, int]], size: int = 0,
+                  skip_corrupt: bool = False) -> tuple[np.ndarray, np.ndarray, int, list[str]]:
+    """Decode ``items`` ((member name, label) pairs of a directory or archive) to uint8 (N, size, size, 3).
+
+    Returns images, labels, the number of corrupt files skipped, and the names of the images kept.
+    """
+    path = Path(path)
+    return _decode_split(path, items, size, skip_corrupt, _read_blobs(path, [n for n, _ in items]))
 
 
 def _cache_key(path: Path, size: int, skip_corrupt: bool) -> str:
@@ -283,7 +306,7 @@ def load_folder(path: str | Path, *, cache_dir: str | Path, image_size: int = 0,
         for split in ("train", "test"):
             items = splits[split]
             blobs = _read_blobs(path, [n for n, _ in items])
-            images, labels, skipped = _decode_split(path, items, image_size, skip_corrupt, blobs)
+            images, labels, skipped, _ = _decode_split(path, items, image_size, skip_corrupt, blobs)
             np.save(tmp / f"{split}_images.npy", images)
             np.save(tmp / f"{split}_labels.npy", labels)
             meta["skipped"][split] = skipped  # type: ignore[index]

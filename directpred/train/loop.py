@@ -107,11 +107,20 @@ def git_commit() -> str:
 
 def view_recipes(cfg: Config, data: DataBundle) -> tuple[ViewRecipe, ViewRecipe]:
     """The augmentation recipe of ``data.augment`` (``auto``: by dataset and image size)."""
-    size = cfg.data.image_size or data.image_size
+    return recipes_for(cfg, cfg.data.image_size or data.image_size)
+
+
+def recipes_for(cfg: Config, size: int) -> tuple[ViewRecipe, ViewRecipe]:
+    """The two view recipes of ``cfg`` for images of ``size`` pixels."""
     name = cfg.data.augment
     if name == "auto":
         name = "stl10" if cfg.data.dataset == "stl10" else ("cifar" if size <= 64 else "imagenet")
     return recipe(name, size)
+
+
+def eval_recipe(cfg: Config, size: int) -> ViewRecipe:
+    """The recipe whose size and normalisation the test-time transform (kNN, probe, embeddings) uses."""
+    return recipes_for(cfg, size)[1]
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -299,6 +308,7 @@ class Trainer:
             "epoch": self.step // self.steps_per_epoch,
             "global_batch": self.global_batch,
             "world_size": self.world,
+            "image_size": self.data.image_size,  # rebuilds the test-time transform (directpred export/embed)
             "train_seconds": self.train_seconds,
             "wall_seconds": self.wall_before + (time.time() - self._t_start),
             "knn_history": self.knn_history,

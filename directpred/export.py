@@ -1,0 +1,222 @@
+"""Taking the result out of a run: the online backbone as a plain state dict, TorchScript or ONNX, and features.
+
+An exported file (``directpred export RUN_DIR --out backbone.pt``) is a dict that ``torch.load(weights_only=True)``
+reads::
+
+    {"format": "directpred-backbone", "version": 1,
+     "state_dict": {...},          # the online backbone, keys of a torchvision ResNet (conv1, bn1, layer1..4; no fc)
+     "arch": "resnet18", "width": 16, "cifar_stem": True, "out_dim": 128,
+     "image_size": 32, "mean": [...] or None, "std": [...] or None,   # the test-time transform of the run
+     "step": 390, "config": {...}}                                      # provenance
+
+``state_dict`` loads strictly into ``directpred.backbones.resnet(arch, width=..., cifar_stem=...)`` (a torchvision
+``ResNet`` whose ``fc`` is the identity); with ``width=64, cifar_stem=False`` that is exactly
+``torchvision.models.resnet18()`` with ``fc = nn.Identity()``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from directpred.backbones import resnet
+from directpred.config import Config, ConfigError
+from directpred.data.augment import ViewRecipe, eval_transform
+from directpred.data.datasets import IMAGE_EXTENSIONS, DataError, ImageArrays, decode_images, list_members
+from directpred.train.checkpoint import CheckpointError, load_checkpoint
+from directpred.train.loop import eval_recipe
+
+FORMAT, VERSION = "directpred-backbone", 1
+_PREFIX = "online.encoder.backbone."
+
+
+@dataclass
+class BackboneExport:
+    """What an exported file holds (see the module docstring)."""
+
+    state_dict: dict[str, torch.Tensor]
+    arch: str
+    width: int
+    cifar_stem: bool
+    out_dim: int
+    image_size: int
+    mean: list[float] | None
+    std: list[float] | None
+    step: int
+    config: dict[str, Any]
+
+    @property
+    def recipe(self) -> ViewRecipe:
+        """The test-time transform of the run (what :func:`directpred.data.augment.eval_transform` applies)."""
+        return ViewRecipe(size=self.image_size, mean=tuple(self.mean) if self.mean else None,
+                          std=tuple(self.std) if self.std else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, **{k: getattr(self, k) for k in self.__dataclass_fields__}}
+
+    def build(self) -> nn.Module:
+        """The backbone with these weights, in eval mode, on the CPU."""
+        net = resnet(self.arch, width=self.width, cifar_stem=self.cifar_stem)
+        net.load_state_dict(self.state_dict)
+        return net.eval()
+
+
+def _from_checkpoint(state: dict[str, Any], cfg: Config) -> BackboneExport:
+    weights = {k[len(_PREFIX):]: v.detach().cpu().contiguous() for k, v in state["model"].items()
+               if k.startswith(_PREFIX)}
+    if not weights:
+        raise CheckpointError("the checkpoint holds no online backbone (no 'online.encoder.backbone.*' weights)")
+    size = state.get("image_size") or cfg.data.image_size or {"cifar10": 32, "cifar100": 32, "stl10": 96}.get(
+        cfg.data.dataset, 0)
+    if not size:
+        raise ConfigError("this checkpoint predates the recorded image size and data.image_size is 0; give the "
+                          "run's image size with --set data.image_size=N")
+    r = eval_recipe(cfg, size)
+    net = resnet(cfg.backbone.name, width=cfg.backbone.width, cifar_stem=cfg.backbone.cifar_stem)
+    return BackboneExport(weights, cfg.backbone.name, cfg.backbone.width, cfg.backbone.cifar_stem, int(net.out_dim),
+                          int(size), list(r.mean) if r.mean else None, list(r.std) if r.std else None,
+                          int(state.get("step", 0)), cfg.to_dict())
+
+
+def read_backbone(source: str | Path, *, checkpoint: str | Path | None = None,
+                  overrides: list[str] | tuple[str, ...] = ()) -> BackboneExport:
+    """The online backbone of a run directory (``checkpoints/last.pt`` unless ``checkpoint``), a checkpoint file,
+    or a file written by :func:`export_backbone`.
+
+    Raises:
+        CheckpointError: the file is missing, corrupt, or not a directpred checkpoint/export.
+        ConfigError: the run's configuration cannot be read.
+    """
+    from directpred.config import load_config
+
+    source = Path(source)
+    if source.is_dir():
+        cfg_file = source / "config.yaml"
+        if not cfg_file.is_file():
+            raise ConfigError(f"{source}: no config.yaml; give a run directory made by `directpred train`")
+        cfg = load_config(None, overrides, base=yaml.safe_load(cfg_file.read_text()))
+        state = load_checkpoint(Path(checkpoint) if checkpoint else source / "checkpoints" / "last.pt")
+        return _from_checkpoint(state, cfg)
+    state = load_checkpoint(source)
+    if state.get("format") == FORMAT:
+        fields = {k: state[k] for k in BackboneExport.__dataclass_fields__}
+        return BackboneExport(**fields)
+    if "model" in state and "config" in state:
+        return _from_checkpoint(state, load_config(None, overrides, base=state["config"]))
+    raise CheckpointError(f"{source} is neither a directpred checkpoint nor an exported backbone")
+
+
+def load_backbone(source: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """A ready feature extractor from a run directory, a checkpoint or an exported file: the online backbone in
+    eval mode, images (B, 3, S, S) normalised as ``backbone.recipe`` says -> features (B, D).
+
+    The returned module carries ``recipe`` (a :class:`~directpred.data.augment.ViewRecipe`: size, mean, std), so
+    ``backbone(eval_transform(uint8_images, backbone.recipe))`` gives the run's evaluation features.
+
+    Example:
+        >>> net = directpred.load_backbone("runs/qs")  # doctest: +SKIP
+        >>> feats = net(eval_transform(images, net.recipe))  # doctest: +SKIP
+    """
+    exp = read_backbone(source)
+    net = exp.build().to(device)
+    net.recipe = exp.recipe
+    return net
+
+
+def export_backbone(source: str | Path, out: str | Path, *, checkpoint: str | Path | None = None,
+                    torchscript: str | Path | None = None, onnx: str | Path | None = None) -> BackboneExport:
+    """Write the online backbone of ``source`` (see :func:`read_backbone`) to ``out``, and optionally as a traced
+    TorchScript module and an ONNX graph (both take normalised images (B, 3, S, S) and return (B, D)).
+
+    Raises:
+        ImportError: ``onnx`` was asked for but the ``onnx`` package is not installed.
+    """
+    from directpred.train.checkpoint import atomic_write_bytes
+
+    exp = read_backbone(source, checkpoint=checkpoint)
+    atomic_write_bytes(out, lambda f: torch.save(exp.to_dict(), f))
+    example = torch.zeros(2, 3, exp.image_size, exp.image_size)
+    if torchscript:
+        net = exp.build()
+        with warnings.catch_warnings():  # torch.jit is deprecated upstream but still the portable C++/mobile format
+            warnings.simplefilter("ignore", FutureWarning)
+            traced = torch.jit.trace(net, example)
+            atomic_write_bytes(torchscript, lambda f: torch.jit.save(traced, f))
+    if onnx:
+        import onnx as _onnx  # noqa: F401 - fail early with ImportError when the exporter cannot run
+
+        torch.onnx.export(exp.build(), (example,), str(onnx), input_names=["images"], output_names=["features"],
+                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
+    return exp
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Features of any ImageFolder
+
+
+def read_image_folder(path: str | Path, *, image_size: int, split: str = "test",
+                      skip_corrupt: bool = False) -> tuple[ImageArrays, list[str]]:
+    """Decode an ImageFolder (``<class>/<image>``, a directory or a .tar/.tar.gz) to ``image_size`` (shorter side
+    resized, centre crop); a source laid out as ``train/`` + ``test/`` gives its ``split``. Returns the images and
+    the member names, in sorted order."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"--data {str(path)!r} does not exist")
+    names = list_members(path)
+    tops = {n.split("/", 1)[0] for n in names if "/" in n}
+    prefix = ""
+    if len(tops) == 1 and not any(n.lower().endswith(IMAGE_EXTENSIONS) and n.count("/") == 1 for n in names):
+        prefix = next(iter(tops)) + "/"  # one wrapping folder (archive.tar.gz -> name/...)
+        tops = {n[len(prefix):].split("/", 1)[0] for n in names if n.startswith(prefix) and
+                n[len(prefix):].count("/") >= 1}
+    if {"train", "test"} <= tops:
+        prefix += f"{split}/"
+    items = sorted(n for n in names if n.startswith(prefix) and n[len(prefix):].count("/") >= 1
+                   and n.lower().endswith(IMAGE_EXTENSIONS))
+    if not items:
+        raise DataError(f"{path}: no images in <class>/<image> folders under '{prefix or './'}'; --data must be an "
+                        "ImageFolder directory or .tar/.tar.gz archive")
+    classes = sorted({n[len(prefix):].split("/", 1)[0] for n in items})
+    labelled = [(n, classes.index(n[len(prefix):].split("/", 1)[0])) for n in items]
+    images, labels, skipped, kept = decode_images(path, labelled, image_size, skip_corrupt)
+    return ImageArrays(torch.from_numpy(images), torch.from_numpy(labels), classes, skipped), kept
+
+
+@torch.no_grad()
+def embed(backbone: nn.Module, images: torch.Tensor, recipe: ViewRecipe, *, batch_size: int = 256,
+          device: str | torch.device = "cpu") -> torch.Tensor:
+    """Features (N, D) of uint8 images (N, H, W, 3) under the deterministic test-time transform, on the CPU."""
+    backbone.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = eval_transform(images[start: start + batch_size].to(device), recipe)
+        out.append(backbone(x).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def save_features(out: str | Path, features: np.ndarray, labels: np.ndarray, classes: list[str],
+                  names: list[str]) -> list[Path]:
+    """``.npz``: one file with ``features``, ``labels``, ``classes``, ``paths``; otherwise ``out`` holds the
+    features and ``<stem>.labels.npy`` the labels beside it. Returns the files written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npz":
+        np.savez(out, features=features, labels=labels, classes=np.asarray(classes), paths=np.asarray(names))
+        return [out]
+    if out.suffix != ".npy":
+        out = out.with_name(out.name + ".npy")
+    labels_file = out.with_name(out.stem + ".labels.npy")
+    np.save(out, features)
+    np.save(labels_file, labels)
+    return [out, labels_file]
+
+
+__all__ = ["BackboneExport", "embed", "export_backbone", "load_backbone", "read_backbone", "read_image_folder",
+           "save_features"]

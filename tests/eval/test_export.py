@@ -1,0 +1,131 @@
+"""Taking the backbone out: export (state dict, TorchScript, ONNX), load_backbone and embed reproduce the run's own
+evaluation features."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+import yaml
+from conftest import write_tar
+from torch import nn
+
+import directpred
+from directpred.backbones import resnet
+from directpred.cli import main
+from directpred.config import config_from_dict, load_config
+from directpred.data.augment import eval_transform
+from directpred.data.datasets import load_data
+from directpred.eval.features import extract_features
+from directpred.eval.knn import KNNClassifier
+from directpred.methods import build_method
+from directpred.train.checkpoint import load_checkpoint, save_checkpoint
+from directpred.train.loop import Trainer, view_recipes
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_folder) -> Path:
+    tmp = tmp_path_factory.mktemp("export")
+    over = ["data.dataset=folder", f"data.path={tiny_folder}", f"data.cache_dir={tmp / 'cache'}",
+            "backbone.width=4", "projector.hidden_dim=32", "projector.out_dim=16", "train.batch_size=16",
+            "train.progress=false", "train.device=cpu", "train.precision=fp32", "eval.knn_every=0",
+            "eval.linear=false", "eval.knn_k=10", "diag.every=0", "train.max_steps=3"]
+    Trainer(load_config(None, over), tmp / "run").fit()
+    return tmp / "run"
+
+
+def _reference(run: Path):
+    """What `directpred eval` computes: the run's method from its checkpoint, features by directpred.eval."""
+    cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    torch.manual_seed(cfg.train.seed)
+    method = build_method(cfg)
+    if cfg.train.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    method.load_state_dict(load_checkpoint(run / "checkpoints" / "last.pt")["model"])
+    data = load_data(cfg.data, seed=cfg.train.seed)
+    _, test_recipe = view_recipes(cfg, data)
+    feats = {split: extract_features(method.encoder.backbone, getattr(data, split).images, test_recipe,
+                                     channels_last=cfg.train.channels_last) for split in ("train", "test")}
+    return feats, data, test_recipe
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load is deprecated upstream
+def test_export_load_backbone_and_torchscript_match_the_runs_features(run, tmp_path, capsys):
+    feats, data, test_recipe = _reference(run)
+    out, ts = tmp_path / "backbone.pt", tmp_path / "backbone.ts"
+    assert main(["export", str(run), "--out", str(out), "--torchscript", str(ts)]) == 0
+    assert "resnet18 width 4 CIFAR stem, 32-d features of 32x32 images, step 3" in capsys.readouterr().out
+
+    saved = torch.load(out, weights_only=True)  # plain tensors and metadata only
+    assert saved["format"] == "directpred-backbone" and saved["step"] == 3
+    assert (saved["arch"], saved["width"], saved["cifar_stem"], saved["image_size"]) == ("resnet18", 4, True, 32)
+    net = resnet("resnet18", width=4, cifar_stem=True)
+    net.load_state_dict(saved["state_dict"])  # strict: exactly the torchvision ResNet's keys, no fc
+    assert isinstance(net, torchvision.models.ResNet) and isinstance(net.fc, nn.Identity)
+
+    x = eval_transform(data.test.images, test_recipe)
+    for source in (out, run, run / "checkpoints" / "last.pt"):
+        backbone = directpred.load_backbone(source)
+        assert not backbone.training and backbone.recipe == test_recipe
+        with torch.no_grad():
+            torch.testing.assert_close(backbone(x), feats["test"], **TOL)
+    traced = torch.jit.load(str(ts))
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), feats["test"], **TOL)
+
+
+def test_embed_writes_the_runs_features_and_labels(run, tmp_path, tiny_folder, capsys):
+    feats, data, _ = _reference(run)
+    assert main(["embed", str(run), "--data", str(tiny_folder), "--out", str(tmp_path / "f.npy")]) == 0
+    got = np.load(tmp_path / "f.npy")
+    np.testing.assert_allclose(got, feats["test"].numpy(), **TOL)
+    assert np.array_equal(np.load(tmp_path / "f.labels.npy"), data.test.labels.numpy())
+    # An archive, the train split, one .npz: the kNN of the embeddings is the run's own kNN figure.
+    archive = write_tar(tiny_folder, tmp_path / "tiny.tar.gz")
+    assert main(["embed", str(run), "--data", str(archive), "--split", "train", "--out", str(tmp_path / "t.npz")]) == 0
+    z = np.load(tmp_path / "t.npz")
+    np.testing.assert_allclose(z["features"], feats["train"].numpy(), **TOL)
+    assert list(z["classes"]) == data.train.classes and str(z["paths"][0]).startswith("train/class0/")
+    knn = KNNClassifier(k=10, temperature=0.1).fit(torch.from_numpy(z["features"]), torch.from_numpy(z["labels"]))
+    summary = json.loads((run / "summary.json").read_text())
+    assert 100.0 * knn.score(torch.from_numpy(got), data.test.labels) == pytest.approx(summary["knn_top1"])
+    # A plain ImageFolder (<class>/<image>, no train/test).
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    assert main(["embed", str(tmp_path / "other.pt"), "--data", str(tiny_folder / "test"),
+                 "--out", str(tmp_path / "g.npy")]) == 1
+    assert "other.pt is neither a directpred checkpoint nor an exported backbone" in capsys.readouterr().err
+    assert main(["embed", str(run), "--data", str(tiny_folder / "test"), "--out", str(tmp_path / "g.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "g.npy"), got)
+
+
+def test_export_loads_into_torchvision_resnet18(tmp_path):
+    """Standard width and stem: the exported state dict is torchvision.models.resnet18's (fc removed)."""
+    cfg = load_config(None, ["backbone.width=64", "backbone.cifar_stem=false", "data.image_size=64",
+                             "data.dataset=folder", f"data.path={tmp_path}"])
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    save_checkpoint(tmp_path / "ck.pt", {"model": method.state_dict(), "config": cfg.to_dict(), "step": 7})
+    assert main(["export", str(tmp_path / "ck.pt"), "--out", str(tmp_path / "b.pt")]) == 0
+    tv = torchvision.models.resnet18()
+    tv.fc = nn.Identity()
+    tv.load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True)["state_dict"])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(tv.eval()(x), method.encoder.backbone.eval()(x), **TOL)
+
+
+def test_onnx_export(run, tmp_path):
+    onnx = pytest.importorskip("onnx", reason="the onnx package is not installed (pip install onnx onnxscript)")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    feats, data, test_recipe = _reference(run)
+    assert main(["export", str(run), "--out", str(tmp_path / "b.pt"), "--onnx", str(tmp_path / "b.onnx")]) == 0
+    onnx.checker.check_model(str(tmp_path / "b.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "b.onnx"))
+    x = eval_transform(data.test.images, test_recipe).numpy()
+    np.testing.assert_allclose(session.run(None, {"images": x})[0], feats["test"].numpy(), rtol=1e-3, atol=1e-4)
