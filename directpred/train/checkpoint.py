@@ -103,12 +103,38 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`, with a clear error when it is missing or corrupt."""
+    """Load a checkpoint written by :func:`save_checkpoint` (or an exported backbone), with a clear error when it is
+    missing or corrupt.
+
+    Only tensors and plain data (dicts, lists, numbers, strings) are unpickled (``torch.load(weights_only=True)``):
+    a file that would construct any other object, e.g. one crafted to run code while loading, is refused before
+    anything in it runs. Everything directpred saves is plain data.
+
+    Raises:
+        CheckpointError: the file is missing, corrupt, or holds objects other than plain data.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt or foreign file
+        if "Weights only load failed" in str(exc):
+            raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain data "
+                                  f"({_unsafe_reason(str(exc))}), which directpred never writes; it may have been "
+                                  "crafted to run code. Nothing in it was executed. Load only checkpoints you "
+                                  "trust") from None
         raise CheckpointError(f"{path} is corrupt or unreadable ({type(exc).__name__}: {exc}); use an earlier "
                               "checkpoint from the same folder") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a directpred checkpoint (it holds a {type(state).__name__})")
+    return state
+
+
+def _unsafe_reason(message: str) -> str:
+    """The line of torch's weights-only error that names what it refused, e.g. 'Trying to load unsupported GLOBAL
+    posix.system whose module posix is blocked'."""
+    for line in message.splitlines()[1:]:
+        if "unsupported" in line.lower():
+            return line.strip().rstrip(".")
+    return "unsupported pickle content"

@@ -23,12 +23,12 @@ def test_shipped_config_runs_two_steps(path, tiny_overrides, tmp_path):
     summary = Trainer(cfg, tmp_path / "run").fit()
     assert summary["steps"] == 2
     assert 0.0 <= summary["knn_top1"] <= 100.0
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 2
 
 
 def _final_state(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
 
 
 @pytest.mark.parametrize("predictor,schedules,how", [

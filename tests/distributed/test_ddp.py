@@ -105,7 +105,7 @@ def test_two_processes_equal_one_process_on_the_global_batch(predictor, method_n
     over = tiny_overrides + [f"predictor.name={predictor}", f"method.name={method_name}", "train.batch_size=8",
                              f"train.max_steps={steps}", "train.epochs=2"]
     torchrun(["configs/cpu/quickstart.yaml", "--out", str(tmp_path / "ddp"), *as_args(over)], cwd=REPO)
-    got = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=False)
+    got = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)
     assert got["world_size"] == WORLD and got["step"] == steps
     cfg = load_config(REPO / "configs" / "cpu" / "quickstart.yaml", over)
     ref = reference(cfg, steps).state_dict()
@@ -135,8 +135,8 @@ def test_two_process_run_resumes_and_gathers_features(tiny_overrides, tmp_path):
     torchrun([cfg_path, "--out", str(tmp_path / "full"), *as_args(over)], cwd=REPO)
     torchrun([cfg_path, "--out", str(tmp_path / "part"), *as_args(over + ["train.max_steps=5"])], cwd=REPO)
     torchrun(["--resume", str(tmp_path / "part"), "--set", "train.max_steps=0"], cwd=REPO)
-    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=False)
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 16
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after a 2-process resume"

@@ -83,8 +83,8 @@ def _logged_steps(run: Path, offset: int) -> list[int]:
 
 
 def _assert_same_run(run: Path, reference: Path) -> None:
-    a = torch.load(reference / "checkpoints" / "last.pt", weights_only=False)
-    b = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    a = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == STEPS
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:

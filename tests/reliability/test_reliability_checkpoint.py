@@ -1,0 +1,74 @@
+"""Checkpoints are read with torch.load(weights_only=True): a crafted pickle is refused before it runs anything,
+and everything directpred writes (with diagnostics, skipped steps, kNN history) loads that way."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from directpred.cli import main
+from directpred.config import load_config
+from directpred.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from directpred.train.loop import Trainer
+
+
+class _WritesAFile:
+    """Unpickling this calls os.system: what a malicious checkpoint does."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _evil(path, marker) -> None:
+    torch.save({"model": {"w": torch.zeros(2)}, "step": 1, "payload": _WritesAFile(str(marker))}, path)
+
+
+def test_the_evil_file_really_runs_code_without_weights_only(tmp_path):
+    """The control: the file would do harm if unpickled the unsafe way, so the refusal below means something."""
+    marker = tmp_path / "pwned"
+    _evil(tmp_path / "evil.pt", marker)
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert marker.exists()
+
+
+def test_malicious_checkpoint_is_refused_and_does_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    _evil(tmp_path / "evil.pt", marker)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "evil.pt")
+    msg = str(info.value)
+    assert msg.startswith(f"refusing to load {tmp_path / 'evil.pt'}: it holds objects other than tensors and plain "
+                          "data (Trying to load unsupported GLOBAL ")
+    assert "system" in msg and "Nothing in it was executed" in msg
+    assert not marker.exists()
+
+
+def test_cli_refuses_a_malicious_checkpoint_in_eval_resume_and_export(tiny_overrides, tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(load_config(None, tiny_overrides + ["train.max_steps=2", "diag.every=1", "eval.knn_every=1",
+                                                "train.skip_nonfinite=3"]), run).fit()
+    state = load_checkpoint(run / "checkpoints" / "last.pt")  # what we write is plain data
+    assert state["step"] == 2 and state["diagnostics"] is not None
+    marker = tmp_path / "pwned"
+    _evil(tmp_path / "evil.pt", marker)
+    assert main(["eval", str(run), "--checkpoint", str(tmp_path / "evil.pt"), "--no-linear"]) == 1
+    assert main(["export", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "b.pt")]) == 1
+    shutil.copy(tmp_path / "evil.pt", run / "checkpoints" / "last.pt")
+    assert main(["train", "--resume", str(run), "--set", "train.max_steps=4"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith("directpred: error: refusing to load ") for line in err), err
+    assert not marker.exists()
+
+
+def test_non_dict_file_is_not_a_checkpoint(tmp_path):
+    save_checkpoint(tmp_path / "ok.pt", {"model": {"w": torch.ones(1)}, "step": 3, "history": [{"a": 1.0}]})
+    assert load_checkpoint(tmp_path / "ok.pt")["history"] == [{"a": 1.0}]
+    torch.save([torch.ones(1)], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="is not a directpred checkpoint"):
+        load_checkpoint(tmp_path / "list.pt")
