@@ -16,16 +16,27 @@ class RunLogger:
     """Appends rows to ``metrics.jsonl`` and mirrors numeric fields to TensorBoard under ``group/key``.
 
     Lists of numbers (the diagnostics' spectra) go to TensorBoard as histograms.
+
+    ``start_step`` is the step training continues from (the checkpoint's on resume, 0 for a new run): rows that a
+    killed process logged after it are dropped from ``metrics.jsonl`` (atomically) and purged from TensorBoard
+    (``purge_step``), because they will be logged again; so each step appears once.
     """
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, start_step: int = 0) -> None:
         self.enabled = distributed.is_main()
         self.path = Path(run_dir) / "metrics.jsonl"
         self.writer = None
-        if self.enabled and tensorboard:
+        if not self.enabled:
+            return
+        if self.path.is_file():
+            truncate_metrics(self.path, start_step)
+        if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            tb_dir = Path(run_dir) / "tensorboard"
+            earlier = tb_dir.is_dir() and any(tb_dir.glob("events.out.tfevents.*"))
+            # TensorBoard drops every earlier event with step >= purge_step when it reads the new file.
+            self.writer = SummaryWriter(log_dir=str(tb_dir), purge_step=start_step + 1 if earlier else None)
 
     def log(self, row: dict[str, Any], *, group: str = "train") -> None:
         """Write one row; ``row['step']`` is the TensorBoard step."""
@@ -42,10 +53,38 @@ class RunLogger:
                 elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
                     self.writer.add_histogram(f"{group}/{k}", np.asarray(v, dtype=np.float64), step)
 
+    def flush(self) -> None:
+        """Put TensorBoard's buffered events on disk (called with each checkpoint, so a SIGKILL loses none of the
+        events before it)."""
+        if self.writer is not None:
+            self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Atomically drop the rows of a ``metrics.jsonl`` logged after ``step`` (and a torn last line); returns how many
+    rows were dropped."""
+    from directpred.train.checkpoint import atomic_write_text
+
+    path = Path(path)
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if int(row.get("step", 0)) > step:
+            dropped += 1
+        else:
+            keep.append(line + "\n")
+    if dropped:
+        atomic_write_text(path, "".join(keep))
+    return dropped
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

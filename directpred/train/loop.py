@@ -254,12 +254,13 @@ class Trainer:
         self.train_seconds = 0.0
         self.wall_before = 0.0
         self.knn_history: list[dict[str, float]] = []
-        self.logger = RunLogger(self.run_dir)
         self.diagnostics = None  # set by directpred.train.diagnostics when available
         self._resume_diag_state = None
         self._t_start = time.time()
         if resume:
             self._load(self.ckpt_dir / "last.pt")
+        # After the load: rows a killed process logged past the checkpoint are dropped, as they will be redone.
+        self.logger = RunLogger(self.run_dir, start_step=self.step)
         self._make_diagnostics()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -320,6 +321,7 @@ class Trainer:
     def save(self, *, keep: bool = False) -> None:
         """Write ``checkpoints/last.pt`` (and ``epoch_XXXX.pt`` with ``keep``) atomically, from rank 0."""
         if distributed.is_main():
+            self.logger.flush()  # every event up to this step survives a later SIGKILL
             state = self._state()
             save_checkpoint(self.ckpt_dir / "last.pt", state)
             if keep:
