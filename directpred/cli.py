@@ -27,6 +27,10 @@ EPILOG = """examples:
 """
 
 
+# Packages of the optional extras (pyproject.toml) -> the extra that installs them.
+OPTIONAL_PACKAGES = {"matplotlib": "plot", "onnx": "onnx", "onnxscript": "onnx"}
+
+
 def _print_results(results: dict, header: str) -> None:
     print(header)
     if results.get("knn_top1") is not None:
@@ -125,7 +129,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         try:
             import onnx  # noqa: F401
         except ImportError:
-            print("directpred: error: --onnx needs the onnx package: pip install onnx onnxscript", file=sys.stderr)
+            print("directpred: error: --onnx needs the onnx package: pip install 'directpred[onnx]'", file=sys.stderr)
             return 1
     exp = export_backbone(args.source, args.out, checkpoint=args.checkpoint, torchscript=args.torchscript,
                           onnx=args.onnx)
@@ -237,6 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"directpred: config error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in OPTIONAL_PACKAGES:
+            extra = OPTIONAL_PACKAGES[exc.name.split(".")[0]]
+            print(f"directpred: error: `directpred {args.command}` needs {exc.name.split('.')[0]}, which is not "
+                  f"installed: pip install 'directpred[{extra}]'", file=sys.stderr)
+            return 1
+        raise
     except Exception as exc:
         import urllib.error
 
