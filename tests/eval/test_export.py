@@ -15,7 +15,7 @@ from conftest import write_tar
 from torch import nn
 
 import directpred
-from directpred.backbones import resnet
+from directpred.backbones import resnet, resolve_channels_last
 from directpred.cli import main
 from directpred.config import config_from_dict, load_config
 from directpred.data.augment import eval_transform
@@ -45,13 +45,14 @@ def _reference(run: Path):
     cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
     torch.manual_seed(cfg.train.seed)
     method = build_method(cfg)
-    if cfg.train.channels_last:
+    channels_last = resolve_channels_last(cfg.train.channels_last, method, torch.device("cpu"))
+    if channels_last:
         method = method.to(memory_format=torch.channels_last)
     method.load_state_dict(load_checkpoint(run / "checkpoints" / "last.pt")["model"])
     data = load_data(cfg.data, seed=cfg.train.seed)
     _, test_recipe = view_recipes(cfg, data)
     feats = {split: extract_features(method.encoder.backbone, getattr(data, split).images, test_recipe,
-                                     channels_last=cfg.train.channels_last) for split in ("train", "test")}
+                                     channels_last=channels_last) for split in ("train", "test")}
     return feats, data, test_recipe
 
 
