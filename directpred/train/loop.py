@@ -389,6 +389,10 @@ class Trainer:
             return {"loss": torch.tensor(float("nan")), "lr": lr, "ema": m, "out": None, "skipped": True}
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        try:  # predictor.update_at=after_step: F^ gets this step's projections and W_p is set (the authors' order)
+            self.method.update_predictor(out)
+        except FloatingPointError as exc:  # the parameters have been stepped already: this cannot be skipped
+            raise TrainingError(self._fault_message(str(exc))) from None
         self.method.update_target(m)
         self.step += 1
         return {"loss": out.loss.detach(), "lr": lr, "ema": m, "out": out}

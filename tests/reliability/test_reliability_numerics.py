@@ -76,8 +76,9 @@ def test_nonfinite_before_any_checkpoint_says_so(tiny_overrides, tmp_path):
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
 
-def test_skipped_step_changes_nothing_but_the_step_counter(tiny_overrides, tmp_path):
-    trainer = _trainer(tiny_overrides, tmp_path, "train.skip_nonfinite=1")
+@pytest.mark.parametrize("update_at", ["forward", "after_step"])
+def test_skipped_step_changes_nothing_but_the_step_counter(update_at, tiny_overrides, tmp_path):
+    trainer = _trainer(tiny_overrides, tmp_path, "train.skip_nonfinite=1", f"predictor.update_at={update_at}")
     _poison_grad_at(trainer, {1})
     order = epoch_order(len(trainer.data.pretrain), trainer.cfg.train.seed, 0)
     trainer.train_step(trainer._batch(order, 0))
