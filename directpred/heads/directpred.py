@@ -178,7 +178,8 @@ class PartitionedDirectPred(DirectPred):
         self.register_buffer("cell_weight", torch.eye(dim).expand(partitions, 2, dim, dim).clone())
 
     def _sides(self, z: torch.Tensor) -> torch.Tensor:  # (B, n) bool: True = positive side
-        return (z.float() @ self.planes) >= self.theta
+        with full_precision(z.device):  # the same float32 sides in forward (under autocast) as in update
+            return (z.float() @ self.planes) >= self.theta
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         W = self.cell_weight.to(z.dtype)  # (n, 2, d, d)

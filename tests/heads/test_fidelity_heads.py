@@ -182,3 +182,13 @@ def test_optimal_freq_sets_on_calls_0_freq_2freq_and_needs_targets():
     assert changed == [0, 3, 6]
     with pytest.raises(ValueError, match="needs z_target"):
         op.update(zs[0])
+
+
+def test_partition_sides_under_autocast_are_the_float32_ones():
+    pdp = PartitionedDirectPred(8, partitions=4, rho=0.3, seed=5)
+    for z in _batches():
+        pdp.update(z)
+    z = _batches(n=1, b=4096, seed=9)[0]  # many samples: some lie within bf16 rounding of a hyperplane
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sides_amp = pdp._sides(z)
+    assert torch.equal(sides_amp, (z.double() @ pdp.planes.double()) >= pdp.theta.double())
