@@ -123,7 +123,8 @@ def test_eigh_failure_falls_back_with_warning_and_counter_in_summary(tiny_overri
     trainer = _trainer(tiny_overrides, tmp_path, "train.max_steps=3", "predictor.freq=1")
     with pytest.warns(RuntimeWarning, match="fell back to float64"):
         summary = trainer.fit()
-    assert calls[1] == torch.float64 and len(calls) == 4  # one retry, then float32 again
+    # One retry, then float32 again (later float64 calls are the final diagnostics report's spectra).
+    assert calls[:4] == [torch.float32, torch.float64, torch.float32, torch.float32]
     assert summary["eigh_fallbacks"] == 1 and summary["steps"] == 3
     W = trainer.method.predictor.weight.detach()
     assert torch.isfinite(W).all() and torch.equal(W, W.T)
