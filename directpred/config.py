@@ -42,7 +42,8 @@ class MethodConfig:
 class PredictorConfig:
     """The predictor W_p. See :mod:`directpred.heads` for the maths of each choice."""
 
-    name: Literal["directpred", "directcopy", "linear", "mlp", "none"] = "directpred"  # none: W_p = I (collapses)
+    # optimal: least-squares W_p (Table 1); none: W_p = I (collapses)
+    name: Literal["directpred", "directcopy", "optimal", "linear", "mlp", "none"] = "directpred"
     # linear / mlp
     bias: bool = False  # linear predictor bias (Tables 2/3)
     symmetric: bool = False  # the paper's "sym W_p" (Table 3): symmetric init, symmetrised update
@@ -56,6 +57,10 @@ class PredictorConfig:
     zero_mean: bool = False  # covariance instead of correlation (the paper reports it hurts)
     average: Literal["ema", "cumulative"] = "ema"  # cumulative: simple average of all batch terms
     partitions: int = 0  # >0: feature-dependent W_p from this many random hyperplanes (directpred only)
+    ridge: float = 1e-4  # optimal: W_p = S (F^ + lambda I)^-1 with lambda = ridge * tr(F^) / d
+    # forward: fold the batch into F^ and set W_p before predicting (W_p from F^ up to this step); after_step: the
+    # authors' order, predict with the current W_p, fold and set after the optimiser step (F^ up to the last step)
+    update_at: Literal["forward", "after_step"] = "forward"
 
 
 @dataclass
@@ -352,6 +357,7 @@ def validate(cfg: Config) -> None:
            "feature-dependent W_p is implemented for predictor.name=directpred only")
     _check(p.partitions == 0 or p.average == "ema", "predictor.partitions", p.partitions,
            "partitions use the ema average (predictor.average=ema)")
+    _check(p.ridge >= 0.0, "predictor.ridge", p.ridge, "must be >= 0 (relative to the mean eigenvalue tr(F^)/d)")
     _check(0.0 <= m.ema <= 1.0, "method.ema", m.ema, "the target momentum must lie in [0, 1]")
     _check(m.stop_gradient or m.name == "simsiam", "method.stop_gradient", m.stop_gradient,
            "the no-stop-gradient ablation (Theorem 2) needs method.name=simsiam: BYOL's EMA target gets no gradient")

@@ -1,8 +1,10 @@
 """Heads: projector and every predictor, behind one protocol.
 
 Every predictor is an ``nn.Module`` with ``forward(z) -> p`` and ``update(z)``; the method calls ``update`` under
-``torch.no_grad()`` in training steps only (a no-op for predictors trained by gradient descent). Linear predictors
-expose ``weight`` (W_p, (d, d)).
+``torch.no_grad()`` in training steps only (a no-op for predictors trained by gradient descent, and in eval mode for
+every predictor). A predictor with ``uses_target = True`` (the ``optimal`` one) is called as
+``update(z, z_target=...)`` with the row-aligned target projections. The statistics (F^, eigh, W_p) run in float32
+with autocast off. Linear predictors expose ``weight`` (W_p, (d, d)).
 
 Use in your own loop::
 
@@ -26,11 +28,12 @@ from directpred.heads.correlation import CorrelationEstimator, symmetric_eigh
 from directpred.heads.directpred import DirectCopy, DirectPred, PartitionedDirectPred, directpred_eigenvalues
 from directpred.heads.linear import IdentityPredictor, LinearPredictor
 from directpred.heads.mlp import MLP
+from directpred.heads.optimal import OptimalPredictor
 
 __all__ = [
     "MLP", "LinearPredictor", "IdentityPredictor", "DirectPred", "DirectCopy", "PartitionedDirectPred",
-    "CorrelationEstimator", "symmetric_eigh", "directpred_eigenvalues", "PREDICTORS", "register_predictor",
-    "build_predictor",
+    "OptimalPredictor", "CorrelationEstimator", "symmetric_eigh", "directpred_eigenvalues", "PREDICTORS",
+    "register_predictor", "build_predictor",
 ]
 
 PREDICTORS: dict[str, Callable[..., nn.Module]] = {}
@@ -47,17 +50,22 @@ def register_predictor(name: str) -> Callable[[Callable[..., nn.Module]], Callab
 
 
 @register_predictor("directpred")
-def _directpred(dim: int, cfg, **_: object) -> nn.Module:  # cfg: directpred.config.PredictorConfig
+def _directpred(dim: int, cfg, *, seed: int = 0, **_: object) -> nn.Module:  # cfg: config.PredictorConfig
     kwargs = dict(rho=cfg.rho, eps=cfg.eps, freq=cfg.freq, eps_mode=cfg.eps_mode, c=cfg.c, zero_mean=cfg.zero_mean,
                   average=cfg.average)
-    if cfg.partitions > 0:
-        return PartitionedDirectPred(dim, partitions=cfg.partitions, **kwargs)
+    if cfg.partitions > 0:  # the hyperplanes are drawn from the run's seed (train.seed)
+        return PartitionedDirectPred(dim, partitions=cfg.partitions, seed=seed, **kwargs)
     return DirectPred(dim, **kwargs)
 
 
 @register_predictor("directcopy")
 def _directcopy(dim: int, cfg, **_: object) -> nn.Module:
     return DirectCopy(dim, rho=cfg.rho, eps=cfg.eps, freq=cfg.freq, zero_mean=cfg.zero_mean, average=cfg.average)
+
+
+@register_predictor("optimal")
+def _optimal(dim: int, cfg, **_: object) -> nn.Module:
+    return OptimalPredictor(dim, rho=cfg.rho, freq=cfg.freq, ridge=cfg.ridge, average=cfg.average)
 
 
 @register_predictor("linear")
@@ -75,11 +83,12 @@ def _none(dim: int, cfg, **_: object) -> nn.Module:
     return IdentityPredictor(dim)
 
 
-def build_predictor(dim: int, cfg, *, bn_affine: bool = False) -> nn.Module:
+def build_predictor(dim: int, cfg, *, bn_affine: bool = False, seed: int = 0) -> nn.Module:
     """Build the predictor named by ``cfg.name`` (a :class:`directpred.config.PredictorConfig`).
 
-    ``bn_affine`` is the BatchNorm setting of the two-layer predictor (shared with the projector).
+    ``bn_affine`` is the BatchNorm setting of the two-layer predictor (shared with the projector); ``seed`` (the
+    run's ``train.seed``) draws the random hyperplanes of ``partitions``.
     """
     if cfg.name not in PREDICTORS:
         raise ValueError(f"unknown predictor {cfg.name!r}; choose one of {sorted(PREDICTORS)}")
-    return PREDICTORS[cfg.name](dim, cfg, bn_affine=bn_affine)
+    return PREDICTORS[cfg.name](dim, cfg, bn_affine=bn_affine, seed=seed)

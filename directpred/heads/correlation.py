@@ -8,12 +8,23 @@ instead (the paper's "simple average", reported to differ little).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from directpred import distributed
+
+
+@contextlib.contextmanager
+def full_precision(device: torch.device) -> Iterator[None]:
+    """Autocast off on ``device``: the predictor's statistics (F^, eigh, W_p) are float32 whatever the training
+    precision (``train.precision=bf16/fp16`` would otherwise run ``z^T z`` and ``U diag(p) U^T`` in half precision).
+    """
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield
 
 
 class CorrelationEstimator(nn.Module):
@@ -57,10 +68,13 @@ class CorrelationEstimator(nn.Module):
 
     @torch.no_grad()
     def update(self, z: torch.Tensor) -> None:
-        """Fold the batch ``z`` (B, d) into F^. Call only in training steps."""
-        z = z.detach().float()
+        """Fold the batch ``z`` (B, d) into F^ in float32 (autocast off). Call only in training steps."""
         if z.ndim != 2 or z.shape[1] != self.dim:
             raise ValueError(f"expected z of shape (B, {self.dim}), got {tuple(z.shape)}")
+        with full_precision(z.device):
+            self._fold(z.detach().float())
+
+    def _fold(self, z: torch.Tensor) -> None:
         # One all-reduce carries sum z z^T, sum z and B, so ranks with different batch sizes average correctly.
         stats = torch.cat([(z.t() @ z).flatten(), z.sum(0), z.new_tensor([z.shape[0]])])
         distributed.all_reduce_sum(stats)

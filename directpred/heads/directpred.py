@@ -17,26 +17,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from directpred import distributed
-from directpred.heads.correlation import CorrelationEstimator, symmetric_eigh
+from directpred.heads.correlation import CorrelationEstimator, full_precision, symmetric_eigh
 
 
 def directpred_eigenvalues(s: torch.Tensor, *, eps: float, eps_mode: str = "code", c: float = 0.0) -> torch.Tensor:
     """The map from eigenvalues s_j of F^ to eigenvalues p_j of W_p.
 
-    * ``eps_mode="code"`` (the authors' code, our default): ``p_j = sqrt(max(s_j/s_max - c, 0)) + eps``, floored at
-      1e-4 as in the code.
+    * ``eps_mode="code"`` (the authors' code, our default): ``p_j = sqrt(s_j/s_max) + eps``, floored at 1e-4 as in
+      the code. With ``c != 0`` (Table 7's c_j variant; the code's ``dyn_eps_inside`` with ``dyn_eps = -c``):
+      ``p_j = sqrt(max(s_j/s_max - c, 1e-4)) + eps``, so a trapped mode (``s_j/s_max - c <= 1e-4``) gets
+      ``p_j = sqrt(1e-4) + eps = 0.01 + eps``, as in the authors' code (Table 7 uses eps = 0).
     * ``eps_mode="paper"`` (Eq. 18): ``p_j = sqrt(max(s_j - c, 0)) + eps * s_max``.
 
     Under the cosine loss only the direction of ``W_p z`` matters, so the code form equals
     ``sqrt(s_j) + eps * sqrt(s_max)`` up to scale: the two differ in how the eps term scales with s_max. ``c`` is
-    Table 7's c_j variant, applied to normalised eigenvalues in code mode and raw ones in paper mode.
+    applied to normalised eigenvalues in code mode and raw ones in paper mode.
     """
     s = s.clamp(min=0)
     s_max = s.max()
     if eps_mode == "code":
         if s_max <= 0:
             return torch.full_like(s, max(eps, 1e-4))
-        return ((s / s_max - c).clamp(min=0).sqrt() + eps).clamp(min=1e-4)
+        if c != 0:
+            return (s / s_max - c).clamp(min=1e-4).sqrt() + eps
+        return ((s / s_max).sqrt() + eps).clamp(min=1e-4)
     if eps_mode == "paper":
         return (s - c).clamp(min=0).sqrt() + eps * s_max
     raise ValueError(f"eps_mode={eps_mode!r} must be 'code' or 'paper'")
@@ -64,12 +68,19 @@ class _SetFromCorrelation(CorrelationEstimator, abc.ABC):
         return F.linear(z, self.weight.to(z.dtype))
 
     @torch.no_grad()
-    def update(self, z: torch.Tensor) -> None:
-        """Fold ``z`` (B, d), detached, into F^; on the 1st, (freq+1)-th, ... call also set ``weight``."""
+    def update(self, z: torch.Tensor, z_target: torch.Tensor | None = None) -> None:
+        """Fold ``z`` (B, d), detached, into F^; on the 1st, (freq+1)-th, ... call also set ``weight``.
+
+        Runs in float32 with autocast off. A no-op in eval mode (like BatchNorm's statistics). ``z_target`` is
+        ignored (only :class:`OptimalPredictor` uses it).
+        """
+        if not self.training:
+            return
         set_now = int(self.count) % self.freq == 0
-        super().update(z)
-        if set_now:
-            self.weight.copy_(self.target_weight(self.matrix()))
+        with full_precision(z.device):
+            super().update(z)
+            if set_now:
+                self.weight.copy_(self.target_weight(self.matrix()))
 
 
 class DirectPred(_SetFromCorrelation):
@@ -167,7 +178,8 @@ class PartitionedDirectPred(DirectPred):
         self.register_buffer("cell_weight", torch.eye(dim).expand(partitions, 2, dim, dim).clone())
 
     def _sides(self, z: torch.Tensor) -> torch.Tensor:  # (B, n) bool: True = positive side
-        return (z.float() @ self.planes) >= self.theta
+        with full_precision(z.device):  # the same float32 sides in forward (under autocast) as in update
+            return (z.float() @ self.planes) >= self.theta
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         W = self.cell_weight.to(z.dtype)  # (n, 2, d, d)
@@ -176,9 +188,15 @@ class PartitionedDirectPred(DirectPred):
         return torch.where(pos, out[:, :, 0], out[:, :, 1]).mean(1)
 
     @torch.no_grad()
-    def update(self, z: torch.Tensor) -> None:
+    def update(self, z: torch.Tensor, z_target: torch.Tensor | None = None) -> None:
+        """Fold ``z`` into the cells' F^ (float32, autocast off) and set their matrices; a no-op in eval mode."""
+        if not self.training:
+            return
+        with full_precision(z.device):
+            self._update_cells(z.detach().float())
+
+    def _update_cells(self, z: torch.Tensor) -> None:
         set_now = int(self.count) % self.freq == 0
-        z = z.detach().float()
         proj_mean = distributed.all_reduce_mean((z @ self.planes).mean(0))
         self.theta.copy_(proj_mean if int(self.count) == 0 else self.theta.lerp(proj_mean, 1 - self.rho))
         pos = self._sides(z).float()  # (B, n)

@@ -44,7 +44,7 @@ class LinearPredictor(nn.Module):
         return F.linear(z, self.linear.weight, self.linear.bias)
 
     @torch.no_grad()
-    def update(self, z: torch.Tensor) -> None:
+    def update(self, z: torch.Tensor, z_target: torch.Tensor | None = None) -> None:
         """Trained by gradient descent: nothing to set from statistics."""
 
 
@@ -59,5 +59,5 @@ class IdentityPredictor(nn.Module):
         return z
 
     @torch.no_grad()
-    def update(self, z: torch.Tensor) -> None:
+    def update(self, z: torch.Tensor, z_target: torch.Tensor | None = None) -> None:
         """Nothing to learn."""

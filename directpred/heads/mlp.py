@@ -17,7 +17,9 @@ class MLP(nn.Module):
         bias: biases of both linear layers.
         bn_affine: learnable scale/shift in the BatchNorm (the authors' code uses ``affine=False``).
         tied: the paper's "sym W_p" for the two-layer predictor (Table 3): the second layer's weight is the
-            transpose of the first (the authors' code ties them the same way), so needs ``in_dim == out_dim``.
+            transpose of the first, so needs ``in_dim == out_dim``. The tied weight W gets the gradient
+            ``(G1 + G2^T) / 2`` (G1, G2: the gradients of the two layers as if untied), the step of the authors'
+            code, which steps both layers and then sets both to ``(W1 + W2^T) / 2``.
 
     Example:
         >>> head = MLP(512, 512, 128)
@@ -39,10 +41,14 @@ class MLP(nn.Module):
             self.fc2.weight.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, out)
+        if self.tied:
+            # Value W exactly (0.5 W + 0.5 W is exact), gradient halved: both uses give (G1 + G2^T) / 2.
+            W = 0.5 * self.fc1.weight + (0.5 * self.fc1.weight).detach()
+            h = F.relu(self.bn(F.linear(x, W, self.fc1.bias)))
+            return F.linear(h, W.t(), self.fc2.bias)
         h = F.relu(self.bn(self.fc1(x)))
-        weight = self.fc1.weight.t() if self.tied else self.fc2.weight
-        return F.linear(h, weight, self.fc2.bias)
+        return F.linear(h, self.fc2.weight, self.fc2.bias)
 
     @torch.no_grad()
-    def update(self, z: torch.Tensor) -> None:
+    def update(self, z: torch.Tensor, z_target: torch.Tensor | None = None) -> None:
         """Trained by gradient descent: nothing to set from statistics."""

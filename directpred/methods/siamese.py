@@ -28,27 +28,51 @@ class Encoder(nn.Module):
         return self.projector(self.backbone(x))
 
 
+UPDATE_AT = ("forward", "after_step")
+
+
+def update_predictor(predictor: nn.Module, z1: torch.Tensor, z2: torch.Tensor, t1: torch.Tensor,
+                     t2: torch.Tensor) -> None:
+    """``predictor.update`` on both views' projections (detached, no_grad), with the row-aligned targets of the
+    other view (``z1`` predicts ``t2``, ``z2`` predicts ``t1``) for predictors that use them (``uses_target``)."""
+    with torch.no_grad():
+        z = torch.cat([z1, z2]).detach()
+        if getattr(predictor, "uses_target", False):
+            predictor.update(z, z_target=torch.cat([t2, t1]).detach())
+        else:
+            predictor.update(z)
+
+
 class OnlineBranch(nn.Module):
     """Encoder and predictor: the part that receives gradients (and that DDP wraps).
 
-    In training mode ``forward`` calls ``predictor.update`` on both views' projections, detached and under
-    ``no_grad``, before predicting, so a DirectPred W_p reflects F^ including the current batch. In eval mode the
+    With ``update_at="forward"``, in training mode ``forward`` calls ``predictor.update`` on both views'
+    projections, detached and under ``no_grad``, before predicting, so a DirectPred W_p reflects F^ including the
+    current batch. With ``"after_step"`` the forward pass only predicts (with the current W_p) and the trainer
+    calls :meth:`Siamese.update_predictor` after the optimiser step (the authors' order). In eval mode the
     predictor's statistics are never touched.
     """
 
-    def __init__(self, encoder: Encoder, predictor: nn.Module) -> None:
+    def __init__(self, encoder: Encoder, predictor: nn.Module, *, update_at: str = "forward") -> None:
         super().__init__()
+        if update_at not in UPDATE_AT:
+            raise ValueError(f"update_at={update_at!r} must be 'forward' or 'after_step'")
         self.encoder = encoder
         self.predictor = predictor
+        self.update_at = update_at
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``(h1, h2, z1, z2, p1, p2)``: backbone features, projections and predictions of both views."""
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, t1: torch.Tensor | None = None,
+                t2: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """``(h1, h2, z1, z2, p1, p2)``: backbone features, projections and predictions of both views.
+
+        ``t1``, ``t2``: the target projections of the views (BYOL), needed by a predictor with ``uses_target``
+        when it updates in the forward pass; ``None`` means the online projections (SimSiam).
+        """
         # Separate passes per view: BatchNorm statistics per view, as in BYOL and the authors' code.
         h1, h2 = self.encoder.backbone(x1), self.encoder.backbone(x2)
         z1, z2 = self.encoder.projector(h1), self.encoder.projector(h2)
-        if self.training:
-            with torch.no_grad():
-                self.predictor.update(torch.cat([z1, z2]).detach())
+        if self.training and self.update_at == "forward":
+            update_predictor(self.predictor, z1, z2, z1 if t1 is None else t1, z2 if t2 is None else t2)
         return h1, h2, z1, z2, self.predictor(z1), self.predictor(z2)
 
 
@@ -78,14 +102,18 @@ class Siamese(nn.Module):
         symmetric_loss: see :func:`directpred.losses.two_view_loss`.
         stop_gradient: see :func:`directpred.losses.two_view_loss`.
         make_encoder: builds a fresh encoder; needed for ``target_init="random"``.
+        update_at: ``"forward"`` (update the predictor's statistics and W_p in the forward pass, before predicting)
+            or ``"after_step"`` (the authors' order: the trainer calls :meth:`update_predictor` after the optimiser
+            step, so step t predicts with W_p from F^ up to step t-1).
     """
 
     def __init__(self, encoder: Encoder, predictor: nn.Module, *, target: str = "ema", target_init: str = "copy",
-                 symmetric_loss: bool = True, stop_gradient: bool = True, make_encoder=None) -> None:
+                 symmetric_loss: bool = True, stop_gradient: bool = True, make_encoder=None,
+                 update_at: str = "forward") -> None:
         super().__init__()
         if target not in ("ema", "online"):
             raise ValueError(f"target={target!r} must be 'ema' (BYOL) or 'online' (SimSiam)")
-        self.online = OnlineBranch(encoder, predictor)
+        self.online = OnlineBranch(encoder, predictor, update_at=update_at)
         self.symmetric_loss, self.stop_gradient = symmetric_loss, stop_gradient
         self.target: Encoder | None = None
         if target == "ema":
@@ -114,14 +142,30 @@ class Siamese(nn.Module):
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> StepOutput:
         """Loss of one batch of view pairs (B, 3, H, W) each."""
-        h1, h2, z1, z2, p1, p2 = self.__dict__.get("_online_call", self.online)(x1, x2)
-        if self.target is None:  # SimSiam: the target is the online projection (stop-gradient in the loss)
-            t1, t2 = z1, z2
-        else:
+        call = self.__dict__.get("_online_call", self.online)
+        needs_target = (self.target is not None and self.online.training and self.online.update_at == "forward"
+                        and getattr(self.predictor, "uses_target", False))
+        if needs_target:  # the predictor's update in the forward pass needs the targets first
             with torch.no_grad():
                 t1, t2 = self.target(x1), self.target(x2)
+            h1, h2, z1, z2, p1, p2 = call(x1, x2, t1, t2)
+        else:
+            h1, h2, z1, z2, p1, p2 = call(x1, x2)
+            if self.target is None:  # SimSiam: the target is the online projection (stop-gradient in the loss)
+                t1, t2 = z1, z2
+            else:
+                with torch.no_grad():
+                    t1, t2 = self.target(x1), self.target(x2)
         loss = two_view_loss(p1, p2, t1, t2, symmetric=self.symmetric_loss, stop_gradient=self.stop_gradient)
         return StepOutput(loss, h1, h2, z1, z2, p1, p2, t1, t2)
+
+    @torch.no_grad()
+    def update_predictor(self, out: StepOutput) -> None:
+        """With ``update_at="after_step"`` and in training mode: fold this step's detached projections (both
+        views; the update all-reduces over processes) into the predictor's statistics and set W_p on its schedule.
+        Call after the optimiser step. Nothing otherwise."""
+        if self.online.update_at == "after_step" and self.online.training:
+            update_predictor(self.predictor, out.z1, out.z2, out.t1, out.t2)
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
@@ -142,7 +186,9 @@ def build_method(cfg) -> Siamese:
         return Encoder(backbone, projector)
 
     encoder = make_encoder()
-    predictor = build_predictor(cfg.projector.out_dim, cfg.predictor, bn_affine=cfg.projector.bn_affine)
+    predictor = build_predictor(cfg.projector.out_dim, cfg.predictor, bn_affine=cfg.projector.bn_affine,
+                                seed=cfg.train.seed)
     return Siamese(encoder, predictor, target="ema" if cfg.method.name == "byol" else "online",
                    target_init=cfg.method.target_init, symmetric_loss=cfg.method.symmetric_loss,
-                   stop_gradient=cfg.method.stop_gradient, make_encoder=make_encoder)
+                   stop_gradient=cfg.method.stop_gradient, make_encoder=make_encoder,
+                   update_at=cfg.predictor.update_at)

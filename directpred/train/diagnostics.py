@@ -21,6 +21,12 @@ before the rule is applied, so every rank flags (and stops) at the same step. Th
 ``collapsed`` at the second *consecutive* collapsed-looking report step (one noisy batch does not trigger it).
 The flag is sticky, recorded in ``summary.json`` with the step and the evidence, printed once from rank 0,
 and with ``diag.stop_on_collapse`` the loop stops the run.
+
+Final verdict. When training ends (also with ``diag.every=0``) the loop computes one more report on the final
+state (the last step's batch), logs it (kind ``"diag"``, ``final: 1``) and judges it alone: ``summary.json``'s
+``collapsed`` is true if the periodic rule fired during training (or stopped the run) **or** the final report is
+collapsed-looking. The final signals are in ``summary.json`` as ``final_z_std_ratio``, ``final_rankme_z``,
+``final_loss_per_term`` and ``final_looks_collapsed``.
 """
 
 from __future__ import annotations
@@ -153,6 +159,7 @@ class Diagnostics:
         self.collapse_evidence = ""
         self.streak = 0  # consecutive collapsed-looking report steps
         self.last_row: dict[str, Any] = {}
+        self.final_row: dict[str, Any] = {}
 
     def _F_hat(self) -> torch.Tensor:
         if self.own_estimator is not None:
@@ -168,8 +175,8 @@ class Diagnostics:
             out: the step's :class:`directpred.methods.siamese.StepOutput`.
         """
         report = self.every > 0 and step % self.every == 0
-        if self.own_estimator is None and not report:
-            return None  # the predictor keeps F^ itself: nothing to do on an ordinary step
+        if (self.own_estimator is None or self.every <= 0) and not report:
+            return None  # the predictor keeps F^ itself (or diag.every=0): nothing to do on an ordinary step
         # (2B, d): both views, as the predictor's own F^ sees them
         z = torch.cat([out.z1.detach(), out.z2.detach()]).float()
         if self.own_estimator is not None:
@@ -178,6 +185,14 @@ class Diagnostics:
             self.own_estimator.update(z)  # all-reduces: called on every rank every step
         if not report:
             return None
+        row = self._row(out, z)
+        self._apply_rule(step, row)
+        row["collapsed"] = int(self.collapsed)
+        self.last_row = {k: v for k, v in row.items() if not isinstance(v, list)}
+        return row
+
+    def _row(self, out: Any, z: torch.Tensor) -> dict[str, Any]:
+        """The metrics row of one step's output (batch signals averaged over ranks)."""
         h = torch.cat([out.h1.detach(), out.h2.detach()]).float()
         predictor = self.method.predictor
         W_p, kind = spectrum.predictor_matrix(predictor)
@@ -196,9 +211,35 @@ class Diagnostics:
                                 device=z.device)
             vals = distributed.all_reduce_sum(vals) / distributed.world_size()
             row.update({k: _r(v) for k, v in zip(keys, vals.tolist())})
-        self._apply_rule(step, row)
+        return row
+
+    @torch.no_grad()
+    def final_report(self, step: int, out: Any) -> dict[str, Any]:
+        """The report on the final state (the last step's output), judged on its own: the run's verdict becomes
+        ``collapsed`` if the periodic rule fired during training OR this final report looks collapsed (a run
+        shorter than two report periods can otherwise never be flagged). Call once, on every rank, after the
+        last step; :meth:`observe` must already have seen ``out``."""
+        z = torch.cat([out.z1.detach(), out.z2.detach()]).float()
+        if self.own_estimator is not None and int(self.own_estimator.count) == 0:  # diag.every=0: no F^ kept yet
+            if self.own_estimator.corr.device != z.device:
+                self.own_estimator.to(z.device)
+            self.own_estimator.update(z)
+        row = self._row(out, z)
+        flagged = looks_collapsed(row)
+        if flagged and not self.collapsed:
+            self.collapsed, self.collapse_step = True, step
+            self.collapse_evidence = (
+                f"final report: z_std_ratio={row['z_std_ratio']:.3g} (< {STD_RATIO_MAX}), "
+                f"rankme_z={row['rankme_z']:.3g} of max {row['z_rank_max']} "
+                f"(< {RANK_FRACTION_MAX * row['z_rank_max']:.3g}), "
+                f"loss per term={row['loss_per_term']:.3g} (< {LOSS_PER_TERM_MAX})")
+            if distributed.is_main():
+                print(f"\nWARNING: the final state looks COLLAPSED (step {step}): {self.collapse_evidence}. "
+                      "See docs/diagnostics.md.", file=sys.stderr)
+        row["final"] = 1
+        row["looks_collapsed"] = int(flagged)
         row["collapsed"] = int(self.collapsed)
-        self.last_row = {k: v for k, v in row.items() if not isinstance(v, list)}
+        self.final_row = {k: v for k, v in row.items() if not isinstance(v, list)}
         return row
 
     def _apply_rule(self, step: int, row: dict[str, Any]) -> None:
@@ -226,14 +267,18 @@ class Diagnostics:
                 print(msg, file=sys.stderr)
 
     def summary(self) -> dict[str, Any]:
-        """What ``summary.json`` gets: ``collapsed``, ``collapse_step``, ``collapse_evidence`` and the last
-        report's scalar diagnostics under ``diag_*``."""
+        """What ``summary.json`` gets: ``collapsed`` (the verdict: the periodic rule fired, or the final report
+        looks collapsed), ``collapse_step``, ``collapse_evidence``, the last periodic report's scalar diagnostics
+        under ``diag_*`` and the final report's signals under ``final_*``."""
         out: dict[str, Any] = {"collapsed": self.collapsed, "collapse_step": self.collapse_step,
                                "collapse_evidence": self.collapse_evidence}
         for k in ("alignment", "alignment_weighted", "asymmetry", "p_s_slope", "rankme_h", "rankme_z",
                   "z_std_ratio"):
             if k in self.last_row:
                 out[f"diag_{k}"] = self.last_row[k]
+        for k in ("z_std_ratio", "rankme_z", "z_rank_max", "loss_per_term", "looks_collapsed"):
+            if k in self.final_row:
+                out[f"final_{k}"] = self.final_row[k]
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -291,8 +291,7 @@ class Trainer:
         distributed.barrier()
 
     def _make_diagnostics(self) -> None:
-        if self.cfg.diag.every <= 0:
-            return
+        # Also with diag.every=0: the final report on the final state always judges the run (summary.json).
         try:
             from directpred.train.diagnostics import Diagnostics
         except ImportError:
@@ -402,6 +401,10 @@ class Trainer:
             return {"loss": torch.tensor(float("nan")), "lr": lr, "ema": m, "out": None, "skipped": True}
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        try:  # predictor.update_at=after_step: F^ gets this step's projections and W_p is set (the authors' order)
+            self.method.update_predictor(out)
+        except FloatingPointError as exc:  # the parameters have been stepped already: this cannot be skipped
+            raise TrainingError(self._fault_message(str(exc))) from None
         self.method.update_target(m)
         self.step += 1
         return {"loss": out.loss.detach(), "lr": lr, "ema": m, "out": out}
@@ -450,6 +453,7 @@ class Trainer:
         stop = _StopFlag()
         stopped_by: int | None = None
         collapsed_stop = False
+        last_out = None  # the last step's output: the batch of the final diagnostics report
         rate_images, rate_t = 0, time.time()
         with stop:
             while self.step < last_step:
@@ -462,6 +466,8 @@ class Trainer:
                     dt = time.time() - t0
                     self.train_seconds += dt
                     rate_images += self.global_batch
+                    if not res.get("skipped"):
+                        last_out = res["out"]
                     if self.diagnostics is not None and not res.get("skipped"):  # reports every diag.every steps
                         row = self.diagnostics.observe(self.step, res["out"])
                         if row:
@@ -510,6 +516,9 @@ class Trainer:
                 print(f"\nStopped by {name} at step {self.step}; checkpoint written to {self.ckpt_dir / 'last.pt'}."
                       f"\nResume with: directpred train --resume {self.run_dir}", file=sys.stderr)
             raise SystemExit(128 + stopped_by if stopped_by > 0 else 1)
+        if self.diagnostics is not None and last_out is not None:  # the verdict on the final state
+            row = self.diagnostics.final_report(self.step, last_out)
+            self.logger.log({"step": self.step, "epoch": self.step // self.steps_per_epoch, **row}, group="diag")
         self.save()
         summary = self.finish(stopped_early=collapsed_stop)
         self.logger.close()

@@ -62,6 +62,7 @@ def reference(cfg, steps: int, world: int = WORLD):
     gb = B * world
     spe = len(data.pretrain) // gb
     total = spe * cfg.train.epochs
+    after_step = cfg.predictor.update_at == "after_step"
     for step in range(steps):
         epoch, s = divmod(step, spe)
         idx = epoch_order(len(data.pretrain), cfg.train.seed, epoch)[s * gb:(s + 1) * gb]
@@ -74,8 +75,9 @@ def reference(cfg, steps: int, world: int = WORLD):
             zs.append((enc(x1[sl]), enc(x2[sl])))
             if k == 0:
                 snapshot = [b.clone() for b in enc.buffers()]
-        with torch.no_grad():
-            pred.update(torch.cat([torch.cat(z) for z in zs]).detach())
+        if not after_step:
+            with torch.no_grad():
+                pred.update(torch.cat([torch.cat(z) for z in zs]).detach())
         losses = []
         for k, (z1, z2) in enumerate(zs):
             sl = slice(k * B, (k + 1) * B)
@@ -91,19 +93,25 @@ def reference(cfg, steps: int, world: int = WORLD):
             for b, saved in zip(enc.buffers(), snapshot):  # rank 0's running statistics win the broadcast
                 b.copy_(saved)
         opt.step()
+        if after_step:  # the authors' order: F^ (all samples) and W_p after the optimiser step
+            with torch.no_grad():
+                pred.update(torch.cat([torch.cat(z) for z in zs]).detach())
         method.update_target(ema_momentum(step, total, cfg.method.ema, cfg.method.ema_schedule))
     return method
 
 
-@pytest.mark.parametrize("predictor,method_name", [("directpred", "byol"), ("linear", "simsiam")])
-def test_two_processes_equal_one_process_on_the_global_batch(predictor, method_name, tiny_overrides, tmp_path):
+@pytest.mark.parametrize("predictor,method_name,update_at", [("directpred", "byol", "forward"),
+                                                             ("directpred", "byol", "after_step"),
+                                                             ("linear", "simsiam", "forward")])
+def test_two_processes_equal_one_process_on_the_global_batch(predictor, method_name, update_at, tiny_overrides,
+                                                             tmp_path):
     # Two steps cover the all-reduces, momentum, the EMA target and the predictor state carried between steps.
     # Longer comparisons are not meaningful at this size: the width-4 network with BatchNorm over 8 samples
     # amplifies float rounding (different summation order in the all-reduce) ~1000x in a single step, by an amount
     # that depends on the CPU's kernels; hence a tolerance relative to each tensor's change (below).
     steps = 2
     over = tiny_overrides + [f"predictor.name={predictor}", f"method.name={method_name}", "train.batch_size=8",
-                             f"train.max_steps={steps}", "train.epochs=2"]
+                             f"train.max_steps={steps}", "train.epochs=2", f"predictor.update_at={update_at}"]
     torchrun(["configs/cpu/quickstart.yaml", "--out", str(tmp_path / "ddp"), *as_args(over)], cwd=REPO)
     got = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)
     assert got["world_size"] == WORLD and got["step"] == steps

@@ -23,8 +23,10 @@ def reference_corr(batches, rho):
 def reference_wp(F, eps, mode="code", c=0.0):
     s, U = np.linalg.eigh(F)
     s = np.clip(s, 0, None)
-    if mode == "code":
-        p = np.clip(np.sqrt(np.clip(s / s.max() - c, 0, None)) + eps, 1e-4, None)
+    if mode == "code" and c != 0:  # the authors' dyn_eps_inside branch: (s/s_max - c).clamp(1e-4).sqrt()
+        p = np.sqrt(np.clip(s / s.max() - c, 1e-4, None)) + eps
+    elif mode == "code":
+        p = np.clip(np.sqrt(s / s.max()) + eps, 1e-4, None)
     else:
         p = np.sqrt(np.clip(s - c, 0, None)) + eps * s.max()
     return U @ np.diag(p) @ U.T, s, U, p
