@@ -22,7 +22,7 @@ METRIC_NOTE = ("Accuracies in % on the test split, mean ± std over seeds (sampl
                "kNN: weighted kNN on the frozen backbone at the end of training. linear top-1: the linear probe's "
                "final epoch. linear best: the best test accuracy over the probe's epochs, which is what the "
                "authors' code reports and what the paper's tables give, so the paper column sits beside it. "
-               "collapsed: seeds whose run the collapse detector flagged.")
+               "collapsed: seeds whose run the collapse detector flagged (– where diagnostics were off).")
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -67,7 +67,7 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
             if status == "done":
                 s = json.loads((run_dir / "summary.json").read_text())
                 row.update({k: s.get(k) for k, _ in METRICS})
-                row.update(collapsed=bool(s.get("collapsed", False)), epochs=s.get("epochs"), steps=s.get("steps"))
+                row.update(collapsed=s.get("collapsed"), epochs=s.get("epochs"), steps=s.get("steps"))
                 done.append(s)
                 curves.append(_knn_curve(run_dir))
                 timing_runs.append({"cell": cell, "seed": seed, **{k: s.get(k) for k, _ in TIMING}})
@@ -78,7 +78,8 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "cell": cell, "n": len(done),
             **{k: _stats([s[k] for s in done if s.get(k) is not None]) for k, _ in METRICS},
-            "collapsed": sum(bool(s.get("collapsed", False)) for s in done),
+            # None where no run had the collapse detector on (diag.every=0): "no collapse seen" would mislead
+            "collapsed": sum(bool(s.get("collapsed")) for s in done) if any("collapsed" in s for s in done) else None,
             "failed": [s for s, st in status_of.items() if st == "failed"],
             "missing": [s for s, st in status_of.items() if st in ("missing", "incomplete")],
             "paper": None, "knn_curve": [],
@@ -117,7 +118,7 @@ def markdown(res: dict[str, Any]) -> str:
     for c in res["cells"]:
         paper = [_pm(c["paper"])] if has_paper else []
         row = [f"`{c['cell']}`", str(c["n"])] + [_pm(c[k]) for k, _ in METRICS] + paper + \
-            [str(c["collapsed"]), str(len(c["failed"]))]
+            ["–" if c["collapsed"] is None else str(c["collapsed"]), str(len(c["failed"]))]
         lines.append("| " + " | ".join(row) + " |")
     missing = [r for r in runs if r["status"] in ("missing", "incomplete")]
     if missing:
