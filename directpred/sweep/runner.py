@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -90,13 +91,18 @@ def plan_run(sweep: Sweep, run: Run, out: Path) -> Plan:
     return Plan(run, run_dir, "resume", [f"{k}={yaml_value(b)}" for k, (_, b) in diffs.items()])
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child receive SIGKILL when the sweep dies (Linux ``PR_SET_PDEATHSIG``); libc
+    is loaded here, in the parent, so the child only makes one system call between fork and exec."""
+    if sys.platform != "linux":
+        return None
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+    return lambda: prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def _prepare_dir(plan: Plan) -> None:
@@ -152,6 +158,7 @@ def execute(sweep: Sweep, plans: list[Plan], *, slots: list[str | None], torchru
         print("sweep: every run is finished; nothing to run", file=echo, flush=True)
         return []
     free = list(range(len(slots)))
+    preexec = _death_signal()
     t_sweep = time.time()
 
     def stop(signum: int, frame: object) -> None:
@@ -173,7 +180,7 @@ def execute(sweep: Sweep, plans: list[Plan], *, slots: list[str | None], torchru
                 log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {plan.action}: {' '.join(cmd)}\n")
                 log.flush()
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                        preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                        preexec_fn=preexec)
                 where = "cpu" if slots[slot] is None else f"GPU {slots[slot]}"
                 print(f"[{index}/{total}] start  {plan.run.cell} seed {plan.run.seed} ({plan.action}, {where})",
                       file=echo, flush=True)
