@@ -3,7 +3,9 @@
 #   1. images/s of the full-width CIFAR recipe (ResNet-18 width 64, batch 128) in bf16, against its bare
 #      forward/backward, for DirectPred at freq 1 and 5, and the data pipeline on the GPU;
 #   2. DirectPred's overhead at d = 128 and 256 (projector output), and eigh alone up to d = 4096;
-#   3. a 2-epoch BYOL + DirectPred run on CIFAR-10 with its kNN figure.
+#   3. a 2-epoch BYOL + DirectPred run on CIFAR-10 with its kNN figure;
+#   4. the full-width comparison DirectPred vs linear vs MLP predictor (sweeps/gpu/cifar10_fullwidth.yaml) through
+#      `directpred sweep`, with its results table.
 # Usage (from the repository root):  bash benchmarks/gpu_check.sh [DATA] [OUT]
 #   DATA: the CIFAR-10 mirror archive or an ImageFolder directory (default ../shared/data/cifar10-jpeg.tar.gz)
 #   OUT:  where results go (default $OUT or /tmp/gpu_check)
@@ -16,12 +18,14 @@ export PYTHONUNBUFFERED=1
 if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   DEV=cuda; PREC=bf16; STEPS=30; EPOCHS=2; DIMS=128,256,512,1024,2048,4096
   SIZE=(--set backbone.width=64)
+  SWEEP=(--set train.epochs=2 --devices auto)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 else
   echo "gpu_check: no CUDA device; running the CPU fallback at tiny sizes"
   DEV=cpu; PREC=fp32; STEPS=2; EPOCHS=1; DIMS=128,256
   SIZE=(--set backbone.width=4 --set projector.hidden_dim=32 --set train.batch_size=32
         --set data.train_subset=512 --set data.test_subset=200 --set eval.knn_k=10)
+  SWEEP=(--set train.epochs=1 --set eval.linear_epochs=2 --devices cpu)
 fi
 DATASET=(--set data.dataset=folder --set "data.path=$DATA" --set train.precision=$PREC)
 CFG=configs/cifar10/byol_directpred.yaml
@@ -38,6 +42,10 @@ echo "== 3. $EPOCHS-epoch BYOL + DirectPred, kNN =="
 rm -rf "$DEST/knn_run"
 python -m directpred train $CFG --out "$DEST/knn_run" "${DATASET[@]}" "${SIZE[@]}" --set train.epochs=$EPOCHS \
   --set eval.knn_every=1 --set eval.linear=false --set train.progress=false
+echo "== 4. full-width comparison: directpred sweep sweeps/gpu/cifar10_fullwidth.yaml =="
+rm -rf "$DEST/sweep"
+python -m directpred sweep sweeps/gpu/cifar10_fullwidth.yaml --out "$DEST/sweep" "${DATASET[@]}" "${SIZE[@]}" \
+  "${SWEEP[@]}"
 python - "$DEST" <<'PY'
 import json, sys, pathlib
 d = pathlib.Path(sys.argv[1])
@@ -55,4 +63,10 @@ print(f"DirectPred update: d=128 {1e3 * step['predictor_update_s']:.2f} ms ({100
 print("eigh ms by d: " + ", ".join(f"{k}: {1e3 * v:.2f}" for k, v in t["eigh_s"].items()))
 print(f"{s['epochs']:g}-epoch run: kNN top-1 {s['knn_top1']:.2f}%, {s['images_per_second']:.0f} img/s end to end, "
       f"{s['wall_seconds']:.0f} s wall")
+r = json.loads((d / "sweep" / "results.json").read_text())
+for c in r["cells"]:
+    t = r["timing"]["cells"][c["cell"]]
+    print(f"sweep {c['cell']:10s}: kNN {c['knn_top1']['mean']:.2f}%, linear {c['linear_top1']['mean']:.2f}% "
+          f"(best {c['linear_top1_best']['mean']:.2f}%), {t['images_per_second']['mean']:.0f} img/s, "
+          f"{t['wall_seconds']['mean']:.0f} s wall")
 PY

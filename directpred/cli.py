@@ -2,8 +2,8 @@
 
 Subcommands: ``train`` (a run directory per run; YAML config + ``--set key=value`` overrides; ``--resume``),
 ``eval`` (kNN + linear probe of a run's checkpoint), ``export`` and ``embed`` (the trained backbone and its
-features), ``theory`` (the paper's learning dynamics), and the
-diagnostics commands ``plot`` and ``diagnose``.
+features), ``sweep`` (configs x seeds, each a ``train`` subprocess, into one table), ``theory`` (the paper's learning
+dynamics), and the diagnostics commands ``plot`` and ``diagnose``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ EPILOG = """examples:
   directpred eval runs/qs
   directpred export runs/qs --out backbone.pt
   directpred embed runs/qs --data my_images/ --out features.npy
+  directpred sweep sweeps/cpu/cifar10_predictors.yaml --out runs/sweep_cpu
   torchrun --standalone --nproc_per_node=2 -m directpred train configs/cpu/quickstart.yaml --out runs/ddp
 """
 
@@ -213,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--skip-corrupt", action="store_true", help="skip undecodable images with a warning")
     p.set_defaults(func=cmd_embed)
+
+    from directpred.sweep import register as register_sweep
+
+    register_sweep(sub)
 
     try:
         from directpred.theory.cli import register as register_theory

@@ -27,3 +27,7 @@ def test_gpu_check_cpu_fallback(tiny_archive, tmp_path):
     assert set(t["eigh_s"]) == {"128", "256"}
     s = json.loads((tmp_path / "out" / "knn_run" / "summary.json").read_text())
     assert s["epochs"] == 1 and 0 <= s["knn_top1"] <= 100
+    r = json.loads((tmp_path / "out" / "sweep" / "results.json").read_text())  # step 4: the sweep and its table
+    assert [(c["cell"], c["n"]) for c in r["cells"]] == [("directpred", 1), ("linear", 1), ("mlp", 1)]
+    assert all(0 <= c[k]["mean"] <= 100 for c in r["cells"] for k in ("knn_top1", "linear_top1", "linear_top1_best"))
+    assert "| `mlp` | 1 |" in proc.stdout and "sweep mlp" in proc.stdout

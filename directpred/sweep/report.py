@@ -1,0 +1,220 @@
+"""The sweep's tables and figures, rebuilt from what the run directories hold (also for a partial sweep).
+
+``results.json`` keeps accuracies (``cells``, ``runs``) apart from wall-clock figures (``timing``); ``results.md`` puts
+its timing table last, under ``## Timing``; ``results.csv`` has its timing columns last. Two sweeps whose runs give
+equal results therefore write equal reports once the timing parts are cut off. Ordering follows the sweep file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from directpred.sweep.spec import Sweep
+
+METRICS = (("knn_top1", "kNN top-1"), ("linear_top1", "linear top-1"), ("linear_top1_best", "linear best"))
+TIMING = (("images_per_second", "images/s"), ("wall_seconds", "wall s"))
+METRIC_NOTE = ("Accuracies in % on the test split, mean ± std over seeds (sample std, n-1), n = finished seeds. "
+               "kNN: weighted kNN on the frozen backbone at the end of training. linear top-1: the linear probe's "
+               "final epoch. linear best: the best test accuracy over the probe's epochs, which is what the "
+               "authors' code reports and what the paper's tables give, so the paper column sits beside it. "
+               "collapsed: seeds whose run the collapse detector flagged (– where diagnostics were off).")
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "std": None, "n": 0}
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"mean": round(mean, 4), "std": None if std is None else round(std, 4), "n": n}
+
+
+def _knn_curve(run_dir: Path) -> dict[int, float]:
+    """kNN top-1 by epoch from ``metrics.jsonl`` (``eval`` rows, and the ``final`` row at the run's last epoch);
+    rows repeated by a resume count once (the last one)."""
+    from directpred.train.logger import read_metrics
+
+    curve = {}
+    for row in read_metrics(run_dir):
+        if row.get("kind") in ("eval", "final") and row.get("knn_top1") is not None:
+            curve[int(row["epoch"])] = float(row["knn_top1"])
+    return curve
+
+
+def _run_status(run_dir: Path) -> str:
+    if (run_dir / "summary.json").is_file():
+        return "done"
+    if (run_dir / "failed.json").is_file():
+        return "failed"
+    return "incomplete" if (run_dir / "checkpoints" / "last.pt").is_file() else "missing"
+
+
+def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
+    """Everything the reports show, as a JSON-ready dict (accuracies under ``cells``/``runs``, times under
+    ``timing``)."""
+    runs, cells, timing_cells, timing_runs = [], [], {}, []
+    for cell in sweep.cells:
+        done, curves, status_of = [], [], {}
+        for seed in sweep.seeds:
+            run_dir = out / "runs" / cell / f"seed{seed}"
+            status = status_of[seed] = _run_status(run_dir)
+            row: dict[str, Any] = {"cell": cell, "seed": seed, "status": status}
+            if status == "done":
+                s = json.loads((run_dir / "summary.json").read_text())
+                row.update({k: s.get(k) for k, _ in METRICS})
+                row.update(collapsed=s.get("collapsed"), epochs=s.get("epochs"), steps=s.get("steps"))
+                done.append(s)
+                curves.append(_knn_curve(run_dir))
+                timing_runs.append({"cell": cell, "seed": seed, **{k: s.get(k) for k, _ in TIMING}})
+            elif status == "failed":
+                row["error"] = json.loads((run_dir / "failed.json").read_text()).get("last_line", "")
+            runs.append(row)
+        epochs = sorted({e for c in curves for e in c})
+        entry: dict[str, Any] = {
+            "cell": cell, "n": len(done),
+            **{k: _stats([s[k] for s in done if s.get(k) is not None]) for k, _ in METRICS},
+            # None where no run had the collapse detector on (diag.every=0): "no collapse seen" would mislead
+            "collapsed": sum(bool(s.get("collapsed")) for s in done) if any("collapsed" in s for s in done) else None,
+            "failed": [s for s, st in status_of.items() if st == "failed"],
+            "missing": [s for s, st in status_of.items() if st in ("missing", "incomplete")],
+            "paper": None, "knn_curve": [],
+        }
+        if cell in sweep.paper:
+            entry["paper"] = {"mean": sweep.paper[cell].mean, "std": sweep.paper[cell].std}
+        for e in epochs:
+            vals = [c[e] for c in curves if e in c]
+            entry["knn_curve"].append([e, round(sum(vals) / len(vals), 4), len(vals)])
+        cells.append(entry)
+        timing_cells[cell] = {k: _stats([s[k] for s in done if s.get(k) is not None]) for k, _ in TIMING}
+    return {"sweep": sweep.name, "file": str(sweep.path), "base": str(sweep.base), "seeds": sweep.seeds,
+            "metric_note": METRIC_NOTE, "paper_note": sweep.paper_note, "cells": cells, "runs": runs,
+            "timing": {"cells": timing_cells, "runs": timing_runs}}
+
+
+def _pm(stat: dict[str, Any] | None, digits: int = 2) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    return f"{stat['mean']:.{digits}f}" + ("" if stat.get("std") is None else f" ± {stat['std']:.{digits}f}")
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """``results.md``: accuracy table, missing and failed runs, then (last) the timing table."""
+    runs = res["runs"]
+    count = {s: sum(r["status"] == s for r in runs) for s in ("done", "failed", "incomplete", "missing")}
+    lines = [f"# Sweep `{res['sweep']}`", "",
+             f"Sweep file `{res['file']}`, base config `{res['base']}`, seeds {res['seeds']}: {len(res['cells'])} "
+             f"cells, {len(runs)} runs ({count['done']} done, {count['failed']} failed, "
+             f"{count['incomplete'] + count['missing']} missing).", "", res["metric_note"]]
+    has_paper = any(c["paper"] for c in res["cells"])
+    if has_paper:
+        lines += ["", f"Paper: {res['paper_note']}"]
+    head = ["cell", "n"] + [label for _, label in METRICS] + (["paper"] if has_paper else []) + ["collapsed", "failed"]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in res["cells"]:
+        paper = [_pm(c["paper"])] if has_paper else []
+        row = [f"`{c['cell']}`", str(c["n"])] + [_pm(c[k]) for k, _ in METRICS] + paper + \
+            ["–" if c["collapsed"] is None else str(c["collapsed"]), str(len(c["failed"]))]
+        lines.append("| " + " | ".join(row) + " |")
+    missing = [r for r in runs if r["status"] in ("missing", "incomplete")]
+    if missing:
+        lines += ["", "## Missing runs", ""] + [
+            f"- `runs/{r['cell']}/seed{r['seed']}`" + (" (checkpoint, not finished)" if r["status"] == "incomplete"
+                                                       else "") for r in missing]
+    failed = [r for r in runs if r["status"] == "failed"]
+    if failed:
+        lines += ["", "## Failed runs", ""] + [
+            f"- `runs/{r['cell']}/seed{r['seed']}`: {r.get('error') or 'see its sweep.log'} "
+            f"(log: `runs/{r['cell']}/seed{r['seed']}/sweep.log`)" for r in failed]
+    lines += ["", "## Timing", "", "Mean ± std over finished seeds; images/s of the training steps, wall time of the "
+              "whole run (evaluation included).", "", "| cell | " + " | ".join(t for _, t in TIMING) + " |",
+              "|---|" + "---|" * len(TIMING)]
+    for c in res["cells"]:
+        t = res["timing"]["cells"][c["cell"]]
+        lines.append(f"| `{c['cell']}` | " + " | ".join(_pm(t[k], 0 if k == "images_per_second" else 1)
+                                                        for k, _ in TIMING) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(res: dict[str, Any]) -> str:
+    """``results.csv``: one row per cell; the timing columns come last."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    stat_cols = [f"{k}_{s}" for k, _ in METRICS for s in ("mean", "std")]
+    time_cols = [f"{k}_{s}" for k, _ in TIMING for s in ("mean", "std")]
+    w.writerow(["cell", "n", *stat_cols, "paper_mean", "paper_std", "collapsed", "failed", "missing", *time_cols])
+
+    def f(v: Any) -> str:
+        return "" if v is None else f"{v:.4f}"
+
+    for c in res["cells"]:
+        t = res["timing"]["cells"][c["cell"]]
+        paper = c["paper"] or {}
+        w.writerow([c["cell"], c["n"], *[f(c[k][s]) for k, _ in METRICS for s in ("mean", "std")],
+                    f(paper.get("mean")), f(paper.get("std")), c["collapsed"], len(c["failed"]), len(c["missing"]),
+                    *[f(t[k][s]) for k, _ in TIMING for s in ("mean", "std")]])
+    return buf.getvalue()
+
+
+def figures(res: dict[str, Any], out: Path) -> list[Path]:
+    """``results.png`` (linear best and kNN per cell with error bars, the paper's value as a cross) and
+    ``knn_curves.png`` (kNN vs epoch, mean over seeds, one line per cell)."""
+    from matplotlib.figure import Figure
+
+    cells = res["cells"]
+    names = [c["cell"] for c in cells]
+    fig = Figure(figsize=(max(5.0, 0.9 * len(cells) + 2), 4.2))
+    ax = fig.add_subplot()
+    for i, (key, label, dx) in enumerate((("linear_top1_best", "linear best", -0.12), ("knn_top1", "kNN", 0.12))):
+        xs = [j + dx for j, c in enumerate(cells) if c[key]["mean"] is not None]
+        ys = [c[key]["mean"] for c in cells if c[key]["mean"] is not None]
+        es = [c[key]["std"] or 0.0 for c in cells if c[key]["mean"] is not None]
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, fmt="o", capsize=3, label=label, color=f"C{i}")
+    papers = [(j, c["paper"]) for j, c in enumerate(cells) if c["paper"]]
+    if papers:
+        ax.errorbar([j - 0.36 for j, _ in papers], [p["mean"] for _, p in papers],
+                    yerr=[p["std"] or 0.0 for _, p in papers], fmt="x", color="k", capsize=3, label="paper")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_xlim(-0.7, len(names) - 0.3)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"{res['sweep']}: mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths = [out / "results.png"]
+    fig.savefig(paths[0], dpi=110)
+
+    fig = Figure(figsize=(6.0, 4.2))
+    ax = fig.add_subplot()
+    for c in cells:
+        if c["knn_curve"]:
+            ax.plot([p[0] for p in c["knn_curve"]], [p[1] for p in c["knn_curve"]], marker="o", ms=3,
+                    label=f"{c['cell']} (n={c['n']})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("kNN top-1 (%)")
+    ax.set_title(f"{res['sweep']}: kNN during training, mean over seeds")
+    ax.grid(alpha=0.3)
+    if any(c["knn_curve"] for c in cells):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "knn_curves.png")
+    fig.savefig(paths[1], dpi=110)
+    return paths
+
+
+def write_reports(sweep: Sweep, out: Path) -> dict[str, Any]:
+    """Write ``results.{json,md,csv,png}`` and ``knn_curves.png`` into ``out``; returns the results dict."""
+    from directpred.train.checkpoint import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    res = collect(sweep, out)
+    atomic_write_text(out / "results.json", json.dumps(res, indent=1) + "\n")
+    atomic_write_text(out / "results.md", markdown(res))
+    atomic_write_text(out / "results.csv", csv_text(res))
+    figures(res, out)
+    return res

@@ -1,0 +1,222 @@
+"""Run every cell x seed of a sweep, each as its own ``directpred train`` subprocess, resumably.
+
+A run directory ``DIR/runs/<cell>/seed<k>/`` is in one of four states, decided from what is on disk:
+
+* **done**: ``summary.json`` exists (and the run's length is the one asked for): skipped;
+* **resume**: ``checkpoints/last.pt`` without a summary (or a finished run asked to train longer):
+  ``directpred train --resume RUN_DIR``;
+* **new**: no checkpoint: the directory is cleared (its ``sweep.log`` kept) and ``directpred train BASE --out RUN_DIR``
+  starts from scratch;
+* a run directory whose ``config.yaml`` differs from the sweep's in anything that cannot change on resume is refused
+  before any run starts.
+
+The child's output goes to ``RUN_DIR/sweep.log``; a failed run leaves ``RUN_DIR/failed.json``. Children start in
+their own session (a Ctrl-C reaches only the sweep, which forwards one SIGTERM: each child checkpoints and stops) and,
+on Linux, die with the sweep if it is killed outright, so a rerun never races a leftover child.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import yaml
+
+from directpred.config import ConfigError, config_from_dict, diff_configs
+from directpred.sweep.spec import Run, Sweep, yaml_value
+
+LENGTH_KEYS = ("train.epochs", "train.max_steps")  # a finished run asked for more of these is resumed
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+class SweepInterrupted(Exception):
+    """The sweep was asked to stop (SIGINT/SIGTERM); the children were stopped at a checkpoint."""
+
+
+@dataclass
+class Plan:
+    """What to do with one run: ``action`` is ``done``, ``resume`` or ``new``; ``sets`` go with ``--resume``."""
+
+    run: Run
+    run_dir: Path
+    action: str
+    sets: list[str] = field(default_factory=list)
+
+    def command(self, sweep: Sweep, torchrun: int = 0) -> list[str]:
+        """The exact ``directpred train`` command line of this run (under torchrun when ``torchrun`` > 0)."""
+        head = [sys.executable, "-m", "directpred"]
+        if torchrun:
+            head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+                    "-m", "directpred"]
+        if self.action == "resume":
+            tail = ["--resume", str(self.run_dir)] + [a for s in self.sets for a in ("--set", s)]
+        else:
+            tail = [str(sweep.base), "--out", str(self.run_dir)] + [a for s in self.run.sets for a in ("--set", s)]
+        return head + ["train"] + tail
+
+
+def plan_run(sweep: Sweep, run: Run, out: Path) -> Plan:
+    """Decide from the run directory whether ``run`` is done, to be resumed or to be (re)started."""
+    from directpred.train.loop import RESUMABLE_CHANGES
+
+    run_dir = out / run.rel_dir
+    cfg_file, ckpt = run_dir / "config.yaml", run_dir / "checkpoints" / "last.pt"
+    if not cfg_file.is_file() or not ckpt.is_file() and not (run_dir / "summary.json").is_file():
+        return Plan(run, run_dir, "new")
+    try:
+        saved = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{cfg_file}: cannot read the run's config ({exc}); remove {run_dir} to restart it") from None
+    diffs = diff_configs(saved, sweep.config(run))
+    fixed = {k: v for k, v in diffs.items()
+             if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUMABLE_CHANGES)}
+    if fixed:
+        shown = "; ".join(f"{k}: {a!r} in the run, {b!r} in the sweep" for k, (a, b) in fixed.items())
+        raise ConfigError(f"{run_dir} was made with a different configuration ({shown}); remove that directory to "
+                          "rerun it, or write this sweep to another --out")
+    longer = any(k in LENGTH_KEYS for k in diffs)
+    if (run_dir / "summary.json").is_file() and not longer:
+        return Plan(run, run_dir, "done")
+    if not ckpt.is_file():
+        return Plan(run, run_dir, "new")
+    return Plan(run, run_dir, "resume", [f"{k}={yaml_value(b)}" for k, (_, b) in diffs.items()])
+
+
+def _death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child receive SIGKILL when the sweep dies (Linux ``PR_SET_PDEATHSIG``); libc
+    is loaded here, in the parent, so the child only makes one system call between fork and exec."""
+    if sys.platform != "linux":
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def _prepare_dir(plan: Plan) -> None:
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    (plan.run_dir / "failed.json").unlink(missing_ok=True)
+    if plan.action == "new":  # a fresh start: nothing of an earlier attempt may leak in (logs appended, ...)
+        for p in plan.run_dir.iterdir():
+            if p.name != "sweep.log":
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    else:  # resume: a stale summary must not mark a longer run done if this attempt is killed
+        (plan.run_dir / "summary.json").unlink(missing_ok=True)
+
+
+@dataclass
+class _Active:
+    plan: Plan
+    proc: subprocess.Popen
+    log: IO[str]
+    slot: int
+    index: int
+    start: float
+
+
+def _finish_line(plan: Plan) -> str:
+    s = json.loads((plan.run_dir / "summary.json").read_text())
+    parts = [f"{label} {s[k]:.2f}%" for k, label in (("knn_top1", "kNN"), ("linear_top1", "linear"),
+                                                     ("linear_top1_best", "best")) if s.get(k) is not None]
+    return ", ".join(parts) + (" [collapsed]" if s.get("collapsed") else "")
+
+
+def _last_line(log: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").replace("\r", "\n").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def execute(sweep: Sweep, plans: list[Plan], *, slots: list[str | None], torchrun: int = 0,
+            echo: IO[str] = sys.stdout) -> list[Plan]:
+    """Run the plans that are not done, ``len(slots)`` at a time; returns the plans whose run failed.
+
+    Args:
+        slots: one entry per concurrent run: its ``CUDA_VISIBLE_DEVICES`` value, or None for the CPU (hidden GPUs).
+        torchrun: >0 launches each run under ``torchrun --standalone --nproc_per_node=torchrun``.
+
+    Raises:
+        SweepInterrupted: on SIGINT/SIGTERM, after the running children were stopped at a checkpoint.
+    """
+    todo = [p for p in plans if p.action != "done"]
+    total, failed, active = len(todo), [], []
+    if not todo:
+        print("sweep: every run is finished; nothing to run", file=echo, flush=True)
+        return []
+    free = list(range(len(slots)))
+    preexec = _death_signal()
+    t_sweep = time.time()
+
+    def stop(signum: int, frame: object) -> None:
+        raise SweepInterrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        index = 0
+        while todo or active:
+            while todo and free:
+                plan, slot = todo.pop(0), free.pop(0)
+                index += 1
+                _prepare_dir(plan)
+                env = {**os.environ, "PYTHONUNBUFFERED": "1",
+                       "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
+                       "CUDA_VISIBLE_DEVICES": slots[slot] or ""}
+                cmd = plan.command(sweep, torchrun)
+                log = open(plan.run_dir / "sweep.log", "a")  # noqa: SIM115 (closed when the run ends)
+                log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {plan.action}: {' '.join(cmd)}\n")
+                log.flush()
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                        preexec_fn=preexec)
+                where = "cpu" if slots[slot] is None else f"GPU {slots[slot]}"
+                print(f"[{index}/{total}] start  {plan.run.cell} seed {plan.run.seed} ({plan.action}, {where})",
+                      file=echo, flush=True)
+                active.append(_Active(plan, proc, log, slot, index, time.time()))
+            time.sleep(0.1)
+            for a in [a for a in active if a.proc.poll() is not None]:
+                active.remove(a)
+                free.append(a.slot)
+                free.sort()
+                a.log.close()
+                took = time.time() - a.start
+                head = f"[{a.index}/{total}] {{}} {a.plan.run.cell} seed {a.plan.run.seed} in {took:.1f} s"
+                if a.proc.returncode == 0 and (a.plan.run_dir / "summary.json").is_file():
+                    print(head.format("done  ") + ": " + _finish_line(a.plan), file=echo, flush=True)
+                    continue
+                failed.append(a.plan)
+                log_path = a.plan.run_dir / "sweep.log"
+                (a.plan.run_dir / "failed.json").write_text(json.dumps(
+                    {"returncode": a.proc.returncode, "log": "sweep.log", "last_line": _last_line(log_path)}) + "\n")
+                print(head.format("FAILED") + f" (exit {a.proc.returncode}): {_last_line(log_path)}\n"
+                      f"        log: {log_path}", file=echo, flush=True)
+    except SweepInterrupted as exc:
+        print(f"\nsweep: {exc}: stopping {len(active)} running run(s) at a checkpoint ...", file=echo, flush=True)
+        for a in active:
+            a.proc.send_signal(signal.SIGTERM)
+        for a in active:
+            try:
+                a.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                a.proc.kill()
+                a.proc.wait()
+            a.log.close()
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(f"sweep: {total - len(failed)}/{total} run(s) finished, {len(failed)} failed, "
+          f"{time.time() - t_sweep:.0f} s", file=echo, flush=True)
+    return failed

@@ -1,0 +1,235 @@
+"""Sweep files: a base config, overrides for all cells, axes and/or named variants, seeds, the paper's numbers.
+
+A sweep file is YAML::
+
+    base: ../../configs/stl10/byol_directpred.yaml   # relative to the sweep file
+    set: {train.epochs: 100}                         # overrides for every cell (dotted keys or nested sections)
+    variants:                                        # named cells, each a mapping of overrides ...
+      sgd_linear: {predictor.name: linear}
+    axes:                                            # ... and/or keys with lists of values: their product
+      predictor.rho: [0.3, 0.5]
+    seeds: [0, 1, 2, 3, 4]                           # train.seed of each run
+    paper:                                           # optional: the paper's figure per cell
+      note: "Table 6: STL-10 top-1, linear probe (best over probe epochs), mean +- std of 5 seeds"
+      values: {"rho=0.3": "77.86 +- 0.16"}
+
+Cells are ``variants x product(axes)``, named by the variant and ``key=value`` pairs joined with ``,`` (the key's
+last component when that is unambiguous). Every cell x seed resolves to exactly the ``directpred train`` command line
+a user would type, and that command line's config is validated by :func:`directpred.config.load_config` before any
+run starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from directpred.config import Config, ConfigError, load_config, parse_override
+
+TOP_KEYS = ("base", "set", "axes", "variants", "seeds", "paper")
+PAPER_KEYS = ("note", "values")
+_PAPER_VALUE = re.compile(r"^\s*(-?[0-9.]+)\s*(?:(?:±|\+-|\+/-)\s*([0-9.]+))?\s*$")
+
+
+@dataclass(frozen=True)
+class PaperValue:
+    """The paper's figure for a cell: ``mean`` and, where reported, ``std``."""
+
+    mean: float
+    std: float | None = None
+
+    def text(self) -> str:
+        return f"{self.mean:.2f}" if self.std is None else f"{self.mean:.2f} ± {self.std:.2f}"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cell x seed: the ``directpred train`` arguments after ``train`` and its run directory name."""
+
+    cell: str
+    seed: int
+    sets: tuple[str, ...]  # --set KEY=VALUE strings, in order: sweep set, cell, command line, seed
+
+    @property
+    def rel_dir(self) -> Path:
+        return Path("runs") / self.cell / f"seed{self.seed}"
+
+
+@dataclass
+class Sweep:
+    """A parsed, validated sweep file."""
+
+    path: Path
+    base: Path
+    cells: dict[str, list[str]]  # cell name -> --set strings (sweep set + cell overrides + command line)
+    seeds: list[int]
+    paper: dict[str, PaperValue] = field(default_factory=dict)
+    paper_note: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def runs(self) -> list[Run]:
+        """Every cell x seed, cells in file order, seeds in list order."""
+        return [Run(cell, seed, (*sets, f"train.seed={seed}")) for cell, sets in self.cells.items()
+                for seed in self.seeds]
+
+    def config(self, run: Run) -> Config:
+        """The resolved configuration of ``run``: what ``directpred train BASE --set ...`` builds."""
+        return load_config(self.base, list(run.sets))
+
+
+def yaml_value(value: Any) -> str:
+    """A value as ``--set`` text that :func:`directpred.config.parse_override` reads back unchanged."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
+    return text[:-4].strip() if text.endswith("\n...") else text.removesuffix("...").strip()
+
+
+def _flatten(overrides: Any, where: str, prefix: str = "") -> list[tuple[str, Any]]:
+    """``{'a': {'b': 1}, 'c.d': 2}`` -> ``[('a.b', 1), ('c.d', 2)]`` (dotted keys and nested sections mix)."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where}: expected a mapping of config keys to values, e.g. {{predictor.rho: 0.5}}")
+    out: list[tuple[str, Any]] = []
+    for key, value in overrides.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{where}: config keys must be strings, got {key!r}")
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.extend(_flatten(value, where, f"{full}."))
+        else:
+            if full == "train.seed":
+                raise ConfigError(f"{where}: train.seed is set by the sweep's `seeds` list; remove it here")
+            out.append((full, value))
+    return out
+
+
+def _sets(pairs: list[tuple[str, Any]]) -> list[str]:
+    return [f"{k}={yaml_value(v)}" for k, v in pairs]
+
+
+def _label(value: Any) -> str:
+    text = yaml_value(value) if not isinstance(value, str) else value
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", text) or "_"
+
+
+def _axis_names(keys: list[str]) -> dict[str, str]:
+    """The last dotted component of each axis key where that is unique among the axes, else the full key."""
+    short = {k: k.rsplit(".", 1)[-1] for k in keys}
+    counts = {s: list(short.values()).count(s) for s in short.values()}
+    return {k: short[k] if counts[short[k]] == 1 else k for k in keys}
+
+
+def parse_paper_value(text: Any, where: str) -> PaperValue:
+    """``77.86``, ``"77.86 +- 0.16"`` or ``"77.86±0.16"`` -> :class:`PaperValue`."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return PaperValue(float(text))
+    match = _PAPER_VALUE.match(str(text)) if isinstance(text, str) else None
+    if not match:
+        raise ConfigError(f"{where}: {text!r} is not a paper value; write a number or 'mean +- std', e.g. "
+                          "'77.86 +- 0.16'")
+    return PaperValue(float(match[1]), float(match[2]) if match[2] else None)
+
+
+def _cells(data: dict[str, Any], where: str) -> dict[str, list[tuple[str, Any]]]:
+    variants = data.get("variants") or {}
+    axes = data.get("axes") or {}
+    if not isinstance(variants, dict) or not isinstance(axes, dict):
+        raise ConfigError(f"{where}: `variants` and `axes` must be mappings")
+    if not variants and not axes:
+        raise ConfigError(f"{where}: give `variants` (named cells) and/or `axes` (keys with lists of values)")
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: axes.{key} must be a non-empty list of values")
+        if key == "train.seed":
+            raise ConfigError(f"{where}: axes.train.seed: use the sweep's `seeds` list for seeds")
+    names = _axis_names(list(axes))
+    cells: dict[str, list[tuple[str, Any]]] = {}
+    for vname, overrides in (variants.items() if variants else [(None, {})]):
+        if vname is not None and not re.fullmatch(r"[A-Za-z0-9._+=,-]+", str(vname)):
+            raise ConfigError(f"{where}: variant name {vname!r} may use only letters, digits and . _ + = , -")
+        pairs = _flatten(overrides or {}, f"{where}: variants.{vname}")
+        for combo in itertools.product(*axes.values()):
+            parts = ([str(vname)] if vname is not None else []) + \
+                [f"{names[k]}={_label(v)}" for k, v in zip(axes, combo)]
+            name = ",".join(parts)
+            if name in cells:
+                raise ConfigError(f"{where}: two cells are both named {name!r}; make the values distinct")
+            cells[name] = pairs + list(zip(axes, combo))
+    return cells
+
+
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
+    """Read and strictly validate a sweep file; every run's config is resolved and validated here.
+
+    Args:
+        path: the sweep YAML file.
+        overrides: ``key=value`` strings applied to every cell after the file's overrides (``--set``).
+
+    Raises:
+        ConfigError: an unknown key, a malformed entry, or a run whose config does not validate (naming the cell).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with keys {', '.join(TOP_KEYS)}")
+    unknown = [k for k in data if k not in TOP_KEYS]
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep key '{unknown[0]}'; allowed keys: {', '.join(TOP_KEYS)}")
+    if not isinstance(data.get("base"), str):
+        raise ConfigError(f"{path}: `base` (a config file, relative to the sweep file) is required")
+    base = (path.parent / data["base"]).resolve()
+    if not base.is_file():
+        raise ConfigError(f"{path}: base config {data['base']!r} does not exist (looked for {base})")
+    seeds = data.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise ConfigError(f"{path}: seeds={seeds!r}; expected a list of distinct integers >= 0, e.g. [0, 1, 2]")
+    # No progress bar in the runs' logs (a sweep prints one line per run); the sweep's `set` may turn it back on.
+    common = ["train.progress=false"] + _sets(_flatten(data.get("set") or {}, f"{path}: set"))
+    cli = []
+    for text in overrides:
+        key, _ = parse_override(text)
+        if key == "train.seed":
+            raise ConfigError("--set train.seed: the sweep's `seeds` list sets the seed of each run")
+        cli.append(text)
+    cells = {name: common + _sets(pairs) + cli for name, pairs in _cells(data, str(path)).items()}
+    paper, note = _paper(data.get("paper"), cells, str(path))
+    sweep = Sweep(path=path, base=base, cells=cells, seeds=list(seeds), paper=paper, paper_note=note)
+    for run in sweep.runs():
+        try:
+            sweep.config(run)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: cell '{run.cell}' (seed {run.seed}): {exc}") from None
+    return sweep
+
+
+def _paper(data: Any, cells: dict[str, Any], where: str) -> tuple[dict[str, PaperValue], str]:
+    if data is None:
+        return {}, ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: `paper` must be a mapping with keys {', '.join(PAPER_KEYS)}")
+    unknown = [k for k in data if k not in PAPER_KEYS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key 'paper.{unknown[0]}'; allowed keys: {', '.join(PAPER_KEYS)}")
+    if not isinstance(data.get("note"), str) or not data["note"].strip():
+        raise ConfigError(f"{where}: paper.note is required: say which table, metric and protocol the values are")
+    values = data.get("values") or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: paper.values must map cell names to numbers")
+    out = {}
+    for cell, value in values.items():
+        if cell not in cells:
+            raise ConfigError(f"{where}: paper.values names unknown cell '{cell}'; cells: {', '.join(cells)}")
+        out[cell] = parse_paper_value(value, f"{where}: paper.values.{cell}")
+    return out, data["note"].strip()

@@ -1,0 +1,140 @@
+"""Sweep files: strict validation (errors name the key or cell), cell names, --set round trip, run-directory states,
+device slots. No training here (see test_sweep_run.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from directpred.cli import main
+from directpred.config import ConfigError, dump_config, parse_override
+from directpred.sweep import load_sweep, parse_devices
+from directpred.sweep.runner import plan_run
+from directpred.sweep.spec import PaperValue, parse_paper_value, yaml_value
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "configs" / "cpu" / "quickstart.yaml"
+
+
+def write_sweep(tmp_path: Path, tiny_folder: Path, **entries) -> Path:
+    data = {"base": str(QUICKSTART), "set": {"data.dataset": "folder", "data.path": str(tiny_folder)},
+            "variants": {"dp": {"predictor.name": "directpred"}, "lin": {"predictor.name": "linear"}},
+            "seeds": [0, 1]}
+    data.update(entries)
+    data = {k: v for k, v in data.items() if v is not None}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_cells_runs_and_resolved_configs(tmp_path, tiny_folder):
+    path = write_sweep(tmp_path, tiny_folder, variants={"dp": {"predictor": {"name": "directpred", "rho": 0.5}}},
+                       axes={"predictor.eps": [0, 0.1], "method.ema": [0.99]}, seeds=[3])
+    sweep = load_sweep(path, ["train.epochs=7"])
+    assert list(sweep.cells) == ["dp,eps=0,ema=0.99", "dp,eps=0.1,ema=0.99"]
+    runs = sweep.runs()
+    assert [(r.cell, r.seed, str(r.rel_dir)) for r in runs] == [
+        ("dp,eps=0,ema=0.99", 3, "runs/dp,eps=0,ema=0.99/seed3"), ("dp,eps=0.1,ema=0.99", 3,
+                                                                    "runs/dp,eps=0.1,ema=0.99/seed3")]
+    cfg = sweep.config(runs[1])
+    assert (cfg.predictor.rho, cfg.predictor.eps, cfg.method.ema, cfg.train.seed, cfg.train.epochs) == \
+        (0.5, 0.1, 0.99, 3, 7)
+    assert cfg.backbone.width == 16 and cfg.data.path == str(tiny_folder)  # from the base file / the sweep's set
+    assert sweep.base == QUICKSTART.resolve()
+
+
+def test_axis_names_use_full_keys_when_last_parts_clash(tmp_path, tiny_folder):
+    path = write_sweep(tmp_path, tiny_folder, variants=None,
+                       axes={"projector.hidden_dim": [32], "predictor.hidden_dim": [16, 64]})
+    assert list(load_sweep(path).cells) == ["projector.hidden_dim=32,predictor.hidden_dim=16",
+                                            "projector.hidden_dim=32,predictor.hidden_dim=64"]
+
+
+@pytest.mark.parametrize("value", [0.3, 4e-4, 1e-05, 7, True, False, None, "linear", "true", "a b: c", "/x/y.tar.gz",
+                                   [1, 2.5], "0.10", "~"])
+def test_set_text_reads_back_as_the_same_value(value):
+    key, back = parse_override(f"a.b={yaml_value(value)}")
+    assert key == "a.b" and back == value and type(back) is type(value)
+
+
+@pytest.mark.parametrize("entries, message", [
+    ({"grid": {}}, "unknown sweep key 'grid'; allowed keys: base, set, axes, variants, seeds, paper"),
+    ({"variants": {"dp": {"predictor.rhoo": 0.3}}},
+     "cell 'dp' (seed 0): unknown config key 'predictor.rhoo'. Did you mean 'predictor.rho'?"),
+    ({"set": {"optim.lr": "fast"}}, "cell 'dp' (seed 0): optim.lr: 'fast' has the wrong type; expected float"),
+    ({"variants": {"dp": {"predictor.rho": 1.5}}},
+     "cell 'dp' (seed 0): predictor.rho=1.5 is not allowed: the moving-average rate must lie in [0, 1)"),
+    ({"seeds": [0, 0]}, "seeds=[0, 0]; expected a list of distinct integers >= 0"),
+    ({"seeds": 3}, "seeds=3; expected a list of distinct integers >= 0"),
+    ({"set": {"train": {"seed": 1}}}, "train.seed is set by the sweep's `seeds` list; remove it here"),
+    ({"variants": None, "axes": None}, "give `variants` (named cells) and/or `axes`"),
+    ({"axes": {"predictor.rho": 0.3}}, "axes.predictor.rho must be a non-empty list of values"),
+    ({"base": "nope.yaml"}, "base config 'nope.yaml' does not exist"),
+    ({"paper": {"values": {"dp": 1}}}, "paper.note is required"),
+    ({"paper": {"note": "T6", "values": {"directpred": 77.86}}}, "paper.values names unknown cell 'directpred'"),
+    ({"paper": {"note": "T6", "values": {"dp": "77.86 pm 0.1"}}}, "'77.86 pm 0.1' is not a paper value"),
+    ({"paper": {"note": "T6", "table": 6}}, "unknown key 'paper.table'"),
+    ({"variants": {"a/b": {}}}, "variant name 'a/b' may use only"),
+])
+def test_invalid_sweep_files_name_the_key(tmp_path, tiny_folder, entries, message):
+    path = write_sweep(tmp_path, tiny_folder, **entries)
+    with pytest.raises(ConfigError) as info:
+        load_sweep(path)
+    assert message in str(info.value)
+
+
+def test_cli_rejects_a_bad_sweep_before_any_run(tmp_path, tiny_folder, capsys):
+    path = write_sweep(tmp_path, tiny_folder, variants={"ok": {}, "bad": {"train.batch_size": 1}})
+    assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--devices", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "cell 'bad' (seed 0): train.batch_size=1 is not allowed" in err
+    assert not (tmp_path / "out").exists()  # validated before anything was created, let alone run
+    assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--set", "train.seed=4"]) == 2
+    assert "the sweep's `seeds` list sets the seed" in capsys.readouterr().err
+
+
+def test_paper_values():
+    assert parse_paper_value("77.86±0.16", "x") == PaperValue(77.86, 0.16)
+    assert parse_paper_value("77.86 +- 0.16", "x") == PaperValue(77.86, 0.16)
+    assert parse_paper_value(40, "x") == PaperValue(40.0, None)
+
+
+def test_run_directory_states(tmp_path, tiny_folder):
+    sweep = load_sweep(write_sweep(tmp_path, tiny_folder))
+    run = sweep.runs()[0]
+    out = tmp_path / "out"
+    run_dir = out / run.rel_dir
+    assert plan_run(sweep, run, out).action == "new"  # nothing there
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_config(sweep.config(run)))
+    assert plan_run(sweep, run, out).action == "new"  # killed before its first checkpoint
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    plan = plan_run(sweep, run, out)
+    assert (plan.action, plan.sets) == ("resume", [])
+    assert plan.command(sweep)[3:] == ["train", "--resume", str(run_dir)]
+    (run_dir / "summary.json").write_text(json.dumps({"knn_top1": 50.0}))
+    assert plan_run(sweep, run, out).action == "done"
+    # a finished run asked to train longer is resumed with the new length; other resumable keys are passed along
+    longer = load_sweep(sweep.path, ["train.epochs=3", "eval.knn_k=7"])
+    plan = plan_run(longer, longer.runs()[0], out)
+    assert (plan.action, plan.sets) == ("resume", ["train.epochs=3", "eval.knn_k=7"])
+    changed = load_sweep(sweep.path, ["predictor.eps=0.2", "optim.lr=0.1"])
+    with pytest.raises(ConfigError, match=r"was made with a different configuration \(predictor.eps: 0.1 in the run, "
+                                          r"0.2 in the sweep; optim.lr: 0.03 in the run, 0.1 in the sweep\)"):
+        plan_run(changed, changed.runs()[0], out)
+
+
+def test_device_slots():
+    assert parse_devices("cpu") == [None]
+    assert parse_devices("cpu", jobs=3) == [None, None, None]
+    assert parse_devices("0,1", jobs=2) == ["0", "0", "1", "1"]
+    assert parse_devices("0,1,2,3", torchrun=2) == ["0,1", "2,3"]
+    with pytest.raises(ConfigError, match="must be a multiple of the processes per run"):
+        parse_devices("0,1,2", torchrun=2)
+    with pytest.raises(ConfigError, match="give cpu, auto or distinct GPU indices"):
+        parse_devices("gpu0")
+    with pytest.raises(ConfigError, match="--jobs 0: must be >= 1"):
+        parse_devices("cpu", jobs=0)
