@@ -37,8 +37,7 @@ def _rows(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _series(rows: list[dict[str, Any]], kind: str, key: str, x: str = "step") -> tuple[list, list]:
-    # The final-verdict diag row (``final: 1``) repeats the last step's batch: not a point of the curves.
-    pts = [(r[x], r.get(key)) for r in rows if r.get("kind") == kind and key in r and x in r and not r.get("final")]
+    pts = [(r[x], r.get(key)) for r in rows if r.get("kind") == kind and key in r and x in r]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -115,7 +114,7 @@ def make_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     written.append(plots.save_figure(fig, out_dir / "overview.png"))
 
     for label, (_, r, _) in runs.items():
-        diag = [row for row in r if row.get("kind") == "diag" and row.get("s") and not row.get("final")]
+        diag = [row for row in r if row.get("kind") == "diag" and row.get("s")]
         fig, axes = plots.new_figure(1, 2, width=5.5, height=3.8)
         if diag:
             steps = [row["step"] for row in diag]

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -216,5 +217,8 @@ def write_reports(sweep: Sweep, out: Path) -> dict[str, Any]:
     atomic_write_text(out / "results.json", json.dumps(res, indent=1) + "\n")
     atomic_write_text(out / "results.md", markdown(res))
     atomic_write_text(out / "results.csv", csv_text(res))
-    figures(res, out)
+    try:
+        figures(res, out)
+    except ImportError:  # matplotlib is the `plot` extra: the tables do not need it
+        warnings.warn("sweep figures skipped: they need matplotlib (pip install 'directpred[plot]')", stacklevel=2)
     return res

@@ -76,9 +76,10 @@ class Sweep:
         return self.path.stem
 
     def runs(self) -> list[Run]:
-        """Every cell x seed, cells in file order, seeds in list order."""
-        return [Run(cell, seed, (*sets, f"train.seed={seed}")) for cell, sets in self.cells.items()
-                for seed in self.seeds]
+        """Every cell x seed, seed by seed (each cell's first seed before any cell's second: a sweep stopped early
+        has every cell), cells in file order."""
+        return [Run(cell, seed, (*sets, f"train.seed={seed}")) for seed in self.seeds
+                for cell, sets in self.cells.items()]
 
     def config(self, run: Run) -> Config:
         """The resolved configuration of ``run``: what ``directpred train BASE --set ...`` builds."""

@@ -23,7 +23,8 @@ The flag is sticky, recorded in ``summary.json`` with the step and the evidence,
 and with ``diag.stop_on_collapse`` the loop stops the run.
 
 Final verdict. When training ends (also with ``diag.every=0``) the loop computes one more report on the final
-state (the last step's batch), logs it (kind ``"diag"``, ``final: 1``) and judges it alone: ``summary.json``'s
+state (the last step's batch), logs it (kind ``"diag_final"``: rows and TensorBoard tags of its own, apart from the
+periodic ``diag`` curves) and judges it alone: ``summary.json``'s
 ``collapsed`` is true if the periodic rule fired during training (or stopped the run) **or** the final report is
 collapsed-looking. The final signals are in ``summary.json`` as ``final_z_std_ratio``, ``final_rankme_z``,
 ``final_loss_per_term`` and ``final_looks_collapsed``.
@@ -236,7 +237,6 @@ class Diagnostics:
             if distributed.is_main():
                 print(f"\nWARNING: the final state looks COLLAPSED (step {step}): {self.collapse_evidence}. "
                       "See docs/diagnostics.md.", file=sys.stderr)
-        row["final"] = 1
         row["looks_collapsed"] = int(flagged)
         row["collapsed"] = int(self.collapsed)
         self.final_row = {k: v for k, v in row.items() if not isinstance(v, list)}

@@ -518,7 +518,7 @@ class Trainer:
             raise SystemExit(128 + stopped_by if stopped_by > 0 else 1)
         if self.diagnostics is not None and last_out is not None:  # the verdict on the final state
             row = self.diagnostics.final_report(self.step, last_out)
-            self.logger.log({"step": self.step, "epoch": self.step // self.steps_per_epoch, **row}, group="diag")
+            self.logger.log({"step": self.step, "epoch": self.step // self.steps_per_epoch, **row}, group="diag_final")
         self.save()
         summary = self.finish(stopped_early=collapsed_stop)
         self.logger.close()

@@ -78,10 +78,10 @@ def test_healthy_runs_are_not_flagged(tmp_path, data, name, overrides):
     out, summary = train(tmp_path, data, name, overrides, steps=24)
     assert summary["collapsed"] is False and summary["collapse_step"] is None
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    diag = [r for r in rows if r["kind"] == "diag" and not r.get("final")]
+    diag = [r for r in rows if r["kind"] == "diag"]
     assert [r["step"] for r in diag] == list(range(2, 25, 2))
     assert all(r["collapsed"] == 0 for r in diag)
-    final = [r for r in rows if r["kind"] == "diag" and r.get("final")]  # the verdict on the final state
+    final = [r for r in rows if r["kind"] == "diag_final"]  # the verdict on the final state
     assert [r["step"] for r in final] == [24] and final[0]["looks_collapsed"] == 0
     if name.endswith("directpred"):  # W_p is built from F^'s eigenvectors: aligned and symmetric
         assert all(r["alignment"] > 0.999 and r["asymmetry"] < 1e-5 for r in diag)

@@ -19,7 +19,7 @@ def _run(tiny_overrides, tmp_path, name, extra):
     over = [o for o in tiny_overrides if not o.startswith("diag.every")] + SHORT + extra
     summary = Trainer(load_config(None, over), tmp_path / name).fit()
     rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    return summary, [r for r in rows if r["kind"] == "diag"]
+    return summary, [r for r in rows if r["kind"] in ("diag", "diag_final")]
 
 
 @pytest.mark.parametrize("every", ["10", "0"])
@@ -28,7 +28,7 @@ def test_short_collapsing_run_is_judged_collapsed_by_the_final_report(every, tin
                          ["method.name=simsiam", "predictor.name=none", "optim.lr=1.0", f"diag.every={every}"])
     assert [r["step"] for r in diag] == ([10, 16] if every == "10" else [16])
     final = diag[-1]
-    assert final["final"] == 1 and final["looks_collapsed"] == 1 and final["collapsed"] == 1
+    assert final["kind"] == "diag_final" and final["looks_collapsed"] == 1 and final["collapsed"] == 1
     assert summary["collapsed"] is True and summary["collapse_step"] == 16
     assert "final report" in summary["collapse_evidence"]
     # The verdict follows the documented thresholds on the final signals recorded in the summary.
@@ -40,6 +40,6 @@ def test_short_collapsing_run_is_judged_collapsed_by_the_final_report(every, tin
 
 def test_short_healthy_run_is_judged_not_collapsed(tiny_overrides, tmp_path):
     summary, diag = _run(tiny_overrides, tmp_path, "healthy", ["method.name=byol", "predictor.name=directpred"])
-    assert diag[-1]["final"] == 1 and diag[-1]["looks_collapsed"] == 0
+    assert diag[-1]["kind"] == "diag_final" and diag[-1]["looks_collapsed"] == 0
     assert summary["collapsed"] is False and summary["final_looks_collapsed"] == 0
     assert summary["final_z_std_ratio"] > STD_RATIO_MAX

@@ -87,7 +87,7 @@ def test_sigkill_then_resume_logs_each_step_once_with_uninterrupted_values(tmp_p
 
     got, want = _rows(run), _rows(reference)
     assert got.keys() == want.keys()
-    assert {k for k, _ in got} == {"train", "diag", "eval", "final"}
+    assert {k for k, _ in got} == {"train", "diag", "diag_final", "eval", "final"}
     for key in want:
         assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), key
     tb, tb_ref = _tensorboard(run), _tensorboard(reference)

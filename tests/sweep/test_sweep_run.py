@@ -21,7 +21,7 @@ from directpred.cli import main
 from directpred.config import parse_override
 
 REPO = Path(__file__).resolve().parents[2]
-RUNS = [("directpred", 0), ("directpred", 1), ("linear", 0), ("linear", 1)]  # the order the sweep runs them in
+RUNS = [("directpred", 0), ("linear", 0), ("directpred", 1), ("linear", 1)]  # the order the sweep runs them in
 
 
 def _env() -> dict[str, str]:
