@@ -4,8 +4,8 @@
 #      the data pipeline, DirectPred's update, eigh up to d = 4096 (benchmarks/throughput.py, as gpu_check.sh);
 #   2. two sweeps sharing the GPU (small networks leave most of it idle):
 #      - sweeps/gpu/cifar10_fullwidth.yaml: full-width DirectPred vs linear vs MLP predictor (1 seed, 5 epochs);
-#      - sweeps/cpu/cifar10_predictors.yaml: the CPU-scale predictor comparison (ResNet-18 width 16, 7 predictors x
-#        3 seeds, 2 epochs) in fp32, several runs at a time;
+#      - sweeps/gpu/cifar10_predictors_authors.yaml: the CPU-scale predictor comparison under the authors' protocol
+#        (ResNet-18 width 16, random target init, 7 predictors x 3 seeds, 2 epochs) in fp32, 7 runs at a time;
 #   3. their reports, packed with the runs' summaries and metrics (no checkpoints) into DEST/results.tgz.
 # A deadline (BUDGET seconds from the start, default 470) stops the sweeps with SIGTERM (each run checkpoints), so
 # the reports of whatever finished always come back; rerunning the script resumes the sweeps.
@@ -19,7 +19,7 @@ BUDGET=${BUDGET:-470}
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 START=$(date +%s)
 mkdir -p "$DEST"
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 DATASET=(--set data.dataset=folder --set "data.path=$DATA")
 if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -45,7 +45,7 @@ echo "== 2. sweeps (deadline $BUDGET s after the start) =="
 "$PY" -m directpred sweep sweeps/gpu/cifar10_fullwidth.yaml --out "$DEST/fullwidth" "${DATASET[@]}" "${FULL[@]}" \
   > "$DEST/fullwidth.log" 2>&1 &
 P1=$!
-"$PY" -m directpred sweep sweeps/cpu/cifar10_predictors.yaml --out "$DEST/cpuscale" "${DATASET[@]}" "${SMALL[@]}" \
+"$PY" -m directpred sweep sweeps/gpu/cifar10_predictors_authors.yaml --out "$DEST/cpuscale" "${DATASET[@]}" "${SMALL[@]}" \
   > "$DEST/cpuscale.log" 2>&1 &
 P2=$!
 while kill -0 $P1 2>/dev/null || kill -0 $P2 2>/dev/null; do
@@ -61,7 +61,7 @@ wait $P1 $P2 2>/dev/null
 
 echo "== 3. reports =="
 for s in fullwidth cpuscale; do
-  f=$([ $s = fullwidth ] && echo sweeps/gpu/cifar10_fullwidth.yaml || echo sweeps/cpu/cifar10_predictors.yaml)
+  f=$([ $s = fullwidth ] && echo sweeps/gpu/cifar10_fullwidth.yaml || echo sweeps/gpu/cifar10_predictors_authors.yaml)
   "$PY" -m directpred sweep "$f" --out "$DEST/$s" --report "${DATASET[@]}" >/dev/null 2>&1 || true
   echo "--- $s"; tail -n 40 "$DEST/$s.log" | grep -E "finished|failed|resum|start" | tail -n 5
   cat "$DEST/$s/results.md" 2>/dev/null

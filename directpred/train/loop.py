@@ -56,8 +56,8 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA (this process's ``LOCAL_RANK`` GPU under torchrun) when available, else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    if name == "cuda":  # an explicit index: torch.cuda.set_device refuses a bare "cuda"
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto")
