@@ -80,7 +80,8 @@ class PredictorConfig:
     average: Literal["ema", "cumulative"] = "ema"
     """`ema`: moving average with rate `rho`; `cumulative`: simple average of all batch terms."""
     partitions: int = 0
-    """>0: feature-dependent W_p from this many random hyperplanes, drawn from `train.seed` (directpred only)."""
+    """Feature-dependent W_p from this many random hyperplanes, drawn from `train.seed` (directpred only); 0: one
+    global F^."""
     ridge: float = 1e-4
     """`optimal`: W_p = S (F^ + lambda I)^-1 with lambda = ridge * tr(F^) / d."""
     update_at: Literal["forward", "after_step"] = "forward"
@@ -137,9 +138,9 @@ class DataConfig:
     image_size: int = 0
     """Training and test image size; 0: the dataset's own size."""
     train_subset: int = 0
-    """>0: a class-balanced subset of this many training images."""
+    """A class-balanced subset of this many training images; 0: all."""
     test_subset: int = 0
-    """>0: a class-balanced subset of the test images (quick evaluations)."""
+    """A class-balanced subset of this many test images (quick evaluations); 0: all."""
     workers: int = 0
     """DataLoader workers for datasets decoded lazily from disk."""
     skip_corrupt: bool = False
@@ -195,17 +196,16 @@ class TrainConfig:
     checkpoint_every: int = 10
     """Epochs between kept checkpoints/epoch_XXXX.pt (last.pt is written every epoch)."""
     checkpoint_every_steps: int = 0
-    """>0: also refresh last.pt every this many steps (preemptible machines)."""
+    """Also refresh last.pt every this many steps (preemptible machines); 0: only every epoch."""
     log_every: int = 20
     """Steps between metrics.jsonl / TensorBoard rows."""
     progress: bool = True
     """Tqdm progress bar."""
     max_steps: int = 0
-    """>0: stop after this many optimiser steps (smoke tests)."""
+    """Stop after this many optimiser steps (smoke tests); 0: no limit."""
     skip_nonfinite: int = 0
-    """>0: a step whose loss or gradient is NaN/inf is skipped (no optimiser, EMA or statistics update) instead of
-    stopping the run, up to this many skipped steps in total over the run (resumes included); 0: stop at the
-    first."""
+    """Steps whose loss or gradient is NaN/inf that may be skipped (no optimiser, EMA or statistics update) instead
+    of stopping the run, in total over the run (resumes included); 0: stop at the first."""
 
 
 @dataclass
