@@ -342,7 +342,12 @@ def merge_into(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """Split ``'a.b=value'``; the value is parsed as YAML (so ``3`` is an int, ``true`` a bool, ``null`` None)."""
+    """Split ``'a.b=value'``; the value is parsed as YAML (so ``3`` is an int, ``true`` a bool, ``null`` None).
+
+    Examples:
+        >>> parse_override("predictor.rho=0.5"), parse_override("train.channels_last=false")
+        (('predictor.rho', 0.5), ('train.channels_last', False))
+    """
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. predictor.rho=0.5")
     key, raw = text.split("=", 1)
@@ -355,7 +360,12 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def nest(key: str, value: Any) -> dict[str, Any]:
-    """``nest('a.b', 1) == {'a': {'b': 1}}``."""
+    """A dotted key and its value as nested dicts.
+
+    Examples:
+        >>> nest("predictor.rho", 0.5)
+        {'predictor': {'rho': 0.5}}
+    """
     out: dict[str, Any] = {}
     node = out
     parts = key.split(".")
@@ -378,6 +388,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
     Raises:
         ConfigError: on an unknown key, a wrong type or an impossible value.
+
+    Examples:
+        >>> load_config(None, ["predictor.rho=0.5"]).predictor.rho
+        0.5
+        >>> load_config(None, ["predictor.rh=0.5"])
+        Traceback (most recent call last):
+        ...
+        directpred.config.ConfigError: unknown config key 'predictor.rh'. Did you mean 'predictor.rho'? ...
+        >>> load_config(None, ["predictor.rho=1.5"])
+        Traceback (most recent call last):
+        ...
+        directpred.config.ConfigError: predictor.rho=1.5 is not allowed: the moving-average rate must lie in [0, 1)
     """
     cfg = Config()
     if base:

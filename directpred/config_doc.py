@@ -75,9 +75,10 @@ def attribute_docstrings(cls: type) -> dict[str, str]:
     """The attribute docstrings of class ``cls``: ``{field: text}`` for each annotated assignment followed by a
     string literal, the text dedented and joined into one line.
 
-    >>> from directpred.config import PredictorConfig
-    >>> attribute_docstrings(PredictorConfig)["freq"]
-    'Set W_p every `freq` steps; >1: SGD steps on W_p in between (the hybrid, Table 8).'
+    Examples:
+        >>> from directpred.config import PredictorConfig
+        >>> attribute_docstrings(PredictorConfig)["freq"]
+        'Set W_p every `freq` steps; >1: SGD steps on W_p in between (the hybrid, Table 8).'
     """
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     (node,) = [n for n in tree.body if isinstance(n, ast.ClassDef)]
@@ -93,8 +94,9 @@ def attribute_docstrings(cls: type) -> dict[str, str]:
 def yaml_value(value: Any) -> str:
     """A default as one writes it in a YAML config.
 
-    >>> [yaml_value(v) for v in (True, None, 1e-4, "auto", 3)]
-    ['true', 'null', '0.0001', 'auto', '3']
+    Examples:
+        >>> [yaml_value(v) for v in (True, None, 1e-4, "auto", 3)]
+        ['true', 'null', '0.0001', 'auto', '3']
     """
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -108,10 +110,11 @@ def yaml_value(value: Any) -> str:
 def type_text(tp: Any) -> str:
     """A field annotation in the words of a YAML user: the allowed values of a ``Literal``, ``null`` for None.
 
-    >>> type_text(Literal["auto"] | bool)
-    '`auto` / `true` / `false`'
-    >>> type_text(str | None)
-    'str or null'
+    Examples:
+        >>> type_text(Literal["auto"] | bool)
+        '`auto` / `true` / `false`'
+        >>> type_text(str | None)
+        'str or null'
     """
     if get_origin(tp) is Literal:
         return " / ".join(f"`{yaml_value(a)}`" for a in get_args(tp))
