@@ -48,7 +48,8 @@ Configs are YAML files that override the defaults below; `--set section.key=valu
 parsed as YAML). Unknown keys, wrong types and impossible values fail before any work with the key's name and what
 is allowed. On `--resume`, only `train.epochs`, `train.max_steps`, logging/checkpoint cadence, device, data location
 and `eval.*` may change; anything else is refused with the difference shown, unless `--force`. A run's
-`config.yaml` holds every key below with its resolved value.
+`config.yaml` holds every key below with its resolved value. These tables are generated from the field docstrings
+in `directpred/config.py` by `python -m directpred.config_doc`.
 """
 
 
