@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print:
         print(reference_markdown(heading_level=2), end="")
         return 0
+    if not args.readme.is_file():
+        parser.error(f"{args.readme} does not exist: run this in a source checkout (or pass --readme and --page)")
     stale = stale_files(args.readme, args.page)
     if args.check:
         for path in stale:
