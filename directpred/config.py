@@ -3,6 +3,9 @@
 The defaults reproduce the paper's CIFAR-10/STL-10 recipe (paper.md §5-6): ResNet-18, batch 128, SGD lr 0.03,
 momentum 0.9, weight decay 4e-4, EMA 0.996, 100 epochs, DirectPred with rho=0.3, eps=0.1, freq=1.
 
+Each field's docstring (the string literal below it) is its meaning in the configuration reference, which
+:mod:`directpred.config_doc` generates from this module (``python -m directpred.config_doc``).
+
 A YAML file only overrides these defaults. Every key is checked: an unknown key, a value of the wrong type or an
 impossible value raises :class:`ConfigError` naming the key and what is allowed, before any work starts.
 """
@@ -30,55 +33,85 @@ class ConfigError(ValueError):
 class MethodConfig:
     """The self-supervised method: BYOL (EMA target) or SimSiam (stop-gradient of the online branch)."""
 
-    name: Literal["byol", "simsiam"] = "byol"  # byol: EMA target; simsiam: target = online branch, stop-grad
-    ema: float = 0.996  # gamma_a: target momentum (BYOL); 1 - gamma_a = alpha*beta in the paper's notation
-    ema_schedule: Literal["constant", "cosine"] = "constant"  # cosine: gamma_a -> 1 over training (BYOL paper)
-    symmetric_loss: bool = True  # both views predict each other; False: only view 1 predicts view 2
-    stop_gradient: bool = True  # False is the Theorem 2 ablation (SimSiam only): the network collapses
-    target_init: Literal["copy", "random"] = "copy"  # random: independent init as in the authors' code
+    name: Literal["byol", "simsiam"] = "byol"
+    """`byol`: EMA target; `simsiam`: the target is the online branch under a stop-gradient."""
+    ema: float = 0.996
+    """gamma_a, the target momentum (BYOL); 1 - gamma_a = alpha*beta in the paper's notation."""
+    ema_schedule: Literal["constant", "cosine"] = "constant"
+    """`cosine`: gamma_a rises to 1 over training (BYOL paper)."""
+    symmetric_loss: bool = True
+    """Both views predict each other; false: only view 1 predicts view 2."""
+    stop_gradient: bool = True
+    """False is the Theorem 2 ablation (SimSiam only): the network collapses."""
+    target_init: Literal["copy", "random"] = "copy"
+    """`copy`: the target starts as a copy of the online network; `random`: independent initialisation, as in the
+    authors' code (the paper configs use it)."""
 
 
 @dataclass
 class PredictorConfig:
     """The predictor W_p. See :mod:`directpred.heads` for the maths of each choice."""
 
-    # optimal: least-squares W_p (Table 1); none: W_p = I (collapses)
     name: Literal["directpred", "directcopy", "optimal", "linear", "mlp", "none"] = "directpred"
+    """`directpred`: W_p from the eigendecomposition of F^ (Eq. 18); `directcopy`: W_p = F^/||F^|| + eps I;
+    `optimal`: least-squares W_p (Table 1); `linear`: one SGD-trained layer; `mlp`: Linear-BN-ReLU-Linear;
+    `none`: W_p = I (collapses)."""
     # linear / mlp
-    bias: bool = False  # linear predictor bias (Tables 2/3)
-    symmetric: bool = False  # the paper's "sym W_p" (Table 3): symmetric init, symmetrised update
-    hidden_dim: int = 512  # mlp only
+    bias: bool = False
+    """Linear predictor bias (Tables 2/3)."""
+    symmetric: bool = False
+    """The paper's "sym W_p" (Table 3): symmetric init, symmetrised update; `mlp`: tied layers."""
+    hidden_dim: int = 512
+    """Hidden units of the `mlp` predictor."""
     # directpred / directcopy: the running estimate F^ of E[f f^T] (Eq. 19) and the map to W_p (Eq. 18)
-    rho: float = 0.3  # moving-average rate of F^ (Eq. 19), in [0, 1)
-    eps: float = 0.1  # boost of small eigenvalues (Eq. 18); DirectCopy: the eps of F^/||F^|| + eps I
-    freq: int = 1  # set W_p every freq steps; >1: SGD steps on W_p in between (the hybrid, Table 8)
-    eps_mode: Literal["code", "paper"] = "code"  # code: sqrt(s/s_max)+eps; paper: sqrt(s)+eps*s_max
-    c: float = 0.0  # the c_j variant p_j = sqrt(max(s_j - c, 0)) (Table 7); 0 disables it
-    zero_mean: bool = False  # covariance instead of correlation (the paper reports it hurts)
-    average: Literal["ema", "cumulative"] = "ema"  # cumulative: simple average of all batch terms
-    partitions: int = 0  # >0: feature-dependent W_p from this many random hyperplanes (directpred only)
-    ridge: float = 1e-4  # optimal: W_p = S (F^ + lambda I)^-1 with lambda = ridge * tr(F^) / d
-    # forward: fold the batch into F^ and set W_p before predicting (W_p from F^ up to this step); after_step: the
-    # authors' order, predict with the current W_p, fold and set after the optimiser step (F^ up to the last step)
+    rho: float = 0.3
+    """Moving-average rate of F^ (Eq. 19), in [0, 1): F^ <- rho F^ + (1 - rho) z^T z / B."""
+    eps: float = 0.1
+    """Boost of small eigenvalues (Eq. 18); DirectCopy: the eps of F^/||F^|| + eps I."""
+    freq: int = 1
+    """Set W_p every `freq` steps; >1: SGD steps on W_p in between (the hybrid, Table 8)."""
+    eps_mode: Literal["code", "paper"] = "code"
+    """`code` (the authors' code): p_j = sqrt(s_j/s_max) + eps; `paper` (Eq. 18): p_j = sqrt(s_j) + eps s_max."""
+    c: float = 0.0
+    """The c_j variant p_j = sqrt(max(s_j - c, 0)) (Table 7), in code mode floored at 0.01 as in the authors' code;
+    0 disables it."""
+    zero_mean: bool = False
+    """Covariance instead of correlation (the paper reports it hurts)."""
+    average: Literal["ema", "cumulative"] = "ema"
+    """`ema`: moving average with rate `rho`; `cumulative`: simple average of all batch terms."""
+    partitions: int = 0
+    """Feature-dependent W_p from this many random hyperplanes, drawn from `train.seed` (directpred only); 0: one
+    global F^."""
+    ridge: float = 1e-4
+    """`optimal`: W_p = S (F^ + lambda I)^-1 with lambda = ridge * tr(F^) / d."""
     update_at: Literal["forward", "after_step"] = "forward"
+    """`forward`: fold the batch into F^ and set W_p before predicting (W_p from F^ up to this step); `after_step`:
+    the authors' order, predict with the current W_p, fold and set after the optimiser step (F^ up to the last
+    step)."""
 
 
 @dataclass
 class BackboneConfig:
     """A torchvision ResNet without its classifier."""
 
-    name: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"  # torchvision architecture, fc removed
-    width: int = 64  # base channels; 64 is the standard ResNet, CPU recipes use 16-32
-    cifar_stem: bool = True  # 3x3 stride-1 first conv and no max-pool (for 32x32 images)
+    name: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    """Torchvision architecture, `fc` removed."""
+    width: int = 64
+    """Base channels; 64 is the standard ResNet, CPU recipes use 16-32."""
+    cifar_stem: bool = True
+    """3x3 stride-1 first convolution and no max-pool (for 32x32 images)."""
 
 
 @dataclass
 class ProjectorConfig:
     """Projector Linear-BN-ReLU-Linear (authors' defaults 512 -> 512 -> 128)."""
 
-    hidden_dim: int = 512  # projector hidden units
-    out_dim: int = 128  # projector output d: the predictor's input and output size
-    bn_affine: bool = False  # the authors' code uses BatchNorm1d(affine=False) in projector and MLP predictor
+    hidden_dim: int = 512
+    """Projector hidden units."""
+    out_dim: int = 128
+    """Projector output size d: the predictor's input and output size (F^ and W_p are d x d)."""
+    bn_affine: bool = False
+    """Affine BatchNorm in the projector and MLP predictor (the authors' code uses `BatchNorm1d(affine=False)`)."""
 
 
 @dataclass
@@ -86,84 +119,129 @@ class DataConfig:
     """Where images come from and how they are augmented."""
 
     dataset: Literal["cifar10", "cifar100", "stl10", "folder"] = "cifar10"
-    # An ImageFolder directory or .tar/.tar.gz with train/ and test/: the data of `folder`, or an explicit local copy
-    # of cifar10/cifar100/stl10 used instead of torchvision. Must exist. Relative in a config file: to its folder.
+    """A torchvision dataset (`stl10` pre-trains on train+unlabeled) or `folder`: the ImageFolder data of `path`."""
     path: str | None = None
-    # cifar10/cifar100/stl10: a local copy (layout as `path`) used when it exists, else torchvision (`root`,
-    # `download`); e.g. the mirror beside the repository. Relative in a config file: to its folder.
+    """An ImageFolder directory or .tar/.tar.gz with train/ and test/: the data of `folder`, or an explicit local
+    copy of cifar10/cifar100/stl10 used instead of torchvision. Must exist. Relative in a config file: to its
+    folder."""
     local_copy: str | None = None
-    root: str = "~/.cache/directpred/torchvision"  # torchvision datasets live here
-    download: bool = False  # let torchvision download cifar10/cifar100/stl10 into `root` when no copy exists
-    cache_dir: str = "~/.cache/directpred"  # decoded archives and image arrays
-    augment: Literal["cifar", "stl10", "imagenet", "auto"] = "auto"  # auto: by dataset / image size
-    image_size: int = 0  # 0: the dataset's own size
-    train_subset: int = 0  # >0: a class-balanced subset of this many training images
-    test_subset: int = 0  # >0: a class-balanced subset of the test images (quick evaluations)
-    workers: int = 0  # DataLoader workers for datasets decoded lazily from disk
-    skip_corrupt: bool = False  # warn and skip unreadable images instead of failing
+    """cifar10/cifar100/stl10: a local copy (layout as `path`) used when it exists, else torchvision (`root`,
+    `download`); e.g. the mirror beside the repository. Relative in a config file: to its folder."""
+    root: str = "~/.cache/directpred/torchvision"
+    """Torchvision datasets live here."""
+    download: bool = False
+    """Let torchvision download cifar10/cifar100/stl10 into `root` when no copy exists."""
+    cache_dir: str = "~/.cache/directpred"
+    """Decoded archives and image arrays."""
+    augment: Literal["cifar", "stl10", "imagenet", "auto"] = "auto"
+    """Augmentation recipe; `auto`: by dataset and image size."""
+    image_size: int = 0
+    """Training and test image size; 0: the dataset's own size."""
+    train_subset: int = 0
+    """A class-balanced subset of this many training images; 0: all."""
+    test_subset: int = 0
+    """A class-balanced subset of this many test images (quick evaluations); 0: all."""
+    workers: int = 0
+    """DataLoader workers for datasets decoded lazily from disk."""
+    skip_corrupt: bool = False
+    """Warn and skip unreadable images instead of failing."""
 
 
 @dataclass
 class OptimConfig:
     """Optimiser of backbone + projector; the predictor gets its own parameter group."""
 
-    name: Literal["sgd", "lars"] = "sgd"  # SGD with momentum (the paper) or LARS (BYOL, large batches)
-    lr: float = 0.03  # base learning rate alpha (not scaled with the batch size)
-    momentum: float = 0.9  # SGD/LARS momentum
-    weight_decay: float = 4e-4  # eta-bar = alpha * eta in the paper's notation
-    alpha_p: float = 1.0  # the predictor's learning rate relative to the trunk (paper: alpha_p)
-    predictor_weight_decay: float = -1.0  # <0: same as weight_decay
-    schedule: Literal["constant", "warmup_cosine"] = "constant"  # the paper uses a constant lr
-    warmup_epochs: float = 0.0  # linear warmup length (also with the constant schedule)
-    lars_eta: float = 0.001  # LARS trust coefficient
+    name: Literal["sgd", "lars"] = "sgd"
+    """SGD with momentum (the paper) or LARS (BYOL, large batches)."""
+    lr: float = 0.03
+    """Base learning rate alpha (not scaled with the batch size)."""
+    momentum: float = 0.9
+    """SGD/LARS momentum."""
+    weight_decay: float = 4e-4
+    """eta-bar = alpha * eta in the paper's notation."""
+    alpha_p: float = 1.0
+    """The predictor's learning rate relative to the trunk (paper: alpha_p); 0 freezes it."""
+    predictor_weight_decay: float = -1.0
+    """Weight decay of the predictor's parameter group (Table 5); <0: same as `weight_decay`."""
+    schedule: Literal["constant", "warmup_cosine"] = "constant"
+    """Learning-rate schedule; the paper uses a constant lr."""
+    warmup_epochs: float = 0.0
+    """Linear warmup length in epochs (also with the constant schedule)."""
+    lars_eta: float = 0.001
+    """LARS trust coefficient."""
 
 
 @dataclass
 class TrainConfig:
     """Length, batch, precision, checkpoints and logging of a training run."""
 
-    epochs: int = 100  # pre-training epochs (the last partial batch of an epoch is dropped)
-    batch_size: int = 128  # per process; the global batch is batch_size * world_size
-    seed: int = 0  # initialisation, data order and augmentation draws
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the hardware runs it fast
-    # channels-last memory format (faster convolutions); auto: on unless a CPU would hit oneDNN's broken backward
-    # of narrow (< 8 input channels) strided 1x1 convolutions (directpred/backbones/memory_format.py)
+    epochs: int = 100
+    """Pre-training epochs (the last partial batch of an epoch is dropped)."""
+    batch_size: int = 128
+    """Per process; the global batch is batch_size * world_size."""
+    seed: int = 0
+    """Initialisation, data order and augmentation draws."""
+    device: str = "auto"
+    """`auto`, `cpu`, `cuda` or `cuda:N`."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast precision; `auto`: bf16 where the hardware runs it fast (the predictor's statistics stay fp32)."""
     channels_last: Literal["auto"] | bool = "auto"
-    compile: bool = False  # torch.compile the online encoder
-    sync_bn: bool = False  # SyncBatchNorm in multi-process runs
-    checkpoint_every: int = 10  # epochs between kept checkpoints/epoch_XXXX.pt (last.pt is written every epoch)
-    checkpoint_every_steps: int = 0  # >0: also refresh last.pt every this many steps (preemptible machines)
-    log_every: int = 20  # steps between metrics.jsonl / TensorBoard rows
-    progress: bool = True  # tqdm progress bar
-    max_steps: int = 0  # >0: stop after this many optimiser steps (smoke tests)
-    # >0: a step whose loss or gradient is NaN/inf is skipped (no optimiser, EMA or statistics update) instead of
-    # stopping the run, up to this many skipped steps in total over the run (resumes included); 0: stop at the first
+    """Channels-last memory format (faster convolutions); `auto`: on, except on a CPU for networks with a strided
+    1x1 convolution of < 8 input channels (`backbone.width < 8`), where oneDNN's backward is broken; `true` there is
+    refused (directpred/backbones/memory_format.py)."""
+    compile: bool = False
+    """`torch.compile` the online encoder."""
+    sync_bn: bool = False
+    """SyncBatchNorm in multi-process runs (CUDA only)."""
+    checkpoint_every: int = 10
+    """Epochs between kept checkpoints/epoch_XXXX.pt (last.pt is written every epoch)."""
+    checkpoint_every_steps: int = 0
+    """Also refresh last.pt every this many steps (preemptible machines); 0: only every epoch."""
+    log_every: int = 20
+    """Steps between metrics.jsonl / TensorBoard rows."""
+    progress: bool = True
+    """Tqdm progress bar."""
+    max_steps: int = 0
+    """Stop after this many optimiser steps (smoke tests); 0: no limit."""
     skip_nonfinite: int = 0
+    """Steps whose loss or gradient is NaN/inf that may be skipped (no optimiser, EMA or statistics update) instead
+    of stopping the run, in total over the run (resumes included); 0: stop at the first."""
 
 
 @dataclass
 class EvalConfig:
     """kNN monitor during training and the offline linear probe at the end."""
 
-    knn_every: int = 1  # epochs between kNN evaluations; 0: only at the end
-    knn_k: int = 200  # neighbours (cosine similarity, votes weighted by exp(sim / T))
-    knn_t: float = 0.1  # kNN temperature T
-    linear: bool = True  # run the linear probe when training ends
-    linear_epochs: int = 50  # authors' probe: standardised features, logistic regression, Adam
-    linear_lr: float = 3e-4  # Adam learning rate of the probe
-    linear_weight_decay: float = 1e-3  # Adam weight decay of the probe
-    linear_batch_size: int = 128  # probe minibatch
-    batch_size: int = 512  # feature extraction batch
+    knn_every: int = 1
+    """Epochs between kNN evaluations; 0: only at the end."""
+    knn_k: int = 200
+    """Neighbours (cosine similarity, votes weighted by exp(sim / T))."""
+    knn_t: float = 0.1
+    """kNN temperature T."""
+    linear: bool = True
+    """Run the linear probe when training ends."""
+    linear_epochs: int = 50
+    """Epochs of the authors' probe: standardised features, logistic regression, Adam."""
+    linear_lr: float = 3e-4
+    """Adam learning rate of the probe."""
+    linear_weight_decay: float = 1e-3
+    """Adam weight decay of the probe."""
+    linear_batch_size: int = 128
+    """Probe minibatch."""
+    batch_size: int = 512
+    """Feature extraction batch."""
 
 
 @dataclass
 class DiagConfig:
     """Training diagnostics: predictor spectrum, eigenspace alignment, collapse warning."""
 
-    every: int = 50  # steps between diagnostics; 0 disables them
-    stop_on_collapse: bool = False  # end the run (and evaluate) when the collapse warning fires
-    rho: float = 0.3  # moving-average rate of the F^ estimate kept for predictors that do not keep one
+    every: int = 50
+    """Steps between diagnostics; 0 disables them (the final report on the final state is always made)."""
+    stop_on_collapse: bool = False
+    """End the run (and evaluate) when the collapse warning fires."""
+    rho: float = 0.3
+    """Moving-average rate of the F^ estimate kept for predictors that do not keep one."""
 
 
 @dataclass
@@ -264,7 +342,12 @@ def merge_into(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """Split ``'a.b=value'``; the value is parsed as YAML (so ``3`` is an int, ``true`` a bool, ``null`` None)."""
+    """Split ``'a.b=value'``; the value is parsed as YAML (so ``3`` is an int, ``true`` a bool, ``null`` None).
+
+    Examples:
+        >>> parse_override("predictor.rho=0.5"), parse_override("train.channels_last=false")
+        (('predictor.rho', 0.5), ('train.channels_last', False))
+    """
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. predictor.rho=0.5")
     key, raw = text.split("=", 1)
@@ -277,7 +360,12 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def nest(key: str, value: Any) -> dict[str, Any]:
-    """``nest('a.b', 1) == {'a': {'b': 1}}``."""
+    """A dotted key and its value as nested dicts.
+
+    Examples:
+        >>> nest("predictor.rho", 0.5)
+        {'predictor': {'rho': 0.5}}
+    """
     out: dict[str, Any] = {}
     node = out
     parts = key.split(".")
@@ -300,6 +388,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
     Raises:
         ConfigError: on an unknown key, a wrong type or an impossible value.
+
+    Examples:
+        >>> load_config(None, ["predictor.rho=0.5"]).predictor.rho
+        0.5
+        >>> load_config(None, ["predictor.rh=0.5"])
+        Traceback (most recent call last):
+        ...
+        directpred.config.ConfigError: unknown config key 'predictor.rh'. Did you mean 'predictor.rho'? ...
+        >>> load_config(None, ["predictor.rho=1.5"])
+        Traceback (most recent call last):
+        ...
+        directpred.config.ConfigError: predictor.rho=1.5 is not allowed: the moving-average rate must lie in [0, 1)
     """
     cfg = Config()
     if base:

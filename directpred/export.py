@@ -120,7 +120,7 @@ def load_backbone(source: str | Path, *, device: str | torch.device = "cpu") -> 
     The returned module carries ``recipe`` (a :class:`~directpred.data.augment.ViewRecipe`: size, mean, std), so
     ``backbone(eval_transform(uint8_images, backbone.recipe))`` gives the run's evaluation features.
 
-    Example:
+    Examples:
         >>> net = directpred.load_backbone("runs/qs")  # doctest: +SKIP
         >>> feats = net(eval_transform(images, net.recipe))  # doctest: +SKIP
     """

@@ -12,6 +12,11 @@ def negative_cosine(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     Args:
         p: predictions (B, d).
         t: targets (B, d); the caller decides whether they carry gradient.
+
+    Examples:
+        >>> e = torch.eye(2)
+        >>> negative_cosine(e, 3 * e).item(), negative_cosine(e, e.flip(0)).item(), negative_cosine(e, -e).item()
+        (0.0, 2.0, 4.0)
     """
     return 2.0 - 2.0 * F.cosine_similarity(p.float(), t.float(), dim=-1, eps=1e-8).mean()
 

@@ -1,6 +1,6 @@
 """Figures of training runs: the only module importing matplotlib (Agg); every function takes an ``ax``.
 
-Example:
+Examples:
     >>> fig, axes = new_figure()
     >>> plot_curves(axes[0][0], {"run": ([0, 1, 2], [1.0, 0.5, 0.2])}, ylabel="loss")
     >>> save_figure(fig, "/tmp/loss.png")  # doctest: +SKIP

@@ -54,7 +54,8 @@ def resnet(name: str = "resnet18", *, width: int = 64, cifar_stem: bool = True) 
         width: base channel count (64 = the standard torchvision network; 512-d features for ResNet-18).
         cifar_stem: 3x3 stride-1 first convolution and no max-pool, for 32x32 images.
 
-    Example:
+    Examples:
+        >>> import torch
         >>> net = resnet("resnet18", width=16)
         >>> net(torch.zeros(2, 3, 32, 32)).shape
         torch.Size([2, 128])

@@ -292,7 +292,7 @@ def eval_transform(images: torch.Tensor, r: ViewRecipe) -> torch.Tensor:
 class TwoViewAugment:
     """Callable producing the two augmented views of a uint8 batch.
 
-    Example:
+    Examples:
         >>> aug = TwoViewAugment(*recipe("cifar", 32))
         >>> x1, x2 = aug(torch.zeros(4, 32, 32, 3, dtype=torch.uint8), torch.Generator().manual_seed(0))
     """

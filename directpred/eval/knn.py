@@ -17,7 +17,7 @@ class KNNClassifier:
         temperature: T (0.1).
         chunk: test rows scored at a time (bounds memory to chunk x N_train).
 
-    Example:
+    Examples:
         >>> knn = KNNClassifier(k=5).fit(torch.randn(100, 8), torch.randint(0, 3, (100,)))
         >>> knn.predict(torch.randn(7, 8)).shape
         torch.Size([7])

@@ -28,7 +28,7 @@ from torch import nn
 def eigen_spectrum(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (descending) and eigenvectors (columns) of the symmetric part of ``M`` (d, d), in float64.
 
-    Example:
+    Examples:
         >>> s, U = eigen_spectrum(torch.diag(torch.tensor([1.0, 3.0])))
         >>> s.tolist()
         [3.0, 1.0]
@@ -126,7 +126,7 @@ def rankme(Z: torch.Tensor, eps: float = 1e-7) -> float:
     ``exp(-sum_k q_k log q_k)`` with ``q_k = sigma_k / ||sigma||_1 + eps``; k for a rank-k embedding with
     equal singular values, at most ``min(N, d)``. Not centred, as in the RankMe paper.
 
-    Example:
+    Examples:
         >>> round(rankme(torch.eye(8)[:, :3] @ torch.randn(3, 16)), 0) <= 3
         True
     """

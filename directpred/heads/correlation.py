@@ -38,7 +38,7 @@ class CorrelationEstimator(nn.Module):
         average: ``"ema"`` (Eq. 19) or ``"cumulative"`` (simple average of every batch term).
         zero_mean: use the covariance ``F^ - m m^T`` instead of the correlation (the paper reports this hurts).
 
-    Example:
+    Examples:
         >>> est = CorrelationEstimator(4, rho=0.3)
         >>> est.update(torch.randn(32, 4))
         >>> est.matrix().shape

@@ -97,7 +97,7 @@ class DirectPred(_SetFromCorrelation):
         average: ``"ema"`` or ``"cumulative"``.
         eigh_dtype: dtype of the eigendecomposition (float32 or float64; never half precision).
 
-    Example:
+    Examples:
         >>> dp = DirectPred(8, rho=0.3, eps=0.1)
         >>> dp.update(torch.randn(64, 8))  # training step only
         >>> torch.allclose(dp.weight, dp.weight.T)

@@ -21,7 +21,7 @@ class MLP(nn.Module):
             ``(G1 + G2^T) / 2`` (G1, G2: the gradients of the two layers as if untied), the step of the authors'
             code, which steps both layers and then sets both to ``(W1 + W2^T) / 2``.
 
-    Example:
+    Examples:
         >>> head = MLP(512, 512, 128)
         >>> head(torch.randn(4, 512)).shape
         torch.Size([4, 128])

@@ -13,6 +13,13 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     """``theta_a <- m theta_a + (1 - m) theta`` for every parameter; buffers (BatchNorm statistics) are copied.
 
     ``1 - m`` is ``alpha * beta`` in the paper's notation (Eq. 4 with step size alpha).
+
+    Examples:
+        >>> target, online = nn.Linear(2, 1, bias=False), nn.Linear(2, 1, bias=False)
+        >>> _ = target.weight.data.fill_(1.0), online.weight.data.fill_(3.0)
+        >>> ema_update(target, online, momentum=0.75)
+        >>> target.weight.data.tolist()  # 0.75 * 1 + 0.25 * 3
+        [[1.5, 1.5]]
     """
     t_params = [p for p in target.parameters()]
     o_params = [p.detach() for p in online.parameters()]
@@ -27,6 +34,10 @@ def ema_momentum(step: int, total_steps: int, base: float, schedule: str = "cons
     """Target momentum at ``step``: constant (the paper's 0.996) or BYOL's cosine increase from ``base`` to 1.
 
     ``m(k) = 1 - (1 - base) (cos(pi k / K) + 1) / 2``.
+
+    Examples:
+        >>> [round(ema_momentum(k, 100, 0.996, "cosine"), 6) for k in (0, 50, 100)]
+        [0.996, 0.998, 1.0]
     """
     if schedule == "constant":
         return base

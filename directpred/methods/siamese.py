@@ -7,6 +7,7 @@ encoder itself (with a stop-gradient). Paper §1: ``J = 1/2 E ||W_p f_1 - StopGr
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -108,7 +109,8 @@ class Siamese(nn.Module):
     """
 
     def __init__(self, encoder: Encoder, predictor: nn.Module, *, target: str = "ema", target_init: str = "copy",
-                 symmetric_loss: bool = True, stop_gradient: bool = True, make_encoder=None,
+                 symmetric_loss: bool = True, stop_gradient: bool = True,
+                 make_encoder: Callable[[], Encoder] | None = None,
                  update_at: str = "forward") -> None:
         super().__init__()
         if target not in ("ema", "online"):

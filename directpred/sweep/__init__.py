@@ -5,7 +5,7 @@ by the ordinary ``directpred train`` command in its own subprocess and run direc
 resumable: a rerun finishes only what is missing), and the results are gathered into tables and figures
 (:mod:`directpred.sweep.report`).
 
-Example:
+Examples:
     >>> from directpred.sweep import load_sweep, write_reports  # doctest: +SKIP
     >>> sweep = load_sweep("sweeps/cpu/cifar10_predictors.yaml")  # doctest: +SKIP
     >>> write_reports(sweep, Path("out/sweep"))  # doctest: +SKIP

@@ -63,7 +63,8 @@ class Trajectory:
             (``traj.W``, ``traj.p``).
         params: The parameters of the run (scalars, flags and the data matrices).
 
-    Example:
+    Examples:
+        >>> from directpred.theory import simulate_reduced
         >>> traj = simulate_reduced(0.5, 0.5, 1.0, alpha_p=1, eta=0.0, beta=0, sigma2=0, dt=0.01, steps=10)
         >>> traj.p.shape
         (11, 1)
@@ -370,7 +371,7 @@ def simulate_linear(
     Returns:
         Trajectory with states ``W`` (T, ..., n2, n1), ``Wp`` (T, ..., n2, n2), ``Wa`` (T, ..., n2, n1).
 
-    Example:
+    Examples:
         >>> rng = np.random.default_rng(0)
         >>> traj = simulate_linear(rng.normal(size=(3, 4)), np.eye(3), None, np.eye(4), 0.1 * np.eye(4),
         ...                        alpha_p=1, eta=0.01, beta=0, dt=0.01, steps=100, mode="simsiam")

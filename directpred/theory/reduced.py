@@ -144,7 +144,7 @@ def simulate_reduced(
         Trajectory with states ``p`` (T, d), ``s`` (T, d), ``tau`` (T, 1 or d) and ``K`` (T, d), Theorem 3's
         per-mode eigenvalue.
 
-    Example:
+    Examples:
         >>> traj = simulate_reduced([0.5, 0.1], [0.5, 0.1], 0.0, alpha_p=1, eta=0.04, beta=0.4, sigma2=0.1,
         ...                         dt=0.01, steps=100)
         >>> traj.tau.shape

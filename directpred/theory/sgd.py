@@ -149,14 +149,21 @@ def simulate_sgd(
     comparable with :func:`simulate_linear` at ``dt = lr``.
 
     Args:
-        W, Wp, Wa: Initial weights as for :func:`simulate_linear`.
+        W: Initial online weights (n2, n1), as for :func:`simulate_linear`.
+        Wp: Initial predictor (n2, n2), as for :func:`simulate_linear`.
+        Wa: Initial target weights (n2, n1), as for :func:`simulate_linear`.
         data: A data model with ``sample``, ``X`` and ``Xp``.
-        alpha_p, eta, beta: As in Eqs. 2-4.
+        alpha_p: The predictor's relative learning rate α_p (Eqs. 2-4).
+        eta: Weight decay η (Eqs. 2-4).
+        beta: EMA rate β of the target (Eqs. 2-4).
         lr: Learning rate α (> 0).
         steps: Number of SGD steps.
         batch: Minibatch size.
         seed: Seed of the sampler.
-        mode, stop_gradient, predictor, symmetric: The ablation switches of :func:`simulate_linear`.
+        mode: ``"byol"`` or ``"simsiam"``, as in :func:`simulate_linear`.
+        stop_gradient: False for Theorem 2's ablation, as in :func:`simulate_linear`.
+        predictor: False for W_p = I, as in :func:`simulate_linear`.
+        symmetric: True to keep W_p symmetric (Assumption 3), as in :func:`simulate_linear`.
         record_every: Record every k-th step.
 
     Returns:

@@ -141,9 +141,11 @@ class Diagnostics:
         cfg: the run's :class:`directpred.config.Config` (uses ``diag.every``, ``diag.rho``).
         method: the :class:`directpred.methods.Siamese` being trained.
 
-    Example:
+    In a training loop ``observe`` is called every step; it returns a row every ``diag.every`` steps, else None.
+
+    Examples:
         >>> diag = Diagnostics(cfg, method)  # doctest: +SKIP
-        >>> row = diag.observe(step, out)     # every step; a dict every diag.every steps, else None
+        >>> row = diag.observe(step, out)  # doctest: +SKIP
     """
 
     def __init__(self, cfg: Any, method: nn.Module) -> None:
