@@ -99,8 +99,16 @@ class DataConfig:
     image_size: int = 0  # 0: the dataset's own size
     train_subset: int = 0  # >0: a class-balanced subset of this many training images
     test_subset: int = 0  # >0: a class-balanced subset of the test images (quick evaluations)
-    workers: int = 0  # DataLoader workers for datasets decoded lazily from disk
-    skip_corrupt: bool = False  # warn and skip unreadable images instead of failing
+    workers: int = 0  # DataLoader worker processes decoding a streamed data set (data.stream); 0: in this process
+    skip_corrupt: bool = False  # warn and skip unreadable images instead of failing (streamed: replace by the next)
+    # Read and decode images lazily, batch by batch, in DataLoader workers (ImageNet scale) instead of decoding the
+    # whole set into memory; data.path is an ImageFolder tree (train/, val/ or test/) or a folder of tar shards
+    # (`directpred shards`). Needs data.image_size.
+    stream: bool = False
+    # Streamed: side of the square the workers decode to (shorter side resized, centre kept); the views are random
+    # resized crops of it at data.image_size and the test images its centre data.image_size crop. 0: image_size
+    decode_size: int = 0
+    decode: Literal["auto", "cpu", "cuda"] = "auto"  # streamed: cuda decodes JPEGs with nvJPEG; auto: on CUDA runs
 
 
 @dataclass
@@ -154,6 +162,11 @@ class EvalConfig:
     linear_lr: float = 3e-4  # Adam learning rate of the probe
     linear_weight_decay: float = 1e-3  # Adam weight decay of the probe
     linear_batch_size: int = 128  # probe minibatch
+    # authors: standardised frozen features, logistic regression, Adam (CIFAR/STL-10); byol: BYOL's ImageNet
+    # protocol on streamed images: random resized crop + flip for training, centre crop for testing, a linear layer
+    # on frozen features by SGD with Nesterov momentum (eval.linear_momentum) and a cosine schedule, top-1 and top-5
+    linear_protocol: Literal["authors", "byol"] = "authors"
+    linear_momentum: float = 0.9  # byol protocol: Nesterov momentum
     batch_size: int = 512  # feature extraction batch
 
 
@@ -383,6 +396,18 @@ def validate(cfg: Config) -> None:
     _check(d.train_subset >= 0 and d.test_subset >= 0, "data.train_subset", d.train_subset, "must be >= 0")
     _check(d.image_size >= 0, "data.image_size", d.image_size, "must be >= 0 (0 = the dataset's size)")
     _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
+    _check(d.decode_size >= 0, "data.decode_size", d.decode_size, "must be >= 0 (0 = data.image_size)")
+    _check(not d.stream or d.image_size > 0, "data.image_size", d.image_size,
+           "a streamed data set (data.stream=true) needs data.image_size > 0 (e.g. 224, with data.decode_size=256)")
+    _check(not d.stream or not d.decode_size or d.decode_size >= d.image_size, "data.decode_size", d.decode_size,
+           f"must be >= data.image_size={d.image_size} (the views and test crops are cut from it)")
+    _check(not d.stream or d.dataset == "folder", "data.stream", d.stream,
+           "streaming reads data.dataset=folder (an ImageFolder tree or tar shards at data.path)")
+    _check(not d.stream or not (d.train_subset or d.test_subset), "data.train_subset", d.train_subset,
+           "subsets are not supported with data.stream=true; make a smaller folder or shards instead")
+    _check(e.linear_protocol != "byol" or d.stream, "eval.linear_protocol", e.linear_protocol,
+           "the byol protocol streams augmented images: it needs data.stream=true")
+    _check(0.0 <= e.linear_momentum < 1.0, "eval.linear_momentum", e.linear_momentum, "must lie in [0, 1)")
     _check(d.dataset != "folder" or bool(d.path), "data.path", d.path,
            "data.dataset=folder needs data.path: an ImageFolder directory or a .tar/.tar.gz with train/ and test/")
     if d.path:

@@ -267,6 +267,8 @@ def write_shards(folder: str | Path, out: str | Path, *, shard_size: int = 1000,
                 raise
             continue
         name = reader.dir.name
+        if name in counts:  # val and test both asked for, one folder found
+            continue
         for s, start in enumerate(range(0, len(reader), shard_size)):
             final = out / f"{name}-{s:06d}.tar"
             tmp = final.with_name(final.name + ".tmp")
@@ -490,3 +492,64 @@ def iterate_split(reader: Reader, size: int, *, crop: int = 0, batch_size: int =
     labels = torch.from_numpy(reader.labels)
     for b in loader:
         yield b.images, labels[b.index]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A streamed data set in the roles a run needs
+
+
+@dataclass
+class StreamSplit:
+    """One split of a streamed data set: its reader (labels and class names), nothing decoded."""
+
+    reader: Reader
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.from_numpy(self.reader.labels)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.reader.classes
+
+
+@dataclass
+class StreamData:
+    """The roles of :class:`~directpred.data.datasets.DataBundle` for a streamed data set: pre-training images
+    (= the labelled train split) and the held-out split, read lazily.
+
+    Attributes:
+        image_size: the side of the views and of the test crops (``data.image_size``).
+        decode_size: the side the workers decode to (``data.decode_size``, else ``image_size``).
+    """
+
+    pretrain: StreamSplit
+    train: StreamSplit
+    test: StreamSplit
+    name: str
+    image_size: int
+    decode_size: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train.classes)
+
+
+def load_stream_data(cfg) -> StreamData:  # noqa: ANN001 - a DataConfig
+    """The :class:`StreamData` of a :class:`directpred.config.DataConfig` with ``stream: true``.
+
+    Raises:
+        DataError: no such folder, a missing split, empty class folders, missing or corrupt shards.
+    """
+    if not cfg.path or not Path(cfg.path).expanduser().is_dir():
+        raise DataError(f"data.path {cfg.path!r} is not a directory; a streamed data set is an ImageFolder tree "
+                        "(train/<class>/..., val/<class>/...) or a folder of tar shards (`directpred shards`)")
+    train = StreamSplit(open_reader(cfg.path, "train"))
+    test = StreamSplit(open_reader(cfg.path, "test"))
+    if test.classes != train.classes:
+        raise DataError(f"{cfg.path}: the held-out split's classes differ from train's")
+    return StreamData(train, train, test, Path(cfg.path).name, cfg.image_size, cfg.decode_size or cfg.image_size)
