@@ -108,7 +108,8 @@ class DataConfig:
     # Streamed: side of the square the workers decode to (shorter side resized, centre kept); the views are random
     # resized crops of it at data.image_size and the test images its centre data.image_size crop. 0: image_size
     decode_size: int = 0
-    decode: Literal["auto", "cpu", "cuda"] = "auto"  # streamed: cuda decodes JPEGs with nvJPEG; auto: on CUDA runs
+    # streamed: cuda decodes JPEGs on the GPU (nvJPEG) in batches, workers only read files; auto: cuda on CUDA runs
+    decode: Literal["auto", "cpu", "cuda"] = "cpu"
 
 
 @dataclass

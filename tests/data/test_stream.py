@@ -173,3 +173,8 @@ def test_gpu_decode_is_close_to_pillow(mixed):
     assert got.shape == ref.shape
     diff = (got.float() - ref.float()).abs()
     assert diff.mean() < 6 and diff.flatten(1).mean(1).max() < 20
+    # Through the source (workers read bytes, the GPU decodes): the same batches as the CPU path, up to rounding.
+    gpu = list(StreamSource(reader, SIZE, batch_size=4, seed=2, workers=1, decode_device="cuda").batches(0))
+    cpu_batches = list(StreamSource(reader, SIZE, batch_size=4, seed=2).batches(0))
+    assert len(gpu) == len(cpu_batches) and all(g.is_cuda for g in gpu)
+    assert all((g.cpu().float() - c.float()).abs().mean() < 6 for g, c in zip(gpu, cpu_batches))
