@@ -3,14 +3,16 @@ in-memory path, shards as folders, mid-epoch resume is exact, kNN and BYOL's lin
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from directpred.cli import main
-from directpred.config import load_config
+from directpred.config import ConfigError, load_config
 from directpred.data.augment import recipe
+from directpred.data.datasets import DataError
 from directpred.data.stream import FolderReader, iterate_split
 from directpred.eval.knn import KNNClassifier
 from directpred.eval.stream_eval import ByolLinearEval, knn_stream, stream_features
@@ -138,3 +140,27 @@ def test_byol_linear_evaluation_streams_and_scores_top1_top5(jpegs):
     (crop, _), = list(iterate_split(test.inner, 28, crop=24, batch_size=len(test)))
     (full, _), = list(iterate_split(test.inner, 28, batch_size=len(test)))
     assert torch.equal(crop, full[:, :, 2:26, 2:26])
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["data.stream=true"], "data.image_size=0 is not allowed: a streamed data set"),
+    (["data.stream=true", "data.image_size=32", "data.decode_size=24"],
+     "data.decode_size=24 is not allowed: must be >= data.image_size=32"),
+    (["data.stream=true", "data.image_size=32", "data.train_subset=10"],
+     "data.train_subset=10 is not allowed: subsets"),
+    (["eval.linear_protocol=byol"], "eval.linear_protocol='byol' is not allowed: the byol protocol streams"),
+])
+def test_stream_config_errors_name_the_key(overrides, needle, jpegs):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, ["data.dataset=folder", f"data.path={jpegs}", *overrides])
+
+
+def test_streamed_data_errors_name_the_fix(tmp_path, tiny_overrides, jpegs):
+    root = tmp_path / "data"
+    (root / "train" / "a").mkdir(parents=True)
+    cfg = load_config(None, stream_overrides(tiny_overrides, root))
+    with pytest.raises(DataError, match=r"train/a: empty class folder; remove it or add images"):
+        Trainer(cfg, tmp_path / "run1")
+    shutil.copy(next((jpegs / "train").rglob("*.JPEG")), root / "train" / "a" / "x.JPEG")
+    with pytest.raises(DataError, match=r"no test/ or val/ folder; a streamed data set is laid out as"):
+        Trainer(cfg, tmp_path / "run2")
