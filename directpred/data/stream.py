@@ -207,8 +207,9 @@ class ShardReader:
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.keys = np.array(keys)
-        self._fds: dict[int, int] = {}
+        self._fds: dict[int, int] = {}  # open shard descriptors of this process, oldest first
         self._pid = os.getpid()
+        self.max_open = 64
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -222,6 +223,8 @@ class ShardReader:
         s = int(self.shard_ix[i])
         fd = self._fds.get(s)
         if fd is None:
+            while len(self._fds) >= self.max_open:  # stay far below the open-file limit (ImageNet: 1,282 shards)
+                os.close(self._fds.pop(next(iter(self._fds))))
             fd = self._fds[s] = os.open(self.shards[s], os.O_RDONLY)
         return os.pread(fd, int(self.sizes[i]), int(self.offsets[i]))
 
@@ -312,6 +315,10 @@ class _Batch:
     images: torch.Tensor | list[torch.Tensor]
     index: torch.Tensor
     skipped: list[str] = field(default_factory=list)
+
+    def pin_memory(self) -> _Batch:  # called by DataLoader(pin_memory=True)
+        images = self.images.pin_memory() if isinstance(self.images, torch.Tensor) else self.images
+        return _Batch(images, self.index, self.skipped)
 
 
 class BatchDataset(torch.utils.data.Dataset):

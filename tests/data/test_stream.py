@@ -5,10 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import write_mixed_folder
 
 from directpred.data.datasets import DataError, load_folder
 from directpred.data.stream import (
@@ -26,30 +25,6 @@ from directpred.data.stream import (
 from directpred.train.loop import epoch_order
 
 SIZE = 24
-
-
-def write_mixed_folder(root: Path, n_per_class: int = 7, classes: int = 3, seed: int = 0) -> Path:
-    """JPEGs of varied sizes and aspect ratios, a grayscale and a CMYK JPEG, a PNG, in train/ and test/."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_per_class), ("test", 3)):
-        for c in range(classes):
-            d = root / split / f"n{c:08d}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                h, w = int(rng.integers(20, 60)), int(rng.integers(20, 60))
-                arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-                arr[: h // 2] //= (c + 1)  # class-dependent content
-                im = Image.fromarray(arr)
-                kind = i % 5
-                if kind == 1:
-                    im.convert("L").save(d / f"{i:03d}.JPEG", quality=90)
-                elif kind == 2:
-                    im.convert("CMYK").save(d / f"{i:03d}.JPEG", quality=90)
-                elif kind == 3:
-                    im.save(d / f"{i:03d}.png")
-                else:
-                    im.save(d / f"{i:03d}.JPEG", quality=90)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +123,10 @@ def test_shards_and_folders_give_the_same_epoch(mixed, shards):
     a = _all(StreamSource(folder, SIZE, batch_size=4, seed=9), 0)
     b = _all(StreamSource(tar, SIZE, batch_size=4, seed=9, workers=2), 0)
     assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    few = ShardReader(shards, "train")
+    few.max_open = 2  # descriptors are recycled: reads across 6 shards with at most 2 open
+    assert all(few.read(k) == folder.read(k) for k in reversed(range(len(folder))))
+    assert len(few._fds) == 2
     held_out = open_reader(shards, "val")  # val/test are one role: found under either name
     assert held_out.labels.tolist() == open_reader(mixed, "test").labels.tolist()
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_mixed_folder
 
 from directpred.cli import main
 from directpred.config import ConfigError, load_config
@@ -17,7 +18,6 @@ from directpred.data.stream import FolderReader, iterate_split
 from directpred.eval.knn import KNNClassifier
 from directpred.eval.stream_eval import ByolLinearEval, knn_stream, stream_features
 from directpred.train.loop import Trainer
-from tests.data.test_stream import write_mixed_folder
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGENET_CONFIGS = sorted((REPO / "configs" / "imagenet").glob("*.yaml"))
