@@ -106,6 +106,8 @@ def test_corrupt_jpeg_is_named_or_replaced_by_the_next_image(mixed, tmp_path):
     assert got.skipped == [str(victim)]
     ref = clean[[i - 1, i + 1, i + 1]].images
     assert torch.equal(got.images, ref)
+    with pytest.raises(DataError, match=f"{victim}.*cannot be decoded"):  # from a worker process, still named
+        _all(StreamSource(reader, SIZE, batch_size=len(reader), seed=0, workers=1), 0)
     # Through worker processes: the run goes on, the file is reported.
     src = StreamSource(reader, SIZE, batch_size=len(reader), seed=0, workers=1, skip_corrupt=True)
     with pytest.warns(RuntimeWarning, match="corrupt"):
