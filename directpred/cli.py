@@ -32,6 +32,18 @@ EPILOG = """examples:
 OPTIONAL_PACKAGES = {"matplotlib": "plot", "onnx": "onnx", "onnxscript": "onnx"}
 
 
+def cmd_shards(args: argparse.Namespace) -> int:
+    from directpred.data.stream import write_shards
+
+    if args.shard_size < 1:
+        raise ConfigError(f"--shard-size {args.shard_size}: must be >= 1 (images per shard, e.g. 1000)")
+    counts = write_shards(args.folder, args.out, shard_size=args.shard_size, splits=tuple(args.splits))
+    for split, n in counts.items():
+        print(f"{split}: {n} images in {-(-n // args.shard_size)} shard(s) {split}-NNNNNN.tar")
+    print(f"written to {args.out} (with classes.txt); train from it with --set data.path={args.out}")
+    return 0
+
+
 def _print_results(results: dict, header: str) -> None:
     print(header)
     if results.get("knn_top1") is not None:
@@ -40,6 +52,8 @@ def _print_results(results: dict, header: str) -> None:
         print(f"  linear probe top-1:  {results['linear_top1']:6.2f} %   (final probe epoch)")
         print(f"  linear probe best:   {results['linear_top1_best']:6.2f} %   (best over probe epochs, as the "
               "authors' code reports)")
+    if results.get("linear_top5") is not None:
+        print(f"  linear top-5:        {results['linear_top5']:6.2f} %   (BYOL's protocol, final epoch)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -107,7 +121,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if resolve_channels_last(cfg.train.channels_last, method, device):
         method = method.to(memory_format=torch.channels_last)
     method.load_state_dict(state["model"])
-    data = load_data(cfg.data, seed=cfg.train.seed)
+    if cfg.data.stream:
+        from directpred.data.stream import load_stream_data
+
+        data = load_stream_data(cfg.data)
+    else:
+        data = load_data(cfg.data, seed=cfg.train.seed)
     results = evaluate(method, data, cfg, device, linear=not args.no_linear,
                        autocast_dtype=resolve_precision(cfg.train.precision, device))
     results.update(checkpoint=str(ckpt), step=int(state["step"]))
@@ -214,6 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--skip-corrupt", action="store_true", help="skip undecodable images with a warning")
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("shards", help="write an ImageFolder tree as WebDataset tar shards",
+                       description="Write train/ and val/ (or test/) of an ImageFolder tree as tar shards "
+                                   "SPLIT-NNNNNN.tar (members KEY.jpg + KEY.cls, KEY the image's index in the "
+                                   "folder's sorted order) and classes.txt. A streamed run (data.stream=true) reads "
+                                   "them in the same order as the folder: the same seed gives the same epochs.")
+    p.add_argument("folder", help="an ImageFolder directory with train/<class>/... and val/ or test/")
+    p.add_argument("--out", required=True, help="the directory to write the shards to")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val", "test"],
+                   help="splits to write (default: train val; val falls back to test/)")
+    p.set_defaults(func=cmd_shards)
 
     from directpred.sweep import register as register_sweep
 

@@ -142,9 +142,19 @@ class DataConfig:
     test_subset: int = 0
     """A class-balanced subset of this many test images (quick evaluations); 0: all."""
     workers: int = 0
-    """DataLoader workers for datasets decoded lazily from disk."""
+    """DataLoader worker processes decoding a streamed data set (`data.stream`); 0: in this process."""
     skip_corrupt: bool = False
-    """Warn and skip unreadable images instead of failing."""
+    """Warn and skip unreadable images instead of failing (streamed: replace each by the next decodable one)."""
+    stream: bool = False
+    """Read and decode images lazily, batch by batch, in DataLoader workers (ImageNet scale) instead of decoding the
+    whole set into memory; `data.path` is an ImageFolder tree (train/, val/ or test/) or a folder of tar shards
+    (`directpred shards`). Needs `data.image_size`."""
+    decode_size: int = 0
+    """Streamed: side of the square the workers decode to (shorter side resized, centre kept); the views are random
+    resized crops of it at `data.image_size` and the test images its centre crop. 0: `data.image_size`."""
+    decode: Literal["auto", "cpu", "cuda"] = "cpu"
+    """Streamed: `cuda` decodes JPEGs on the GPU (nvJPEG) in batches and workers only read files; `auto`: cuda on
+    CUDA runs."""
 
 
 @dataclass
@@ -228,6 +238,13 @@ class EvalConfig:
     """Adam weight decay of the probe."""
     linear_batch_size: int = 128
     """Probe minibatch."""
+    linear_protocol: Literal["authors", "byol"] = "authors"
+    """`authors`: standardised frozen features, logistic regression, Adam (CIFAR/STL-10); `byol`: BYOL's ImageNet
+    protocol on streamed images: random resized crop + flip for training, centre crop for testing, a linear layer
+    on frozen features by SGD with Nesterov momentum (`eval.linear_momentum`) and a cosine schedule, top-1 and
+    top-5."""
+    linear_momentum: float = 0.9
+    """BYOL protocol: Nesterov momentum."""
     batch_size: int = 512
     """Feature extraction batch."""
 
@@ -483,6 +500,18 @@ def validate(cfg: Config) -> None:
     _check(d.train_subset >= 0 and d.test_subset >= 0, "data.train_subset", d.train_subset, "must be >= 0")
     _check(d.image_size >= 0, "data.image_size", d.image_size, "must be >= 0 (0 = the dataset's size)")
     _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
+    _check(d.decode_size >= 0, "data.decode_size", d.decode_size, "must be >= 0 (0 = data.image_size)")
+    _check(not d.stream or d.image_size > 0, "data.image_size", d.image_size,
+           "a streamed data set (data.stream=true) needs data.image_size > 0 (e.g. 224, with data.decode_size=256)")
+    _check(not d.stream or not d.decode_size or d.decode_size >= d.image_size, "data.decode_size", d.decode_size,
+           f"must be >= data.image_size={d.image_size} (the views and test crops are cut from it)")
+    _check(not d.stream or d.dataset == "folder", "data.stream", d.stream,
+           "streaming reads data.dataset=folder (an ImageFolder tree or tar shards at data.path)")
+    _check(not d.stream or not (d.train_subset or d.test_subset), "data.train_subset", d.train_subset,
+           "subsets are not supported with data.stream=true; make a smaller folder or shards instead")
+    _check(e.linear_protocol != "byol" or d.stream, "eval.linear_protocol", e.linear_protocol,
+           "the byol protocol streams augmented images: it needs data.stream=true")
+    _check(0.0 <= e.linear_momentum < 1.0, "eval.linear_momentum", e.linear_momentum, "must lie in [0, 1)")
     _check(d.dataset != "folder" or bool(d.path), "data.path", d.path,
            "data.dataset=folder needs data.path: an ImageFolder directory or a .tar/.tar.gz with train/ and test/")
     if d.path:

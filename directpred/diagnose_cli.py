@@ -215,14 +215,26 @@ def diagnose(target: Path, *, batches: int = 2, use_data: bool = True) -> tuple[
             from directpred.data.datasets import load_data
             from directpred.train.loop import step_generator, view_recipes
 
-            data = load_data(cfg.data, seed=cfg.train.seed)
+            if cfg.data.stream:  # a streamed data set: decode only the sampled batches
+                from directpred.data.stream import BatchDataset, load_stream_data
+
+                data = load_stream_data(cfg.data)
+                streamed = BatchDataset(data.pretrain.reader, data.decode_size, skip_corrupt=cfg.data.skip_corrupt)
+
+                def images_at(idx: torch.Tensor) -> torch.Tensor:
+                    return streamed[idx.tolist()].images
+            else:
+                data = load_data(cfg.data, seed=cfg.train.seed)
+
+                def images_at(idx: torch.Tensor) -> torch.Tensor:
+                    return data.pretrain.images[idx]
             augment = TwoViewAugment(*view_recipes(cfg, data))
             hs, zs, z1s, z2s, losses = [], [], [], [], []
             g = torch.Generator().manual_seed(cfg.train.seed + 12345)
             with torch.no_grad():
                 for b in range(batches):
                     idx = torch.randperm(len(data.pretrain), generator=g)[: cfg.train.batch_size]
-                    x1, x2 = augment(data.pretrain.images[idx], step_generator(cfg.train.seed + 1, b))
+                    x1, x2 = augment(images_at(idx), step_generator(cfg.train.seed + 1, b))
                     out = method(x1, x2)
                     hs += [out.h1, out.h2]
                     zs += [out.z1, out.z2]

@@ -55,6 +55,30 @@ def write_tar(folder: Path, archive: Path) -> Path:
     return archive
 
 
+def write_mixed_folder(root: Path, n_per_class: int = 7, classes: int = 3, seed: int = 0) -> Path:
+    """JPEGs of varied sizes and aspect ratios, a grayscale and a CMYK JPEG, a PNG, in train/ and test/."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_per_class), ("test", 3)):
+        for c in range(classes):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                h, w = int(rng.integers(20, 60)), int(rng.integers(20, 60))
+                arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                arr[: h // 2] //= (c + 1)  # class-dependent content
+                im = Image.fromarray(arr)
+                kind = i % 5
+                if kind == 1:
+                    im.convert("L").save(d / f"{i:03d}.JPEG", quality=90)
+                elif kind == 2:
+                    im.convert("CMYK").save(d / f"{i:03d}.JPEG", quality=90)
+                elif kind == 3:
+                    im.save(d / f"{i:03d}.png")
+                else:
+                    im.save(d / f"{i:03d}.JPEG", quality=90)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> Path:
     """4 classes x (32 train, 8 test) images of 32x32 in the ImageFolder layout."""

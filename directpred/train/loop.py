@@ -26,6 +26,7 @@ from directpred.backbones import resolve_channels_last
 from directpred.config import Config, ConfigError, diff_configs, dump_config
 from directpred.data.augment import TwoViewAugment, ViewRecipe, recipe
 from directpred.data.datasets import DataBundle, load_data
+from directpred.data.stream import BatchSource, InMemorySource, StreamData, StreamSource, load_stream_data
 from directpred.eval.features import extract_features
 from directpred.eval.knn import KNNClassifier
 from directpred.eval.linear_probe import LinearProbe
@@ -134,16 +135,23 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def evaluate(method: Siamese, data: DataBundle, cfg: Config, device: torch.device, *, linear: bool = True,
+def evaluate(method: Siamese, data: DataBundle | StreamData, cfg: Config, device: torch.device, *, linear: bool = True,
              autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
     """kNN (and optionally the linear probe) of the online backbone's frozen features.
 
     Returns ``knn_top1`` and, with ``linear``, ``linear_top1`` (final probe epoch, the headline) and
-    ``linear_top1_best`` (best over probe epochs, the authors' reported figure), all in percent.
+    ``linear_top1_best`` (best over probe epochs, the authors' reported figure), all in percent. A streamed data set
+    is evaluated by :func:`directpred.eval.stream_eval.evaluate_stream` (also ``linear_top5`` under the byol
+    protocol).
     """
     _, test_recipe = view_recipes(cfg, data)
     backbone = method.encoder.backbone
     distributed.broadcast_buffers(backbone)  # every rank embeds with rank 0's BatchNorm statistics
+    if isinstance(data, StreamData):
+        from directpred.eval.stream_eval import evaluate_stream
+
+        return evaluate_stream(backbone, data, cfg, test_recipe, device, linear=linear, autocast_dtype=autocast_dtype,
+                               channels_last=resolve_channels_last(cfg.train.channels_last, backbone, device))
     kw = dict(batch_size=cfg.eval.batch_size, device=device, autocast_dtype=autocast_dtype,
               channels_last=resolve_channels_last(cfg.train.channels_last, backbone, device))
     f_train = extract_features(backbone, data.train.images, test_recipe, **kw)
@@ -161,6 +169,22 @@ def evaluate(method: Siamese, data: DataBundle, cfg: Config, device: torch.devic
         out["linear_top1"] = 100.0 * probe.history_[-1]
         out["linear_top1_best"] = 100.0 * probe.best_accuracy_
     return out
+
+
+def make_batch_source(cfg: Config, data: DataBundle | StreamData, device: torch.device) -> BatchSource:
+    """This process's training batches: gathered from memory, or read and decoded lazily (``data.stream``)."""
+    rank, world = distributed.rank(), distributed.world_size()
+    if isinstance(data, StreamData):
+        decode = cfg.data.decode
+        if decode == "auto":
+            decode = "cuda" if device.type == "cuda" else "cpu"
+        if decode == "cuda" and device.type != "cuda":
+            raise ConfigError("data.decode=cuda needs a CUDA training device; use data.decode=cpu or auto")
+        return StreamSource(data.pretrain.reader, data.decode_size, batch_size=cfg.train.batch_size,
+                            seed=cfg.train.seed, rank=rank, world=world, workers=cfg.data.workers,
+                            skip_corrupt=cfg.data.skip_corrupt, decode_device=device if decode == "cuda" else None)
+    return InMemorySource(data.pretrain.images, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=rank,
+                          world=world)
 
 
 class _StopFlag:
@@ -197,7 +221,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False,
-                 command: str = "", data: DataBundle | None = None) -> None:
+                 command: str = "", data: DataBundle | StreamData | None = None) -> None:
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
         self.device = resolve_device(cfg.train.device)
         distributed.init_from_env(self.device)
@@ -208,13 +232,15 @@ class Trainer:
         self._prepare_run_dir(command)
 
         torch.manual_seed(cfg.train.seed)  # the same initialisation on every rank
+        if data is None and cfg.data.stream:
+            data = load_stream_data(cfg.data)  # lists the files (or reads the shards' headers); decodes nothing
         if data is None:
             if not distributed.is_main():
                 distributed.barrier()  # rank 0 decodes and caches first
             data = load_data(cfg.data, seed=cfg.train.seed)
             if distributed.is_main():
                 distributed.barrier()
-        if self.device.type == "cuda" and data.pretrain.images.numel() < 8 * 2**30:
+        if isinstance(data, DataBundle) and self.device.type == "cuda" and data.pretrain.images.numel() < 8 * 2**30:
             # Keep the decoded uint8 images on the GPU: batches are gathered and augmented there.
             data.pretrain.images = data.pretrain.images.to(self.device)
         self.data = data
@@ -242,7 +268,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(enabled=self.autocast_dtype == torch.float16)
 
         self.global_batch = cfg.train.batch_size * self.world
-        self.steps_per_epoch = len(data.pretrain) // self.global_batch
+        self.source = make_batch_source(cfg, data, self.device)
+        self.steps_per_epoch = self.source.steps_per_epoch
         if self.steps_per_epoch < 1:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} x {self.world} process(es) is larger than "
                               f"the {len(data.pretrain)} training images; lower the batch size")
@@ -458,10 +485,10 @@ class Trainer:
         with stop:
             while self.step < last_step:
                 epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
-                order = epoch_order(len(self.data.pretrain), cfg.train.seed, epoch)
+                batches = self.source.batches(epoch, step_in_epoch)  # this process's batches from this step on
                 while step_in_epoch < self.steps_per_epoch and self.step < last_step:
                     t0 = time.time()
-                    res = self.train_step(self._batch(order, step_in_epoch))
+                    res = self.train_step(next(batches))
                     step_in_epoch += 1
                     dt = time.time() - t0
                     self.train_seconds += dt
@@ -493,6 +520,7 @@ class Trainer:
                     if requested or collapsed_stop:
                         stopped_by = stop.signum if stop.signum is not None else -1
                         break
+                batches.close()  # ends a streamed epoch's worker processes
                 if stopped_by is not None:
                     break
                 if step_in_epoch == self.steps_per_epoch:  # an epoch ended
@@ -548,7 +576,7 @@ class Trainer:
             "predictor": cfg.predictor.name,
             "knn_history": self.knn_history,
             "stopped_early": stopped_early,
-            "skipped_corrupt": self.data.pretrain.skipped + self.data.test.skipped,
+            "skipped_corrupt": self.data.pretrain.skipped + self.data.test.skipped + len(self.source.skipped),
             "skipped_steps": self.skipped_steps,
             "eigh_fallbacks": int(getattr(self.method.predictor, "eigh_fallbacks", torch.zeros(())).item()),
         }

@@ -1,0 +1,562 @@
+"""Images read and decoded lazily, for data sets too large to hold in memory (ImageNet).
+
+Two on-disk layouts give the same images under the same indices:
+
+* an ImageFolder tree ``<root>/{train,val,test}/<class>/<image>`` (ImageNet's usual layout; ``val`` and ``test``
+  are both accepted for the held-out split), listed in sorted (class, file name) order;
+* tar shards in the WebDataset layout, ``<root>/{train,val,test}-NNNNNN.tar`` holding ``KEY.jpg`` (or ``.png``, ...)
+  + ``KEY.cls`` (the class index as text) pairs, and ``<root>/classes.txt`` (one class name a line), written by
+  :func:`write_shards` (``directpred shards``) from a folder in the folder's order.
+
+What a DataLoader worker does (the decision this module documents): it reads a whole batch's files, decodes each
+(Pillow, any format and mode: grayscale, CMYK, PNG), resizes the shorter side to ``decode_size`` (bicubic) and
+centre-crops it to a ``decode_size`` square: exactly :func:`directpred.data.datasets._decode`, so the stream yields
+the very pixels the in-memory path holds at the same size. The random resized crop and every other augmentation
+stay on the training device with per-sample parameters from the step's generator (``directpred.data.augment``), so
+data order and augmentation draws are pure functions of ``(seed, epoch, step)`` whatever the number of workers,
+processes or resumes. (The one difference from BYOL's recipe: crops are drawn from the centre square of the
+resized image, not from the whole non-square image; with ``decode_size = image_size * 8/7`` the crop still sees
+the margin a 224 crop of a 256 image has.)
+
+A process reads only its rows of each global batch (rank r of w takes rows ``r*B .. r*B+B`` of the epoch's
+permutation, :func:`directpred.train.loop.epoch_order`), a resumed run starts at a step, and a corrupt image is
+named in a :class:`~directpred.data.datasets.DataError` or, with ``skip_corrupt``, replaced inside the worker by
+the next decodable image of the data set (deterministically, so batch shapes and every other sample hold). Memory
+is flat in the data set's size: the index holds one fixed-width byte string and one label per image, shared
+copy-on-write with forked workers (numpy arrays, not Python lists whose reference counts would copy the pages).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from directpred.data.datasets import IMAGE_EXTENSIONS, DataError, _decode
+
+SPLIT_NAMES = {"train": ("train",), "test": ("test", "val"), "val": ("val", "test")}
+_SHARD = re.compile(r"^(train|val|test)-(\d{6,})\.tar$")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The batch-source protocol: what the training loop consumes
+
+
+class BatchSource(Protocol):
+    """This process's uint8 batches (B, 3, H, W) of an epoch, starting at a step (mid-epoch resume)."""
+
+    steps_per_epoch: int
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        ...
+
+
+def shard_rows(order: torch.Tensor, step: int, batch_size: int, rank: int, world: int) -> torch.Tensor:
+    """The indices rank ``rank`` of ``world`` processes reads at ``step`` of an epoch with permutation ``order``:
+    rows ``rank*B .. rank*B+B`` of the step's global batch of ``B*world`` rows."""
+    start = step * batch_size * world + rank * batch_size
+    return order[start: start + batch_size]
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    from directpred.train.loop import epoch_order  # imported late: the loop imports this module
+
+    return epoch_order(n, seed, epoch)
+
+
+class InMemorySource:
+    """Batches gathered from decoded images in memory (N, H, W, 3): today's path behind :class:`BatchSource`."""
+
+    def __init__(self, images: torch.Tensor, *, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.images, self.batch_size, self.seed, self.rank, self.world = images, batch_size, seed, rank, world
+        self.steps_per_epoch = len(images) // (batch_size * world)
+        self.skipped: list[str] = []
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        order = _epoch_order(len(self.images), self.seed, epoch)
+        for step in range(start_step, self.steps_per_epoch):
+            idx = shard_rows(order, step, self.batch_size, self.rank, self.world)
+            yield self.images[idx.to(self.images.device)].permute(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Readers: image index -> encoded bytes
+
+
+class Reader(Protocol):
+    """Random access to the encoded images of one split."""
+
+    labels: np.ndarray
+    classes: list[str]
+
+    def __len__(self) -> int: ...
+
+    def name(self, i: int) -> str: ...
+
+    def read(self, i: int) -> bytes: ...
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    for name in SPLIT_NAMES[split]:
+        if (root / name).is_dir():
+            return root / name
+    raise DataError(f"{root}: no {' or '.join(f'{n}/' for n in SPLIT_NAMES[split])} folder; a streamed data set "
+                    "is laid out as train/<class>/<image> and val/<class>/<image> (or test/), or as tar shards "
+                    "written by `directpred shards`")
+
+
+class FolderReader:
+    """One split of an ImageFolder tree, listed in sorted (class, file name) order; files read on demand."""
+
+    def __init__(self, root: str | Path, split: str = "train", classes: list[str] | None = None) -> None:
+        self.root = Path(root).expanduser()
+        self.dir = _split_dir(self.root, split)
+        found = sorted(e.name for e in os.scandir(self.dir) if e.is_dir())
+        self.classes = classes if classes is not None else found
+        if not self.classes:
+            raise DataError(f"{self.dir}: no class folders")
+        names: list[str] = []
+        labels: list[int] = []
+        for y, cls in enumerate(self.classes):
+            cdir = self.dir / cls
+            if not cdir.is_dir():
+                raise DataError(f"{self.dir}: class folder {cls!r} (present in train/) is missing")
+            files = sorted(e.name for e in os.scandir(cdir)
+                           if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+            if not files:
+                raise DataError(f"{cdir}: empty class folder; remove it or add images (an empty class would shift "
+                                "every label)")
+            names += [f"{cls}/{f}" for f in files]
+            labels += [y] * len(files)
+        # One fixed-width byte array: shared copy-on-write by forked workers (no per-image Python objects).
+        self.names = np.array([n.encode() for n in names])
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def name(self, i: int) -> str:
+        return str(self.dir / self.names[i].decode())
+
+    def read(self, i: int) -> bytes:
+        return (self.dir / self.names[i].decode()).read_bytes()
+
+
+class ShardReader:
+    """One split of WebDataset-layout tar shards, read by random access (an index of member offsets).
+
+    The index (shard number, data offset, size, label per image) is built once from the tar headers (no image data
+    is read) and kept as numpy arrays; reading an image is one ``pread``.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train") -> None:
+        self.root = Path(root).expanduser()
+        names = SPLIT_NAMES[split]
+        shards: list[Path] = []
+        for n in names:
+            shards = sorted(p for p in self.root.iterdir() if (m := _SHARD.match(p.name)) and m.group(1) == n)
+            if shards:
+                break
+        if not shards:
+            raise DataError(f"{self.root}: no {names[0]}-NNNNNN.tar shards; write them with `directpred shards "
+                            f"FOLDER --out {self.root}`")
+        classes_file = self.root / "classes.txt"
+        if not classes_file.is_file():
+            raise DataError(f"{classes_file} is missing: the class names of the shards, one a line (written by "
+                            "`directpred shards`)")
+        self.classes = classes_file.read_text().split("\n")[:-1]
+        self.shards = shards
+        shard_ix, offsets, sizes, labels, keys = [], [], [], [], []
+        for s, path in enumerate(shards):
+            images: dict[str, tuple[int, int, str]] = {}
+            cls: dict[str, int] = {}
+            try:
+                with tarfile.open(path, "r:") as tf:
+                    for m in tf:
+                        if not m.isfile():
+                            continue
+                        key, _, ext = m.name.rpartition(".")
+                        if ext == "cls":
+                            f = tf.extractfile(m)
+                            cls[key] = int(f.read().decode().strip()) if f is not None else -1
+                        elif ("." + ext.lower()) in IMAGE_EXTENSIONS:
+                            images[key] = (m.offset_data, m.size, m.name)
+            except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+                raise DataError(f"{path}: the shard is corrupt or truncated ({exc}); rewrite it with "
+                                "`directpred shards`") from None
+            for key in sorted(images):
+                if key not in cls:
+                    raise DataError(f"{path}: {images[key][2]} has no {key}.cls member (its class)")
+                off, size, _ = images[key]
+                shard_ix.append(s)
+                offsets.append(off)
+                sizes.append(size)
+                labels.append(cls[key])
+                keys.append(f"{path.name}:{images[key][2]}".encode())
+        self.shard_ix = np.asarray(shard_ix, dtype=np.int32)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.keys = np.array(keys)
+        self._fds: dict[int, int] = {}  # open shard descriptors of this process, oldest first
+        self._pid = os.getpid()
+        self.max_open = 64
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def name(self, i: int) -> str:
+        return str(self.root / self.keys[i].decode())
+
+    def read(self, i: int) -> bytes:
+        if os.getpid() != self._pid:  # a forked worker: descriptors are per process
+            self._fds, self._pid = {}, os.getpid()
+        s = int(self.shard_ix[i])
+        fd = self._fds.get(s)
+        if fd is None:
+            while len(self._fds) >= self.max_open:  # stay far below the open-file limit (ImageNet: 1,282 shards)
+                os.close(self._fds.pop(next(iter(self._fds))))
+            fd = self._fds[s] = os.open(self.shards[s], os.O_RDONLY)
+        return os.pread(fd, int(self.sizes[i]), int(self.offsets[i]))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fds": {}}
+
+
+def is_shard_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a directory of tar shards (``train-NNNNNN.tar`` ...) rather than an ImageFolder tree."""
+    path = Path(path).expanduser()
+    return path.is_dir() and any(_SHARD.match(p.name) for p in path.iterdir())
+
+
+def open_reader(path: str | Path, split: str) -> Reader:
+    """A :class:`FolderReader` or :class:`ShardReader` for ``split`` (``train``, ``test``/``val``) of ``path``;
+    held-out splits of a folder get the train split's class list (so labels agree)."""
+    if is_shard_dir(path):
+        return ShardReader(path, split)
+    if split == "train":
+        return FolderReader(path, "train")
+    return FolderReader(path, split, classes=FolderReader(path, "train").classes if split != "train" else None)
+
+
+def write_shards(folder: str | Path, out: str | Path, *, shard_size: int = 1000,
+                 splits: tuple[str, ...] = ("train", "val")) -> dict[str, int]:
+    """Write the splits of an ImageFolder tree as WebDataset tar shards in the folder's order.
+
+    Member ``KEY.<ext>`` holds the file's bytes unchanged (``.jpeg`` written ``.jpg``), ``KEY.cls`` its class index;
+    ``KEY`` is the image's index in the split (6 digits or more). ``classes.txt`` lists the class names. A split
+    missing from the folder is skipped (``val`` falls back to ``test``, and is written under the name found).
+    Returns the number of images written per split. Shards are written under temporary names and renamed, so an
+    interrupted run leaves no half shard under a final name.
+    """
+    folder, out = Path(folder).expanduser(), Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    classes = FolderReader(folder, "train").classes
+    counts: dict[str, int] = {}
+    for split in splits:
+        try:
+            reader = FolderReader(folder, split, classes=classes)
+        except DataError:
+            if split == "train":
+                raise
+            continue
+        name = reader.dir.name
+        if name in counts:  # val and test both asked for, one folder found
+            continue
+        for s, start in enumerate(range(0, len(reader), shard_size)):
+            final = out / f"{name}-{s:06d}.tar"
+            tmp = final.with_name(final.name + ".tmp")
+            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+                for i in range(start, min(start + shard_size, len(reader))):
+                    ext = reader.names[i].decode().rsplit(".", 1)[-1].lower()
+                    ext = "jpg" if ext == "jpeg" else ext
+                    for member, data in ((f"{i:06d}.{ext}", reader.read(i)),
+                                         (f"{i:06d}.cls", str(int(reader.labels[i])).encode())):
+                        info = tarfile.TarInfo(member)
+                        info.size, info.mode, info.mtime = len(data), 0o644, 0
+                        tf.addfile(info, io.BytesIO(data))
+            os.replace(tmp, final)
+        counts[name] = len(reader)
+    (out / "classes.txt").write_text("".join(c + "\n" for c in classes))
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding in workers
+
+
+def decode_to_tensor(blob: bytes, size: int, crop: int = 0) -> torch.Tensor:
+    """Decode (Pillow) and resize the shorter side to ``size`` + centre-crop a square of ``crop or size``: uint8
+    (3, c, c). The same pixels as the in-memory path's decoding at ``size`` (``directpred.data.datasets``)."""
+    a = _decode(blob, size)
+    if a.ndim != 3 or a.shape[0] != size or a.shape[1] != size:
+        raise ValueError(f"decoded to shape {a.shape}")
+    t = torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1)
+    if crop and crop != size:
+        o = (size - crop) // 2
+        t = t[:, o: o + crop, o: o + crop]
+    return t.contiguous()
+
+
+@dataclass
+class _Batch:
+    """What a worker returns: the batch (uint8 or the raw byte tensors for decoding on the GPU), its indices, and
+    the files that could not be decoded (with what replaced them)."""
+
+    images: torch.Tensor | list[torch.Tensor]
+    index: torch.Tensor
+    skipped: list[str] = field(default_factory=list)
+
+    def pin_memory(self) -> _Batch:  # called by DataLoader(pin_memory=True)
+        images = self.images.pin_memory() if isinstance(self.images, torch.Tensor) else self.images
+        return _Batch(images, self.index, self.skipped)
+
+
+class BatchDataset(torch.utils.data.Dataset):
+    """Map-style dataset whose items are whole batches: ``ds[list of indices]`` -> :class:`_Batch`.
+
+    Args:
+        reader: a :class:`Reader`.
+        size: the decoded side (shorter side resized to it, centre square kept).
+        crop: >0: keep the centre ``crop`` square of that (the test transform: resize 256, centre crop 224).
+        skip_corrupt: replace an undecodable image by the next decodable one (in data-set order, wrapping) and
+            report it; otherwise raise :class:`DataError` naming the file.
+        raw: return the files' bytes (uint8 tensors) undecoded, for :func:`decode_jpeg_cuda`.
+    """
+
+    def __init__(self, reader: Reader, size: int, *, crop: int = 0, skip_corrupt: bool = False,
+                 raw: bool = False) -> None:
+        self.reader, self.size, self.crop, self.skip_corrupt, self.raw = reader, size, crop, skip_corrupt, raw
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def decode(self, i: int) -> torch.Tensor:
+        return decode_to_tensor(self.reader.read(i), self.size, self.crop)
+
+    def load(self, i: int, skipped: list[str]) -> torch.Tensor:
+        """Image ``i`` decoded; a corrupt one named or replaced (see the class)."""
+        n = len(self.reader)
+        for k in range(n):
+            j = (i + k) % n
+            try:
+                return self.decode(j)
+            except Exception as exc:  # noqa: BLE001 - any decoder failure means a corrupt file
+                if not self.skip_corrupt:
+                    raise DataError(f"{self.reader.name(j)} cannot be decoded ({type(exc).__name__}: {exc}); "
+                                    "remove or replace it, or set data.skip_corrupt=true to replace it by the next "
+                                    "image with a warning") from None
+                skipped.append(self.reader.name(j))
+        raise DataError(f"{self.reader.name(i)}: no image of the data set can be decoded")
+
+    def __getitem__(self, index: list[int] | torch.Tensor) -> _Batch:
+        idx = torch.as_tensor(index, dtype=torch.int64)
+        skipped: list[str] = []
+        if self.raw:
+            blobs = [torch.frombuffer(bytearray(self.reader.read(int(i))), dtype=torch.uint8) for i in idx]
+            return _Batch(blobs, idx)
+        images = torch.stack([self.load(int(i), skipped) for i in idx])
+        return _Batch(images, idx, sorted(set(skipped)))
+
+
+def _identity(x: _Batch) -> _Batch:
+    return x
+
+
+def decode_jpeg_cuda(blobs: list[torch.Tensor], size: int, device: torch.device | str, *, crop: int = 0,
+                     fallback: BatchDataset | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode a batch of encoded images on the GPU (nvJPEG via ``torchvision.io.decode_jpeg``), resize the shorter
+    side to ``size`` (bicubic, antialiased) and centre-crop: uint8 (B, 3, c, c) on ``device``.
+
+    Files nvJPEG refuses (PNG, CMYK, corrupt) are decoded on the CPU by ``fallback`` (at ``index``), which also
+    applies the corrupt-file policy. GPU pixels differ from Pillow's by interpolation rounding (a few grey levels).
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    out: list[torch.Tensor | None] = [None] * len(blobs)
+    jpeg = [k for k, b in enumerate(blobs) if len(b) > 3 and b[0] == 0xFF and b[1] == 0xD8]
+    if jpeg:
+        try:
+            decoded = decode_jpeg([blobs[k] for k in jpeg], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one bad file fails the batched call: decode one by one
+            decoded = []
+            for k in jpeg:
+                try:
+                    decoded.append(decode_jpeg(blobs[k], mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    decoded.append(None)
+        for k, img in zip(jpeg, decoded):
+            if img is None:
+                continue
+            h, w = img.shape[-2:]
+            s = size / min(h, w)
+            nh, nw = max(size, round(h * s)), max(size, round(w * s))
+            x = torch.nn.functional.interpolate(img[None].float(), size=(nh, nw), mode="bicubic", antialias=True,
+                                                align_corners=False)
+            top, left = (nh - size) // 2, (nw - size) // 2
+            x = x[..., top: top + size, left: left + size]
+            if crop and crop != size:
+                o = (size - crop) // 2
+                x = x[..., o: o + crop, o: o + crop]
+            out[k] = x.round().clamp(0, 255).to(torch.uint8)[0]
+    skipped: list[str] = []
+    for k in range(len(blobs)):
+        if out[k] is None:
+            if fallback is None or index is None:
+                raise DataError(f"image {k} of the batch cannot be decoded on the GPU and no CPU fallback is given")
+            out[k] = fallback.load(int(index[k]), skipped).to(device)
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The streaming batch source
+
+
+class StreamSource:
+    """This process's batches of a streamed split: implements :class:`BatchSource`.
+
+    Args:
+        reader: the split's :class:`Reader`.
+        size: the decoded side (``data.decode_size``).
+        batch_size: per process; the global batch is ``batch_size * world``.
+        seed: the data-order seed (``train.seed``).
+        rank, world: this process and the number of processes.
+        workers: DataLoader worker processes (0: decode in this process).
+        skip_corrupt: see :class:`BatchDataset`.
+        decode_device: ``cuda`` device: workers only read bytes and JPEGs are decoded on the GPU in batches.
+        prefetch: batches each worker prepares ahead.
+
+    Attributes:
+        skipped: names of the corrupt files replaced so far (``skip_corrupt``), in the order met.
+    """
+
+    def __init__(self, reader: Reader, size: int, *, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 workers: int = 0, skip_corrupt: bool = False, decode_device: torch.device | str | None = None,
+                 prefetch: int = 2) -> None:
+        self.reader, self.size, self.batch_size, self.seed = reader, size, batch_size, seed
+        self.rank, self.world, self.workers, self.prefetch = rank, world, workers, prefetch
+        self.decode_device = torch.device(decode_device) if decode_device is not None else None
+        gpu = self.decode_device is not None and self.decode_device.type == "cuda"
+        self.dataset = BatchDataset(reader, size, skip_corrupt=skip_corrupt, raw=gpu)
+        self._cpu = BatchDataset(reader, size, skip_corrupt=skip_corrupt)  # the GPU path's fallback
+        self.steps_per_epoch = len(reader) // (batch_size * world)
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def index_batches(self, epoch: int, start_step: int = 0) -> list[torch.Tensor]:
+        """The indices this process reads at each step of ``epoch`` from ``start_step`` on."""
+        order = _epoch_order(len(self.reader), self.seed, epoch)
+        return [shard_rows(order, s, self.batch_size, self.rank, self.world)
+                for s in range(start_step, self.steps_per_epoch)]
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        plan = [b.tolist() for b in self.index_batches(epoch, start_step)]
+        yield from self._stream(plan)
+
+    def _stream(self, plan: list[list[int]]) -> Iterator[torch.Tensor]:
+        if not plan:
+            return
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=None, sampler=plan, num_workers=self.workers, collate_fn=_identity,
+            prefetch_factor=self.prefetch if self.workers else None, persistent_workers=False,
+            pin_memory=self.decode_device is not None and self.decode_device.type == "cuda" and not self.dataset.raw)
+        for b in loader:
+            if isinstance(b.images, list):
+                images = decode_jpeg_cuda(b.images, self.size, self.decode_device, fallback=self._cpu,
+                                          index=b.index)
+            else:
+                images = b.images
+            if b.skipped:
+                self.skipped += b.skipped
+                warnings.warn(f"replaced {len(b.skipped)} corrupt image(s) by the next decodable one "
+                              f"(data.skip_corrupt): {', '.join(b.skipped[:3])}", RuntimeWarning, stacklevel=2)
+            yield images
+
+
+def iterate_split(reader: Reader, size: int, *, crop: int = 0, batch_size: int = 256, workers: int = 0,
+                  rank: int = 0, world: int = 1, skip_corrupt: bool = False,
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's images of a split in data-set order (rows ``rank, rank+world, ...``), decoded at ``size`` and
+    centre-cropped to ``crop``, in batches: (uint8 (b, 3, c, c), labels (b,)). For feature extraction."""
+    mine = torch.arange(rank, len(reader), world)
+    plan = [mine[s: s + batch_size].tolist() for s in range(0, len(mine), batch_size)]
+    if not plan:
+        return
+    ds = BatchDataset(reader, size, crop=crop, skip_corrupt=skip_corrupt)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=plan, num_workers=workers,
+                                         collate_fn=_identity, prefetch_factor=2 if workers else None)
+    labels = torch.from_numpy(reader.labels)
+    for b in loader:
+        yield b.images, labels[b.index]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A streamed data set in the roles a run needs
+
+
+@dataclass
+class StreamSplit:
+    """One split of a streamed data set: its reader (labels and class names), nothing decoded."""
+
+    reader: Reader
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.from_numpy(self.reader.labels)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.reader.classes
+
+
+@dataclass
+class StreamData:
+    """The roles of :class:`~directpred.data.datasets.DataBundle` for a streamed data set: pre-training images
+    (= the labelled train split) and the held-out split, read lazily.
+
+    Attributes:
+        image_size: the side of the views and of the test crops (``data.image_size``).
+        decode_size: the side the workers decode to (``data.decode_size``, else ``image_size``).
+    """
+
+    pretrain: StreamSplit
+    train: StreamSplit
+    test: StreamSplit
+    name: str
+    image_size: int
+    decode_size: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train.classes)
+
+
+def load_stream_data(cfg) -> StreamData:  # noqa: ANN001 - a DataConfig
+    """The :class:`StreamData` of a :class:`directpred.config.DataConfig` with ``stream: true``.
+
+    Raises:
+        DataError: no such folder, a missing split, empty class folders, missing or corrupt shards.
+    """
+    if not cfg.path or not Path(cfg.path).expanduser().is_dir():
+        raise DataError(f"data.path {cfg.path!r} is not a directory; a streamed data set is an ImageFolder tree "
+                        "(train/<class>/..., val/<class>/...) or a folder of tar shards (`directpred shards`)")
+    train = StreamSplit(open_reader(cfg.path, "train"))
+    test = StreamSplit(open_reader(cfg.path, "test"))
+    if test.classes != train.classes:
+        raise DataError(f"{cfg.path}: the held-out split's classes differ from train's")
+    return StreamData(train, train, test, Path(cfg.path).name, cfg.image_size, cfg.decode_size or cfg.image_size)

@@ -1,0 +1,161 @@
+"""The lazy (streamed) data path: same pixels as the in-memory path, sharding, resume, corrupt files, tar shards."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_mixed_folder
+
+from directpred.data.datasets import DataError, load_folder
+from directpred.data.stream import (
+    BatchDataset,
+    FolderReader,
+    InMemorySource,
+    ShardReader,
+    StreamSource,
+    decode_jpeg_cuda,
+    is_shard_dir,
+    iterate_split,
+    open_reader,
+    write_shards,
+)
+from directpred.train.loop import epoch_order
+
+SIZE = 24
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> Path:
+    return write_mixed_folder(tmp_path_factory.mktemp("mixed") / "data")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, mixed) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(mixed, out, shard_size=4, splits=("train", "test"))
+    return out
+
+
+def _all(source: StreamSource | InMemorySource, epoch: int, start: int = 0) -> list[torch.Tensor]:
+    return list(source.batches(epoch, start))
+
+
+def test_lazy_path_yields_the_in_memory_images(mixed, tmp_path):
+    train, test = load_folder(mixed, cache_dir=tmp_path, image_size=SIZE)
+    reader = FolderReader(mixed, "train")
+    assert reader.labels.tolist() == train.labels.tolist()
+    ds = BatchDataset(reader, SIZE)
+    lazy = ds[list(range(len(reader)))].images  # (N, 3, S, S)
+    assert torch.equal(lazy, train.images.permute(0, 3, 1, 2))
+    # The same epoch, batch by batch, from memory and from disk (order: epoch_order of (seed, epoch)).
+    mem = InMemorySource(train.images, batch_size=4, seed=3)
+    lazy_src = StreamSource(reader, SIZE, batch_size=4, seed=3)
+    assert mem.steps_per_epoch == lazy_src.steps_per_epoch == len(reader) // 4
+    for a, b in zip(_all(mem, 1), _all(lazy_src, 1), strict=True):
+        assert torch.equal(a, b)
+    # Held-out split: train's class list, test's images.
+    test_reader = open_reader(mixed, "test")
+    assert test_reader.labels.tolist() == test.labels.tolist()
+    got = torch.cat([x for x, _ in iterate_split(test_reader, SIZE, batch_size=4)])
+    assert torch.equal(got, test.images.permute(0, 3, 1, 2))
+
+
+def test_ranks_cover_each_image_once_and_form_the_global_batch(mixed):
+    reader = FolderReader(mixed, "train")
+    world, b = 3, 2
+    ranks = [StreamSource(reader, SIZE, batch_size=b, seed=5, rank=r, world=world) for r in range(world)]
+    single = StreamSource(reader, SIZE, batch_size=b * world, seed=5)
+    for epoch in (0, 1):
+        seen = torch.cat([torch.cat(src.index_batches(epoch)) for src in ranks])
+        steps = ranks[0].steps_per_epoch
+        assert steps == len(reader) // (b * world)
+        assert len(set(seen.tolist())) == len(seen) == steps * b * world  # no image twice within an epoch
+        order = epoch_order(len(reader), 5, epoch)
+        assert set(seen.tolist()) == set(order[: steps * b * world].tolist())
+        per_rank = [_all(src, epoch) for src in ranks]
+        for step, whole in enumerate(_all(single, epoch)):  # the ranks' shards make up the one-process batch
+            assert torch.equal(torch.cat([per_rank[r][step] for r in range(world)]), whole)
+    assert not torch.equal(torch.cat(ranks[0].index_batches(0)), torch.cat(ranks[0].index_batches(1)))
+
+
+def test_mid_epoch_resume_gives_exactly_the_remaining_batches_with_workers(mixed):
+    reader = FolderReader(mixed, "train")
+    full = _all(StreamSource(reader, SIZE, batch_size=3, seed=1), 2)
+    resumed = _all(StreamSource(reader, SIZE, batch_size=3, seed=1, workers=2), 2, start=4)
+    assert len(resumed) == len(full) - 4
+    for a, b in zip(full[4:], resumed, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_corrupt_jpeg_is_named_or_replaced_by_the_next_image(mixed, tmp_path):
+    root = tmp_path / "bad"
+    shutil.copytree(mixed, root)
+    victim = sorted((root / "train" / "n00000001").glob("*.JPEG"))[0]
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated
+    reader = FolderReader(root, "train")
+    i = [reader.name(k) for k in range(len(reader))].index(str(victim))
+    with pytest.raises(DataError, match=f"{victim}.*cannot be decoded.*data.skip_corrupt=true"):
+        BatchDataset(reader, SIZE)[[i]]
+    # Under skip_corrupt the worker replaces it by image i+1: batch shapes and every other sample hold.
+    clean = BatchDataset(FolderReader(mixed, "train"), SIZE)
+    idx = [i - 1, i, i + 1]
+    got = BatchDataset(reader, SIZE, skip_corrupt=True)[idx]
+    assert got.skipped == [str(victim)]
+    ref = clean[[i - 1, i + 1, i + 1]].images
+    assert torch.equal(got.images, ref)
+    with pytest.raises(DataError, match=f"{victim}.*cannot be decoded"):  # from a worker process, still named
+        _all(StreamSource(reader, SIZE, batch_size=len(reader), seed=0, workers=1), 0)
+    # Through worker processes: the run goes on, the file is reported.
+    src = StreamSource(reader, SIZE, batch_size=len(reader), seed=0, workers=1, skip_corrupt=True)
+    with pytest.warns(RuntimeWarning, match="corrupt"):
+        (batch,) = _all(src, 0)
+    assert batch.shape == (len(reader), 3, SIZE, SIZE)
+    assert src.skipped == [str(victim)]
+
+
+def test_shards_and_folders_give_the_same_epoch(mixed, shards):
+    assert is_shard_dir(shards) and not is_shard_dir(mixed)
+    assert sorted(p.name for p in shards.glob("train-*.tar")) == [f"train-{k:06d}.tar" for k in range(6)]
+    folder, tar = FolderReader(mixed, "train"), ShardReader(shards, "train")
+    assert tar.classes == folder.classes and tar.labels.tolist() == folder.labels.tolist()
+    assert all(tar.read(k) == folder.read(k) for k in range(len(folder)))
+    a = _all(StreamSource(folder, SIZE, batch_size=4, seed=9), 0)
+    b = _all(StreamSource(tar, SIZE, batch_size=4, seed=9, workers=2), 0)
+    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    few = ShardReader(shards, "train")
+    few.max_open = 2  # descriptors are recycled: reads across 6 shards with at most 2 open
+    assert all(few.read(k) == folder.read(k) for k in reversed(range(len(folder))))
+    assert len(few._fds) == 2
+    held_out = open_reader(shards, "val")  # val/test are one role: found under either name
+    assert held_out.labels.tolist() == open_reader(mixed, "test").labels.tolist()
+
+
+def test_shard_errors_name_the_fix(tmp_path, shards):
+    with pytest.raises(DataError, match="no train-NNNNNN.tar shards; write them with `directpred shards"):
+        ShardReader(tmp_path, "train")
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    (bad / "train-000001.tar").write_bytes((bad / "train-000001.tar").read_bytes()[:700])
+    with pytest.raises(DataError, match="train-000001.tar: the shard is corrupt or truncated"):
+        ShardReader(bad, "train")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
+def test_gpu_decode_is_close_to_pillow(mixed):
+    reader = FolderReader(mixed, "train")
+    cpu = BatchDataset(reader, SIZE)
+    raw = BatchDataset(reader, SIZE, raw=True)
+    idx = list(range(len(reader)))
+    got = decode_jpeg_cuda(raw[idx].images, SIZE, "cuda", fallback=cpu, index=torch.tensor(idx)).cpu()
+    ref = cpu[idx].images
+    assert got.shape == ref.shape
+    diff = (got.float() - ref.float()).abs()
+    assert diff.mean() < 6 and diff.flatten(1).mean(1).max() < 20
+    # Through the source (workers read bytes, the GPU decodes): the same batches as the CPU path, up to rounding.
+    gpu = list(StreamSource(reader, SIZE, batch_size=4, seed=2, workers=1, decode_device="cuda").batches(0))
+    cpu_batches = list(StreamSource(reader, SIZE, batch_size=4, seed=2).batches(0))
+    assert len(gpu) == len(cpu_batches) and all(g.is_cuda for g in gpu)
+    assert all((g.cpu().float() - c.float()).abs().mean() < 6 for g, c in zip(gpu, cpu_batches))
