@@ -18,8 +18,9 @@ import time
 import torch
 
 from directpred.config import load_config
+from directpred.data.order import epoch_order
 from directpred.train.diagnostics import Diagnostics
-from directpred.train.loop import Trainer, epoch_order
+from directpred.train.loop import Trainer
 
 
 def main() -> None:

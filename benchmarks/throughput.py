@@ -28,8 +28,10 @@ import torch
 
 from directpred.config import load_config
 from directpred.data.datasets import DataBundle, ImageArrays, load_data
+from directpred.data.order import epoch_order
 from directpred.heads.correlation import symmetric_eigh
-from directpred.train.loop import Trainer, epoch_order, git_commit
+from directpred.runtime import git_commit
+from directpred.train.loop import Trainer
 
 PREDICTORS = [
     ("mlp", ["predictor.name=mlp"]),

@@ -103,9 +103,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from directpred.backbones import resolve_channels_last
     from directpred.config import config_from_dict, load_config
     from directpred.data.datasets import load_data
+    from directpred.eval.protocol import evaluate
     from directpred.methods import build_method
+    from directpred.runtime import resolve_device, resolve_precision
     from directpred.train.checkpoint import atomic_write_json, load_checkpoint
-    from directpred.train.loop import evaluate, resolve_device, resolve_precision
 
     run_dir = Path(args.run_dir)
     cfg_file = run_dir / "config.yaml"
@@ -163,7 +164,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from directpred.export import embed, read_backbone, read_image_folder, save_features
-    from directpred.train.loop import resolve_device
+    from directpred.runtime import resolve_device
 
     exp = read_backbone(args.source, checkpoint=args.checkpoint)
     data, names = read_image_folder(args.data, image_size=exp.image_size, split=args.split,

@@ -213,7 +213,8 @@ def diagnose(target: Path, *, batches: int = 2, use_data: bool = True) -> tuple[
         try:
             from directpred.data.augment import TwoViewAugment
             from directpred.data.datasets import load_data
-            from directpred.train.loop import step_generator, view_recipes
+            from directpred.data.order import step_generator
+            from directpred.data.views import view_recipes
 
             if cfg.data.stream:  # a streamed data set: decode only the sampled batches
                 from directpred.data.stream import BatchDataset, load_stream_data

@@ -30,8 +30,8 @@ from directpred.backbones import resnet
 from directpred.config import Config, ConfigError
 from directpred.data.augment import ViewRecipe, eval_transform
 from directpred.data.datasets import IMAGE_EXTENSIONS, DataError, ImageArrays, decode_images, list_members
+from directpred.data.views import eval_recipe
 from directpred.train.checkpoint import CheckpointError, load_checkpoint
-from directpred.train.loop import eval_recipe
 
 FORMAT, VERSION = "directpred-backbone", 1
 _PREFIX = "online.encoder.backbone."

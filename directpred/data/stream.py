@@ -19,7 +19,7 @@ resized image, not from the whole non-square image; with ``decode_size = image_s
 the margin a 224 crop of a 256 image has.)
 
 A process reads only its rows of each global batch (rank r of w takes rows ``r*B .. r*B+B`` of the epoch's
-permutation, :func:`directpred.train.loop.epoch_order`), a resumed run starts at a step, and a corrupt image is
+permutation, :func:`directpred.data.order.epoch_order`), a resumed run starts at a step, and a corrupt image is
 named in a :class:`~directpred.data.datasets.DataError` or, with ``skip_corrupt``, replaced inside the worker by
 the next decodable image of the data set (deterministically, so batch shapes and every other sample hold). Memory
 is flat in the data set's size: the index holds one fixed-width byte string and one label per image, shared
@@ -68,7 +68,7 @@ def shard_rows(order: torch.Tensor, step: int, batch_size: int, rank: int, world
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    from directpred.train.loop import epoch_order  # imported late: the loop imports this module
+    from directpred.data.order import epoch_order
 
     return epoch_order(n, seed, epoch)
 

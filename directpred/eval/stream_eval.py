@@ -115,7 +115,7 @@ class ByolLinearEval:
             num_classes: int, feature_dim: int, device: torch.device | str = "cpu",
             autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
             skip_corrupt: bool = False) -> ByolLinearEval:
-        from directpred.train.loop import step_generator
+        from directpred.data.order import step_generator
 
         device = torch.device(device)
         rank, world = distributed.rank(), distributed.world_size()

@@ -9,9 +9,7 @@ resumed ends with the same numbers as one that never stopped.
 from __future__ import annotations
 
 import math
-import os
 import signal
-import subprocess
 import sys
 import time
 import warnings
@@ -24,13 +22,14 @@ from torch import nn
 from directpred import distributed
 from directpred.backbones import resolve_channels_last
 from directpred.config import Config, ConfigError, diff_configs, dump_config
-from directpred.data.augment import TwoViewAugment, ViewRecipe, recipe
+from directpred.data.augment import TwoViewAugment
 from directpred.data.datasets import DataBundle, load_data
+from directpred.data.order import step_generator
 from directpred.data.stream import BatchSource, InMemorySource, StreamData, StreamSource, load_stream_data
-from directpred.eval.features import extract_features
-from directpred.eval.knn import KNNClassifier
-from directpred.eval.linear_probe import LinearProbe
-from directpred.methods import Siamese, build_method, ema_momentum
+from directpred.data.views import view_recipes
+from directpred.eval.protocol import evaluate
+from directpred.methods import build_method, ema_momentum
+from directpred.runtime import git_commit, resolve_device, resolve_precision
 from directpred.train.checkpoint import (
     atomic_write_json,
     atomic_write_text,
@@ -51,124 +50,6 @@ RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.progress", "train
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, changed config on resume, ...); the message says what to do."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA (this process's ``LOCAL_RANK`` GPU under torchrun) when available, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":  # an explicit index: torch.cuda.set_device refuses a bare "cuda"
-        name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto")
-    return device
-
-
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (where oneDNN's bf16 convolutions are several times faster than fp32).
-
-    AVX512-BF16 alone is not enough: measured on such a machine, bf16 autocast made the ResNet-18 (width 16)
-    forward+backward slower than fp32 channels-last (see benchmarks/README.md), so ``auto`` keeps fp32 there.
-    """
-    try:
-        return bool(torch._C._cpu._init_amx())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``train.precision`` (None = fp32). ``auto``: bf16 on CUDA GPUs that support it (else fp16)
-    and on CPUs with AMX; fp32 elsewhere."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_amx() else None
-
-
-def git_commit() -> str:
-    """The commit of the source tree this package runs from (``+dirty`` if it has changes), or ``unknown``."""
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def view_recipes(cfg: Config, data: DataBundle) -> tuple[ViewRecipe, ViewRecipe]:
-    """The augmentation recipe of ``data.augment`` (``auto``: by dataset and image size)."""
-    return recipes_for(cfg, cfg.data.image_size or data.image_size)
-
-
-def recipes_for(cfg: Config, size: int) -> tuple[ViewRecipe, ViewRecipe]:
-    """The two view recipes of ``cfg`` for images of ``size`` pixels."""
-    name = cfg.data.augment
-    if name == "auto":
-        name = "stl10" if cfg.data.dataset == "stl10" else ("cifar" if size <= 64 else "imagenet")
-    return recipe(name, size)
-
-
-def eval_recipe(cfg: Config, size: int) -> ViewRecipe:
-    """The recipe whose size and normalisation the test-time transform (kNN, probe, embeddings) uses."""
-    return recipes_for(cfg, size)[1]
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The permutation of the training set in ``epoch`` (the same on every rank)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The generator of the augmentation draws of global ``step``."""
-    return torch.Generator().manual_seed((seed * 2_654_435_761 + 7919 * (step + 1)) % (2**63 - 1))
-
-
-@torch.no_grad()
-def evaluate(method: Siamese, data: DataBundle | StreamData, cfg: Config, device: torch.device, *, linear: bool = True,
-             autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """kNN (and optionally the linear probe) of the online backbone's frozen features.
-
-    Returns ``knn_top1`` and, with ``linear``, ``linear_top1`` (final probe epoch, the headline) and
-    ``linear_top1_best`` (best over probe epochs, the authors' reported figure), all in percent. A streamed data set
-    is evaluated by :func:`directpred.eval.stream_eval.evaluate_stream` (also ``linear_top5`` under the byol
-    protocol).
-    """
-    _, test_recipe = view_recipes(cfg, data)
-    backbone = method.encoder.backbone
-    distributed.broadcast_buffers(backbone)  # every rank embeds with rank 0's BatchNorm statistics
-    if isinstance(data, StreamData):
-        from directpred.eval.stream_eval import evaluate_stream
-
-        return evaluate_stream(backbone, data, cfg, test_recipe, device, linear=linear, autocast_dtype=autocast_dtype,
-                               channels_last=resolve_channels_last(cfg.train.channels_last, backbone, device))
-    kw = dict(batch_size=cfg.eval.batch_size, device=device, autocast_dtype=autocast_dtype,
-              channels_last=resolve_channels_last(cfg.train.channels_last, backbone, device))
-    f_train = extract_features(backbone, data.train.images, test_recipe, **kw)
-    f_test = extract_features(backbone, data.test.images, test_recipe, **kw)
-    labelled = data.train.labels >= 0
-    f_train, y_train = f_train[labelled.to(f_train.device)], data.train.labels[labelled]
-    out: dict[str, float] = {}
-    knn = KNNClassifier(k=cfg.eval.knn_k, temperature=cfg.eval.knn_t).fit(f_train, y_train.to(f_train.device))
-    out["knn_top1"] = 100.0 * knn.score(f_test, data.test.labels)
-    if linear:
-        with torch.enable_grad():
-            probe = LinearProbe(epochs=cfg.eval.linear_epochs, lr=cfg.eval.linear_lr,
-                                weight_decay=cfg.eval.linear_weight_decay, batch_size=cfg.eval.linear_batch_size,
-                                seed=cfg.train.seed).fit(f_train, y_train, f_test, data.test.labels)
-        out["linear_top1"] = 100.0 * probe.history_[-1]
-        out["linear_top1_best"] = 100.0 * probe.best_accuracy_
-    return out
 
 
 def make_batch_source(cfg: Config, data: DataBundle | StreamData, device: torch.device) -> BatchSource:

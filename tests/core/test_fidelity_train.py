@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from directpred.config import load_config
-from directpred.train.loop import Trainer, epoch_order
+from directpred.data.order import epoch_order
+from directpred.train.loop import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER_CONFIGS = sorted([*(REPO / "configs" / "cifar10").glob("*.yaml"), *(REPO / "configs" / "stl10").glob("*.yaml")])

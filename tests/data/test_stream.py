@@ -10,6 +10,7 @@ import torch
 from conftest import write_mixed_folder
 
 from directpred.data.datasets import DataError, load_folder
+from directpred.data.order import epoch_order
 from directpred.data.stream import (
     BatchDataset,
     FolderReader,
@@ -22,7 +23,6 @@ from directpred.data.stream import (
     open_reader,
     write_shards,
 )
-from directpred.train.loop import epoch_order
 
 SIZE = 24
 

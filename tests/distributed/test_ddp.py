@@ -21,9 +21,10 @@ from directpred.backbones import resolve_channels_last
 from directpred.config import load_config
 from directpred.data.augment import TwoViewAugment
 from directpred.data.datasets import load_data
+from directpred.data.order import epoch_order, step_generator
+from directpred.data.views import view_recipes
 from directpred.losses import two_view_loss
 from directpred.methods import build_method, ema_momentum
-from directpred.train.loop import epoch_order, step_generator, view_recipes
 from directpred.train.optim import build_optimizer, lr_factor, set_lr
 
 REPO = Path(__file__).resolve().parents[2]

@@ -20,11 +20,12 @@ from directpred.cli import main
 from directpred.config import config_from_dict, load_config
 from directpred.data.augment import eval_transform
 from directpred.data.datasets import load_data
+from directpred.data.views import view_recipes
 from directpred.eval.features import extract_features
 from directpred.eval.knn import KNNClassifier
 from directpred.methods import build_method
 from directpred.train.checkpoint import load_checkpoint, save_checkpoint
-from directpred.train.loop import Trainer, view_recipes
+from directpred.train.loop import Trainer
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 

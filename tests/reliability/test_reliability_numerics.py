@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from directpred.config import load_config
+from directpred.data.order import epoch_order
 from directpred.heads.directpred import DirectCopy, DirectPred
 from directpred.train.checkpoint import load_checkpoint
-from directpred.train.loop import Trainer, TrainingError, epoch_order
+from directpred.train.loop import Trainer, TrainingError
 
 NAN = float("nan")
 

@@ -1,0 +1,67 @@
+"""Where a run executes: the device, the autocast precision, the source commit, CPU features.
+
+Pure look-ups of the process's environment, shared by training, evaluation and the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+from directpred.config import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA (this process's ``LOCAL_RANK`` GPU under torchrun) when available, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":  # an explicit index: torch.cuda.set_device refuses a bare "cuda"
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto")
+    return device
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (where oneDNN's bf16 convolutions are several times faster than fp32).
+
+    AVX512-BF16 alone is not enough: measured on such a machine, bf16 autocast made the ResNet-18 (width 16)
+    forward+backward slower than fp32 channels-last (see benchmarks/README.md), so ``auto`` keeps fp32 there.
+    """
+    try:
+        return bool(torch._C._cpu._init_amx())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``train.precision`` (None = fp32). ``auto``: bf16 on CUDA GPUs that support it (else fp16)
+    and on CPUs with AMX; fp32 elsewhere."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_amx() else None
+
+
+def git_commit() -> str:
+    """The commit of the source tree this package runs from (``+dirty`` if it has changes), or ``unknown``."""
+    here = Path(__file__).resolve().parent  # the package directory
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
