@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config("configs/cpu/quickstart.yaml", ["train.progress=false", "diag.every=1", *args.set])
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, tmp)
+        trainer = Trainer(cfg, tmp).setup()
         diag = trainer.diagnostics
         ordinary = Diagnostics(cfg, trainer.method)
         ordinary.every = 10**9  # never reports: the per-step cost only
@@ -42,9 +42,9 @@ def main() -> None:
             t0 = time.perf_counter()
             res = trainer.train_step(trainer._batch(order, i))
             t1 = time.perf_counter()
-            ordinary.observe(trainer.step, res["out"])
+            ordinary.observe(trainer.step, res.out)
             t2 = time.perf_counter()
-            row = diag.observe(trainer.step, res["out"])
+            row = diag.observe(trainer.step, res.out)
             t3 = time.perf_counter()
             trainer.logger.log({"step": trainer.step, **row}, group="diag")
             t4 = time.perf_counter()

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.set + over + [f"train.device={args.device}", "train.progress=false",
                                                              "diag.every=0", "eval.knn_every=0"])
             torch.manual_seed(0)
-            tr = Trainer(cfg, Path(tmp) / name, data=data)
+            tr = Trainer(cfg, Path(tmp) / name, data=data).setup()
             dev = tr.device
             results["device"] = str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
             results["precision"] = str(tr.autocast_dtype or "fp32").replace("torch.", "")

@@ -9,10 +9,14 @@ dynamics), and the diagnostics commands ``plot`` and ``diagnose``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from directpred.config import ConfigError
 
@@ -56,13 +60,38 @@ def _print_results(results: dict, header: str) -> None:
         print(f"  linear top-5:        {results['linear_top5']:6.2f} %   (BYOL's protocol, final epoch)")
 
 
+@contextlib.contextmanager
+def stop_on_signals(trainer: Any) -> Iterator[None]:
+    """While training: the first SIGINT/SIGTERM asks ``trainer`` to stop after the current step (it writes the
+    checkpoint and raises ``TrainingInterrupted``); a second one stops at once (``KeyboardInterrupt``)."""
+
+    def handle(signum: int, frame: object) -> None:
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.request_stop(signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handle)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import yaml
 
     from directpred import distributed
     from directpred.config import config_from_dict, dump_config, load_config
     from directpred.train.checkpoint import atomic_write_text
-    from directpred.train.loop import Trainer, check_resume_config
+    from directpred.train.faults import TrainingInterrupted
+    from directpred.train.loop import Trainer
+    from directpred.train.rundir import check_resume_config
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -86,7 +115,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{stamp}"
         trainer = Trainer(cfg, run_dir, command=" ".join(sys.argv))
-    summary = trainer.fit()
+    try:
+        with stop_on_signals(trainer):
+            summary = trainer.fit()
+    except TrainingInterrupted as exc:
+        if distributed.is_main():
+            print(f"\n{exc}", file=sys.stderr)
+        return 128 + exc.signum if exc.signum else 1
     if distributed.is_main():
         _print_results(summary, f"\nrun {run_dir}: {summary['epochs']:g} epochs, {summary['steps']} steps, "
                                 f"{summary['images_per_second'] or 0:.0f} images/s, "
@@ -290,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from directpred.data.datasets import DataError, DownloadError
         from directpred.train.checkpoint import CheckpointError
-        from directpred.train.loop import TrainingError
+        from directpred.train.faults import TrainingError
 
         if isinstance(exc, (DownloadError, urllib.error.URLError)):  # a network failure, never a disk problem
             print(f"directpred: network error: {exc}", file=sys.stderr)

@@ -73,6 +73,7 @@ class OnlineBranch(nn.Module):
         h1, h2 = self.encoder.backbone(x1), self.encoder.backbone(x2)
         z1, z2 = self.encoder.projector(h1), self.encoder.projector(h2)
         if self.training and self.update_at == "forward":
+            # Here, between projecting and predicting, because DDP allows one forward call per backward.
             update_predictor(self.predictor, z1, z2, z1 if t1 is None else t1, z2 if t2 is None else t2)
         return h1, h2, z1, z2, self.predictor(z1), self.predictor(z2)
 
@@ -129,10 +130,6 @@ class Siamese(nn.Module):
                 raise ValueError(f"target_init={target_init!r} must be 'copy' or 'random'")
             self.target.requires_grad_(False)
 
-    def use_wrapped_online(self, wrapped: nn.Module) -> None:
-        """Call ``wrapped`` (e.g. DDP around ``self.online``) in training steps; not registered as a submodule."""
-        self.__dict__["_online_call"] = wrapped
-
     @property
     def encoder(self) -> Encoder:
         """The online encoder (what evaluation uses)."""
@@ -142,9 +139,13 @@ class Siamese(nn.Module):
     def predictor(self) -> nn.Module:
         return self.online.predictor
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> StepOutput:
-        """Loss of one batch of view pairs (B, 3, H, W) each."""
-        call = self.__dict__.get("_online_call", self.online)
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, *, online: nn.Module | None = None) -> StepOutput:
+        """Loss of one batch of view pairs (B, 3, H, W) each.
+
+        ``online``: what to call as the online branch instead of ``self.online``, e.g. the trainer's
+        ``DistributedDataParallel`` wrapper around it (kept out of this module's state).
+        """
+        call = self.online if online is None else online
         needs_target = (self.target is not None and self.online.training and self.online.update_at == "forward"
                         and getattr(self.predictor, "uses_target", False))
         if needs_target:  # the predictor's update in the forward pass needs the targets first

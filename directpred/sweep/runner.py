@@ -66,7 +66,7 @@ class Plan:
 
 def plan_run(sweep: Sweep, run: Run, out: Path) -> Plan:
     """Decide from the run directory whether ``run`` is done, to be resumed or to be (re)started."""
-    from directpred.train.loop import RESUMABLE_CHANGES
+    from directpred.train.rundir import RESUMABLE_CHANGES
 
     run_dir = out / run.rel_dir
     cfg_file, ckpt = run_dir / "config.yaml", run_dir / "checkpoints" / "last.pt"

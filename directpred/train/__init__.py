@@ -1,6 +1,7 @@
-"""Training: the loop, optimisers and schedules, checkpoints and logging."""
+"""Training: the trainer and its callbacks, optimisers and schedules, checkpoints and logging."""
 
-from directpred.eval.protocol import evaluate
-from directpred.train.loop import Trainer, TrainingError
+from directpred.train.callbacks import Callback, StepResult
+from directpred.train.faults import TrainingDiverged, TrainingError, TrainingInterrupted
+from directpred.train.loop import Trainer
 
-__all__ = ["Trainer", "TrainingError", "evaluate"]
+__all__ = ["Trainer", "Callback", "StepResult", "TrainingError", "TrainingDiverged", "TrainingInterrupted"]

@@ -1,16 +1,22 @@
-"""The training loop: one code path for 1 and N processes (torchrun), CPU or CUDA.
+"""The trainer: the training step, the ``fit`` loop, and the run's state (checkpoint, resume, summary).
 
-Determinism and resume: the data order of an epoch is a pure function of ``(seed, epoch)`` and the augmentation draws
-of a step a pure function of ``(seed, step)``, so the complete training state is the model (online, target,
-predictor with F^ and its counters), the optimiser and the step counter. A run stopped at any step boundary and
-resumed ends with the same numbers as one that never stopped.
+One code path for 1 and N processes (torchrun), CPU or CUDA. Determinism and resume: the data order of an epoch is a
+pure function of ``(seed, epoch)`` and the augmentation draws of a step a pure function of ``(seed, step)``
+(:mod:`directpred.data.order`), so the complete training state is the model (online, target, predictor with F^ and
+its counters), the optimiser and the step counter. A run stopped at any step boundary and resumed ends with the
+same numbers as one that never stopped.
+
+Everything around the step (logging, diagnostics, periodic kNN, progress bar, checkpoints) is a callback
+(:mod:`directpred.train.callbacks`, where their order is documented); non-finite steps are handled by
+:class:`directpred.train.faults.NonFiniteGuard`. The trainer has no process side effects: it raises
+:class:`TrainingInterrupted` / :class:`TrainingDiverged` / :class:`TrainingError` and stops when asked
+(:meth:`Trainer.request_stop`); signal handlers and exit codes belong to the command line.
 """
 
 from __future__ import annotations
 
 import math
-import signal
-import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -21,7 +27,7 @@ from torch import nn
 
 from directpred import distributed
 from directpred.backbones import resolve_channels_last
-from directpred.config import Config, ConfigError, diff_configs, dump_config
+from directpred.config import Config, ConfigError
 from directpred.data.augment import TwoViewAugment
 from directpred.data.datasets import DataBundle, load_data
 from directpred.data.order import step_generator
@@ -30,26 +36,22 @@ from directpred.data.views import view_recipes
 from directpred.eval.protocol import evaluate
 from directpred.methods import build_method, ema_momentum
 from directpred.runtime import git_commit, resolve_device, resolve_precision
-from directpred.train.checkpoint import (
-    atomic_write_json,
-    atomic_write_text,
-    load_checkpoint,
-    remove_stale_temporaries,
-    save_checkpoint,
+from directpred.train.callbacks import Callback, StepResult, default_callbacks
+from directpred.train.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from directpred.train.diagnostics import Diagnostics
+from directpred.train.faults import (
+    NonFiniteGuard,
+    TrainingDiverged,
+    TrainingError,
+    TrainingInterrupted,
+    fault_message,
 )
 from directpred.train.logger import RunLogger
 from directpred.train.optim import build_optimizer, lr_factor, set_lr
+from directpred.train.rundir import RESUMABLE_CHANGES, check_resume_config, prepare_run_dir
 
-# Settings that may change when a run is resumed: they do not alter what has been computed so far.
-RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.progress", "train.log_every",
-                     "train.checkpoint_every", "train.checkpoint_every_steps", "train.skip_nonfinite", "train.device",
-                     "data.workers",
-                     "data.cache_dir", "data.root", "data.path", "data.local_copy", "data.download", "eval.",
-                     "diag.stop_on_collapse")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, changed config on resume, ...); the message says what to do."""
+__all__ = ["Trainer", "TrainingError", "TrainingDiverged", "TrainingInterrupted", "StepResult", "RESUMABLE_CHANGES",
+           "check_resume_config"]
 
 
 def make_batch_source(cfg: Config, data: DataBundle | StreamData, device: torch.device) -> BatchSource:
@@ -68,51 +70,59 @@ def make_batch_source(cfg: Config, data: DataBundle | StreamData, device: torch.
                           world=world)
 
 
-class _StopFlag:
-    """Turns SIGINT/SIGTERM into a request to stop after the current step."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 class Trainer:
     """Train a :class:`Config` into ``run_dir`` (or continue the run there with ``resume=True``).
+
+    Constructing a trainer does nothing else: :meth:`setup` (called by :meth:`fit`) joins the process group,
+    prepares the run directory, loads the data and builds the model. ``callbacks`` run after the built-in ones;
+    ``stop`` is an optional ``threading.Event``-like flag that asks the run to stop after the current step, as
+    :meth:`request_stop` does.
 
     Example:
         >>> cfg = load_config("configs/cpu/quickstart.yaml")  # doctest: +SKIP
         >>> summary = Trainer(cfg, "runs/qs").fit()  # doctest: +SKIP
     """
 
-    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False,
-                 command: str = "", data: DataBundle | StreamData | None = None) -> None:
-        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, command: str = "",
+                 data: DataBundle | StreamData | None = None, callbacks: list[Callback] | None = None,
+                 stop: threading.Event | None = None) -> None:
+        self.cfg, self.run_dir, self.resume, self.command = cfg, Path(run_dir), resume, command
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.data = data
+        self.callbacks = default_callbacks() + list(callbacks or [])
+        self._stop = stop if stop is not None else threading.Event()
+        self.stop_signal: int | None = None  # the signal that asked for the stop, if one did
+        self.collapse_stop = False  # set by the diagnostics callback (diag.stop_on_collapse)
+        self._ready = False
+
+    def request_stop(self, signum: int | None = None) -> None:
+        """Stop after the current step: write the checkpoint and raise :class:`TrainingInterrupted` (safe to call
+        from a signal handler or another thread)."""
+        if self.stop_signal is None:
+            self.stop_signal = signum
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    # ------------------------------------------------------------------------------------------------------------
+    def setup(self) -> Trainer:
+        """Join the process group, prepare the run directory, load the data, build model and optimiser, load the
+        checkpoint to resume. Called by :meth:`fit`; once."""
+        if self._ready:
+            return self
+        cfg = self.cfg
         self.device = resolve_device(cfg.train.device)
         distributed.init_from_env(self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.autocast_dtype = resolve_precision(cfg.train.precision, self.device)
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        self._prepare_run_dir(command)
+        prepare_run_dir(self.run_dir, cfg, resume=self.resume, command=self.command)
+        self.commit = git_commit()  # once per run
 
         torch.manual_seed(cfg.train.seed)  # the same initialisation on every rank
+        data = self.data
         if data is None and cfg.data.stream:
             data = load_stream_data(cfg.data)  # lists the files (or reads the shards' headers); decodes nothing
         if data is None:
@@ -126,7 +136,36 @@ class Trainer:
             data.pretrain.images = data.pretrain.images.to(self.device)
         self.data = data
         self.augment = TwoViewAugment(*view_recipes(cfg, data))
+        self._build_model()
 
+        self.global_batch = cfg.train.batch_size * self.world
+        self.source = make_batch_source(cfg, data, self.device)
+        self.steps_per_epoch = self.source.steps_per_epoch
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} x {self.world} process(es) is larger than "
+                              f"the {len(data.pretrain)} training images; lower the batch size")
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.last_step = self.total_steps if not cfg.train.max_steps else min(cfg.train.max_steps, self.total_steps)
+        self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        self.step = self.epoch = 0
+        self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient (train.skip_nonfinite)
+        self.last_checkpoint: tuple[Path, int] | None = None  # (file, step) of the last checkpoint written
+        self.last_log: dict[str, Any] | None = None  # the last ``train`` row (LogCallback)
+        self.train_seconds = 0.0
+        self.wall_before = 0.0
+        self.knn_history: list[dict[str, float]] = []
+        # Also with diag.every=0: the final report on the final state always judges the run (summary.json).
+        self.diagnostics = Diagnostics(cfg, self.method)
+        self._t_start = time.time()
+        if self.resume:
+            self._load(self.ckpt_dir / "last.pt")
+        # After the load: rows a killed process logged past the checkpoint are dropped, as they will be redone.
+        self.logger = RunLogger(self.run_dir, start_step=self.step)
+        self._ready = True
+        return self
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
         self.method = build_method(cfg).to(self.device)
         self.channels_last = resolve_channels_last(cfg.train.channels_last, self.method, self.device)
         if self.channels_last:
@@ -136,75 +175,151 @@ class Trainer:
             # W_p) would only cause graph breaks.
             self.method.online.encoder.compile()
         self.world = distributed.world_size()
+        self.online_call: nn.Module | None = None  # what the method calls as its online branch (DDP's wrapper)
         if self.world > 1:
             online: nn.Module = self.method.online
             if cfg.train.sync_bn:
                 online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
                 self.method.online = online  # type: ignore[assignment]
             if any(p.requires_grad for p in online.parameters()):
-                ddp = nn.parallel.DistributedDataParallel(
+                self.online_call = nn.parallel.DistributedDataParallel(
                     online, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-                self.method.use_wrapped_online(ddp)
         self.optimizer = build_optimizer(cfg.optim, self.method.online.encoder, self.method.online.predictor)
         self.scaler = torch.amp.GradScaler(enabled=self.autocast_dtype == torch.float16)
-
-        self.global_batch = cfg.train.batch_size * self.world
-        self.source = make_batch_source(cfg, data, self.device)
-        self.steps_per_epoch = self.source.steps_per_epoch
-        if self.steps_per_epoch < 1:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} x {self.world} process(es) is larger than "
-                              f"the {len(data.pretrain)} training images; lower the batch size")
-        self.total_steps = self.steps_per_epoch * cfg.train.epochs
-        self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
-        self.step = 0
-        self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient (train.skip_nonfinite)
-        self.last_checkpoint: tuple[Path, int] | None = None  # (file, step) of the last checkpoint written
-        self.train_seconds = 0.0
-        self.wall_before = 0.0
-        self.knn_history: list[dict[str, float]] = []
-        self.diagnostics = None  # set by directpred.train.diagnostics when available
-        self._resume_diag_state = None
-        self._t_start = time.time()
-        if resume:
-            self._load(self.ckpt_dir / "last.pt")
-        # After the load: rows a killed process logged past the checkpoint are dropped, as they will be redone.
-        self.logger = RunLogger(self.run_dir, start_step=self.step)
-        self._make_diagnostics()
+        self.guard = NonFiniteGuard(self.method, cfg.train.skip_nonfinite)
 
     # ------------------------------------------------------------------------------------------------------------
-    def _prepare_run_dir(self, command: str) -> None:
-        cfg_path = self.run_dir / "config.yaml"
-        if distributed.is_main():
-            if self.resume:
-                if not (self.ckpt_dir / "last.pt").is_file():
-                    raise TrainingError(f"nothing to resume in {self.run_dir}: no checkpoints/last.pt")
-            elif (self.ckpt_dir / "last.pt").is_file():
-                raise TrainingError(f"{self.run_dir} already holds a run; continue it with "
-                                    f"`directpred train --resume {self.run_dir}` or choose another --out")
-            # Fail before any work rather than at the first checkpoint (also on resume: the disk may be full now).
-            try:
-                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-                probe = self.ckpt_dir / ".write_test"
-                probe.write_bytes(b"ok")
-                probe.unlink()
-            except OSError as exc:
-                raise TrainingError(f"cannot write to the run directory {self.run_dir}: {exc.strerror or exc}; "
-                                    + ("free disk space or fix permissions, then resume" if self.resume else
-                                       "choose a writable --out")) from None
-            remove_stale_temporaries(self.ckpt_dir)  # left by a writer killed mid-write; never loaded
-            if not self.resume:
-                atomic_write_text(cfg_path, dump_config(self.cfg))
-            with open(self.run_dir / "command.txt", "a") as f:
-                f.write((command or " ".join(sys.argv)) + "\n")
-        distributed.barrier()
+    # The training step
 
-    def _make_diagnostics(self) -> None:
-        # Also with diag.every=0: the final report on the final state always judges the run (summary.json).
+    def _batch(self, order: torch.Tensor, step_in_epoch: int) -> torch.Tensor:
+        start = step_in_epoch * self.global_batch + distributed.rank() * self.cfg.train.batch_size
+        idx = order[start: start + self.cfg.train.batch_size]
+        images = self.data.pretrain.images
+        return images[idx.to(images.device)]
+
+    def views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two augmented views of this step's uint8 batch (the data pipeline), on the training device."""
+        images = images.to(self.device, non_blocking=True)
+        x1, x2 = self.augment(images, step_generator(self.cfg.train.seed, self.step),
+                              shard=(distributed.rank(), self.world))
+        if self.channels_last:
+            x1 = x1.contiguous(memory_format=torch.channels_last)
+            x2 = x2.contiguous(memory_format=torch.channels_last)
+        return x1, x2
+
+    def train_step(self, images: torch.Tensor) -> StepResult:
+        """One optimiser step on this step's uint8 batch."""
+        return self.optimize(*self.views(images))
+
+    def optimize(self, x1: torch.Tensor, x2: torch.Tensor) -> StepResult:
+        """Forward, predictor update, loss, backward, optimiser and EMA on two augmented views."""
+        cfg = self.cfg
+        lr = set_lr(self.optimizer, cfg.optim.lr,
+                    lr_factor(self.step, self.total_steps, self.warmup_steps, cfg.optim.schedule))
+        m = ema_momentum(self.step, self.total_steps, cfg.method.ema, cfg.method.ema_schedule)
+        snapshot = self.guard.snapshot()  # what a skipped step restores (train.skip_nonfinite)
         try:
-            from directpred.train.diagnostics import Diagnostics
-        except ImportError:
-            return
-        self.diagnostics = Diagnostics(self.cfg, self.method)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
+                # Projections, then (update_at=forward) predictor.update, predictions, the loss: see Siamese.forward.
+                out = self.method(x1, x2, online=self.online_call)
+        except FloatingPointError as exc:  # the predictor refused non-finite statistics (the same on every rank)
+            return self._skip(str(exc), snapshot, lr, m)
+        self.optimizer.zero_grad(set_to_none=True)
+        # Backward even for a non-finite loss: under DDP the all-reduced gradient then tells every rank.
+        self.scaler.scale(out.loss).backward()
+        fault = self.guard.fault(out.loss, check_grads=not self.scaler.is_enabled())  # fp16: the scaler skips infs
+        if fault is not None:
+            return self._skip(fault, snapshot, lr, m)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        try:  # update_at=after_step: F^ gets this step's projections and W_p is set (the authors' order)
+            self.method.update_predictor(out)
+        except FloatingPointError as exc:  # the parameters have been stepped already: this cannot be skipped
+            raise TrainingDiverged(self._fault_message(str(exc))) from None
+        self.method.update_target(m)  # EMA
+        self.step += 1
+        return StepResult(out.loss.detach(), lr, m, out)
+
+    def _skip(self, fault: str, snapshot: dict[str, torch.Tensor] | None, lr: float, m: float) -> StepResult:
+        """Skip a non-finite step (undo what its forward changed, count it) or raise :class:`TrainingDiverged`."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.skipped_steps >= self.cfg.train.skip_nonfinite:
+            raise TrainingDiverged(self._fault_message(fault))
+        self.guard.undo(snapshot)
+        self.skipped_steps += 1
+        warnings.warn(f"step {self.step}: {fault}; step skipped ({self.skipped_steps} of at most "
+                      f"{self.cfg.train.skip_nonfinite}, train.skip_nonfinite)", RuntimeWarning, stacklevel=3)
+        self.step += 1  # the data order and augmentation draws stay functions of the step
+        return StepResult(torch.tensor(float("nan")), lr, m, None, skipped=True)
+
+    def _fault_message(self, fault: str) -> str:
+        return fault_message(fault, self.step, self.cfg.optim.lr, self.run_dir, self.last_checkpoint)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The loop
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``train.epochs`` (or ``train.max_steps``), evaluate, write ``summary.json``; returns it.
+
+        Raises :class:`TrainingInterrupted` (after writing the checkpoint) when a stop was requested,
+        :class:`TrainingDiverged` on non-finite steps beyond ``train.skip_nonfinite``.
+        """
+        self.setup()
+        self._t_start = time.time()
+        if self._resume_diag_state:
+            self.diagnostics.load_state_dict(self._resume_diag_state)
+        self.method.train()
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        try:
+            stopped = self._loop()
+        finally:
+            for cb in self.callbacks:
+                cb.on_loop_end(self)
+        if stopped and not self.collapse_stop:
+            self.save()
+            self.logger.close()
+            raise TrainingInterrupted(self.stop_signal, self.step, self.ckpt_dir / "last.pt", self.run_dir)
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        self.save()
+        summary = self.finish(stopped_early=self.collapse_stop)
+        self.logger.close()
+        return summary
+
+    def _loop(self) -> bool:
+        """Steps up to ``last_step``, epoch by epoch; True if stopped on request (or on collapse)."""
+        while self.step < self.last_step:
+            self.epoch, i = divmod(self.step, self.steps_per_epoch)
+            batches = self.source.batches(self.epoch, i)  # this process's batches from this step on
+            try:
+                while i < self.steps_per_epoch and self.step < self.last_step:
+                    t0 = time.time()
+                    result = self.train_step(next(batches))
+                    self.train_seconds += time.time() - t0
+                    i += 1
+                    for cb in self.callbacks:
+                        cb.on_step_end(self, result)
+                    if self._stop_agreed():
+                        return True
+            finally:
+                batches.close()  # ends a streamed epoch's worker processes
+            if i == self.steps_per_epoch:
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, self.epoch + 1)
+        return False
+
+    def _stop_agreed(self) -> bool:
+        """Whether to stop now: requested here, on collapse, or (multi-process) on any rank, so all stop together."""
+        requested = self.stop_requested or self.collapse_stop
+        if self.world > 1:
+            flag = torch.tensor([float(requested)], device=self.device)
+            requested = bool(distributed.all_reduce_sum(flag).item() > 0)
+        return requested
+
+    # ------------------------------------------------------------------------------------------------------------
+    # State: checkpoint, resume, summary
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -220,9 +335,9 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "wall_seconds": self.wall_before + (time.time() - self._t_start),
             "knn_history": self.knn_history,
-            "diagnostics": self.diagnostics.state_dict() if self.diagnostics is not None else None,
+            "diagnostics": self.diagnostics.state_dict(),
             "config": self.cfg.to_dict(),
-            "git_commit": git_commit(),
+            "git_commit": self.commit,
         }
 
     def save(self, *, keep: bool = False) -> None:
@@ -235,6 +350,8 @@ class Trainer:
                 save_checkpoint(self.ckpt_dir / f"epoch_{state['epoch']:04d}.pt", state)
         distributed.barrier()
         self.last_checkpoint = (self.ckpt_dir / "last.pt", self.step)
+
+    _resume_diag_state: dict[str, Any] | None = None
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
@@ -253,186 +370,6 @@ class Trainer:
         self.knn_history = list(state.get("knn_history", []))
         self._resume_diag_state = state.get("diagnostics")
 
-    # ------------------------------------------------------------------------------------------------------------
-    def _batch(self, order: torch.Tensor, step_in_epoch: int) -> torch.Tensor:
-        start = step_in_epoch * self.global_batch + distributed.rank() * self.cfg.train.batch_size
-        idx = order[start: start + self.cfg.train.batch_size]
-        images = self.data.pretrain.images
-        return images[idx.to(images.device)]
-
-    def views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two augmented views of this step's uint8 batch (the data pipeline), on the training device."""
-        images = images.to(self.device, non_blocking=True)
-        x1, x2 = self.augment(images, step_generator(self.cfg.train.seed, self.step),
-                              shard=(distributed.rank(), self.world))
-        if self.channels_last:
-            x1 = x1.contiguous(memory_format=torch.channels_last)
-            x2 = x2.contiguous(memory_format=torch.channels_last)
-        return x1, x2
-
-    def train_step(self, images: torch.Tensor) -> dict[str, Any]:
-        """One optimiser step on a uint8 batch; returns the loss and the step output."""
-        return self.optimize(*self.views(images))
-
-    def optimize(self, x1: torch.Tensor, x2: torch.Tensor) -> dict[str, Any]:
-        """Forward, loss, backward, optimiser and EMA updates on augmented views (no data pipeline)."""
-        cfg = self.cfg
-        lr = set_lr(self.optimizer, cfg.optim.lr,
-                    lr_factor(self.step, self.total_steps, self.warmup_steps, cfg.optim.schedule))
-        m = ema_momentum(self.step, self.total_steps, cfg.method.ema, cfg.method.ema_schedule)
-        snapshot = self._snapshot() if cfg.train.skip_nonfinite else None
-        fault: str | None = None
-        out = None
-        try:
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.autocast_dtype is not None):
-                out = self.method(x1, x2)
-        except FloatingPointError as exc:  # the predictor refused non-finite statistics (the same on every rank)
-            fault = str(exc)
-        self.optimizer.zero_grad(set_to_none=True)
-        if out is not None:
-            # Backward even for a non-finite loss: under DDP the all-reduced gradient then tells every rank.
-            self.scaler.scale(out.loss).backward()
-            if not torch.isfinite(out.loss):
-                fault = f"non-finite loss ({out.loss.item()})"
-            elif not self.scaler.is_enabled() and self._grads_nonfinite():  # fp16: GradScaler skips inf steps
-                fault = "non-finite gradient (the loss was finite)"
-        if fault is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.skipped_steps >= cfg.train.skip_nonfinite:
-                raise TrainingError(self._fault_message(fault))
-            self.method.load_state_dict(snapshot, strict=False)  # undo BatchNorm / F^ / W_p updates of the step
-            self.skipped_steps += 1
-            warnings.warn(f"step {self.step}: {fault}; step skipped ({self.skipped_steps} of at most "
-                          f"{cfg.train.skip_nonfinite}, train.skip_nonfinite)", RuntimeWarning, stacklevel=2)
-            self.step += 1  # the data order and augmentation draws stay functions of the step
-            return {"loss": torch.tensor(float("nan")), "lr": lr, "ema": m, "out": None, "skipped": True}
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        try:  # predictor.update_at=after_step: F^ gets this step's projections and W_p is set (the authors' order)
-            self.method.update_predictor(out)
-        except FloatingPointError as exc:  # the parameters have been stepped already: this cannot be skipped
-            raise TrainingError(self._fault_message(str(exc))) from None
-        self.method.update_target(m)
-        self.step += 1
-        return {"loss": out.loss.detach(), "lr": lr, "ema": m, "out": out}
-
-    def _snapshot(self) -> dict[str, torch.Tensor]:
-        """Copies of what a forward pass changes: every buffer (BatchNorm, F^, counters) and the predictor's
-        parameters (DirectPred sets W_p in ``update``)."""
-        keep = {n for n, _ in self.method.named_buffers()}
-        keep |= {f"online.predictor.{n}" for n, _ in self.method.online.predictor.named_parameters()}
-        return {k: v.detach().clone() for k, v in self.method.state_dict().items() if k in keep}
-
-    def _grads_nonfinite(self) -> bool:
-        grads = [p.grad for p in self.method.online.parameters() if p.grad is not None]
-        # The max-norm is inf/NaN exactly when an entry is (a 2-norm could overflow on large finite gradients).
-        return bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf"))))
-
-    def _fault_message(self, fault: str) -> str:
-        cfg = self.cfg
-        if self.last_checkpoint is not None:
-            path, step = self.last_checkpoint
-            where = (f"The last good checkpoint is {path} (step {step}); resume from it with `directpred train "
-                     f"--resume {self.run_dir}` (changing optim.lr on resume needs --force).")
-        else:
-            where = ("No checkpoint was written yet (train.checkpoint_every_steps writes them within an epoch); "
-                     "restart with a lower optim.lr.")
-        return (f"{fault} at step {self.step}; training stopped. Likely causes: a learning rate too high for this "
-                f"batch size (optim.lr={cfg.optim.lr}), fp16 overflow (try train.precision=bf16 or fp32), or corrupt "
-                f"inputs. Nothing from this step was written. {where} To skip isolated bad steps instead, set "
-                f"train.skip_nonfinite to the number of steps that may be skipped.")
-
-    def fit(self) -> dict[str, Any]:
-        """Train to ``train.epochs`` (or ``train.max_steps``), evaluate, write ``summary.json``; returns it."""
-        cfg = self.cfg
-        self._t_start = time.time()
-        if self._resume_diag_state and self.diagnostics is not None:
-            self.diagnostics.load_state_dict(self._resume_diag_state)
-        last_step = self.total_steps if not cfg.train.max_steps else min(cfg.train.max_steps, self.total_steps)
-        self.method.train()
-        main = distributed.is_main()
-        pbar = None
-        if cfg.train.progress and main and self.step < last_step:
-            from tqdm import tqdm
-
-            pbar = tqdm(total=last_step, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                        desc="train")
-        stop = _StopFlag()
-        stopped_by: int | None = None
-        collapsed_stop = False
-        last_out = None  # the last step's output: the batch of the final diagnostics report
-        rate_images, rate_t = 0, time.time()
-        with stop:
-            while self.step < last_step:
-                epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
-                batches = self.source.batches(epoch, step_in_epoch)  # this process's batches from this step on
-                while step_in_epoch < self.steps_per_epoch and self.step < last_step:
-                    t0 = time.time()
-                    res = self.train_step(next(batches))
-                    step_in_epoch += 1
-                    dt = time.time() - t0
-                    self.train_seconds += dt
-                    rate_images += self.global_batch
-                    if not res.get("skipped"):
-                        last_out = res["out"]
-                    if self.diagnostics is not None and not res.get("skipped"):  # reports every diag.every steps
-                        row = self.diagnostics.observe(self.step, res["out"])
-                        if row:
-                            self.logger.log({"step": self.step, "epoch": epoch, **row}, group="diag")
-                            if self.diagnostics.collapsed and cfg.diag.stop_on_collapse:
-                                collapsed_stop = True
-                    if self.step % cfg.train.log_every == 0 or self.step == last_step:
-                        loss = float(res["loss"])
-                        ips = rate_images / max(time.time() - rate_t, 1e-9)
-                        rate_images, rate_t = 0, time.time()
-                        self.logger.log({"step": self.step, "epoch": epoch, "loss": loss, "lr": res["lr"],
-                                         "ema": res["ema"], "images_per_second": ips})
-                        if pbar is not None:
-                            pbar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", img_s=f"{ips:.0f}", refresh=False)
-                    if pbar is not None:
-                        pbar.update(1)
-                    if cfg.train.checkpoint_every_steps and self.step % cfg.train.checkpoint_every_steps == 0:
-                        self.save()
-                    requested = stop.signum is not None
-                    if self.world > 1:  # every rank stops at the same step
-                        flag = torch.tensor([float(requested or collapsed_stop)], device=self.device)
-                        requested = bool(distributed.all_reduce_sum(flag).item() > 0)
-                    if requested or collapsed_stop:
-                        stopped_by = stop.signum if stop.signum is not None else -1
-                        break
-                batches.close()  # ends a streamed epoch's worker processes
-                if stopped_by is not None:
-                    break
-                if step_in_epoch == self.steps_per_epoch:  # an epoch ended
-                    done = epoch + 1
-                    if cfg.eval.knn_every and done % cfg.eval.knn_every == 0 and self.step < last_step:
-                        res_knn = evaluate(self.method, self.data, cfg, self.device, linear=False,
-                                           autocast_dtype=self.autocast_dtype)
-                        self.knn_history.append({"epoch": done, "step": self.step, **res_knn})
-                        self.logger.log({"step": self.step, "epoch": done, **res_knn}, group="eval")
-                        if pbar is not None:
-                            pbar.write(f"epoch {done}: kNN top-1 {res_knn['knn_top1']:.2f}%")
-                        self.method.train()
-                    self.save(keep=done % cfg.train.checkpoint_every == 0)
-        if pbar is not None:
-            pbar.close()
-        if stopped_by is not None and not collapsed_stop:
-            self.save()
-            self.logger.close()
-            name = signal.Signals(stopped_by).name if stopped_by > 0 else "stop"
-            if main:
-                print(f"\nStopped by {name} at step {self.step}; checkpoint written to {self.ckpt_dir / 'last.pt'}."
-                      f"\nResume with: directpred train --resume {self.run_dir}", file=sys.stderr)
-            raise SystemExit(128 + stopped_by if stopped_by > 0 else 1)
-        if self.diagnostics is not None and last_out is not None:  # the verdict on the final state
-            row = self.diagnostics.final_report(self.step, last_out)
-            self.logger.log({"step": self.step, "epoch": self.step // self.steps_per_epoch, **row}, group="diag_final")
-        self.save()
-        summary = self.finish(stopped_early=collapsed_stop)
-        self.logger.close()
-        return summary
-
     def finish(self, *, stopped_early: bool = False) -> dict[str, Any]:
         """Final kNN + linear probe; writes ``summary.json`` (rank 0) and returns it."""
         cfg = self.cfg
@@ -449,7 +386,7 @@ class Trainer:
             "images_per_second": images / self.train_seconds if self.train_seconds > 0 else None,
             "train_seconds": self.train_seconds,
             "wall_seconds": self.wall_before + (time.time() - self._t_start),
-            "git_commit": git_commit(),
+            "git_commit": self.commit,
             "world_size": self.world,
             "device": str(self.device),
             "precision": str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else "fp32",
@@ -461,19 +398,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "eigh_fallbacks": int(getattr(self.method.predictor, "eigh_fallbacks", torch.zeros(())).item()),
         }
-        if self.diagnostics is not None:
-            summary.update(self.diagnostics.summary())
+        summary.update(self.diagnostics.summary())
         if distributed.is_main():
             atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
-
-
-def check_resume_config(saved: Config, new: Config, *, force: bool = False) -> None:
-    """Refuse to resume with changes other than :data:`RESUMABLE_CHANGES`, showing the difference."""
-    changes = {k: v for k, v in diff_configs(saved, new).items()
-               if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUMABLE_CHANGES)}
-    if changes and not force:
-        lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
-        raise TrainingError("the run would resume with a different configuration:\n" + lines +
-                            "\nOnly these may change on resume: " + ", ".join(RESUMABLE_CHANGES) +
-                            ". Start a new run, or pass --force to resume anyway.")

@@ -101,10 +101,10 @@ def test_trainer_guard_and_refusal(tiny_overrides, tmp_path):
     from directpred.train.loop import Trainer
 
     cfg = load_config(None, tiny_overrides + ["train.max_steps=1"])
-    trainer = Trainer(cfg, tmp_path / "auto")
+    trainer = Trainer(cfg, tmp_path / "auto").setup()
     assert trainer.channels_last is False
     conv1 = trainer.method.online.encoder.backbone.conv1.weight
     assert conv1.is_contiguous() and not conv1.is_contiguous(memory_format=torch.channels_last)
     cfg = load_config(None, tiny_overrides + ["train.channels_last=true"])
     with pytest.raises(ConfigError, match="refused"):
-        Trainer(cfg, tmp_path / "true")
+        Trainer(cfg, tmp_path / "true").setup()

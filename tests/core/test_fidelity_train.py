@@ -34,7 +34,7 @@ def _run_steps(trainer: Trainer, n: int) -> tuple[list[torch.Tensor], list[np.nd
     order = epoch_order(len(trainer.data.pretrain), trainer.cfg.train.seed, 0)
     zs, after = [], []
     for t in range(n):
-        out = trainer.train_step(trainer._batch(order, t))["out"]
+        out = trainer.train_step(trainer._batch(order, t)).out
         zs.append(torch.cat([out.z1, out.z2]).detach().double().numpy())
         after.append(pred.weight.detach().clone())
     handle.remove()
@@ -46,7 +46,7 @@ def test_wp_of_step_t_comes_from_F_hat_up_to_t_or_t_minus_1(update_at, tiny_over
     """forward: step t predicts with the DirectPred matrix of F^ over steps <= t; after_step (the authors' order):
     over steps < t (the initial W_p = I at step 0)."""
     cfg = load_config(None, tiny_overrides + ["train.epochs=1", f"predictor.update_at={update_at}"])
-    trainer = Trainer(cfg, tmp_path / "run")
+    trainer = Trainer(cfg, tmp_path / "run").setup()
     used, zs, _ = _run_steps(trainer, 4)
     F, Fs = None, []
     for z in zs:  # Eq. 19, rho = 0.3, computed independently in float64
@@ -68,7 +68,7 @@ def test_after_step_also_defers_other_statistic_predictors(name, tiny_overrides,
     """after_step: step 0 predicts with the initial W_p = I, step t+1 with the W_p set after step t, and F^ after
     step t holds exactly the projections of steps <= t."""
     over = tiny_overrides + ["train.epochs=1", f"predictor.name={name}", "predictor.update_at=after_step"]
-    trainer = Trainer(load_config(None, over), tmp_path / "run")
+    trainer = Trainer(load_config(None, over), tmp_path / "run").setup()
     used, zs, after = _run_steps(trainer, 3)
     assert torch.equal(used[0], torch.eye(used[0].shape[0]))
     for t in range(2):

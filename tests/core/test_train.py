@@ -68,7 +68,7 @@ def test_new_run_refuses_existing_run_dir(tiny_overrides, tmp_path):
     cfg = load_config(None, tiny_overrides + ["train.max_steps=1"])
     Trainer(cfg, tmp_path / "r").fit()
     with pytest.raises(TrainingError, match="--resume"):
-        Trainer(cfg, tmp_path / "r")
+        Trainer(cfg, tmp_path / "r").setup()
 
 
 def test_run_directory_contents_and_eval_reproduces(tiny_overrides, tmp_path, capsys):

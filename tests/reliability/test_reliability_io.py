@@ -124,7 +124,7 @@ def test_output_path_that_cannot_be_a_directory_fails_before_training(tiny_overr
     blocker = tmp_path / "out"
     blocker.write_text("a file where the run directory should go")
     with pytest.raises(TrainingError, match="cannot write to the run directory.*writable --out"):
-        Trainer(load_config(None, tiny_overrides + ["train.max_steps=1"]), blocker / "run")
+        Trainer(load_config(None, tiny_overrides + ["train.max_steps=1"]), blocker / "run").setup()
     assert blocker.read_text().startswith("a file")
 
 
@@ -155,7 +155,7 @@ def test_disk_full_at_checkpoint_keeps_previous_checkpoint(tiny_overrides, tmp_p
 
 
 def test_checkpoint_into_a_vanished_directory_is_a_checkpoint_error(tiny_overrides, tmp_path):
-    trainer = Trainer(load_config(None, tiny_overrides + ["train.max_steps=1"]), tmp_path / "run")
+    trainer = Trainer(load_config(None, tiny_overrides + ["train.max_steps=1"]), tmp_path / "run").setup()
     trainer.ckpt_dir = tmp_path / "run" / "config.yaml" / "checkpoints"  # a file stands where a folder should
     with pytest.raises(CheckpointError, match="cannot write .*last.pt"):
         trainer.save()

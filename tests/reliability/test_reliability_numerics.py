@@ -23,15 +23,15 @@ NAN = float("nan")
 
 def _trainer(tiny_overrides, tmp_path, *extra: str) -> Trainer:
     over = tiny_overrides + ["train.epochs=1", "train.checkpoint_every_steps=2", "predictor.freq=2", *extra]
-    return Trainer(load_config(None, over), tmp_path / "run")
+    return Trainer(load_config(None, over), tmp_path / "run").setup()
 
 
 def _poison_loss_at(trainer: Trainer, steps: set[int]) -> None:
     """The loss (and so every gradient) becomes NaN at the given steps."""
     forward = trainer.method.forward
 
-    def poisoned(x1, x2):
-        out = forward(x1, x2)
+    def poisoned(x1, x2, **kw):
+        out = forward(x1, x2, **kw)
         if trainer.step in steps:
             out.loss = out.loss * NAN
         return out
@@ -87,7 +87,7 @@ def test_skipped_step_changes_nothing_but_the_step_counter(update_at, tiny_overr
     momentum = [s["momentum_buffer"].clone() for s in trainer.optimizer.state.values()]
     with pytest.warns(RuntimeWarning, match=r"step 1: non-finite gradient.*skipped \(1 of at most 1"):
         res = trainer.train_step(trainer._batch(order, 1))
-    assert res["skipped"] and trainer.step == 2 and trainer.skipped_steps == 1
+    assert res.skipped and trainer.step == 2 and trainer.skipped_steps == 1
     after = trainer.method.state_dict()
     for k in before:  # weights, target, BatchNorm statistics, F^, W_p and counters
         assert torch.equal(before[k], after[k]), f"{k} changed in a skipped step"

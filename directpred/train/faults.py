@@ -1,0 +1,84 @@
+"""What can stop training, as exceptions, and the non-finite guard of a training step.
+
+The library raises; only the command line turns these into messages and exit codes (``directpred.cli.train``).
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (changed config on resume, unwritable run directory, ...); the message says what to do."""
+
+
+class TrainingDiverged(TrainingError):
+    """A non-finite loss, gradient or predictor statistic, beyond what ``train.skip_nonfinite`` allows."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on request (``Trainer.request_stop``, e.g. from a SIGINT/SIGTERM handler) after a step.
+
+    The checkpoint of that step has been written. ``signum`` is the signal that asked for the stop (None for a stop
+    requested otherwise, e.g. by another process of a multi-process run).
+    """
+
+    def __init__(self, signum: int | None, step: int, checkpoint: Path, run_dir: Path) -> None:
+        self.signum, self.step, self.checkpoint, self.run_dir = signum, step, checkpoint, run_dir
+        name = signal.Signals(signum).name if signum else "stop"
+        super().__init__(f"Stopped by {name} at step {step}; checkpoint written to {checkpoint}."
+                         f"\nResume with: directpred train --resume {run_dir}")
+
+
+class NonFiniteGuard:
+    """``train.skip_nonfinite``: detect a non-finite step and undo it, or stop with :class:`TrainingDiverged`.
+
+    A skipped step changes nothing but the step counter: :meth:`snapshot` copies what a forward pass changes (every
+    buffer: BatchNorm statistics, F^ and its counters; the predictor's parameters, which DirectPred sets in
+    ``update``) and :meth:`undo` restores it; the optimiser has not stepped yet.
+    """
+
+    def __init__(self, method: nn.Module, allowed: int) -> None:
+        self.method, self.allowed = method, allowed
+
+    def snapshot(self) -> dict[str, torch.Tensor] | None:
+        if not self.allowed:
+            return None
+        keep = {n for n, _ in self.method.named_buffers()}
+        keep |= {f"online.predictor.{n}" for n, _ in self.method.online.predictor.named_parameters()}
+        return {k: v.detach().clone() for k, v in self.method.state_dict().items() if k in keep}
+
+    def fault(self, loss: torch.Tensor, *, check_grads: bool) -> str | None:
+        """Why this step cannot be taken (after backward), or None. ``check_grads``: without a GradScaler (fp16
+        skips inf steps itself)."""
+        if not torch.isfinite(loss):
+            return f"non-finite loss ({loss.item()})"
+        if check_grads:
+            grads = [p.grad for p in self.method.online.parameters() if p.grad is not None]
+            # The max-norm is inf/NaN exactly when an entry is (a 2-norm could overflow on large finite gradients).
+            if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf")))):
+                return "non-finite gradient (the loss was finite)"
+        return None
+
+    def undo(self, snapshot: dict[str, torch.Tensor] | None) -> None:
+        """Restore the snapshot: undo the BatchNorm / F^ / W_p updates of the step."""
+        self.method.load_state_dict(snapshot, strict=False)
+
+
+def fault_message(fault: str, step: int, lr: float, run_dir: Path, last_checkpoint: tuple[Path, int] | None) -> str:
+    """What went wrong at ``step``, the likely causes and how to go on."""
+    if last_checkpoint is not None:
+        path, at = last_checkpoint
+        where = (f"The last good checkpoint is {path} (step {at}); resume from it with `directpred train "
+                 f"--resume {run_dir}` (changing optim.lr on resume needs --force).")
+    else:
+        where = ("No checkpoint was written yet (train.checkpoint_every_steps writes them within an epoch); "
+                 "restart with a lower optim.lr.")
+    return (f"{fault} at step {step}; training stopped. Likely causes: a learning rate too high for this "
+            f"batch size (optim.lr={lr}), fp16 overflow (try train.precision=bf16 or fp32), or corrupt "
+            f"inputs. Nothing from this step was written. {where} To skip isolated bad steps instead, set "
+            f"train.skip_nonfinite to the number of steps that may be skipped.")

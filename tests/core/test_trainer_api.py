@@ -1,0 +1,127 @@
+"""The Trainer as a library: no side effects before fit, a stop request instead of signal handlers, exceptions
+instead of SystemExit, callbacks in their documented order, and the CLI's mapping of a stop to exit code 128+signal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+from directpred.cli import main
+from directpred.config import load_config
+from directpred.train import Callback, Trainer, TrainingInterrupted
+from directpred.train import loop as loop_module
+from directpred.train.checkpoint import load_checkpoint
+
+
+def test_constructing_a_trainer_touches_nothing(tiny_overrides, tmp_path, monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("data loaded at construction")
+
+    monkeypatch.setattr(loop_module, "load_data", no_data)
+    trainer = Trainer(load_config(None, tiny_overrides + ["train.max_steps=1"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists() and trainer.data is None
+    assert not hasattr(trainer, "method")  # nothing built yet
+
+
+class _StopAt(Callback):
+    """Asks for a stop at ``step`` and records the SIGINT/SIGTERM handlers seen during the run."""
+
+    def __init__(self, step: int, stop=None) -> None:
+        self.step, self.stop, self.handlers = step, stop, set()
+
+    def on_step_end(self, trainer, result) -> None:
+        self.handlers.add((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+        if trainer.step == self.step:
+            if self.stop is None:
+                trainer.request_stop(signal.SIGTERM)
+            else:
+                self.stop.set()
+
+
+@pytest.mark.parametrize("how", ["request_stop", "event"])
+def test_stop_request_raises_interrupted_with_checkpoint_and_installs_no_handler(how, tiny_overrides, tmp_path):
+    event = threading.Event() if how == "event" else None
+    cb = _StopAt(3, event)
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    trainer = Trainer(load_config(None, tiny_overrides + ["train.epochs=1"]), tmp_path / "run", callbacks=[cb],
+                      stop=event)
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.fit()
+    exc = info.value
+    assert exc.step == 3 and exc.checkpoint == tmp_path / "run" / "checkpoints" / "last.pt"
+    assert exc.signum == (signal.SIGTERM if how == "request_stop" else None)
+    assert load_checkpoint(exc.checkpoint)["step"] == 3
+    assert f"--resume {tmp_path / 'run'}" in str(exc)
+    assert cb.handlers == {before}  # the library never touched the process's signal handlers
+    assert not (tmp_path / "run" / "summary.json").exists()  # no final evaluation after a stop
+
+
+def test_git_commit_runs_once_per_run(tiny_overrides, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(loop_module, "git_commit", lambda: calls.append(1) or f"commit{len(calls)}")
+    summary = Trainer(load_config(None, tiny_overrides + ["train.max_steps=3", "train.checkpoint_every_steps=1"]),
+                      tmp_path / "run").fit()
+    assert len(calls) == 1 and summary["git_commit"] == "commit1"
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["git_commit"] == "commit1"
+
+
+class _Recorder(Callback):
+    def __init__(self, events: list) -> None:
+        self.events = events
+
+    def on_fit_start(self, trainer) -> None:
+        self.events.append(("fit_start", trainer.step))
+
+    def on_step_end(self, trainer, result) -> None:
+        # the step is counted, its checkpoint (every 2 steps) already written by the built-in callback
+        saved = trainer.last_checkpoint[1] if trainer.last_checkpoint else None
+        self.events.append(("step", trainer.step, trainer.epoch, saved, result.skipped))
+
+    def on_epoch_end(self, trainer, epoch) -> None:
+        self.events.append(("epoch", epoch, trainer.last_checkpoint[1]))
+
+    def on_loop_end(self, trainer) -> None:
+        self.events.append(("loop_end", trainer.step))
+
+    def on_train_end(self, trainer) -> None:
+        self.events.append(("train_end", trainer.step))
+
+
+def test_callbacks_run_in_documented_order_after_the_built_in_ones(tiny_overrides, tmp_path):
+    events: list = []
+    over = tiny_overrides + ["train.epochs=2", "train.max_steps=10", "train.checkpoint_every_steps=2"]
+    Trainer(load_config(None, over), tmp_path / "run", callbacks=[_Recorder(events)]).fit()
+    # 128 training images / batch 16 = 8 steps per epoch; the built-in checkpoint callback runs before ours.
+    expected = [("fit_start", 0)]
+    for s in range(1, 11):
+        expected.append(("step", s, (s - 1) // 8, 2 * (s // 2) or None, False))
+        if s == 8:
+            expected.append(("epoch", 1, 8))
+    expected += [("loop_end", 10), ("train_end", 10)]
+    assert events == expected
+
+
+def test_cli_maps_sigterm_to_exit_code_and_resume_message(tiny_overrides, tmp_path, monkeypatch, capsys):
+    real_step = Trainer.train_step
+
+    def step_then_signal(self, images):
+        res = real_step(self, images)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by the CLI's handler: a stop request
+        return res
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    before = signal.getsignal(signal.SIGTERM)
+    args = ["train", "--out", str(tmp_path / "run")]
+    for o in tiny_overrides + ["train.epochs=1"]:
+        args += ["--set", o]
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    assert main([*args[:1], str(tmp_path / "empty.yaml"), *args[1:]]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert (f"Stopped by SIGTERM at step 2; checkpoint written to {tmp_path / 'run' / 'checkpoints' / 'last.pt'}."
+            f"\nResume with: directpred train --resume {tmp_path / 'run'}") in err
+    assert signal.getsignal(signal.SIGTERM) is before  # restored after the command
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2
