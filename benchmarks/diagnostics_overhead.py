@@ -19,7 +19,7 @@ import torch
 
 from directpred.config import load_config
 from directpred.data.order import epoch_order
-from directpred.train.diagnostics import Diagnostics
+from directpred.diagnostics.hook import Diagnostics
 from directpred.train.loop import Trainer
 
 

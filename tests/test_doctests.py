@@ -20,7 +20,7 @@ OPTIONS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 PUBLIC_WITH_EXAMPLES = {
     "directpred.config", "directpred.config_doc", "directpred.losses", "directpred.methods.ema",
     "directpred.heads.correlation", "directpred.heads.directpred", "directpred.heads.optimal", "directpred.heads.mlp",
-    "directpred.eval.knn", "directpred.eval.spectrum", "directpred.theory.dynamics", "directpred.theory.reduced",
+    "directpred.eval.knn", "directpred.diagnostics.metrics", "directpred.theory.dynamics", "directpred.theory.reduced",
     "directpred.backbones.resnet",
 }
 

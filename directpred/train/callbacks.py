@@ -65,7 +65,7 @@ class Callback:
 
 
 class DiagnosticsCallback(Callback):
-    """Feeds every step to :class:`directpred.train.diagnostics.Diagnostics` (a ``diag`` row every ``diag.every``
+    """Feeds every step to :class:`directpred.diagnostics.hook.Diagnostics` (a ``diag`` row every ``diag.every``
     steps; ``diag.stop_on_collapse`` stops the run), and logs the final report on the last step's batch."""
 
     def __init__(self) -> None:

@@ -33,12 +33,12 @@ from directpred.data.datasets import DataBundle, load_data
 from directpred.data.order import step_generator
 from directpred.data.stream import BatchSource, InMemorySource, StreamData, StreamSource, load_stream_data
 from directpred.data.views import view_recipes
+from directpred.diagnostics.hook import Diagnostics
 from directpred.eval.protocol import evaluate
 from directpred.methods import build_method, ema_momentum
 from directpred.runtime import git_commit, resolve_device, resolve_precision
 from directpred.train.callbacks import Callback, StepResult, default_callbacks
 from directpred.train.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
-from directpred.train.diagnostics import Diagnostics
 from directpred.train.faults import (
     NonFiniteGuard,
     TrainingDiverged,

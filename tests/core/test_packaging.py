@@ -55,7 +55,8 @@ def test_every_import_is_declared_and_scipy_is_test_only():
             assert dist in extras[OPTIONAL_PACKAGES[top]] and dist not in runtime, (top, files)
         else:
             assert dist in runtime, f"{top} (imported by {sorted(files)}) is not a runtime dependency"
-    assert imports["matplotlib"] == {"directpred/plots.py", "directpred/theory/plots.py", "directpred/sweep/report.py"}
+    assert imports["matplotlib"] == {"directpred/diagnostics/plots.py", "directpred/theory/plots.py",
+                                     "directpred/sweep/report.py"}
     # No upper pins; torch new enough for torch.nn.utils.get_total_norm (2.6).
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert not [d for d in deps if "<" in d], deps
@@ -63,7 +64,8 @@ def test_every_import_is_declared_and_scipy_is_test_only():
 
 
 def test_missing_optional_package_names_the_extra(tmp_path, monkeypatch, capsys):
-    for mod in [m for m in sys.modules if m == "matplotlib" or m.startswith(("matplotlib.", "directpred.plots"))]:
+    plotting = ("matplotlib.", "directpred.diagnostics.plots")
+    for mod in [m for m in sys.modules if m == "matplotlib" or m.startswith(plotting)]:
         monkeypatch.delitem(sys.modules, mod)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     (tmp_path / "run").mkdir()

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from directpred.config import Config
+from directpred.diagnostics import hook as diag_mod
+from directpred.diagnostics.hook import Diagnostics, looks_collapsed
 from directpred.heads import MLP, DirectPred, IdentityPredictor, LinearPredictor
 from directpred.methods.siamese import StepOutput
-from directpred.train import diagnostics as diag_mod
-from directpred.train.diagnostics import Diagnostics, looks_collapsed
 
 D, B, FEAT = 16, 32, 24
 

@@ -1,4 +1,4 @@
-"""The metric functions of directpred.eval.spectrum against independent computations on known matrices."""
+"""The metric functions of directpred.diagnostics.metrics against independent computations on known matrices."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from directpred.eval import spectrum
+from directpred.diagnostics import metrics as spectrum
 from directpred.heads import MLP, DirectPred, LinearPredictor
 
 

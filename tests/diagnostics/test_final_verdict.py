@@ -8,7 +8,7 @@ import json
 import pytest
 
 from directpred.config import load_config
-from directpred.train.diagnostics import LOSS_PER_TERM_MAX, RANK_FRACTION_MAX, STD_RATIO_MAX
+from directpred.diagnostics.hook import LOSS_PER_TERM_MAX, RANK_FRACTION_MAX, STD_RATIO_MAX
 from directpred.train.loop import Trainer
 
 # 16 steps, one periodic report (step 10) inside: the periodic rule alone can never flag this run.

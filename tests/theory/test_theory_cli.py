@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from directpred.theory.cli import build_config, load_config, main, register
+from directpred.cli.theory import build_config, load_config, main, register
 
 
 def test_shipped_configs_load():

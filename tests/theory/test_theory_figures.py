@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from directpred.theory.cli import main
+from directpred.cli.theory import main
 from directpred.theory.figures import FIGURES
 
 

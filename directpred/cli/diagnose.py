@@ -61,8 +61,8 @@ def make_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     """
     import numpy as np
 
-    from directpred import plots
-    from directpred.train.diagnostics import LOSS_PER_TERM_MAX, STD_RATIO_MAX
+    from directpred.diagnostics import plots
+    from directpred.diagnostics.hook import LOSS_PER_TERM_MAX, STD_RATIO_MAX
 
     runs = {label: (d, _rows(d), _summary(d)) for label, d in zip(_labels(run_dirs), run_dirs)}
     flagged = {label: s.get("collapse_step") for label, (_, _, s) in runs.items()}
@@ -178,11 +178,11 @@ def diagnose(target: Path, *, batches: int = 2, use_data: bool = True) -> tuple[
     import torch
 
     from directpred.config import config_from_dict
-    from directpred.eval import spectrum
+    from directpred.diagnostics import metrics as spectrum
+    from directpred.diagnostics.hook import diagnostic_row, looks_collapsed, single_thread
     from directpred.heads import CorrelationEstimator
     from directpred.methods import build_method
     from directpred.train.checkpoint import load_checkpoint
-    from directpred.train.diagnostics import diagnostic_row, looks_collapsed, single_thread
 
     ckpt, _ = _resolve(target)
     state = load_checkpoint(ckpt, map_location="cpu")

@@ -2,7 +2,7 @@
 
 ``register(subparsers)`` plugs the ``theory`` subcommand into the main ``directpred`` parser;
 ``main(argv)`` runs it
-standalone (``python -m directpred.theory.cli figures --out out/figs``).
+standalone (``python -m directpred theory figures --out out/figs``).
 """
 
 from __future__ import annotations
@@ -309,7 +309,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m directpred.theory.cli {simulate,portrait,figures} ...``."""
+    """Standalone entry point: ``python -m directpred theory {simulate,portrait,figures} ...``."""
     parser = argparse.ArgumentParser(
         prog="directpred theory",
         description="Learning dynamics of the linear BYOL/SimSiam model (paper §2-3).",

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from directpred import distributed
-from directpred.eval import spectrum
+from directpred.diagnostics import metrics as spectrum
 from directpred.heads import CorrelationEstimator
 
 STD_RATIO_MAX = 0.08  # z_std_ratio below this looks collapsed (measured: see docs/diagnostics.md)

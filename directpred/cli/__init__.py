@@ -287,13 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     register_sweep(sub)
 
     try:
-        from directpred.theory.cli import register as register_theory
+        from directpred.cli.theory import register as register_theory
     except ImportError:
         pass
     else:
         register_theory(sub)
     try:
-        from directpred.diagnose_cli import register as register_diagnostics
+        from directpred.cli.diagnose import register as register_diagnostics
     except ImportError:
         pass
     else:
