@@ -1,211 +1,25 @@
 """``directpred theory {simulate, portrait, figures}``: the theory toolkit's command line.
 
-``register(subparsers)`` plugs the ``theory`` subcommand into the main ``directpred`` parser;
-``main(argv)`` runs it
-standalone (``python -m directpred theory figures --out out/figs``).
+``register(subparsers)`` plugs the ``theory`` subcommand into the main ``directpred`` parser; ``main(argv)`` runs it
+alone (``python -m directpred.cli.theory figures --out out/figs``).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import yaml
 
-from directpred.config import ConfigError, merge_into, parse_override
-
-# ----------------------------------------------------------------------------------------------------
-# Config of `simulate`
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SimulateConfig:
-    """Everything ``directpred theory simulate`` reads from YAML (unknown keys are errors).
-
-    ``model: linear`` runs the full linear model (Eqs. 2-4) on data ``data`` and, if ``sgd_batch > 0``, the
-    same model trained by minibatch SGD with learning rate ``dt``; ``model: reduced`` runs Eqs. 11-13 from ``p0``,
-    ``s0``, ``tau0``.
-    """
-
-    model: Literal["linear", "reduced"] = "linear"
-    alpha_p: float = 1.0
-    eta: float = 0.04
-    beta: float = 0.4
-    sigma2: float = 0.1
-    dt: float = 0.01
-    steps: int = 5000
-    method: Literal["euler", "rk4"] = "euler"
-    record_every: int = 10
-    seed: int = 0
-    # linear model
-    n1: int = 10
-    n2: int = 5
-    mode: Literal["byol", "simsiam"] = "byol"
-    stop_gradient: bool = True
-    predictor: bool = True
-    symmetric: bool = False
-    data: Literal["isotropic", "anisotropic", "additive", "scrambling"] = "isotropic"
-    init_scale: float = 1.0
-    wa_init: Literal["zero", "copy"] = "zero"
-    sgd_batch: int = 0
-    # reduced model
-    p0: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4])
-    s0: list[float] = field(default_factory=lambda: [0.0025, 0.01, 0.04, 0.16])
-    tau0: float = 0.0
-    ema: bool = True
-
-
-def build_config(raw: dict[str, Any], overrides: list[str] = ()) -> SimulateConfig:
-    """Strictly merge YAML ``raw`` and ``--set key=value`` overrides into a validated :class:`SimulateConfig`.
-
-    Parsing and type checks are the training configuration's (:mod:`directpred.config`); errors are
-    :class:`directpred.config.ConfigError` (a ``ValueError``) naming the key.
-    """
-    cfg = SimulateConfig()
-    merge_into(cfg, dict(raw or {}))
-    for ov in overrides:
-        merge_into(cfg, dict([parse_override(ov)]))
-    checks = [
-        (cfg.dt > 0, f"dt must be > 0, got {cfg.dt}"),
-        (cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}"),
-        (cfg.record_every >= 1, f"record_every must be >= 1, got {cfg.record_every}"),
-        (cfg.eta >= 0, f"eta (weight decay) must be >= 0, got {cfg.eta}"),
-        (cfg.alpha_p > 0, f"alpha_p must be > 0, got {cfg.alpha_p}"),
-        (cfg.beta >= 0, f"beta must be >= 0, got {cfg.beta}"),
-        (cfg.sigma2 >= 0, f"sigma2 must be >= 0, got {cfg.sigma2}"),
-        (cfg.n1 >= 1 and cfg.n2 >= 1, f"n1 and n2 must be >= 1, got {cfg.n1}, {cfg.n2}"),
-        (cfg.sgd_batch >= 0, f"sgd_batch must be >= 0 (0 = no SGD run), got {cfg.sgd_batch}"),
-        (cfg.init_scale > 0, f"init_scale must be > 0, got {cfg.init_scale}"),
-        (len(cfg.p0) == len(cfg.s0), f"p0 and s0 need equal lengths, got {len(cfg.p0)} and {len(cfg.s0)}"),
-        (all(s >= 0 for s in cfg.s0), "s0 (eigenvalues of F) must be >= 0"),
-        (cfg.stop_gradient or cfg.mode == "simsiam", "stop_gradient: false needs mode: simsiam (Theorem 2)"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
-    return cfg
-
-
-def load_config(path: str | Path, overrides: list[str] = ()) -> SimulateConfig:
-    """Read a YAML file and apply overrides (see :func:`build_config`)."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys to values")
-    return build_config(raw, overrides)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Commands
-# ----------------------------------------------------------------------------------------------------
-
-
-def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
-    """Run one configured simulation; write ``trajectory.npz``, ``summary.json`` and ``summary.png`` into
-    ``out``."""
-    from directpred.theory import plots
-    from directpred.theory.dynamics import _jsonable, simulate_linear
-    from directpred.theory.invariants import track
-    from directpred.theory.reduced import p_star, simulate_reduced
-    from directpred.theory.sgd import make_data, simulate_sgd
-
-    out.mkdir(parents=True, exist_ok=True)
-    common = dict(alpha_p=cfg.alpha_p, eta=cfg.eta, beta=cfg.beta)
-    summary: dict[str, Any] = {"config": dataclasses.asdict(cfg)}
-    if cfg.model == "reduced":
-        tau0 = cfg.tau0
-        tr = simulate_reduced(
-            cfg.p0,
-            cfg.s0,
-            tau0,
-            sigma2=cfg.sigma2,
-            dt=cfg.dt,
-            steps=cfg.steps,
-            ema=cfg.ema,
-            method=cfg.method,
-            record_every=cfg.record_every,
-            **common,
-        )
-        tr.save(out / "trajectory.npz")
-        fig, axes = plots.new_figure(1, 4)
-        for ax, key in zip(axes[0], ("p", "s", "tau", "K")):
-            plots.lines(ax, tr.t, tr[key], color="C0")
-            ax.set_title(key, fontsize=9)
-            ax.set_xlabel("t")
-        axes[0, 3].axhline(0, color="k", lw=0.6)
-        plots.save(fig, str(out / "summary.png"))
-        summary.update(
-            p_final=tr.p[-1],
-            s_final=tr.s[-1],
-            tau_final=tr.tau[-1],
-            K_min=float(tr.K.min()),
-            p_star_at_tau1=p_star(1.0, cfg.eta, cfg.sigma2),
-        )
-    else:
-        rng = np.random.default_rng(cfg.seed)
-        W = cfg.init_scale * rng.normal(size=(cfg.n2, cfg.n1)) / np.sqrt(cfg.n1)
-        Wp = cfg.init_scale * rng.normal(size=(cfg.n2, cfg.n2)) / np.sqrt(cfg.n2)
-        Wa = np.zeros_like(W) if cfg.wa_init == "zero" else W.copy()
-        data = make_data(cfg.data, cfg.n1, cfg.sigma2)
-        switches = dict(
-            mode=cfg.mode, stop_gradient=cfg.stop_gradient, predictor=cfg.predictor, symmetric=cfg.symmetric
-        )
-        tr = simulate_linear(
-            W,
-            Wp,
-            Wa,
-            data.X,
-            data.Xp,
-            dt=cfg.dt,
-            steps=cfg.steps,
-            method=cfg.method,
-            record_every=cfg.record_every,
-            **common,
-            **switches,
-        )
-        q = track(tr)
-        tr.save(out / "trajectory.npz", **q)
-        fig, axes = plots.new_figure(2, 3)
-        plots.linear_summary(axes, tr.t, q, label="gradient flow", color="C0")
-        summary["flow"] = {k: v[-1] for k, v in q.items()}
-        summary["flow"]["balance_error_max"] = float(q["balance_error"].max())
-        if cfg.sgd_batch > 0:
-            sg = simulate_sgd(
-                W,
-                Wp,
-                Wa,
-                data,
-                lr=cfg.dt,
-                steps=cfg.steps,
-                batch=cfg.sgd_batch,
-                seed=cfg.seed,
-                record_every=cfg.record_every,
-                **common,
-                **switches,
-            )
-            qs = track(sg)
-            sg.save(out / "sgd.npz", **qs)
-            plots.linear_summary(axes, sg.t, qs, label=f"SGD (batch {cfg.sgd_batch})", color="C1")
-            summary["sgd"] = {k: v[-1] for k, v in qs.items()}
-            summary["sgd_vs_flow_rel_W"] = float(
-                np.linalg.norm(sg.W[-1] - tr.W[-1]) / np.linalg.norm(tr.W[-1])
-            )
-        axes[1, 1].legend(fontsize=7)
-        plots.save(fig, str(out / "summary.png"))
-    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=1) + "\n")
-    return summary
+from directpred.theory.simulate import load_simulate_config, run_simulate
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(args.config, args.set or [])
+        cfg = load_simulate_config(args.config, args.set or [])
     except (ValueError, OSError, yaml.YAMLError) as e:
         print(f"directpred theory simulate: error: {e}", file=sys.stderr)
         return 2

@@ -13,17 +13,11 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
-import fcntl
-import sys
-from pathlib import Path
-
 from directpred.config import ConfigError
 from directpred.sweep.report import write_reports
-from directpred.sweep.runner import SweepInterrupted, execute, plan_run
 from directpred.sweep.spec import Sweep, load_sweep
 
-__all__ = ["Sweep", "load_sweep", "parse_devices", "run_sweep", "write_reports"]
+__all__ = ["Sweep", "load_sweep", "parse_devices", "write_reports"]
 
 
 def parse_devices(text: str, *, torchrun: int = 0, jobs: int = 1) -> list[str | None]:
@@ -52,72 +46,3 @@ def parse_devices(text: str, *, torchrun: int = 0, jobs: int = 1) -> list[str | 
                           f"the processes per run")
     groups = [",".join(ids[i:i + group]) for i in range(0, len(ids), group)]
     return [g for g in groups for _ in range(jobs)]
-
-
-def run_sweep(args: argparse.Namespace) -> int:
-    """The ``directpred sweep`` command (see ``directpred sweep --help``)."""
-    sweep = load_sweep(args.file, args.set)
-    out = Path(args.out)
-    runs = sweep.runs()
-    if args.report:
-        res = write_reports(sweep, out)
-        print((out / "results.md").read_text(), end="")
-        return 1 if any(r["status"] == "failed" for r in res["runs"]) else 0
-    slots = parse_devices(args.devices, torchrun=args.torchrun or 0, jobs=args.jobs)
-    plans = [plan_run(sweep, run, out) for run in runs]  # refuses mismatched run directories before any run
-    todo = [p for p in plans if p.action != "done"]
-    print(f"sweep {sweep.name}: {len(sweep.cells)} cells x {len(sweep.seeds)} seeds = {len(runs)} runs; "
-          f"{len(runs) - len(todo)} done, {sum(p.action == 'resume' for p in todo)} to resume, "
-          f"{sum(p.action == 'new' for p in todo)} to start; {len(slots)} at a time")
-    if args.dry_run:
-        for p in plans:
-            print(f"  {p.action:6s} {p.run_dir}" + ("" if p.action == "done" else
-                                                    "\n         " + " ".join(p.command(sweep, args.torchrun or 0))))
-        return 0
-    out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / ".sweep.lock", "w")  # noqa: SIM115 (held for the whole sweep)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        print(f"directpred: error: another sweep is running in {out}; wait for it or choose another --out",
-              file=sys.stderr)
-        return 1
-    try:
-        failed = execute(sweep, plans, slots=slots, torchrun=args.torchrun or 0)
-    except SweepInterrupted:
-        write_reports(sweep, out)
-        print(f"sweep interrupted; run the same command again to finish the missing runs ({out / 'results.md'})",
-              file=sys.stderr)
-        return 130
-    finally:
-        lock.close()
-    write_reports(sweep, out)
-    print()
-    print((out / "results.md").read_text(), end="")
-    print(f"\nreports: {out / 'results.md'}, results.csv, results.json, results.png, knn_curves.png")
-    return 1 if failed else 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``sweep`` subcommand to the ``directpred`` parser."""
-    p = sub.add_parser(
-        "sweep", help="run a grid of configs x seeds and tabulate them (a paper table in one command)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run every cell x seed of a sweep file, each as `directpred train` in its own run directory "
-                    "OUT/runs/<cell>/seed<k>/, then write OUT/results.{md,csv,json,png} and knn_curves.png. "
-                    "Resumable: finished runs are skipped, interrupted ones resumed from their checkpoint.",
-        epilog="examples:\n  directpred sweep sweeps/cpu/cifar10_predictors.yaml --out runs/sweep_cpu\n"
-               "  directpred sweep sweeps/paper/table6_stl10_rho_eps.yaml --out runs/t6 --devices 0,1,2,3 --jobs 2\n"
-               "  directpred sweep sweeps/cpu/cifar10_predictors.yaml --out runs/sweep_cpu --report")
-    p.add_argument("file", help="sweep YAML file (base, set, axes/variants, seeds, paper)")
-    p.add_argument("--out", required=True, help="sweep directory (runs/, results.*)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key in every cell (after the sweep file's overrides; repeatable)")
-    p.add_argument("--devices", default="auto",
-                   help="cpu, auto (every visible GPU, else cpu) or GPU indices 0,1,...: one run per GPU at a time")
-    p.add_argument("--jobs", type=int, default=1, help="concurrent runs per device (small networks on big GPUs)")
-    p.add_argument("--torchrun", type=int, default=0, metavar="N",
-                   help="launch each run under torchrun --standalone --nproc_per_node=N (N GPUs per run)")
-    p.add_argument("--report", action="store_true", help="only rebuild the reports from the run directories")
-    p.add_argument("--dry-run", action="store_true", help="validate, show each run's state and command, run nothing")
-    p.set_defaults(func=run_sweep)

@@ -161,53 +161,6 @@ def csv_text(res: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def figures(res: dict[str, Any], out: Path) -> list[Path]:
-    """``results.png`` (linear best and kNN per cell with error bars, the paper's value as a cross) and
-    ``knn_curves.png`` (kNN vs epoch, mean over seeds, one line per cell)."""
-    from matplotlib.figure import Figure
-
-    cells = res["cells"]
-    names = [c["cell"] for c in cells]
-    fig = Figure(figsize=(max(5.0, 0.9 * len(cells) + 2), 4.2))
-    ax = fig.add_subplot()
-    for i, (key, label, dx) in enumerate((("linear_top1_best", "linear best", -0.12), ("knn_top1", "kNN", 0.12))):
-        xs = [j + dx for j, c in enumerate(cells) if c[key]["mean"] is not None]
-        ys = [c[key]["mean"] for c in cells if c[key]["mean"] is not None]
-        es = [c[key]["std"] or 0.0 for c in cells if c[key]["mean"] is not None]
-        if xs:
-            ax.errorbar(xs, ys, yerr=es, fmt="o", capsize=3, label=label, color=f"C{i}")
-    papers = [(j, c["paper"]) for j, c in enumerate(cells) if c["paper"]]
-    if papers:
-        ax.errorbar([j - 0.36 for j, _ in papers], [p["mean"] for _, p in papers],
-                    yerr=[p["std"] or 0.0 for _, p in papers], fmt="x", color="k", capsize=3, label="paper")
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_xlim(-0.7, len(names) - 0.3)
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"{res['sweep']}: mean ± std over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths = [out / "results.png"]
-    fig.savefig(paths[0], dpi=110)
-
-    fig = Figure(figsize=(6.0, 4.2))
-    ax = fig.add_subplot()
-    for c in cells:
-        if c["knn_curve"]:
-            ax.plot([p[0] for p in c["knn_curve"]], [p[1] for p in c["knn_curve"]], marker="o", ms=3,
-                    label=f"{c['cell']} (n={c['n']})")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("kNN top-1 (%)")
-    ax.set_title(f"{res['sweep']}: kNN during training, mean over seeds")
-    ax.grid(alpha=0.3)
-    if any(c["knn_curve"] for c in cells):
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "knn_curves.png")
-    fig.savefig(paths[1], dpi=110)
-    return paths
-
-
 def write_reports(sweep: Sweep, out: Path) -> dict[str, Any]:
     """Write ``results.{json,md,csv,png}`` and ``knn_curves.png`` into ``out``; returns the results dict."""
     from directpred.train.checkpoint import atomic_write_text
@@ -218,7 +171,9 @@ def write_reports(sweep: Sweep, out: Path) -> dict[str, Any]:
     atomic_write_text(out / "results.md", markdown(res))
     atomic_write_text(out / "results.csv", csv_text(res))
     try:
-        figures(res, out)
+        from directpred.diagnostics.plots import sweep_figures
     except ImportError:  # matplotlib is the `plot` extra: the tables do not need it
         warnings.warn("sweep figures skipped: they need matplotlib (pip install 'directpred[plot]')", stacklevel=2)
+    else:
+        sweep_figures(res, out)
     return res

@@ -1,17 +1,14 @@
-"""Plotting for the theory toolkit: the only module that imports matplotlib; every function draws on an
-``ax``."""
+"""Plotting for the theory toolkit: every function draws on an ``ax``. Figures come from the package's plotting
+module (:mod:`directpred.diagnostics.plots`, object-oriented ``Figure`` API, no global backend switch)."""
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from directpred.theory.reduced import (  # noqa: E402
+from directpred.diagnostics import plots as _plots
+from directpred.theory.reduced import (
     ScalarParams,
     fixed_points,
     jacobian_ps,
@@ -28,15 +25,12 @@ def new_figure(
     nrows: int, ncols: int, *, size: tuple[float, float] = (3.2, 2.6)
 ) -> tuple[Figure, np.ndarray]:
     """A figure with an ``(nrows, ncols)`` array of axes, each ``size`` inches."""
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
-    return fig, axes
+    return _plots.new_figure(nrows, ncols, width=size[0], height=size[1])
 
 
 def save(fig: Figure, path: str, *, dpi: int = 100) -> None:
-    """Save with a tight layout and close the figure."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    """Save with a tight layout."""
+    _plots.save_figure(fig, path, dpi=dpi)
 
 
 def phase_portrait(

@@ -6,12 +6,13 @@ import json
 import numpy as np
 import pytest
 
-from directpred.cli.theory import build_config, load_config, main, register
+from directpred.cli.theory import main, register
+from directpred.theory.simulate import build_simulate_config, load_simulate_config
 
 
 def test_shipped_configs_load():
     for name in ("linear", "reduced", "no_stop_gradient"):
-        cfg = load_config(f"configs/theory/{name}.yaml")
+        cfg = load_simulate_config(f"configs/theory/{name}.yaml")
         assert cfg.dt > 0
 
 
@@ -31,14 +32,14 @@ def test_shipped_configs_load():
 )
 def test_config_rejects_bad_values(raw, msg):
     with pytest.raises(ValueError, match=msg):
-        build_config(raw)
+        build_simulate_config(raw)
 
 
 def test_set_overrides_parse_yaml_and_are_strict():
-    cfg = build_config({"eta": 0.1}, ["eta=0.02", "mode=simsiam", "p0=[0.1, 0.2]", "s0=[0.1, 0.2]"])
+    cfg = build_simulate_config({"eta": 0.1}, ["eta=0.02", "mode=simsiam", "p0=[0.1, 0.2]", "s0=[0.1, 0.2]"])
     assert cfg.eta == 0.02 and cfg.mode == "simsiam" and cfg.p0 == [0.1, 0.2]
     with pytest.raises(ValueError, match="unknown config key 'nope'"):
-        build_config({}, ["nope=1"])
+        build_simulate_config({}, ["nope=1"])
 
 
 def test_simulate_linear_writes_outputs_and_obeys_theorem1(tmp_path, capsys):

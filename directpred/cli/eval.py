@@ -1,0 +1,82 @@
+"""``directpred eval``: kNN + linear probe of a run's checkpoint (the protocol of :mod:`directpred.eval.protocol`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from directpred.config import ConfigError
+
+
+def print_results(results: dict, header: str) -> None:
+    """The accuracy lines of ``directpred train`` and ``directpred eval``."""
+    print(header)
+    if results.get("knn_top1") is not None:
+        print(f"  kNN top-1:           {results['knn_top1']:6.2f} %   (cosine, k=200, T=0.1 unless configured)")
+    if results.get("linear_top1") is not None:
+        print(f"  linear probe top-1:  {results['linear_top1']:6.2f} %   (final probe epoch)")
+        print(f"  linear probe best:   {results['linear_top1_best']:6.2f} %   (best over probe epochs, as the "
+              "authors' code reports)")
+    if results.get("linear_top5") is not None:
+        print(f"  linear top-5:        {results['linear_top5']:6.2f} %   (BYOL's protocol, final epoch)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``directpred eval``: kNN + linear probe of a run's checkpoint, into ``RUN_DIR/eval.json``."""
+    import torch
+    import yaml
+
+    from directpred.backbones import resolve_channels_last
+    from directpred.config import config_from_dict, load_config
+    from directpred.data.datasets import load_data
+    from directpred.eval.protocol import evaluate
+    from directpred.methods import build_method
+    from directpred.runtime import resolve_device, resolve_precision
+    from directpred.train.checkpoint import atomic_write_json, load_checkpoint
+
+    run_dir = Path(args.run_dir)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{run_dir}: no config.yaml; give a run directory made by `directpred train`")
+    saved = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+    cfg = load_config(None, args.set, base=saved.to_dict())
+    ckpt = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "last.pt"
+    device = resolve_device(cfg.train.device)
+    state = load_checkpoint(ckpt, map_location=device)
+    torch.manual_seed(cfg.train.seed)
+    method = build_method(cfg).to(device)
+    if resolve_channels_last(cfg.train.channels_last, method, device):
+        method = method.to(memory_format=torch.channels_last)
+    method.load_state_dict(state["model"])
+    if cfg.data.stream:
+        from directpred.data.stream import load_stream_data
+
+        data = load_stream_data(cfg.data)
+    else:
+        data = load_data(cfg.data, seed=cfg.train.seed)
+    results = evaluate(method, data, cfg, device, linear=not args.no_linear,
+                       autocast_dtype=resolve_precision(cfg.train.precision, device))
+    results.update(checkpoint=str(ckpt), step=int(state["step"]))
+    atomic_write_json(run_dir / "eval.json", results)
+    print_results(results, f"{run_dir} (checkpoint {ckpt.name}, step {state['step']}):")
+    summary_file = run_dir / "summary.json"
+    if summary_file.is_file() and not args.checkpoint:
+        s = json.loads(summary_file.read_text())
+        for key in ("knn_top1", "linear_top1", "linear_top1_best"):
+            if s.get(key) is not None and results.get(key) is not None:
+                print(f"  {key}: training run reported {s[key]:.2f} %, now {results[key]:.2f} % "
+                      f"(difference {results[key] - s[key]:+.2f})")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="kNN + linear probe of a run's checkpoint",
+                       description="Evaluate the online backbone of a run: kNN (cosine, weighted votes) and the "
+                                   "authors' linear-probe protocol. Writes RUN_DIR/eval.json.")
+    p.add_argument("run_dir", help="a run directory made by `directpred train`")
+    p.add_argument("--checkpoint", help="checkpoint file (default: RUN_DIR/checkpoints/last.pt)")
+    p.add_argument("--no-linear", action="store_true", help="skip the linear probe (kNN only)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override evaluation settings, e.g. --set eval.linear_epochs=100")
+    p.set_defaults(func=run)

@@ -1,0 +1,115 @@
+"""``directpred train``: a run directory per run; YAML config + ``--set key=value`` overrides; ``--resume``.
+
+The only place that installs signal handlers and maps training's exceptions to exit codes: the first SIGINT/SIGTERM
+asks the trainer to stop after the current step (checkpoint written, exit code 128 + signal, with the resume
+command), a second one stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from directpred.cli.eval import print_results
+from directpred.config import ConfigError
+
+EPILOG = """examples:
+  directpred train configs/cpu/quickstart.yaml --out runs/qs
+  directpred train configs/cpu/quickstart.yaml --set predictor.name=linear --set train.epochs=3
+  directpred train --resume runs/qs
+  torchrun --standalone --nproc_per_node=2 -m directpred train configs/cpu/quickstart.yaml --out runs/ddp
+"""
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: Any) -> Iterator[None]:
+    """While training: the first SIGINT/SIGTERM asks ``trainer`` to stop after the current step (it writes the
+    checkpoint and raises ``TrainingInterrupted``); a second one stops at once (``KeyboardInterrupt``)."""
+
+    def handle(signum: int, frame: object) -> None:
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.request_stop(signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handle)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``directpred train``: a new run, or ``--resume``; SIGINT/SIGTERM stop it after a step (exit 128+signal)."""
+    import yaml
+
+    from directpred import distributed
+    from directpred.config import config_from_dict, dump_config, load_config
+    from directpred.train.checkpoint import atomic_write_text
+    from directpred.train.faults import TrainingInterrupted
+    from directpred.train.loop import Trainer
+    from directpred.train.rundir import check_resume_config
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg_file = run_dir / "config.yaml"
+        if not cfg_file.is_file():
+            raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
+        if args.config:
+            raise ConfigError("give either a CONFIG file or --resume RUN_DIR, not both (use --set to change "
+                              "allowed settings such as train.epochs on resume)")
+        saved = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+        cfg = load_config(None, args.set, base=saved.to_dict())
+        check_resume_config(saved, cfg, force=args.force)
+        if cfg != saved and distributed.is_main():
+            atomic_write_text(cfg_file, dump_config(cfg))
+        trainer = Trainer(cfg, run_dir, resume=True, command=" ".join(sys.argv))
+    else:
+        if not args.config:
+            raise ConfigError("directpred train needs a CONFIG file (e.g. configs/cpu/quickstart.yaml) or "
+                              "--resume RUN_DIR")
+        cfg = load_config(args.config, args.set)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{stamp}"
+        trainer = Trainer(cfg, run_dir, command=" ".join(sys.argv))
+    try:
+        with stop_on_signals(trainer):
+            summary = trainer.fit()
+    except TrainingInterrupted as exc:
+        if distributed.is_main():
+            print(f"\n{exc}", file=sys.stderr)
+        return 128 + exc.signum if exc.signum else 1
+    if distributed.is_main():
+        print_results(summary, f"\nrun {run_dir}: {summary['epochs']:g} epochs, {summary['steps']} steps, "
+                                f"{summary['images_per_second'] or 0:.0f} images/s, "
+                                f"{summary['wall_seconds']:.0f} s wall")
+        print(f"  summary: {run_dir / 'summary.json'}")
+    distributed.shutdown()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model (a run directory per run)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+                       description="Pre-train with a YAML config, then report kNN and linear-probe accuracy. "
+                                   "The run directory gets config.yaml, metrics.jsonl, TensorBoard events, "
+                                   "checkpoints/ and summary.json.")
+    p.add_argument("config", nargs="?", help="YAML config (see configs/); its keys override the defaults")
+    p.add_argument("--out", help="run directory (default: runs/<config name>-<timestamp>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set predictor.rho=0.5 (repeatable; value parsed as YAML)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from checkpoints/last.pt")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: accept config changes that are not normally allowed on resume")
+    p.set_defaults(func=run)

@@ -1,0 +1,62 @@
+"""``directpred diagnose`` on a tiny run: data problems become a note, model errors are not hidden; the plotting
+modules leave matplotlib's backend alone."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from directpred.config import load_config
+from directpred.data.datasets import DataError
+from directpred.diagnostics import report
+from directpred.train import Trainer
+
+
+@pytest.fixture
+def run_dir(tiny_overrides, tmp_path):
+    Trainer(load_config(None, tiny_overrides + ["train.max_steps=2"]), tmp_path / "run").fit()
+    return tmp_path / "run"
+
+
+def test_unloadable_data_is_a_note_and_the_report_still_comes(run_dir, monkeypatch):
+    row, lines = report.diagnose(run_dir, batches=1)
+    assert row["rankme_z"] is not None and not any("no batch metrics" in line for line in lines)
+
+    def unreadable(*args, **kwargs):
+        raise DataError("the archive is truncated")
+
+    monkeypatch.setattr(report, "load_data", unreadable)
+    row, lines = report.diagnose(run_dir, batches=1)
+    assert "rankme_z" not in row or row["rankme_z"] is None
+    assert "note: no batch metrics: the data could not be loaded (DataError: the archive is truncated)" in lines
+
+
+def test_a_model_error_is_not_reported_as_missing_data(run_dir, monkeypatch):
+    real = report.build_method
+
+    def broken(cfg):
+        method = real(cfg)
+
+        def forward(*args, **kwargs):
+            raise RuntimeError("a bug in the model")
+
+        method.forward = forward
+        return method
+
+    monkeypatch.setattr(report, "build_method", broken)
+    with pytest.raises(RuntimeError, match="a bug in the model"):
+        report.diagnose(run_dir, batches=1)
+
+
+def test_plotting_modules_keep_the_callers_backend(tmp_path):
+    code = ("import matplotlib; matplotlib.use('pdf'); "
+            "from directpred.diagnostics import plots; import directpred.theory.plots, directpred.theory.figures; "
+            "import directpred.cli; directpred.cli.build_parser(); "
+            "fig, axes = plots.new_figure(); plots.plot_curves(axes[0][0], {'a': ([0, 1], [1.0, 0.5])}, ylabel='y'); "
+            f"plots.save_figure(fig, {str(tmp_path / 'f.png')!r}); "
+            "print(matplotlib.get_backend())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "pdf"
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
