@@ -104,7 +104,7 @@ def diagnostic_row(F_hat: torch.Tensor, W_p: torch.Tensor | None, *, h: torch.Te
         W = W_p.detach().double()
         row["wp_eig"] = _rl(spectrum.eigen_spectrum(W)[0])
         p = spectrum.rayleigh_eigenvalues(W, U)
-        cos = spectrum.alignment(W, U)
+        cos = spectrum.cosines_along(W, U)
         row["p"] = _rl(p)
         row["align"] = _rl(cos)
         row.update({k: _r(v) for k, v in spectrum.alignment_summary(cos, s).items()})
@@ -198,10 +198,7 @@ class Diagnostics:
         """The metrics row of one step's output (batch signals averaged over ranks)."""
         h = torch.cat([out.h1.detach(), out.h2.detach()]).float()
         predictor = self.method.predictor
-        W_p, kind = spectrum.predictor_matrix(predictor)
-        if kind == "none" and hasattr(predictor, "fc1"):  # two-layer MLP: mean Jacobian, each view's BN batch
-            W_p = 0.5 * (spectrum.mlp_mean_jacobian(predictor, out.z1.detach().float())
-                         + spectrum.mlp_mean_jacobian(predictor, out.z2.detach().float()))
+        W_p, _ = spectrum.predictor_matrix(predictor, out.z1, out.z2)
         with single_thread():
             row = diagnostic_row(self._F_hat().float().cpu(), None if W_p is None else W_p.cpu(), h=h.cpu(),
                                  z=z.cpu())

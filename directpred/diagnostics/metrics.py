@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from directpred.linalg import symmetric_part
+
 
 def eigen_spectrum(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (descending) and eigenvectors (columns) of the symmetric part of ``M`` (d, d), in float64.
@@ -33,19 +35,14 @@ def eigen_spectrum(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         >>> s.tolist()
         [3.0, 1.0]
     """
-    A = M.detach().double()
-    A = 0.5 * (A + A.t())
+    A = symmetric_part(M.detach().double())
     s, U = torch.linalg.eigh(A)
     return s.flip(0), U.flip(1)
 
 
-def symmetric_part(W: torch.Tensor) -> torch.Tensor:
-    """``(W + W^T) / 2``."""
-    return 0.5 * (W + W.t())
-
-
-def alignment(W_p: torch.Tensor, U: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Cosine between ``W_p u_j`` and ``u_j`` for every column u_j of ``U`` (the paper's Fig. 2 measure).
+def cosines_along(W_p: torch.Tensor, U: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Cosine between ``W_p u_j`` and ``u_j`` for every column u_j of ``U`` (the paper's Fig. 2 measure; the same
+    quantity from F itself, in numpy, is :func:`directpred.theory.invariants.alignment`).
 
     Args:
         W_p: the predictor (d, d).
@@ -182,17 +179,22 @@ def mlp_mean_jacobian(mlp: nn.Module, z: torch.Tensor) -> torch.Tensor:
     return (W2 * gate) @ W1
 
 
-def predictor_matrix(predictor: nn.Module, z: torch.Tensor | None = None) -> tuple[torch.Tensor | None, str]:
+def predictor_matrix(predictor: nn.Module, *views: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     """The matrix that plays W_p for any predictor of :mod:`directpred.heads`.
+
+    Args:
+        predictor: the predictor.
+        views: the predictor's inputs (B, d), one batch per view; the two-layer MLP needs them.
 
     Returns:
         ``(W_p, kind)``: ``weight`` for linear predictors (DirectPred, DirectCopy, linear, identity) with kind
-        ``"weight"``; the batch-mean Jacobian (:func:`mlp_mean_jacobian`) for the two-layer MLP with kind
-        ``"jacobian"`` (needs ``z``); ``(None, "none")`` otherwise.
+        ``"weight"``; for the two-layer MLP, the mean over ``views`` of each view's batch-mean Jacobian
+        (:func:`mlp_mean_jacobian`: each view has its own BatchNorm batch, as in training) with kind
+        ``"jacobian"``; ``(None, "none")`` otherwise.
     """
     W = getattr(predictor, "weight", None)
     if isinstance(W, torch.Tensor) and W.ndim == 2 and W.shape[0] == W.shape[1]:
         return W.detach(), "weight"
-    if all(hasattr(predictor, a) for a in ("fc1", "bn", "fc2")) and z is not None:
-        return mlp_mean_jacobian(predictor, z), "jacobian"
+    if all(hasattr(predictor, a) for a in ("fc1", "bn", "fc2")) and views:
+        return sum(mlp_mean_jacobian(predictor, z.detach().float()) for z in views) / len(views), "jacobian"
     return None, "none"

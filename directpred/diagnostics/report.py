@@ -104,11 +104,7 @@ def diagnose(target: Path, *, batches: int = 2, use_data: bool = True) -> tuple[
     if F_hat is None:
         raise ConfigError(f"{ckpt}: no F^ in the checkpoint and no data to estimate it; rerun with data")
 
-    W_p, kind = spectrum.predictor_matrix(predictor)
-    if kind == "none" and hasattr(predictor, "fc1") and z is not None:
-        W_p = 0.5 * (spectrum.mlp_mean_jacobian(predictor, torch.cat(z1s).float())
-                     + spectrum.mlp_mean_jacobian(predictor, torch.cat(z2s).float()))
-        kind = "jacobian"
+    W_p, kind = spectrum.predictor_matrix(predictor, *((torch.cat(z1s), torch.cat(z2s)) if z is not None else ()))
     with single_thread():
         row = diagnostic_row(F_hat, W_p, h=h, z=z)
     if loss_per_term is not None:

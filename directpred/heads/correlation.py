@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from directpred import distributed
+from directpred.linalg import symmetric_part
 
 
 @contextlib.contextmanager
@@ -117,7 +118,7 @@ def symmetric_eigh(M: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple
     if not torch.isfinite(M).all():
         raise FloatingPointError("F^ holds NaN or infinity; the predictor inputs diverged (lower optim.lr).")
     out_dtype = M.dtype if M.dtype in (torch.float32, torch.float64) else torch.float32
-    A = 0.5 * M + 0.5 * M.t()  # not 0.5 * (M + M^T): the sum overflows for entries near the float32 maximum
+    A = symmetric_part(M)
     try:
         s, U = torch.linalg.eigh(A.to(dtype))
         if torch.isfinite(s).all() and torch.isfinite(U).all():

@@ -18,6 +18,7 @@ from torch import nn
 
 from directpred import distributed
 from directpred.heads.correlation import CorrelationEstimator, full_precision, symmetric_eigh
+from directpred.linalg import symmetric_part
 
 
 def directpred_eigenvalues(s: torch.Tensor, *, eps: float, eps_mode: str = "code", c: float = 0.0) -> torch.Tensor:
@@ -118,7 +119,7 @@ class DirectPred(_SetFromCorrelation):
         self.eigh_fallbacks += int(fell_back)
         p = directpred_eigenvalues(s, eps=self.eps, eps_mode=self.eps_mode, c=self.c)
         W = (U * p) @ U.t()
-        return 0.5 * W + 0.5 * W.t()  # exactly symmetric (the product is only up to rounding)
+        return symmetric_part(W)  # exactly symmetric (the product is only up to rounding)
 
 
 class DirectCopy(_SetFromCorrelation):
@@ -136,7 +137,7 @@ class DirectCopy(_SetFromCorrelation):
                          eigh_dtype=eigh_dtype)
 
     def target_weight(self, F_hat: torch.Tensor) -> torch.Tensor:
-        A = 0.5 * F_hat + 0.5 * F_hat.t()  # the sum first would overflow for entries near the float32 maximum
+        A = symmetric_part(F_hat)
         try:
             norm = torch.linalg.eigvalsh(A.to(self.eigh_dtype)).abs().max()
         except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError

@@ -7,10 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from directpred.linalg import symmetric_part
+
 
 class _Symmetric(nn.Module):
     def forward(self, A: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (A + A.t())
+        return symmetric_part(A)
 
 
 class LinearPredictor(nn.Module):
@@ -32,7 +34,7 @@ class LinearPredictor(nn.Module):
         self.symmetric = symmetric
         if symmetric:
             with torch.no_grad():
-                self.linear.weight.copy_(0.5 * (self.linear.weight + self.linear.weight.t()))
+                self.linear.weight.copy_(symmetric_part(self.linear.weight))
             parametrize.register_parametrization(self.linear, "weight", _Symmetric())
 
     @property

@@ -20,6 +20,7 @@ from torch import nn
 
 from directpred import distributed
 from directpred.heads.correlation import CorrelationEstimator, full_precision
+from directpred.linalg import symmetric_part
 
 
 class OptimalPredictor(CorrelationEstimator):
@@ -95,8 +96,8 @@ class OptimalPredictor(CorrelationEstimator):
     def solve(self) -> torch.Tensor:
         """``W_p = S (F^ + lambda I)^{-1}`` (d, d) from the current estimates, in float64."""
         Fh = self.corr.double()
-        Fh = 0.5 * Fh + 0.5 * Fh.t()
-        S = 0.5 * self.cross.double() + 0.5 * self.cross.double().t()
+        Fh = symmetric_part(Fh)
+        S = symmetric_part(self.cross.double())
         lam = self.ridge * float(Fh.diagonal().sum()) / self.dim
         if lam <= 0:
             lam = self.ridge if self.ridge > 0 else 1e-12

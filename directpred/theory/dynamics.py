@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from directpred.linalg import symmetric_part
+
 Array = np.ndarray
 Rhs = Callable[[float, Array, Any], Array]
 Mode = Literal["byol", "simsiam"]
@@ -31,9 +33,7 @@ def _mT(A: Array) -> Array:
     return np.swapaxes(A, -1, -2)
 
 
-def sym(A: Array) -> Array:
-    """Symmetric part ``(A + Aᵀ)/2`` (batched)."""
-    return 0.5 * (A + _mT(A))
+sym = symmetric_part  # the symmetric part (A + Aᵀ)/2, batched; short name for the equations
 
 
 # ----------------------------------------------------------------------------------------------------

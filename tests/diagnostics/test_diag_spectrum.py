@@ -33,7 +33,7 @@ def test_alignment_is_one_for_a_commuting_pair():
     F = (U * s) @ U.T
     W_p = (U * s.sqrt()) @ U.T  # DirectPred's W_p: same eigenvectors, p_j = sqrt(s_j)
     _, U_F = spectrum.eigen_spectrum(F)
-    cos = spectrum.alignment(W_p, U_F)
+    cos = spectrum.cosines_along(W_p, U_F)
     assert torch.allclose(cos, torch.ones(8, dtype=torch.float64), atol=1e-10)
     assert spectrum.alignment_summary(cos, s)["alignment"] == pytest.approx(1.0)
 
@@ -46,19 +46,19 @@ def test_alignment_of_a_rotation_is_its_cosine(theta):
     c, s_ = math.cos(theta), math.sin(theta)
     for k in range(0, d, 2):
         R[k: k + 2, k: k + 2] = torch.tensor([[c, -s_], [s_, c]])
-    cos = spectrum.alignment(R, torch.eye(d, dtype=torch.float64))
+    cos = spectrum.cosines_along(R, torch.eye(d, dtype=torch.float64))
     assert torch.allclose(cos, torch.full((d,), c, dtype=torch.float64), atol=1e-12)
     # the same in a random basis: V R V^T against the eigenvectors V of F = V diag(s) V^T
     V = random_orthogonal(d, seed=2)
     F = (V * torch.arange(d, 0, -1, dtype=torch.float64)) @ V.T
     _, U_F = spectrum.eigen_spectrum(F)
-    cos = spectrum.alignment(V @ R @ V.T, U_F)
+    cos = spectrum.cosines_along(V @ R @ V.T, U_F)
     assert torch.allclose(cos, torch.full((d,), c, dtype=torch.float64), atol=1e-10)
 
 
 def test_alignment_of_a_negative_eigenvalue_is_minus_one():
     W = torch.diag(torch.tensor([2.0, -1.0], dtype=torch.float64))
-    assert spectrum.alignment(W, torch.eye(2, dtype=torch.float64)).tolist() == pytest.approx([1.0, -1.0])
+    assert spectrum.cosines_along(W, torch.eye(2, dtype=torch.float64)).tolist() == pytest.approx([1.0, -1.0])
 
 
 def test_alignment_weighted_summary():
