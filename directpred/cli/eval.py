@@ -6,14 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
-from directpred.config import ConfigError
+from directpred.config import ConfigError, EvalConfig
 
 
-def print_results(results: dict, header: str) -> None:
-    """The accuracy lines of ``directpred train`` and ``directpred eval``."""
+def print_results(results: dict, header: str, eval_cfg: EvalConfig) -> None:
+    """The accuracy lines of ``directpred train`` and ``directpred eval`` (``eval_cfg``: the kNN's k and T)."""
     print(header)
     if results.get("knn_top1") is not None:
-        print(f"  kNN top-1:           {results['knn_top1']:6.2f} %   (cosine, k=200, T=0.1 unless configured)")
+        print(f"  kNN top-1:           {results['knn_top1']:6.2f} %   (cosine, k={eval_cfg.knn_k}, "
+              f"T={eval_cfg.knn_t:g})")
     if results.get("linear_top1") is not None:
         print(f"  linear probe top-1:  {results['linear_top1']:6.2f} %   (final probe epoch)")
         print(f"  linear probe best:   {results['linear_top1_best']:6.2f} %   (best over probe epochs, as the "
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                        autocast_dtype=resolve_precision(cfg.train.precision, device))
     results.update(checkpoint=str(ckpt), step=int(state["step"]))
     atomic_write_json(run_dir / "eval.json", results)
-    print_results(results, f"{run_dir} (checkpoint {ckpt.name}, step {state['step']}):")
+    print_results(results, f"{run_dir} (checkpoint {ckpt.name}, step {state['step']}):", cfg.eval)
     summary_file = run_dir / "summary.json"
     if summary_file.is_file() and not args.checkpoint:
         s = json.loads(summary_file.read_text())

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     if distributed.is_main():
         print_results(summary, f"\nrun {run_dir}: {summary['epochs']:g} epochs, {summary['steps']} steps, "
                                 f"{summary['images_per_second'] or 0:.0f} images/s, "
-                                f"{summary['wall_seconds']:.0f} s wall")
+                                f"{summary['wall_seconds']:.0f} s wall", cfg.eval)
         print(f"  summary: {run_dir / 'summary.json'}")
     distributed.shutdown()
     return 0

@@ -318,7 +318,8 @@ def load_folder(path: str | Path, *, cache_dir: str | Path, image_size: int = 0,
     meta = json.loads((cache / "meta.json").read_text())
     out = []
     for split in ("train", "test"):
-        images = torch.from_numpy(np.load(cache / f"{split}_images.npy"))
+        # Memory-mapped copy-on-write: pages are read when a batch touches them; the file is never written.
+        images = torch.from_numpy(np.load(cache / f"{split}_images.npy", mmap_mode="c"))
         labels = torch.from_numpy(np.load(cache / f"{split}_labels.npy"))
         out.append(ImageArrays(images, labels, list(meta["classes"]), int(meta["skipped"][split])))
     return out[0], out[1]

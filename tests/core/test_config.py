@@ -83,3 +83,4 @@ def test_every_shipped_config_loads():
             load_config(f)
         except ConfigError as exc:
             assert "data.path" in str(exc), f"{f}: {exc}"  # only a missing data folder is acceptable here
+
