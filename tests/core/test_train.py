@@ -11,6 +11,8 @@ import yaml
 
 from directpred.cli import main
 from directpred.config import load_config
+from directpred.eval.protocol import evaluate
+from directpred.train.logger import read_metrics
 from directpred.train.loop import Trainer, TrainingError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,7 +25,8 @@ def test_shipped_config_runs_two_steps(path, tiny_overrides, tmp_path):
     cfg = load_config(path, tiny_overrides + ["train.max_steps=2"])
     summary = Trainer(cfg, tmp_path / "run").fit()
     assert summary["steps"] == 2
-    assert 0.0 <= summary["knn_top1"] <= 100.0
+    correct = summary["knn_top1"] * 32 / 100  # a percentage of the 32 test images (measured: 22-75 % here)
+    assert correct == pytest.approx(round(correct), abs=1e-9) and 1 <= round(correct) <= 32
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 2
 
@@ -79,7 +82,7 @@ def test_run_directory_contents_and_eval_reproduces(tiny_overrides, tmp_path, ca
         args += ["--set", o]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "kNN top-1" in out and "linear probe top-1" in out
+    assert "kNN top-1" in out and "(cosine, k=10, T=0.1)" in out and "linear probe top-1" in out
     summary = json.loads((run / "summary.json").read_text())
     for key in ("knn_top1", "linear_top1", "linear_top1_best", "epochs", "steps", "images_per_second",
                 "wall_seconds", "git_commit"):
@@ -100,15 +103,18 @@ def test_run_directory_contents_and_eval_reproduces(tiny_overrides, tmp_path, ca
     assert ev["linear_top1"] == pytest.approx(summary["linear_top1"], abs=1e-6)
 
 
-def test_tiny_run_learns_above_chance(tiny_overrides, tmp_path):
-    """Four well-separated synthetic classes: a few epochs of BYOL + DirectPred beat chance (25%) clearly."""
+def test_tiny_run_learns_beyond_its_random_initialisation(tiny_overrides, tmp_path):
+    """Random features already separate the coloured blobs (69-81 % kNN measured over seeds); four epochs of BYOL +
+    DirectPred must do better than the same network at its initialisation (100 % measured)."""
     cfg = load_config(None, tiny_overrides + ["train.epochs=4", "backbone.width=8"])
-    summary = Trainer(cfg, tmp_path / "r").fit()
-    assert summary["knn_top1"] > 50.0
+    trainer = Trainer(cfg, tmp_path / "r").setup()
+    at_init = evaluate(trainer.method, trainer.data, cfg, trainer.device, linear=False)["knn_top1"]
+    summary = trainer.fit()
+    assert summary["knn_top1"] > at_init and summary["knn_top1"] >= 90.0, (at_init, summary["knn_top1"])
 
 
 def test_compiled_encoder_trains_and_checkpoints_like_eager(tiny_overrides, tmp_path):
-    """``train.compile`` compiles the encoder in place: same checkpoint keys, finite training, resumable."""
+    """``train.compile`` compiles the encoder in place: same checkpoint keys, the same losses as eager."""
     eager = Trainer(load_config(None, tiny_overrides + ["train.max_steps=2"]), tmp_path / "eager").fit()
     compiled = Trainer(load_config(None, tiny_overrides + ["train.max_steps=2", "train.compile=true"]),
                        tmp_path / "compiled").fit()
@@ -116,3 +122,5 @@ def test_compiled_encoder_trains_and_checkpoints_like_eager(tiny_overrides, tmp_
     assert a.keys() == b.keys()
     assert all(torch.isfinite(v).all() for v in b.values() if v.is_floating_point())
     assert compiled["steps"] == eager["steps"] == 2
+    losses = [[r["loss"] for r in read_metrics(tmp_path / n) if r["kind"] == "train"] for n in ("eager", "compiled")]
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-4)

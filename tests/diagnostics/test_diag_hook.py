@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from directpred.diagnostics.hook import Diagnostics, looks_collapsed
 from directpred.heads import MLP, DirectPred, IdentityPredictor, LinearPredictor
 from directpred.methods.siamese import StepOutput
 
+REPO = Path(__file__).resolve().parents[2]
 D, B, FEAT = 16, 32, 24
 
 
@@ -142,9 +144,18 @@ def test_state_dict_round_trip_continues_the_detector():
     assert b.collapsed and b.collapse_step == 4
 
 
-def test_thresholds_are_the_documented_ones():
-    assert (diag_mod.STD_RATIO_MAX, diag_mod.RANK_FRACTION_MAX, diag_mod.LOSS_PER_TERM_MAX,
-            diag_mod.CONSECUTIVE) == (0.08, 0.08, 0.05, 2)
+def test_rule_fires_exactly_below_all_three_thresholds_documented_in_the_docs():
+    doc = (REPO / "docs" / "diagnostics.md").read_text()
+    assert f"`z_std_ratio < {diag_mod.STD_RATIO_MAX}`" in doc
+    assert f"`rankme_z < {diag_mod.RANK_FRACTION_MAX} · min(N, d)`" in doc
+    assert f"`loss_per_term < {diag_mod.LOSS_PER_TERM_MAX}`" in doc
+    limits = {"z_std_ratio": diag_mod.STD_RATIO_MAX, "rankme_z": diag_mod.RANK_FRACTION_MAX * 64,
+              "loss_per_term": diag_mod.LOSS_PER_TERM_MAX}
+    below = {k: v * 0.99 for k, v in limits.items()}
+    assert looks_collapsed({**below, "z_rank_max": 64})
+    for k, v in limits.items():  # any one signal at its threshold: healthy
+        assert not looks_collapsed({**below, k: v, "z_rank_max": 64}), k
+        assert not looks_collapsed({**below, k: None, "z_rank_max": 64}), k  # a missing signal never flags
 
 
 def _two_rank_worker(rank: int, init_file: str, results: str) -> None:

@@ -43,7 +43,13 @@ def test_linear_probe_separable_data_and_history():
     y = torch.randint(0, 3, (600,), generator=g)
     x = centers[y] + torch.randn(600, 10, generator=g)
     probe = LinearProbe(epochs=10, lr=1e-2, batch_size=64).fit(x[:500], y[:500], x[500:], y[500:])
-    assert len(probe.history_) == 10 and probe.best_accuracy_ == max(probe.history_)
-    assert probe.history_[-1] > 0.95
+    assert len(probe.history_) == 10 and probe.history_[-1] > 0.95
+    # history_[e] is the test accuracy after epoch e: a probe stopped there scores it, and the trained probe's
+    # own score is the last entry; best_accuracy_ is the best epoch, not the last.
+    short = LinearProbe(epochs=3, lr=1e-2, batch_size=64).fit(x[:500], y[:500], x[500:], y[500:])
+    assert short.history_ == probe.history_[:3] and short.score(x[500:], y[500:]) == probe.history_[2]
+    assert probe.score(x[500:], y[500:]) == probe.history_[-1]
+    assert probe.best_accuracy_ == max(probe.history_) and short.best_accuracy_ == max(probe.history_[:3])
+    assert probe.history_[0] < probe.history_[-1]  # it learned over the epochs
     again = LinearProbe(epochs=10, lr=1e-2, batch_size=64).fit(x[:500], y[:500], x[500:], y[500:])
     assert again.history_ == probe.history_  # seeded: reproducible
