@@ -126,3 +126,21 @@ def test_paper_configs_follow_the_authors(path):
     assert raw.get("method", {}).get("target_init") == "random" and cfg.method.target_init == "random"
     if cfg.predictor.name in ("directpred", "directcopy", "optimal"):
         assert raw["predictor"].get("update_at") == "after_step" and cfg.predictor.update_at == "after_step"
+
+
+@pytest.mark.parametrize("target_init", ["copy", "random"])
+def test_target_init_copy_or_independent_and_the_ema_step(target_init, tiny_overrides, tmp_path):
+    """``method.target_init``: ``copy`` starts the target equal to the online encoder, ``random`` (the authors'
+    code) from an independent draw; either way a step moves it to m * target + (1 - m) * online."""
+    over = tiny_overrides + [f"method.target_init={target_init}", "train.max_steps=1", "method.ema=0.9"]
+    trainer = Trainer(load_config(None, over), tmp_path / "run").setup()
+    target0 = {n: p.detach().clone() for n, p in trainer.method.target.named_parameters()}
+    online0 = dict(trainer.method.online.encoder.named_parameters())
+    assert target0.keys() == online0.keys() and not any(p.requires_grad for p in trainer.method.target.parameters())
+    weights = [n for n, p in target0.items() if p.ndim > 1]
+    same = [torch.equal(target0[n], online0[n].detach()) for n in weights]
+    assert all(same) if target_init == "copy" else not any(same)
+    order = epoch_order(len(trainer.data.pretrain), trainer.cfg.train.seed, 0)
+    trainer.train_step(trainer._batch(order, 0))
+    for n, p in trainer.method.target.named_parameters():
+        torch.testing.assert_close(p.detach(), 0.9 * target0[n] + 0.1 * online0[n].detach(), rtol=1e-5, atol=1e-6)

@@ -52,3 +52,34 @@ def test_schedules():
     assert lr_factor(9, 100, 10, "warmup_cosine") == pytest.approx(1.0)
     assert lr_factor(55, 100, 10, "warmup_cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_factor(100, 100, 10, "warmup_cosine") == pytest.approx(0.0, abs=1e-12)
+
+
+def test_lars_through_the_builder_groups_and_first_step():
+    """optim.name=lars: weights adapted with weight decay, biases and BatchNorm excluded (BYOL), the predictor's
+    groups at alpha_p * lr with its own weight decay; the first step equals the formula computed here."""
+    cfg = load_config(None, ["backbone.width=4", "predictor.name=linear", "predictor.bias=true", "optim.name=lars",
+                             "optim.lr=0.2", "optim.alpha_p=2", "optim.predictor_weight_decay=0.01",
+                             "optim.lars_eta=0.02"])
+    m = build_method(cfg)
+    opt = build_optimizer(cfg.optim, m.online.encoder, m.online.predictor)
+    assert isinstance(opt, LARS)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(groups) == {"trunk", "trunk_bias_bn", "predictor", "predictor_bias_bn"}
+    assert all(p.ndim > 1 for p in groups["trunk"]["params"] + groups["predictor"]["params"])
+    assert all(p.ndim <= 1 for p in groups["trunk_bias_bn"]["params"] + groups["predictor_bias_bn"]["params"])
+    assert [(groups[n]["lr"], groups[n]["weight_decay"], groups[n]["lars_exclude"]) for n in sorted(groups)] == [
+        pytest.approx((0.4, 0.01, False)), pytest.approx((0.4, 0.0, True)),
+        pytest.approx((0.2, 4e-4, False)), pytest.approx((0.2, 0.0, True))]
+    g = torch.Generator().manual_seed(0)
+    expected = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.randn(p.shape, generator=g)
+            d = p.grad.double()
+            if not group["lars_exclude"]:
+                d = d + group["weight_decay"] * p.detach().double()
+                d = d * (0.02 * p.detach().double().norm() / d.norm())
+            expected[p] = p.detach().double() - group["lr"] * d
+    opt.step()
+    for p, want in expected.items():
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-7)

@@ -76,7 +76,8 @@ def test_new_run_refuses_existing_run_dir(tiny_overrides, tmp_path):
 
 def test_run_directory_contents_and_eval_reproduces(tiny_overrides, tmp_path, capsys):
     run = tmp_path / "run"
-    over = tiny_overrides + ["train.epochs=2", "eval.linear=true", "eval.linear_epochs=3", "eval.knn_every=1"]
+    over = tiny_overrides + ["train.epochs=2", "eval.linear=true", "eval.linear_epochs=3", "eval.knn_every=1",
+                             "train.checkpoint_every=1"]
     args = ["train", str(REPO / "configs" / "cpu" / "quickstart.yaml"), "--out", str(run)]
     for o in over:
         args += ["--set", o]
@@ -101,6 +102,14 @@ def test_run_directory_contents_and_eval_reproduces(tiny_overrides, tmp_path, ca
     ev = json.loads((run / "eval.json").read_text())
     assert ev["knn_top1"] == pytest.approx(summary["knn_top1"], abs=1e-6)
     assert ev["linear_top1"] == pytest.approx(summary["linear_top1"], abs=1e-6)
+    # --checkpoint: the epoch-1 checkpoint reproduces the kNN measured during training after epoch 1.
+    capsys.readouterr()
+    epoch1 = run / "checkpoints" / "epoch_0001.pt"
+    assert main(["eval", str(run), "--checkpoint", str(epoch1), "--no-linear"]) == 0
+    ev1 = json.loads((run / "eval.json").read_text())
+    assert ev1["checkpoint"] == str(epoch1) and ev1["step"] == summary["knn_history"][0]["step"] == 8
+    assert ev1["knn_top1"] == pytest.approx(summary["knn_history"][0]["knn_top1"], abs=1e-6)
+    assert "linear_top1" not in ev1 and "training run reported" not in capsys.readouterr().out
 
 
 def test_tiny_run_learns_beyond_its_random_initialisation(tiny_overrides, tmp_path):

@@ -197,3 +197,59 @@ def test_explicit_path_wins_over_local_copy_and_torchvision(tmp_path, tiny_folde
     assert resolve_source(cfg.data) == ("folder", str(tiny_archive))
     cfg = load_config(None, ["data.dataset=cifar10", f"data.local_copy={tmp_path / 'missing'}"])
     assert resolve_source(cfg.data) == ("torchvision", None)
+
+
+class _FakeSTL10:
+    """torchvision.datasets.STL10's interface (``data`` (N, 3, 96, 96) uint8, ``labels``, ``classes``): 16 labelled
+    training images, 32 unlabelled ones (label -1) and 8 test images, drawn from the split's name."""
+
+    classes = [f"c{k}" for k in range(10)]
+    calls: list[tuple[str, bool]] = []
+
+    def __init__(self, root: str, split: str, download: bool = False) -> None:
+        _FakeSTL10.calls.append((split, download))
+        parts = split.split("+")
+        self.data = np.concatenate([self._images(p) for p in parts])
+        self.labels = np.concatenate([self._labels(p) for p in parts])
+
+    @staticmethod
+    def _images(part: str) -> np.ndarray:
+        n = {"train": 16, "unlabeled": 32, "test": 8}[part]
+        return np.random.default_rng(len(part)).integers(0, 256, (n, 3, 96, 96), dtype=np.uint8)
+
+    @staticmethod
+    def _labels(part: str) -> np.ndarray:
+        n = {"train": 16, "unlabeled": 32, "test": 8}[part]
+        return np.full(n, -1) if part == "unlabeled" else np.arange(n) % 10
+
+
+def test_stl10_pretrains_on_train_plus_unlabeled_and_probes_on_train(monkeypatch, tmp_path):
+    monkeypatch.setattr(torchvision.datasets, "STL10", _FakeSTL10)
+    _FakeSTL10.calls = []
+    cfg = load_config(None, ["data.dataset=stl10", f"data.root={tmp_path / 'tv'}", "data.local_copy=null"]).data
+    data = load_data(cfg)
+    assert _FakeSTL10.calls == [("train+unlabeled", False), ("train", False), ("test", False)]
+    assert data.name == "stl10" and data.image_size == 96
+    assert (len(data.pretrain), len(data.train), len(data.test)) == (48, 16, 8)
+    # NCHW -> NHWC, the same pixels; the unlabelled images keep label -1 (never used by kNN or the probe)
+    torch.testing.assert_close(data.train.images, torch.from_numpy(_FakeSTL10._images("train")).permute(0, 2, 3, 1))
+    assert data.pretrain.labels[16:].eq(-1).all() and torch.equal(data.pretrain.labels[:16], data.train.labels)
+    sub = load_data(dataclasses.replace(cfg, train_subset=8, test_subset=4))
+    assert len(sub.pretrain) == 8 and len(sub.train) == 16 and len(sub.test) == 4  # the probe keeps every label
+
+
+def test_stl10_trains_one_step_with_its_recipe(monkeypatch, tmp_path):
+    from directpred.data.views import view_recipes
+    from directpred.train import Trainer
+
+    monkeypatch.setattr(torchvision.datasets, "STL10", _FakeSTL10)
+    over = ["data.dataset=stl10", f"data.root={tmp_path / 'tv'}", "data.local_copy=null", "backbone.width=4",
+            "backbone.cifar_stem=false", "projector.hidden_dim=32", "projector.out_dim=16", "train.batch_size=16",
+            "train.max_steps=1", "train.progress=false", "train.device=cpu", "train.precision=fp32",
+            "eval.linear=false", "eval.knn_k=5", "eval.knn_every=0", "diag.every=0"]
+    trainer = Trainer(load_config(None, over), tmp_path / "run").setup()
+    v1, v2 = view_recipes(trainer.cfg, trainer.data)
+    assert v1.size == 96 and v1.mean is None and v1.blur_p == 1.0  # the authors' STL-10 recipe
+    summary = trainer.fit()
+    correct = summary["knn_top1"] * 8 / 100  # kNN over the 8 test images, fitted on the 16 labelled ones
+    assert summary["steps"] == 1 and correct == pytest.approx(round(correct), abs=1e-9)
