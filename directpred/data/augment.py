@@ -6,6 +6,8 @@ from an explicit ``torch.Generator``; nothing is shared by a batch. The colour o
 ``torchvision.transforms.v2.functional`` on float images (tests compare them sample by sample); the crop uses
 ``torchvision.ops.roi_align`` (bilinear with adaptive sampling, i.e. antialiased when shrinking) so the whole batch
 is cropped and resized in one call.
+
+Over 300 lines: the recipes and the batched ops whose per-sample parameters they draw belong together.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ Folders and archives are decoded once (Pillow, both cores) into ``.npy`` files i
 source's path, size and modification time, and written atomically; later runs memory-map them in a second. Images
 of differing sizes are resized (shorter side) and centre-cropped to ``data.image_size``. Archives are read in place,
 never extracted next to themselves (the shared mirror is read-only).
+
+Over 300 lines: the sources (folder or archive, torchvision, the array cache) share the error handling that
+tells network, disk and data problems apart.
 """
 
 from __future__ import annotations

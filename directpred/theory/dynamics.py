@@ -8,6 +8,9 @@ The vector field is written with three second-moment matrices of the two views,
 ``S11 = E[x1 x1ᵀ]``, ``S21 = E[x2 x1ᵀ]`` and ``S22 = E[x2 x2ᵀ]``. The gradient flow of Lemma 1 uses their
 expectations ``S11 = S22 = X + X'`` and ``S21 = X``; minibatch SGD (:mod:`directpred.theory.sgd`) is
 exactly an Euler step of the same field with the minibatch estimates, so both share one implementation.
+
+Over 300 lines: the linear model's field (Eqs. 2-4), its integrators and the trajectory container share
+notation and are tested as one.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ Each ``figN(out_dir)`` writes ``figN.png``, ``figN.npz`` (the numbers behind the
 which of them the paper states, and summary numbers) and ``figN.txt`` (the chosen parameters in words), and
 returns
 the JSON dict. Parameters the paper leaves open were chosen to show the stated effect; the text says which.
+
+Over 300 lines: one function per synthetic figure of the paper (3, 4, 5, 7, 8, 9, 10), each short.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ eigenvalues of ``Wp`` and ``F = W X Wᵀ`` in their common eigenbasis, ``tau`` i
 * the integration constant of Eq. 14 is ``c_j = s_j(0) − α_p⁻¹ p_j²(0)`` (the main text flips the sign);
 * Eq. 16 factorises as ``−(1+σ²) p (p − p*₋)(p − p*₊)`` (the Fig. 4 caption drops the ``(1+σ²)``);
 * Theorem 3 needs ``inf_t λ_min K(t) > 0`` (the appendix says max_t).
+
+Over 300 lines: the reduced system (Eqs. 11-16), its fixed points and the matrix flows it is derived from.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ Everything around the step (logging, diagnostics, periodic kNN, progress bar, ch
 :class:`directpred.train.faults.NonFiniteGuard`. The trainer has no process side effects: it raises
 :class:`TrainingInterrupted` / :class:`TrainingDiverged` / :class:`TrainingError` and stops when asked
 (:meth:`Trainer.request_stop`); signal handlers and exit codes belong to the command line.
+
+Over 300 lines: the step, the loop and the state they change (setup, checkpoint, resume, summary) are one
+object; the step itself (``optimize``) is 30 lines and everything around it is a callback.
 """
 
 from __future__ import annotations
