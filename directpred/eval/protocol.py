@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from directpred import distributed
@@ -34,7 +36,7 @@ def evaluate(method: Siamese, data: DataBundle | StreamData, cfg: Config, device
 
         return evaluate_stream(backbone, data, cfg, test_recipe, device, linear=linear, autocast_dtype=autocast_dtype,
                                channels_last=resolve_channels_last(cfg.train.channels_last, backbone, device))
-    kw = dict(batch_size=cfg.eval.batch_size, device=device, autocast_dtype=autocast_dtype,
+    kw: dict[str, Any] = dict(batch_size=cfg.eval.batch_size, device=device, autocast_dtype=autocast_dtype,
               channels_last=resolve_channels_last(cfg.train.channels_last, backbone, device))
     f_train = extract_features(backbone, data.train.images, test_recipe, **kw)
     f_test = extract_features(backbone, data.test.images, test_recipe, **kw)

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    from directpred.methods import Siamese
 
 
 class TrainingError(RuntimeError):
@@ -42,7 +45,7 @@ class NonFiniteGuard:
     ``update``) and :meth:`undo` restores it; the optimiser has not stepped yet.
     """
 
-    def __init__(self, method: nn.Module, allowed: int) -> None:
+    def __init__(self, method: Siamese, allowed: int) -> None:
         self.method, self.allowed = method, allowed
 
     def snapshot(self) -> dict[str, torch.Tensor] | None:
@@ -66,7 +69,8 @@ class NonFiniteGuard:
 
     def undo(self, snapshot: dict[str, torch.Tensor] | None) -> None:
         """Restore the snapshot: undo the BatchNorm / F^ / W_p updates of the step."""
-        self.method.load_state_dict(snapshot, strict=False)
+        if snapshot is not None:  # taken whenever a skip is allowed
+            self.method.load_state_dict(snapshot, strict=False)
 
 
 def fault_message(fault: str, step: int, lr: float, run_dir: Path, last_checkpoint: tuple[Path, int] | None) -> str:

@@ -91,7 +91,7 @@ class Trainer:
                  stop: threading.Event | None = None) -> None:
         self.cfg, self.run_dir, self.resume, self.command = cfg, Path(run_dir), resume, command
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.data = data
+        self._given_data = data  # used by setup() instead of loading cfg.data
         self.callbacks = default_callbacks() + list(callbacks or [])
         self._stop = stop if stop is not None else threading.Event()
         self.stop_signal: int | None = None  # the signal that asked for the stop, if one did
@@ -125,7 +125,7 @@ class Trainer:
         self.commit = git_commit()  # once per run
 
         torch.manual_seed(cfg.train.seed)  # the same initialisation on every rank
-        data = self.data
+        data = self._given_data
         if data is None and cfg.data.stream:
             data = load_stream_data(cfg.data)  # lists the files (or reads the shards' headers); decodes nothing
         if data is None:
@@ -137,7 +137,7 @@ class Trainer:
         if isinstance(data, DataBundle) and self.device.type == "cuda" and data.pretrain.images.numel() < 8 * 2**30:
             # Keep the decoded uint8 images on the GPU: batches are gathered and augmented there.
             data.pretrain.images = data.pretrain.images.to(self.device)
-        self.data = data
+        self.data: DataBundle | StreamData = data
         self.augment = TwoViewAugment(*view_recipes(cfg, data))
         self._build_model()
 

@@ -22,8 +22,8 @@ def test_constructing_a_trainer_touches_nothing(tiny_overrides, tmp_path, monkey
 
     monkeypatch.setattr(loop_module, "load_data", no_data)
     trainer = Trainer(load_config(None, tiny_overrides + ["train.max_steps=1"]), tmp_path / "run")
-    assert not (tmp_path / "run").exists() and trainer.data is None
-    assert not hasattr(trainer, "method")  # nothing built yet
+    assert not (tmp_path / "run").exists()
+    assert not hasattr(trainer, "data") and not hasattr(trainer, "method")  # nothing loaded or built yet
 
 
 class _StopAt(Callback):
