@@ -55,8 +55,7 @@ def test_every_import_is_declared_and_scipy_is_test_only():
             assert dist in extras[OPTIONAL_PACKAGES[top]] and dist not in runtime, (top, files)
         else:
             assert dist in runtime, f"{top} (imported by {sorted(files)}) is not a runtime dependency"
-    assert imports["matplotlib"] == {"directpred/diagnostics/plots.py", "directpred/theory/plots.py",
-                                     "directpred/sweep/report.py"}
+    assert imports["matplotlib"] == {"directpred/diagnostics/plots.py", "directpred/theory/plots.py"}
     # No upper pins; torch new enough for torch.nn.utils.get_total_norm (2.6).
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert not [d for d in deps if "<" in d], deps
