@@ -188,7 +188,8 @@ class OnlineProbeCallback(Callback):
                 loss.backward()
             if trainer.world > 1:
                 for p in self.probe.parameters():
-                    distributed.all_reduce_mean(p.grad)
+                    if p.grad is not None:
+                        distributed.all_reduce_mean(p.grad)
             self.optimizer.step()
             self.correct += int(((logits.argmax(1) == y) & keep).sum())
             self.seen += int(keep.sum())

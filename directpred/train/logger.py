@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ def _import_backend(name: str) -> Any:
                           f"{name!r} from log.backends") from None
 
 
-def check_backends(backends: list[str] | tuple[str, ...]) -> None:
+def check_backends(backends: Sequence[str]) -> None:
     """Import every tracker of ``backends`` (rank 0 only: the others log nothing) or raise :class:`ConfigError`."""
     if distributed.is_main():
         for name in backends:
@@ -162,7 +163,7 @@ class RunLogger:
     """
 
     def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, start_step: int = 0,
-                 backends: list[str] | tuple[str, ...] | None = None, config: dict[str, Any] | None = None,
+                 backends: Sequence[str] | None = None, config: dict[str, Any] | None = None,
                  project: str = "directpred") -> None:
         self.enabled = distributed.is_main()
         run_dir = Path(run_dir)
