@@ -250,6 +250,13 @@ class EvalConfig:
     """BYOL protocol: Nesterov momentum."""
     batch_size: int = 512
     """Feature extraction batch."""
+    online_probe: bool = False
+    """Train a linear classifier on the detached backbone features of every training batch's first view during
+    pre-training (its own SGD optimiser; the training itself is unchanged): its train top-1 is logged every
+    `train.log_every` steps and its test top-1 with every kNN evaluation (`probe` rows). The offline probe
+    (`eval.linear`) stays the headline."""
+    online_probe_lr: float = 0.1
+    """SGD learning rate (momentum 0.9, no weight decay) of the online probe."""
 
 
 @dataclass
@@ -265,6 +272,21 @@ class DiagConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where a run's metrics go besides `metrics.jsonl` (always written): TensorBoard, Weights & Biases, MLflow."""
+
+    backends: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers, from rank 0: `tensorboard` (in the run directory), `wandb` (pip install
+    'directpred[wandb]'; online or offline as wandb is set up, e.g. `WANDB_MODE=offline`), `mlflow` (pip install
+    'directpred[mlflow]'; the server of `MLFLOW_TRACKING_URI`, else `./mlruns`); `[]`: metrics.jsonl only. Each
+    gets the rows of metrics.jsonl under `kind/key` (spectra as histograms where the tracker has them), the resolved
+    config as run parameters and the run directory's name as the run name; a resumed run continues the same tracker
+    run (its id is kept in the run directory)."""
+    project: str = "directpred"
+    """The W&B project and the MLflow experiment the runs go to."""
+
+
+@dataclass
 class Config:
     """A complete run configuration."""
 
@@ -277,6 +299,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     diag: DiagConfig = field(default_factory=DiagConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what ``config.yaml`` holds)."""
@@ -527,7 +550,11 @@ def validate(cfg: Config) -> None:
     _check(e.knn_t > 0, "eval.knn_t", e.knn_t, "the temperature must be > 0")
     _check(e.linear_epochs >= 1, "eval.linear_epochs", e.linear_epochs, "must be >= 1")
     _check(e.linear_lr > 0, "eval.linear_lr", e.linear_lr, "must be > 0")
+    _check(e.online_probe_lr > 0, "eval.online_probe_lr", e.online_probe_lr, "must be > 0")
     _check(e.linear_batch_size >= 1 and e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
+    _check(len(set(cfg.log.backends)) == len(cfg.log.backends), "log.backends", cfg.log.backends,
+           "name each tracker once")
+    _check(bool(cfg.log.project), "log.project", cfg.log.project, "must not be empty")
     _check(cfg.diag.every >= 0, "diag.every", cfg.diag.every, "must be >= 0 (0 disables diagnostics)")
     _check(0.0 <= cfg.diag.rho < 1.0, "diag.rho", cfg.diag.rho, "must lie in [0, 1)")
 

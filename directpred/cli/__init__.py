@@ -9,6 +9,7 @@ dynamics), and the diagnostics commands ``plot`` and ``diagnose``.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from directpred.config import ConfigError
@@ -29,6 +30,40 @@ EPILOG = """examples:
 OPTIONAL_PACKAGES = {"matplotlib": "plot", "onnx": "onnx", "onnxscript": "onnx"}
 
 
+class _StderrHandler(logging.Handler):
+    """Writes records to the current ``sys.stderr``, above the progress bar when one is shown (``tqdm.write``)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+class _Formatter(logging.Formatter):
+    """The message alone; warnings and errors prefixed with their level (``WARNING: ...``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = super().format(record)
+        return msg if record.levelno < logging.WARNING else f"{record.levelname}: {msg}"
+
+
+def configure_logging(verbosity: int = 0) -> None:
+    """Show the package's log messages (loggers ``directpred.*``) on stderr: INFO and above, WARNING and above with
+    ``verbosity < 0`` (``--quiet``), DEBUG with ``verbosity > 0`` (``-v``). Idempotent (one handler however often it
+    is called); records still propagate to the root logger's handlers, so a program that configures logging itself
+    should not call this."""
+    logger = logging.getLogger("directpred")
+    for h in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+        logger.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(_Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``directpred`` parser: every subcommand module's ``register``."""
     from directpred.cli import diagnose, embed, export, plot, shards, sweep, theory, train
@@ -38,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="directpred", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="BYOL/SimSiam with DirectPred (Tian, Chen, Ganguli, ICML 2021): train, evaluate, diagnose, "
                     "and simulate the paper's learning dynamics.")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true",
+                           help="show only warnings and errors of the library (before the COMMAND)")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="also show debug messages (before the COMMAND)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (train, eval_, export, embed, shards, sweep, theory, plot, diagnose):
         module.register(sub)
@@ -51,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    configure_logging(-1 if args.quiet else 1 if args.verbose else 0)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

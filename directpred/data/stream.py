@@ -55,11 +55,18 @@ _SHARD = re.compile(r"^(train|val|test)-(\d{6,})\.tar$")
 
 
 class BatchSource(Protocol):
-    """This process's uint8 batches (B, 3, H, W) of an epoch, starting at a step (mid-epoch resume)."""
+    """This process's uint8 batches (B, 3, H, W) of an epoch, starting at a step (mid-epoch resume).
+
+    ``labelled_batches`` yields the same batches with their labels (B,) (int64, on the CPU; -1 for unlabelled
+    images): the same order and the same images, so which of the two a run reads changes nothing in its training.
+    """
 
     steps_per_epoch: int
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        ...
+
+    def labelled_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         ...
 
 
@@ -77,18 +84,26 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 class InMemorySource:
-    """Batches gathered from decoded images in memory (N, H, W, 3): today's path behind :class:`BatchSource`."""
+    """Batches gathered from decoded images in memory (N, H, W, 3): today's path behind :class:`BatchSource`.
 
-    def __init__(self, images: torch.Tensor, *, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+    ``labels`` (N,) are the images' labels (default: all -1, unlabelled)."""
+
+    def __init__(self, images: torch.Tensor, *, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 labels: torch.Tensor | None = None) -> None:
         self.images, self.batch_size, self.seed, self.rank, self.world = images, batch_size, seed, rank, world
+        self.labels = labels.cpu() if labels is not None else torch.full((len(images),), -1, dtype=torch.int64)
         self.steps_per_epoch = len(images) // (batch_size * world)
         self.skipped: list[str] = []
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        for images, _ in self.labelled_batches(epoch, start_step):
+            yield images
+
+    def labelled_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = _epoch_order(len(self.images), self.seed, epoch)
         for step in range(start_step, self.steps_per_epoch):
             idx = shard_rows(order, step, self.batch_size, self.rank, self.world)
-            yield self.images[idx.to(self.images.device)].permute(0, 3, 1, 2)
+            yield self.images[idx.to(self.images.device)].permute(0, 3, 1, 2), self.labels[idx]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,10 +333,11 @@ class _Batch:
     images: torch.Tensor | list[torch.Tensor]
     index: torch.Tensor
     skipped: list[str] = field(default_factory=list)
+    used: torch.Tensor | None = None  # the images actually decoded (a corrupt one replaced), for the labels
 
     def pin_memory(self) -> _Batch:  # called by DataLoader(pin_memory=True)
         images = self.images.pin_memory() if isinstance(self.images, torch.Tensor) else self.images
-        return _Batch(images, self.index, self.skipped)
+        return _Batch(images, self.index, self.skipped, self.used)
 
 
 class BatchDataset(torch.utils.data.Dataset):
@@ -346,13 +362,17 @@ class BatchDataset(torch.utils.data.Dataset):
     def decode(self, i: int) -> torch.Tensor:
         return decode_to_tensor(self.reader.read(i), self.size, self.crop)
 
-    def load(self, i: int, skipped: list[str]) -> torch.Tensor:
-        """Image ``i`` decoded; a corrupt one named or replaced (see the class)."""
+    def load(self, i: int, skipped: list[str], used: list[int] | None = None) -> torch.Tensor:
+        """Image ``i`` decoded; a corrupt one named or replaced (see the class); the index of the image decoded is
+        appended to ``used``."""
         n = len(self.reader)
         for k in range(n):
             j = (i + k) % n
             try:
-                return self.decode(j)
+                image = self.decode(j)
+                if used is not None:
+                    used.append(j)
+                return image
             except Exception as exc:  # noqa: BLE001 - any decoder failure means a corrupt file
                 if not self.skip_corrupt:
                     raise DataError(f"{self.reader.name(j)} cannot be decoded ({type(exc).__name__}: {exc}); "
@@ -367,8 +387,9 @@ class BatchDataset(torch.utils.data.Dataset):
         if self.raw:
             blobs = [torch.frombuffer(bytearray(self.reader.read(int(i))), dtype=torch.uint8) for i in idx]
             return _Batch(blobs, idx)
-        images = torch.stack([self.load(int(i), skipped) for i in idx])
-        return _Batch(images, idx, sorted(set(skipped)))
+        used: list[int] = []
+        images = torch.stack([self.load(int(i), skipped, used) for i in idx])
+        return _Batch(images, idx, sorted(set(skipped)), torch.as_tensor(used, dtype=torch.int64))
 
 
 def _identity(x: _Batch) -> _Batch:
@@ -376,12 +397,14 @@ def _identity(x: _Batch) -> _Batch:
 
 
 def decode_jpeg_cuda(blobs: list[torch.Tensor], size: int, device: torch.device | str, *, crop: int = 0,
-                     fallback: BatchDataset | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+                     fallback: BatchDataset | None = None, index: torch.Tensor | None = None,
+                     used: list[int] | None = None) -> torch.Tensor:
     """Decode a batch of encoded images on the GPU (nvJPEG via ``torchvision.io.decode_jpeg``), resize the shorter
     side to ``size`` (bicubic, antialiased) and centre-crop: uint8 (B, 3, c, c) on ``device``.
 
     Files nvJPEG refuses (PNG, CMYK, corrupt) are decoded on the CPU by ``fallback`` (at ``index``), which also
-    applies the corrupt-file policy. GPU pixels differ from Pillow's by interpolation rounding (a few grey levels).
+    applies the corrupt-file policy (the index of each image decoded is appended to ``used``, given ``index``).
+    GPU pixels differ from Pillow's by interpolation rounding (a few grey levels).
     """
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -416,7 +439,12 @@ def decode_jpeg_cuda(blobs: list[torch.Tensor], size: int, device: torch.device 
         if out[k] is None:
             if fallback is None or index is None:
                 raise DataError(f"image {k} of the batch cannot be decoded on the GPU and no CPU fallback is given")
-            out[k] = fallback.load(int(index[k]), skipped).to(device)
+            replaced: list[int] = []
+            out[k] = fallback.load(int(index[k]), skipped, replaced).to(device)
+            if used is not None:
+                used.append(replaced[0])
+        elif used is not None and index is not None:
+            used.append(int(index[k]))
     return torch.stack(out)  # type: ignore[arg-type]
 
 
@@ -464,10 +492,14 @@ class StreamSource:
                 for s in range(start_step, self.steps_per_epoch)]
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        for images, _ in self.labelled_batches(epoch, start_step):
+            yield images
+
+    def labelled_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         plan = [b.tolist() for b in self.index_batches(epoch, start_step)]
         yield from self._stream(plan)
 
-    def _stream(self, plan: list[list[int]]) -> Iterator[torch.Tensor]:
+    def _stream(self, plan: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not plan:
             return
         loader = torch.utils.data.DataLoader(
@@ -475,16 +507,19 @@ class StreamSource:
             prefetch_factor=self.prefetch if self.workers else None, persistent_workers=False,
             pin_memory=self.decode_device is not None and self.decode_device.type == "cuda" and not self.dataset.raw)
         for b in loader:
+            used = b.used
             if isinstance(b.images, list):
+                used_list: list[int] = []
                 images = decode_jpeg_cuda(b.images, self.size, self.decode_device, fallback=self._cpu,
-                                          index=b.index)
+                                          index=b.index, used=used_list)
+                used = torch.as_tensor(used_list, dtype=torch.int64)
             else:
                 images = b.images
             if b.skipped:
                 self.skipped += b.skipped
                 warnings.warn(f"replaced {len(b.skipped)} corrupt image(s) by the next decodable one "
                               f"(data.skip_corrupt): {', '.join(b.skipped[:3])}", RuntimeWarning, stacklevel=2)
-            yield images
+            yield images, torch.from_numpy(self.reader.labels)[used if used is not None else b.index]
 
 
 def iterate_split(reader: Reader, size: int, *, crop: int = 0, batch_size: int = 256, workers: int = 0,

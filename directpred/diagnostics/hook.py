@@ -33,8 +33,8 @@ collapsed-looking. The final signals are in ``summary.json`` as ``final_z_std_ra
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,6 +44,8 @@ from torch import nn
 from directpred import distributed
 from directpred.diagnostics import metrics as spectrum
 from directpred.heads import CorrelationEstimator
+
+log = logging.getLogger(__name__)
 
 STD_RATIO_MAX = 0.08  # z_std_ratio below this looks collapsed (measured: see docs/diagnostics.md)
 RANK_FRACTION_MAX = 0.08  # rankme_z below this fraction of min(N, d) looks collapsed
@@ -234,8 +236,8 @@ class Diagnostics:
                 f"(< {RANK_FRACTION_MAX * row['z_rank_max']:.3g}), "
                 f"loss per term={row['loss_per_term']:.3g} (< {LOSS_PER_TERM_MAX})")
             if distributed.is_main():
-                print(f"\nWARNING: the final state looks COLLAPSED (step {step}): {self.collapse_evidence}. "
-                      "See docs/diagnostics.md.", file=sys.stderr)
+                log.warning("the final state looks COLLAPSED (step %d): %s. See docs/diagnostics.md.", step,
+                            self.collapse_evidence)
         row["looks_collapsed"] = int(flagged)
         row["collapsed"] = int(self.collapsed)
         self.final_row = {k: v for k, v in row.items() if not isinstance(v, list)}
@@ -255,15 +257,9 @@ class Diagnostics:
             f"loss per term={row['loss_per_term']:.3g} (< {LOSS_PER_TERM_MAX}), "
             f"{CONSECUTIVE} report steps in a row")
         if distributed.is_main():
-            msg = (f"\nWARNING: the run looks COLLAPSED at step {step}: {self.collapse_evidence}. "
-                   "All projections point (nearly) the same way; the representation is unlikely to recover. "
-                   "See docs/diagnostics.md (diag.stop_on_collapse=true stops such runs).")
-            try:
-                from tqdm import tqdm
-
-                tqdm.write(msg, file=sys.stderr)
-            except ImportError:
-                print(msg, file=sys.stderr)
+            log.warning("the run looks COLLAPSED at step %d: %s. All projections point (nearly) the same way; the "
+                        "representation is unlikely to recover. See docs/diagnostics.md (diag.stop_on_collapse=true "
+                        "stops such runs).", step, self.collapse_evidence)
 
     def summary(self) -> dict[str, Any]:
         """What ``summary.json`` gets: ``collapsed`` (the verdict: the periodic rule fired, or the final report

@@ -20,13 +20,17 @@ from directpred.methods import Siamese
 
 @torch.no_grad()
 def evaluate(method: Siamese, data: DataBundle | StreamData, cfg: Config, device: torch.device, *, linear: bool = True,
-             autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+             autocast_dtype: torch.dtype | None = None, features: dict[str, torch.Tensor] | None = None,
+             ) -> dict[str, float]:
     """kNN (and optionally the linear probe) of the online backbone's frozen features.
 
     Returns ``knn_top1`` and, with ``linear``, ``linear_top1`` (final probe epoch, the headline) and
     ``linear_top1_best`` (best over probe epochs, the authors' reported figure), all in percent. A streamed data set
     is evaluated by :func:`directpred.eval.stream_eval.evaluate_stream` (also ``linear_top5`` under the byol
     protocol).
+
+    ``features``, a dict, receives the test split's features and labels (``test``, ``test_labels``) of an in-memory
+    data set, for the online probe (:class:`directpred.train.callbacks.OnlineProbeCallback`).
     """
     _, test_recipe = view_recipes(cfg, data)
     backbone = method.encoder.backbone
@@ -45,6 +49,8 @@ def evaluate(method: Siamese, data: DataBundle | StreamData, cfg: Config, device
     out: dict[str, float] = {}
     knn = KNNClassifier(k=cfg.eval.knn_k, temperature=cfg.eval.knn_t).fit(f_train, y_train.to(f_train.device))
     out["knn_top1"] = 100.0 * knn.score(f_test, data.test.labels)
+    if features is not None:
+        features.update(test=f_test, test_labels=data.test.labels)
     if linear:
         with torch.enable_grad():
             probe = LinearProbe(epochs=cfg.eval.linear_epochs, lr=cfg.eval.linear_lr,

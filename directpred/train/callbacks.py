@@ -12,8 +12,10 @@ Hooks (all optional; a :class:`Callback` does nothing by default):
 
 The order of the built-in callbacks (:func:`default_callbacks`) is the order of their effects:
 :class:`DiagnosticsCallback` (its collapse verdict may request the stop), :class:`LogCallback` (``metrics.jsonl``
-rows), :class:`EvalCallback` (periodic kNN; goes into the checkpoint), :class:`ProgressCallback` (the progress bar
-shows what was logged and evaluated), :class:`CheckpointCallback` (last: a checkpoint holds all of the above).
+rows), :class:`EvalCallback` (periodic kNN; goes into the checkpoint), :class:`OnlineProbeCallback`
+(``eval.online_probe``: trained every step; tested on the features the kNN evaluation just computed),
+:class:`ProgressCallback` (the progress bar shows what was logged and evaluated), :class:`CheckpointCallback`
+(last: a checkpoint holds all of the above).
 Callbacks passed to the ``Trainer`` run after these. After the callbacks of a step, the loop checks the stop request.
 """
 
@@ -43,10 +45,24 @@ class StepResult:
     ema: float
     out: Any = None
     skipped: bool = False
+    labels: torch.Tensor | None = None  # the batch's labels (set by the loop; -1: unlabelled)
 
 
 class Callback:
-    """Base class: override the hooks you need (see the module docstring for when each runs)."""
+    """Base class: override the hooks you need (see the module docstring for when each runs).
+
+    A callback with state that must survive a resume sets ``state_key``: the checkpoint then holds its
+    :meth:`state_dict` (plain tensors, numbers, lists and dicts: checkpoints are loaded with ``weights_only``), and a
+    resumed run hands it to :meth:`load_state_dict` right after the callback's ``on_fit_start``.
+    """
+
+    state_key: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     def on_fit_start(self, trainer: Trainer) -> None:
         pass
@@ -107,16 +123,115 @@ class LogCallback(Callback):
 
 class EvalCallback(Callback):
     """kNN every ``eval.knn_every`` epochs (not after the last step: the final evaluation follows), into
-    ``trainer.knn_history`` and an ``eval`` row."""
+    ``trainer.knn_history`` and an ``eval`` row. With ``eval.online_probe`` the test features it computed are kept
+    in ``trainer.eval_features`` (``step``, ``test``, ``test_labels``) for :class:`OnlineProbeCallback`."""
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         every = trainer.cfg.eval.knn_every
         if every and epoch % every == 0 and trainer.step < trainer.last_step:
+            features: dict[str, Any] | None = {"step": trainer.step} if trainer.cfg.eval.online_probe else None
             res = evaluate(trainer.method, trainer.data, trainer.cfg, trainer.device, linear=False,
-                           autocast_dtype=trainer.autocast_dtype)
+                           autocast_dtype=trainer.autocast_dtype, features=features)
+            trainer.eval_features = features
             trainer.knn_history.append({"epoch": epoch, "step": trainer.step, **res})
             trainer.logger.log({"step": trainer.step, "epoch": epoch, **res}, group="eval")
             trainer.method.train()
+
+
+class OnlineProbeCallback(Callback):
+    """The online linear probe (``eval.online_probe``), as solo-learn and lightly train one: a linear classifier on
+    the detached backbone features ``h1`` of every step's first view, trained by its own SGD (``eval.online_probe_lr``,
+    momentum 0.9) on the batch's labels (unlabelled images, label -1, are left out).
+
+    Nothing flows back into the model (the features are detached, the classifier starts at zero and draws no random
+    numbers), so a run trains the same weights with the probe on or off. A ``probe`` row holds its train top-1
+    (percent, over the steps since the previous ``train.log_every`` row) and mean loss every ``train.log_every``
+    steps and at the last step, and its test top-1 on the test features of each periodic kNN evaluation (in-memory
+    data sets). Its weights, optimiser and running counts are in the checkpoint (``state_key``), so a resumed run
+    continues it exactly. In multi-process runs the probe's gradient and counts are averaged/summed over the
+    processes.
+    """
+
+    state_key = "online_probe"
+
+    def __init__(self) -> None:
+        self.probe: torch.nn.Linear | None = None
+        self.optimizer: torch.optim.SGD | None = None
+        self.correct = self.seen = 0
+        self.loss_sum = 0.0
+
+    def _build(self, trainer: Trainer, dim: int) -> None:
+        self.probe = torch.nn.Linear(dim, trainer.data.num_classes).to(trainer.device)
+        with torch.no_grad():  # zero init: no draw from the global generator
+            self.probe.weight.zero_()
+            self.probe.bias.zero_()
+        self.optimizer = torch.optim.SGD(self.probe.parameters(), lr=trainer.cfg.eval.online_probe_lr, momentum=0.9)
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
+        if not trainer.cfg.eval.online_probe:
+            return
+        if not result.skipped and result.labels is not None:
+            h = result.out.h1.detach().float()
+            if self.probe is None:
+                self._build(trainer, h.shape[1])
+            assert self.probe is not None and self.optimizer is not None
+            y = result.labels.to(h.device)
+            keep = y >= 0
+            with torch.enable_grad():
+                logits = self.probe(h)
+                losses = torch.nn.functional.cross_entropy(logits, y.clamp(min=0), reduction="none")
+                loss = (losses * keep).sum() / keep.sum().clamp(min=1)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            if trainer.world > 1:
+                for p in self.probe.parameters():
+                    if p.grad is not None:
+                        distributed.all_reduce_mean(p.grad)
+            self.optimizer.step()
+            self.correct += int(((logits.argmax(1) == y) & keep).sum())
+            self.seen += int(keep.sum())
+            self.loss_sum += float(loss.detach()) * int(keep.sum())
+        if trainer.step % trainer.cfg.train.log_every == 0 or trainer.step == trainer.last_step:
+            counts = torch.tensor([self.correct, self.seen, self.loss_sum], dtype=torch.float64)
+            if trainer.world > 1:
+                counts = distributed.all_reduce_sum(counts.to(trainer.device)).cpu()
+            correct, seen, loss_sum = counts.tolist()
+            if seen:
+                trainer.logger.log({"step": trainer.step, "epoch": trainer.epoch,
+                                    "probe_train_top1": 100.0 * correct / seen, "probe_loss": loss_sum / seen},
+                                   group="probe")
+            if trainer.step % trainer.cfg.train.log_every == 0:  # not at a max_steps stop: a resume goes on counting
+                self.correct = self.seen = 0
+                self.loss_sum = 0.0
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+        feats = trainer.eval_features
+        if self.probe is None or feats is None or feats.get("step") != trainer.step:
+            return
+        with torch.no_grad():
+            pred = self.probe(feats["test"].float()).argmax(1).cpu()
+        top1 = 100.0 * float((pred == feats["test_labels"].cpu()).float().mean())
+        trainer.logger.log({"step": trainer.step, "epoch": epoch, "probe_test_top1": top1}, group="probe")
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.probe is None or self.optimizer is None:
+            return {}
+        return {"probe": self.probe.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "counts": [self.correct, self.seen, self.loss_sum]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        weight = state["probe"]["weight"]
+        self._build(self.trainer, int(weight.shape[1]))
+        assert self.probe is not None and self.optimizer is not None
+        self.probe.load_state_dict(state["probe"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.correct, self.seen = int(state["counts"][0]), int(state["counts"][1])
+        self.loss_sum = float(state["counts"][2])
 
 
 class ProgressCallback(Callback):
@@ -167,4 +282,5 @@ class CheckpointCallback(Callback):
 
 def default_callbacks() -> list[Callback]:
     """The built-in callbacks, in their documented order."""
-    return [DiagnosticsCallback(), LogCallback(), EvalCallback(), ProgressCallback(), CheckpointCallback()]
+    return [DiagnosticsCallback(), LogCallback(), EvalCallback(), OnlineProbeCallback(), ProgressCallback(),
+            CheckpointCallback()]

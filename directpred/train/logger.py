@@ -1,68 +1,214 @@
-"""Run logging: ``metrics.jsonl`` (one JSON object per row) and TensorBoard event files, from rank 0 only."""
+"""Run logging: ``metrics.jsonl`` (one JSON object per row) and the experiment trackers of ``log.backends``
+(TensorBoard, Weights & Biases, MLflow: one small adapter each), from rank 0 only.
+
+A tracker package is imported only when asked for (:func:`check_backends` runs before any work, so a missing one
+is a one-line :class:`~directpred.config.ConfigError` naming the pip extra).
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from directpred import distributed
+from directpred.config import ConfigError
+
+#: The pip package (and this project's extra) of each tracker.
+BACKEND_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+                    "mlflow": ("mlflow", "mlflow")}
+
+
+def _import_backend(name: str) -> Any:
+    module = {"tensorboard": "torch.utils.tensorboard"}.get(name, name)
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        package, extra = BACKEND_PACKAGES[name]
+        raise ConfigError(f"log.backends includes {name!r}, but {package} cannot be imported ({exc}); install it "
+                          f"with `pip install 'directpred[{extra}]'` (or `pip install {package}`), or remove "
+                          f"{name!r} from log.backends") from None
+
+
+def check_backends(backends: Sequence[str]) -> None:
+    """Import every tracker of ``backends`` (rank 0 only: the others log nothing) or raise :class:`ConfigError`."""
+    if distributed.is_main():
+        for name in backends:
+            _import_backend(name)
+
+
+def _numbers(row: dict[str, Any], group: str) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """A row's finite scalars and its lists of numbers (spectra), keyed ``group/key`` (``step`` left out)."""
+    scalars: dict[str, float] = {}
+    lists: dict[str, list[float]] = {}
+    for k, v in row.items():
+        if k == "step" or isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)):
+            if math.isfinite(v):
+                scalars[f"{group}/{k}"] = v
+        elif isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            lists[f"{group}/{k}"] = v
+    return scalars, lists
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class TensorBoardBackend:
+    """Event files in ``RUN/tensorboard``; a resumed run purges the events after its checkpoint (``purge_step``)."""
+
+    def __init__(self, run_dir: Path, start_step: int, config: dict[str, Any] | None) -> None:
+        tb = _import_backend("tensorboard")
+        tb_dir = run_dir / "tensorboard"
+        earlier = tb_dir.is_dir() and any(tb_dir.glob("events.out.tfevents.*"))
+        # TensorBoard drops every earlier event with step >= purge_step when it reads the new file.
+        self.writer = tb.SummaryWriter(log_dir=str(tb_dir), purge_step=start_step + 1 if earlier else None)
+
+    def log(self, row: dict[str, Any], group: str, step: int) -> None:
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.writer.add_scalar(f"{group}/{k}", v, step)
+            elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
+                self.writer.add_histogram(f"{group}/{k}", np.asarray(v, dtype=np.float64), step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+class WandbBackend:
+    """A W&B run named after the run directory, its id kept in ``RUN/wandb_id`` so that a resumed run continues it
+    (``resume="allow"``; W&B ignores the steps a killed process had already sent). Spectra as ``wandb.Histogram``."""
+
+    def __init__(self, run_dir: Path, start_step: int, config: dict[str, Any] | None, project: str) -> None:
+        self.wandb = _import_backend("wandb")
+        id_file = run_dir / "wandb_id"
+        if id_file.is_file():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = f"{run_dir.name}-{np.random.default_rng().integers(16**8):08x}"
+            id_file.write_text(run_id + "\n")
+        self.run = self.wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
+                                   config=config or {})
+
+    def log(self, row: dict[str, Any], group: str, step: int) -> None:
+        scalars, lists = _numbers(row, group)
+        data: dict[str, Any] = dict(scalars)
+        data.update({k: self.wandb.Histogram(np.asarray(v, dtype=np.float64)) for k, v in lists.items()})
+        if data:
+            self.run.log(data, step=step)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowBackend:
+    """An MLflow run in experiment ``log.project``, named after the run directory; its id kept in
+    ``RUN/mlflow_run_id`` so that a resumed run continues it. The resolved config is logged as parameters once
+    (MLflow's parameters cannot change). MLflow has no histograms: spectra are left out."""
+
+    def __init__(self, run_dir: Path, start_step: int, config: dict[str, Any] | None, project: str) -> None:
+        self.mlflow = _import_backend("mlflow")
+        id_file = run_dir / "mlflow_run_id"
+        self.mlflow.set_experiment(project)
+        if id_file.is_file():
+            self.run = self.mlflow.start_run(run_id=id_file.read_text().strip())
+        else:
+            self.run = self.mlflow.start_run(run_name=run_dir.name)
+            id_file.write_text(self.run.info.run_id + "\n")
+            if config:
+                self.mlflow.log_params({k: str(v) for k, v in _flat(config).items()})
+
+    def log(self, row: dict[str, Any], group: str, step: int) -> None:
+        scalars, _ = _numbers(row, group)
+        if scalars:
+            self.mlflow.log_metrics(scalars, step=step)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.mlflow.end_run()
 
 
 class RunLogger:
-    """Appends rows to ``metrics.jsonl`` and mirrors numeric fields to TensorBoard under ``group/key``.
+    """Appends rows to ``metrics.jsonl`` and mirrors their numbers to the trackers under ``group/key``.
 
-    Lists of numbers (the diagnostics' spectra) go to TensorBoard as histograms.
+    Lists of numbers (the diagnostics' spectra) go to TensorBoard and W&B as histograms.
 
     ``start_step`` is the step training continues from (the checkpoint's on resume, 0 for a new run): rows that a
     killed process logged after it are dropped from ``metrics.jsonl`` (atomically) and purged from TensorBoard
-    (``purge_step``), because they will be logged again; so each step appears once.
+    (``purge_step``), because they will be logged again; so each step appears once. ``backends`` are the trackers
+    (``log.backends``; default TensorBoard only, or none with ``tensorboard=False``), ``config`` the resolved
+    configuration they record as run parameters, ``project`` the W&B project / MLflow experiment.
     """
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, start_step: int = 0) -> None:
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, start_step: int = 0,
+                 backends: Sequence[str] | None = None, config: dict[str, Any] | None = None,
+                 project: str = "directpred") -> None:
         self.enabled = distributed.is_main()
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.writer = None
+        run_dir = Path(run_dir)
+        self.path = run_dir / "metrics.jsonl"
+        self.backends: list[Any] = []
+        self.writer = None  # TensorBoard's SummaryWriter, if it is one of the backends
         if not self.enabled:
             return
         if self.path.is_file():
             truncate_metrics(self.path, start_step)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            tb_dir = Path(run_dir) / "tensorboard"
-            earlier = tb_dir.is_dir() and any(tb_dir.glob("events.out.tfevents.*"))
-            # TensorBoard drops every earlier event with step >= purge_step when it reads the new file.
-            self.writer = SummaryWriter(log_dir=str(tb_dir), purge_step=start_step + 1 if earlier else None)
+        names = list(backends) if backends is not None else (["tensorboard"] if tensorboard else [])
+        check_backends(names)
+        for name in names:
+            if name == "tensorboard":
+                tb = TensorBoardBackend(run_dir, start_step, config)
+                self.writer = tb.writer
+                self.backends.append(tb)
+            elif name == "wandb":
+                self.backends.append(WandbBackend(run_dir, start_step, config, project))
+            elif name == "mlflow":
+                self.backends.append(MlflowBackend(run_dir, start_step, config, project))
+            else:
+                raise ConfigError(f"log.backends: unknown tracker {name!r}; use tensorboard, wandb or mlflow")
 
     def log(self, row: dict[str, Any], *, group: str = "train") -> None:
-        """Write one row; ``row['step']`` is the TensorBoard step."""
+        """Write one row; ``row['step']`` is the trackers' step."""
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps({"kind": group, **clean}) + "\n")
-        if self.writer is not None:
-            step = int(row.get("step", 0))
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.writer.add_scalar(f"{group}/{k}", v, step)
-                elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
-                    self.writer.add_histogram(f"{group}/{k}", np.asarray(v, dtype=np.float64), step)
+        step = int(row.get("step", 0))
+        for backend in self.backends:
+            backend.log(row, group, step)
 
     def flush(self) -> None:
-        """Put TensorBoard's buffered events on disk (called with each checkpoint, so a SIGKILL loses none of the
+        """Put the trackers' buffered events on disk (called with each checkpoint, so a SIGKILL loses none of the
         events before it)."""
-        if self.writer is not None:
-            self.writer.flush()
+        for backend in self.backends:
+            backend.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        for backend in self.backends:
+            backend.close()
+        self.backends = []
 
 
 def truncate_metrics(path: str | Path, step: int) -> int:

@@ -49,7 +49,7 @@ from directpred.train.faults import (
     TrainingInterrupted,
     fault_message,
 )
-from directpred.train.logger import RunLogger
+from directpred.train.logger import RunLogger, check_backends
 from directpred.train.optim import build_optimizer, lr_factor, set_lr
 from directpred.train.rundir import RESUMABLE_CHANGES, check_resume_config, prepare_run_dir
 
@@ -70,7 +70,7 @@ def make_batch_source(cfg: Config, data: DataBundle | StreamData, device: torch.
                             seed=cfg.train.seed, rank=rank, world=world, workers=cfg.data.workers,
                             skip_corrupt=cfg.data.skip_corrupt, decode_device=device if decode == "cuda" else None)
     return InMemorySource(data.pretrain.images, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=rank,
-                          world=world)
+                          world=world, labels=data.pretrain.labels)
 
 
 class Trainer:
@@ -116,6 +116,7 @@ class Trainer:
         if self._ready:
             return self
         cfg = self.cfg
+        check_backends(cfg.log.backends)  # a missing tracker package fails here, before any work
         self.device = resolve_device(cfg.train.device)
         distributed.init_from_env(self.device)
         if self.device.type == "cuda":
@@ -157,13 +158,15 @@ class Trainer:
         self.train_seconds = 0.0
         self.wall_before = 0.0
         self.knn_history: list[dict[str, float]] = []
+        self.eval_features: dict[str, Any] | None = None  # the last kNN's test features (with eval.online_probe)
         # Also with diag.every=0: the final report on the final state always judges the run (summary.json).
         self.diagnostics = Diagnostics(cfg, self.method)
         self._t_start = time.time()
         if self.resume:
             self._load(self.ckpt_dir / "last.pt")
         # After the load: rows a killed process logged past the checkpoint are dropped, as they will be redone.
-        self.logger = RunLogger(self.run_dir, start_step=self.step)
+        self.logger = RunLogger(self.run_dir, start_step=self.step, backends=cfg.log.backends,
+                                config=cfg.to_dict(), project=cfg.log.project)
         self._ready = True
         return self
 
@@ -275,8 +278,13 @@ class Trainer:
         self.method.train()
         for cb in self.callbacks:
             cb.on_fit_start(self)
+            if cb.state_key and cb.state_key in self._resume_callback_state:
+                cb.load_state_dict(self._resume_callback_state[cb.state_key])
         try:
             stopped = self._loop()
+        except BaseException:
+            self.logger.close()  # the trackers' runs end (W&B, MLflow) with the failed run
+            raise
         finally:
             for cb in self.callbacks:
                 cb.on_loop_end(self)
@@ -295,11 +303,14 @@ class Trainer:
         """Steps up to ``last_step``, epoch by epoch; True if stopped on request (or on collapse)."""
         while self.step < self.last_step:
             self.epoch, i = divmod(self.step, self.steps_per_epoch)
-            batches = self.source.batches(self.epoch, i)  # this process's batches from this step on
+            # This process's batches from this step on, with their labels (for the online probe only).
+            batches = self.source.labelled_batches(self.epoch, i)
             try:
                 while i < self.steps_per_epoch and self.step < self.last_step:
                     t0 = time.time()
-                    result = self.train_step(next(batches))
+                    images, labels = next(batches)
+                    result = self.train_step(images)
+                    result.labels = labels
                     self.train_seconds += time.time() - t0
                     i += 1
                     for cb in self.callbacks:
@@ -339,6 +350,7 @@ class Trainer:
             "wall_seconds": self.wall_before + (time.time() - self._t_start),
             "knn_history": self.knn_history,
             "diagnostics": self.diagnostics.state_dict(),
+            "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks if cb.state_key},
             "config": self.cfg.to_dict(),
             "git_commit": self.commit,
         }
@@ -355,6 +367,7 @@ class Trainer:
         self.last_checkpoint = (self.ckpt_dir / "last.pt", self.step)
 
     _resume_diag_state: dict[str, Any] | None = None
+    _resume_callback_state: dict[str, Any] = {}
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
@@ -372,6 +385,7 @@ class Trainer:
         self.wall_before = float(state["wall_seconds"])
         self.knn_history = list(state.get("knn_history", []))
         self._resume_diag_state = state.get("diagnostics")
+        self._resume_callback_state = dict(state.get("callbacks", {}))
 
     def finish(self, *, stopped_early: bool = False) -> dict[str, Any]:
         """Final kNN + linear probe; writes ``summary.json`` (rank 0) and returns it."""

@@ -15,6 +15,7 @@ RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.progress", "train
                      "train.checkpoint_every", "train.checkpoint_every_steps", "train.skip_nonfinite", "train.device",
                      "data.workers",
                      "data.cache_dir", "data.root", "data.path", "data.local_copy", "data.download", "eval.",
+                     "log.",
                      "diag.stop_on_collapse")
 
 

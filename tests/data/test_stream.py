@@ -81,6 +81,23 @@ def test_ranks_cover_each_image_once_and_form_the_global_batch(mixed):
     assert not torch.equal(torch.cat(ranks[0].index_batches(0)), torch.cat(ranks[0].index_batches(1)))
 
 
+def test_labelled_batches_are_the_batches_with_their_labels(mixed, tmp_path):
+    """What the online probe reads: the same images in the same order as ``batches``, and each image's label."""
+    train, _ = load_folder(mixed, cache_dir=tmp_path, image_size=SIZE)
+    reader = FolderReader(mixed, "train")
+    memory = InMemorySource(train.images, batch_size=4, seed=3, labels=train.labels)
+    stream = StreamSource(reader, SIZE, batch_size=4, seed=3, workers=1)
+    for source, labels in ((memory, train.labels), (stream, torch.from_numpy(reader.labels))):
+        order = epoch_order(len(labels), 3, 1)
+        pairs = list(source.labelled_batches(1, 2))
+        assert len(pairs) == source.steps_per_epoch - 2
+        for step, ((images, y), plain) in enumerate(zip(pairs, _all(source, 1, 2), strict=True), start=2):
+            assert torch.equal(images, plain)
+            assert torch.equal(y, labels[order[step * 4: step * 4 + 4]])
+    unlabelled = InMemorySource(train.images, batch_size=4, seed=3)  # labels not given: -1
+    assert next(unlabelled.labelled_batches(0))[1].tolist() == [-1] * 4
+
+
 def test_mid_epoch_resume_gives_exactly_the_remaining_batches_with_workers(mixed):
     reader = FolderReader(mixed, "train")
     full = _all(StreamSource(reader, SIZE, batch_size=3, seed=1), 2)
@@ -103,7 +120,7 @@ def test_corrupt_jpeg_is_named_or_replaced_by_the_next_image(mixed, tmp_path):
     clean = BatchDataset(FolderReader(mixed, "train"), SIZE)
     idx = [i - 1, i, i + 1]
     got = BatchDataset(reader, SIZE, skip_corrupt=True)[idx]
-    assert got.skipped == [str(victim)]
+    assert got.skipped == [str(victim)] and got.used.tolist() == [i - 1, i + 1, i + 1]  # the labels' rows
     ref = clean[[i - 1, i + 1, i + 1]].images
     assert torch.equal(got.images, ref)
     with pytest.raises(DataError, match=f"{victim}.*cannot be decoded"):  # from a worker process, still named
