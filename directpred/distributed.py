@@ -48,8 +48,10 @@ def init_from_env(device: torch.device) -> bool:
 
 
 def shutdown() -> None:
-    """Leave the process group, if any."""
+    """Leave the process group, if any: all processes together (a barrier first), since a gloo process whose peer
+    has already torn its connections down can abort at exit ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
