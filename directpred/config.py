@@ -580,17 +580,23 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as dotted keys: ``{'a': {'b': 1}}`` -> ``{'a.b': 1}``.
+
+    Examples:
+        >>> flatten({"train": {"epochs": 2, "seed": 0}, "x": 1})
+        {'train.epochs': 2, 'train.seed': 0, 'x': 1}
+    """
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def diff_configs(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     """Keys whose values differ, as ``{'a.b': (old, new)}``."""
-
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    a, b = flat(old.to_dict()), flat(new.to_dict())
+    a, b = flatten(old.to_dict()), flatten(new.to_dict())
     return {k: (a[k], b[k]) for k in a if a[k] != b[k]}

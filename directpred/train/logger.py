@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from directpred import distributed
-from directpred.config import ConfigError
+from directpred.config import ConfigError, flatten
 
 #: The pip package (and this project's extra) of each tracker.
 BACKEND_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
@@ -55,16 +55,6 @@ def _numbers(row: dict[str, Any], group: str) -> tuple[dict[str, float], dict[st
         elif isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
             lists[f"{group}/{k}"] = v
     return scalars, lists
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class TensorBoardBackend:
@@ -136,7 +126,7 @@ class MlflowBackend:
             self.run = self.mlflow.start_run(run_name=run_dir.name)
             id_file.write_text(self.run.info.run_id + "\n")
             if config:
-                self.mlflow.log_params({k: str(v) for k, v in _flat(config).items()})
+                self.mlflow.log_params({k: str(v) for k, v in flatten(config).items()})
 
     def log(self, row: dict[str, Any], group: str, step: int) -> None:
         scalars, _ = _numbers(row, group)

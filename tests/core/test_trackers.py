@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from directpred.cli import main
-from directpred.config import ConfigError, load_config
-from directpred.train.logger import _flat, read_metrics
+from directpred.config import ConfigError, flatten, load_config
+from directpred.train.logger import read_metrics
 from directpred.train.loop import Trainer
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "cpu" / "quickstart.yaml"
@@ -107,7 +107,7 @@ def test_wandb_and_mlflow_receive_what_metrics_jsonl_holds(trackers, tiny_overri
     assert wandb_calls[-1] == ("finish",)
 
     assert mlflow_calls[:2] == [("set_experiment", "proj"), ("start_run", None, "run")]
-    assert mlflow_calls[2] == ("log_params", {k: str(v) for k, v in _flat(cfg.to_dict()).items()})
+    assert mlflow_calls[2] == ("log_params", {k: str(v) for k, v in flatten(cfg.to_dict()).items()})
     got = {(c[1], k): v for c in mlflow_calls[3:-1] for k, v in c[2].items()}
     assert got == scalars  # MLflow has no histograms
     assert mlflow_calls[-1] == ("end_run",)
