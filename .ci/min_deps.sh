@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The lowest supported releases (pyproject.toml: torch>=2.6, torchvision>=0.21): a fresh virtual environment with
-# torch==2.6.* and torchvision==0.21.*, the package and its test extra installed from this checkout, then a fast
-# subset of the tests (the config, the training loop with resume, checkpoints, heads, export; no slow tests).
+# The lowest supported releases (pyproject.toml: torch>=2.6, torchvision>=0.21, kornia>=0.7): a fresh virtual
+# environment with torch==2.6.*, torchvision==0.21.* and kornia==0.7.0, the package and its test extra installed
+# from this checkout, then a fast subset of the tests (the config, the training loop with resume, checkpoints,
+# heads, export, augmentations; no slow tests).
 #
 # Not part of .ci/run: it downloads torch. Run it when a change may use a newer torch API, and before lowering or
 # raising the lower bounds:
@@ -27,11 +28,13 @@ if [[ -n "$index" ]]; then
 else
   "${pip[@]}" "torch==2.6.*" "torchvision==0.21.*"
 fi
-"${pip[@]}" "$repo[test]"   # keeps the torch above: it satisfies torch>=2.6
+"${pip[@]}" "kornia==0.7.0"
+"${pip[@]}" "$repo[test]"   # keeps the torch and kornia above: it satisfies torch>=2.6
 "$venv/bin/python" - <<'PY'
-import torch, torchvision
-print(f"torch {torch.__version__}, torchvision {torchvision.__version__}")
+import kornia, torch, torchvision
+print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, kornia {kornia.__version__}")
 assert torch.__version__.startswith("2.6.") and torchvision.__version__.startswith("0.21."), "not the lowest releases"
+assert kornia.__version__ == "0.7.0", "not the lowest kornia"
 PY
 # From a directory outside the checkout, so that the installed package (not the source tree) is tested.
 cd "$(mktemp -d)"
@@ -40,4 +43,4 @@ cp -r "$repo/tests" "$repo/configs" .
 "$venv/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" ${PYTEST_ARGS:-tests/core/test_config.py \
   tests/core/test_train.py tests/core/test_trainer_api.py tests/core/test_online_probe.py tests/core/test_trackers.py \
   tests/core/test_optim.py tests/core/test_losses_ema.py tests/heads tests/reliability/test_reliability_checkpoint.py \
-  tests/eval/test_export.py}
+  tests/eval/test_export.py tests/data/test_augment.py}

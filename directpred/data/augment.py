@@ -1,13 +1,12 @@
 """Batched augmentations with random parameters drawn per sample, on whatever device the batch lives.
 
-The recipes follow the authors' code (paper.md §6) and BYOL's ImageNet recipe. Every random parameter (crop box,
-flip, jitter factors and their order, grayscale, blur sigma, solarisation) is drawn independently for every sample
-from an explicit ``torch.Generator``; nothing is shared by a batch. The colour operations reproduce
-``torchvision.transforms.v2.functional`` on float images (tests compare them sample by sample); the crop uses
-``torchvision.ops.roi_align`` (bilinear with adaptive sampling, i.e. antialiased when shrinking) so the whole batch
-is cropped and resized in one call.
-
-Over 300 lines: the recipes and the batched ops whose per-sample parameters they draw belong together.
+The recipes follow the authors' code (paper.md §6) and BYOL's ImageNet recipe. What is ours is the draw: every
+random parameter (crop box, flip, jitter factors and their order, grayscale, blur sigma, solarisation) is drawn
+independently for every sample from an explicit ``torch.Generator`` (:func:`draw_view_params`), the same under any
+sharding of the batch. The image operations that apply them are library code: ``torchvision.ops.roi_align`` crops
+and resizes the whole batch in one call (bilinear with adaptive sampling, i.e. antialiased when shrinking), and
+kornia's colour, blur and solarisation ops take one factor per sample (:func:`apply_view_params`). Tests compare
+the result, sample by sample, with ``torchvision.transforms.v2.functional`` applied with the same parameters.
 """
 
 from __future__ import annotations
@@ -15,8 +14,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import kornia.color as KC
+import kornia.enhance as KE
+import kornia.filters as KF
 import torch
-import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from torchvision.ops import roi_align
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # the authors' code
@@ -70,85 +72,35 @@ def recipe(name: str, size: int) -> tuple[ViewRecipe, ViewRecipe]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Colour operations on float images (B, 3, H, W) in [0, 1], with per-sample factors (B,)
+# Colour jitter with per-sample factors and order (kornia's ops, torchvision's conventions)
 
 
-def _bcast(f: torch.Tensor) -> torch.Tensor:
-    return f.view(-1, 1, 1, 1)
+def _adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return KE.adjust_hue(x, f * (2 * math.pi))  # torchvision's hue factor is in turns, kornia's in radians
 
 
-def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601 luma, as torchvision's ``rgb_to_grayscale``: (B, 3, H, W) -> (B, 1, H, W)."""
-    r, g, b = x.unbind(1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+#: ColorJitter's four operations in torchvision's parameter order (brightness, contrast, saturation, hue); each
+#: takes a float batch (B, 3, H, W) in [0, 1] and one factor per sample (B,) in torchvision's units.
+JITTER_OPS = (KE.adjust_brightness_accumulative, KE.adjust_contrast_with_mean_subtraction,
+              KE.adjust_saturation_with_gray_subtraction, _adjust_hue)
 
 
-def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return (x * _bcast(f)).clamp_(0, 1)
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
+                 active: tuple[bool, bool, bool, bool] = (True, True, True, True)) -> torch.Tensor:
+    """torchvision's ``ColorJitter`` with its parameters drawn per sample, applied in place.
 
-
-def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    return (_bcast(f) * x + (1 - _bcast(f)) * mean).clamp_(0, 1)
-
-
-def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return (_bcast(f) * x + (1 - _bcast(f)) * grayscale(x)).clamp_(0, 1)
-
-
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
-    eqc = maxc == minc
-    cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    cr_div = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    return torch.stack((h, s, maxc), 1)
-
-
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x.unbind(1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int32) % 6
-    p = (v * (1.0 - s)).clamp(0, 1)
-    q = (v * (1.0 - s * f)).clamp(0, 1)
-    t = (v * (1.0 - s * (1.0 - f))).clamp(0, 1)
-    mask = i.unsqueeze(1) == torch.arange(6, device=i.device).view(-1, 1, 1)  # (B, 6, H, W)
-    a1 = torch.stack((v, q, p, p, t, v), 1)
-    a2 = torch.stack((t, v, v, q, p, p), 1)
-    a3 = torch.stack((p, p, t, v, v, q), 1)
-    a4 = torch.stack((a1, a2, a3), 1)  # (B, 3, 6, H, W)
-    return torch.einsum("...ijk,...xijk->...xjk", mask.to(x.dtype), a4)
-
-
-def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """Shift the hue by ``f`` (in [-0.5, 0.5]) per sample, as torchvision's ``adjust_hue``."""
-    hsv = _rgb_to_hsv(x)
-    h = torch.remainder(hsv[:, 0] + f.view(-1, 1, 1), 1.0)
-    return _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), 1))
-
-
-def gaussian_blur(x: torch.Tensor, kernel: int, sigma: torch.Tensor) -> torch.Tensor:
-    """Per-sample Gaussian blur (separable, reflect padding, as torchvision's ``gaussian_blur``)."""
-    B, C, H, W = x.shape
-    half = (kernel - 1) * 0.5
-    pos = torch.linspace(-half, half, kernel, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (pos.view(1, -1) / sigma.view(-1, 1).to(x.dtype)) ** 2)
-    k = k / k.sum(1, keepdim=True)  # (B, k)
-    k = k.repeat_interleave(C, 0)  # (B*C, k)
-    pad = kernel // 2
-    y = F.pad(x.reshape(1, B * C, H, W), (pad, pad, pad, pad), mode="reflect")
-    y = F.conv2d(y, k.view(B * C, 1, 1, kernel), groups=B * C)
-    y = F.conv2d(y, k.view(B * C, 1, kernel, 1), groups=B * C)
-    return y.view(B, C, H, W)
+    Args:
+        x: float images (B, 3, H, W) in [0, 1].
+        factors: (B, 4) brightness, contrast, saturation and hue factors (hue in turns, [-0.5, 0.5]).
+        order: (B, 4) a permutation of 0..3 per sample: the operations in the order that sample gets them.
+        active: which operations the recipe uses (a strength of 0 skips one, as torchvision does).
+    """
+    for stage in range(4):
+        for op_id, op in enumerate(JITTER_OPS):
+            sel = (order[:, stage] == op_id).nonzero().flatten() if active[op_id] else order.new_empty(0)
+            if len(sel):
+                x[sel] = op(x[sel], factors[sel, op_id])
+    return x
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,6 +158,78 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tenso
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ViewParams:
+    """The random parameters of one view, one row per sample (drawn by :func:`draw_view_params`)."""
+
+    boxes: torch.Tensor  #: (B, 4) crop boxes ``(x0, y0, x1, y1)`` in pixels
+    flip: torch.Tensor  #: (B,) bool, horizontal flip
+    jitter: torch.Tensor  #: (B,) bool, colour jitter applied
+    factors: torch.Tensor  #: (B, 4) brightness, contrast, saturation, hue (torchvision's units)
+    order: torch.Tensor  #: (B, 4) the jitter operations' order per sample
+    gray: torch.Tensor  #: (B,) bool, grayscale
+    blur: torch.Tensor  #: (B,) bool, Gaussian blur
+    sigma: torch.Tensor  #: (B,) blur sigma
+    solarize: torch.Tensor  #: (B,) bool, solarisation at 0.5
+
+
+def draw_view_params(batch: int, height: int, width: int, r: ViewRecipe, generator: torch.Generator | None = None,
+                     *, shard: tuple[int, int] = (0, 1), device: torch.device | str = "cpu") -> ViewParams:
+    """Draw one view's parameters for ``batch`` images of ``height`` x ``width`` from ``generator`` (on the CPU).
+
+    With ``shard=(rank, world)`` the batch is rank's slice of a global batch of ``batch * world`` images: the
+    draws are made for the whole global batch and sliced, so N processes draw exactly what one process draws.
+    """
+    g = generator
+    rank, world = shard
+    n, lo = batch * world, batch * rank
+
+    def draw(*shape: int) -> torch.Tensor:  # uniform draws for the global batch, this shard's rows
+        return torch.rand(n, *shape, generator=g)[lo: lo + batch].to(device)
+
+    boxes = crop_boxes(n, height, width, r.crop_scale, r.crop_ratio, g, device)[lo: lo + batch]
+    u, unit_factors, order_keys, sigma_u = draw(8), draw(4), draw(4), draw(1).flatten()
+    lows = torch.tensor([max(0.0, 1 - r.brightness), max(0.0, 1 - r.contrast), max(0.0, 1 - r.saturation),
+                         -r.hue], device=device)
+    highs = torch.tensor([1 + r.brightness, 1 + r.contrast, 1 + r.saturation, r.hue], device=device)
+    return ViewParams(
+        boxes=boxes, flip=u[:, 0] < r.flip_p, jitter=u[:, 1] < r.jitter_p,
+        factors=lows + (highs - lows) * unit_factors,
+        order=torch.argsort(order_keys, 1),  # torchvision applies the four in a random order
+        gray=u[:, 2] < r.gray_p, blur=u[:, 3] < r.blur_p,
+        sigma=r.blur_sigma[0] + (r.blur_sigma[1] - r.blur_sigma[0]) * sigma_u, solarize=u[:, 4] < r.solarize_p)
+
+
+def blur_kernel_size(r: ViewRecipe) -> int:
+    """The recipe's odd blur kernel size (``blur_kernel``, or 10 % of the output size made odd)."""
+    kernel = r.blur_kernel or int(0.1 * r.size)
+    return kernel + 1 - kernel % 2
+
+
+def apply_view_params(x: torch.Tensor, p: ViewParams, r: ViewRecipe) -> torch.Tensor:
+    """Apply drawn parameters to float images (B, 3, H, W) in [0, 1]: crop-resize, flip, jitter, grayscale, blur,
+    solarise, normalise (the torchvision pipeline's order). Returns float (B, 3, size, size)."""
+    x = resized_crop(x, p.boxes, r.size).clamp_(0, 1)
+    x = torch.where(p.flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    jitter = p.jitter.nonzero().flatten()
+    if len(jitter):
+        active = (r.brightness != 0, r.contrast != 0, r.saturation != 0, r.hue != 0)
+        x[jitter] = color_jitter(x[jitter], p.factors[jitter], p.order[jitter], active)
+    if p.gray.any():
+        x = torch.where(p.gray.view(-1, 1, 1, 1), KC.rgb_to_grayscale(x).expand_as(x), x)
+    kernel = blur_kernel_size(r)
+    blur = p.blur.nonzero().flatten()
+    if len(blur) and kernel > 1:
+        sigma = p.sigma[blur].to(x.dtype).view(-1, 1).expand(-1, 2)
+        x[blur] = KF.gaussian_blur2d(x[blur], (kernel, kernel), sigma, border_type="reflect")
+    solarize = p.solarize.nonzero().flatten()
+    if len(solarize):
+        x[solarize] = KE.solarize(x[solarize], thresholds=0.5)
+    if r.mean is not None and r.std is not None:
+        x = TF.normalize(x, list(r.mean), list(r.std))
+    return x
+
+
 def augment_view(images: torch.Tensor, r: ViewRecipe, generator: torch.Generator | None = None, *,
                  shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """One augmented view of a uint8 batch (B, H, W, 3) or (B, 3, H, W): float (B, 3, size, size), normalised.
@@ -219,62 +243,9 @@ def augment_view(images: torch.Tensor, r: ViewRecipe, generator: torch.Generator
         raise ValueError(f"expected a batch of images (B, H, W, 3), got shape {tuple(images.shape)}")
     if images.shape[-1] == 3 and images.shape[1] != 3:
         images = images.permute(0, 3, 1, 2)
-    dev = images.device
     x = images.float().div_(255.0)
     B, _, H, W = x.shape
-    g = generator
-    rank, world = shard
-    n, lo = B * world, B * rank
-
-    def draw(*shape: int) -> torch.Tensor:  # uniform draws for the global batch, this shard's rows
-        return torch.rand(n, *shape, generator=g)[lo: lo + B].to(dev)
-
-    boxes = crop_boxes(n, H, W, r.crop_scale, r.crop_ratio, g, dev)[lo: lo + B]
-    x = resized_crop(x, boxes, r.size).clamp_(0, 1)
-
-    u = draw(8)
-    factors, order_keys, sigma_u = draw(4), draw(4), draw(1).flatten()
-    flip = u[:, 0] < r.flip_p
-    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-
-    jitter = (u[:, 1] < r.jitter_p).nonzero().flatten()
-    if len(jitter):
-        order = torch.argsort(order_keys, 1)  # torchvision applies the four in a random order
-        lows = torch.tensor([max(0.0, 1 - r.brightness), max(0.0, 1 - r.contrast), max(0.0, 1 - r.saturation),
-                             -r.hue], device=dev)
-        highs = torch.tensor([1 + r.brightness, 1 + r.contrast, 1 + r.saturation, r.hue], device=dev)
-        factors = lows + (highs - lows) * factors
-        ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-        strengths = (r.brightness, r.contrast, r.saturation, r.hue)
-        for stage in range(4):
-            for op_id, op in enumerate(ops):
-                if strengths[op_id] == 0:
-                    continue
-                sel = jitter[order[jitter, stage] == op_id]
-                if len(sel):
-                    x[sel] = op(x[sel], factors[sel, op_id])
-
-    gray = u[:, 2] < r.gray_p
-    if gray.any():
-        x = torch.where(gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
-
-    if r.blur_p > 0:
-        kernel = r.blur_kernel or int(0.1 * r.size)
-        kernel += 1 - kernel % 2  # odd
-        sigma = r.blur_sigma[0] + (r.blur_sigma[1] - r.blur_sigma[0]) * sigma_u
-        blur = (u[:, 3] < r.blur_p).nonzero().flatten()
-        if len(blur) and kernel > 1:
-            x[blur] = gaussian_blur(x[blur], kernel, sigma[blur])
-
-    if r.solarize_p > 0:
-        sol = (u[:, 4] < r.solarize_p).view(-1, 1, 1, 1)
-        x = torch.where(sol & (x >= 0.5), 1.0 - x, x)
-
-    if r.mean is not None and r.std is not None:
-        mean = torch.tensor(r.mean, device=dev).view(1, 3, 1, 1)
-        std = torch.tensor(r.std, device=dev).view(1, 3, 1, 1)
-        x = (x - mean) / std
-    return x
+    return apply_view_params(x, draw_view_params(B, H, W, r, generator, shard=shard, device=x.device), r)
 
 
 def eval_transform(images: torch.Tensor, r: ViewRecipe) -> torch.Tensor:
@@ -284,10 +255,9 @@ def eval_transform(images: torch.Tensor, r: ViewRecipe) -> torch.Tensor:
     """
     x = images.permute(0, 3, 1, 2).float().div_(255.0) if images.shape[-1] == 3 else images.float() / 255.0
     if x.shape[-1] != r.size or x.shape[-2] != r.size:
-        x = F.interpolate(x, size=(r.size, r.size), mode="bilinear", antialias=True, align_corners=False)
+        x = TF.resize(x, [r.size, r.size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
     if r.mean is not None and r.std is not None:
-        x = (x - torch.tensor(r.mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(
-            r.std, device=x.device).view(1, 3, 1, 1)
+        x = TF.normalize(x, list(r.mean), list(r.std))
     return x
 
 
