@@ -9,17 +9,23 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-_SPECS: dict[str, tuple[type[nn.Module], list[int]]] = {
+from directpred.config import BackboneConfig
+
+_SPECS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
 }
 
 
-class _ResNetBackbone(ResNet):
+class ResNetBackbone(ResNet):
     """A torchvision :class:`ResNet` whose stage widths scale with ``width`` and whose ``fc`` is the identity."""
 
-    def __init__(self, block: type[nn.Module], layers: list[int], width: int, cifar_stem: bool) -> None:
+    out_dim: int  # the feature size, 8 * width * block.expansion
+    maxpool: nn.Module
+
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], width: int,
+                 cifar_stem: bool) -> None:
         nn.Module.__init__(self)
         self._norm_layer = nn.BatchNorm2d
         self.inplanes, self.dilation, self.groups, self.base_width = width, 1, 1, 64
@@ -37,7 +43,7 @@ class _ResNetBackbone(ResNet):
         self.layer4 = self._make_layer(block, 8 * width, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Identity()
-        self.out_dim = 8 * width * block.expansion  # type: ignore[attr-defined]
+        self.out_dim = 8 * width * block.expansion
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -46,7 +52,7 @@ class _ResNetBackbone(ResNet):
                 nn.init.constant_(m.bias, 0)
 
 
-def resnet(name: str = "resnet18", *, width: int = 64, cifar_stem: bool = True) -> nn.Module:
+def resnet(name: str = "resnet18", *, width: int = 64, cifar_stem: bool = True) -> ResNetBackbone:
     """A ResNet feature extractor: images (B, 3, H, W) -> features (B, 8*width*expansion).
 
     Args:
@@ -63,12 +69,12 @@ def resnet(name: str = "resnet18", *, width: int = 64, cifar_stem: bool = True) 
     if name not in _SPECS:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(_SPECS)}")
     block, layers = _SPECS[name]
-    return _ResNetBackbone(block, layers, width, cifar_stem)
+    return ResNetBackbone(block, layers, width, cifar_stem)
 
 
-def build_backbone(cfg) -> nn.Module:
+def build_backbone(cfg: BackboneConfig) -> ResNetBackbone:
     """Backbone from a :class:`directpred.config.BackboneConfig`."""
     return resnet(cfg.name, width=cfg.width, cifar_stem=cfg.cifar_stem)
 
 
-__all__ = ["resnet", "build_backbone"]
+__all__ = ["ResNetBackbone", "resnet", "build_backbone"]

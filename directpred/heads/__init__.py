@@ -1,8 +1,8 @@
 """Heads: projector and every predictor, behind one protocol.
 
-Every predictor is an ``nn.Module`` with ``forward(z) -> p`` and ``update(z)``; the method calls ``update`` under
-``torch.no_grad()`` in training steps only (a no-op for predictors trained by gradient descent, and in eval mode for
-every predictor). A predictor with ``uses_target = True`` (the ``optimal`` one) is called as
+Every predictor is a :class:`Predictor` (an ``nn.Module``) with ``forward(z) -> p`` and ``update(z)``; the method
+calls ``update`` under ``torch.no_grad()`` in training steps only (a no-op for predictors trained by gradient descent,
+and in eval mode for every predictor). A predictor with ``uses_target = True`` (the ``optimal`` one) is called as
 ``update(z, z_target=...)`` with the row-aligned target projections. The statistics (F^, eigh, W_p) run in float32
 with autocast off. Linear predictors expose ``weight`` (W_p, (d, d)).
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import nn
-
+from directpred.config import PredictorConfig
+from directpred.heads.base import Predictor
 from directpred.heads.correlation import CorrelationEstimator, symmetric_eigh
 from directpred.heads.directpred import DirectCopy, DirectPred, PartitionedDirectPred, directpred_eigenvalues
 from directpred.heads.linear import IdentityPredictor, LinearPredictor
@@ -31,18 +31,18 @@ from directpred.heads.mlp import MLP
 from directpred.heads.optimal import OptimalPredictor
 
 __all__ = [
-    "MLP", "LinearPredictor", "IdentityPredictor", "DirectPred", "DirectCopy", "PartitionedDirectPred",
+    "Predictor", "MLP", "LinearPredictor", "IdentityPredictor", "DirectPred", "DirectCopy", "PartitionedDirectPred",
     "OptimalPredictor", "CorrelationEstimator", "symmetric_eigh", "directpred_eigenvalues", "PREDICTORS",
     "register_predictor", "build_predictor",
 ]
 
-PREDICTORS: dict[str, Callable[..., nn.Module]] = {}
+PREDICTORS: dict[str, Callable[..., Predictor]] = {}
 
 
-def register_predictor(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator adding a predictor builder ``fn(dim, cfg) -> nn.Module`` under ``name``."""
+def register_predictor(name: str) -> Callable[[Callable[..., Predictor]], Callable[..., Predictor]]:
+    """Decorator adding a predictor builder ``fn(dim, cfg) -> Predictor`` under ``name``."""
 
-    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    def deco(fn: Callable[..., Predictor]) -> Callable[..., Predictor]:
         PREDICTORS[name] = fn
         return fn
 
@@ -50,41 +50,42 @@ def register_predictor(name: str) -> Callable[[Callable[..., nn.Module]], Callab
 
 
 @register_predictor("directpred")
-def _directpred(dim: int, cfg, *, seed: int = 0, **_: object) -> nn.Module:  # cfg: config.PredictorConfig
-    kwargs = dict(rho=cfg.rho, eps=cfg.eps, freq=cfg.freq, eps_mode=cfg.eps_mode, c=cfg.c, zero_mean=cfg.zero_mean,
-                  average=cfg.average)
+def _directpred(dim: int, cfg: PredictorConfig, *, seed: int = 0, **_: object) -> Predictor:
     if cfg.partitions > 0:  # the hyperplanes are drawn from the run's seed (train.seed)
-        return PartitionedDirectPred(dim, partitions=cfg.partitions, seed=seed, **kwargs)
-    return DirectPred(dim, **kwargs)
+        return PartitionedDirectPred(dim, partitions=cfg.partitions, seed=seed, rho=cfg.rho, eps=cfg.eps,
+                                     freq=cfg.freq, eps_mode=cfg.eps_mode, c=cfg.c, zero_mean=cfg.zero_mean,
+                                     average=cfg.average)
+    return DirectPred(dim, rho=cfg.rho, eps=cfg.eps, freq=cfg.freq, eps_mode=cfg.eps_mode, c=cfg.c,
+                      zero_mean=cfg.zero_mean, average=cfg.average)
 
 
 @register_predictor("directcopy")
-def _directcopy(dim: int, cfg, **_: object) -> nn.Module:
+def _directcopy(dim: int, cfg: PredictorConfig, **_: object) -> Predictor:
     return DirectCopy(dim, rho=cfg.rho, eps=cfg.eps, freq=cfg.freq, zero_mean=cfg.zero_mean, average=cfg.average)
 
 
 @register_predictor("optimal")
-def _optimal(dim: int, cfg, **_: object) -> nn.Module:
+def _optimal(dim: int, cfg: PredictorConfig, **_: object) -> Predictor:
     return OptimalPredictor(dim, rho=cfg.rho, freq=cfg.freq, ridge=cfg.ridge, average=cfg.average)
 
 
 @register_predictor("linear")
-def _linear(dim: int, cfg, **_: object) -> nn.Module:
+def _linear(dim: int, cfg: PredictorConfig, **_: object) -> Predictor:
     return LinearPredictor(dim, bias=cfg.bias, symmetric=cfg.symmetric)
 
 
 @register_predictor("mlp")
-def _mlp(dim: int, cfg, *, bn_affine: bool = False, **_: object) -> nn.Module:
+def _mlp(dim: int, cfg: PredictorConfig, *, bn_affine: bool = False, **_: object) -> Predictor:
     return MLP(dim, cfg.hidden_dim, dim, bias=True, bn_affine=bn_affine, tied=cfg.symmetric)
 
 
 @register_predictor("none")
-def _none(dim: int, cfg, **_: object) -> nn.Module:
+def _none(dim: int, cfg: PredictorConfig, **_: object) -> Predictor:
     return IdentityPredictor(dim)
 
 
-def build_predictor(dim: int, cfg, *, bn_affine: bool = False, seed: int = 0) -> nn.Module:
-    """Build the predictor named by ``cfg.name`` (a :class:`directpred.config.PredictorConfig`).
+def build_predictor(dim: int, cfg: PredictorConfig, *, bn_affine: bool = False, seed: int = 0) -> Predictor:
+    """Build the predictor named by ``cfg.name``.
 
     ``bn_affine`` is the BatchNorm setting of the two-layer predictor (shared with the projector); ``seed`` (the
     run's ``train.seed``) draws the random hyperplanes of ``partitions``.

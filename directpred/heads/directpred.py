@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from directpred import distributed
+from directpred.heads.base import Predictor
 from directpred.heads.correlation import CorrelationEstimator, full_precision, symmetric_eigh
 from directpred.linalg import symmetric_part
 
@@ -47,8 +48,10 @@ def directpred_eigenvalues(s: torch.Tensor, *, eps: float, eps_mode: str = "code
     raise ValueError(f"eps_mode={eps_mode!r} must be 'code' or 'paper'")
 
 
-class _SetFromCorrelation(CorrelationEstimator, abc.ABC):
+class _SetFromCorrelation(CorrelationEstimator, Predictor, abc.ABC):
     """A linear predictor whose weight is set from F^ every ``freq`` updates (gradient steps in between)."""
+
+    eigh_fallbacks: torch.Tensor  # () long: eigendecompositions that fell back to float64
 
     def __init__(self, dim: int, *, rho: float, eps: float, freq: int, average: str, zero_mean: bool,
                  eigh_dtype: torch.dtype) -> None:
@@ -167,9 +170,17 @@ class PartitionedDirectPred(DirectPred):
     evaluation. The global F^ and its W_p (``weight``) are kept too, for diagnostics. No gradient steps on W_p.
     """
 
-    def __init__(self, dim: int, *, partitions: int, seed: int = 0, **kwargs: object) -> None:
-        kwargs["freq"] = kwargs.get("freq", 1)
-        super().__init__(dim, **kwargs)  # type: ignore[arg-type]
+    planes: torch.Tensor  # (d, n) the hyperplanes' normals w_i
+    theta: torch.Tensor  # (n,) running thresholds theta_i
+    cell_corr: torch.Tensor  # (n, 2, d, d) every cell's F^
+    cell_count: torch.Tensor  # (n, 2) long: updates of every cell
+    cell_weight: torch.Tensor  # (n, 2, d, d) every cell's W_p
+
+    def __init__(self, dim: int, *, partitions: int, seed: int = 0, rho: float = 0.3, eps: float = 0.1,
+                 freq: int = 1, eps_mode: str = "code", c: float = 0.0, zero_mean: bool = False,
+                 average: str = "ema", eigh_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(dim, rho=rho, eps=eps, freq=freq, eps_mode=eps_mode, c=c, zero_mean=zero_mean,
+                         average=average, eigh_dtype=eigh_dtype)
         self.weight.requires_grad_(False)
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("planes", torch.randn(dim, partitions, generator=g))  # (d, n)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from directpred.heads.base import Predictor
 from directpred.linalg import symmetric_part
 
 
@@ -15,7 +16,7 @@ class _Symmetric(nn.Module):
         return symmetric_part(A)
 
 
-class LinearPredictor(nn.Module):
+class LinearPredictor(Predictor):
     """``p = W_p z (+ b)`` with W_p (dim, dim) trained by gradient descent.
 
     With ``symmetric=True`` (Assumption 3, Table 3's "sym W_p") the weight is parametrised as ``(A + A^T)/2`` with
@@ -50,7 +51,7 @@ class LinearPredictor(nn.Module):
         """Trained by gradient descent: nothing to set from statistics."""
 
 
-class IdentityPredictor(nn.Module):
+class IdentityPredictor(Predictor):
     """``W_p = I``: the no-predictor ablation, which collapses (paper §3, remark after Theorem 2)."""
 
     def __init__(self, dim: int) -> None:

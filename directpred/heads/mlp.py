@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from directpred.heads.base import Predictor
 
-class MLP(nn.Module):
+
+class MLP(Predictor):
     """``Linear(in, hidden) -> BatchNorm1d -> ReLU -> Linear(hidden, out)``.
 
     Args:

@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from directpred import distributed
+from directpred.heads.base import Predictor
 from directpred.heads.correlation import CorrelationEstimator, full_precision
 from directpred.linalg import symmetric_part
 
 
-class OptimalPredictor(CorrelationEstimator):
+class OptimalPredictor(CorrelationEstimator, Predictor):
     """Least-squares W_p from running estimates of ``E[f f^T]`` (``corr``) and ``E[f_a f^T]`` (``cross``).
 
     Protocol: ``update(z, z_target)`` with ``z`` (N, d) the online projections (both views stacked) and

@@ -21,7 +21,7 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
         >>> target.weight.data.tolist()  # 0.75 * 1 + 0.25 * 3
         [[1.5, 1.5]]
     """
-    t_params = [p for p in target.parameters()]
+    t_params: list[torch.Tensor] = [p for p in target.parameters()]
     o_params = [p.detach() for p in online.parameters()]
     if len(t_params) != len(o_params):
         raise ValueError("target and online networks differ in structure")

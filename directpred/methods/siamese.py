@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from directpred.config import Config
+from directpred.heads.base import Predictor
 from directpred.losses import two_view_loss
 from directpred.methods.ema import ema_update
 
@@ -32,7 +34,7 @@ class Encoder(nn.Module):
 UPDATE_AT = ("forward", "after_step")
 
 
-def update_predictor(predictor: nn.Module, z1: torch.Tensor, z2: torch.Tensor, t1: torch.Tensor,
+def update_predictor(predictor: Predictor, z1: torch.Tensor, z2: torch.Tensor, t1: torch.Tensor,
                      t2: torch.Tensor) -> None:
     """``predictor.update`` on both views' projections (detached, no_grad), with the row-aligned targets of the
     other view (``z1`` predicts ``t2``, ``z2`` predicts ``t1``) for predictors that use them (``uses_target``)."""
@@ -54,7 +56,7 @@ class OnlineBranch(nn.Module):
     predictor's statistics are never touched.
     """
 
-    def __init__(self, encoder: Encoder, predictor: nn.Module, *, update_at: str = "forward") -> None:
+    def __init__(self, encoder: Encoder, predictor: Predictor, *, update_at: str = "forward") -> None:
         super().__init__()
         if update_at not in UPDATE_AT:
             raise ValueError(f"update_at={update_at!r} must be 'forward' or 'after_step'")
@@ -109,7 +111,7 @@ class Siamese(nn.Module):
             step, so step t predicts with W_p from F^ up to step t-1).
     """
 
-    def __init__(self, encoder: Encoder, predictor: nn.Module, *, target: str = "ema", target_init: str = "copy",
+    def __init__(self, encoder: Encoder, predictor: Predictor, *, target: str = "ema", target_init: str = "copy",
                  symmetric_loss: bool = True, stop_gradient: bool = True,
                  make_encoder: Callable[[], Encoder] | None = None,
                  update_at: str = "forward") -> None:
@@ -136,7 +138,7 @@ class Siamese(nn.Module):
         return self.online.encoder
 
     @property
-    def predictor(self) -> nn.Module:
+    def predictor(self) -> Predictor:
         return self.online.predictor
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, *, online: nn.Module | None = None) -> StepOutput:
@@ -146,19 +148,20 @@ class Siamese(nn.Module):
         ``DistributedDataParallel`` wrapper around it (kept out of this module's state).
         """
         call = self.online if online is None else online
-        needs_target = (self.target is not None and self.online.training and self.online.update_at == "forward"
-                        and getattr(self.predictor, "uses_target", False))
-        if needs_target:  # the predictor's update in the forward pass needs the targets first
+        target = self.target
+        updates_now = (self.online.training and self.online.update_at == "forward"
+                       and getattr(self.predictor, "uses_target", False))
+        if target is not None and updates_now:  # the predictor's update in the forward pass needs the targets first
             with torch.no_grad():
-                t1, t2 = self.target(x1), self.target(x2)
+                t1, t2 = target(x1), target(x2)
             h1, h2, z1, z2, p1, p2 = call(x1, x2, t1, t2)
         else:
             h1, h2, z1, z2, p1, p2 = call(x1, x2)
-            if self.target is None:  # SimSiam: the target is the online projection (stop-gradient in the loss)
+            if target is None:  # SimSiam: the target is the online projection (stop-gradient in the loss)
                 t1, t2 = z1, z2
             else:
                 with torch.no_grad():
-                    t1, t2 = self.target(x1), self.target(x2)
+                    t1, t2 = target(x1), target(x2)
         loss = two_view_loss(p1, p2, t1, t2, symmetric=self.symmetric_loss, stop_gradient=self.stop_gradient)
         return StepOutput(loss, h1, h2, z1, z2, p1, p2, t1, t2)
 
@@ -177,7 +180,7 @@ class Siamese(nn.Module):
             ema_update(self.target, self.online.encoder, momentum)
 
 
-def build_method(cfg) -> Siamese:
+def build_method(cfg: Config) -> Siamese:
     """The method of a :class:`directpred.config.Config`."""
     from directpred.backbones import build_backbone
     from directpred.heads import MLP, build_predictor
