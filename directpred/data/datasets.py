@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from directpred.config import path_exists
+from directpred.config import DataConfig, path_exists
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _CACHE_VERSION = 1
@@ -195,7 +195,7 @@ def _decode(blob: bytes, size: int) -> np.ndarray:
         if size and (im.width != size or im.height != size):
             scale = size / min(im.width, im.height)
             im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))),
-                           Image.BICUBIC)
+                           Image.Resampling.BICUBIC)
             left, top = (im.width - size) // 2, (im.height - size) // 2
             im = im.crop((left, top, left + size, top + size))
         return np.asarray(im, dtype=np.uint8)
@@ -305,26 +305,27 @@ def load_folder(path: str | Path, *, cache_dir: str | Path, image_size: int = 0,
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        meta: dict[str, object] = {"source": str(path.resolve()), "classes": classes, "skipped": {}}
+        skipped_per_split: dict[str, int] = {}
+        meta = {"source": str(path.resolve()), "classes": classes, "skipped": skipped_per_split}
         for split in ("train", "test"):
             items = splits[split]
             blobs = _read_blobs(path, [n for n, _ in items])
             images, labels, skipped, _ = _decode_split(path, items, image_size, skip_corrupt, blobs)
             np.save(tmp / f"{split}_images.npy", images)
             np.save(tmp / f"{split}_labels.npy", labels)
-            meta["skipped"][split] = skipped  # type: ignore[index]
+            skipped_per_split[split] = skipped
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.replace(tmp, cache)
         except OSError:  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
-    meta = json.loads((cache / "meta.json").read_text())
+    saved = json.loads((cache / "meta.json").read_text())
     out = []
     for split in ("train", "test"):
         # Memory-mapped copy-on-write: pages are read when a batch touches them; the file is never written.
-        images = torch.from_numpy(np.load(cache / f"{split}_images.npy", mmap_mode="c"))
-        labels = torch.from_numpy(np.load(cache / f"{split}_labels.npy"))
-        out.append(ImageArrays(images, labels, list(meta["classes"]), int(meta["skipped"][split])))
+        split_images = torch.from_numpy(np.load(cache / f"{split}_images.npy", mmap_mode="c"))
+        split_labels = torch.from_numpy(np.load(cache / f"{split}_labels.npy"))
+        out.append(ImageArrays(split_images, split_labels, list(saved["classes"]), int(saved["skipped"][split])))
     return out[0], out[1]
 
 
@@ -383,7 +384,7 @@ def _torchvision_split(name: str, root: str, split: str, download: bool,
     return ImageArrays(images, torch.as_tensor(ds.labels).long(), list(ds.classes))
 
 
-def resolve_source(cfg) -> tuple[str, str | None]:  # noqa: ANN001 - a DataConfig
+def resolve_source(cfg: DataConfig) -> tuple[str, str | None]:
     """Where :func:`load_data` reads ``cfg`` from: ``("folder", path)`` for an ImageFolder directory or archive,
     ``("torchvision", None)`` for torchvision's copy under ``data.root`` (downloaded with ``data.download``).
 
@@ -400,15 +401,15 @@ def resolve_source(cfg) -> tuple[str, str | None]:  # noqa: ANN001 - a DataConfi
     return "torchvision", None
 
 
-def load_data(cfg, seed: int = 0) -> DataBundle:
+def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     """Build the :class:`DataBundle` of a :class:`directpred.config.DataConfig` (source: :func:`resolve_source`).
 
     Raises:
         DownloadError: a needed download failed for a network reason.
         DataError: the data is missing, corrupt or mis-arranged (the message names the files and the fix).
     """
-    kind, path = resolve_source(cfg)
-    if kind == "folder":
+    _, path = resolve_source(cfg)
+    if path is not None:  # ("folder", path)
         train, test = load_folder(path, cache_dir=cfg.cache_dir, image_size=cfg.image_size,
                                   skip_corrupt=cfg.skip_corrupt)
         pretrain = train

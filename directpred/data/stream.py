@@ -36,7 +36,7 @@ import os
 import re
 import tarfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -44,6 +44,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from directpred.config import DataConfig
 from directpred.data.datasets import IMAGE_EXTENSIONS, DataError, _decode
 
 SPLIT_NAMES = {"train": ("train",), "test": ("test", "val"), "val": ("val", "test")}
@@ -62,11 +63,13 @@ class BatchSource(Protocol):
     """
 
     steps_per_epoch: int
+    skipped: list[str]  # names of the corrupt files replaced so far (data.skip_corrupt)
 
-    def batches(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+    def batches(self, epoch: int, start_step: int = 0) -> Generator[torch.Tensor, None, None]:
         ...
 
-    def labelled_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def labelled_batches(self, epoch: int,
+                         start_step: int = 0) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         ...
 
 
@@ -95,11 +98,12 @@ class InMemorySource:
         self.steps_per_epoch = len(images) // (batch_size * world)
         self.skipped: list[str] = []
 
-    def batches(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+    def batches(self, epoch: int, start_step: int = 0) -> Generator[torch.Tensor, None, None]:
         for images, _ in self.labelled_batches(epoch, start_step):
             yield images
 
-    def labelled_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def labelled_batches(self, epoch: int,
+                         start_step: int = 0) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         order = _epoch_order(len(self.images), self.seed, epoch)
         for step in range(start_step, self.steps_per_epoch):
             idx = shard_rows(order, step, self.batch_size, self.rank, self.world)
@@ -199,15 +203,15 @@ class ShardReader:
             cls: dict[str, int] = {}
             try:
                 with tarfile.open(path, "r:") as tf:
-                    for m in tf:
-                        if not m.isfile():
+                    for member in tf:
+                        if not member.isfile():
                             continue
-                        key, _, ext = m.name.rpartition(".")
+                        key, _, ext = member.name.rpartition(".")
                         if ext == "cls":
-                            f = tf.extractfile(m)
+                            f = tf.extractfile(member)
                             cls[key] = int(f.read().decode().strip()) if f is not None else -1
                         elif ("." + ext.lower()) in IMAGE_EXTENSIONS:
-                            images[key] = (m.offset_data, m.size, m.name)
+                            images[key] = (member.offset_data, member.size, member.name)
             except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
                 raise DataError(f"{path}: the shard is corrupt or truncated ({exc}); rewrite it with "
                                 "`directpred shards`") from None
@@ -435,17 +439,19 @@ def decode_jpeg_cuda(blobs: list[torch.Tensor], size: int, device: torch.device 
                 x = x[..., o: o + crop, o: o + crop]
             out[k] = x.round().clamp(0, 255).to(torch.uint8)[0]
     skipped: list[str] = []
-    for k in range(len(blobs)):
-        if out[k] is None:
+    images: list[torch.Tensor] = []
+    for k, img in enumerate(out):
+        if img is None:
             if fallback is None or index is None:
                 raise DataError(f"image {k} of the batch cannot be decoded on the GPU and no CPU fallback is given")
             replaced: list[int] = []
-            out[k] = fallback.load(int(index[k]), skipped, replaced).to(device)
+            img = fallback.load(int(index[k]), skipped, replaced).to(device)
             if used is not None:
                 used.append(replaced[0])
         elif used is not None and index is not None:
             used.append(int(index[k]))
-    return torch.stack(out)  # type: ignore[arg-type]
+        images.append(img)
+    return torch.stack(images)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -491,11 +497,12 @@ class StreamSource:
         return [shard_rows(order, s, self.batch_size, self.rank, self.world)
                 for s in range(start_step, self.steps_per_epoch)]
 
-    def batches(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+    def batches(self, epoch: int, start_step: int = 0) -> Generator[torch.Tensor, None, None]:
         for images, _ in self.labelled_batches(epoch, start_step):
             yield images
 
-    def labelled_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def labelled_batches(self, epoch: int,
+                         start_step: int = 0) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         plan = [b.tolist() for b in self.index_batches(epoch, start_step)]
         yield from self._stream(plan)
 
@@ -503,12 +510,15 @@ class StreamSource:
         if not plan:
             return
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=None, sampler=plan, num_workers=self.workers, collate_fn=_identity,
+            # batch_size=None: collate_fn gets each item (a whole _Batch), not the list torch's hint assumes
+            self.dataset, batch_size=None, sampler=plan, num_workers=self.workers,
+            collate_fn=_identity,  # type: ignore[arg-type]
             prefetch_factor=self.prefetch if self.workers else None, persistent_workers=False,
             pin_memory=self.decode_device is not None and self.decode_device.type == "cuda" and not self.dataset.raw)
         for b in loader:
             used = b.used
-            if isinstance(b.images, list):
+            if isinstance(b.images, list):  # raw bytes: the dataset is raw only with a cuda decode_device
+                assert self.decode_device is not None
                 used_list: list[int] = []
                 images = decode_jpeg_cuda(b.images, self.size, self.decode_device, fallback=self._cpu,
                                           index=b.index, used=used_list)
@@ -532,8 +542,10 @@ def iterate_split(reader: Reader, size: int, *, crop: int = 0, batch_size: int =
     if not plan:
         return
     ds = BatchDataset(reader, size, crop=crop, skip_corrupt=skip_corrupt)
+    # batch_size=None: collate_fn gets each item (a whole _Batch), not the list torch's hint assumes
     loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=plan, num_workers=workers,
-                                         collate_fn=_identity, prefetch_factor=2 if workers else None)
+                                         collate_fn=_identity,  # type: ignore[arg-type]
+                                         prefetch_factor=2 if workers else None)
     labels = torch.from_numpy(reader.labels)
     for b in loader:
         yield b.images, labels[b.index]
@@ -584,7 +596,7 @@ class StreamData:
         return len(self.train.classes)
 
 
-def load_stream_data(cfg) -> StreamData:  # noqa: ANN001 - a DataConfig
+def load_stream_data(cfg: DataConfig) -> StreamData:
     """The :class:`StreamData` of a :class:`directpred.config.DataConfig` with ``stream: true``.
 
     Raises:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from directpred.config import Config
 from directpred.data.augment import ViewRecipe, recipe
 from directpred.data.datasets import DataBundle
+from directpred.data.stream import StreamData
 
 
-def view_recipes(cfg: Config, data: DataBundle) -> tuple[ViewRecipe, ViewRecipe]:
+def view_recipes(cfg: Config, data: DataBundle | StreamData) -> tuple[ViewRecipe, ViewRecipe]:
     """The augmentation recipe of ``data.augment`` (``auto``: by dataset and image size)."""
     return recipes_for(cfg, cfg.data.image_size or data.image_size)
 

@@ -39,11 +39,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import nn
 
 from directpred import distributed
+from directpred.config import Config
 from directpred.diagnostics import metrics as spectrum
 from directpred.heads import CorrelationEstimator
+from directpred.methods import Siamese, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-def _r(x: float) -> float | None:
+def _r(x: float | torch.Tensor) -> float | None:
     """Round for the log (6 significant digits); non-finite values become None (JSON null)."""
     x = float(x)
     return float(f"{x:.6g}") if math.isfinite(x) else None
@@ -150,7 +151,7 @@ class Diagnostics:
         >>> row = diag.observe(step, out)  # doctest: +SKIP
     """
 
-    def __init__(self, cfg: Any, method: nn.Module) -> None:
+    def __init__(self, cfg: Config, method: Siamese) -> None:
         self.every = int(cfg.diag.every)
         self.loss_terms = 2 if cfg.method.symmetric_loss else 1  # two_view_loss sums the two views' terms
         self.method = method
@@ -169,10 +170,13 @@ class Diagnostics:
     def _F_hat(self) -> torch.Tensor:
         if self.own_estimator is not None:
             return self.own_estimator.matrix()
-        return self.method.predictor.matrix()  # type: ignore[operator]
+        predictor = self.method.predictor
+        if not isinstance(predictor, CorrelationEstimator):  # __init__ kept an estimator of its own for it
+            raise TypeError(f"{type(predictor).__name__} keeps no F^")
+        return predictor.matrix()
 
     @torch.no_grad()
-    def observe(self, step: int, out: Any) -> dict[str, Any] | None:
+    def observe(self, step: int, out: StepOutput) -> dict[str, Any] | None:
         """Fold one training step's output in; every ``diag.every`` steps return the metrics row.
 
         Args:
@@ -196,7 +200,7 @@ class Diagnostics:
         self.last_row = {k: v for k, v in row.items() if not isinstance(v, list)}
         return row
 
-    def _row(self, out: Any, z: torch.Tensor) -> dict[str, Any]:
+    def _row(self, out: StepOutput, z: torch.Tensor) -> dict[str, Any]:
         """The metrics row of one step's output (batch signals averaged over ranks)."""
         h = torch.cat([out.h1.detach(), out.h2.detach()]).float()
         predictor = self.method.predictor
@@ -216,7 +220,7 @@ class Diagnostics:
         return row
 
     @torch.no_grad()
-    def final_report(self, step: int, out: Any) -> dict[str, Any]:
+    def final_report(self, step: int, out: StepOutput) -> dict[str, Any]:
         """The report on the final state (the last step's output), judged on its own: the run's verdict becomes
         ``collapsed`` if the periodic rule fired during training OR this final report looks collapsed (a run
         shorter than two report periods can otherwise never be flagged). Call once, on every rank, after the

@@ -22,8 +22,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from directpred.heads.base import Predictor
+from directpred.heads.mlp import MLP
 from directpred.linalg import symmetric_part
 
 
@@ -144,7 +145,7 @@ def normalized_std(Z: torch.Tensor) -> float:
     return float(z.std(dim=0).mean())
 
 
-def mlp_mean_jacobian(mlp: nn.Module, z: torch.Tensor) -> torch.Tensor:
+def mlp_mean_jacobian(mlp: MLP, z: torch.Tensor) -> torch.Tensor:
     """The input-output Jacobian of a Linear-BN-ReLU-Linear predictor averaged over the batch ``z`` (B, d).
 
     The BatchNorm's statistics are those of this batch, held fixed (the term through the batch mean and
@@ -162,8 +163,7 @@ def mlp_mean_jacobian(mlp: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """
     z = z.detach().double()
     W1 = mlp.fc1.weight.detach().double()  # (hidden, d)
-    tied = getattr(mlp, "tied", False)
-    W2 = (mlp.fc1.weight.t() if tied else mlp.fc2.weight).detach().double()  # (out, hidden)
+    W2 = (mlp.fc1.weight.t() if mlp.tied else mlp.fc2.weight).detach().double()  # (out, hidden)
     a = z @ W1.t()
     if mlp.fc1.bias is not None:
         a = a + mlp.fc1.bias.detach().double()
@@ -179,7 +179,7 @@ def mlp_mean_jacobian(mlp: nn.Module, z: torch.Tensor) -> torch.Tensor:
     return (W2 * gate) @ W1
 
 
-def predictor_matrix(predictor: nn.Module, *views: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+def predictor_matrix(predictor: Predictor, *views: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     """The matrix that plays W_p for any predictor of :mod:`directpred.heads`.
 
     Args:
@@ -195,6 +195,7 @@ def predictor_matrix(predictor: nn.Module, *views: torch.Tensor) -> tuple[torch.
     W = getattr(predictor, "weight", None)
     if isinstance(W, torch.Tensor) and W.ndim == 2 and W.shape[0] == W.shape[1]:
         return W.detach(), "weight"
-    if all(hasattr(predictor, a) for a in ("fc1", "bn", "fc2")) and views:
-        return sum(mlp_mean_jacobian(predictor, z.detach().float()) for z in views) / len(views), "jacobian"
+    if isinstance(predictor, MLP) and views:
+        J = torch.stack([mlp_mean_jacobian(predictor, z.detach().float()) for z in views]).sum(0) / len(views)
+        return J, "jacobian"
     return None, "none"

@@ -61,8 +61,9 @@ def plot_curves(ax: Axes, curves: Mapping[str, Curve], *, ylabel: str, xlabel: s
     for label, (x, y) in curves.items():
         yy = np.array([np.nan if v is None else float(v) for v in y])
         (line,) = ax.plot(np.asarray(x, dtype=float), yy, label=label, marker="." if len(yy) < 30 else None)
-        if markers and markers.get(label) is not None:
-            ax.axvline(float(markers[label]), color=line.get_color(), ls=":", lw=1.2)
+        x_event = markers.get(label) if markers else None
+        if x_event is not None:
+            ax.axvline(float(x_event), color=line.get_color(), ls=":", lw=1.2)
     for text, level in (hlines or {}).items():
         ax.axhline(level, color="grey", ls="--", lw=0.8)
         ax.annotate(text, (0.01, level), xycoords=("axes fraction", "data"), fontsize=7, color="grey",
@@ -91,8 +92,7 @@ def plot_heatmap(ax: Axes, steps: Sequence[float], values: np.ndarray, *, ylabel
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title, fontsize=10)
         return
-    steps = np.asarray(steps, dtype=float)
-    x_edges = _edges(steps)
+    x_edges = _edges(np.asarray(steps, dtype=float))
     y_edges = np.arange(values.shape[1] + 1) - 0.5
     mesh = ax.pcolormesh(x_edges, y_edges, values.T, shading="flat", vmin=vmin, vmax=vmax, cmap=cmap)
     cb = ax.figure.colorbar(mesh, ax=ax)

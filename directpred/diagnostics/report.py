@@ -10,9 +10,9 @@ import torch
 
 from directpred.config import ConfigError, config_from_dict
 from directpred.data.augment import TwoViewAugment
-from directpred.data.datasets import DataError, load_data
+from directpred.data.datasets import DataBundle, DataError, load_data
 from directpred.data.order import step_generator
-from directpred.data.stream import BatchDataset, load_stream_data
+from directpred.data.stream import BatchDataset, StreamData, load_stream_data
 from directpred.data.views import view_recipes
 from directpred.diagnostics import metrics as spectrum
 from directpred.diagnostics.hook import diagnostic_row, looks_collapsed, single_thread
@@ -70,16 +70,20 @@ def diagnose(target: Path, *, batches: int = 2, use_data: bool = True) -> tuple[
     if use_data and batches > 0:
         try:
             if cfg.data.stream:  # a streamed data set: decode only the sampled batches
-                data = load_stream_data(cfg.data)
-                streamed = BatchDataset(data.pretrain.reader, data.decode_size, skip_corrupt=cfg.data.skip_corrupt)
+                stream_data = load_stream_data(cfg.data)
+                streamed = BatchDataset(stream_data.pretrain.reader, stream_data.decode_size,
+                                        skip_corrupt=cfg.data.skip_corrupt)
+                data: DataBundle | StreamData = stream_data
 
                 def images_at(idx: torch.Tensor) -> torch.Tensor:
-                    return streamed[idx.tolist()].images
+                    images = streamed[idx.tolist()].images
+                    assert isinstance(images, torch.Tensor)  # decoded: the BatchDataset is not raw
+                    return images
             else:
-                data = load_data(cfg.data, seed=cfg.train.seed)
+                bundle = data = load_data(cfg.data, seed=cfg.train.seed)
 
                 def images_at(idx: torch.Tensor) -> torch.Tensor:
-                    return data.pretrain.images[idx]
+                    return bundle.pretrain.images[idx]
         except (DataError, ConfigError, OSError) as exc:  # the report works without data; model errors propagate
             notes.append(f"no batch metrics: the data could not be loaded ({type(exc).__name__}: {exc})")
         else:

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from directpred import distributed
+from directpred.config import Config
 from directpred.data.augment import ViewRecipe, augment_view, eval_transform
-from directpred.data.stream import Reader, StreamSource, iterate_split
+from directpred.data.stream import Reader, StreamData, StreamSource, iterate_split
 
 
 @torch.no_grad()
@@ -155,6 +156,7 @@ class ByolLinearEval:
                 loss.backward()
                 if world > 1:
                     for p in self.linear_.parameters():
+                        assert p.grad is not None  # every weight of the linear layer is in the loss
                         p.grad = distributed.all_reduce_mean(p.grad)
                 opt.step()
                 step += 1
@@ -187,7 +189,7 @@ class ByolLinearEval:
 
 
 @torch.no_grad()
-def evaluate_stream(backbone: nn.Module, data, cfg, test_recipe: ViewRecipe,  # noqa: ANN001 - StreamData, Config
+def evaluate_stream(backbone: nn.Module, data: StreamData, cfg: Config, test_recipe: ViewRecipe,
                     device: torch.device, *, linear: bool = True, autocast_dtype: torch.dtype | None = None,
                     channels_last: bool = False) -> dict[str, float]:
     """kNN (streamed) and, with ``linear``, the linear evaluation of ``eval.linear_protocol`` on a streamed data set:
@@ -200,13 +202,17 @@ def evaluate_stream(backbone: nn.Module, data, cfg, test_recipe: ViewRecipe,  # 
     from directpred.eval.linear_probe import LinearProbe
 
     e = cfg.eval
-    kw = dict(decode_size=data.decode_size, batch_size=e.batch_size, workers=cfg.data.workers, device=device,
-              autocast_dtype=autocast_dtype, channels_last=channels_last, skip_corrupt=cfg.data.skip_corrupt)
-    test = list(stream_features(backbone, data.test.reader, test_recipe, **kw))
+
+    def features(reader: Reader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return stream_features(backbone, reader, test_recipe, decode_size=data.decode_size, batch_size=e.batch_size,
+                               workers=cfg.data.workers, device=device, autocast_dtype=autocast_dtype,
+                               channels_last=channels_last, skip_corrupt=cfg.data.skip_corrupt)
+
+    test = list(features(data.test.reader))
     f_test = _gather(torch.cat([f for f, _ in test]))
     y_test = _gather(torch.cat([y for _, y in test]))
     out: dict[str, float] = {}
-    train_batches = stream_features(backbone, data.train.reader, test_recipe, **kw)
+    train_batches = features(data.train.reader)
     if linear and e.linear_protocol == "authors":  # the features are needed twice: keep them
         train = list(train_batches)
         out["knn_top1"] = 100.0 * knn_stream(f_test, y_test, iter(train), num_classes=data.num_classes,

@@ -225,7 +225,7 @@ def truncate_metrics(path: str | Path, step: int) -> int:
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """All rows of a run's ``metrics.jsonl`` (a torn last line from a killed process is ignored)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return rows

@@ -186,6 +186,7 @@ class Trainer:
             online: nn.Module = self.method.online
             if cfg.train.sync_bn:
                 online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+                # the same OnlineBranch, BatchNorms swapped in place (torch's hint returns a plain Module)
                 self.method.online = online  # type: ignore[assignment]
             if any(p.requires_grad for p in online.parameters()):
                 self.online_call = nn.parallel.DistributedDataParallel(
@@ -200,6 +201,7 @@ class Trainer:
     def _batch(self, order: torch.Tensor, step_in_epoch: int) -> torch.Tensor:
         start = step_in_epoch * self.global_batch + distributed.rank() * self.cfg.train.batch_size
         idx = order[start: start + self.cfg.train.batch_size]
+        assert isinstance(self.data, DataBundle)  # a test helper: in-memory images only
         images = self.data.pretrain.images
         return images[idx.to(images.device)]
 

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from directpred.config import OptimConfig
+
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as used by BYOL.
@@ -53,7 +55,8 @@ def param_groups(trunk: nn.Module, predictor: nn.Module, *, weight_decay: float,
     """Trunk (backbone + projector) and predictor groups; with LARS, biases/BN go to excluded groups."""
 
     def split(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        regular, excluded = [], []
+        regular: list[nn.Parameter] = []
+        excluded: list[nn.Parameter] = []
         for p in module.parameters():
             if p.requires_grad:
                 (excluded if lars and p.ndim <= 1 else regular).append(p)
@@ -71,7 +74,7 @@ def param_groups(trunk: nn.Module, predictor: nn.Module, *, weight_decay: float,
     return groups
 
 
-def build_optimizer(cfg, trunk: nn.Module, predictor: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, trunk: nn.Module, predictor: nn.Module) -> torch.optim.Optimizer:
     """SGD or LARS over the trunk and predictor groups of an :class:`directpred.config.OptimConfig`."""
     pwd = cfg.weight_decay if cfg.predictor_weight_decay < 0 else cfg.predictor_weight_decay
     groups = param_groups(trunk, predictor, weight_decay=cfg.weight_decay, predictor_weight_decay=pwd,
