@@ -55,8 +55,7 @@ class BackboneExport:
     @property
     def recipe(self) -> ViewRecipe:
         """The test-time transform of the run (what :func:`directpred.data.augment.eval_transform` applies)."""
-        return ViewRecipe(size=self.image_size, mean=tuple(self.mean) if self.mean else None,
-                          std=tuple(self.std) if self.std else None)
+        return ViewRecipe(size=self.image_size, mean=_rgb(self.mean), std=_rgb(self.std))
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, **{k: getattr(self, k) for k in self.__dataclass_fields__}}
@@ -66,6 +65,14 @@ class BackboneExport:
         net = resnet(self.arch, width=self.width, cifar_stem=self.cifar_stem)
         net.load_state_dict(self.state_dict)
         return net.eval()
+
+
+def _rgb(v: list[float] | None) -> tuple[float, float, float] | None:
+    """A per-channel (R, G, B) triple from its JSON list; None (no normalisation) for None or []."""
+    if not v:
+        return None
+    r, g, b = v
+    return r, g, b
 
 
 def _from_checkpoint(state: dict[str, Any], cfg: Config) -> BackboneExport:
@@ -126,7 +133,7 @@ def load_backbone(source: str | Path, *, device: str | torch.device = "cpu") -> 
     """
     exp = read_backbone(source)
     net = exp.build().to(device)
-    net.recipe = exp.recipe
+    net.recipe = exp.recipe  # type: ignore[assignment]  # Module.__setattr__ takes any value; torch's hint: tensors
     return net
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from directpred.config import ConfigError, EvalConfig
 
 
-def print_results(results: dict, header: str, eval_cfg: EvalConfig) -> None:
+def print_results(results: Mapping[str, object], header: str, eval_cfg: EvalConfig) -> None:
     """The accuracy lines of ``directpred train`` and ``directpred eval`` (``eval_cfg``: the kNN's k and T)."""
     print(header)
     if results.get("knn_top1") is not None:
@@ -30,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
 
     from directpred.backbones import resolve_channels_last
     from directpred.config import config_from_dict, load_config
-    from directpred.data.datasets import load_data
+    from directpred.data.datasets import DataBundle, load_data
+    from directpred.data.stream import StreamData, load_stream_data
     from directpred.eval.protocol import evaluate
     from directpred.methods import build_method
     from directpred.runtime import resolve_device, resolve_precision
@@ -50,16 +52,14 @@ def run(args: argparse.Namespace) -> int:
     if resolve_channels_last(cfg.train.channels_last, method, device):
         method = method.to(memory_format=torch.channels_last)
     method.load_state_dict(state["model"])
+    data: DataBundle | StreamData
     if cfg.data.stream:
-        from directpred.data.stream import load_stream_data
-
         data = load_stream_data(cfg.data)
     else:
         data = load_data(cfg.data, seed=cfg.train.seed)
     results = evaluate(method, data, cfg, device, linear=not args.no_linear,
                        autocast_dtype=resolve_precision(cfg.train.precision, device))
-    results.update(checkpoint=str(ckpt), step=int(state["step"]))
-    atomic_write_json(run_dir / "eval.json", results)
+    atomic_write_json(run_dir / "eval.json", {**results, "checkpoint": str(ckpt), "step": int(state["step"])})
     print_results(results, f"{run_dir} (checkpoint {ckpt.name}, step {state['step']}):", cfg.eval)
     summary_file = run_dir / "summary.json"
     if summary_file.is_file() and not args.checkpoint:

@@ -153,7 +153,9 @@ def execute(sweep: Sweep, plans: list[Plan], *, slots: list[str | None], torchru
         SweepInterrupted: on SIGINT/SIGTERM, after the running children were stopped at a checkpoint.
     """
     todo = [p for p in plans if p.action != "done"]
-    total, failed, active = len(todo), [], []
+    total = len(todo)
+    failed: list[Plan] = []
+    active: list[_Active] = []
     if not todo:
         print("sweep: every run is finished; nothing to run", file=echo, flush=True)
         return []
