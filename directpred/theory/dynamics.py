@@ -88,8 +88,9 @@ class Trajectory:
 
     def save(self, path: str | Path, **extra: Array) -> None:
         """Write ``t``, every state, ``extra`` arrays and the JSON-encoded params into one ``.npz``."""
+        # mypy matches the **arrays against numpy's allow_pickle: bool too (no state is named so)
         np.savez_compressed(
-            path, t=self.t, params_json=json.dumps(_jsonable(self.params)), **self.states, **extra
+            path, t=self.t, params_json=json.dumps(_jsonable(self.params)), **self.states, **extra  # type: ignore[arg-type]
         )
 
     @classmethod

@@ -38,7 +38,8 @@ def _write(
 ) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     plots.save(fig, str(out / f"{name}.png"))
-    np.savez_compressed(out / f"{name}.npz", **arrays)
+    # mypy matches the **arrays against numpy's allow_pickle: bool too (no array is named so)
+    np.savez_compressed(out / f"{name}.npz", **arrays)  # type: ignore[arg-type]
     info = _jsonable(info)
     (out / f"{name}.json").write_text(json.dumps(info, indent=1) + "\n")
     txt = [f"{name}: {info['title']}", f"shows: {info['shows']}", "parameters:"]
@@ -118,17 +119,19 @@ def fig5(out: Path) -> dict[str, Any]:
     p0 = np.array([0.05, 0.1, 0.2, 0.4])
     s0, tau0 = p0**2 / alpha_p, 0.0  # start on the invariant parabola (c_j = 0)
     sweeps = {
-        "eta": [(dict(eta=e, beta=0.4, ema=True), rf"$\eta$={e:g}") for e in (0.0, 0.01, 0.04, 0.1, 0.2)],
-        "beta": [(dict(eta=0.04, beta=b, ema=True), rf"$\beta$={b:g}") for b in (0.04, 0.4, 4.0)]
-        + [(dict(eta=0.04, beta=0.0, ema=False), r"no EMA ($\tau\equiv1$)")],
+        # (eta, beta, ema, label) of each run
+        "eta": [(e, 0.4, True, rf"$\eta$={e:g}") for e in (0.0, 0.01, 0.04, 0.1, 0.2)],
+        "beta": [(0.04, b, True, rf"$\beta$={b:g}") for b in (0.04, 0.4, 4.0)]
+        + [(0.04, 0.0, False, r"no EMA ($\tau\equiv1$)")],
     }
     fig, axes = plots.new_figure(2, 4, size=(3.0, 2.4))
     arrays: dict[str, np.ndarray] = {}
     summary: dict[str, Any] = {}
     for row, (name, runs) in enumerate(sweeps.items()):
-        for k, (kw, label) in enumerate(runs):
+        for k, (eta, beta, ema, label) in enumerate(runs):
             tr = simulate_reduced(
-                p0, s0, tau0, alpha_p=alpha_p, sigma2=sigma2, dt=dt, steps=steps, record_every=20, **kw
+                p0, s0, tau0, alpha_p=alpha_p, sigma2=sigma2, dt=dt, steps=steps, record_every=20, eta=eta,
+                beta=beta, ema=ema
             )
             c = f"C{k}"
             plots.lines(axes[row, 0], tr.t, tr.p, color=c, label=label)

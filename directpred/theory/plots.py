@@ -3,6 +3,8 @@ module (:mod:`directpred.diagnostics.plots`, object-oriented ``Figure`` API, no 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -131,10 +133,10 @@ def lines(
     label: str | None = None,
     color: str | None = None,
     logy: bool = False,
-    **kw: object,
+    **kw: Any,
 ) -> None:
     """Plot ``y`` (T,) or (T, k) against ``t``; all columns share ``color`` and the first carries
-    ``label``."""
+    ``label``; ``kw``: further :class:`matplotlib.lines.Line2D` properties (``ls``, ``lw``, ...)."""
     y = np.asarray(y).reshape(len(t), -1)
     for k in range(y.shape[1]):
         ax.plot(t, y[:, k], color=color, label=label if k == 0 else None, **kw)

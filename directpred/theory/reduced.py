@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from directpred.theory.dynamics import Method, Trajectory, check_run_args, integrate, sym
 
@@ -107,9 +108,9 @@ def delta_mode(p: Array, tau: Array | float, *, eta: float, sigma2: float) -> Ar
 
 
 def simulate_reduced(
-    p0: Array | float,
-    s0: Array | float,
-    tau0: Array | float,
+    p0: ArrayLike,
+    s0: ArrayLike,
+    tau0: ArrayLike,
     *,
     alpha_p: float,
     eta: float,

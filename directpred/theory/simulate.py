@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -59,7 +60,7 @@ class SimulateConfig:
     ema: bool = True
 
 
-def build_simulate_config(raw: dict[str, Any], overrides: list[str] = ()) -> SimulateConfig:
+def build_simulate_config(raw: dict[str, Any], overrides: Sequence[str] = ()) -> SimulateConfig:
     """Strictly merge YAML ``raw`` and ``--set key=value`` overrides into a validated :class:`SimulateConfig`.
 
     Parsing and type checks are the training configuration's (:mod:`directpred.config`); errors are
@@ -90,7 +91,7 @@ def build_simulate_config(raw: dict[str, Any], overrides: list[str] = ()) -> Sim
     return cfg
 
 
-def load_simulate_config(path: str | Path, overrides: list[str] = ()) -> SimulateConfig:
+def load_simulate_config(path: str | Path, overrides: Sequence[str] = ()) -> SimulateConfig:
     """Read a YAML file and apply overrides (see :func:`build_simulate_config`)."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(raw, dict):
@@ -108,7 +109,6 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
     from directpred.theory.sgd import make_data, simulate_sgd
 
     out.mkdir(parents=True, exist_ok=True)
-    common = dict(alpha_p=cfg.alpha_p, eta=cfg.eta, beta=cfg.beta)
     summary: dict[str, Any] = {"config": dataclasses.asdict(cfg)}
     if cfg.model == "reduced":
         tau0 = cfg.tau0
@@ -122,7 +122,9 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
             ema=cfg.ema,
             method=cfg.method,
             record_every=cfg.record_every,
-            **common,
+            alpha_p=cfg.alpha_p,
+            eta=cfg.eta,
+            beta=cfg.beta,
         )
         tr.save(out / "trajectory.npz")
         fig, axes = plots.new_figure(1, 4)
@@ -145,9 +147,6 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
         Wp = cfg.init_scale * rng.normal(size=(cfg.n2, cfg.n2)) / np.sqrt(cfg.n2)
         Wa = np.zeros_like(W) if cfg.wa_init == "zero" else W.copy()
         data = make_data(cfg.data, cfg.n1, cfg.sigma2)
-        switches = dict(
-            mode=cfg.mode, stop_gradient=cfg.stop_gradient, predictor=cfg.predictor, symmetric=cfg.symmetric
-        )
         tr = simulate_linear(
             W,
             Wp,
@@ -158,8 +157,13 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
             steps=cfg.steps,
             method=cfg.method,
             record_every=cfg.record_every,
-            **common,
-            **switches,
+            alpha_p=cfg.alpha_p,
+            eta=cfg.eta,
+            beta=cfg.beta,
+            mode=cfg.mode,
+            stop_gradient=cfg.stop_gradient,
+            predictor=cfg.predictor,
+            symmetric=cfg.symmetric,
         )
         q = track(tr)
         tr.save(out / "trajectory.npz", **q)
@@ -178,8 +182,13 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
                 batch=cfg.sgd_batch,
                 seed=cfg.seed,
                 record_every=cfg.record_every,
-                **common,
-                **switches,
+                alpha_p=cfg.alpha_p,
+                eta=cfg.eta,
+                beta=cfg.beta,
+                mode=cfg.mode,
+                stop_gradient=cfg.stop_gradient,
+                predictor=cfg.predictor,
+                symmetric=cfg.symmetric,
             )
             qs = track(sg)
             sg.save(out / "sgd.npz", **qs)
