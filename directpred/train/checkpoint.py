@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -30,7 +31,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, write) -> None:  # noqa: ANN001 - write(fileobj) callback
+def atomic_write_bytes(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a temporary file in the same folder, fsync, then rename over ``path``.
 
     If anything fails (disk full, permissions, an exception in ``write``), ``path`` keeps its previous content
