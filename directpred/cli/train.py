@@ -14,10 +14,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from directpred.cli.eval import print_results
 from directpred.config import ConfigError
+
+if TYPE_CHECKING:
+    from directpred.train.loop import Trainer
 
 EPILOG = """examples:
   directpred train configs/cpu/quickstart.yaml --out runs/qs
@@ -28,7 +31,7 @@ EPILOG = """examples:
 
 
 @contextlib.contextmanager
-def stop_on_signals(trainer: Any) -> Iterator[None]:
+def stop_on_signals(trainer: Trainer) -> Iterator[None]:
     """While training: the first SIGINT/SIGTERM asks ``trainer`` to stop after the current step (it writes the
     checkpoint and raises ``TrainingInterrupted``); a second one stops at once (``KeyboardInterrupt``)."""
 

@@ -30,6 +30,7 @@ import torch
 
 from directpred import distributed
 from directpred.eval.protocol import evaluate
+from directpred.methods import StepOutput
 
 if TYPE_CHECKING:
     from directpred.train.loop import Trainer
@@ -43,7 +44,7 @@ class StepResult:
     loss: torch.Tensor
     lr: float
     ema: float
-    out: Any = None
+    out: StepOutput | None = None
     skipped: bool = False
     labels: torch.Tensor | None = None  # the batch's labels (set by the loop; -1: unlabelled)
 
@@ -85,10 +86,10 @@ class DiagnosticsCallback(Callback):
     steps; ``diag.stop_on_collapse`` stops the run), and logs the final report on the last step's batch."""
 
     def __init__(self) -> None:
-        self.last_out: Any = None  # the last step's output: the batch of the final report
+        self.last_out: StepOutput | None = None  # the last step's output: the batch of the final report
 
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
-        if result.skipped:
+        if result.skipped or result.out is None:  # a skipped step has no output
             return
         self.last_out = result.out
         row = trainer.diagnostics.observe(trainer.step, result.out)
@@ -173,7 +174,7 @@ class OnlineProbeCallback(Callback):
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
         if not trainer.cfg.eval.online_probe:
             return
-        if not result.skipped and result.labels is not None:
+        if not result.skipped and result.out is not None and result.labels is not None:
             h = result.out.h1.detach().float()
             if self.probe is None:
                 self._build(trainer, h.shape[1])
