@@ -5,9 +5,13 @@ No imports: the numpy-only theory toolkit uses them without loading torch.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-T = TypeVar("T")
+if TYPE_CHECKING:  # for the type checker only: importing torch here would load it for the theory toolkit
+    import numpy as np
+    import torch
+
+T = TypeVar("T", "torch.Tensor", "np.ndarray")
 
 
 def symmetric_part(A: T) -> T:
@@ -21,4 +25,4 @@ def symmetric_part(A: T) -> T:
         >>> symmetric_part(np.array([[1.0, 2.0], [0.0, 1.0]])).tolist()
         [[1.0, 1.0], [1.0, 1.0]]
     """
-    return 0.5 * A + 0.5 * A.swapaxes(-1, -2)  # type: ignore[attr-defined,operator]
+    return 0.5 * A + 0.5 * A.swapaxes(-1, -2)
