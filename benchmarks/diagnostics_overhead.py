@@ -24,8 +24,7 @@ from directpred.train.loop import Trainer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="training steps to time")
     parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
     args = parser.parse_args()
@@ -54,13 +53,14 @@ def main() -> None:
                 t_rep.append(t3 - t2)
                 t_log.append(t4 - t3)
         trainer.logger.close()
-    m = {k: statistics.median(v) for k, v in
-         (("step", t_step), ("ordinary", t_ord), ("report", t_rep), ("log", t_log))}
+    m = {k: statistics.median(v) for k, v in (("step", t_step), ("ordinary", t_ord), ("report", t_rep), ("log", t_log))}
     every = 50
     overhead = (m["report"] + m["log"] + (every - 1) * m["ordinary"]) / (every * m["step"])
-    print(f"threads={torch.get_num_threads()} {cfg.method.name}+{cfg.predictor.name} "
-          f"width={cfg.backbone.width} "
-          f"batch={cfg.train.batch_size} (medians over {len(t_step)} steps)")
+    print(
+        f"threads={torch.get_num_threads()} {cfg.method.name}+{cfg.predictor.name} "
+        f"width={cfg.backbone.width} "
+        f"batch={cfg.train.batch_size} (medians over {len(t_step)} steps)"
+    )
     print(f"  training step       {1e3 * m['step']:8.1f} ms")
     for key, name in (("ordinary", "observe, ordinary "), ("report", "observe, report   ")):
         print(f"  {name}  {1e3 * m[key]:8.2f} ms  ({100 * m[key] / m['step']:.2f} % of a step)")

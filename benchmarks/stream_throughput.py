@@ -61,19 +61,29 @@ def measure_throughput(root: Path, n: int, batch: int = 32) -> dict[str, float]:
             break
         t = time.perf_counter()
     imgs = batches * batch
-    out = {"worker_decode_images_per_s": _rate(imgs, t_decode), "device_views_cpu_images_per_s": _rate(imgs, t_aug),
-           "lazy_serial_images_per_s": _rate(imgs, t_decode + t_aug), "images": imgs}
+    out = {
+        "worker_decode_images_per_s": _rate(imgs, t_decode),
+        "device_views_cpu_images_per_s": _rate(imgs, t_aug),
+        "lazy_serial_images_per_s": _rate(imgs, t_decode + t_aug),
+        "images": imgs,
+    }
 
     from torchvision import datasets
     from torchvision.transforms import v2
 
     def view(blur: float, sol: float) -> v2.Compose:
-        return v2.Compose([
-            v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), v2.RandomGrayscale(0.2),
-            v2.RandomApply([v2.GaussianBlur(23, (0.1, 2.0))], p=blur), v2.RandomSolarize(0.5, p=sol),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+        return v2.Compose(
+            [
+                v2.RandomResizedCrop(224, antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                v2.RandomGrayscale(0.2),
+                v2.RandomApply([v2.GaussianBlur(23, (0.1, 2.0))], p=blur),
+                v2.RandomSolarize(0.5, p=sol),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            ]
+        )
 
     v1, v2_ = view(1.0, 0.0), view(0.1, 0.2)
 
@@ -126,9 +136,15 @@ def rss_child(root: Path, steps: int) -> dict[str, float]:
         if k + 1 == steps:
             break
     seconds = time.perf_counter() - t
-    return {"images_in_set": len(reader), "images_streamed": n, "seconds": seconds,
-            "rss_before_index_mib": base / 1024, "index_mib": (after_index - base) / 1024,
-            "peak_rss_main_mib": _status_kib(os.getpid(), "VmHWM") / 1024, "peak_rss_worker_mib": worker_kib / 1024}
+    return {
+        "images_in_set": len(reader),
+        "images_streamed": n,
+        "seconds": seconds,
+        "rss_before_index_mib": base / 1024,
+        "index_mib": (after_index - base) / 1024,
+        "peak_rss_main_mib": _status_kib(os.getpid(), "VmHWM") / 1024,
+        "peak_rss_worker_mib": worker_kib / 1024,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,17 +165,29 @@ def main(argv: list[str] | None = None) -> int:
         big = write_proxy_folder(tmp / "big", train=a.images, val=0, classes=10, size=375)
         files = list((big / "train").rglob("*.JPEG"))
         mean_kb = sum(f.stat().st_size for f in files) / len(files) / 1024
-        results: dict = {"machine": {"cpus": os.cpu_count(), "load_avg_1min_before": os.getloadavg()[0],
-                                     "python": platform.python_version(), "torch": torch.__version__,
-                                     "threads": 1},
-                         "jpeg_mean_kib": mean_kb, "generate_seconds": time.perf_counter() - t}
+        results: dict = {
+            "machine": {
+                "cpus": os.cpu_count(),
+                "load_avg_1min_before": os.getloadavg()[0],
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "threads": 1,
+            },
+            "jpeg_mean_kib": mean_kb,
+            "generate_seconds": time.perf_counter() - t,
+        }
         results["throughput"] = measure_throughput(big, a.images)
         results["rss"] = []
         for n in a.rss_sizes:
             root = write_proxy_folder(tmp / f"small{n}", train=n, val=0, classes=100, size=48, quality=80)
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            proc = subprocess.run([sys.executable, __file__, "--_rss-child", str(root), "--rss-steps",
-                                   str(a.rss_steps)], capture_output=True, text=True, env=env, check=True)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--_rss-child", str(root), "--rss-steps", str(a.rss_steps)],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=True,
+            )
             results["rss"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             shutil.rmtree(root)
         results["machine"]["load_avg_1min_after"] = os.getloadavg()[0]

@@ -72,8 +72,11 @@ def interleaved(f, g, device: torch.device, steps: int, warmup: int, rounds: int
 
 def synthetic_data(n: int = 4096, size: int = 32) -> DataBundle:
     g = torch.Generator().manual_seed(0)
-    arr = ImageArrays(torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g),
-                      torch.randint(0, 10, (n,), generator=g), [str(i) for i in range(10)])
+    arr = ImageArrays(
+        torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (n,), generator=g),
+        [str(i) for i in range(10)],
+    )
     return DataBundle(arr, arr, arr, "synthetic")
 
 
@@ -90,23 +93,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
 
-    base = load_config(args.config, args.set + [f"train.device={args.device}", "train.progress=false",
-                                                "diag.every=0", "eval.knn_every=0"])
+    base = load_config(
+        args.config,
+        args.set + [f"train.device={args.device}", "train.progress=false", "diag.every=0", "eval.knn_every=0"],
+    )
     data = synthetic_data(size=base.data.image_size or 32) if args.synthetic else load_data(base.data)
     results: dict = {
         "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-                   f"{torch.get_num_threads()} threads",
-        "torch": torch.__version__, "commit": git_commit(), "config": args.config, "overrides": args.set,
-        "batch_size": base.train.batch_size, "steps": {},
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "config": args.config,
+        "overrides": args.set,
+        "batch_size": base.train.batch_size,
+        "steps": {},
     }
     B = base.train.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         for name, over in PREDICTORS:
             if name not in args.predictors.split(","):
                 continue
-            cfg = load_config(args.config, args.set + over + [f"train.device={args.device}", "train.progress=false",
-                                                             "diag.every=0", "eval.knn_every=0"])
+            cfg = load_config(
+                args.config,
+                args.set
+                + over
+                + [f"train.device={args.device}", "train.progress=false", "diag.every=0", "eval.knn_every=0"],
+            )
             torch.manual_seed(0)
             tr = Trainer(cfg, Path(tmp) / name, data=data).setup()
             dev = tr.device
@@ -115,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             order = epoch_order(len(data.pretrain), 0, 0)
             images = tr._batch(order, 0)
             x1, x2 = tr.views(images)
-            ac = dict(device_type=dev.type, dtype=tr.autocast_dtype or torch.float32,
-                      enabled=tr.autocast_dtype is not None)
+            ac = dict(
+                device_type=dev.type, dtype=tr.autocast_dtype or torch.float32, enabled=tr.autocast_dtype is not None
+            )
             tr.method.train()
 
             def step() -> None:
@@ -135,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
             # Interleave the two measurements so that drifts of a shared machine hit both alike.
             t_step, t_bare = interleaved(step, bare, dev, args.steps, args.warmup)
-            row = {"step_s": t_step, "step_images_per_s": B / t_step, "bare_s": t_bare,
-                   "bare_images_per_s": B / t_bare}
+            row = {"step_s": t_step, "step_images_per_s": B / t_step, "bare_s": t_bare, "bare_images_per_s": B / t_bare}
             if "limit" not in results:
                 results["limit"] = {"bare_s": t_bare, "images_per_s": B / t_bare}
 
@@ -152,10 +164,16 @@ def main(argv: list[str] | None = None) -> int:
                 row["predictor_update_share_of_step"] = row["predictor_update_s"] / t_step
             row["step_over_limit"] = t_bare / t_step
             results["steps"][name] = row
-            print(f"{name:18s} step {B / t_step:8.1f} img/s  bare fwd+bwd {B / t_bare:8.1f} img/s  "
-                  f"ratio {row['step_over_limit']:.3f}"
-                  + (f"  predictor update {100 * row['predictor_update_share_of_step']:.2f}% of step"
-                     if "predictor_update_share_of_step" in row else ""), flush=True)
+            print(
+                f"{name:18s} step {B / t_step:8.1f} img/s  bare fwd+bwd {B / t_bare:8.1f} img/s  "
+                f"ratio {row['step_over_limit']:.3f}"
+                + (
+                    f"  predictor update {100 * row['predictor_update_share_of_step']:.2f}% of step"
+                    if "predictor_update_share_of_step" in row
+                    else ""
+                ),
+                flush=True,
+            )
     lim, pipe = results["limit"], results["pipeline"]
     print(f"limit (bare fwd+bwd) {lim['images_per_s']:8.1f} img/s; data pipeline {pipe['images_per_s']:8.1f} img/s")
     dp = results["steps"].get("directpred_freq1") or next(iter(results["steps"].values()))
@@ -170,8 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         F = z.t() @ z / len(z)
         t = timed(lambda F=F: symmetric_eigh(F, torch.float32), dev, 3 if d >= 2048 else args.steps, 1)
         eigh[d] = t
-        print(f"eigh d={d:5d}: {1e3 * t:9.2f} ms  (per step at freq 1/5/10: "
-              f"{1e3 * t:.2f} / {1e3 * t / 5:.2f} / {1e3 * t / 10:.2f} ms)", flush=True)
+        print(
+            f"eigh d={d:5d}: {1e3 * t:9.2f} ms  (per step at freq 1/5/10: "
+            f"{1e3 * t:.2f} / {1e3 * t / 5:.2f} / {1e3 * t / 10:.2f} ms)",
+            flush=True,
+        )
     results["eigh_s"] = eigh
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -418,8 +418,9 @@ def nest(key: str, value: Any) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict[str, Any] | None = None
+) -> Config:
     """Build a validated :class:`Config` from defaults, an optional YAML file and ``key=value`` overrides.
 
     Args:
@@ -496,17 +497,33 @@ def validate(cfg: Config) -> None:
     _check(p.freq >= 1, "predictor.freq", p.freq, "must be an integer >= 1 (1 = set W_p every step)")
     _check(p.hidden_dim >= 1, "predictor.hidden_dim", p.hidden_dim, "must be >= 1")
     _check(p.partitions >= 0, "predictor.partitions", p.partitions, "must be >= 0 (0 = one global F^)")
-    _check(p.partitions == 0 or p.name == "directpred", "predictor.partitions", p.partitions,
-           "feature-dependent W_p is implemented for predictor.name=directpred only")
-    _check(p.partitions == 0 or p.average == "ema", "predictor.partitions", p.partitions,
-           "partitions use the ema average (predictor.average=ema)")
+    _check(
+        p.partitions == 0 or p.name == "directpred",
+        "predictor.partitions",
+        p.partitions,
+        "feature-dependent W_p is implemented for predictor.name=directpred only",
+    )
+    _check(
+        p.partitions == 0 or p.average == "ema",
+        "predictor.partitions",
+        p.partitions,
+        "partitions use the ema average (predictor.average=ema)",
+    )
     _check(p.ridge >= 0.0, "predictor.ridge", p.ridge, "must be >= 0 (relative to the mean eigenvalue tr(F^)/d)")
     _check(0.0 <= m.ema <= 1.0, "method.ema", m.ema, "the target momentum must lie in [0, 1]")
-    _check(m.stop_gradient or m.name == "simsiam", "method.stop_gradient", m.stop_gradient,
-           "the no-stop-gradient ablation (Theorem 2) needs method.name=simsiam: BYOL's EMA target gets no gradient")
+    _check(
+        m.stop_gradient or m.name == "simsiam",
+        "method.stop_gradient",
+        m.stop_gradient,
+        "the no-stop-gradient ablation (Theorem 2) needs method.name=simsiam: BYOL's EMA target gets no gradient",
+    )
     _check(b.width >= 1, "backbone.width", b.width, "base channel count must be >= 1 (64 is standard)")
-    _check(cfg.projector.hidden_dim >= 1 and cfg.projector.out_dim >= 1, "projector", cfg.projector,
-           "hidden_dim and out_dim must be >= 1")
+    _check(
+        cfg.projector.hidden_dim >= 1 and cfg.projector.out_dim >= 1,
+        "projector",
+        cfg.projector,
+        "hidden_dim and out_dim must be >= 1",
+    )
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "must lie in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
@@ -519,32 +536,71 @@ def validate(cfg: Config) -> None:
     _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", t.checkpoint_every_steps, "must be >= 0")
     _check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
     _check(t.max_steps >= 0, "train.max_steps", t.max_steps, "must be >= 0 (0 = no limit)")
-    _check(t.skip_nonfinite >= 0, "train.skip_nonfinite", t.skip_nonfinite,
-           "must be >= 0 (0 = stop at the first non-finite loss or gradient; N = skip up to N such steps)")
-    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", t.device,
-           "use auto, cpu, cuda or cuda:N")
+    _check(
+        t.skip_nonfinite >= 0,
+        "train.skip_nonfinite",
+        t.skip_nonfinite,
+        "must be >= 0 (0 = stop at the first non-finite loss or gradient; N = skip up to N such steps)",
+    )
+    _check(
+        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+        "train.device",
+        t.device,
+        "use auto, cpu, cuda or cuda:N",
+    )
     _check(d.train_subset >= 0 and d.test_subset >= 0, "data.train_subset", d.train_subset, "must be >= 0")
     _check(d.image_size >= 0, "data.image_size", d.image_size, "must be >= 0 (0 = the dataset's size)")
     _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
     _check(d.decode_size >= 0, "data.decode_size", d.decode_size, "must be >= 0 (0 = data.image_size)")
-    _check(not d.stream or d.image_size > 0, "data.image_size", d.image_size,
-           "a streamed data set (data.stream=true) needs data.image_size > 0 (e.g. 224, with data.decode_size=256)")
-    _check(not d.stream or not d.decode_size or d.decode_size >= d.image_size, "data.decode_size", d.decode_size,
-           f"must be >= data.image_size={d.image_size} (the views and test crops are cut from it)")
-    _check(not d.stream or d.dataset == "folder", "data.stream", d.stream,
-           "streaming reads data.dataset=folder (an ImageFolder tree or tar shards at data.path)")
-    _check(not d.stream or not (d.train_subset or d.test_subset), "data.train_subset", d.train_subset,
-           "subsets are not supported with data.stream=true; make a smaller folder or shards instead")
-    _check(e.linear_protocol != "byol" or d.stream, "eval.linear_protocol", e.linear_protocol,
-           "the byol protocol streams augmented images: it needs data.stream=true")
+    _check(
+        not d.stream or d.image_size > 0,
+        "data.image_size",
+        d.image_size,
+        "a streamed data set (data.stream=true) needs data.image_size > 0 (e.g. 224, with data.decode_size=256)",
+    )
+    _check(
+        not d.stream or not d.decode_size or d.decode_size >= d.image_size,
+        "data.decode_size",
+        d.decode_size,
+        f"must be >= data.image_size={d.image_size} (the views and test crops are cut from it)",
+    )
+    _check(
+        not d.stream or d.dataset == "folder",
+        "data.stream",
+        d.stream,
+        "streaming reads data.dataset=folder (an ImageFolder tree or tar shards at data.path)",
+    )
+    _check(
+        not d.stream or not (d.train_subset or d.test_subset),
+        "data.train_subset",
+        d.train_subset,
+        "subsets are not supported with data.stream=true; make a smaller folder or shards instead",
+    )
+    _check(
+        e.linear_protocol != "byol" or d.stream,
+        "eval.linear_protocol",
+        e.linear_protocol,
+        "the byol protocol streams augmented images: it needs data.stream=true",
+    )
     _check(0.0 <= e.linear_momentum < 1.0, "eval.linear_momentum", e.linear_momentum, "must lie in [0, 1)")
-    _check(d.dataset != "folder" or bool(d.path), "data.path", d.path,
-           "data.dataset=folder needs data.path: an ImageFolder directory or a .tar/.tar.gz with train/ and test/")
+    _check(
+        d.dataset != "folder" or bool(d.path),
+        "data.path",
+        d.path,
+        "data.dataset=folder needs data.path: an ImageFolder directory or a .tar/.tar.gz with train/ and test/",
+    )
     if d.path:
-        _check(path_exists(d.path), "data.path", d.path,
-               "the path does not exist; point it at an ImageFolder directory or a .tar/.tar.gz archive"
-               + ("" if d.dataset == "folder" else
-                  f", or leave it unset to use torchvision's {d.dataset} (data.root, data.download)"))
+        _check(
+            path_exists(d.path),
+            "data.path",
+            d.path,
+            "the path does not exist; point it at an ImageFolder directory or a .tar/.tar.gz archive"
+            + (
+                ""
+                if d.dataset == "folder"
+                else f", or leave it unset to use torchvision's {d.dataset} (data.root, data.download)"
+            ),
+        )
     _check(e.knn_every >= 0, "eval.knn_every", e.knn_every, "must be >= 0 (0 = only at the end)")
     _check(e.knn_k >= 1, "eval.knn_k", e.knn_k, "must be >= 1")
     _check(e.knn_t > 0, "eval.knn_t", e.knn_t, "the temperature must be > 0")
@@ -552,8 +608,9 @@ def validate(cfg: Config) -> None:
     _check(e.linear_lr > 0, "eval.linear_lr", e.linear_lr, "must be > 0")
     _check(e.online_probe_lr > 0, "eval.online_probe_lr", e.online_probe_lr, "must be > 0")
     _check(e.linear_batch_size >= 1 and e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
-    _check(len(set(cfg.log.backends)) == len(cfg.log.backends), "log.backends", cfg.log.backends,
-           "name each tracker once")
+    _check(
+        len(set(cfg.log.backends)) == len(cfg.log.backends), "log.backends", cfg.log.backends, "name each tracker once"
+    )
     _check(bool(cfg.log.project), "log.project", cfg.log.project, "must not be empty")
     _check(cfg.diag.every >= 0, "diag.every", cfg.diag.every, "must be >= 0 (0 disables diagnostics)")
     _check(0.0 <= cfg.diag.rho < 1.0, "diag.rho", cfg.diag.rho, "must lie in [0, 1)")

@@ -76,24 +76,40 @@ def _rgb(v: list[float] | None) -> tuple[float, float, float] | None:
 
 
 def _from_checkpoint(state: dict[str, Any], cfg: Config) -> BackboneExport:
-    weights = {k[len(_PREFIX):]: v.detach().cpu().contiguous() for k, v in state["model"].items()
-               if k.startswith(_PREFIX)}
+    weights = {
+        k[len(_PREFIX) :]: v.detach().cpu().contiguous() for k, v in state["model"].items() if k.startswith(_PREFIX)
+    }
     if not weights:
         raise CheckpointError("the checkpoint holds no online backbone (no 'online.encoder.backbone.*' weights)")
-    size = state.get("image_size") or cfg.data.image_size or {"cifar10": 32, "cifar100": 32, "stl10": 96}.get(
-        cfg.data.dataset, 0)
+    size = (
+        state.get("image_size")
+        or cfg.data.image_size
+        or {"cifar10": 32, "cifar100": 32, "stl10": 96}.get(cfg.data.dataset, 0)
+    )
     if not size:
-        raise ConfigError("this checkpoint predates the recorded image size and data.image_size is 0; give the "
-                          "run's image size with --set data.image_size=N")
+        raise ConfigError(
+            "this checkpoint predates the recorded image size and data.image_size is 0; give the "
+            "run's image size with --set data.image_size=N"
+        )
     r = eval_recipe(cfg, size)
     net = resnet(cfg.backbone.name, width=cfg.backbone.width, cifar_stem=cfg.backbone.cifar_stem)
-    return BackboneExport(weights, cfg.backbone.name, cfg.backbone.width, cfg.backbone.cifar_stem, int(net.out_dim),
-                          int(size), list(r.mean) if r.mean else None, list(r.std) if r.std else None,
-                          int(state.get("step", 0)), cfg.to_dict())
+    return BackboneExport(
+        weights,
+        cfg.backbone.name,
+        cfg.backbone.width,
+        cfg.backbone.cifar_stem,
+        int(net.out_dim),
+        int(size),
+        list(r.mean) if r.mean else None,
+        list(r.std) if r.std else None,
+        int(state.get("step", 0)),
+        cfg.to_dict(),
+    )
 
 
-def read_backbone(source: str | Path, *, checkpoint: str | Path | None = None,
-                  overrides: list[str] | tuple[str, ...] = ()) -> BackboneExport:
+def read_backbone(
+    source: str | Path, *, checkpoint: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> BackboneExport:
     """The online backbone of a run directory (``checkpoints/last.pt`` unless ``checkpoint``), a checkpoint file,
     or a file written by :func:`export_backbone`.
 
@@ -137,8 +153,14 @@ def load_backbone(source: str | Path, *, device: str | torch.device = "cpu") -> 
     return net
 
 
-def export_backbone(source: str | Path, out: str | Path, *, checkpoint: str | Path | None = None,
-                    torchscript: str | Path | None = None, onnx: str | Path | None = None) -> BackboneExport:
+def export_backbone(
+    source: str | Path,
+    out: str | Path,
+    *,
+    checkpoint: str | Path | None = None,
+    torchscript: str | Path | None = None,
+    onnx: str | Path | None = None,
+) -> BackboneExport:
     """Write the online backbone of ``source`` (see :func:`read_backbone`) to ``out``, and optionally as a traced
     TorchScript module and an ONNX graph (both take normalised images (B, 3, S, S) and return (B, D)).
 
@@ -159,8 +181,14 @@ def export_backbone(source: str | Path, out: str | Path, *, checkpoint: str | Pa
     if onnx:
         import onnx as _onnx  # noqa: F401 - fail early with ImportError when the exporter cannot run
 
-        torch.onnx.export(exp.build(), (example,), str(onnx), input_names=["images"], output_names=["features"],
-                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
+        torch.onnx.export(
+            exp.build(),
+            (example,),
+            str(onnx),
+            input_names=["images"],
+            output_names=["features"],
+            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+        )
     return exp
 
 
@@ -168,8 +196,9 @@ def export_backbone(source: str | Path, out: str | Path, *, checkpoint: str | Pa
 # Features of any ImageFolder
 
 
-def read_image_folder(path: str | Path, *, image_size: int, split: str = "test",
-                      skip_corrupt: bool = False) -> tuple[ImageArrays, list[str]]:
+def read_image_folder(
+    path: str | Path, *, image_size: int, split: str = "test", skip_corrupt: bool = False
+) -> tuple[ImageArrays, list[str]]:
     """Decode an ImageFolder (``<class>/<image>``, a directory or a .tar/.tar.gz) to ``image_size`` (shorter side
     resized, centre crop); a source laid out as ``train/`` + ``test/`` gives its ``split``. Returns the images and
     the member names, in sorted order."""
@@ -181,35 +210,50 @@ def read_image_folder(path: str | Path, *, image_size: int, split: str = "test",
     prefix = ""
     if len(tops) == 1 and not any(n.lower().endswith(IMAGE_EXTENSIONS) and n.count("/") == 1 for n in names):
         prefix = next(iter(tops)) + "/"  # one wrapping folder (archive.tar.gz -> name/...)
-        tops = {n[len(prefix):].split("/", 1)[0] for n in names if n.startswith(prefix) and
-                n[len(prefix):].count("/") >= 1}
+        tops = {
+            n[len(prefix) :].split("/", 1)[0]
+            for n in names
+            if n.startswith(prefix) and n[len(prefix) :].count("/") >= 1
+        }
     if {"train", "test"} <= tops:
         prefix += f"{split}/"
-    items = sorted(n for n in names if n.startswith(prefix) and n[len(prefix):].count("/") >= 1
-                   and n.lower().endswith(IMAGE_EXTENSIONS))
+    items = sorted(
+        n
+        for n in names
+        if n.startswith(prefix) and n[len(prefix) :].count("/") >= 1 and n.lower().endswith(IMAGE_EXTENSIONS)
+    )
     if not items:
-        raise DataError(f"{path}: no images in <class>/<image> folders under '{prefix or './'}'; --data must be an "
-                        "ImageFolder directory or .tar/.tar.gz archive")
-    classes = sorted({n[len(prefix):].split("/", 1)[0] for n in items})
-    labelled = [(n, classes.index(n[len(prefix):].split("/", 1)[0])) for n in items]
+        raise DataError(
+            f"{path}: no images in <class>/<image> folders under '{prefix or './'}'; --data must be an "
+            "ImageFolder directory or .tar/.tar.gz archive"
+        )
+    classes = sorted({n[len(prefix) :].split("/", 1)[0] for n in items})
+    labelled = [(n, classes.index(n[len(prefix) :].split("/", 1)[0])) for n in items]
     images, labels, skipped, kept = decode_images(path, labelled, image_size, skip_corrupt)
     return ImageArrays(torch.from_numpy(images), torch.from_numpy(labels), classes, skipped), kept
 
 
 @torch.no_grad()
-def embed(backbone: nn.Module, images: torch.Tensor, recipe: ViewRecipe, *, batch_size: int = 256,
-          device: str | torch.device = "cpu") -> torch.Tensor:
+def embed(
+    backbone: nn.Module,
+    images: torch.Tensor,
+    recipe: ViewRecipe,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
     """Features (N, D) of uint8 images (N, H, W, 3) under the deterministic test-time transform, on the CPU."""
     backbone.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = eval_transform(images[start: start + batch_size].to(device), recipe)
+        x = eval_transform(images[start : start + batch_size].to(device), recipe)
         out.append(backbone(x).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def save_features(out: str | Path, features: np.ndarray, labels: np.ndarray, classes: list[str],
-                  names: list[str]) -> list[Path]:
+def save_features(
+    out: str | Path, features: np.ndarray, labels: np.ndarray, classes: list[str], names: list[str]
+) -> list[Path]:
     """``.npz``: one file with ``features``, ``labels``, ``classes``, ``paths``; otherwise ``out`` holds the
     features and ``<stem>.labels.npy`` the labels beside it. Returns the files written."""
     out = Path(out)
@@ -225,5 +269,12 @@ def save_features(out: str | Path, features: np.ndarray, labels: np.ndarray, cla
     return [out, labels_file]
 
 
-__all__ = ["BackboneExport", "embed", "export_backbone", "load_backbone", "read_backbone", "read_image_folder",
-           "save_features"]
+__all__ = [
+    "BackboneExport",
+    "embed",
+    "export_backbone",
+    "load_backbone",
+    "read_backbone",
+    "read_image_folder",
+    "save_features",
+]

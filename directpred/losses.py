@@ -21,8 +21,15 @@ def negative_cosine(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return 2.0 - 2.0 * F.cosine_similarity(p.float(), t.float(), dim=-1, eps=1e-8).mean()
 
 
-def two_view_loss(p1: torch.Tensor, p2: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, *,
-                  symmetric: bool = True, stop_gradient: bool = True) -> torch.Tensor:
+def two_view_loss(
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    t1: torch.Tensor,
+    t2: torch.Tensor,
+    *,
+    symmetric: bool = True,
+    stop_gradient: bool = True,
+) -> torch.Tensor:
     """The BYOL/SimSiam objective for two views.
 
     View 1's prediction ``p1`` regresses view 2's target ``t2``; with ``symmetric`` the roles are also swapped and

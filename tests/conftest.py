@@ -37,8 +37,9 @@ def synthetic_images(n_per_class: int, n_classes: int = 4, size: int = 32, seed:
     return images, labels
 
 
-def write_folder(root: Path, n_train: int = 16, n_test: int = 4, n_classes: int = 4, size: int = 32,
-                 fmt: str = "png") -> Path:
+def write_folder(
+    root: Path, n_train: int = 16, n_test: int = 4, n_classes: int = 4, size: int = 32, fmt: str = "png"
+) -> Path:
     for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
         images, labels = synthetic_images(n, n_classes, size, seed)
         for i, (img, y) in enumerate(zip(images, labels)):
@@ -65,7 +66,7 @@ def write_mixed_folder(root: Path, n_per_class: int = 7, classes: int = 3, seed:
             for i in range(n):
                 h, w = int(rng.integers(20, 60)), int(rng.integers(20, 60))
                 arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-                arr[: h // 2] //= (c + 1)  # class-dependent content
+                arr[: h // 2] //= c + 1  # class-dependent content
                 im = Image.fromarray(arr)
                 kind = i % 5
                 if kind == 1:
@@ -94,11 +95,25 @@ def tiny_archive(tmp_path_factory, tiny_folder) -> Path:
 def tiny_overrides(tiny_folder, tmp_path) -> list[str]:
     """``--set`` overrides that make any config run a few steps in seconds on the CPU."""
     return [
-        "data.dataset=folder", f"data.path={tiny_folder}", f"data.cache_dir={tmp_path / 'cache'}",
-        "data.image_size=0", "data.train_subset=0", "data.test_subset=0",
-        "backbone.width=4", "projector.hidden_dim=32", "projector.out_dim=16", "predictor.hidden_dim=32",
-        "train.batch_size=16", "train.progress=false", "train.log_every=1", "train.device=cpu",
-        "train.precision=fp32", "eval.knn_every=0", "eval.linear=false", "eval.knn_k=10", "diag.every=0",
+        "data.dataset=folder",
+        f"data.path={tiny_folder}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.image_size=0",
+        "data.train_subset=0",
+        "data.test_subset=0",
+        "backbone.width=4",
+        "projector.hidden_dim=32",
+        "projector.out_dim=16",
+        "predictor.hidden_dim=32",
+        "train.batch_size=16",
+        "train.progress=false",
+        "train.log_every=1",
+        "train.device=cpu",
+        "train.precision=fp32",
+        "eval.knn_every=0",
+        "eval.linear=false",
+        "eval.knn_k=10",
+        "diag.every=0",
     ]
 
 

@@ -18,16 +18,28 @@ OPTIONS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 # Modules of the API reference whose examples must exist and run (not only be skipped).
 PUBLIC_WITH_EXAMPLES = {
-    "directpred.config", "directpred.config_doc", "directpred.losses", "directpred.methods.ema",
-    "directpred.heads.correlation", "directpred.heads.directpred", "directpred.heads.optimal", "directpred.heads.mlp",
-    "directpred.eval.knn", "directpred.diagnostics.metrics", "directpred.theory.dynamics", "directpred.theory.reduced",
+    "directpred.config",
+    "directpred.config_doc",
+    "directpred.losses",
+    "directpred.methods.ema",
+    "directpred.heads.correlation",
+    "directpred.heads.directpred",
+    "directpred.heads.optimal",
+    "directpred.heads.mlp",
+    "directpred.eval.knn",
+    "directpred.diagnostics.metrics",
+    "directpred.theory.dynamics",
+    "directpred.theory.reduced",
     "directpred.backbones.resnet",
 }
 
 
 def _modules() -> list[str]:
-    return sorted(info.name for info in pkgutil.walk_packages(directpred.__path__, "directpred.")
-                  if not info.name.endswith("__main__"))  # __main__ runs the CLI on import
+    return sorted(
+        info.name
+        for info in pkgutil.walk_packages(directpred.__path__, "directpred.")
+        if not info.name.endswith("__main__")
+    )  # __main__ runs the CLI on import
 
 
 def _doctests(name: str) -> list[doctest.DocTest]:
@@ -63,8 +75,9 @@ def test_public_modules_have_running_examples():
 def test_a_wrong_example_is_reported():
     """The runner used above does fail on a wrong expected output (so a passing run means something)."""
     parser = doctest.DocTestParser()
-    test = parser.get_doctest(">>> from directpred.config import nest\n>>> nest('a.b', 1)\n{'a': {'b': 2}}\n",
-                              {}, "wrong", "wrong.py", 0)
+    test = parser.get_doctest(
+        ">>> from directpred.config import nest\n>>> nest('a.b', 1)\n{'a': {'b': 2}}\n", {}, "wrong", "wrong.py", 0
+    )
     report: list[str] = []
     runner = doctest.DocTestRunner(optionflags=OPTIONS)
     runner.run(test, out=report.append)

@@ -25,9 +25,14 @@ _said: set[str] = set()
 
 def unsafe_channels_last_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     """The convolutions of ``model`` whose channels-last CPU backward is broken: 1x1, strided, < 8 input channels."""
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and tuple(m.stride) != (1, 1)
-            and m.in_channels < MIN_SAFE_IN_CHANNELS]
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+        and tuple(m.kernel_size) == (1, 1)
+        and tuple(m.stride) != (1, 1)
+        and m.in_channels < MIN_SAFE_IN_CHANNELS
+    ]
 
 
 def resolve_channels_last(setting: bool | str, model: nn.Module, device: torch.device) -> bool:
@@ -43,12 +48,16 @@ def resolve_channels_last(setting: bool | str, model: nn.Module, device: torch.d
     if not bad:
         return True
     name, conv = min(bad, key=lambda nc: nc[1].in_channels)
-    reason = (f"the network's strided 1x1 convolution {name!r} has {conv.in_channels} < {MIN_SAFE_IN_CHANNELS} input "
-              "channels, whose channels-last backward crashes or computes wrong weight gradients in oneDNN on CPUs "
-              "without AVX-512 (uxlfoundation/oneDNN#6035)")
+    reason = (
+        f"the network's strided 1x1 convolution {name!r} has {conv.in_channels} < {MIN_SAFE_IN_CHANNELS} input "
+        "channels, whose channels-last backward crashes or computes wrong weight gradients in oneDNN on CPUs "
+        "without AVX-512 (uxlfoundation/oneDNN#6035)"
+    )
     if setting is True:
-        raise ConfigError(f"train.channels_last=true is refused on the CPU: {reason}; use train.channels_last=auto "
-                          f"(or false), or a backbone.width of at least {MIN_SAFE_IN_CHANNELS}")
+        raise ConfigError(
+            f"train.channels_last=true is refused on the CPU: {reason}; use train.channels_last=auto "
+            f"(or false), or a backbone.width of at least {MIN_SAFE_IN_CHANNELS}"
+        )
     if reason not in _said:
         _said.add(reason)
         log.warning("train.channels_last=auto: using the default memory format on the CPU, since %s", reason)

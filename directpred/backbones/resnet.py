@@ -24,8 +24,9 @@ class ResNetBackbone(ResNet):
     out_dim: int  # the feature size, 8 * width * block.expansion
     maxpool: nn.Module
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], width: int,
-                 cifar_stem: bool) -> None:
+    def __init__(
+        self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], width: int, cifar_stem: bool
+    ) -> None:
         nn.Module.__init__(self)
         self._norm_layer = nn.BatchNorm2d
         self.inplanes, self.dilation, self.groups, self.base_width = width, 1, 1, 64

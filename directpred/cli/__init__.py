@@ -70,12 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     from directpred.cli import eval as eval_
 
     parser = argparse.ArgumentParser(
-        prog="directpred", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        prog="directpred",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
         description="BYOL/SimSiam with DirectPred (Tian, Chen, Ganguli, ICML 2021): train, evaluate, diagnose, "
-                    "and simulate the paper's learning dynamics.")
+        "and simulate the paper's learning dynamics.",
+    )
     verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-q", "--quiet", action="store_true",
-                           help="show only warnings and errors of the library (before the COMMAND)")
+    verbosity.add_argument(
+        "-q", "--quiet", action="store_true", help="show only warnings and errors of the library (before the COMMAND)"
+    )
     verbosity.add_argument("-v", "--verbose", action="store_true", help="also show debug messages (before the COMMAND)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (train, eval_, export, embed, shards, sweep, theory, plot, diagnose):
@@ -99,8 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in OPTIONAL_PACKAGES:
             extra = OPTIONAL_PACKAGES[exc.name.split(".")[0]]
-            print(f"directpred: error: `directpred {args.command}` needs {exc.name.split('.')[0]}, which is not "
-                  f"installed: pip install 'directpred[{extra}]'", file=sys.stderr)
+            print(
+                f"directpred: error: `directpred {args.command}` needs {exc.name.split('.')[0]}, which is not "
+                f"installed: pip install 'directpred[{extra}]'",
+                file=sys.stderr,
+            )
             return 1
         raise
     except Exception as exc:
@@ -117,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"directpred: error: {exc}", file=sys.stderr)
             return 1
         if isinstance(exc, OSError):  # e.g. a full disk while logging: checkpoints are written atomically
-            print(f"directpred: error: {exc.strerror or exc} ({exc.filename or 'output'}); the last checkpoint "
-                  "is intact: free space or fix permissions, then resume with `directpred train --resume RUN_DIR`",
-                  file=sys.stderr)
+            print(
+                f"directpred: error: {exc.strerror or exc} ({exc.filename or 'output'}); the last checkpoint "
+                "is intact: free space or fix permissions, then resume with `directpred train --resume RUN_DIR`",
+                file=sys.stderr,
+            )
             return 1
         raise
-

@@ -25,14 +25,22 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "diagnose", help="text report of the diagnostics of one checkpoint",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        "diagnose",
+        help="text report of the diagnostics of one checkpoint",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
         description="Spectrum of F^, alignment and asymmetry of W_p, p_j vs sqrt(s_j), effective ranks and "
-                    "the collapse rule, for one checkpoint (RUN_DIR means RUN_DIR/checkpoints/last.pt).")
+        "the collapse rule, for one checkpoint (RUN_DIR means RUN_DIR/checkpoints/last.pt).",
+    )
     p.add_argument("target", metavar="RUN_DIR|CHECKPOINT", help="a run directory or a checkpoint file")
-    p.add_argument("--batches", type=int, default=2,
-                   help="training batches to run for the representation/projection metrics (default 2)")
-    p.add_argument("--no-data", action="store_true",
-                   help="do not load data: report only F^ and W_p from the checkpoint")
+    p.add_argument(
+        "--batches",
+        type=int,
+        default=2,
+        help="training batches to run for the representation/projection metrics (default 2)",
+    )
+    p.add_argument(
+        "--no-data", action="store_true", help="do not load data: report only F^ and W_p from the checkpoint"
+    )
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object instead of text")
     p.set_defaults(func=run)

@@ -11,27 +11,37 @@ def run(args: argparse.Namespace) -> int:
     from directpred.runtime import resolve_device
 
     exp = read_backbone(args.source, checkpoint=args.checkpoint)
-    data, names = read_image_folder(args.data, image_size=exp.image_size, split=args.split,
-                                    skip_corrupt=args.skip_corrupt)
+    data, names = read_image_folder(
+        args.data, image_size=exp.image_size, split=args.split, skip_corrupt=args.skip_corrupt
+    )
     device = resolve_device(args.device)
     feats = embed(exp.build().to(device), data.images, exp.recipe, batch_size=args.batch_size, device=device)
     files = save_features(args.out, feats.numpy(), data.labels.numpy(), data.classes, names)
-    print(f"{len(feats)} images, {len(data.classes)} classes, {feats.shape[1]}-d features -> "
-          + ", ".join(str(f) for f in files))
+    print(
+        f"{len(feats)} images, {len(data.classes)} classes, {feats.shape[1]}-d features -> "
+        + ", ".join(str(f) for f in files)
+    )
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("embed", help="features of an ImageFolder with a run's backbone",
-                       description="Embed every image of an ImageFolder (<class>/<image>, a directory or "
-                                   ".tar/.tar.gz; a train/ + test/ layout gives --split) with the online backbone "
-                                   "and the run's test-time transform. --out X.npy writes X.npy (features) and "
-                                   "X.labels.npy; --out X.npz one file with features, labels, classes, paths.")
+    p = sub.add_parser(
+        "embed",
+        help="features of an ImageFolder with a run's backbone",
+        description="Embed every image of an ImageFolder (<class>/<image>, a directory or "
+        ".tar/.tar.gz; a train/ + test/ layout gives --split) with the online backbone "
+        "and the run's test-time transform. --out X.npy writes X.npy (features) and "
+        "X.labels.npy; --out X.npz one file with features, labels, classes, paths.",
+    )
     p.add_argument("source", help="a run directory, a checkpoint file, or an exported file")
     p.add_argument("--data", required=True, help="an ImageFolder directory or .tar/.tar.gz")
     p.add_argument("--out", required=True, help="features.npy or features.npz")
-    p.add_argument("--split", default="test", choices=["train", "test"],
-                   help="which split of a train/ + test/ layout (default: test)")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "test"],
+        help="which split of a train/ + test/ layout (default: test)",
+    )
     p.add_argument("--checkpoint", help="with a run directory: this checkpoint instead of checkpoints/last.pt")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

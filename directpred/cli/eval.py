@@ -14,12 +14,15 @@ def print_results(results: Mapping[str, object], header: str, eval_cfg: EvalConf
     """The accuracy lines of ``directpred train`` and ``directpred eval`` (``eval_cfg``: the kNN's k and T)."""
     print(header)
     if results.get("knn_top1") is not None:
-        print(f"  kNN top-1:           {results['knn_top1']:6.2f} %   (cosine, k={eval_cfg.knn_k}, "
-              f"T={eval_cfg.knn_t:g})")
+        print(
+            f"  kNN top-1:           {results['knn_top1']:6.2f} %   (cosine, k={eval_cfg.knn_k}, T={eval_cfg.knn_t:g})"
+        )
     if results.get("linear_top1") is not None:
         print(f"  linear probe top-1:  {results['linear_top1']:6.2f} %   (final probe epoch)")
-        print(f"  linear probe best:   {results['linear_top1_best']:6.2f} %   (best over probe epochs, as the "
-              "authors' code reports)")
+        print(
+            f"  linear probe best:   {results['linear_top1_best']:6.2f} %   (best over probe epochs, as the "
+            "authors' code reports)"
+        )
     if results.get("linear_top5") is not None:
         print(f"  linear top-5:        {results['linear_top5']:6.2f} %   (BYOL's protocol, final epoch)")
 
@@ -57,8 +60,14 @@ def run(args: argparse.Namespace) -> int:
         data = load_stream_data(cfg.data)
     else:
         data = load_data(cfg.data, seed=cfg.train.seed)
-    results = evaluate(method, data, cfg, device, linear=not args.no_linear,
-                       autocast_dtype=resolve_precision(cfg.train.precision, device))
+    results = evaluate(
+        method,
+        data,
+        cfg,
+        device,
+        linear=not args.no_linear,
+        autocast_dtype=resolve_precision(cfg.train.precision, device),
+    )
     atomic_write_json(run_dir / "eval.json", {**results, "checkpoint": str(ckpt), "step": int(state["step"])})
     print_results(results, f"{run_dir} (checkpoint {ckpt.name}, step {state['step']}):", cfg.eval)
     summary_file = run_dir / "summary.json"
@@ -66,18 +75,28 @@ def run(args: argparse.Namespace) -> int:
         s = json.loads(summary_file.read_text())
         for key in ("knn_top1", "linear_top1", "linear_top1_best"):
             if s.get(key) is not None and results.get(key) is not None:
-                print(f"  {key}: training run reported {s[key]:.2f} %, now {results[key]:.2f} % "
-                      f"(difference {results[key] - s[key]:+.2f})")
+                print(
+                    f"  {key}: training run reported {s[key]:.2f} %, now {results[key]:.2f} % "
+                    f"(difference {results[key] - s[key]:+.2f})"
+                )
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="kNN + linear probe of a run's checkpoint",
-                       description="Evaluate the online backbone of a run: kNN (cosine, weighted votes) and the "
-                                   "authors' linear-probe protocol. Writes RUN_DIR/eval.json.")
+    p = sub.add_parser(
+        "eval",
+        help="kNN + linear probe of a run's checkpoint",
+        description="Evaluate the online backbone of a run: kNN (cosine, weighted votes) and the "
+        "authors' linear-probe protocol. Writes RUN_DIR/eval.json.",
+    )
     p.add_argument("run_dir", help="a run directory made by `directpred train`")
     p.add_argument("--checkpoint", help="checkpoint file (default: RUN_DIR/checkpoints/last.pt)")
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe (kNN only)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override evaluation settings, e.g. --set eval.linear_epochs=100")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override evaluation settings, e.g. --set eval.linear_epochs=100",
+    )
     p.set_defaults(func=run)

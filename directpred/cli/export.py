@@ -16,10 +16,13 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             print("directpred: error: --onnx needs the onnx package: pip install 'directpred[onnx]'", file=sys.stderr)
             return 1
-    exp = export_backbone(args.source, args.out, checkpoint=args.checkpoint, torchscript=args.torchscript,
-                          onnx=args.onnx)
-    print(f"{args.out}: {exp.arch} width {exp.width}{' CIFAR stem' if exp.cifar_stem else ''}, {exp.out_dim}-d "
-          f"features of {exp.image_size}x{exp.image_size} images, step {exp.step}")
+    exp = export_backbone(
+        args.source, args.out, checkpoint=args.checkpoint, torchscript=args.torchscript, onnx=args.onnx
+    )
+    print(
+        f"{args.out}: {exp.arch} width {exp.width}{' CIFAR stem' if exp.cifar_stem else ''}, {exp.out_dim}-d "
+        f"features of {exp.image_size}x{exp.image_size} images, step {exp.step}"
+    )
     for label, path in (("TorchScript", args.torchscript), ("ONNX", args.onnx)):
         if path:
             print(f"{path}: {label} (input: normalised images (B, 3, {exp.image_size}, {exp.image_size}))")
@@ -27,10 +30,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write the trained backbone as a plain state dict (and TorchScript/ONNX)",
-                       description="Write the online backbone of a run as a dict with a torchvision ResNet "
-                                   "state dict (no fc) and what rebuilds it (arch, width, stem, image size, "
-                                   "normalisation). Load it with directpred.load_backbone(FILE).")
+    p = sub.add_parser(
+        "export",
+        help="write the trained backbone as a plain state dict (and TorchScript/ONNX)",
+        description="Write the online backbone of a run as a dict with a torchvision ResNet "
+        "state dict (no fc) and what rebuilds it (arch, width, stem, image size, "
+        "normalisation). Load it with directpred.load_backbone(FILE).",
+    )
     p.add_argument("source", help="a run directory, a checkpoint file, or an exported file")
     p.add_argument("--out", required=True, help="the exported file, e.g. backbone.pt")
     p.add_argument("--checkpoint", help="with a run directory: this checkpoint instead of checkpoints/last.pt")

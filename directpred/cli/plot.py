@@ -27,11 +27,13 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "plot", help="PNG figures of one or more runs (loss, kNN, spectra, alignment, effective rank)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        "plot",
+        help="PNG figures of one or more runs (loss, kNN, spectra, alignment, effective rank)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
         description="Plot runs from their metrics.jsonl: overview.png overlays the runs; spectra_<run>.png "
-                    "shows heat maps of F^'s spectrum and of the per-eigenvector alignment over training.")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                   help="run directories made by `directpred train`")
+        "shows heat maps of F^'s spectrum and of the per-eigenvector alignment over training.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories made by `directpred train`")
     p.add_argument("--out", help="folder for the PNG files (default: RUN_DIR/plots of the first run)")
     p.set_defaults(func=run)

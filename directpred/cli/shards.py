@@ -21,14 +21,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("shards", help="write an ImageFolder tree as WebDataset tar shards",
-                       description="Write train/ and val/ (or test/) of an ImageFolder tree as tar shards "
-                                   "SPLIT-NNNNNN.tar (members KEY.jpg + KEY.cls, KEY the image's index in the "
-                                   "folder's sorted order) and classes.txt. A streamed run (data.stream=true) reads "
-                                   "them in the same order as the folder: the same seed gives the same epochs.")
+    p = sub.add_parser(
+        "shards",
+        help="write an ImageFolder tree as WebDataset tar shards",
+        description="Write train/ and val/ (or test/) of an ImageFolder tree as tar shards "
+        "SPLIT-NNNNNN.tar (members KEY.jpg + KEY.cls, KEY the image's index in the "
+        "folder's sorted order) and classes.txt. A streamed run (data.stream=true) reads "
+        "them in the same order as the folder: the same seed gives the same epochs.",
+    )
     p.add_argument("folder", help="an ImageFolder directory with train/<class>/... and val/ or test/")
     p.add_argument("--out", required=True, help="the directory to write the shards to")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
-    p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val", "test"],
-                   help="splits to write (default: train val; val falls back to test/)")
+    p.add_argument(
+        "--splits",
+        nargs="+",
+        default=["train", "val"],
+        choices=["train", "val", "test"],
+        help="splits to write (default: train val; val falls back to test/)",
+    )
     p.set_defaults(func=run)

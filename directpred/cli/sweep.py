@@ -23,28 +23,36 @@ def run(args: argparse.Namespace) -> int:
     slots = parse_devices(args.devices, torchrun=args.torchrun or 0, jobs=args.jobs)
     plans = [plan_run(sweep, run, out) for run in runs]  # refuses mismatched run directories before any run
     todo = [p for p in plans if p.action != "done"]
-    print(f"sweep {sweep.name}: {len(sweep.cells)} cells x {len(sweep.seeds)} seeds = {len(runs)} runs; "
-          f"{len(runs) - len(todo)} done, {sum(p.action == 'resume' for p in todo)} to resume, "
-          f"{sum(p.action == 'new' for p in todo)} to start; {len(slots)} at a time")
+    print(
+        f"sweep {sweep.name}: {len(sweep.cells)} cells x {len(sweep.seeds)} seeds = {len(runs)} runs; "
+        f"{len(runs) - len(todo)} done, {sum(p.action == 'resume' for p in todo)} to resume, "
+        f"{sum(p.action == 'new' for p in todo)} to start; {len(slots)} at a time"
+    )
     if args.dry_run:
         for p in plans:
-            print(f"  {p.action:6s} {p.run_dir}" + ("" if p.action == "done" else
-                                                    "\n         " + " ".join(p.command(sweep, args.torchrun or 0))))
+            print(
+                f"  {p.action:6s} {p.run_dir}"
+                + ("" if p.action == "done" else "\n         " + " ".join(p.command(sweep, args.torchrun or 0)))
+            )
         return 0
     out.mkdir(parents=True, exist_ok=True)
     lock = open(out / ".sweep.lock", "w")  # noqa: SIM115 (held for the whole sweep)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        print(f"directpred: error: another sweep is running in {out}; wait for it or choose another --out",
-              file=sys.stderr)
+        print(
+            f"directpred: error: another sweep is running in {out}; wait for it or choose another --out",
+            file=sys.stderr,
+        )
         return 1
     try:
         failed = execute(sweep, plans, slots=slots, torchrun=args.torchrun or 0)
     except SweepInterrupted:
         write_reports(sweep, out)
-        print(f"sweep interrupted; run the same command again to finish the missing runs ({out / 'results.md'})",
-              file=sys.stderr)
+        print(
+            f"sweep interrupted; run the same command again to finish the missing runs ({out / 'results.md'})",
+            file=sys.stderr,
+        )
         return 130
     finally:
         lock.close()
@@ -58,23 +66,38 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``sweep`` subcommand to the ``directpred`` parser."""
     p = sub.add_parser(
-        "sweep", help="run a grid of configs x seeds and tabulate them (a paper table in one command)",
+        "sweep",
+        help="run a grid of configs x seeds and tabulate them (a paper table in one command)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run every cell x seed of a sweep file, each as `directpred train` in its own run directory "
-                    "OUT/runs/<cell>/seed<k>/, then write OUT/results.{md,csv,json,png} and knn_curves.png. "
-                    "Resumable: finished runs are skipped, interrupted ones resumed from their checkpoint.",
+        "OUT/runs/<cell>/seed<k>/, then write OUT/results.{md,csv,json,png} and knn_curves.png. "
+        "Resumable: finished runs are skipped, interrupted ones resumed from their checkpoint.",
         epilog="examples:\n  directpred sweep sweeps/cpu/cifar10_predictors.yaml --out runs/sweep_cpu\n"
-               "  directpred sweep sweeps/paper/table6_stl10_rho_eps.yaml --out runs/t6 --devices 0,1,2,3 --jobs 2\n"
-               "  directpred sweep sweeps/cpu/cifar10_predictors.yaml --out runs/sweep_cpu --report")
+        "  directpred sweep sweeps/paper/table6_stl10_rho_eps.yaml --out runs/t6 --devices 0,1,2,3 --jobs 2\n"
+        "  directpred sweep sweeps/cpu/cifar10_predictors.yaml --out runs/sweep_cpu --report",
+    )
     p.add_argument("file", help="sweep YAML file (base, set, axes/variants, seeds, paper)")
     p.add_argument("--out", required=True, help="sweep directory (runs/, results.*)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key in every cell (after the sweep file's overrides; repeatable)")
-    p.add_argument("--devices", default="auto",
-                   help="cpu, auto (every visible GPU, else cpu) or GPU indices 0,1,...: one run per GPU at a time")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key in every cell (after the sweep file's overrides; repeatable)",
+    )
+    p.add_argument(
+        "--devices",
+        default="auto",
+        help="cpu, auto (every visible GPU, else cpu) or GPU indices 0,1,...: one run per GPU at a time",
+    )
     p.add_argument("--jobs", type=int, default=1, help="concurrent runs per device (small networks on big GPUs)")
-    p.add_argument("--torchrun", type=int, default=0, metavar="N",
-                   help="launch each run under torchrun --standalone --nproc_per_node=N (N GPUs per run)")
+    p.add_argument(
+        "--torchrun",
+        type=int,
+        default=0,
+        metavar="N",
+        help="launch each run under torchrun --standalone --nproc_per_node=N (N GPUs per run)",
+    )
     p.add_argument("--report", action="store_true", help="only rebuild the reports from the run directories")
     p.add_argument("--dry-run", action="store_true", help="validate, show each run's state and command, run nothing")
     p.set_defaults(func=run)

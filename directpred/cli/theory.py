@@ -90,12 +90,8 @@ def _add_theory_commands(theory: argparse.ArgumentParser) -> None:
         description="Streamlines of (p_j, s_j) with fixed points and the parabola s = p²/α_p.",
     )
     por.add_argument("--eta", type=float, default=0.01, help="weight decay η (default 0.01)")
-    por.add_argument(
-        "--alpha-p", type=float, default=1.0, help="relative predictor learning rate α_p (default 1)"
-    )
-    por.add_argument(
-        "--tau", type=float, default=1.0, help="EMA ratio τ = W_a/W, fixed (default 1 = SimSiam)"
-    )
+    por.add_argument("--alpha-p", type=float, default=1.0, help="relative predictor learning rate α_p (default 1)")
+    por.add_argument("--tau", type=float, default=1.0, help="EMA ratio τ = W_a/W, fixed (default 1 = SimSiam)")
     por.add_argument("--sigma2", type=float, default=0.0, help="augmentation variance σ² (default 0)")
     por.add_argument("--p-min", type=float, default=-0.6, help="left edge of the p axis (default -0.6)")
     por.add_argument("--p-max", type=float, default=1.6, help="right edge of the p axis (default 1.6)")

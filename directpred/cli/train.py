@@ -70,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
         if not cfg_file.is_file():
             raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
         if args.config:
-            raise ConfigError("give either a CONFIG file or --resume RUN_DIR, not both (use --set to change "
-                              "allowed settings such as train.epochs on resume)")
+            raise ConfigError(
+                "give either a CONFIG file or --resume RUN_DIR, not both (use --set to change "
+                "allowed settings such as train.epochs on resume)"
+            )
         saved = config_from_dict(yaml.safe_load(cfg_file.read_text()))
         cfg = load_config(None, args.set, base=saved.to_dict())
         check_resume_config(saved, cfg, force=args.force)
@@ -80,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg, run_dir, resume=True, command=" ".join(sys.argv))
     else:
         if not args.config:
-            raise ConfigError("directpred train needs a CONFIG file (e.g. configs/cpu/quickstart.yaml) or "
-                              "--resume RUN_DIR")
+            raise ConfigError(
+                "directpred train needs a CONFIG file (e.g. configs/cpu/quickstart.yaml) or --resume RUN_DIR"
+            )
         cfg = load_config(args.config, args.set)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{stamp}"
@@ -94,25 +97,41 @@ def run(args: argparse.Namespace) -> int:
             print(f"\n{exc}", file=sys.stderr)
         return 128 + exc.signum if exc.signum else 1
     if distributed.is_main():
-        print_results(summary, f"\nrun {run_dir}: {summary['epochs']:g} epochs, {summary['steps']} steps, "
-                                f"{summary['images_per_second'] or 0:.0f} images/s, "
-                                f"{summary['wall_seconds']:.0f} s wall", cfg.eval)
+        print_results(
+            summary,
+            f"\nrun {run_dir}: {summary['epochs']:g} epochs, {summary['steps']} steps, "
+            f"{summary['images_per_second'] or 0:.0f} images/s, "
+            f"{summary['wall_seconds']:.0f} s wall",
+            cfg.eval,
+        )
         print(f"  summary: {run_dir / 'summary.json'}")
     distributed.shutdown()
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model (a run directory per run)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-                       description="Pre-train with a YAML config, then report kNN and linear-probe accuracy. "
-                                   "The run directory gets config.yaml, metrics.jsonl, TensorBoard events, "
-                                   "checkpoints/ and summary.json.")
+    p = sub.add_parser(
+        "train",
+        help="train a model (a run directory per run)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        description="Pre-train with a YAML config, then report kNN and linear-probe accuracy. "
+        "The run directory gets config.yaml, metrics.jsonl, TensorBoard events, "
+        "checkpoints/ and summary.json.",
+    )
     p.add_argument("config", nargs="?", help="YAML config (see configs/); its keys override the defaults")
     p.add_argument("--out", help="run directory (default: runs/<config name>-<timestamp>)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key, e.g. --set predictor.rho=0.5 (repeatable; value parsed as YAML)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set predictor.rho=0.5 (repeatable; value parsed as YAML)",
+    )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from checkpoints/last.pt")
-    p.add_argument("--force", action="store_true",
-                   help="with --resume: accept config changes that are not normally allowed on resume")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: accept config changes that are not normally allowed on resume",
+    )
     p.set_defaults(func=run)

@@ -7,6 +7,8 @@ sharding of the batch. The image operations that apply them are library code: ``
 and resizes the whole batch in one call (bilinear with adaptive sampling, i.e. antialiased when shrinking), and
 kornia's colour, blur and solarisation ops take one factor per sample (:func:`apply_view_params`). Tests compare
 the result, sample by sample, with ``torchvision.transforms.v2.functional`` applied with the same parameters.
+
+Over 300 lines: the recipes, their parameter draw and its application belong together.
 """
 
 from __future__ import annotations
@@ -61,12 +63,21 @@ def recipe(name: str, size: int) -> tuple[ViewRecipe, ViewRecipe]:
         v = ViewRecipe(size=size)
         return v, v
     if name == "stl10":
-        v = ViewRecipe(size=size, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_p=1.0,
-                       mean=None, std=None)
+        v = ViewRecipe(
+            size=size, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_p=1.0, mean=None, std=None
+        )
         return v, v
     if name == "imagenet":
-        v1 = ViewRecipe(size=size, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, blur_p=1.0,
-                        mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        v1 = ViewRecipe(
+            size=size,
+            brightness=0.4,
+            contrast=0.4,
+            saturation=0.2,
+            hue=0.1,
+            blur_p=1.0,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+        )
         return v1, replace(v1, blur_p=0.1, solarize_p=0.2)
     raise ValueError(f"unknown augmentation recipe {name!r}; use cifar, stl10 or imagenet")
 
@@ -81,12 +92,20 @@ def _adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 #: ColorJitter's four operations in torchvision's parameter order (brightness, contrast, saturation, hue); each
 #: takes a float batch (B, 3, H, W) in [0, 1] and one factor per sample (B,) in torchvision's units.
-JITTER_OPS = (KE.adjust_brightness_accumulative, KE.adjust_contrast_with_mean_subtraction,
-              KE.adjust_saturation_with_gray_subtraction, _adjust_hue)
+JITTER_OPS = (
+    KE.adjust_brightness_accumulative,
+    KE.adjust_contrast_with_mean_subtraction,
+    KE.adjust_saturation_with_gray_subtraction,
+    _adjust_hue,
+)
 
 
-def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
-                 active: tuple[bool, bool, bool, bool] = (True, True, True, True)) -> torch.Tensor:
+def color_jitter(
+    x: torch.Tensor,
+    factors: torch.Tensor,
+    order: torch.Tensor,
+    active: tuple[bool, bool, bool, bool] = (True, True, True, True),
+) -> torch.Tensor:
     """torchvision's ``ColorJitter`` with its parameters drawn per sample, applied in place.
 
     Args:
@@ -107,8 +126,15 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
 # Crops
 
 
-def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-               generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+def crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """Per-sample RandomResizedCrop boxes ``(x0, y0, x1, y1)`` in pixels (n, 4), torchvision's algorithm.
 
     Ten attempts per sample of area fraction ~ U(scale) and log-aspect ~ U(log ratio); the first that fits wins;
@@ -173,8 +199,16 @@ class ViewParams:
     solarize: torch.Tensor  #: (B,) bool, solarisation at 0.5
 
 
-def draw_view_params(batch: int, height: int, width: int, r: ViewRecipe, generator: torch.Generator | None = None,
-                     *, shard: tuple[int, int] = (0, 1), device: torch.device | str = "cpu") -> ViewParams:
+def draw_view_params(
+    batch: int,
+    height: int,
+    width: int,
+    r: ViewRecipe,
+    generator: torch.Generator | None = None,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    device: torch.device | str = "cpu",
+) -> ViewParams:
     """Draw one view's parameters for ``batch`` images of ``height`` x ``width`` from ``generator`` (on the CPU).
 
     With ``shard=(rank, world)`` the batch is rank's slice of a global batch of ``batch * world`` images: the
@@ -185,19 +219,25 @@ def draw_view_params(batch: int, height: int, width: int, r: ViewRecipe, generat
     n, lo = batch * world, batch * rank
 
     def draw(*shape: int) -> torch.Tensor:  # uniform draws for the global batch, this shard's rows
-        return torch.rand(n, *shape, generator=g)[lo: lo + batch].to(device)
+        return torch.rand(n, *shape, generator=g)[lo : lo + batch].to(device)
 
-    boxes = crop_boxes(n, height, width, r.crop_scale, r.crop_ratio, g, device)[lo: lo + batch]
+    boxes = crop_boxes(n, height, width, r.crop_scale, r.crop_ratio, g, device)[lo : lo + batch]
     u, unit_factors, order_keys, sigma_u = draw(8), draw(4), draw(4), draw(1).flatten()
-    lows = torch.tensor([max(0.0, 1 - r.brightness), max(0.0, 1 - r.contrast), max(0.0, 1 - r.saturation),
-                         -r.hue], device=device)
+    lows = torch.tensor(
+        [max(0.0, 1 - r.brightness), max(0.0, 1 - r.contrast), max(0.0, 1 - r.saturation), -r.hue], device=device
+    )
     highs = torch.tensor([1 + r.brightness, 1 + r.contrast, 1 + r.saturation, r.hue], device=device)
     return ViewParams(
-        boxes=boxes, flip=u[:, 0] < r.flip_p, jitter=u[:, 1] < r.jitter_p,
+        boxes=boxes,
+        flip=u[:, 0] < r.flip_p,
+        jitter=u[:, 1] < r.jitter_p,
         factors=lows + (highs - lows) * unit_factors,
         order=torch.argsort(order_keys, 1),  # torchvision applies the four in a random order
-        gray=u[:, 2] < r.gray_p, blur=u[:, 3] < r.blur_p,
-        sigma=r.blur_sigma[0] + (r.blur_sigma[1] - r.blur_sigma[0]) * sigma_u, solarize=u[:, 4] < r.solarize_p)
+        gray=u[:, 2] < r.gray_p,
+        blur=u[:, 3] < r.blur_p,
+        sigma=r.blur_sigma[0] + (r.blur_sigma[1] - r.blur_sigma[0]) * sigma_u,
+        solarize=u[:, 4] < r.solarize_p,
+    )
 
 
 def blur_kernel_size(r: ViewRecipe) -> int:
@@ -230,8 +270,9 @@ def apply_view_params(x: torch.Tensor, p: ViewParams, r: ViewRecipe) -> torch.Te
     return x
 
 
-def augment_view(images: torch.Tensor, r: ViewRecipe, generator: torch.Generator | None = None, *,
-                 shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+def augment_view(
+    images: torch.Tensor, r: ViewRecipe, generator: torch.Generator | None = None, *, shard: tuple[int, int] = (0, 1)
+) -> torch.Tensor:
     """One augmented view of a uint8 batch (B, H, W, 3) or (B, 3, H, W): float (B, 3, size, size), normalised.
 
     Random draws come from ``generator`` on the CPU (so results do not depend on the device) and are moved to the
@@ -272,7 +313,10 @@ class TwoViewAugment:
     def __init__(self, view1: ViewRecipe, view2: ViewRecipe) -> None:
         self.view1, self.view2 = view1, view2
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None, *,
-                 shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
-        return (augment_view(images, self.view1, generator, shard=shard),
-                augment_view(images, self.view2, generator, shard=shard))
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, *, shard: tuple[int, int] = (0, 1)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            augment_view(images, self.view1, generator, shard=shard),
+            augment_view(images, self.view2, generator, shard=shard),
+        )

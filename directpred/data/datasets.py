@@ -134,14 +134,18 @@ def _list_source(path: Path) -> dict[str, list[tuple[str, int]]]:
             with tarfile.open(path) as tf:
                 members = tf.getmembers()
         except (tarfile.TarError, EOFError, OSError) as exc:
-            raise DataError(f"{path}: the archive is corrupt or truncated ({exc}); re-copy it or point data.path "
-                            "at an extracted folder") from None
+            raise DataError(
+                f"{path}: the archive is corrupt or truncated ({exc}); re-copy it or point data.path "
+                "at an extracted folder"
+            ) from None
         names = [m.name.lstrip("./") for m in members if m.isfile()]
         dirs = {m.name.lstrip("./") for m in members if m.isdir()}
         dirs |= {n.rsplit("/", 1)[0] for n in names if "/" in n}
     else:
-        raise DataError(f"{path} is neither a directory nor a tar archive; data.path must be an ImageFolder "
-                        "directory or a .tar/.tar.gz holding train/<class>/... and test/<class>/...")
+        raise DataError(
+            f"{path} is neither a directory nor a tar archive; data.path must be an ImageFolder "
+            "directory or a .tar/.tar.gz holding train/<class>/... and test/<class>/..."
+        )
     # Accept one wrapping top-level folder (archive.tar.gz -> name/train/...).
     roots = {n.split("/", 1)[0] for n in names if "/" in n}
     prefix = ""
@@ -152,19 +156,22 @@ def _list_source(path: Path) -> dict[str, list[tuple[str, int]]]:
     class_lists: dict[str, list[str]] = {}
     for split in ("train", "test"):
         base = f"{prefix}{split}/"
-        class_dirs = sorted({d[len(base):].split("/")[0] for d in dirs if d.startswith(base) and d != base.rstrip("/")}
-                            | {n[len(base):].split("/")[0] for n in names if n.startswith(base) and
-                               n[len(base):].count("/") >= 1})
+        class_dirs = sorted(
+            {d[len(base) :].split("/")[0] for d in dirs if d.startswith(base) and d != base.rstrip("/")}
+            | {n[len(base) :].split("/")[0] for n in names if n.startswith(base) and n[len(base) :].count("/") >= 1}
+        )
         if not class_dirs:
-            raise DataError(f"{path}: no '{base}<class>/' folders found; the data must be laid out as "
-                            "train/<class>/<image> and test/<class>/<image> (torchvision ImageFolder layout)")
+            raise DataError(
+                f"{path}: no '{base}<class>/' folders found; the data must be laid out as "
+                "train/<class>/<image> and test/<class>/<image> (torchvision ImageFolder layout)"
+            )
         class_lists[split] = class_dirs
         items: list[tuple[str, int]] = []
         counts = dict.fromkeys(class_dirs, 0)
         for n in sorted(names):
             if not n.startswith(base):
                 continue
-            rel = n[len(base):]
+            rel = n[len(base) :]
             if "/" not in rel:
                 continue
             cls = rel.split("/")[0]
@@ -175,14 +182,18 @@ def _list_source(path: Path) -> dict[str, list[tuple[str, int]]]:
             counts[cls] += 1
         empty = [c for c, k in counts.items() if k == 0]
         if empty:
-            raise DataError(f"{path}: {len(empty)} empty class folder(s) in {split}/: {', '.join(empty[:5])}; "
-                            "remove them or add images (an empty class would shift every label)")
+            raise DataError(
+                f"{path}: {len(empty)} empty class folder(s) in {split}/: {', '.join(empty[:5])}; "
+                "remove them or add images (an empty class would shift every label)"
+            )
         splits[split] = items
     if class_lists["train"] != class_lists["test"]:
         only_train = sorted(set(class_lists["train"]) - set(class_lists["test"]))
         only_test = sorted(set(class_lists["test"]) - set(class_lists["train"]))
-        raise DataError(f"{path}: train/ and test/ hold different classes (only in train: {only_train[:5]}, "
-                        f"only in test: {only_test[:5]}); both splits need the same class folders")
+        raise DataError(
+            f"{path}: train/ and test/ hold different classes (only in train: {only_train[:5]}, "
+            f"only in test: {only_test[:5]}); both splits need the same class folders"
+        )
     if non_images:
         warnings.warn(f"{path}: ignored {len(non_images)} non-image file(s), e.g. {non_images[:3]}", stacklevel=3)
     splits["__classes__"] = [(c, i) for i, c in enumerate(class_lists["train"])]
@@ -194,8 +205,9 @@ def _decode(blob: bytes, size: int) -> np.ndarray:
         im = im.convert("RGB")
         if size and (im.width != size or im.height != size):
             scale = size / min(im.width, im.height)
-            im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))),
-                           Image.Resampling.BICUBIC)
+            im = im.resize(
+                (max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.Resampling.BICUBIC
+            )
             left, top = (im.width - size) // 2, (im.height - size) // 2
             im = im.crop((left, top, left + size, top + size))
         return np.asarray(im, dtype=np.uint8)
@@ -226,9 +238,10 @@ def _read_blobs(path: Path, names: list[str]) -> list[bytes]:
     return [found[n] for n in names]
 
 
-def _decode_split(path: Path, items: list[tuple[str, int]], size: int, skip_corrupt: bool,
-                  blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray, int, list[str]]:
-    chunks = [blobs[i: i + 2000] for i in range(0, len(blobs), 2000)]
+def _decode_split(
+    path: Path, items: list[tuple[str, int]], size: int, skip_corrupt: bool, blobs: list[bytes]
+) -> tuple[np.ndarray, np.ndarray, int, list[str]]:
+    chunks = [blobs[i : i + 2000] for i in range(0, len(blobs), 2000)]
     workers = max(1, min(os.cpu_count() or 1, 8))
     if workers > 1 and len(blobs) > 4000:
         with ProcessPoolExecutor(workers) as pool:
@@ -238,8 +251,10 @@ def _decode_split(path: Path, items: list[tuple[str, int]], size: int, skip_corr
     bad = [(items[i][0], d) for i, d in enumerate(decoded) if isinstance(d, str)]
     if bad and not skip_corrupt:
         listing = "; ".join(f"{n} ({why})" for n, why in bad[:5])
-        raise DataError(f"{path}: {len(bad)} image(s) cannot be decoded: {listing}. Remove or replace them, or "
-                        "set data.skip_corrupt=true to skip them with a warning")
+        raise DataError(
+            f"{path}: {len(bad)} image(s) cannot be decoded: {listing}. Remove or replace them, or "
+            "set data.skip_corrupt=true to skip them with a warning"
+        )
     if bad:
         warnings.warn(f"{path}: skipped {len(bad)} corrupt image(s), e.g. {[n for n, _ in bad[:3]]}", stacklevel=3)
     good = [(d, items[i][1]) for i, d in enumerate(decoded) if not isinstance(d, str)]
@@ -247,8 +262,10 @@ def _decode_split(path: Path, items: list[tuple[str, int]], size: int, skip_corr
         raise DataError(f"{path}: no decodable images")
     shapes = {d.shape for d, _ in good}
     if len(shapes) > 1:
-        raise DataError(f"{path}: images have different sizes ({sorted(shapes)[:3]}...); set data.image_size to "
-                        "resize and centre-crop them to one size while decoding")
+        raise DataError(
+            f"{path}: images have different sizes ({sorted(shapes)[:3]}...); set data.image_size to "
+            "resize and centre-crop them to one size while decoding"
+        )
     images = np.stack([d for d, _ in good])
     labels = np.asarray([y for _, y in good], dtype=np.int64)
     kept = [items[i][0] for i, d in enumerate(decoded) if not isinstance(d, str)]
@@ -267,8 +284,9 @@ def list_members(path: str | Path) -> list[str]:
         raise DataError(f"{path} is neither a directory nor a readable tar archive ({exc})") from None
 
 
-def decode_images(path: str | Path, items: list[tuple[str, int]], size: int = 0,
-                  skip_corrupt: bool = False) -> tuple[np.ndarray, np.ndarray, int, list[str]]:
+def decode_images(
+    path: str | Path, items: list[tuple[str, int]], size: int = 0, skip_corrupt: bool = False
+) -> tuple[np.ndarray, np.ndarray, int, list[str]]:
     """Decode ``items`` ((member name, label) pairs of a directory or archive) to uint8 (N, size, size, 3).
 
     Returns images, labels, the number of corrupt files skipped, and the names of the images kept.
@@ -287,8 +305,9 @@ def _cache_key(path: Path, size: int, skip_corrupt: bool) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def load_folder(path: str | Path, *, cache_dir: str | Path, image_size: int = 0,
-                skip_corrupt: bool = False) -> tuple[ImageArrays, ImageArrays]:
+def load_folder(
+    path: str | Path, *, cache_dir: str | Path, image_size: int = 0, skip_corrupt: bool = False
+) -> tuple[ImageArrays, ImageArrays]:
     """Decode (once, then from the cache) the ``train`` and ``test`` splits of a folder or archive.
 
     Raises:
@@ -344,14 +363,15 @@ def _torchvision_dataset(name: str, root: str, split: str, download: bool):  # n
 
 def _offline_message(name: str, root: str, local_copy: str | None) -> str:
     copy = f"no local copy at data.local_copy={local_copy!r} and " if local_copy else ""
-    return (f"{_TORCHVISION_NAMES[name]} is not available: {copy}no torchvision copy under data.root={root!r}. "
-            f"Connect to the internet and set data.download=true, or give a local copy with --set "
-            f"data.path=PATH (an ImageFolder directory or .tar/.tar.gz with train/<class>/ and test/<class>/, "
-            f"e.g. cifar10-jpeg.tar.gz)")
+    return (
+        f"{_TORCHVISION_NAMES[name]} is not available: {copy}no torchvision copy under data.root={root!r}. "
+        f"Connect to the internet and set data.download=true, or give a local copy with --set "
+        f"data.path=PATH (an ImageFolder directory or .tar/.tar.gz with train/<class>/ and test/<class>/, "
+        f"e.g. cifar10-jpeg.tar.gz)"
+    )
 
 
-def _torchvision_split(name: str, root: str, split: str, download: bool,
-                       local_copy: str | None = None) -> ImageArrays:
+def _torchvision_split(name: str, root: str, split: str, download: bool, local_copy: str | None = None) -> ImageArrays:
     """One split of a torchvision dataset: the copy under ``root`` if it is complete, else (with ``download``)
     downloaded there.
 
@@ -376,8 +396,10 @@ def _torchvision_split(name: str, root: str, split: str, download: bool,
                 f"directory or .tar/.tar.gz with train/<class>/ and test/<class>/, e.g. cifar10-jpeg.tar.gz)"
             ) from None
         except RuntimeError as exc:  # the md5 of the downloaded archive does not match
-            raise DataError(f"{_TORCHVISION_NAMES[name]} under {root} is corrupt after downloading ({exc}); delete "
-                            f"{root} and retry, or give a local copy with --set data.path=PATH") from None
+            raise DataError(
+                f"{_TORCHVISION_NAMES[name]} under {root} is corrupt after downloading ({exc}); delete "
+                f"{root} and retry, or give a local copy with --set data.path=PATH"
+            ) from None
     if name in ("cifar10", "cifar100"):
         return ImageArrays(torch.from_numpy(ds.data), torch.as_tensor(ds.targets), list(ds.classes))
     images = torch.from_numpy(ds.data).permute(0, 2, 3, 1).contiguous()  # (N, 3, 96, 96) -> (N, 96, 96, 3)
@@ -393,8 +415,10 @@ def resolve_source(cfg: DataConfig) -> tuple[str, str | None]:
     """
     if cfg.dataset == "folder" or cfg.path:
         if not cfg.path or not path_exists(cfg.path):
-            raise DataError(f"data.path {cfg.path!r} does not exist; point it at an ImageFolder directory or a "
-                            ".tar/.tar.gz archive with train/<class>/ and test/<class>/")
+            raise DataError(
+                f"data.path {cfg.path!r} does not exist; point it at an ImageFolder directory or a "
+                ".tar/.tar.gz archive with train/<class>/ and test/<class>/"
+            )
         return "folder", cfg.path
     if cfg.local_copy and path_exists(cfg.local_copy):
         return "folder", cfg.local_copy
@@ -410,8 +434,9 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     """
     _, path = resolve_source(cfg)
     if path is not None:  # ("folder", path)
-        train, test = load_folder(path, cache_dir=cfg.cache_dir, image_size=cfg.image_size,
-                                  skip_corrupt=cfg.skip_corrupt)
+        train, test = load_folder(
+            path, cache_dir=cfg.cache_dir, image_size=cfg.image_size, skip_corrupt=cfg.skip_corrupt
+        )
         pretrain = train
         name = Path(path).name if cfg.dataset == "folder" else cfg.dataset
     elif cfg.dataset in ("cifar10", "cifar100"):

@@ -30,8 +30,16 @@ def proxy_image(rng: np.random.Generator, label: int, classes: int, size: int) -
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_proxy_folder(root: str | Path, *, train: int = 3000, val: int = 500, classes: int = 10, size: int = 96,
-                       seed: int = 0, quality: int = 90) -> Path:
+def write_proxy_folder(
+    root: str | Path,
+    *,
+    train: int = 3000,
+    val: int = 500,
+    classes: int = 10,
+    size: int = 96,
+    seed: int = 0,
+    quality: int = 90,
+) -> Path:
     """Write ``train`` + ``val`` JPEGs over ``classes`` classes (round-robin) into ``root``; returns ``root``."""
     root = Path(root)
     for split, n, s in (("train", train, seed), ("val", val, seed + 1)):
@@ -40,8 +48,7 @@ def write_proxy_folder(root: str | Path, *, train: int = 3000, val: int = 500, c
             label = i % classes
             d = root / split / f"n{label:08d}"
             d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(proxy_image(rng, label, classes, size)).save(d / f"{split}_{i:07d}.JPEG",
-                                                                       quality=quality)
+            Image.fromarray(proxy_image(rng, label, classes, size)).save(d / f"{split}_{i:07d}.JPEG", quality=quality)
     return root
 
 

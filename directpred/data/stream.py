@@ -65,19 +65,18 @@ class BatchSource(Protocol):
     steps_per_epoch: int
     skipped: list[str]  # names of the corrupt files replaced so far (data.skip_corrupt)
 
-    def batches(self, epoch: int, start_step: int = 0) -> Generator[torch.Tensor, None, None]:
-        ...
+    def batches(self, epoch: int, start_step: int = 0) -> Generator[torch.Tensor, None, None]: ...
 
-    def labelled_batches(self, epoch: int,
-                         start_step: int = 0) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
-        ...
+    def labelled_batches(
+        self, epoch: int, start_step: int = 0
+    ) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]: ...
 
 
 def shard_rows(order: torch.Tensor, step: int, batch_size: int, rank: int, world: int) -> torch.Tensor:
     """The indices rank ``rank`` of ``world`` processes reads at ``step`` of an epoch with permutation ``order``:
     rows ``rank*B .. rank*B+B`` of the step's global batch of ``B*world`` rows."""
     start = step * batch_size * world + rank * batch_size
-    return order[start: start + batch_size]
+    return order[start : start + batch_size]
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -91,8 +90,16 @@ class InMemorySource:
 
     ``labels`` (N,) are the images' labels (default: all -1, unlabelled)."""
 
-    def __init__(self, images: torch.Tensor, *, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 labels: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        labels: torch.Tensor | None = None,
+    ) -> None:
         self.images, self.batch_size, self.seed, self.rank, self.world = images, batch_size, seed, rank, world
         self.labels = labels.cpu() if labels is not None else torch.full((len(images),), -1, dtype=torch.int64)
         self.steps_per_epoch = len(images) // (batch_size * world)
@@ -102,8 +109,9 @@ class InMemorySource:
         for images, _ in self.labelled_batches(epoch, start_step):
             yield images
 
-    def labelled_batches(self, epoch: int,
-                         start_step: int = 0) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
+    def labelled_batches(
+        self, epoch: int, start_step: int = 0
+    ) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         order = _epoch_order(len(self.images), self.seed, epoch)
         for step in range(start_step, self.steps_per_epoch):
             idx = shard_rows(order, step, self.batch_size, self.rank, self.world)
@@ -131,9 +139,11 @@ def _split_dir(root: Path, split: str) -> Path:
     for name in SPLIT_NAMES[split]:
         if (root / name).is_dir():
             return root / name
-    raise DataError(f"{root}: no {' or '.join(f'{n}/' for n in SPLIT_NAMES[split])} folder; a streamed data set "
-                    "is laid out as train/<class>/<image> and val/<class>/<image> (or test/), or as tar shards "
-                    "written by `directpred shards`")
+    raise DataError(
+        f"{root}: no {' or '.join(f'{n}/' for n in SPLIT_NAMES[split])} folder; a streamed data set "
+        "is laid out as train/<class>/<image> and val/<class>/<image> (or test/), or as tar shards "
+        "written by `directpred shards`"
+    )
 
 
 class FolderReader:
@@ -152,11 +162,13 @@ class FolderReader:
             cdir = self.dir / cls
             if not cdir.is_dir():
                 raise DataError(f"{self.dir}: class folder {cls!r} (present in train/) is missing")
-            files = sorted(e.name for e in os.scandir(cdir)
-                           if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+            files = sorted(
+                e.name for e in os.scandir(cdir) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+            )
             if not files:
-                raise DataError(f"{cdir}: empty class folder; remove it or add images (an empty class would shift "
-                                "every label)")
+                raise DataError(
+                    f"{cdir}: empty class folder; remove it or add images (an empty class would shift every label)"
+                )
             names += [f"{cls}/{f}" for f in files]
             labels += [y] * len(files)
         # One fixed-width byte array: shared copy-on-write by forked workers (no per-image Python objects).
@@ -189,12 +201,15 @@ class ShardReader:
             if shards:
                 break
         if not shards:
-            raise DataError(f"{self.root}: no {names[0]}-NNNNNN.tar shards; write them with `directpred shards "
-                            f"FOLDER --out {self.root}`")
+            raise DataError(
+                f"{self.root}: no {names[0]}-NNNNNN.tar shards; write them with `directpred shards "
+                f"FOLDER --out {self.root}`"
+            )
         classes_file = self.root / "classes.txt"
         if not classes_file.is_file():
-            raise DataError(f"{classes_file} is missing: the class names of the shards, one a line (written by "
-                            "`directpred shards`)")
+            raise DataError(
+                f"{classes_file} is missing: the class names of the shards, one a line (written by `directpred shards`)"
+            )
         self.classes = classes_file.read_text().split("\n")[:-1]
         self.shards = shards
         shard_ix, offsets, sizes, labels, keys = [], [], [], [], []
@@ -213,8 +228,9 @@ class ShardReader:
                         elif ("." + ext.lower()) in IMAGE_EXTENSIONS:
                             images[key] = (member.offset_data, member.size, member.name)
             except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-                raise DataError(f"{path}: the shard is corrupt or truncated ({exc}); rewrite it with "
-                                "`directpred shards`") from None
+                raise DataError(
+                    f"{path}: the shard is corrupt or truncated ({exc}); rewrite it with `directpred shards`"
+                ) from None
             for key in sorted(images):
                 if key not in cls:
                     raise DataError(f"{path}: {images[key][2]} has no {key}.cls member (its class)")
@@ -270,8 +286,9 @@ def open_reader(path: str | Path, split: str) -> Reader:
     return FolderReader(path, split, classes=FolderReader(path, "train").classes if split != "train" else None)
 
 
-def write_shards(folder: str | Path, out: str | Path, *, shard_size: int = 1000,
-                 splits: tuple[str, ...] = ("train", "val")) -> dict[str, int]:
+def write_shards(
+    folder: str | Path, out: str | Path, *, shard_size: int = 1000, splits: tuple[str, ...] = ("train", "val")
+) -> dict[str, int]:
     """Write the splits of an ImageFolder tree as WebDataset tar shards in the folder's order.
 
     Member ``KEY.<ext>`` holds the file's bytes unchanged (``.jpeg`` written ``.jpg``), ``KEY.cls`` its class index;
@@ -301,8 +318,10 @@ def write_shards(folder: str | Path, out: str | Path, *, shard_size: int = 1000,
                 for i in range(start, min(start + shard_size, len(reader))):
                     ext = reader.names[i].decode().rsplit(".", 1)[-1].lower()
                     ext = "jpg" if ext == "jpeg" else ext
-                    for member, data in ((f"{i:06d}.{ext}", reader.read(i)),
-                                         (f"{i:06d}.cls", str(int(reader.labels[i])).encode())):
+                    for member, data in (
+                        (f"{i:06d}.{ext}", reader.read(i)),
+                        (f"{i:06d}.cls", str(int(reader.labels[i])).encode()),
+                    ):
                         info = tarfile.TarInfo(member)
                         info.size, info.mode, info.mtime = len(data), 0o644, 0
                         tf.addfile(info, io.BytesIO(data))
@@ -325,7 +344,7 @@ def decode_to_tensor(blob: bytes, size: int, crop: int = 0) -> torch.Tensor:
     t = torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1)
     if crop and crop != size:
         o = (size - crop) // 2
-        t = t[:, o: o + crop, o: o + crop]
+        t = t[:, o : o + crop, o : o + crop]
     return t.contiguous()
 
 
@@ -356,8 +375,9 @@ class BatchDataset(torch.utils.data.Dataset):
         raw: return the files' bytes (uint8 tensors) undecoded, for :func:`decode_jpeg_cuda`.
     """
 
-    def __init__(self, reader: Reader, size: int, *, crop: int = 0, skip_corrupt: bool = False,
-                 raw: bool = False) -> None:
+    def __init__(
+        self, reader: Reader, size: int, *, crop: int = 0, skip_corrupt: bool = False, raw: bool = False
+    ) -> None:
         self.reader, self.size, self.crop, self.skip_corrupt, self.raw = reader, size, crop, skip_corrupt, raw
 
     def __len__(self) -> int:
@@ -379,9 +399,11 @@ class BatchDataset(torch.utils.data.Dataset):
                 return image
             except Exception as exc:  # noqa: BLE001 - any decoder failure means a corrupt file
                 if not self.skip_corrupt:
-                    raise DataError(f"{self.reader.name(j)} cannot be decoded ({type(exc).__name__}: {exc}); "
-                                    "remove or replace it, or set data.skip_corrupt=true to replace it by the next "
-                                    "image with a warning") from None
+                    raise DataError(
+                        f"{self.reader.name(j)} cannot be decoded ({type(exc).__name__}: {exc}); "
+                        "remove or replace it, or set data.skip_corrupt=true to replace it by the next "
+                        "image with a warning"
+                    ) from None
                 skipped.append(self.reader.name(j))
         raise DataError(f"{self.reader.name(i)}: no image of the data set can be decoded")
 
@@ -400,9 +422,16 @@ def _identity(x: _Batch) -> _Batch:
     return x
 
 
-def decode_jpeg_cuda(blobs: list[torch.Tensor], size: int, device: torch.device | str, *, crop: int = 0,
-                     fallback: BatchDataset | None = None, index: torch.Tensor | None = None,
-                     used: list[int] | None = None) -> torch.Tensor:
+def decode_jpeg_cuda(
+    blobs: list[torch.Tensor],
+    size: int,
+    device: torch.device | str,
+    *,
+    crop: int = 0,
+    fallback: BatchDataset | None = None,
+    index: torch.Tensor | None = None,
+    used: list[int] | None = None,
+) -> torch.Tensor:
     """Decode a batch of encoded images on the GPU (nvJPEG via ``torchvision.io.decode_jpeg``), resize the shorter
     side to ``size`` (bicubic, antialiased) and centre-crop: uint8 (B, 3, c, c) on ``device``.
 
@@ -430,13 +459,14 @@ def decode_jpeg_cuda(blobs: list[torch.Tensor], size: int, device: torch.device 
             h, w = img.shape[-2:]
             s = size / min(h, w)
             nh, nw = max(size, round(h * s)), max(size, round(w * s))
-            x = torch.nn.functional.interpolate(img[None].float(), size=(nh, nw), mode="bicubic", antialias=True,
-                                                align_corners=False)
+            x = torch.nn.functional.interpolate(
+                img[None].float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False
+            )
             top, left = (nh - size) // 2, (nw - size) // 2
-            x = x[..., top: top + size, left: left + size]
+            x = x[..., top : top + size, left : left + size]
             if crop and crop != size:
                 o = (size - crop) // 2
-                x = x[..., o: o + crop, o: o + crop]
+                x = x[..., o : o + crop, o : o + crop]
             out[k] = x.round().clamp(0, 255).to(torch.uint8)[0]
     skipped: list[str] = []
     images: list[torch.Tensor] = []
@@ -476,9 +506,20 @@ class StreamSource:
         skipped: names of the corrupt files replaced so far (``skip_corrupt``), in the order met.
     """
 
-    def __init__(self, reader: Reader, size: int, *, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 workers: int = 0, skip_corrupt: bool = False, decode_device: torch.device | str | None = None,
-                 prefetch: int = 2) -> None:
+    def __init__(
+        self,
+        reader: Reader,
+        size: int,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        workers: int = 0,
+        skip_corrupt: bool = False,
+        decode_device: torch.device | str | None = None,
+        prefetch: int = 2,
+    ) -> None:
         self.reader, self.size, self.batch_size, self.seed = reader, size, batch_size, seed
         self.rank, self.world, self.workers, self.prefetch = rank, world, workers, prefetch
         self.decode_device = torch.device(decode_device) if decode_device is not None else None
@@ -494,15 +535,18 @@ class StreamSource:
     def index_batches(self, epoch: int, start_step: int = 0) -> list[torch.Tensor]:
         """The indices this process reads at each step of ``epoch`` from ``start_step`` on."""
         order = _epoch_order(len(self.reader), self.seed, epoch)
-        return [shard_rows(order, s, self.batch_size, self.rank, self.world)
-                for s in range(start_step, self.steps_per_epoch)]
+        return [
+            shard_rows(order, s, self.batch_size, self.rank, self.world)
+            for s in range(start_step, self.steps_per_epoch)
+        ]
 
     def batches(self, epoch: int, start_step: int = 0) -> Generator[torch.Tensor, None, None]:
         for images, _ in self.labelled_batches(epoch, start_step):
             yield images
 
-    def labelled_batches(self, epoch: int,
-                         start_step: int = 0) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
+    def labelled_batches(
+        self, epoch: int, start_step: int = 0
+    ) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         plan = [b.tolist() for b in self.index_batches(epoch, start_step)]
         yield from self._stream(plan)
 
@@ -511,41 +555,64 @@ class StreamSource:
             return
         loader = torch.utils.data.DataLoader(
             # batch_size=None: collate_fn gets each item (a whole _Batch), not the list torch's hint assumes
-            self.dataset, batch_size=None, sampler=plan, num_workers=self.workers,
+            self.dataset,
+            batch_size=None,
+            sampler=plan,
+            num_workers=self.workers,
             collate_fn=_identity,  # type: ignore[arg-type]
-            prefetch_factor=self.prefetch if self.workers else None, persistent_workers=False,
-            pin_memory=self.decode_device is not None and self.decode_device.type == "cuda" and not self.dataset.raw)
+            prefetch_factor=self.prefetch if self.workers else None,
+            persistent_workers=False,
+            pin_memory=self.decode_device is not None and self.decode_device.type == "cuda" and not self.dataset.raw,
+        )
         for b in loader:
             used = b.used
             if isinstance(b.images, list):  # raw bytes: the dataset is raw only with a cuda decode_device
                 assert self.decode_device is not None
                 used_list: list[int] = []
-                images = decode_jpeg_cuda(b.images, self.size, self.decode_device, fallback=self._cpu,
-                                          index=b.index, used=used_list)
+                images = decode_jpeg_cuda(
+                    b.images, self.size, self.decode_device, fallback=self._cpu, index=b.index, used=used_list
+                )
                 used = torch.as_tensor(used_list, dtype=torch.int64)
             else:
                 images = b.images
             if b.skipped:
                 self.skipped += b.skipped
-                warnings.warn(f"replaced {len(b.skipped)} corrupt image(s) by the next decodable one "
-                              f"(data.skip_corrupt): {', '.join(b.skipped[:3])}", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"replaced {len(b.skipped)} corrupt image(s) by the next decodable one "
+                    f"(data.skip_corrupt): {', '.join(b.skipped[:3])}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             yield images, torch.from_numpy(self.reader.labels)[used if used is not None else b.index]
 
 
-def iterate_split(reader: Reader, size: int, *, crop: int = 0, batch_size: int = 256, workers: int = 0,
-                  rank: int = 0, world: int = 1, skip_corrupt: bool = False,
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iterate_split(
+    reader: Reader,
+    size: int,
+    *,
+    crop: int = 0,
+    batch_size: int = 256,
+    workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    skip_corrupt: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's images of a split in data-set order (rows ``rank, rank+world, ...``), decoded at ``size`` and
     centre-cropped to ``crop``, in batches: (uint8 (b, 3, c, c), labels (b,)). For feature extraction."""
     mine = torch.arange(rank, len(reader), world)
-    plan = [mine[s: s + batch_size].tolist() for s in range(0, len(mine), batch_size)]
+    plan = [mine[s : s + batch_size].tolist() for s in range(0, len(mine), batch_size)]
     if not plan:
         return
     ds = BatchDataset(reader, size, crop=crop, skip_corrupt=skip_corrupt)
     # batch_size=None: collate_fn gets each item (a whole _Batch), not the list torch's hint assumes
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=plan, num_workers=workers,
-                                         collate_fn=_identity,  # type: ignore[arg-type]
-                                         prefetch_factor=2 if workers else None)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=None,
+        sampler=plan,
+        num_workers=workers,
+        collate_fn=_identity,  # type: ignore[arg-type]
+        prefetch_factor=2 if workers else None,
+    )
     labels = torch.from_numpy(reader.labels)
     for b in loader:
         yield b.images, labels[b.index]
@@ -603,8 +670,10 @@ def load_stream_data(cfg: DataConfig) -> StreamData:
         DataError: no such folder, a missing split, empty class folders, missing or corrupt shards.
     """
     if not cfg.path or not Path(cfg.path).expanduser().is_dir():
-        raise DataError(f"data.path {cfg.path!r} is not a directory; a streamed data set is an ImageFolder tree "
-                        "(train/<class>/..., val/<class>/...) or a folder of tar shards (`directpred shards`)")
+        raise DataError(
+            f"data.path {cfg.path!r} is not a directory; a streamed data set is an ImageFolder tree "
+            "(train/<class>/..., val/<class>/...) or a folder of tar shards (`directpred shards`)"
+        )
     train = StreamSplit(open_reader(cfg.path, "train"))
     test = StreamSplit(open_reader(cfg.path, "test"))
     if test.classes != train.classes:

@@ -28,6 +28,8 @@ periodic ``diag`` curves) and judges it alone: ``summary.json``'s
 ``collapsed`` is true if the periodic rule fired during training (or stopped the run) **or** the final report is
 collapsed-looking. The final signals are in ``summary.json`` as ``final_z_std_ratio``, ``final_rankme_z``,
 ``final_loss_per_term`` and ``final_looks_collapsed``.
+
+Over 300 lines: the periodic hook and the final verdict read the same statistics and must judge them alike.
 """
 
 from __future__ import annotations
@@ -79,8 +81,9 @@ def _rl(v: torch.Tensor) -> list[float | None]:
     return [_r(x) for x in v.tolist()]
 
 
-def diagnostic_row(F_hat: torch.Tensor, W_p: torch.Tensor | None, *, h: torch.Tensor | None = None,
-                   z: torch.Tensor | None = None) -> dict[str, Any]:
+def diagnostic_row(
+    F_hat: torch.Tensor, W_p: torch.Tensor | None, *, h: torch.Tensor | None = None, z: torch.Tensor | None = None
+) -> dict[str, Any]:
     """All diagnostics of one moment of training, as a flat JSON-serialisable dict.
 
     Args:
@@ -206,15 +209,13 @@ class Diagnostics:
         predictor = self.method.predictor
         W_p, _ = spectrum.predictor_matrix(predictor, out.z1, out.z2)
         with single_thread():
-            row = diagnostic_row(self._F_hat().float().cpu(), None if W_p is None else W_p.cpu(), h=h.cpu(),
-                                 z=z.cpu())
+            row = diagnostic_row(self._F_hat().float().cpu(), None if W_p is None else W_p.cpu(), h=h.cpu(), z=z.cpu())
         loss = float(out.loss.detach())
         row["loss"] = _r(loss)
         row["loss_per_term"] = _r(loss / self.loss_terms)
         if distributed.is_distributed():  # batch signals are per rank: average them so all ranks decide alike
             keys = ("z_std_ratio", "rankme_z", "loss_per_term")
-            vals = torch.tensor([math.nan if row[k] is None else float(row[k]) for k in keys],
-                                device=z.device)
+            vals = torch.tensor([math.nan if row[k] is None else float(row[k]) for k in keys], device=z.device)
             vals = distributed.all_reduce_sum(vals) / distributed.world_size()
             row.update({k: _r(v) for k, v in zip(keys, vals.tolist())})
         return row
@@ -238,10 +239,14 @@ class Diagnostics:
                 f"final report: z_std_ratio={row['z_std_ratio']:.3g} (< {STD_RATIO_MAX}), "
                 f"rankme_z={row['rankme_z']:.3g} of max {row['z_rank_max']} "
                 f"(< {RANK_FRACTION_MAX * row['z_rank_max']:.3g}), "
-                f"loss per term={row['loss_per_term']:.3g} (< {LOSS_PER_TERM_MAX})")
+                f"loss per term={row['loss_per_term']:.3g} (< {LOSS_PER_TERM_MAX})"
+            )
             if distributed.is_main():
-                log.warning("the final state looks COLLAPSED (step %d): %s. See docs/diagnostics.md.", step,
-                            self.collapse_evidence)
+                log.warning(
+                    "the final state looks COLLAPSED (step %d): %s. See docs/diagnostics.md.",
+                    step,
+                    self.collapse_evidence,
+                )
         row["looks_collapsed"] = int(flagged)
         row["collapsed"] = int(self.collapsed)
         self.final_row = {k: v for k, v in row.items() if not isinstance(v, list)}
@@ -259,20 +264,27 @@ class Diagnostics:
             f"rankme_z={row['rankme_z']:.3g} of max {row['z_rank_max']} "
             f"(< {RANK_FRACTION_MAX * row['z_rank_max']:.3g}), "
             f"loss per term={row['loss_per_term']:.3g} (< {LOSS_PER_TERM_MAX}), "
-            f"{CONSECUTIVE} report steps in a row")
+            f"{CONSECUTIVE} report steps in a row"
+        )
         if distributed.is_main():
-            log.warning("the run looks COLLAPSED at step %d: %s. All projections point (nearly) the same way; the "
-                        "representation is unlikely to recover. See docs/diagnostics.md (diag.stop_on_collapse=true "
-                        "stops such runs).", step, self.collapse_evidence)
+            log.warning(
+                "the run looks COLLAPSED at step %d: %s. All projections point (nearly) the same way; the "
+                "representation is unlikely to recover. See docs/diagnostics.md (diag.stop_on_collapse=true "
+                "stops such runs).",
+                step,
+                self.collapse_evidence,
+            )
 
     def summary(self) -> dict[str, Any]:
         """What ``summary.json`` gets: ``collapsed`` (the verdict: the periodic rule fired, or the final report
         looks collapsed), ``collapse_step``, ``collapse_evidence``, the last periodic report's scalar diagnostics
         under ``diag_*`` and the final report's signals under ``final_*``."""
-        out: dict[str, Any] = {"collapsed": self.collapsed, "collapse_step": self.collapse_step,
-                               "collapse_evidence": self.collapse_evidence}
-        for k in ("alignment", "alignment_weighted", "asymmetry", "p_s_slope", "rankme_h", "rankme_z",
-                  "z_std_ratio"):
+        out: dict[str, Any] = {
+            "collapsed": self.collapsed,
+            "collapse_step": self.collapse_step,
+            "collapse_evidence": self.collapse_evidence,
+        }
+        for k in ("alignment", "alignment_weighted", "asymmetry", "p_s_slope", "rankme_h", "rankme_z", "z_std_ratio"):
             if k in self.last_row:
                 out[f"diag_{k}"] = self.last_row[k]
         for k in ("z_std_ratio", "rankme_z", "z_rank_max", "loss_per_term", "looks_collapsed"):
@@ -282,10 +294,16 @@ class Diagnostics:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the detector (and the F^ estimate) after a resume."""
-        return {"collapsed": self.collapsed, "collapse_step": self.collapse_step,
-                "collapse_evidence": self.collapse_evidence, "streak": self.streak, "last_row": self.last_row,
-                "estimator": None if self.own_estimator is None else
-                {k: v.cpu() for k, v in self.own_estimator.state_dict().items()}}
+        return {
+            "collapsed": self.collapsed,
+            "collapse_step": self.collapse_step,
+            "collapse_evidence": self.collapse_evidence,
+            "streak": self.streak,
+            "last_row": self.last_row,
+            "estimator": None
+            if self.own_estimator is None
+            else {k: v.cpu() for k, v in self.own_estimator.state_dict().items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""

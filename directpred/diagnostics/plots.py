@@ -28,8 +28,7 @@ ALIGN_TOP = 32  # eigenvectors shown in the alignment heat map (the rest of F^'s
 Curve = tuple[Sequence[float], Sequence[float | None]]
 
 
-def new_figure(nrows: int = 1, ncols: int = 1, *, width: float = 5.0,
-               height: float = 3.6) -> tuple[Figure, np.ndarray]:
+def new_figure(nrows: int = 1, ncols: int = 1, *, width: float = 5.0, height: float = 3.6) -> tuple[Figure, np.ndarray]:
     """A figure with ``nrows x ncols`` axes of ``width x height`` inches each; ``axes[row][col]``."""
     fig = Figure(figsize=(width * ncols, height * nrows))
     return fig, fig.subplots(nrows, ncols, squeeze=False)
@@ -44,9 +43,17 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 110) -> Path:
     return path
 
 
-def plot_curves(ax: Axes, curves: Mapping[str, Curve], *, ylabel: str, xlabel: str = "step", title: str = "",
-                logy: bool = False, hlines: Mapping[str, float] | None = None,
-                markers: Mapping[str, float | None] | None = None) -> None:
+def plot_curves(
+    ax: Axes,
+    curves: Mapping[str, Curve],
+    *,
+    ylabel: str,
+    xlabel: str = "step",
+    title: str = "",
+    logy: bool = False,
+    hlines: Mapping[str, float] | None = None,
+    markers: Mapping[str, float | None] | None = None,
+) -> None:
     """One line per run (label -> (x, y)); ``None`` values in y are gaps.
 
     Args:
@@ -66,8 +73,7 @@ def plot_curves(ax: Axes, curves: Mapping[str, Curve], *, ylabel: str, xlabel: s
             ax.axvline(float(x_event), color=line.get_color(), ls=":", lw=1.2)
     for text, level in (hlines or {}).items():
         ax.axhline(level, color="grey", ls="--", lw=0.8)
-        ax.annotate(text, (0.01, level), xycoords=("axes fraction", "data"), fontsize=7, color="grey",
-                    va="bottom")
+        ax.annotate(text, (0.01, level), xycoords=("axes fraction", "data"), fontsize=7, color="grey", va="bottom")
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -79,9 +85,18 @@ def plot_curves(ax: Axes, curves: Mapping[str, Curve], *, ylabel: str, xlabel: s
     ax.grid(alpha=0.3)
 
 
-def plot_heatmap(ax: Axes, steps: Sequence[float], values: np.ndarray, *, ylabel: str, title: str = "",
-                 cbar_label: str = "", vmin: float | None = None, vmax: float | None = None,
-                 cmap: str = "viridis") -> None:
+def plot_heatmap(
+    ax: Axes,
+    steps: Sequence[float],
+    values: np.ndarray,
+    *,
+    ylabel: str,
+    title: str = "",
+    cbar_label: str = "",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    cmap: str = "viridis",
+) -> None:
     """A (time x index) heat map: ``values[t, j]`` at report step ``steps[t]``, index j on the y axis.
 
     Used for the spectrum ``log10(s_j / s_max)`` and the per-eigenvector alignment ``cos(W_p u_j, u_j)`` over
@@ -127,8 +142,7 @@ def _rows(run_dir: Path) -> list[dict[str, Any]]:
 
     rows = read_metrics(run_dir)
     if not rows:
-        raise ConfigError(f"{run_dir}: no metrics.jsonl rows; give a run directory made by "
-                          "`directpred train`")
+        raise ConfigError(f"{run_dir}: no metrics.jsonl rows; give a run directory made by `directpred train`")
     return rows
 
 
@@ -163,8 +177,13 @@ def make_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
 
     fig, axes = new_figure(2, 5, width=4.4, height=3.4)
     ax = axes[0][0]
-    plot_curves(ax, {k: _series(r, "train", "loss") for k, (_, r, _) in runs.items()}, ylabel="loss",
-                      title="training loss (2 - 2cos, summed over views)", markers=flagged)
+    plot_curves(
+        ax,
+        {k: _series(r, "train", "loss") for k, (_, r, _) in runs.items()},
+        ylabel="loss",
+        title="training loss (2 - 2cos, summed over views)",
+        markers=flagged,
+    )
     ax = axes[0][1]
     knn: dict[str, tuple[list, list]] = {}
     for k, (_, r, _s) in runs.items():
@@ -177,33 +196,70 @@ def make_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     else:
         note(ax, "no kNN evaluations in these runs")
     ax = axes[0][2]
-    plot_curves(ax, {k: _series(r, "diag", "alignment_weighted") for k, (_, r, _) in runs.items()},
-                      ylabel="sum_j s_j cos(W_p u_j, u_j) / sum_j s_j",
-                      title="alignment, weighted by s_j (Thm 3, Fig. 2)", markers=flagged)
+    plot_curves(
+        ax,
+        {k: _series(r, "diag", "alignment_weighted") for k, (_, r, _) in runs.items()},
+        ylabel="sum_j s_j cos(W_p u_j, u_j) / sum_j s_j",
+        title="alignment, weighted by s_j (Thm 3, Fig. 2)",
+        markers=flagged,
+    )
     ax = axes[0][3]
-    plot_curves(ax, {k: _series(r, "diag", "alignment") for k, (_, r, _) in runs.items()},
-                      ylabel="mean_j cos(W_p u_j, u_j)", title="alignment, mean over all u_j",
-                      markers=flagged)
+    plot_curves(
+        ax,
+        {k: _series(r, "diag", "alignment") for k, (_, r, _) in runs.items()},
+        ylabel="mean_j cos(W_p u_j, u_j)",
+        title="alignment, mean over all u_j",
+        markers=flagged,
+    )
     ax = axes[0][4]
-    plot_curves(ax, {k: _series(r, "diag", "asymmetry") for k, (_, r, _) in runs.items()},
-                      ylabel="||W_p - W_p^T|| / ||W_p||", title="asymmetry of W_p")
+    plot_curves(
+        ax,
+        {k: _series(r, "diag", "asymmetry") for k, (_, r, _) in runs.items()},
+        ylabel="||W_p - W_p^T|| / ||W_p||",
+        title="asymmetry of W_p",
+    )
     ax = axes[1][0]
-    plot_curves(ax, {k: _series(r, "diag", "rankme_z") for k, (_, r, _) in runs.items()},
-                      ylabel="RankMe", title="effective rank of the projections z", markers=flagged)
+    plot_curves(
+        ax,
+        {k: _series(r, "diag", "rankme_z") for k, (_, r, _) in runs.items()},
+        ylabel="RankMe",
+        title="effective rank of the projections z",
+        markers=flagged,
+    )
     ax = axes[1][1]
-    plot_curves(ax, {k: _series(r, "diag", "rankme_h") for k, (_, r, _) in runs.items()},
-                      ylabel="RankMe", title="effective rank of the representation h", markers=flagged)
+    plot_curves(
+        ax,
+        {k: _series(r, "diag", "rankme_h") for k, (_, r, _) in runs.items()},
+        ylabel="RankMe",
+        title="effective rank of the representation h",
+        markers=flagged,
+    )
     ax = axes[1][2]
-    plot_curves(ax, {k: _series(r, "diag", "z_std_ratio") for k, (_, r, _) in runs.items()},
-                      ylabel="sqrt(d) * std of z/|z|", title="per-dim std of normalised projections",
-                      hlines={f"collapse threshold {STD_RATIO_MAX}": STD_RATIO_MAX}, markers=flagged)
+    plot_curves(
+        ax,
+        {k: _series(r, "diag", "z_std_ratio") for k, (_, r, _) in runs.items()},
+        ylabel="sqrt(d) * std of z/|z|",
+        title="per-dim std of normalised projections",
+        hlines={f"collapse threshold {STD_RATIO_MAX}": STD_RATIO_MAX},
+        markers=flagged,
+    )
     ax = axes[1][3]
-    plot_curves(ax, {k: _series(r, "diag", "loss_per_term") for k, (_, r, _) in runs.items()},
-                      ylabel="loss per term", title="loss per 2 - 2cos term", logy=True,
-                      hlines={f"collapse threshold {LOSS_PER_TERM_MAX}": LOSS_PER_TERM_MAX}, markers=flagged)
+    plot_curves(
+        ax,
+        {k: _series(r, "diag", "loss_per_term") for k, (_, r, _) in runs.items()},
+        ylabel="loss per term",
+        title="loss per 2 - 2cos term",
+        logy=True,
+        hlines={f"collapse threshold {LOSS_PER_TERM_MAX}": LOSS_PER_TERM_MAX},
+        markers=flagged,
+    )
     ax = axes[1][4]
-    plot_curves(ax, {k: _series(r, "diag", "p_sqrt_s_corr") for k, (_, r, _) in runs.items()},
-                      ylabel="corr(p_j, sqrt(s_j))", title="p_j vs sqrt(s_j) (Eqs. 14, 18)")
+    plot_curves(
+        ax,
+        {k: _series(r, "diag", "p_sqrt_s_corr") for k, (_, r, _) in runs.items()},
+        ylabel="corr(p_j, sqrt(s_j))",
+        title="p_j vs sqrt(s_j) (Eqs. 14, 18)",
+    )
     written.append(save_figure(fig, out_dir / "overview.png"))
 
     for label, (_, r, _) in runs.items():
@@ -213,15 +269,31 @@ def make_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
             steps = [row["step"] for row in diag]
             s = np.array([[np.nan if v is None else v for v in row["s"]] for row in diag], dtype=float)
             rel = np.log10(np.clip(s / np.nanmax(s, axis=1, keepdims=True), 1e-8, None))
-            plot_heatmap(axes[0][0], steps, rel, ylabel="eigenvalue index j (largest first)",
-                               title=f"{label}: spectrum of F^, log10(s_j / s_max)", cbar_label="log10",
-                               vmin=max(-8.0, float(np.nanmin(rel))), vmax=0.0)
+            plot_heatmap(
+                axes[0][0],
+                steps,
+                rel,
+                ylabel="eigenvalue index j (largest first)",
+                title=f"{label}: spectrum of F^, log10(s_j / s_max)",
+                cbar_label="log10",
+                vmin=max(-8.0, float(np.nanmin(rel))),
+                vmax=0.0,
+            )
             if all(row.get("align") for row in diag):
-                a = np.array([[np.nan if v is None else v for v in row["align"][:ALIGN_TOP]] for row in diag],
-                             dtype=float)
-                plot_heatmap(axes[0][1], steps, a, ylabel="eigenvector u_j of F^ (largest s_j first)",
-                                   title=f"{label}: cos(W_p u_j, u_j), top {a.shape[1]} u_j",
-                                   cbar_label="cosine", vmin=-1.0, vmax=1.0, cmap="RdBu_r")
+                a = np.array(
+                    [[np.nan if v is None else v for v in row["align"][:ALIGN_TOP]] for row in diag], dtype=float
+                )
+                plot_heatmap(
+                    axes[0][1],
+                    steps,
+                    a,
+                    ylabel="eigenvector u_j of F^ (largest s_j first)",
+                    title=f"{label}: cos(W_p u_j, u_j), top {a.shape[1]} u_j",
+                    cbar_label="cosine",
+                    vmin=-1.0,
+                    vmax=1.0,
+                    cmap="RdBu_r",
+                )
             else:
                 note(axes[0][1], "no predictor matrix (alignment not defined)")
         else:
@@ -251,8 +323,15 @@ def sweep_figures(res: dict[str, Any], out: Path) -> list[Path]:
             ax.errorbar(xs, ys, yerr=es, fmt="o", capsize=3, label=label, color=f"C{i}")
     papers = [(j, c["paper"]) for j, c in enumerate(cells) if c["paper"]]
     if papers:
-        ax.errorbar([j - 0.36 for j, _ in papers], [p["mean"] for _, p in papers],
-                    yerr=[p["std"] or 0.0 for _, p in papers], fmt="x", color="k", capsize=3, label="paper")
+        ax.errorbar(
+            [j - 0.36 for j, _ in papers],
+            [p["mean"] for _, p in papers],
+            yerr=[p["std"] or 0.0 for _, p in papers],
+            fmt="x",
+            color="k",
+            capsize=3,
+            label="paper",
+        )
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.set_xlim(-0.7, len(names) - 0.3)
     ax.set_ylabel("top-1 accuracy (%)")
@@ -265,8 +344,13 @@ def sweep_figures(res: dict[str, Any], out: Path) -> list[Path]:
     ax = axes[0][0]
     for c in cells:
         if c["knn_curve"]:
-            ax.plot([p[0] for p in c["knn_curve"]], [p[1] for p in c["knn_curve"]], marker="o", ms=3,
-                    label=f"{c['cell']} (n={c['n']})")
+            ax.plot(
+                [p[0] for p in c["knn_curve"]],
+                [p[1] for p in c["knn_curve"]],
+                marker="o",
+                ms=3,
+                label=f"{c['cell']} (n={c['n']})",
+            )
     ax.set_xlabel("epoch")
     ax.set_ylabel("kNN top-1 (%)")
     ax.set_title(f"{res['sweep']}: kNN during training, mean over seeds")

@@ -52,8 +52,10 @@ def diagnose(target: Path, *, batches: int = 2, use_data: bool = True) -> tuple[
     method.eval()
     predictor = method.predictor
     diag_state = state.get("diagnostics") or {}
-    lines = [f"checkpoint {ckpt} (step {state['step']}, epoch {state['epoch']}): {cfg.method.name} + "
-             f"{cfg.predictor.name} predictor, d = {cfg.projector.out_dim}"]
+    lines = [
+        f"checkpoint {ckpt} (step {state['step']}, epoch {state['epoch']}): {cfg.method.name} + "
+        f"{cfg.predictor.name} predictor, d = {cfg.projector.out_dim}"
+    ]
     notes: list[str] = []
 
     F_hat = None
@@ -71,8 +73,9 @@ def diagnose(target: Path, *, batches: int = 2, use_data: bool = True) -> tuple[
         try:
             if cfg.data.stream:  # a streamed data set: decode only the sampled batches
                 stream_data = load_stream_data(cfg.data)
-                streamed = BatchDataset(stream_data.pretrain.reader, stream_data.decode_size,
-                                        skip_corrupt=cfg.data.skip_corrupt)
+                streamed = BatchDataset(
+                    stream_data.pretrain.reader, stream_data.decode_size, skip_corrupt=cfg.data.skip_corrupt
+                )
                 data: DataBundle | StreamData = stream_data
 
                 def images_at(idx: torch.Tensor) -> torch.Tensor:
@@ -119,18 +122,24 @@ def diagnose(target: Path, *, batches: int = 2, use_data: bool = True) -> tuple[
         return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
     s = row["s"]
-    lines.append(f"F^ from {f_src}: s_max = {f('s_max', '.4g')}, effective rank (RankMe of F^^1/2) = "
-                 f"{f('F_rank', '.1f')} of {len(s)}")
+    lines.append(
+        f"F^ from {f_src}: s_max = {f('s_max', '.4g')}, effective rank (RankMe of F^^1/2) = "
+        f"{f('F_rank', '.1f')} of {len(s)}"
+    )
     if W_p is None:
         lines.append("W_p: none for this predictor (alignment not defined)")
     else:
         what = "weight" if kind == "weight" else "batch-mean Jacobian of the two-layer predictor"
-        lines.append(f"W_p ({what}): alignment mean_j cos(W_p u_j, u_j) = {f('alignment')}, "
-                     f"s-weighted = {f('alignment_weighted')}; asymmetry ||W-W^T||/||W|| = {f('asymmetry')}; "
-                     f"commutator ||[F,W]||/(||F|| ||W||) = {f('commutator', '.3g')}")
-        lines.append(f"p_j vs s_j (paper: p_j ∝ sqrt(s_j)): log-log slope = {f('p_s_slope')} "
-                     "(0.5 for the law; DirectPred's eps lowers it), "
-                     f"corr(p_j, sqrt(s_j)) = {f('p_sqrt_s_corr')}")
+        lines.append(
+            f"W_p ({what}): alignment mean_j cos(W_p u_j, u_j) = {f('alignment')}, "
+            f"s-weighted = {f('alignment_weighted')}; asymmetry ||W-W^T||/||W|| = {f('asymmetry')}; "
+            f"commutator ||[F,W]||/(||F|| ||W||) = {f('commutator', '.3g')}"
+        )
+        lines.append(
+            f"p_j vs s_j (paper: p_j ∝ sqrt(s_j)): log-log slope = {f('p_s_slope')} "
+            "(0.5 for the law; DirectPred's eps lowers it), "
+            f"corr(p_j, sqrt(s_j)) = {f('p_sqrt_s_corr')}"
+        )
         lines.append("   j       s_j/s_max      p_j   cos(W_p u_j, u_j)")
         top = row["s"][0] or 1.0
         d = len(s)
@@ -138,15 +147,20 @@ def diagnose(target: Path, *, batches: int = 2, use_data: bool = True) -> tuple[
             p_j, cos_j = row["p"][j] or 0.0, row["align"][j] or 0.0
             lines.append(f"  {j:3d}  {(s[j] or 0) / top:12.4g}  {p_j:8.4f}  {cos_j:8.3f}")
     if z is not None:
-        lines.append(f"batch ({z.shape[0]} views): RankMe(h) = {f('rankme_h', '.1f')}, RankMe(z) = "
-                     f"{f('rankme_z', '.1f')} of max {row['z_rank_max']}, "
-                     f"sqrt(d)*std(z/|z|) = {f('z_std_ratio')} "
-                     f"(~1 spread out, ~0 collapsed), loss per term = {f('loss_per_term', '.4f')}")
+        lines.append(
+            f"batch ({z.shape[0]} views): RankMe(h) = {f('rankme_h', '.1f')}, RankMe(z) = "
+            f"{f('rankme_z', '.1f')} of max {row['z_rank_max']}, "
+            f"sqrt(d)*std(z/|z|) = {f('z_std_ratio')} "
+            f"(~1 spread out, ~0 collapsed), loss per term = {f('loss_per_term', '.4f')}"
+        )
         verdict = "LOOKS COLLAPSED" if looks_collapsed(row) else "healthy"
         lines.append(f"collapse rule on this batch: {verdict}")
     if diag_state:
-        flag = (f"COLLAPSED at step {diag_state.get('collapse_step')}: {diag_state.get('collapse_evidence')}"
-                if diag_state.get("collapsed") else "not flagged")
+        flag = (
+            f"COLLAPSED at step {diag_state.get('collapse_step')}: {diag_state.get('collapse_evidence')}"
+            if diag_state.get("collapsed")
+            else "not flagged"
+        )
         lines.append(f"training-time collapse detector: {flag}")
     lines += [f"note: {n}" for n in notes]
     return row, lines

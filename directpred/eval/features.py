@@ -10,9 +10,16 @@ from directpred.data.augment import ViewRecipe, eval_transform
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, images: torch.Tensor, recipe: ViewRecipe, *, batch_size: int = 512,
-                     device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
-                     channels_last: bool = False) -> torch.Tensor:
+def extract_features(
+    backbone: nn.Module,
+    images: torch.Tensor,
+    recipe: ViewRecipe,
+    *,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> torch.Tensor:
     """Backbone features (N, D) of uint8 images (N, H, W, 3) with the deterministic test transform.
 
     The backbone runs in eval mode (BatchNorm running statistics) and no predictor statistics are touched. In a
@@ -26,7 +33,7 @@ def extract_features(backbone: nn.Module, images: torch.Tensor, recipe: ViewReci
     index = torch.arange(r, len(images), w)
     chunks = []
     for start in range(0, len(index), batch_size):
-        batch = images[index[start: start + batch_size].to(images.device)].to(device, non_blocking=True)
+        batch = images[index[start : start + batch_size].to(images.device)].to(device, non_blocking=True)
         x = eval_transform(batch, recipe)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

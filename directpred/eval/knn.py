@@ -38,7 +38,7 @@ class KNNClassifier:
         k = min(self.k, self.features_.shape[0])
         out = []
         for start in range(0, q.shape[0], self.chunk):
-            sim = q[start: start + self.chunk] @ self.features_.t()  # (n, N_train)
+            sim = q[start : start + self.chunk] @ self.features_.t()  # (n, N_train)
             top_sim, top_idx = sim.topk(k, dim=1)
             weights = (top_sim / self.temperature).exp()
             votes = torch.zeros(sim.shape[0], self.num_classes_, device=q.device)

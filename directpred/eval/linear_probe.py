@@ -28,15 +28,21 @@ class LinearProbe:
         best_accuracy_: the best entry of ``history_`` (the authors' reported figure).
     """
 
-    def __init__(self, *, epochs: int = 50, lr: float = 3e-4, weight_decay: float = 1e-3, batch_size: int = 128,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, *, epochs: int = 50, lr: float = 3e-4, weight_decay: float = 1e-3, batch_size: int = 128, seed: int = 0
+    ) -> None:
         self.epochs, self.lr, self.weight_decay, self.batch_size, self.seed = epochs, lr, weight_decay, batch_size, seed
 
     def _standardise(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() - self.mean_) / self.std_
 
-    def fit(self, x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor | None = None,
-            y_test: torch.Tensor | None = None) -> LinearProbe:
+    def fit(
+        self,
+        x_train: torch.Tensor,
+        y_train: torch.Tensor,
+        x_test: torch.Tensor | None = None,
+        y_test: torch.Tensor | None = None,
+    ) -> LinearProbe:
         g = torch.Generator().manual_seed(self.seed)
         self.mean_ = x_train.float().mean(0)
         self.std_ = x_train.float().std(0).clamp(min=1e-6)  # StandardScaler; constant features stay finite
@@ -54,7 +60,7 @@ class LinearProbe:
         for _ in range(self.epochs):
             perm = torch.randperm(len(xs), generator=g).to(xs.device)  # drawn on the CPU: same order on any device
             for start in range(0, len(xs), self.batch_size):
-                idx = perm[start: start + self.batch_size]
+                idx = perm[start : start + self.batch_size]
                 loss = F.cross_entropy(self.linear_(xs[idx]), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -19,9 +19,16 @@ from directpred.methods import Siamese
 
 
 @torch.no_grad()
-def evaluate(method: Siamese, data: DataBundle | StreamData, cfg: Config, device: torch.device, *, linear: bool = True,
-             autocast_dtype: torch.dtype | None = None, features: dict[str, torch.Tensor] | None = None,
-             ) -> dict[str, float]:
+def evaluate(
+    method: Siamese,
+    data: DataBundle | StreamData,
+    cfg: Config,
+    device: torch.device,
+    *,
+    linear: bool = True,
+    autocast_dtype: torch.dtype | None = None,
+    features: dict[str, torch.Tensor] | None = None,
+) -> dict[str, float]:
     """kNN (and optionally the linear probe) of the online backbone's frozen features.
 
     Returns ``knn_top1`` and, with ``linear``, ``linear_top1`` (final probe epoch, the headline) and
@@ -38,10 +45,22 @@ def evaluate(method: Siamese, data: DataBundle | StreamData, cfg: Config, device
     if isinstance(data, StreamData):
         from directpred.eval.stream_eval import evaluate_stream
 
-        return evaluate_stream(backbone, data, cfg, test_recipe, device, linear=linear, autocast_dtype=autocast_dtype,
-                               channels_last=resolve_channels_last(cfg.train.channels_last, backbone, device))
-    kw: dict[str, Any] = dict(batch_size=cfg.eval.batch_size, device=device, autocast_dtype=autocast_dtype,
-              channels_last=resolve_channels_last(cfg.train.channels_last, backbone, device))
+        return evaluate_stream(
+            backbone,
+            data,
+            cfg,
+            test_recipe,
+            device,
+            linear=linear,
+            autocast_dtype=autocast_dtype,
+            channels_last=resolve_channels_last(cfg.train.channels_last, backbone, device),
+        )
+    kw: dict[str, Any] = dict(
+        batch_size=cfg.eval.batch_size,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        channels_last=resolve_channels_last(cfg.train.channels_last, backbone, device),
+    )
     f_train = extract_features(backbone, data.train.images, test_recipe, **kw)
     f_test = extract_features(backbone, data.test.images, test_recipe, **kw)
     labelled = data.train.labels >= 0
@@ -53,9 +72,13 @@ def evaluate(method: Siamese, data: DataBundle | StreamData, cfg: Config, device
         features.update(test=f_test, test_labels=data.test.labels)
     if linear:
         with torch.enable_grad():
-            probe = LinearProbe(epochs=cfg.eval.linear_epochs, lr=cfg.eval.linear_lr,
-                                weight_decay=cfg.eval.linear_weight_decay, batch_size=cfg.eval.linear_batch_size,
-                                seed=cfg.train.seed).fit(f_train, y_train, f_test, data.test.labels)
+            probe = LinearProbe(
+                epochs=cfg.eval.linear_epochs,
+                lr=cfg.eval.linear_lr,
+                weight_decay=cfg.eval.linear_weight_decay,
+                batch_size=cfg.eval.linear_batch_size,
+                seed=cfg.train.seed,
+            ).fit(f_train, y_train, f_test, data.test.labels)
         out["linear_top1"] = 100.0 * probe.history_[-1]
         out["linear_top1_best"] = 100.0 * probe.best_accuracy_
     return out

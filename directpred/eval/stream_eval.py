@@ -9,6 +9,8 @@
   centre crop (resize 256 / centre crop 224 at ImageNet size), SGD with Nesterov momentum and a cosine learning
   rate schedule, no weight decay by default; top-1 and top-5. Every epoch re-embeds freshly augmented images, as
   BYOL does, so nothing of size N is stored.
+
+Over 300 lines: the streamed kNN and the streamed linear protocol share the feature pass and its sharding.
 """
 
 from __future__ import annotations
@@ -28,24 +30,39 @@ from directpred.data.stream import Reader, StreamData, StreamSource, iterate_spl
 
 
 @torch.no_grad()
-def stream_features(backbone: nn.Module, reader: Reader, recipe: ViewRecipe, *, decode_size: int,
-                    batch_size: int = 256, workers: int = 0, device: torch.device | str = "cpu",
-                    autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
-                    skip_corrupt: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def stream_features(
+    backbone: nn.Module,
+    reader: Reader,
+    recipe: ViewRecipe,
+    *,
+    decode_size: int,
+    batch_size: int = 256,
+    workers: int = 0,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    skip_corrupt: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(features (b, D) float32 on ``device``, labels (b,)) of this process's images of ``reader`` (rows
     ``rank, rank+world, ...``): decoded at ``decode_size``, centre-cropped to ``recipe.size``, normalised."""
     device = torch.device(device)
     was_training = backbone.training
     backbone.eval()
     try:
-        for images, labels in iterate_split(reader, decode_size, crop=recipe.size, batch_size=batch_size,
-                                            workers=workers, rank=distributed.rank(),
-                                            world=distributed.world_size(), skip_corrupt=skip_corrupt):
+        for images, labels in iterate_split(
+            reader,
+            decode_size,
+            crop=recipe.size,
+            batch_size=batch_size,
+            workers=workers,
+            rank=distributed.rank(),
+            world=distributed.world_size(),
+            skip_corrupt=skip_corrupt,
+        ):
             x = eval_transform(images.to(device, non_blocking=True), recipe)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 yield backbone(x).float(), labels.to(device)
     finally:
         backbone.train(was_training)
@@ -56,9 +73,15 @@ def _gather(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def knn_stream(test_features: torch.Tensor, test_labels: torch.Tensor,
-               train_batches: Iterator[tuple[torch.Tensor, torch.Tensor]], *, num_classes: int, k: int = 200,
-               temperature: float = 0.1) -> float:
+def knn_stream(
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    train_batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+) -> float:
     """Top-1 accuracy in [0, 1] of the weighted cosine kNN (as :class:`~directpred.eval.knn.KNNClassifier`) with
     the training features streamed: only a running top-k (similarity, label) per test image is kept. In a
     multi-process run each process streams its part of the training set and the top-k lists are merged; every
@@ -85,8 +108,9 @@ def knn_stream(test_features: torch.Tensor, test_labels: torch.Tensor,
 def probe_recipe(test_recipe: ViewRecipe) -> ViewRecipe:
     """BYOL's linear-evaluation training augmentation: random resized crop + horizontal flip, nothing else, with
     the test recipe's size and normalisation."""
-    return replace(test_recipe, crop_scale=(0.08, 1.0), flip_p=0.5, jitter_p=0.0, gray_p=0.0, blur_p=0.0,
-                   solarize_p=0.0)
+    return replace(
+        test_recipe, crop_scale=(0.08, 1.0), flip_p=0.5, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0
+    )
 
 
 class ByolLinearEval:
@@ -107,15 +131,35 @@ class ByolLinearEval:
         best_top1_: the best top-1 over epochs.
     """
 
-    def __init__(self, *, epochs: int = 80, lr: float = 0.4, momentum: float = 0.9, weight_decay: float = 0.0,
-                 batch_size: int = 256, seed: int = 0, workers: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        epochs: int = 80,
+        lr: float = 0.4,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        batch_size: int = 256,
+        seed: int = 0,
+        workers: int = 0,
+    ) -> None:
         self.epochs, self.lr, self.momentum, self.weight_decay = epochs, lr, momentum, weight_decay
         self.batch_size, self.seed, self.workers = batch_size, seed, workers
 
-    def fit(self, backbone: nn.Module, train: Reader, test: Reader, test_recipe: ViewRecipe, *, decode_size: int,
-            num_classes: int, feature_dim: int, device: torch.device | str = "cpu",
-            autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
-            skip_corrupt: bool = False) -> ByolLinearEval:
+    def fit(
+        self,
+        backbone: nn.Module,
+        train: Reader,
+        test: Reader,
+        test_recipe: ViewRecipe,
+        *,
+        decode_size: int,
+        num_classes: int,
+        feature_dim: int,
+        device: torch.device | str = "cpu",
+        autocast_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+        skip_corrupt: bool = False,
+    ) -> ByolLinearEval:
         from directpred.data.order import step_generator
 
         device = torch.device(device)
@@ -125,13 +169,23 @@ class ByolLinearEval:
         with torch.no_grad():  # seeded init (the same on every process)
             self.linear_.weight.copy_(torch.randn(self.linear_.weight.shape, generator=g) * 0.01)
             self.linear_.bias.zero_()
-        opt = torch.optim.SGD(self.linear_.parameters(), lr=self.lr, momentum=self.momentum, nesterov=True,
-                              weight_decay=self.weight_decay)
-        source = StreamSource(train, decode_size, batch_size=self.batch_size, seed=self.seed + 1, rank=rank,
-                              world=world, workers=self.workers, skip_corrupt=skip_corrupt)
+        opt = torch.optim.SGD(
+            self.linear_.parameters(), lr=self.lr, momentum=self.momentum, nesterov=True, weight_decay=self.weight_decay
+        )
+        source = StreamSource(
+            train,
+            decode_size,
+            batch_size=self.batch_size,
+            seed=self.seed + 1,
+            rank=rank,
+            world=world,
+            workers=self.workers,
+            skip_corrupt=skip_corrupt,
+        )
         if source.steps_per_epoch < 1:
-            raise ValueError(f"the linear evaluation's batch {self.batch_size} x {world} exceeds the {len(train)} "
-                             "training images")
+            raise ValueError(
+                f"the linear evaluation's batch {self.batch_size} x {world} exceeds the {len(train)} training images"
+            )
         total = self.epochs * source.steps_per_epoch
         aug = probe_recipe(test_recipe)
         was_training = backbone.training
@@ -144,12 +198,17 @@ class ByolLinearEval:
             for images, idx in zip(source.batches(epoch), plans, strict=True):
                 for group in opt.param_groups:
                     group["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * step / total))
-                x = augment_view(images.to(device, non_blocking=True), aug,
-                                 step_generator(self.seed + 1, step), shard=(rank, world))
+                x = augment_view(
+                    images.to(device, non_blocking=True), aug, step_generator(self.seed + 1, step), shard=(rank, world)
+                )
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                                     enabled=autocast_dtype is not None):
+                with (
+                    torch.no_grad(),
+                    torch.autocast(
+                        device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+                    ),
+                ):
                     feats = backbone(x).float()
                 loss = F.cross_entropy(self.linear_(feats), labels_all[idx].to(device))
                 opt.zero_grad(set_to_none=True)
@@ -160,25 +219,51 @@ class ByolLinearEval:
                         p.grad = distributed.all_reduce_mean(p.grad)
                 opt.step()
                 step += 1
-            self.history_.append(self.score(backbone, test, test_recipe, decode_size=decode_size, device=device,
-                                            autocast_dtype=autocast_dtype, channels_last=channels_last,
-                                            skip_corrupt=skip_corrupt))
+            self.history_.append(
+                self.score(
+                    backbone,
+                    test,
+                    test_recipe,
+                    decode_size=decode_size,
+                    device=device,
+                    autocast_dtype=autocast_dtype,
+                    channels_last=channels_last,
+                    skip_corrupt=skip_corrupt,
+                )
+            )
         backbone.train(was_training)
         self.top1_, self.top5_ = self.history_[-1]
         self.best_top1_ = max(h[0] for h in self.history_)
         return self
 
     @torch.no_grad()
-    def score(self, backbone: nn.Module, test: Reader, test_recipe: ViewRecipe, *, decode_size: int,
-              device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
-              channels_last: bool = False, skip_corrupt: bool = False) -> tuple[float, float]:
+    def score(
+        self,
+        backbone: nn.Module,
+        test: Reader,
+        test_recipe: ViewRecipe,
+        *,
+        decode_size: int,
+        device: torch.device | str = "cpu",
+        autocast_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+        skip_corrupt: bool = False,
+    ) -> tuple[float, float]:
         """(top-1, top-5) in [0, 1] on the centre crops of ``test`` (all processes' images counted)."""
         device = torch.device(device)
         counts = torch.zeros(3, device=device)
-        for feats, labels in stream_features(backbone, test, test_recipe, decode_size=decode_size,
-                                             batch_size=self.batch_size, workers=self.workers, device=device,
-                                             autocast_dtype=autocast_dtype, channels_last=channels_last,
-                                             skip_corrupt=skip_corrupt):
+        for feats, labels in stream_features(
+            backbone,
+            test,
+            test_recipe,
+            decode_size=decode_size,
+            batch_size=self.batch_size,
+            workers=self.workers,
+            device=device,
+            autocast_dtype=autocast_dtype,
+            channels_last=channels_last,
+            skip_corrupt=skip_corrupt,
+        ):
             logits = self.linear_(feats)
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hit = top == labels.view(-1, 1)
@@ -189,9 +274,17 @@ class ByolLinearEval:
 
 
 @torch.no_grad()
-def evaluate_stream(backbone: nn.Module, data: StreamData, cfg: Config, test_recipe: ViewRecipe,
-                    device: torch.device, *, linear: bool = True, autocast_dtype: torch.dtype | None = None,
-                    channels_last: bool = False) -> dict[str, float]:
+def evaluate_stream(
+    backbone: nn.Module,
+    data: StreamData,
+    cfg: Config,
+    test_recipe: ViewRecipe,
+    device: torch.device,
+    *,
+    linear: bool = True,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
     """kNN (streamed) and, with ``linear``, the linear evaluation of ``eval.linear_protocol`` on a streamed data set:
     ``knn_top1``, ``linear_top1`` (final epoch), ``linear_top1_best``, ``linear_top5`` in percent.
 
@@ -204,9 +297,18 @@ def evaluate_stream(backbone: nn.Module, data: StreamData, cfg: Config, test_rec
     e = cfg.eval
 
     def features(reader: Reader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return stream_features(backbone, reader, test_recipe, decode_size=data.decode_size, batch_size=e.batch_size,
-                               workers=cfg.data.workers, device=device, autocast_dtype=autocast_dtype,
-                               channels_last=channels_last, skip_corrupt=cfg.data.skip_corrupt)
+        return stream_features(
+            backbone,
+            reader,
+            test_recipe,
+            decode_size=data.decode_size,
+            batch_size=e.batch_size,
+            workers=cfg.data.workers,
+            device=device,
+            autocast_dtype=autocast_dtype,
+            channels_last=channels_last,
+            skip_corrupt=cfg.data.skip_corrupt,
+        )
 
     test = list(features(data.test.reader))
     f_test = _gather(torch.cat([f for f, _ in test]))
@@ -215,27 +317,49 @@ def evaluate_stream(backbone: nn.Module, data: StreamData, cfg: Config, test_rec
     train_batches = features(data.train.reader)
     if linear and e.linear_protocol == "authors":  # the features are needed twice: keep them
         train = list(train_batches)
-        out["knn_top1"] = 100.0 * knn_stream(f_test, y_test, iter(train), num_classes=data.num_classes,
-                                             k=e.knn_k, temperature=e.knn_t)
+        out["knn_top1"] = 100.0 * knn_stream(
+            f_test, y_test, iter(train), num_classes=data.num_classes, k=e.knn_k, temperature=e.knn_t
+        )
         f_train = _gather(torch.cat([f for f, _ in train]))
         y_train = _gather(torch.cat([y for _, y in train]))
         with torch.enable_grad():
-            probe = LinearProbe(epochs=e.linear_epochs, lr=e.linear_lr, weight_decay=e.linear_weight_decay,
-                                batch_size=e.linear_batch_size, seed=cfg.train.seed).fit(f_train, y_train, f_test,
-                                                                                         y_test)
+            probe = LinearProbe(
+                epochs=e.linear_epochs,
+                lr=e.linear_lr,
+                weight_decay=e.linear_weight_decay,
+                batch_size=e.linear_batch_size,
+                seed=cfg.train.seed,
+            ).fit(f_train, y_train, f_test, y_test)
         out["linear_top1"] = 100.0 * probe.history_[-1]
         out["linear_top1_best"] = 100.0 * probe.best_accuracy_
         return out
-    out["knn_top1"] = 100.0 * knn_stream(f_test, y_test, train_batches, num_classes=data.num_classes, k=e.knn_k,
-                                         temperature=e.knn_t)
+    out["knn_top1"] = 100.0 * knn_stream(
+        f_test, y_test, train_batches, num_classes=data.num_classes, k=e.knn_k, temperature=e.knn_t
+    )
     if linear:
         with torch.enable_grad():
-            ev = ByolLinearEval(epochs=e.linear_epochs, lr=e.linear_lr, momentum=e.linear_momentum,
-                                weight_decay=e.linear_weight_decay, batch_size=e.linear_batch_size,
-                                seed=cfg.train.seed, workers=cfg.data.workers)
-            ev.fit(backbone, data.train.reader, data.test.reader, test_recipe, decode_size=data.decode_size,
-                   num_classes=data.num_classes, feature_dim=f_test.shape[1], device=device,
-                   autocast_dtype=autocast_dtype, channels_last=channels_last, skip_corrupt=cfg.data.skip_corrupt)
+            ev = ByolLinearEval(
+                epochs=e.linear_epochs,
+                lr=e.linear_lr,
+                momentum=e.linear_momentum,
+                weight_decay=e.linear_weight_decay,
+                batch_size=e.linear_batch_size,
+                seed=cfg.train.seed,
+                workers=cfg.data.workers,
+            )
+            ev.fit(
+                backbone,
+                data.train.reader,
+                data.test.reader,
+                test_recipe,
+                decode_size=data.decode_size,
+                num_classes=data.num_classes,
+                feature_dim=f_test.shape[1],
+                device=device,
+                autocast_dtype=autocast_dtype,
+                channels_last=channels_last,
+                skip_corrupt=cfg.data.skip_corrupt,
+            )
         out["linear_top1"] = 100.0 * ev.top1_
         out["linear_top1_best"] = 100.0 * ev.best_top1_
         out["linear_top5"] = 100.0 * ev.top5_

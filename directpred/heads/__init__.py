@@ -31,9 +31,20 @@ from directpred.heads.mlp import MLP
 from directpred.heads.optimal import OptimalPredictor
 
 __all__ = [
-    "Predictor", "MLP", "LinearPredictor", "IdentityPredictor", "DirectPred", "DirectCopy", "PartitionedDirectPred",
-    "OptimalPredictor", "CorrelationEstimator", "symmetric_eigh", "directpred_eigenvalues", "PREDICTORS",
-    "register_predictor", "build_predictor",
+    "Predictor",
+    "MLP",
+    "LinearPredictor",
+    "IdentityPredictor",
+    "DirectPred",
+    "DirectCopy",
+    "PartitionedDirectPred",
+    "OptimalPredictor",
+    "CorrelationEstimator",
+    "symmetric_eigh",
+    "directpred_eigenvalues",
+    "PREDICTORS",
+    "register_predictor",
+    "build_predictor",
 ]
 
 PREDICTORS: dict[str, Callable[..., Predictor]] = {}
@@ -52,11 +63,28 @@ def register_predictor(name: str) -> Callable[[Callable[..., Predictor]], Callab
 @register_predictor("directpred")
 def _directpred(dim: int, cfg: PredictorConfig, *, seed: int = 0, **_: object) -> Predictor:
     if cfg.partitions > 0:  # the hyperplanes are drawn from the run's seed (train.seed)
-        return PartitionedDirectPred(dim, partitions=cfg.partitions, seed=seed, rho=cfg.rho, eps=cfg.eps,
-                                     freq=cfg.freq, eps_mode=cfg.eps_mode, c=cfg.c, zero_mean=cfg.zero_mean,
-                                     average=cfg.average)
-    return DirectPred(dim, rho=cfg.rho, eps=cfg.eps, freq=cfg.freq, eps_mode=cfg.eps_mode, c=cfg.c,
-                      zero_mean=cfg.zero_mean, average=cfg.average)
+        return PartitionedDirectPred(
+            dim,
+            partitions=cfg.partitions,
+            seed=seed,
+            rho=cfg.rho,
+            eps=cfg.eps,
+            freq=cfg.freq,
+            eps_mode=cfg.eps_mode,
+            c=cfg.c,
+            zero_mean=cfg.zero_mean,
+            average=cfg.average,
+        )
+    return DirectPred(
+        dim,
+        rho=cfg.rho,
+        eps=cfg.eps,
+        freq=cfg.freq,
+        eps_mode=cfg.eps_mode,
+        c=cfg.c,
+        zero_mean=cfg.zero_mean,
+        average=cfg.average,
+    )
 
 
 @register_predictor("directcopy")

@@ -82,14 +82,18 @@ class CorrelationEstimator(nn.Module):
         n = stats[-1]
         d = self.dim
         batch_corr = stats[: d * d].view(d, d) / n
-        batch_mean = stats[d * d: d * d + d] / n
+        batch_mean = stats[d * d : d * d + d] / n
         if not torch.isfinite(batch_corr).all():
-            what = ("NaN/inf in the predictor's inputs f" if not torch.isfinite(z).all() else
-                    f"the predictor's inputs f reach |f| = {z.abs().max().item():.3g}, whose squares overflow "
-                    "float32 in E_B[f f^T]")
+            what = (
+                "NaN/inf in the predictor's inputs f"
+                if not torch.isfinite(z).all()
+                else f"the predictor's inputs f reach |f| = {z.abs().max().item():.3g}, whose squares overflow "
+                "float32 in E_B[f f^T]"
+            )
             raise FloatingPointError(
                 f"{what}; the network has diverged. Lower optim.lr, check the data normalisation, or resume from "
-                "the last good checkpoint.")
+                "the last good checkpoint."
+            )
         w = self._weight_of_new_batch()
         self.corr.lerp_(batch_corr.to(self.corr.dtype), w)
         self.mean.lerp_(batch_mean.to(self.mean.dtype), w)
@@ -134,7 +138,10 @@ def symmetric_eigh(M: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple
         except RuntimeError:
             continue
         if torch.isfinite(s).all() and torch.isfinite(U).all():
-            warnings.warn(f"eigh of F^ failed in {dtype}; fell back to float64 with jitter {jitter:g}*mean(diag)",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"eigh of F^ failed in {dtype}; fell back to float64 with jitter {jitter:g}*mean(diag)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return (s - jitter * scale).to(out_dtype), U.to(out_dtype), True
     raise FloatingPointError("the eigendecomposition of F^ failed even in float64 with jitter")

@@ -53,8 +53,9 @@ class _SetFromCorrelation(CorrelationEstimator, Predictor, abc.ABC):
 
     eigh_fallbacks: torch.Tensor  # () long: eigendecompositions that fell back to float64
 
-    def __init__(self, dim: int, *, rho: float, eps: float, freq: int, average: str, zero_mean: bool,
-                 eigh_dtype: torch.dtype) -> None:
+    def __init__(
+        self, dim: int, *, rho: float, eps: float, freq: int, average: str, zero_mean: bool, eigh_dtype: torch.dtype
+    ) -> None:
         super().__init__(dim, rho=rho, average=average, zero_mean=zero_mean)
         if freq < 1:
             raise ValueError(f"freq={freq} must be >= 1")
@@ -108,11 +109,20 @@ class DirectPred(_SetFromCorrelation):
         True
     """
 
-    def __init__(self, dim: int, *, rho: float = 0.3, eps: float = 0.1, freq: int = 1, eps_mode: str = "code",
-                 c: float = 0.0, zero_mean: bool = False, average: str = "ema",
-                 eigh_dtype: torch.dtype = torch.float32) -> None:
-        super().__init__(dim, rho=rho, eps=eps, freq=freq, average=average, zero_mean=zero_mean,
-                         eigh_dtype=eigh_dtype)
+    def __init__(
+        self,
+        dim: int,
+        *,
+        rho: float = 0.3,
+        eps: float = 0.1,
+        freq: int = 1,
+        eps_mode: str = "code",
+        c: float = 0.0,
+        zero_mean: bool = False,
+        average: str = "ema",
+        eigh_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(dim, rho=rho, eps=eps, freq=freq, average=average, zero_mean=zero_mean, eigh_dtype=eigh_dtype)
         if eps_mode not in ("code", "paper"):
             raise ValueError(f"eps_mode={eps_mode!r} must be 'code' or 'paper'")
         self.eps_mode, self.c = eps_mode, c
@@ -134,10 +144,18 @@ class DirectCopy(_SetFromCorrelation):
     ``directcopy`` branch) makes ``eps`` depend on the feature scale. The spectral norm is computed by ``eigvalsh``.
     """
 
-    def __init__(self, dim: int, *, rho: float = 0.3, eps: float = 0.1, freq: int = 1, zero_mean: bool = False,
-                 average: str = "ema", eigh_dtype: torch.dtype = torch.float32) -> None:
-        super().__init__(dim, rho=rho, eps=eps, freq=freq, average=average, zero_mean=zero_mean,
-                         eigh_dtype=eigh_dtype)
+    def __init__(
+        self,
+        dim: int,
+        *,
+        rho: float = 0.3,
+        eps: float = 0.1,
+        freq: int = 1,
+        zero_mean: bool = False,
+        average: str = "ema",
+        eigh_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(dim, rho=rho, eps=eps, freq=freq, average=average, zero_mean=zero_mean, eigh_dtype=eigh_dtype)
 
     def target_weight(self, F_hat: torch.Tensor) -> torch.Tensor:
         A = symmetric_part(F_hat)
@@ -148,8 +166,9 @@ class DirectCopy(_SetFromCorrelation):
         if not torch.isfinite(norm):  # same fallback as DirectPred's symmetric_eigh: float64
             norm = torch.linalg.eigvalsh(A.double()).abs().max()
             self.eigh_fallbacks += 1
-            warnings.warn(f"eigvalsh of F^ failed in {self.eigh_dtype}; fell back to float64", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"eigvalsh of F^ failed in {self.eigh_dtype}; fell back to float64", RuntimeWarning, stacklevel=2
+            )
         eye = torch.eye(self.dim, dtype=A.dtype, device=A.device)
         if not torch.isfinite(norm) or norm <= 0:
             return eye * (1.0 + self.eps)
@@ -176,11 +195,32 @@ class PartitionedDirectPred(DirectPred):
     cell_count: torch.Tensor  # (n, 2) long: updates of every cell
     cell_weight: torch.Tensor  # (n, 2, d, d) every cell's W_p
 
-    def __init__(self, dim: int, *, partitions: int, seed: int = 0, rho: float = 0.3, eps: float = 0.1,
-                 freq: int = 1, eps_mode: str = "code", c: float = 0.0, zero_mean: bool = False,
-                 average: str = "ema", eigh_dtype: torch.dtype = torch.float32) -> None:
-        super().__init__(dim, rho=rho, eps=eps, freq=freq, eps_mode=eps_mode, c=c, zero_mean=zero_mean,
-                         average=average, eigh_dtype=eigh_dtype)
+    def __init__(
+        self,
+        dim: int,
+        *,
+        partitions: int,
+        seed: int = 0,
+        rho: float = 0.3,
+        eps: float = 0.1,
+        freq: int = 1,
+        eps_mode: str = "code",
+        c: float = 0.0,
+        zero_mean: bool = False,
+        average: str = "ema",
+        eigh_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(
+            dim,
+            rho=rho,
+            eps=eps,
+            freq=freq,
+            eps_mode=eps_mode,
+            c=c,
+            zero_mean=zero_mean,
+            average=average,
+            eigh_dtype=eigh_dtype,
+        )
         self.weight.requires_grad_(False)
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("planes", torch.randn(dim, partitions, generator=g))  # (d, n)
@@ -219,8 +259,8 @@ class PartitionedDirectPred(DirectPred):
         stats = torch.cat([s_pos.flatten(), s_all.flatten(), n_pos, n_pos.new_tensor([z.shape[0]])])
         distributed.all_reduce_sum(stats)
         k = self.planes.shape[1]
-        s_pos, s_all = stats[: k * d * d].view(k, d, d), stats[k * d * d: 2 * k * d * d].view(k, d, d)
-        n_pos, n = stats[2 * k * d * d: 2 * k * d * d + k], stats[-1]
+        s_pos, s_all = stats[: k * d * d].view(k, d, d), stats[k * d * d : 2 * k * d * d].view(k, d, d)
+        n_pos, n = stats[2 * k * d * d : 2 * k * d * d + k], stats[-1]
         cell_sum = torch.stack([s_pos, s_all - s_pos], 1)  # (n, 2, d, d)
         cell_n = torch.stack([n_pos, n - n_pos], 1)  # (n, 2)
         for i in range(k):

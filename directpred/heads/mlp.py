@@ -29,8 +29,16 @@ class MLP(Predictor):
         torch.Size([4, 128])
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, bias: bool = True, bn_affine: bool = True,
-                 tied: bool = False) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        out_dim: int,
+        *,
+        bias: bool = True,
+        bn_affine: bool = True,
+        tied: bool = False,
+    ) -> None:
         super().__init__()
         if tied and in_dim != out_dim:
             raise ValueError(f"a tied (symmetric) two-layer head needs in_dim == out_dim, got {in_dim} and {out_dim}")

@@ -52,8 +52,7 @@ class OptimalPredictor(CorrelationEstimator, Predictor):
     uses_target = True
     cross: torch.Tensor
 
-    def __init__(self, dim: int, *, rho: float = 0.3, freq: int = 1, ridge: float = 1e-4,
-                 average: str = "ema") -> None:
+    def __init__(self, dim: int, *, rho: float = 0.3, freq: int = 1, ridge: float = 1e-4, average: str = "ema") -> None:
         super().__init__(dim, rho=rho, average=average, zero_mean=False)
         if freq < 1:
             raise ValueError(f"freq={freq} must be >= 1")
@@ -87,8 +86,10 @@ class OptimalPredictor(CorrelationEstimator, Predictor):
             distributed.all_reduce_sum(stats)
             batch_cross = stats[:-1].view(self.dim, self.dim) / stats[-1]
             if not torch.isfinite(batch_cross).all():
-                raise FloatingPointError("NaN/inf in E_B[f_a f^T]: the network has diverged. Lower optim.lr or "
-                                         "resume from the last good checkpoint.")
+                raise FloatingPointError(
+                    "NaN/inf in E_B[f_a f^T]: the network has diverged. Lower optim.lr or "
+                    "resume from the last good checkpoint."
+                )
             super().update(z)  # F^ (also checks finiteness and advances count)
             self.cross.lerp_(batch_cross, w)
             if set_now:

@@ -34,8 +34,9 @@ class Encoder(nn.Module):
 UPDATE_AT = ("forward", "after_step")
 
 
-def update_predictor(predictor: Predictor, z1: torch.Tensor, z2: torch.Tensor, t1: torch.Tensor,
-                     t2: torch.Tensor) -> None:
+def update_predictor(
+    predictor: Predictor, z1: torch.Tensor, z2: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor
+) -> None:
     """``predictor.update`` on both views' projections (detached, no_grad), with the row-aligned targets of the
     other view (``z1`` predicts ``t2``, ``z2`` predicts ``t1``) for predictors that use them (``uses_target``)."""
     with torch.no_grad():
@@ -64,8 +65,9 @@ class OnlineBranch(nn.Module):
         self.predictor = predictor
         self.update_at = update_at
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, t1: torch.Tensor | None = None,
-                t2: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, x1: torch.Tensor, x2: torch.Tensor, t1: torch.Tensor | None = None, t2: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """``(h1, h2, z1, z2, p1, p2)``: backbone features, projections and predictions of both views.
 
         ``t1``, ``t2``: the target projections of the views (BYOL), needed by a predictor with ``uses_target``
@@ -111,10 +113,18 @@ class Siamese(nn.Module):
             step, so step t predicts with W_p from F^ up to step t-1).
     """
 
-    def __init__(self, encoder: Encoder, predictor: Predictor, *, target: str = "ema", target_init: str = "copy",
-                 symmetric_loss: bool = True, stop_gradient: bool = True,
-                 make_encoder: Callable[[], Encoder] | None = None,
-                 update_at: str = "forward") -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        predictor: Predictor,
+        *,
+        target: str = "ema",
+        target_init: str = "copy",
+        symmetric_loss: bool = True,
+        stop_gradient: bool = True,
+        make_encoder: Callable[[], Encoder] | None = None,
+        update_at: str = "forward",
+    ) -> None:
         super().__init__()
         if target not in ("ema", "online"):
             raise ValueError(f"target={target!r} must be 'ema' (BYOL) or 'online' (SimSiam)")
@@ -149,8 +159,11 @@ class Siamese(nn.Module):
         """
         call = self.online if online is None else online
         target = self.target
-        updates_now = (self.online.training and self.online.update_at == "forward"
-                       and getattr(self.predictor, "uses_target", False))
+        updates_now = (
+            self.online.training
+            and self.online.update_at == "forward"
+            and getattr(self.predictor, "uses_target", False)
+        )
         if target is not None and updates_now:  # the predictor's update in the forward pass needs the targets first
             with torch.no_grad():
                 t1, t2 = target(x1), target(x2)
@@ -187,14 +200,22 @@ def build_method(cfg: Config) -> Siamese:
 
     def make_encoder() -> Encoder:
         backbone = build_backbone(cfg.backbone)
-        projector = MLP(backbone.out_dim, cfg.projector.hidden_dim, cfg.projector.out_dim,
-                        bn_affine=cfg.projector.bn_affine)
+        projector = MLP(
+            backbone.out_dim, cfg.projector.hidden_dim, cfg.projector.out_dim, bn_affine=cfg.projector.bn_affine
+        )
         return Encoder(backbone, projector)
 
     encoder = make_encoder()
-    predictor = build_predictor(cfg.projector.out_dim, cfg.predictor, bn_affine=cfg.projector.bn_affine,
-                                seed=cfg.train.seed)
-    return Siamese(encoder, predictor, target="ema" if cfg.method.name == "byol" else "online",
-                   target_init=cfg.method.target_init, symmetric_loss=cfg.method.symmetric_loss,
-                   stop_gradient=cfg.method.stop_gradient, make_encoder=make_encoder,
-                   update_at=cfg.predictor.update_at)
+    predictor = build_predictor(
+        cfg.projector.out_dim, cfg.predictor, bn_affine=cfg.projector.bn_affine, seed=cfg.train.seed
+    )
+    return Siamese(
+        encoder,
+        predictor,
+        target="ema" if cfg.method.name == "byol" else "online",
+        target_init=cfg.method.target_init,
+        symmetric_loss=cfg.method.symmetric_loss,
+        stop_gradient=cfg.method.stop_gradient,
+        make_encoder=make_encoder,
+        update_at=cfg.predictor.update_at,
+    )

@@ -42,7 +42,9 @@ def parse_devices(text: str, *, torchrun: int = 0, jobs: int = 1) -> list[str | 
         raise ConfigError(f"--devices {text!r}: give cpu, auto or distinct GPU indices like 0,1,2,3")
     group = max(torchrun, 1)
     if len(ids) % group:
-        raise ConfigError(f"--devices {text!r} with --torchrun {torchrun}: the number of GPUs must be a multiple of "
-                          f"the processes per run")
-    groups = [",".join(ids[i:i + group]) for i in range(0, len(ids), group)]
+        raise ConfigError(
+            f"--devices {text!r} with --torchrun {torchrun}: the number of GPUs must be a multiple of "
+            f"the processes per run"
+        )
+    groups = [",".join(ids[i : i + group]) for i in range(0, len(ids), group)]
     return [g for g in groups for _ in range(jobs)]

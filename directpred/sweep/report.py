@@ -19,11 +19,13 @@ from directpred.sweep.spec import Sweep
 
 METRICS = (("knn_top1", "kNN top-1"), ("linear_top1", "linear top-1"), ("linear_top1_best", "linear best"))
 TIMING = (("images_per_second", "images/s"), ("wall_seconds", "wall s"))
-METRIC_NOTE = ("Accuracies in % on the test split, mean ± std over seeds (sample std, n-1), n = finished seeds. "
-               "kNN: weighted kNN on the frozen backbone at the end of training. linear top-1: the linear probe's "
-               "final epoch. linear best: the best test accuracy over the probe's epochs, which is what the "
-               "authors' code reports and what the paper's tables give, so the paper column sits beside it. "
-               "collapsed: seeds whose run the collapse detector flagged (– where diagnostics were off).")
+METRIC_NOTE = (
+    "Accuracies in % on the test split, mean ± std over seeds (sample std, n-1), n = finished seeds. "
+    "kNN: weighted kNN on the frozen backbone at the end of training. linear top-1: the linear probe's "
+    "final epoch. linear best: the best test accuracy over the probe's epochs, which is what the "
+    "authors' code reports and what the paper's tables give, so the paper column sits beside it. "
+    "collapsed: seeds whose run the collapse detector flagged (– where diagnostics were off)."
+)
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -77,13 +79,15 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
             runs.append(row)
         epochs = sorted({e for c in curves for e in c})
         entry: dict[str, Any] = {
-            "cell": cell, "n": len(done),
+            "cell": cell,
+            "n": len(done),
             **{k: _stats([s[k] for s in done if s.get(k) is not None]) for k, _ in METRICS},
             # None where no run had the collapse detector on (diag.every=0): "no collapse seen" would mislead
             "collapsed": sum(bool(s.get("collapsed")) for s in done) if any("collapsed" in s for s in done) else None,
             "failed": [s for s, st in status_of.items() if st == "failed"],
             "missing": [s for s, st in status_of.items() if st in ("missing", "incomplete")],
-            "paper": None, "knn_curve": [],
+            "paper": None,
+            "knn_curve": [],
         }
         if cell in sweep.paper:
             entry["paper"] = {"mean": sweep.paper[cell].mean, "std": sweep.paper[cell].std}
@@ -92,9 +96,17 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
             entry["knn_curve"].append([e, round(sum(vals) / len(vals), 4), len(vals)])
         cells.append(entry)
         timing_cells[cell] = {k: _stats([s[k] for s in done if s.get(k) is not None]) for k, _ in TIMING}
-    return {"sweep": sweep.name, "file": str(sweep.path), "base": str(sweep.base), "seeds": sweep.seeds,
-            "metric_note": METRIC_NOTE, "paper_note": sweep.paper_note, "cells": cells, "runs": runs,
-            "timing": {"cells": timing_cells, "runs": timing_runs}}
+    return {
+        "sweep": sweep.name,
+        "file": str(sweep.path),
+        "base": str(sweep.base),
+        "seeds": sweep.seeds,
+        "metric_note": METRIC_NOTE,
+        "paper_note": sweep.paper_note,
+        "cells": cells,
+        "runs": runs,
+        "timing": {"cells": timing_cells, "runs": timing_runs},
+    }
 
 
 def _pm(stat: dict[str, Any] | None, digits: int = 2) -> str:
@@ -107,10 +119,15 @@ def markdown(res: dict[str, Any]) -> str:
     """``results.md``: accuracy table, missing and failed runs, then (last) the timing table."""
     runs = res["runs"]
     count = {s: sum(r["status"] == s for r in runs) for s in ("done", "failed", "incomplete", "missing")}
-    lines = [f"# Sweep `{res['sweep']}`", "",
-             f"Sweep file `{res['file']}`, base config `{res['base']}`, seeds {res['seeds']}: {len(res['cells'])} "
-             f"cells, {len(runs)} runs ({count['done']} done, {count['failed']} failed, "
-             f"{count['incomplete'] + count['missing']} missing).", "", res["metric_note"]]
+    lines = [
+        f"# Sweep `{res['sweep']}`",
+        "",
+        f"Sweep file `{res['file']}`, base config `{res['base']}`, seeds {res['seeds']}: {len(res['cells'])} "
+        f"cells, {len(runs)} runs ({count['done']} done, {count['failed']} failed, "
+        f"{count['incomplete'] + count['missing']} missing).",
+        "",
+        res["metric_note"],
+    ]
     has_paper = any(c["paper"] for c in res["cells"])
     if has_paper:
         lines += ["", f"Paper: {res['paper_note']}"]
@@ -118,26 +135,44 @@ def markdown(res: dict[str, Any]) -> str:
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in res["cells"]:
         paper = [_pm(c["paper"])] if has_paper else []
-        row = [f"`{c['cell']}`", str(c["n"])] + [_pm(c[k]) for k, _ in METRICS] + paper + \
-            ["–" if c["collapsed"] is None else str(c["collapsed"]), str(len(c["failed"]))]
+        row = (
+            [f"`{c['cell']}`", str(c["n"])]
+            + [_pm(c[k]) for k, _ in METRICS]
+            + paper
+            + ["–" if c["collapsed"] is None else str(c["collapsed"]), str(len(c["failed"]))]
+        )
         lines.append("| " + " | ".join(row) + " |")
     missing = [r for r in runs if r["status"] in ("missing", "incomplete")]
     if missing:
         lines += ["", "## Missing runs", ""] + [
-            f"- `runs/{r['cell']}/seed{r['seed']}`" + (" (checkpoint, not finished)" if r["status"] == "incomplete"
-                                                       else "") for r in missing]
+            f"- `runs/{r['cell']}/seed{r['seed']}`"
+            + (" (checkpoint, not finished)" if r["status"] == "incomplete" else "")
+            for r in missing
+        ]
     failed = [r for r in runs if r["status"] == "failed"]
     if failed:
         lines += ["", "## Failed runs", ""] + [
             f"- `runs/{r['cell']}/seed{r['seed']}`: {r.get('error') or 'see its sweep.log'} "
-            f"(log: `runs/{r['cell']}/seed{r['seed']}/sweep.log`)" for r in failed]
-    lines += ["", "## Timing", "", "Mean ± std over finished seeds; images/s of the training steps, wall time of the "
-              "whole run (evaluation included).", "", "| cell | " + " | ".join(t for _, t in TIMING) + " |",
-              "|---|" + "---|" * len(TIMING)]
+            f"(log: `runs/{r['cell']}/seed{r['seed']}/sweep.log`)"
+            for r in failed
+        ]
+    lines += [
+        "",
+        "## Timing",
+        "",
+        "Mean ± std over finished seeds; images/s of the training steps, wall time of the "
+        "whole run (evaluation included).",
+        "",
+        "| cell | " + " | ".join(t for _, t in TIMING) + " |",
+        "|---|" + "---|" * len(TIMING),
+    ]
     for c in res["cells"]:
         t = res["timing"]["cells"][c["cell"]]
-        lines.append(f"| `{c['cell']}` | " + " | ".join(_pm(t[k], 0 if k == "images_per_second" else 1)
-                                                        for k, _ in TIMING) + " |")
+        lines.append(
+            f"| `{c['cell']}` | "
+            + " | ".join(_pm(t[k], 0 if k == "images_per_second" else 1) for k, _ in TIMING)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -155,9 +190,19 @@ def csv_text(res: dict[str, Any]) -> str:
     for c in res["cells"]:
         t = res["timing"]["cells"][c["cell"]]
         paper = c["paper"] or {}
-        w.writerow([c["cell"], c["n"], *[f(c[k][s]) for k, _ in METRICS for s in ("mean", "std")],
-                    f(paper.get("mean")), f(paper.get("std")), c["collapsed"], len(c["failed"]), len(c["missing"]),
-                    *[f(t[k][s]) for k, _ in TIMING for s in ("mean", "std")]])
+        w.writerow(
+            [
+                c["cell"],
+                c["n"],
+                *[f(c[k][s]) for k, _ in METRICS for s in ("mean", "std")],
+                f(paper.get("mean")),
+                f(paper.get("std")),
+                c["collapsed"],
+                len(c["failed"]),
+                len(c["missing"]),
+                *[f(t[k][s]) for k, _ in TIMING for s in ("mean", "std")],
+            ]
+        )
     return buf.getvalue()
 
 

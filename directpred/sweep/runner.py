@@ -55,8 +55,15 @@ class Plan:
         """The exact ``directpred train`` command line of this run (under torchrun when ``torchrun`` > 0)."""
         head = [sys.executable, "-m", "directpred"]
         if torchrun:
-            head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
-                    "-m", "directpred"]
+            head = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={torchrun}",
+                "-m",
+                "directpred",
+            ]
         if self.action == "resume":
             tail = ["--resume", str(self.run_dir)] + [a for s in self.sets for a in ("--set", s)]
         else:
@@ -77,12 +84,17 @@ def plan_run(sweep: Sweep, run: Run, out: Path) -> Plan:
     except (ConfigError, yaml.YAMLError) as exc:
         raise ConfigError(f"{cfg_file}: cannot read the run's config ({exc}); remove {run_dir} to restart it") from None
     diffs = diff_configs(saved, sweep.config(run))
-    fixed = {k: v for k, v in diffs.items()
-             if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUMABLE_CHANGES)}
+    fixed = {
+        k: v
+        for k, v in diffs.items()
+        if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUMABLE_CHANGES)
+    }
     if fixed:
         shown = "; ".join(f"{k}: {a!r} in the run, {b!r} in the sweep" for k, (a, b) in fixed.items())
-        raise ConfigError(f"{run_dir} was made with a different configuration ({shown}); remove that directory to "
-                          "rerun it, or write this sweep to another --out")
+        raise ConfigError(
+            f"{run_dir} was made with a different configuration ({shown}); remove that directory to "
+            "rerun it, or write this sweep to another --out"
+        )
     longer = any(k in LENGTH_KEYS for k in diffs)
     if (run_dir / "summary.json").is_file() and not longer:
         return Plan(run, run_dir, "done")
@@ -128,8 +140,11 @@ class _Active:
 
 def _finish_line(plan: Plan) -> str:
     s = json.loads((plan.run_dir / "summary.json").read_text())
-    parts = [f"{label} {s[k]:.2f}%" for k, label in (("knn_top1", "kNN"), ("linear_top1", "linear"),
-                                                     ("linear_top1_best", "best")) if s.get(k) is not None]
+    parts = [
+        f"{label} {s[k]:.2f}%"
+        for k, label in (("knn_top1", "kNN"), ("linear_top1", "linear"), ("linear_top1_best", "best"))
+        if s.get(k) is not None
+    ]
     return ", ".join(parts) + (" [collapsed]" if s.get("collapsed") else "")
 
 
@@ -141,8 +156,9 @@ def _last_line(log: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def execute(sweep: Sweep, plans: list[Plan], *, slots: list[str | None], torchrun: int = 0,
-            echo: IO[str] = sys.stdout) -> list[Plan]:
+def execute(
+    sweep: Sweep, plans: list[Plan], *, slots: list[str | None], torchrun: int = 0, echo: IO[str] = sys.stdout
+) -> list[Plan]:
     """Run the plans that are not done, ``len(slots)`` at a time; returns the plans whose run failed.
 
     Args:
@@ -174,18 +190,25 @@ def execute(sweep: Sweep, plans: list[Plan], *, slots: list[str | None], torchru
                 plan, slot = todo.pop(0), free.pop(0)
                 index += 1
                 _prepare_dir(plan)
-                env = {**os.environ, "PYTHONUNBUFFERED": "1",
-                       "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
-                       "CUDA_VISIBLE_DEVICES": slots[slot] or ""}
+                env = {
+                    **os.environ,
+                    "PYTHONUNBUFFERED": "1",
+                    "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
+                    "CUDA_VISIBLE_DEVICES": slots[slot] or "",
+                }
                 cmd = plan.command(sweep, torchrun)
                 log = open(plan.run_dir / "sweep.log", "a")  # noqa: SIM115 (closed when the run ends)
                 log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {plan.action}: {' '.join(cmd)}\n")
                 log.flush()
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                        preexec_fn=preexec)
+                proc = subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=preexec
+                )
                 where = "cpu" if slots[slot] is None else f"GPU {slots[slot]}"
-                print(f"[{index}/{total}] start  {plan.run.cell} seed {plan.run.seed} ({plan.action}, {where})",
-                      file=echo, flush=True)
+                print(
+                    f"[{index}/{total}] start  {plan.run.cell} seed {plan.run.seed} ({plan.action}, {where})",
+                    file=echo,
+                    flush=True,
+                )
                 active.append(_Active(plan, proc, log, slot, index, time.time()))
             time.sleep(0.1)
             for a in [a for a in active if a.proc.poll() is not None]:
@@ -200,10 +223,16 @@ def execute(sweep: Sweep, plans: list[Plan], *, slots: list[str | None], torchru
                     continue
                 failed.append(a.plan)
                 log_path = a.plan.run_dir / "sweep.log"
-                (a.plan.run_dir / "failed.json").write_text(json.dumps(
-                    {"returncode": a.proc.returncode, "log": "sweep.log", "last_line": _last_line(log_path)}) + "\n")
-                print(head.format("FAILED") + f" (exit {a.proc.returncode}): {_last_line(log_path)}\n"
-                      f"        log: {log_path}", file=echo, flush=True)
+                (a.plan.run_dir / "failed.json").write_text(
+                    json.dumps({"returncode": a.proc.returncode, "log": "sweep.log", "last_line": _last_line(log_path)})
+                    + "\n"
+                )
+                print(
+                    head.format("FAILED") + f" (exit {a.proc.returncode}): {_last_line(log_path)}\n"
+                    f"        log: {log_path}",
+                    file=echo,
+                    flush=True,
+                )
     except SweepInterrupted as exc:
         print(f"\nsweep: {exc}: stopping {len(active)} running run(s) at a checkpoint ...", file=echo, flush=True)
         for a in active:
@@ -219,6 +248,9 @@ def execute(sweep: Sweep, plans: list[Plan], *, slots: list[str | None], torchru
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    print(f"sweep: {total - len(failed)}/{total} run(s) finished, {len(failed)} failed, "
-          f"{time.time() - t_sweep:.0f} s", file=echo, flush=True)
+    print(
+        f"sweep: {total - len(failed)}/{total} run(s) finished, {len(failed)} failed, {time.time() - t_sweep:.0f} s",
+        file=echo,
+        flush=True,
+    )
     return failed

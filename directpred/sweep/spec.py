@@ -78,8 +78,9 @@ class Sweep:
     def runs(self) -> list[Run]:
         """Every cell x seed, seed by seed (each cell's first seed before any cell's second: a sweep stopped early
         has every cell), cells in file order."""
-        return [Run(cell, seed, (*sets, f"train.seed={seed}")) for seed in self.seeds
-                for cell, sets in self.cells.items()]
+        return [
+            Run(cell, seed, (*sets, f"train.seed={seed}")) for seed in self.seeds for cell, sets in self.cells.items()
+        ]
 
     def config(self, run: Run) -> Config:
         """The resolved configuration of ``run``: what ``directpred train BASE --set ...`` builds."""
@@ -132,8 +133,9 @@ def parse_paper_value(text: Any, where: str) -> PaperValue:
         return PaperValue(float(text))
     match = _PAPER_VALUE.match(str(text)) if isinstance(text, str) else None
     if not match:
-        raise ConfigError(f"{where}: {text!r} is not a paper value; write a number or 'mean +- std', e.g. "
-                          "'77.86 +- 0.16'")
+        raise ConfigError(
+            f"{where}: {text!r} is not a paper value; write a number or 'mean +- std', e.g. '77.86 +- 0.16'"
+        )
     return PaperValue(float(match[1]), float(match[2]) if match[2] else None)
 
 
@@ -151,13 +153,14 @@ def _cells(data: dict[str, Any], where: str) -> dict[str, list[tuple[str, Any]]]
             raise ConfigError(f"{where}: axes.train.seed: use the sweep's `seeds` list for seeds")
     names = _axis_names(list(axes))
     cells: dict[str, list[tuple[str, Any]]] = {}
-    for vname, overrides in (variants.items() if variants else [(None, {})]):
+    for vname, overrides in variants.items() if variants else [(None, {})]:
         if vname is not None and not re.fullmatch(r"[A-Za-z0-9._+=,-]+", str(vname)):
             raise ConfigError(f"{where}: variant name {vname!r} may use only letters, digits and . _ + = , -")
         pairs = _flatten(overrides or {}, f"{where}: variants.{vname}")
         for combo in itertools.product(*axes.values()):
-            parts = ([str(vname)] if vname is not None else []) + \
-                [f"{names[k]}={_label(v)}" for k, v in zip(axes, combo)]
+            parts = ([str(vname)] if vname is not None else []) + [
+                f"{names[k]}={_label(v)}" for k, v in zip(axes, combo)
+            ]
             name = ",".join(parts)
             if name in cells:
                 raise ConfigError(f"{where}: two cells are both named {name!r}; make the values distinct")
@@ -193,8 +196,12 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if not base.is_file():
         raise ConfigError(f"{path}: base config {data['base']!r} does not exist (looked for {base})")
     seeds = data.get("seeds", [0])
-    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or len(set(seeds)) != len(seeds)
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    ):
         raise ConfigError(f"{path}: seeds={seeds!r}; expected a list of distinct integers >= 0, e.g. [0, 1, 2]")
     # No progress bar in the runs' logs (a sweep prints one line per run); the sweep's `set` may turn it back on.
     common = ["train.progress=false"] + _sets(_flatten(data.get("set") or {}, f"{path}: set"))

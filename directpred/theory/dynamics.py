@@ -88,10 +88,9 @@ class Trajectory:
 
     def save(self, path: str | Path, **extra: Array) -> None:
         """Write ``t``, every state, ``extra`` arrays and the JSON-encoded params into one ``.npz``."""
+        arrays = {"t": self.t, "params_json": np.asarray(json.dumps(_jsonable(self.params))), **self.states, **extra}
         # mypy matches the **arrays against numpy's allow_pickle: bool too (no state is named so)
-        np.savez_compressed(
-            path, t=self.t, params_json=json.dumps(_jsonable(self.params)), **self.states, **extra  # type: ignore[arg-type]
-        )
+        np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: str | Path) -> Trajectory:
@@ -254,9 +253,7 @@ def linear_field(W: Array, Wp: Array, Wa: Array, p: LinearParams) -> tuple[Array
 def pack(W: Array, Wp: Array, Wa: Array) -> Array:
     """Flatten ``(W, Wp, Wa)`` into one state vector (keeping leading batch axes)."""
     lead = W.shape[:-2]
-    return np.concatenate(
-        [W.reshape(lead + (-1,)), Wp.reshape(lead + (-1,)), Wa.reshape(lead + (-1,))], axis=-1
-    )
+    return np.concatenate([W.reshape(lead + (-1,)), Wp.reshape(lead + (-1,)), Wa.reshape(lead + (-1,))], axis=-1)
 
 
 def unpack(y: Array, n1: int, n2: int) -> tuple[Array, Array, Array]:
@@ -277,13 +274,44 @@ def rhs_linear(t: float, y: Array, params: LinearParams) -> Array:
     return pack(*linear_field(*unpack(y, n1, n2), params))
 
 
-def run_record(model: str, *, alpha_p: float, eta: float, beta: float, dt: float, steps: int, mode: str,
-               stop_gradient: bool, predictor: bool, symmetric: bool, record_every: int, n1: int, n2: int,
-               X: np.ndarray, Xp: np.ndarray, **extra: object) -> dict:
+def run_record(
+    model: str,
+    *,
+    alpha_p: float,
+    eta: float,
+    beta: float,
+    dt: float,
+    steps: int,
+    mode: str,
+    stop_gradient: bool,
+    predictor: bool,
+    symmetric: bool,
+    record_every: int,
+    n1: int,
+    n2: int,
+    X: np.ndarray,
+    Xp: np.ndarray,
+    **extra: object,
+) -> dict:
     """The parameters a linear-model :class:`Trajectory` records (gradient flow or minibatch SGD)."""
-    return dict(model=model, alpha_p=float(alpha_p), eta=float(eta), beta=float(beta), dt=float(dt),
-                steps=int(steps), mode=mode, stop_gradient=stop_gradient, predictor=predictor, symmetric=symmetric,
-                record_every=int(record_every), n1=int(n1), n2=int(n2), X=X, Xp=Xp, **extra)
+    return dict(
+        model=model,
+        alpha_p=float(alpha_p),
+        eta=float(eta),
+        beta=float(beta),
+        dt=float(dt),
+        steps=int(steps),
+        mode=mode,
+        stop_gradient=stop_gradient,
+        predictor=predictor,
+        symmetric=symmetric,
+        record_every=int(record_every),
+        n1=int(n1),
+        n2=int(n2),
+        X=X,
+        Xp=Xp,
+        **extra,
+    )
 
 
 def flow_params(
@@ -415,11 +443,24 @@ def simulate_linear(
         predictor=predictor,
         symmetric=symmetric,
     )
-    t, ys = integrate(
-        rhs_linear, pack(W, Wp, Wa), params, dt=dt, steps=steps, method=method, record_every=record_every
-    )
+    t, ys = integrate(rhs_linear, pack(W, Wp, Wa), params, dt=dt, steps=steps, method=method, record_every=record_every)
     Ws, Wps, Was = unpack(ys, n1, n2)
-    record = run_record("linear", alpha_p=alpha_p, eta=eta, beta=beta, dt=dt, steps=steps, mode=mode,
-                        stop_gradient=stop_gradient, predictor=predictor, symmetric=symmetric,
-                        record_every=record_every, n1=n1, n2=n2, X=X, Xp=Xp, method=method)
+    record = run_record(
+        "linear",
+        alpha_p=alpha_p,
+        eta=eta,
+        beta=beta,
+        dt=dt,
+        steps=steps,
+        mode=mode,
+        stop_gradient=stop_gradient,
+        predictor=predictor,
+        symmetric=symmetric,
+        record_every=record_every,
+        n1=n1,
+        n2=n2,
+        X=X,
+        Xp=Xp,
+        method=method,
+    )
     return Trajectory(t=t, states={"W": Ws, "Wp": Wps, "Wa": Was}, params=record)

@@ -33,9 +33,7 @@ from directpred.theory.reduced import (
 )
 
 
-def _write(
-    out: Path, name: str, fig: Any, arrays: dict[str, np.ndarray], info: dict[str, Any]
-) -> dict[str, Any]:
+def _write(out: Path, name: str, fig: Any, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     plots.save(fig, str(out / f"{name}.png"))
     # mypy matches the **arrays against numpy's allow_pickle: bool too (no array is named so)
@@ -130,8 +128,17 @@ def fig5(out: Path) -> dict[str, Any]:
     for row, (name, runs) in enumerate(sweeps.items()):
         for k, (eta, beta, ema, label) in enumerate(runs):
             tr = simulate_reduced(
-                p0, s0, tau0, alpha_p=alpha_p, sigma2=sigma2, dt=dt, steps=steps, record_every=20, eta=eta,
-                beta=beta, ema=ema
+                p0,
+                s0,
+                tau0,
+                alpha_p=alpha_p,
+                sigma2=sigma2,
+                dt=dt,
+                steps=steps,
+                record_every=20,
+                eta=eta,
+                beta=beta,
+                ema=ema,
             )
             c = f"C{k}"
             plots.lines(axes[row, 0], tr.t, tr.p, color=c, label=label)
@@ -144,9 +151,7 @@ def fig5(out: Path) -> dict[str, Any]:
             )
             summary[f"{name}: {label}"] = dict(p_final=tr.p[-1], s_final=tr.s[-1], minK=float(tr.K.min()))
         for j, ttl in enumerate((r"$p_j$", r"$s_j$", r"$\tau$", r"$\min_j K_j$")):
-            axes[row, j].set_title(
-                ttl + (" (sweep η, β=0.4)" if row == 0 else " (sweep β, η=0.04)"), fontsize=8
-            )
+            axes[row, j].set_title(ttl + (" (sweep η, β=0.4)" if row == 0 else " (sweep β, η=0.04)"), fontsize=8)
             axes[row, j].set_xlabel("t")
         axes[row, 3].axhline(0, color="k", lw=0.6)
         axes[row, 0].legend(fontsize=7)
@@ -293,9 +298,7 @@ def fig8(out: Path) -> dict[str, Any]:
             B = tr.Wp - A
             nA, nB = np.linalg.norm(A, axis=(1, 2)), np.linalg.norm(B, axis=(1, 2))
             plots.lines(ax, tr.t, nA, color=f"C{k}", label=rf"$\|A\|$, $\eta$={eta:g}")
-            plots.lines(
-                ax, tr.t, nB + 1e-16, color=f"C{k}", ls="--", label=rf"$\|B\|$, $\eta$={eta:g}", logy=True
-            )
+            plots.lines(ax, tr.t, nB + 1e-16, color=f"C{k}", ls="--", label=rf"$\|B\|$, $\eta$={eta:g}", logy=True)
             arrays.update({"t": tr.t, f"tau{tau:g}_eta{eta:g}_A": nA, f"tau{tau:g}_eta{eta:g}_B": nB})
             summary[f"tau={tau:g}, eta={eta:g}"] = dict(
                 A_final=float(nA[-1]), B_final=float(nB[-1]), B_initial=float(nB[0])
@@ -379,9 +382,7 @@ def fig9(out: Path) -> dict[str, Any]:
             shows="with zero/small η or large τ, K is indefinite early (small F) and ‖[F,Wp]‖ shoots up; "
             "larger η and "
             "smaller τ keep K positive definite and the commutator decays (eigenspaces align)",
-            params=dict(
-                tau=list(taus), eta=list(etas), sigma2=sigma2, alpha_p=alpha_p, n=n, dt=dt, steps=steps
-            ),
+            params=dict(tau=list(taus), eta=list(etas), sigma2=sigma2, alpha_p=alpha_p, n=n, dt=dt, steps=steps),
             chosen=["all values"],
             why="the paper gives none; F(0) small (‖F‖≈0.005) and Wp(0)≈0.3·I make K's −τWp term matter "
             "early on, as in "
@@ -409,9 +410,7 @@ def fig10(out: Path) -> dict[str, Any]:
     ax.set_xlabel(r"$w$")
     ax.set_ylabel(r"$w_p$")
     ax.set_title(r"3-D system from $w_a(0)=0$ (projection)", fontsize=9)
-    t2, on = integrate(
-        rhs_scalar, np.array([0.2, 0.2, 0.0]), sp, dt=0.02, steps=3000, method="rk4", record_every=10
-    )
+    t2, on = integrate(rhs_scalar, np.array([0.2, 0.2, 0.0]), sp, dt=0.02, steps=3000, method="rk4", record_every=10)
     for k, lab in enumerate(("$w_p$", "$w$", "$w_a$")):
         axes[0, 2].plot(t2, on[:, k], label=lab, ls="--" if k == 0 else "-")
     axes[0, 2].axhline(sp.lambda_d / sp.lambda_s, color="k", lw=0.6, ls=":")

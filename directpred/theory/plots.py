@@ -23,9 +23,7 @@ from directpred.theory.reduced import (
 STABLE, UNSTABLE = "tab:red", "tab:green"  # the paper's colours in Fig. 3
 
 
-def new_figure(
-    nrows: int, ncols: int, *, size: tuple[float, float] = (3.2, 2.6)
-) -> tuple[Figure, np.ndarray]:
+def new_figure(nrows: int, ncols: int, *, size: tuple[float, float] = (3.2, 2.6)) -> tuple[Figure, np.ndarray]:
     """A figure with an ``(nrows, ncols)`` array of axes, each ``size`` inches."""
     return _plots.new_figure(nrows, ncols, width=size[0], height=size[1])
 
@@ -74,9 +72,7 @@ def phase_portrait(
         ax.axvline(tau / lam, color=STABLE, lw=2)
     else:
         for q in fixed_points(tau, eta, sigma2):
-            ev = np.linalg.eigvals(
-                jacobian_ps(q, q**2 / alpha_p, tau, alpha_p=alpha_p, eta=eta, sigma2=sigma2)
-            )
+            ev = np.linalg.eigvals(jacobian_ps(q, q**2 / alpha_p, tau, alpha_p=alpha_p, eta=eta, sigma2=sigma2))
             col = STABLE if ev.real.max() < 0 else UNSTABLE
             big = col == STABLE  # stable markers larger, so p*₋ next to 0 (weak η) stays visible on top
             ax.plot(
@@ -93,9 +89,7 @@ def phase_portrait(
     ax.set_ylim(*s_range)
     ax.set_xlabel(r"$p_j$")
     ax.set_ylabel(r"$s_j$")
-    ax.set_title(
-        rf"$\eta={eta:g}$, $\tau={tau:g}$, $\alpha_p={alpha_p:g}$, $\sigma^2={sigma2:g}$", fontsize=9
-    )
+    ax.set_title(rf"$\eta={eta:g}$, $\tau={tau:g}$, $\alpha_p={alpha_p:g}$, $\sigma^2={sigma2:g}$", fontsize=9)
 
 
 def fixed_point_line(
@@ -162,9 +156,7 @@ def scalar_portrait(ax: Axes, *, wa: float, lambda_s: float, lambda_d: float, al
     with np.errstate(divide="ignore"):
         for sgn in (-1, 1):
             x = sgn * np.linspace(0.05, 1.5, 100)
-            ax.plot(
-                x, c / x, color=STABLE, lw=2, label=r"$w_p w = w_a\lambda_d/\lambda_s$" if sgn > 0 else None
-            )
+            ax.plot(x, c / x, color=STABLE, lw=2, label=r"$w_p w = w_a\lambda_d/\lambda_s$" if sgn > 0 else None)
     ax.plot(0, 0, "o", color=UNSTABLE, mec="k", ms=7, label="saddle")
     ax.plot(w, w, "k:", lw=1, label=r"$w=w_p$")
     ax.set_xlim(-1.5, 1.5)

@@ -51,9 +51,7 @@ class ReducedParams:
     shared_tau: bool = True
 
 
-def rhs_ps(
-    p: Array, s: Array, tau: Array | float, *, alpha_p: float, eta: float, sigma2: float
-) -> tuple[Array, Array]:
+def rhs_ps(p: Array, s: Array, tau: Array | float, *, alpha_p: float, eta: float, sigma2: float) -> tuple[Array, Array]:
     """Eqs. 11-12 at given τ, elementwise (vectorised for phase portraits).
 
     ``ṗ = α_p s [τ − (1+σ²) p] − η p`` (Eq. 11) and ``ṡ = 2 p s [τ − (1+σ²) p] − 2 η s`` (Eq. 12).
@@ -155,9 +153,7 @@ def simulate_reduced(
     """
     check_run_args(dt, steps, record_every, method)
     if not alpha_p > 0 or not eta >= 0 or not beta >= 0 or not sigma2 >= 0:
-        raise ValueError(
-            f"need alpha_p > 0, eta >= 0, beta >= 0, sigma2 >= 0; got {alpha_p}, {eta}, {beta}, {sigma2}"
-        )
+        raise ValueError(f"need alpha_p > 0, eta >= 0, beta >= 0, sigma2 >= 0; got {alpha_p}, {eta}, {beta}, {sigma2}")
     p0 = np.atleast_1d(np.asarray(p0, dtype=np.float64))
     s0 = np.atleast_1d(np.asarray(s0, dtype=np.float64))
     if p0.shape != s0.shape or p0.ndim != 1:

@@ -208,10 +208,26 @@ def simulate_sgd(
         if i < len(rec) and k == rec[i]:
             out["W"][i], out["Wp"][i], out["Wa"][i] = W, Wp, Wa
             i += 1
-    record = run_record("sgd", alpha_p=alpha_p, eta=eta, beta=beta, dt=lr, steps=steps, mode=mode,
-                        stop_gradient=stop_gradient, predictor=predictor, symmetric=symmetric,
-                        record_every=record_every, n1=n1, n2=n2, X=data.X, Xp=data.Xp, batch=int(batch),
-                        seed=int(seed), data=type(data).__name__)
+    record = run_record(
+        "sgd",
+        alpha_p=alpha_p,
+        eta=eta,
+        beta=beta,
+        dt=lr,
+        steps=steps,
+        mode=mode,
+        stop_gradient=stop_gradient,
+        predictor=predictor,
+        symmetric=symmetric,
+        record_every=record_every,
+        n1=n1,
+        n2=n2,
+        X=data.X,
+        Xp=data.Xp,
+        batch=int(batch),
+        seed=int(seed),
+        data=type(data).__name__,
+    )
     return Trajectory(t=lr * np.asarray(rec, dtype=np.float64), states={**out, "loss": loss}, params=record)
 
 

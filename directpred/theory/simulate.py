@@ -194,9 +194,7 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
             sg.save(out / "sgd.npz", **qs)
             plots.linear_summary(axes, sg.t, qs, label=f"SGD (batch {cfg.sgd_batch})", color="C1")
             summary["sgd"] = {k: v[-1] for k, v in qs.items()}
-            summary["sgd_vs_flow_rel_W"] = float(
-                np.linalg.norm(sg.W[-1] - tr.W[-1]) / np.linalg.norm(tr.W[-1])
-            )
+            summary["sgd_vs_flow_rel_W"] = float(np.linalg.norm(sg.W[-1] - tr.W[-1]) / np.linalg.norm(tr.W[-1]))
         axes[1, 1].legend(fontsize=7)
         plots.save(fig, str(out / "summary.png"))
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=1) + "\n")

@@ -17,6 +17,8 @@ rows), :class:`EvalCallback` (periodic kNN; goes into the checkpoint), :class:`O
 :class:`ProgressCallback` (the progress bar shows what was logged and evaluated), :class:`CheckpointCallback`
 (last: a checkpoint holds all of the above).
 Callbacks passed to the ``Trainer`` run after these. After the callbacks of a step, the loop checks the stop request.
+
+Over 300 lines: the built-in callbacks, whose documented order is one contract, are kept in one place.
 """
 
 from __future__ import annotations
@@ -101,8 +103,9 @@ class DiagnosticsCallback(Callback):
     def on_train_end(self, trainer: Trainer) -> None:
         if self.last_out is not None:  # the verdict on the final state
             row = trainer.diagnostics.final_report(trainer.step, self.last_out)
-            trainer.logger.log({"step": trainer.step, "epoch": trainer.step // trainer.steps_per_epoch, **row},
-                               group="diag_final")
+            trainer.logger.log(
+                {"step": trainer.step, "epoch": trainer.step // trainer.steps_per_epoch, **row}, group="diag_final"
+            )
 
 
 class LogCallback(Callback):
@@ -117,8 +120,14 @@ class LogCallback(Callback):
         if trainer.step % trainer.cfg.train.log_every == 0 or trainer.step == trainer.last_step:
             ips = self.images / max(time.time() - self.since, 1e-9)
             self.images, self.since = 0, time.time()
-            trainer.last_log = {"step": trainer.step, "epoch": trainer.epoch, "loss": float(result.loss),
-                                "lr": result.lr, "ema": result.ema, "images_per_second": ips}
+            trainer.last_log = {
+                "step": trainer.step,
+                "epoch": trainer.epoch,
+                "loss": float(result.loss),
+                "lr": result.lr,
+                "ema": result.ema,
+                "images_per_second": ips,
+            }
             trainer.logger.log(trainer.last_log)
 
 
@@ -131,8 +140,15 @@ class EvalCallback(Callback):
         every = trainer.cfg.eval.knn_every
         if every and epoch % every == 0 and trainer.step < trainer.last_step:
             features: dict[str, Any] | None = {"step": trainer.step} if trainer.cfg.eval.online_probe else None
-            res = evaluate(trainer.method, trainer.data, trainer.cfg, trainer.device, linear=False,
-                           autocast_dtype=trainer.autocast_dtype, features=features)
+            res = evaluate(
+                trainer.method,
+                trainer.data,
+                trainer.cfg,
+                trainer.device,
+                linear=False,
+                autocast_dtype=trainer.autocast_dtype,
+                features=features,
+            )
             trainer.eval_features = features
             trainer.knn_history.append({"epoch": epoch, "step": trainer.step, **res})
             trainer.logger.log({"step": trainer.step, "epoch": epoch, **res}, group="eval")
@@ -201,9 +217,15 @@ class OnlineProbeCallback(Callback):
                 counts = distributed.all_reduce_sum(counts.to(trainer.device)).cpu()
             correct, seen, loss_sum = counts.tolist()
             if seen:
-                trainer.logger.log({"step": trainer.step, "epoch": trainer.epoch,
-                                    "probe_train_top1": 100.0 * correct / seen, "probe_loss": loss_sum / seen},
-                                   group="probe")
+                trainer.logger.log(
+                    {
+                        "step": trainer.step,
+                        "epoch": trainer.epoch,
+                        "probe_train_top1": 100.0 * correct / seen,
+                        "probe_loss": loss_sum / seen,
+                    },
+                    group="probe",
+                )
             if trainer.step % trainer.cfg.train.log_every == 0:  # not at a max_steps stop: a resume goes on counting
                 self.correct = self.seen = 0
                 self.loss_sum = 0.0
@@ -220,8 +242,11 @@ class OnlineProbeCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.probe is None or self.optimizer is None:
             return {}
-        return {"probe": self.probe.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "counts": [self.correct, self.seen, self.loss_sum]}
+        return {
+            "probe": self.probe.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "counts": [self.correct, self.seen, self.loss_sum],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
@@ -245,16 +270,23 @@ class ProgressCallback(Callback):
         if trainer.cfg.train.progress and distributed.is_main() and trainer.step < trainer.last_step:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=trainer.last_step, initial=trainer.step, unit="step", dynamic_ncols=True,
-                            file=sys.stderr, desc="train")
+            self.bar = tqdm(
+                total=trainer.last_step,
+                initial=trainer.step,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                desc="train",
+            )
 
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
         if self.bar is None:
             return
         row = trainer.last_log
         if row is not None and row["step"] == trainer.step:
-            self.bar.set_postfix(epoch=row["epoch"], loss=f"{row['loss']:.4f}",
-                                 img_s=f"{row['images_per_second']:.0f}", refresh=False)
+            self.bar.set_postfix(
+                epoch=row["epoch"], loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_second']:.0f}", refresh=False
+            )
         self.bar.update(1)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
@@ -283,5 +315,11 @@ class CheckpointCallback(Callback):
 
 def default_callbacks() -> list[Callback]:
     """The built-in callbacks, in their documented order."""
-    return [DiagnosticsCallback(), LogCallback(), EvalCallback(), OnlineProbeCallback(), ProgressCallback(),
-            CheckpointCallback()]
+    return [
+        DiagnosticsCallback(),
+        LogCallback(),
+        EvalCallback(),
+        OnlineProbeCallback(),
+        ProgressCallback(),
+        CheckpointCallback(),
+    ]

@@ -42,8 +42,10 @@ def atomic_write_bytes(path: str | Path, write: Callable[[BinaryIO], object]) ->
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     except OSError as exc:  # the folder is missing, not a folder, read-only, or the disk is full
-        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}; the previous file is kept. "
-                              "Free disk space or fix permissions, then resume.") from exc
+        raise CheckpointError(
+            f"cannot write {path}: {exc.strerror or exc}; the previous file is kept. "
+            "Free disk space or fix permissions, then resume."
+        ) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -57,8 +59,10 @@ def atomic_write_bytes(path: str | Path, write: Callable[[BinaryIO], object]) ->
         except OSError:
             pass
         if isinstance(exc, OSError):
-            raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}; the previous file is kept. "
-                                  "Free disk space or fix permissions, then resume.") from exc
+            raise CheckpointError(
+                f"cannot write {path}: {exc.strerror or exc}; the previous file is kept. "
+                "Free disk space or fix permissions, then resume."
+            ) from exc
         raise
 
 
@@ -77,8 +81,9 @@ def _assert_finite(state: dict[str, Any], where: str = "") -> None:
         if isinstance(value, dict):
             _assert_finite(value, f"{where}{key}.")
         elif isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-            raise CheckpointError(f"refusing to write a checkpoint holding NaN/inf in '{where}{key}'; the last good "
-                                  "checkpoint is kept")
+            raise CheckpointError(
+                f"refusing to write a checkpoint holding NaN/inf in '{where}{key}'; the last good checkpoint is kept"
+            )
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -121,12 +126,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt or foreign file
         if "Weights only load failed" in str(exc):
-            raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain data "
-                                  f"({_unsafe_reason(str(exc))}), which directpred never writes; it may have been "
-                                  "crafted to run code. Nothing in it was executed. Load only checkpoints you "
-                                  "trust") from None
-        raise CheckpointError(f"{path} is corrupt or unreadable ({type(exc).__name__}: {exc}); use an earlier "
-                              "checkpoint from the same folder") from None
+            raise CheckpointError(
+                f"refusing to load {path}: it holds objects other than tensors and plain data "
+                f"({_unsafe_reason(str(exc))}), which directpred never writes; it may have been "
+                "crafted to run code. Nothing in it was executed. Load only checkpoints you "
+                "trust"
+            ) from None
+        raise CheckpointError(
+            f"{path} is corrupt or unreadable ({type(exc).__name__}: {exc}); use an earlier "
+            "checkpoint from the same folder"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a directpred checkpoint (it holds a {type(state).__name__})")
     return state

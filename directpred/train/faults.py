@@ -33,8 +33,10 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int | None, step: int, checkpoint: Path, run_dir: Path) -> None:
         self.signum, self.step, self.checkpoint, self.run_dir = signum, step, checkpoint, run_dir
         name = signal.Signals(signum).name if signum else "stop"
-        super().__init__(f"Stopped by {name} at step {step}; checkpoint written to {checkpoint}."
-                         f"\nResume with: directpred train --resume {run_dir}")
+        super().__init__(
+            f"Stopped by {name} at step {step}; checkpoint written to {checkpoint}."
+            f"\nResume with: directpred train --resume {run_dir}"
+        )
 
 
 class NonFiniteGuard:
@@ -77,12 +79,18 @@ def fault_message(fault: str, step: int, lr: float, run_dir: Path, last_checkpoi
     """What went wrong at ``step``, the likely causes and how to go on."""
     if last_checkpoint is not None:
         path, at = last_checkpoint
-        where = (f"The last good checkpoint is {path} (step {at}); resume from it with `directpred train "
-                 f"--resume {run_dir}` (changing optim.lr on resume needs --force).")
+        where = (
+            f"The last good checkpoint is {path} (step {at}); resume from it with `directpred train "
+            f"--resume {run_dir}` (changing optim.lr on resume needs --force)."
+        )
     else:
-        where = ("No checkpoint was written yet (train.checkpoint_every_steps writes them within an epoch); "
-                 "restart with a lower optim.lr.")
-    return (f"{fault} at step {step}; training stopped. Likely causes: a learning rate too high for this "
-            f"batch size (optim.lr={lr}), fp16 overflow (try train.precision=bf16 or fp32), or corrupt "
-            f"inputs. Nothing from this step was written. {where} To skip isolated bad steps instead, set "
-            f"train.skip_nonfinite to the number of steps that may be skipped.")
+        where = (
+            "No checkpoint was written yet (train.checkpoint_every_steps writes them within an epoch); "
+            "restart with a lower optim.lr."
+        )
+    return (
+        f"{fault} at step {step}; training stopped. Likely causes: a learning rate too high for this "
+        f"batch size (optim.lr={lr}), fp16 overflow (try train.precision=bf16 or fp32), or corrupt "
+        f"inputs. Nothing from this step was written. {where} To skip isolated bad steps instead, set "
+        f"train.skip_nonfinite to the number of steps that may be skipped."
+    )

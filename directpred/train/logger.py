@@ -20,8 +20,11 @@ from directpred import distributed
 from directpred.config import ConfigError, flatten
 
 #: The pip package (and this project's extra) of each tracker.
-BACKEND_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
-                    "mlflow": ("mlflow", "mlflow")}
+BACKEND_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"),
+}
 
 
 def _import_backend(name: str) -> Any:
@@ -30,9 +33,11 @@ def _import_backend(name: str) -> Any:
         return importlib.import_module(module)
     except ImportError as exc:
         package, extra = BACKEND_PACKAGES[name]
-        raise ConfigError(f"log.backends includes {name!r}, but {package} cannot be imported ({exc}); install it "
-                          f"with `pip install 'directpred[{extra}]'` (or `pip install {package}`), or remove "
-                          f"{name!r} from log.backends") from None
+        raise ConfigError(
+            f"log.backends includes {name!r}, but {package} cannot be imported ({exc}); install it "
+            f"with `pip install 'directpred[{extra}]'` (or `pip install {package}`), or remove "
+            f"{name!r} from log.backends"
+        ) from None
 
 
 def check_backends(backends: Sequence[str]) -> None:
@@ -94,8 +99,9 @@ class WandbBackend:
         else:
             run_id = f"{run_dir.name}-{np.random.default_rng().integers(16**8):08x}"
             id_file.write_text(run_id + "\n")
-        self.run = self.wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
-                                   config=config or {})
+        self.run = self.wandb.init(
+            project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir), config=config or {}
+        )
 
     def log(self, row: dict[str, Any], group: str, step: int) -> None:
         scalars, lists = _numbers(row, group)
@@ -152,9 +158,16 @@ class RunLogger:
     configuration they record as run parameters, ``project`` the W&B project / MLflow experiment.
     """
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, start_step: int = 0,
-                 backends: Sequence[str] | None = None, config: dict[str, Any] | None = None,
-                 project: str = "directpred") -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        tensorboard: bool = True,
+        start_step: int = 0,
+        backends: Sequence[str] | None = None,
+        config: dict[str, Any] | None = None,
+        project: str = "directpred",
+    ) -> None:
         self.enabled = distributed.is_main()
         run_dir = Path(run_dir)
         self.path = run_dir / "metrics.jsonl"

@@ -53,8 +53,15 @@ from directpred.train.logger import RunLogger, check_backends
 from directpred.train.optim import build_optimizer, lr_factor, set_lr
 from directpred.train.rundir import RESUMABLE_CHANGES, check_resume_config, prepare_run_dir
 
-__all__ = ["Trainer", "TrainingError", "TrainingDiverged", "TrainingInterrupted", "StepResult", "RESUMABLE_CHANGES",
-           "check_resume_config"]
+__all__ = [
+    "Trainer",
+    "TrainingError",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+    "StepResult",
+    "RESUMABLE_CHANGES",
+    "check_resume_config",
+]
 
 
 def make_batch_source(cfg: Config, data: DataBundle | StreamData, device: torch.device) -> BatchSource:
@@ -66,11 +73,25 @@ def make_batch_source(cfg: Config, data: DataBundle | StreamData, device: torch.
             decode = "cuda" if device.type == "cuda" else "cpu"
         if decode == "cuda" and device.type != "cuda":
             raise ConfigError("data.decode=cuda needs a CUDA training device; use data.decode=cpu or auto")
-        return StreamSource(data.pretrain.reader, data.decode_size, batch_size=cfg.train.batch_size,
-                            seed=cfg.train.seed, rank=rank, world=world, workers=cfg.data.workers,
-                            skip_corrupt=cfg.data.skip_corrupt, decode_device=device if decode == "cuda" else None)
-    return InMemorySource(data.pretrain.images, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=rank,
-                          world=world, labels=data.pretrain.labels)
+        return StreamSource(
+            data.pretrain.reader,
+            data.decode_size,
+            batch_size=cfg.train.batch_size,
+            seed=cfg.train.seed,
+            rank=rank,
+            world=world,
+            workers=cfg.data.workers,
+            skip_corrupt=cfg.data.skip_corrupt,
+            decode_device=device if decode == "cuda" else None,
+        )
+    return InMemorySource(
+        data.pretrain.images,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.train.seed,
+        rank=rank,
+        world=world,
+        labels=data.pretrain.labels,
+    )
 
 
 class Trainer:
@@ -86,9 +107,17 @@ class Trainer:
         >>> summary = Trainer(cfg, "runs/qs").fit()  # doctest: +SKIP
     """
 
-    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, command: str = "",
-                 data: DataBundle | StreamData | None = None, callbacks: list[Callback] | None = None,
-                 stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str | Path,
+        *,
+        resume: bool = False,
+        command: str = "",
+        data: DataBundle | StreamData | None = None,
+        callbacks: list[Callback] | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.cfg, self.run_dir, self.resume, self.command = cfg, Path(run_dir), resume, command
         self.ckpt_dir = self.run_dir / "checkpoints"
         self._given_data = data  # used by setup() instead of loading cfg.data
@@ -146,8 +175,10 @@ class Trainer:
         self.source = make_batch_source(cfg, data, self.device)
         self.steps_per_epoch = self.source.steps_per_epoch
         if self.steps_per_epoch < 1:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} x {self.world} process(es) is larger than "
-                              f"the {len(data.pretrain)} training images; lower the batch size")
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} x {self.world} process(es) is larger than "
+                f"the {len(data.pretrain)} training images; lower the batch size"
+            )
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.last_step = self.total_steps if not cfg.train.max_steps else min(cfg.train.max_steps, self.total_steps)
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
@@ -165,8 +196,9 @@ class Trainer:
         if self.resume:
             self._load(self.ckpt_dir / "last.pt")
         # After the load: rows a killed process logged past the checkpoint are dropped, as they will be redone.
-        self.logger = RunLogger(self.run_dir, start_step=self.step, backends=cfg.log.backends,
-                                config=cfg.to_dict(), project=cfg.log.project)
+        self.logger = RunLogger(
+            self.run_dir, start_step=self.step, backends=cfg.log.backends, config=cfg.to_dict(), project=cfg.log.project
+        )
         self._ready = True
         return self
 
@@ -190,7 +222,8 @@ class Trainer:
                 self.method.online = online  # type: ignore[assignment]
             if any(p.requires_grad for p in online.parameters()):
                 self.online_call = nn.parallel.DistributedDataParallel(
-                    online, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                    online, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                )
         self.optimizer = build_optimizer(cfg.optim, self.method.online.encoder, self.method.online.predictor)
         self.scaler = torch.amp.GradScaler(enabled=self.autocast_dtype == torch.float16)
         self.guard = NonFiniteGuard(self.method, cfg.train.skip_nonfinite)
@@ -200,7 +233,7 @@ class Trainer:
 
     def _batch(self, order: torch.Tensor, step_in_epoch: int) -> torch.Tensor:
         start = step_in_epoch * self.global_batch + distributed.rank() * self.cfg.train.batch_size
-        idx = order[start: start + self.cfg.train.batch_size]
+        idx = order[start : start + self.cfg.train.batch_size]
         assert isinstance(self.data, DataBundle)  # a test helper: in-memory images only
         images = self.data.pretrain.images
         return images[idx.to(images.device)]
@@ -208,8 +241,9 @@ class Trainer:
     def views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two augmented views of this step's uint8 batch (the data pipeline), on the training device."""
         images = images.to(self.device, non_blocking=True)
-        x1, x2 = self.augment(images, step_generator(self.cfg.train.seed, self.step),
-                              shard=(distributed.rank(), self.world))
+        x1, x2 = self.augment(
+            images, step_generator(self.cfg.train.seed, self.step), shard=(distributed.rank(), self.world)
+        )
         if self.channels_last:
             x1 = x1.contiguous(memory_format=torch.channels_last)
             x2 = x2.contiguous(memory_format=torch.channels_last)
@@ -222,13 +256,15 @@ class Trainer:
     def optimize(self, x1: torch.Tensor, x2: torch.Tensor) -> StepResult:
         """Forward, predictor update, loss, backward, optimiser and EMA on two augmented views."""
         cfg = self.cfg
-        lr = set_lr(self.optimizer, cfg.optim.lr,
-                    lr_factor(self.step, self.total_steps, self.warmup_steps, cfg.optim.schedule))
+        lr = set_lr(
+            self.optimizer, cfg.optim.lr, lr_factor(self.step, self.total_steps, self.warmup_steps, cfg.optim.schedule)
+        )
         m = ema_momentum(self.step, self.total_steps, cfg.method.ema, cfg.method.ema_schedule)
         snapshot = self.guard.snapshot()  # what a skipped step restores (train.skip_nonfinite)
         try:
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.autocast_dtype is not None):
+            with torch.autocast(
+                self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+            ):
                 # Projections, then (update_at=forward) predictor.update, predictions, the loss: see Siamese.forward.
                 out = self.method(x1, x2, online=self.online_call)
         except FloatingPointError as exc:  # the predictor refused non-finite statistics (the same on every rank)
@@ -256,8 +292,12 @@ class Trainer:
             raise TrainingDiverged(self._fault_message(fault))
         self.guard.undo(snapshot)
         self.skipped_steps += 1
-        warnings.warn(f"step {self.step}: {fault}; step skipped ({self.skipped_steps} of at most "
-                      f"{self.cfg.train.skip_nonfinite}, train.skip_nonfinite)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"step {self.step}: {fault}; step skipped ({self.skipped_steps} of at most "
+            f"{self.cfg.train.skip_nonfinite}, train.skip_nonfinite)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         self.step += 1  # the data order and augmentation draws stay functions of the step
         return StepResult(torch.tensor(float("nan")), lr, m, None, skipped=True)
 
@@ -374,9 +414,11 @@ class Trainer:
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
         if state["global_batch"] != self.global_batch:
-            raise TrainingError(f"{path} was trained with a global batch of {state['global_batch']} "
-                                f"({state['world_size']} process(es)); now it would be {self.global_batch}. Resume "
-                                "with the same batch_size x number of processes so the data order is unchanged")
+            raise TrainingError(
+                f"{path} was trained with a global batch of {state['global_batch']} "
+                f"({state['world_size']} process(es)); now it would be {self.global_batch}. Resume "
+                "with the same batch_size x number of processes so the data order is unchanged"
+            )
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -392,8 +434,9 @@ class Trainer:
     def finish(self, *, stopped_early: bool = False) -> dict[str, Any]:
         """Final kNN + linear probe; writes ``summary.json`` (rank 0) and returns it."""
         cfg = self.cfg
-        results = evaluate(self.method, self.data, cfg, self.device, linear=cfg.eval.linear,
-                           autocast_dtype=self.autocast_dtype)
+        results = evaluate(
+            self.method, self.data, cfg, self.device, linear=cfg.eval.linear, autocast_dtype=self.autocast_dtype
+        )
         epochs_done = self.step / self.steps_per_epoch
         self.logger.log({"step": self.step, "epoch": math.floor(epochs_done), **results}, group="final")
         images = self.step * self.global_batch

@@ -22,10 +22,24 @@ class LARS(torch.optim.Optimizer):
     ``lars_exclude=True`` (biases and BatchNorm parameters) get neither weight decay nor adaptation, as in BYOL.
     """
 
-    def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust_coefficient: float = 0.001) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      trust_coefficient=trust_coefficient, lars_exclude=False))
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                trust_coefficient=trust_coefficient,
+                lars_exclude=False,
+            ),
+        )
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch.optim signature
@@ -38,8 +52,11 @@ class LARS(torch.optim.Optimizer):
                 if not group["lars_exclude"]:
                     d = d.add(p, alpha=group["weight_decay"])
                     w_norm, d_norm = torch.norm(p), torch.norm(d)
-                    ratio = torch.where((w_norm > 0) & (d_norm > 0),
-                                        group["trust_coefficient"] * w_norm / d_norm, torch.ones_like(w_norm))
+                    ratio = torch.where(
+                        (w_norm > 0) & (d_norm > 0),
+                        group["trust_coefficient"] * w_norm / d_norm,
+                        torch.ones_like(w_norm),
+                    )
                     d = d.mul(ratio)
                 state = self.state[p]
                 if "momentum_buffer" not in state:
@@ -50,8 +67,15 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(trunk: nn.Module, predictor: nn.Module, *, weight_decay: float, predictor_weight_decay: float,
-                 alpha_p: float, lars: bool = False) -> list[dict]:
+def param_groups(
+    trunk: nn.Module,
+    predictor: nn.Module,
+    *,
+    weight_decay: float,
+    predictor_weight_decay: float,
+    alpha_p: float,
+    lars: bool = False,
+) -> list[dict]:
     """Trunk (backbone + projector) and predictor groups; with LARS, biases/BN go to excluded groups."""
 
     def split(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -63,28 +87,36 @@ def param_groups(trunk: nn.Module, predictor: nn.Module, *, weight_decay: float,
         return regular, excluded
 
     groups = []
-    for module, scale, wd, name in ((trunk, 1.0, weight_decay, "trunk"),
-                                    (predictor, alpha_p, predictor_weight_decay, "predictor")):
+    for module, scale, wd, name in (
+        (trunk, 1.0, weight_decay, "trunk"),
+        (predictor, alpha_p, predictor_weight_decay, "predictor"),
+    ):
         regular, excluded = split(module)
         if regular:
             groups.append(dict(params=regular, lr_scale=scale, weight_decay=wd, name=name, lars_exclude=False))
         if excluded:
-            groups.append(dict(params=excluded, lr_scale=scale, weight_decay=0.0, name=f"{name}_bias_bn",
-                               lars_exclude=True))
+            groups.append(
+                dict(params=excluded, lr_scale=scale, weight_decay=0.0, name=f"{name}_bias_bn", lars_exclude=True)
+            )
     return groups
 
 
 def build_optimizer(cfg: OptimConfig, trunk: nn.Module, predictor: nn.Module) -> torch.optim.Optimizer:
     """SGD or LARS over the trunk and predictor groups of an :class:`directpred.config.OptimConfig`."""
     pwd = cfg.weight_decay if cfg.predictor_weight_decay < 0 else cfg.predictor_weight_decay
-    groups = param_groups(trunk, predictor, weight_decay=cfg.weight_decay, predictor_weight_decay=pwd,
-                          alpha_p=cfg.alpha_p, lars=cfg.name == "lars")
+    groups = param_groups(
+        trunk,
+        predictor,
+        weight_decay=cfg.weight_decay,
+        predictor_weight_decay=pwd,
+        alpha_p=cfg.alpha_p,
+        lars=cfg.name == "lars",
+    )
     for g in groups:
         g["lr"] = cfg.lr * g["lr_scale"]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                trust_coefficient=cfg.lars_eta)
+    return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, trust_coefficient=cfg.lars_eta)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:

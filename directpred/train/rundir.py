@@ -11,12 +11,25 @@ from directpred.train.checkpoint import atomic_write_text, remove_stale_temporar
 from directpred.train.faults import TrainingError
 
 # Settings that may change when a run is resumed: they do not alter what has been computed so far.
-RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.progress", "train.log_every",
-                     "train.checkpoint_every", "train.checkpoint_every_steps", "train.skip_nonfinite", "train.device",
-                     "data.workers",
-                     "data.cache_dir", "data.root", "data.path", "data.local_copy", "data.download", "eval.",
-                     "log.",
-                     "diag.stop_on_collapse")
+RESUMABLE_CHANGES = (
+    "train.epochs",
+    "train.max_steps",
+    "train.progress",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.checkpoint_every_steps",
+    "train.skip_nonfinite",
+    "train.device",
+    "data.workers",
+    "data.cache_dir",
+    "data.root",
+    "data.path",
+    "data.local_copy",
+    "data.download",
+    "eval.",
+    "log.",
+    "diag.stop_on_collapse",
+)
 
 
 def prepare_run_dir(run_dir: Path, cfg: Config, *, resume: bool, command: str) -> None:
@@ -28,8 +41,10 @@ def prepare_run_dir(run_dir: Path, cfg: Config, *, resume: bool, command: str) -
             if not (ckpt_dir / "last.pt").is_file():
                 raise TrainingError(f"nothing to resume in {run_dir}: no checkpoints/last.pt")
         elif (ckpt_dir / "last.pt").is_file():
-            raise TrainingError(f"{run_dir} already holds a run; continue it with "
-                                f"`directpred train --resume {run_dir}` or choose another --out")
+            raise TrainingError(
+                f"{run_dir} already holds a run; continue it with "
+                f"`directpred train --resume {run_dir}` or choose another --out"
+            )
         # Fail before any work rather than at the first checkpoint (also on resume: the disk may be full now).
         try:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -37,9 +52,10 @@ def prepare_run_dir(run_dir: Path, cfg: Config, *, resume: bool, command: str) -
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as exc:
-            raise TrainingError(f"cannot write to the run directory {run_dir}: {exc.strerror or exc}; "
-                                + ("free disk space or fix permissions, then resume" if resume else
-                                   "choose a writable --out")) from None
+            raise TrainingError(
+                f"cannot write to the run directory {run_dir}: {exc.strerror or exc}; "
+                + ("free disk space or fix permissions, then resume" if resume else "choose a writable --out")
+            ) from None
         remove_stale_temporaries(ckpt_dir)  # left by a writer killed mid-write; never loaded
         if not resume:
             atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
@@ -50,10 +66,17 @@ def prepare_run_dir(run_dir: Path, cfg: Config, *, resume: bool, command: str) -
 
 def check_resume_config(saved: Config, new: Config, *, force: bool = False) -> None:
     """Refuse to resume with changes other than :data:`RESUMABLE_CHANGES`, showing the difference."""
-    changes = {k: v for k, v in diff_configs(saved, new).items()
-               if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUMABLE_CHANGES)}
+    changes = {
+        k: v
+        for k, v in diff_configs(saved, new).items()
+        if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUMABLE_CHANGES)
+    }
     if changes and not force:
         lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
-        raise TrainingError("the run would resume with a different configuration:\n" + lines +
-                            "\nOnly these may change on resume: " + ", ".join(RESUMABLE_CHANGES) +
-                            ". Start a new run, or pass --force to resume anyway.")
+        raise TrainingError(
+            "the run would resume with a different configuration:\n"
+            + lines
+            + "\nOnly these may change on resume: "
+            + ", ".join(RESUMABLE_CHANGES)
+            + ". Start a new run, or pass --force to resume anyway."
+        )

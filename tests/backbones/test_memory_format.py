@@ -49,8 +49,9 @@ REDUCED = textwrap.dedent("""
 
 def run_reduced(setting: str) -> subprocess.CompletedProcess:
     env = {**os.environ, **AVX2, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-c", REDUCED, setting], env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", REDUCED, setting], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_reduced_case_runs_through_the_guard_on_avx2():
@@ -67,13 +68,16 @@ def test_true_on_the_reduced_case_is_refused_with_the_reason():
         resolve_channels_last(True, conv, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("conv, unsafe", [
-    (nn.Conv2d(4, 8, 1, stride=2), True),
-    (nn.Conv2d(7, 8, 1, stride=(2, 1)), True),
-    (nn.Conv2d(8, 16, 1, stride=2), False),  # wide enough
-    (nn.Conv2d(4, 8, 1, stride=1), False),  # not strided
-    (nn.Conv2d(4, 8, 3, stride=2), False),  # not 1x1
-])
+@pytest.mark.parametrize(
+    "conv, unsafe",
+    [
+        (nn.Conv2d(4, 8, 1, stride=2), True),
+        (nn.Conv2d(7, 8, 1, stride=(2, 1)), True),
+        (nn.Conv2d(8, 16, 1, stride=2), False),  # wide enough
+        (nn.Conv2d(4, 8, 1, stride=1), False),  # not strided
+        (nn.Conv2d(4, 8, 3, stride=2), False),  # not 1x1
+    ],
+)
 def test_which_convolutions_are_unsafe(conv, unsafe):
     assert bool(unsafe_channels_last_convs(nn.Sequential(conv))) is unsafe
     assert resolve_channels_last("auto", conv, torch.device("cpu")) is not unsafe

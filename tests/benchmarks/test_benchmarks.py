@@ -17,8 +17,14 @@ def test_gpu_check_cpu_fallback(tiny_archive, tmp_path):
     if torch.cuda.is_available():  # the fallback is what CI machines (no GPU) run
         pytest.skip("a GPU is present: gpu_check.sh runs its GPU path, not the CPU fallback tested here")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
-    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tiny_archive), str(tmp_path / "out")], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", str(tiny_archive), str(tmp_path / "out")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "CPU fallback" in proc.stdout and "gpu_check summary" in proc.stdout
     t = json.loads((tmp_path / "out" / "throughput_d128.json").read_text())

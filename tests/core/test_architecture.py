@@ -8,15 +8,28 @@ from conftest import REPO
 
 # docs/architecture.md, "Who may import whom": module prefix -> layer (the longest matching prefix wins).
 LAYERS = {
-    "directpred.config": 0, "directpred.linalg": 0, "directpred.distributed": 0, "directpred.runtime": 0,
-    "directpred.data": 1, "directpred.backbones": 1, "directpred.heads": 1, "directpred.losses": 1,
+    "directpred.config": 0,
+    "directpred.linalg": 0,
+    "directpred.distributed": 0,
+    "directpred.runtime": 0,
+    "directpred.data": 1,
+    "directpred.backbones": 1,
+    "directpred.heads": 1,
+    "directpred.losses": 1,
     "directpred.methods": 2,
-    "directpred.eval": 3, "directpred.diagnostics": 3, "directpred.diagnostics.metrics": 3,
+    "directpred.eval": 3,
+    "directpred.diagnostics": 3,
+    "directpred.diagnostics.metrics": 3,
     "directpred.diagnostics.hook": 3,
     "directpred.train": 4,
-    "directpred.diagnostics.report": 5, "directpred.diagnostics.plots": 5, "directpred.export": 5,
-    "directpred.sweep": 5, "directpred.theory": 5,
-    "directpred.cli": 6, "directpred.__main__": 6, "directpred": 6,
+    "directpred.diagnostics.report": 5,
+    "directpred.diagnostics.plots": 5,
+    "directpred.export": 5,
+    "directpred.sweep": 5,
+    "directpred.theory": 5,
+    "directpred.cli": 6,
+    "directpred.__main__": 6,
+    "directpred": 6,
 }
 
 
@@ -49,5 +62,6 @@ def test_the_theory_toolkit_needs_neither_torch_nor_the_training_code():
     for path in (REPO / "directpred" / "theory").rglob("*.py"):
         tree = ast.parse(path.read_text())
         names = _imports(tree) | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        assert not any(n == "torch" or n.startswith(("torch.", "directpred.train", "directpred.methods"))
-                       for n in names), path
+        assert not any(
+            n == "torch" or n.startswith(("torch.", "directpred.train", "directpred.methods")) for n in names
+        ), path

@@ -23,8 +23,9 @@ def _restore_directpred_logger():
     logger.handlers[:], logger.level = handlers, level
 
 
-@pytest.mark.parametrize("verbosity,shown", [(-1, ["WARNING: w"]), (0, ["i", "WARNING: w"]),
-                                             (1, ["d", "i", "WARNING: w"])])
+@pytest.mark.parametrize(
+    "verbosity,shown", [(-1, ["WARNING: w"]), (0, ["i", "WARNING: w"]), (1, ["d", "i", "WARNING: w"])]
+)
 def test_configured_levels_and_format(verbosity, shown, capsys):
     configure_logging(verbosity)
     configure_logging(verbosity)  # idempotent: one handler, each message once
@@ -49,8 +50,11 @@ def test_train_command_shows_library_warnings_once(flag, tiny_overrides, tmp_pat
     monkeypatch.setattr(memory_format, "_said", set())
     sets = [a for o in tiny_overrides + ["train.max_steps=1"] for a in ("--set", o)]
     assert main([*flag, "train", str(QUICKSTART), "--out", str(tmp_path / "run"), *sets]) == 0
-    lines = [line for line in capsys.readouterr().err.splitlines()
-             if line.startswith("WARNING: train.channels_last=auto: using the default memory format")]
+    lines = [
+        line
+        for line in capsys.readouterr().err.splitlines()
+        if line.startswith("WARNING: train.channels_last=auto: using the default memory format")
+    ]
     assert len(lines) == 2 and "online.encoder.backbone.layer2" in lines[0] and lines[1] != lines[0]
 
 

@@ -19,29 +19,34 @@ def test_defaults_are_the_paper_recipe():
 
 
 def test_overrides_are_parsed_as_yaml_and_typed():
-    cfg = load_config(None, ["predictor.rho=0.5", "train.epochs=3", "method.symmetric_loss=false",
-                             "predictor.name=linear", "optim.lr=1"])
+    cfg = load_config(
+        None,
+        ["predictor.rho=0.5", "train.epochs=3", "method.symmetric_loss=false", "predictor.name=linear", "optim.lr=1"],
+    )
     assert cfg.predictor.rho == 0.5 and cfg.train.epochs == 3 and cfg.method.symmetric_loss is False
     assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1.0
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("predictor.rhoo=0.5", "predictor.rhoo"),
-    ("predictr.rho=0.5", "predictr"),
-    ("predictor.rho=1.0", "predictor.rho"),
-    ("predictor.rho=-0.1", "predictor.rho"),
-    ("predictor.freq=0", "predictor.freq"),
-    ("predictor.eps=-0.1", "predictor.eps"),
-    ("predictor.name=mlp3", "predictor.name"),
-    ("train.epochs=two", "train.epochs"),
-    ("train.epochs=1.5", "train.epochs"),
-    ("method.symmetric_loss=3", "method.symmetric_loss"),
-    ("data.dataset=folder", "data.path"),
-    ("method.stop_gradient=false", "method.stop_gradient"),
-    ("train.batch_size=1", "train.batch_size"),
-    ("predictor", "key=value"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("predictor.rhoo=0.5", "predictor.rhoo"),
+        ("predictr.rho=0.5", "predictr"),
+        ("predictor.rho=1.0", "predictor.rho"),
+        ("predictor.rho=-0.1", "predictor.rho"),
+        ("predictor.freq=0", "predictor.freq"),
+        ("predictor.eps=-0.1", "predictor.eps"),
+        ("predictor.name=mlp3", "predictor.name"),
+        ("train.epochs=two", "train.epochs"),
+        ("train.epochs=1.5", "train.epochs"),
+        ("method.symmetric_loss=3", "method.symmetric_loss"),
+        ("data.dataset=folder", "data.path"),
+        ("method.stop_gradient=false", "method.stop_gradient"),
+        ("train.batch_size=1", "train.batch_size"),
+        ("predictor", "key=value"),
+    ],
+)
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         load_config(None, [override])
@@ -83,4 +88,3 @@ def test_every_shipped_config_loads():
             load_config(f)
         except ConfigError as exc:
             assert "data.path" in str(exc), f"{f}: {exc}"  # only a missing data folder is acceptable here
-

@@ -17,18 +17,23 @@ from directpred.config import Config, ConfigError, load_config, merge_into, nest
 
 def test_readme_and_docs_page_are_current():
     stale = config_doc.stale_files()
-    assert not stale, (f"{', '.join(map(str, stale))}: the configuration reference is out of date; regenerate it "
-                       f"with `{config_doc.REGENERATE}` (from the repository root)")
+    assert not stale, (
+        f"{', '.join(map(str, stale))}: the configuration reference is out of date; regenerate it "
+        f"with `{config_doc.REGENERATE}` (from the repository root)"
+    )
 
 
 def _all_keys() -> list[str]:
-    return [f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(type(getattr(
-        Config(), s.name)))]
+    return [
+        f"{s.name}.{f.name}"
+        for s in dataclasses.fields(Config)
+        for f in dataclasses.fields(type(getattr(Config(), s.name)))
+    ]
 
 
 def test_every_key_has_a_row_with_a_meaning_in_the_readme():
     readme = config_doc.README.read_text()
-    table = readme[readme.index(config_doc.START):readme.index(config_doc.END)]
+    table = readme[readme.index(config_doc.START) : readme.index(config_doc.END)]
     rows = dict(re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \|.*\| (.*) \|$", table, flags=re.M))
     assert list(rows) == _all_keys()
     assert all(len(meaning.split()) >= 2 for meaning in rows.values()), rows

@@ -83,11 +83,14 @@ def test_after_step_also_defers_other_statistic_predictors(name, tiny_overrides,
         np.testing.assert_allclose(after[-1].double().numpy(), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("extra", [
-    ["predictor.update_at=after_step"],
-    ["predictor.update_at=after_step", "predictor.partitions=3"],
-    ["predictor.update_at=after_step", "predictor.name=optimal", "predictor.rho=0"],
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["predictor.update_at=after_step"],
+        ["predictor.update_at=after_step", "predictor.partitions=3"],
+        ["predictor.update_at=after_step", "predictor.name=optimal", "predictor.rho=0"],
+    ],
+)
 def test_after_step_resume_is_bit_identical(extra, tiny_overrides, tmp_path):
     """Stopped at step 5 (inside epoch 1 of 2; freq=2, so the hybrid's SGD steps on W_p count) and resumed: the
     same final state as an uninterrupted run."""
@@ -106,8 +109,13 @@ def test_after_step_resume_is_bit_identical(extra, tiny_overrides, tmp_path):
 
 def test_optimal_predictor_trains_and_stays_finite(tiny_overrides, tmp_path):
     for update_at, method in (("after_step", "byol"), ("forward", "simsiam")):
-        over = tiny_overrides + ["predictor.name=optimal", "predictor.freq=2", f"predictor.update_at={update_at}",
-                                 f"method.name={method}", "train.max_steps=6"]
+        over = tiny_overrides + [
+            "predictor.name=optimal",
+            "predictor.freq=2",
+            f"predictor.update_at={update_at}",
+            f"method.name={method}",
+            "train.max_steps=6",
+        ]
         summary = Trainer(load_config(None, over), tmp_path / f"{update_at}_{method}").fit()
         assert summary["steps"] == 6
         state = torch.load(tmp_path / f"{update_at}_{method}" / "checkpoints" / "last.pt", weights_only=False)

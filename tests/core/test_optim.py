@@ -13,8 +13,16 @@ from directpred.train.optim import LARS, build_optimizer, lr_factor, set_lr
 
 
 def test_predictor_group_has_alpha_p_and_its_own_weight_decay():
-    cfg = load_config(None, ["backbone.width=4", "predictor.name=linear", "optim.alpha_p=10",
-                             "optim.predictor_weight_decay=0", "optim.lr=0.05"])
+    cfg = load_config(
+        None,
+        [
+            "backbone.width=4",
+            "predictor.name=linear",
+            "optim.alpha_p=10",
+            "optim.predictor_weight_decay=0",
+            "optim.lr=0.05",
+        ],
+    )
     m = build_method(cfg)
     opt = build_optimizer(cfg.optim, m.online.encoder, m.online.predictor)
     groups = {g["name"]: g for g in opt.param_groups}
@@ -36,8 +44,13 @@ def test_directpred_freq1_weight_is_not_optimised():
 def test_lars_step_matches_formula():
     w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # |w| = 5
     b = torch.nn.Parameter(torch.tensor([1.0]))
-    opt = LARS([dict(params=[w], lars_exclude=False), dict(params=[b], lars_exclude=True, weight_decay=0.0)],
-               lr=0.1, momentum=0.9, weight_decay=0.01, trust_coefficient=0.001)
+    opt = LARS(
+        [dict(params=[w], lars_exclude=False), dict(params=[b], lars_exclude=True, weight_decay=0.0)],
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=0.01,
+        trust_coefficient=0.001,
+    )
     w.grad, b.grad = torch.tensor([0.0, 1.0]), torch.tensor([2.0])
     opt.step()
     d = torch.tensor([0.0, 1.0]) + 0.01 * torch.tensor([3.0, 4.0])
@@ -57,9 +70,19 @@ def test_schedules():
 def test_lars_through_the_builder_groups_and_first_step():
     """optim.name=lars: weights adapted with weight decay, biases and BatchNorm excluded (BYOL), the predictor's
     groups at alpha_p * lr with its own weight decay; the first step equals the formula computed here."""
-    cfg = load_config(None, ["backbone.width=4", "predictor.name=linear", "predictor.bias=true", "optim.name=lars",
-                             "optim.lr=0.2", "optim.alpha_p=2", "optim.predictor_weight_decay=0.01",
-                             "optim.lars_eta=0.02"])
+    cfg = load_config(
+        None,
+        [
+            "backbone.width=4",
+            "predictor.name=linear",
+            "predictor.bias=true",
+            "optim.name=lars",
+            "optim.lr=0.2",
+            "optim.alpha_p=2",
+            "optim.predictor_weight_decay=0.01",
+            "optim.lars_eta=0.02",
+        ],
+    )
     m = build_method(cfg)
     opt = build_optimizer(cfg.optim, m.online.encoder, m.online.predictor)
     assert isinstance(opt, LARS)
@@ -68,8 +91,11 @@ def test_lars_through_the_builder_groups_and_first_step():
     assert all(p.ndim > 1 for p in groups["trunk"]["params"] + groups["predictor"]["params"])
     assert all(p.ndim <= 1 for p in groups["trunk_bias_bn"]["params"] + groups["predictor_bias_bn"]["params"])
     assert [(groups[n]["lr"], groups[n]["weight_decay"], groups[n]["lars_exclude"]) for n in sorted(groups)] == [
-        pytest.approx((0.4, 0.01, False)), pytest.approx((0.4, 0.0, True)),
-        pytest.approx((0.2, 4e-4, False)), pytest.approx((0.2, 0.0, True))]
+        pytest.approx((0.4, 0.01, False)),
+        pytest.approx((0.4, 0.0, True)),
+        pytest.approx((0.2, 4e-4, False)),
+        pytest.approx((0.2, 0.0, True)),
+    ]
     g = torch.Generator().manual_seed(0)
     expected = {}
     for group in opt.param_groups:

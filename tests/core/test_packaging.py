@@ -70,5 +70,6 @@ def test_missing_optional_package_names_the_extra(tmp_path, monkeypatch, capsys)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 1.0}\n')
     assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "figs")]) == 1
-    assert capsys.readouterr().err.strip() == ("directpred: error: `directpred plot` needs matplotlib, which is not "
-                                               "installed: pip install 'directpred[plot]'")
+    assert capsys.readouterr().err.strip() == (
+        "directpred: error: `directpred plot` needs matplotlib, which is not installed: pip install 'directpred[plot]'"
+    )

@@ -12,8 +12,9 @@ from directpred.train import Trainer
 
 def test_bf16_training_step_on_cpu(tiny_overrides, tmp_path):
     fp32 = Trainer(load_config(None, tiny_overrides + ["train.max_steps=2"]), tmp_path / "fp32").setup()
-    bf16 = Trainer(load_config(None, tiny_overrides + ["train.max_steps=2", "train.precision=bf16"]),
-                   tmp_path / "bf16").setup()
+    bf16 = Trainer(
+        load_config(None, tiny_overrides + ["train.max_steps=2", "train.precision=bf16"]), tmp_path / "bf16"
+    ).setup()
     assert fp32.autocast_dtype is None and bf16.autocast_dtype == torch.bfloat16
     init = {k: v.clone() for k, v in bf16.method.online.encoder.state_dict().items()}
     order = epoch_order(len(fp32.data.pretrain), fp32.cfg.train.seed, 0)

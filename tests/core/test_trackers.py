@@ -84,8 +84,11 @@ def trackers(monkeypatch):
 
 def test_wandb_and_mlflow_receive_what_metrics_jsonl_holds(trackers, tiny_overrides, tmp_path):
     wandb_calls, mlflow_calls = trackers
-    cfg = load_config(None, tiny_overrides + ["train.epochs=2", "eval.knn_every=1", "diag.every=3",
-                                              "log.backends=[wandb, mlflow]", "log.project=proj"])
+    cfg = load_config(
+        None,
+        tiny_overrides
+        + ["train.epochs=2", "eval.knn_every=1", "diag.every=3", "log.backends=[wandb, mlflow]", "log.project=proj"],
+    )
     Trainer(cfg, tmp_path / "run").fit()
     run = tmp_path / "run"
     scalars, lists = _expected(run)
@@ -131,8 +134,9 @@ def test_resumed_run_continues_the_same_tracker_runs(trackers, tiny_overrides, t
 
 
 @pytest.mark.parametrize("backend,extra", [("wandb", "wandb"), ("mlflow", "mlflow")])
-def test_missing_tracker_package_is_a_clear_error_before_any_work(backend, extra, tiny_overrides, tmp_path,
-                                                                  monkeypatch, capsys):
+def test_missing_tracker_package_is_a_clear_error_before_any_work(
+    backend, extra, tiny_overrides, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setitem(sys.modules, backend, None)  # `import wandb` raises ImportError
     cfg = load_config(None, tiny_overrides + [f"log.backends=[tensorboard, {backend}]"])
     with pytest.raises(ConfigError) as info:

@@ -35,11 +35,17 @@ def _final_state(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("predictor,schedules,how", [
-    ("directpred", ["method.ema_schedule=cosine", "optim.schedule=warmup_cosine", "optim.warmup_epochs=0.5"],
-     "stopped"),
-    ("linear", [], "extended"),
-])
+@pytest.mark.parametrize(
+    "predictor,schedules,how",
+    [
+        (
+            "directpred",
+            ["method.ema_schedule=cosine", "optim.schedule=warmup_cosine", "optim.warmup_epochs=0.5"],
+            "stopped",
+        ),
+        ("linear", [], "extended"),
+    ],
+)
 def test_resume_at_epoch_boundary_equals_uninterrupted(predictor, schedules, how, tiny_overrides, tmp_path):
     """A run stopped after epoch 1 (or extended from 1 to 3 epochs, with constant schedules) and resumed ends
     bit-identical to one that never stopped: weights, target, F^ and counters, optimiser and kNN figure."""
@@ -63,8 +69,21 @@ def test_resume_at_epoch_boundary_equals_uninterrupted(predictor, schedules, how
 def test_resume_refuses_changed_config_and_accepts_force(tiny_overrides, tmp_path):
     Trainer(load_config(None, tiny_overrides + ["train.epochs=1"]), tmp_path / "r").fit()
     assert main(["train", "--resume", str(tmp_path / "r"), "--set", "predictor.rho=0.5"]) == 1
-    assert main(["train", "--resume", str(tmp_path / "r"), "--set", "predictor.rho=0.5",
-                 "--set", "train.epochs=2", "--force"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(tmp_path / "r"),
+                "--set",
+                "predictor.rho=0.5",
+                "--set",
+                "train.epochs=2",
+                "--force",
+            ]
+        )
+        == 0
+    )
 
 
 def test_new_run_refuses_existing_run_dir(tiny_overrides, tmp_path):
@@ -76,8 +95,13 @@ def test_new_run_refuses_existing_run_dir(tiny_overrides, tmp_path):
 
 def test_run_directory_contents_and_eval_reproduces(tiny_overrides, tmp_path, capsys):
     run = tmp_path / "run"
-    over = tiny_overrides + ["train.epochs=2", "eval.linear=true", "eval.linear_epochs=3", "eval.knn_every=1",
-                             "train.checkpoint_every=1"]
+    over = tiny_overrides + [
+        "train.epochs=2",
+        "eval.linear=true",
+        "eval.linear_epochs=3",
+        "eval.knn_every=1",
+        "train.checkpoint_every=1",
+    ]
     args = ["train", str(REPO / "configs" / "cpu" / "quickstart.yaml"), "--out", str(run)]
     for o in over:
         args += ["--set", o]
@@ -85,8 +109,16 @@ def test_run_directory_contents_and_eval_reproduces(tiny_overrides, tmp_path, ca
     out = capsys.readouterr().out
     assert "kNN top-1" in out and "(cosine, k=10, T=0.1)" in out and "linear probe top-1" in out
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("knn_top1", "linear_top1", "linear_top1_best", "epochs", "steps", "images_per_second",
-                "wall_seconds", "git_commit"):
+    for key in (
+        "knn_top1",
+        "linear_top1",
+        "linear_top1_best",
+        "epochs",
+        "steps",
+        "images_per_second",
+        "wall_seconds",
+        "git_commit",
+    ):
         assert summary[key] is not None, key
     assert summary["epochs"] == 2 and summary["linear_top1_best"] >= summary["linear_top1"]
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 2
@@ -125,8 +157,9 @@ def test_tiny_run_learns_beyond_its_random_initialisation(tiny_overrides, tmp_pa
 def test_compiled_encoder_trains_and_checkpoints_like_eager(tiny_overrides, tmp_path):
     """``train.compile`` compiles the encoder in place: same checkpoint keys, the same losses as eager."""
     eager = Trainer(load_config(None, tiny_overrides + ["train.max_steps=2"]), tmp_path / "eager").fit()
-    compiled = Trainer(load_config(None, tiny_overrides + ["train.max_steps=2", "train.compile=true"]),
-                       tmp_path / "compiled").fit()
+    compiled = Trainer(
+        load_config(None, tiny_overrides + ["train.max_steps=2", "train.compile=true"]), tmp_path / "compiled"
+    ).fit()
     a, b = _final_state(tmp_path / "eager"), _final_state(tmp_path / "compiled")
     assert a.keys() == b.keys()
     assert all(torch.isfinite(v).all() for v in b.values() if v.is_floating_point())

@@ -46,8 +46,9 @@ def test_stop_request_raises_interrupted_with_checkpoint_and_installs_no_handler
     event = threading.Event() if how == "event" else None
     cb = _StopAt(3, event)
     before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
-    trainer = Trainer(load_config(None, tiny_overrides + ["train.epochs=1"]), tmp_path / "run", callbacks=[cb],
-                      stop=event)
+    trainer = Trainer(
+        load_config(None, tiny_overrides + ["train.epochs=1"]), tmp_path / "run", callbacks=[cb], stop=event
+    )
     with pytest.raises(TrainingInterrupted) as info:
         trainer.fit()
     exc = info.value
@@ -62,8 +63,9 @@ def test_stop_request_raises_interrupted_with_checkpoint_and_installs_no_handler
 def test_git_commit_runs_once_per_run(tiny_overrides, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(loop_module, "git_commit", lambda: calls.append(1) or f"commit{len(calls)}")
-    summary = Trainer(load_config(None, tiny_overrides + ["train.max_steps=3", "train.checkpoint_every_steps=1"]),
-                      tmp_path / "run").fit()
+    summary = Trainer(
+        load_config(None, tiny_overrides + ["train.max_steps=3", "train.checkpoint_every_steps=1"]), tmp_path / "run"
+    ).fit()
     assert len(calls) == 1 and summary["git_commit"] == "commit1"
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["git_commit"] == "commit1"
 
@@ -121,7 +123,9 @@ def test_cli_maps_sigterm_to_exit_code_and_resume_message(tiny_overrides, tmp_pa
     (tmp_path / "empty.yaml").write_text("{}\n")
     assert main([*args[:1], str(tmp_path / "empty.yaml"), *args[1:]]) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
-    assert (f"Stopped by SIGTERM at step 2; checkpoint written to {tmp_path / 'run' / 'checkpoints' / 'last.pt'}."
-            f"\nResume with: directpred train --resume {tmp_path / 'run'}") in err
+    assert (
+        f"Stopped by SIGTERM at step 2; checkpoint written to {tmp_path / 'run' / 'checkpoints' / 'last.pt'}."
+        f"\nResume with: directpred train --resume {tmp_path / 'run'}"
+    ) in err
     assert signal.getsignal(signal.SIGTERM) is before  # restored after the command
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2

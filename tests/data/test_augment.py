@@ -32,7 +32,7 @@ TV_JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.
 
 def _torchvision_view(x: torch.Tensor, p, r: ViewRecipe, i: int) -> torch.Tensor:
     """Sample i of a view built with torchvision.transforms.v2.functional from the same parameters."""
-    y = resized_crop(x[i: i + 1], p.boxes[i: i + 1], r.size)[0].clamp(0, 1)
+    y = resized_crop(x[i : i + 1], p.boxes[i : i + 1], r.size)[0].clamp(0, 1)
     if p.flip[i]:
         y = TF.horizontal_flip(y)
     if p.jitter[i]:
@@ -74,8 +74,13 @@ def test_view_equals_torchvision_pipeline_per_sample(name, view):
         r = dataclasses.replace(r, solarize_p=0.5)
     x = torch.rand(16, 3, 24, 20, generator=torch.Generator().manual_seed(1))
     p = draw_view_params(16, 24, 20, r, torch.Generator().manual_seed(2))
-    for flag, used in [(p.flip, True), (p.jitter, True), (p.gray, True), (p.blur, r.blur_p > 0),
-                       (p.solarize, r.solarize_p > 0)]:
+    for flag, used in [
+        (p.flip, True),
+        (p.jitter, True),
+        (p.gray, True),
+        (p.blur, r.blur_p > 0),
+        (p.solarize, r.solarize_p > 0),
+    ]:
         assert bool(flag.any()) == used and not bool(flag.all())  # both branches exercised where used
     out = apply_view_params(x.clone(), p, r)
     scale = 1.0 if r.std is None else 1.0 / min(r.std)
@@ -122,8 +127,9 @@ def test_sharded_augmentation_equals_the_global_batch():
     imgs = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
     r = recipe("stl10", 32)[0]
     whole = augment_view(imgs, r, torch.Generator().manual_seed(5))
-    halves = [augment_view(imgs[k * 4:(k + 1) * 4], r, torch.Generator().manual_seed(5), shard=(k, 2))
-              for k in range(2)]
+    halves = [
+        augment_view(imgs[k * 4 : (k + 1) * 4], r, torch.Generator().manual_seed(5), shard=(k, 2)) for k in range(2)
+    ]
     torch.testing.assert_close(torch.cat(halves), whole)
 
 

@@ -31,9 +31,20 @@ from directpred.data.datasets import DataError, DownloadError, load_data, resolv
 
 QUICKSTART = REPO / "configs" / "cpu" / "quickstart.yaml"
 # Make the quick start tiny; the data keys (dataset, local_copy, download) stay the config's own.
-SMALL = ["backbone.width=4", "projector.hidden_dim=32", "projector.out_dim=16", "train.batch_size=16",
-         "train.progress=false", "train.device=cpu", "train.precision=fp32", "train.channels_last=false",
-         "eval.linear=false", "eval.knn_k=5", "diag.every=0", "train.log_every=1"]
+SMALL = [
+    "backbone.width=4",
+    "projector.hidden_dim=32",
+    "projector.out_dim=16",
+    "train.batch_size=16",
+    "train.progress=false",
+    "train.device=cpu",
+    "train.precision=fp32",
+    "train.channels_last=false",
+    "eval.linear=false",
+    "eval.knn_k=5",
+    "diag.every=0",
+    "train.log_every=1",
+]
 N_PER_BATCH, N_TEST = 8, 20
 
 
@@ -59,8 +70,12 @@ def fake_cifar10(folder: Path) -> tuple[Path, dict[str, str], np.ndarray, list[i
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(blob)
             tf.addfile(info, io.BytesIO(blob))
-    return archive, {k: _md5(v) for k, v in members.items()}, test.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), \
-        test_labels
+    return (
+        archive,
+        {k: _md5(v) for k, v in members.items()},
+        test.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1),
+        test_labels,
+    )
 
 
 def _point_torchvision_at(monkeypatch, url: str, md5s: dict[str, str], tgz_md5: str) -> None:
@@ -83,8 +98,9 @@ def cifar_server(tmp_path, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    _point_torchvision_at(monkeypatch, f"http://127.0.0.1:{server.server_port}/{archive.name}", md5s,
-                          _md5(archive.read_bytes()))
+    _point_torchvision_at(
+        monkeypatch, f"http://127.0.0.1:{server.server_port}/{archive.name}", md5s, _md5(archive.read_bytes())
+    )
     yield test_images, test_labels
     server.shutdown()
     server.server_close()
@@ -97,13 +113,19 @@ def offline(tmp_path, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     archive, md5s, _, _ = fake_cifar10(tmp_path)
-    _point_torchvision_at(monkeypatch, f"http://127.0.0.1:{port}/cifar-10-python.tar.gz", md5s,
-                          _md5(archive.read_bytes()))
+    _point_torchvision_at(
+        monkeypatch, f"http://127.0.0.1:{port}/cifar-10-python.tar.gz", md5s, _md5(archive.read_bytes())
+    )
 
 
 def _quickstart_args(tmp_path: Path, *extra: str) -> list[str]:
-    sets = [*SMALL, f"data.root={tmp_path / 'tv'}", f"data.cache_dir={tmp_path / 'cache'}",
-            f"data.local_copy={tmp_path / 'no-mirror.tar.gz'}", *extra]
+    sets = [
+        *SMALL,
+        f"data.root={tmp_path / 'tv'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"data.local_copy={tmp_path / 'no-mirror.tar.gz'}",
+        *extra,
+    ]
     return ["train", str(QUICKSTART), "--out", str(tmp_path / "run")] + [a for s in sets for a in ("--set", s)]
 
 
@@ -114,8 +136,9 @@ def test_quickstart_downloads_when_no_copy_exists_and_trains(tmp_path, cifar_ser
     assert summary["steps"] == 2 and summary["knn_top1"] is not None
     assert (tmp_path / "tv" / "cifar-10-python.tar.gz").is_file()  # torchvision downloaded it into data.root
     # The run trained on exactly the served images.
-    data = load_data(load_config(QUICKSTART, [f"data.root={tmp_path / 'tv'}",
-                                              f"data.local_copy={tmp_path / 'none'}"]).data)
+    data = load_data(
+        load_config(QUICKSTART, [f"data.root={tmp_path / 'tv'}", f"data.local_copy={tmp_path / 'none'}"]).data
+    )
     assert torch.equal(data.test.images, torch.from_numpy(test_images))
     assert data.test.labels.tolist() == test_labels and len(data.pretrain) == 5 * N_PER_BATCH
     assert data.test.classes == [f"c{k}" for k in range(10)]
@@ -137,14 +160,19 @@ def test_no_download_and_no_copy_says_how_to_get_data(tmp_path, capsys):
     assert main(_quickstart_args(tmp_path, "data.download=false")) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert err == (f"directpred: error: CIFAR-10 is not available: no local copy at data.local_copy="
-                   f"'{tmp_path / 'no-mirror.tar.gz'}' and no torchvision copy under data.root='{tmp_path / 'tv'}'. "
-                   "Connect to the internet and set data.download=true, or give a local copy with --set "
-                   "data.path=PATH (an ImageFolder directory or .tar/.tar.gz with train/<class>/ and test/<class>/, "
-                   "e.g. cifar10-jpeg.tar.gz)")
+    assert err == (
+        f"directpred: error: CIFAR-10 is not available: no local copy at data.local_copy="
+        f"'{tmp_path / 'no-mirror.tar.gz'}' and no torchvision copy under data.root='{tmp_path / 'tv'}'. "
+        "Connect to the internet and set data.download=true, or give a local copy with --set "
+        "data.path=PATH (an ImageFolder directory or .tar/.tar.gz with train/<class>/ and test/<class>/, "
+        "e.g. cifar10-jpeg.tar.gz)"
+    )
     with pytest.raises(DataError) as info:
-        load_data(load_config(QUICKSTART, [f"data.root={tmp_path / 'tv'}", "data.download=false",
-                                           f"data.local_copy={tmp_path / 'x'}"]).data)
+        load_data(
+            load_config(
+                QUICKSTART, [f"data.root={tmp_path / 'tv'}", "data.download=false", f"data.local_copy={tmp_path / 'x'}"]
+            ).data
+        )
     assert not isinstance(info.value, DownloadError)
 
 
@@ -185,8 +213,11 @@ def test_relative_data_paths(tmp_path, monkeypatch, tiny_folder):
     assert cfg.data.path == str(elsewhere / "mine") and cfg.data.local_copy == "~/x.tar"
     # A saved (base) config is taken as it is.
     assert load_config(None, base={"data": {"dataset": "folder", "path": "mine"}}).data.path == "mine"
-    with pytest.raises(ConfigError, match=r"data.path=.*the path does not exist.*or leave it unset to use "
-                                          r"torchvision's cifar10"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.path=.*the path does not exist.*or leave it unset to use "
+        r"torchvision's cifar10",
+    ):
         load_config(None, ["data.dataset=cifar10", "data.path=nope"])
 
 
@@ -243,10 +274,24 @@ def test_stl10_trains_one_step_with_its_recipe(monkeypatch, tmp_path):
     from directpred.train import Trainer
 
     monkeypatch.setattr(torchvision.datasets, "STL10", _FakeSTL10)
-    over = ["data.dataset=stl10", f"data.root={tmp_path / 'tv'}", "data.local_copy=null", "backbone.width=4",
-            "backbone.cifar_stem=false", "projector.hidden_dim=32", "projector.out_dim=16", "train.batch_size=16",
-            "train.max_steps=1", "train.progress=false", "train.device=cpu", "train.precision=fp32",
-            "eval.linear=false", "eval.knn_k=5", "eval.knn_every=0", "diag.every=0"]
+    over = [
+        "data.dataset=stl10",
+        f"data.root={tmp_path / 'tv'}",
+        "data.local_copy=null",
+        "backbone.width=4",
+        "backbone.cifar_stem=false",
+        "projector.hidden_dim=32",
+        "projector.out_dim=16",
+        "train.batch_size=16",
+        "train.max_steps=1",
+        "train.progress=false",
+        "train.device=cpu",
+        "train.precision=fp32",
+        "eval.linear=false",
+        "eval.knn_k=5",
+        "eval.knn_every=0",
+        "diag.every=0",
+    ]
     trainer = Trainer(load_config(None, over), tmp_path / "run").setup()
     v1, v2 = view_recipes(trainer.cfg, trainer.data)
     assert v1.size == 96 and v1.mean is None and v1.blur_p == 1.0  # the authors' STL-10 recipe

@@ -93,7 +93,7 @@ def test_labelled_batches_are_the_batches_with_their_labels(mixed, tmp_path):
         assert len(pairs) == source.steps_per_epoch - 2
         for step, ((images, y), plain) in enumerate(zip(pairs, _all(source, 1, 2), strict=True), start=2):
             assert torch.equal(images, plain)
-            assert torch.equal(y, labels[order[step * 4: step * 4 + 4]])
+            assert torch.equal(y, labels[order[step * 4 : step * 4 + 4]])
     unlabelled = InMemorySource(train.images, batch_size=4, seed=3)  # labels not given: -1
     assert next(unlabelled.labelled_batches(0))[1].tolist() == [-1] * 4
 

@@ -29,9 +29,18 @@ def jpegs(tmp_path_factory) -> Path:
 
 
 def stream_overrides(tiny_overrides: list[str], path: Path, size: int = 32) -> list[str]:
-    return tiny_overrides + [f"data.path={path}", "data.stream=true", f"data.image_size={size}",
-                             f"data.decode_size={size + 4}", "data.workers=0", "data.augment=imagenet",
-                             "backbone.width=4", "train.batch_size=8", "eval.linear=false", "eval.knn_every=0"]
+    return tiny_overrides + [
+        f"data.path={path}",
+        "data.stream=true",
+        f"data.image_size={size}",
+        f"data.decode_size={size + 4}",
+        "data.workers=0",
+        "data.augment=imagenet",
+        "backbone.width=4",
+        "train.batch_size=8",
+        "eval.linear=false",
+        "eval.knn_every=0",
+    ]
 
 
 @pytest.mark.parametrize("path", IMAGENET_CONFIGS, ids=lambda p: p.stem)
@@ -46,13 +55,24 @@ def test_paper_settings_of_the_imagenet_configs():
     c60 = load_config(REPO / "configs/imagenet/byol_directpred_60ep.yaml", ["data.path=/"])
     c300 = load_config(REPO / "configs/imagenet/byol_mlp_300ep.yaml", ["data.path=/"])
     assert (c60.backbone.name, c60.projector.out_dim, c60.method.symmetric_loss, c60.optim.name) == (
-        "resnet50", 256, False, "sgd")
+        "resnet50",
+        256,
+        False,
+        "sgd",
+    )
     assert c60.train.batch_size * 8 == 256 and c60.predictor.name == "directpred" and c60.predictor.freq == 1
     assert (c300.method.symmetric_loss, c300.optim.name, c300.optim.schedule) == (True, "lars", "warmup_cosine")
     assert c300.train.batch_size * 32 == 4096 and c300.predictor.hidden_dim == 4096
     v1, v2 = recipe(c60.data.augment, c60.data.image_size)
     assert (v1.size, v1.brightness, v1.contrast, v1.saturation, v1.hue, v1.jitter_p, v1.gray_p) == (
-        224, 0.4, 0.4, 0.2, 0.1, 0.8, 0.2)
+        224,
+        0.4,
+        0.4,
+        0.2,
+        0.1,
+        0.8,
+        0.2,
+    )
     assert (v1.blur_p, v2.blur_p, v1.solarize_p, v2.solarize_p, v1.crop_scale) == (1.0, 0.1, 0.0, 0.2, (0.08, 1.0))
 
 
@@ -69,8 +89,13 @@ def _same(a: Path, b: Path) -> None:
 
 def test_streamed_training_equals_in_memory_training(tiny_overrides, jpegs, tmp_path):
     """Same pixels, same order, same draws: the streamed run ends bit-identical to the in-memory one."""
-    common = tiny_overrides + [f"data.path={jpegs}", "data.image_size=24", "data.augment=imagenet",
-                               "train.batch_size=8", "train.epochs=2"]
+    common = tiny_overrides + [
+        f"data.path={jpegs}",
+        "data.image_size=24",
+        "data.augment=imagenet",
+        "train.batch_size=8",
+        "train.epochs=2",
+    ]
     mem = Trainer(load_config(None, common), tmp_path / "mem").fit()
     lazy = Trainer(load_config(None, common + ["data.stream=true", "data.workers=1"]), tmp_path / "lazy").fit()
     assert mem["steps"] == lazy["steps"] == 6
@@ -95,7 +120,7 @@ def test_knn_stream_equals_the_in_memory_classifier():
     f_test, y_test = torch.randn(70, 16, generator=g), torch.randint(0, 5, (70,), generator=g)
     for k in (7, 200, 400):  # 400 > N: fewer neighbours than k
         ref = KNNClassifier(k=k, temperature=0.1).fit(f_train, y_train).score(f_test, y_test)
-        chunks = ((f_train[s: s + 32], y_train[s: s + 32]) for s in range(0, 300, 32))
+        chunks = ((f_train[s : s + 32], y_train[s : s + 32]) for s in range(0, 300, 32))
         assert knn_stream(f_test, y_test, chunks, num_classes=5, k=k, temperature=0.1) == pytest.approx(ref)
 
 
@@ -118,13 +143,17 @@ class CountingReader:
 
 def test_byol_linear_evaluation_streams_and_scores_top1_top5(jpegs):
     torch.manual_seed(0)
-    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=2), torch.nn.ReLU(),
-                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    train, test = CountingReader(FolderReader(jpegs, "train")), CountingReader(
-        FolderReader(jpegs, "test", classes=FolderReader(jpegs, "train").classes))
+    backbone = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 5, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    )
+    train, test = (
+        CountingReader(FolderReader(jpegs, "train")),
+        CountingReader(FolderReader(jpegs, "test", classes=FolderReader(jpegs, "train").classes)),
+    )
     r = recipe("imagenet", 24)[1]
     ev = ByolLinearEval(epochs=3, lr=0.5, batch_size=6, seed=1).fit(
-        backbone, train, test, r, decode_size=28, num_classes=3, feature_dim=8)
+        backbone, train, test, r, decode_size=28, num_classes=3, feature_dim=8
+    )
     steps = len(train) // 6
     assert train.reads == 3 * steps * 6 and test.reads == 3 * len(test)  # batch by batch, every epoch afresh
     # The reported scores against an independent computation on all (centre-crop) test features.
@@ -137,19 +166,26 @@ def test_byol_linear_evaluation_streams_and_scores_top1_top5(jpegs):
     assert ev.history_[-1][0] == pytest.approx(top1) and top2 >= top1
     assert ev.best_top1_ == max(h[0] for h in ev.history_)
     # The test crops are the centre image_size crop of the decode_size image (resize 256 / centre crop 224).
-    (crop, _), = list(iterate_split(test.inner, 28, crop=24, batch_size=len(test)))
-    (full, _), = list(iterate_split(test.inner, 28, batch_size=len(test)))
+    ((crop, _),) = list(iterate_split(test.inner, 28, crop=24, batch_size=len(test)))
+    ((full, _),) = list(iterate_split(test.inner, 28, batch_size=len(test)))
     assert torch.equal(crop, full[:, :, 2:26, 2:26])
 
 
-@pytest.mark.parametrize("overrides,needle", [
-    (["data.stream=true"], "data.image_size=0 is not allowed: a streamed data set"),
-    (["data.stream=true", "data.image_size=32", "data.decode_size=24"],
-     "data.decode_size=24 is not allowed: must be >= data.image_size=32"),
-    (["data.stream=true", "data.image_size=32", "data.train_subset=10"],
-     "data.train_subset=10 is not allowed: subsets"),
-    (["eval.linear_protocol=byol"], "eval.linear_protocol='byol' is not allowed: the byol protocol streams"),
-])
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["data.stream=true"], "data.image_size=0 is not allowed: a streamed data set"),
+        (
+            ["data.stream=true", "data.image_size=32", "data.decode_size=24"],
+            "data.decode_size=24 is not allowed: must be >= data.image_size=32",
+        ),
+        (
+            ["data.stream=true", "data.image_size=32", "data.train_subset=10"],
+            "data.train_subset=10 is not allowed: subsets",
+        ),
+        (["eval.linear_protocol=byol"], "eval.linear_protocol='byol' is not allowed: the byol protocol streams"),
+    ],
+)
 def test_stream_config_errors_name_the_key(overrides, needle, jpegs):
     with pytest.raises(ConfigError, match=needle):
         load_config(None, ["data.dataset=folder", f"data.path={jpegs}", *overrides])

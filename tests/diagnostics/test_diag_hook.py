@@ -61,8 +61,19 @@ def test_reports_every_n_steps_and_rows_are_json():
     assert got == [3, 6, 9]
     row = diag.observe(12, step_output(g, collapsed=False, loss=1.5))
     json.dumps(row)  # serialisable
-    for key in ("s", "wp_eig", "align", "alignment", "asymmetry", "p_s_slope", "rankme_h", "rankme_z",
-                "z_std_ratio", "loss_per_term", "collapsed"):
+    for key in (
+        "s",
+        "wp_eig",
+        "align",
+        "alignment",
+        "asymmetry",
+        "p_s_slope",
+        "rankme_h",
+        "rankme_z",
+        "z_std_ratio",
+        "loss_per_term",
+        "collapsed",
+    ):
         assert key in row
     assert len(row["s"]) == D and row["s"] == sorted(row["s"], reverse=True)
 
@@ -149,8 +160,11 @@ def test_rule_fires_exactly_below_all_three_thresholds_documented_in_the_docs():
     assert f"`z_std_ratio < {diag_mod.STD_RATIO_MAX}`" in doc
     assert f"`rankme_z < {diag_mod.RANK_FRACTION_MAX} · min(N, d)`" in doc
     assert f"`loss_per_term < {diag_mod.LOSS_PER_TERM_MAX}`" in doc
-    limits = {"z_std_ratio": diag_mod.STD_RATIO_MAX, "rankme_z": diag_mod.RANK_FRACTION_MAX * 64,
-              "loss_per_term": diag_mod.LOSS_PER_TERM_MAX}
+    limits = {
+        "z_std_ratio": diag_mod.STD_RATIO_MAX,
+        "rankme_z": diag_mod.RANK_FRACTION_MAX * 64,
+        "loss_per_term": diag_mod.LOSS_PER_TERM_MAX,
+    }
     below = {k: v * 0.99 for k, v in limits.items()}
     assert looks_collapsed({**below, "z_rank_max": 64})
     for k, v in limits.items():  # any one signal at its threshold: healthy
@@ -174,8 +188,14 @@ def _two_rank_worker(rank: int, init_file: str, results: str) -> None:
             flags.append(row["collapsed"])
     corr = diag.own_estimator.corr.clone()
     dist.all_reduce(corr)
-    torch.save({"flags": flags, "step": diag.collapse_step, "corr_equal":
-                bool(torch.allclose(corr / 2, diag.own_estimator.corr, atol=1e-5))}, f"{results}.{rank}")
+    torch.save(
+        {
+            "flags": flags,
+            "step": diag.collapse_step,
+            "corr_equal": bool(torch.allclose(corr / 2, diag.own_estimator.corr, atol=1e-5)),
+        },
+        f"{results}.{rank}",
+    )
     dist.destroy_process_group()
 
 

@@ -51,12 +51,14 @@ def test_a_model_error_is_not_reported_as_missing_data(run_dir, monkeypatch):
 
 
 def test_plotting_modules_keep_the_callers_backend(tmp_path):
-    code = ("import matplotlib; matplotlib.use('pdf'); "
-            "from directpred.diagnostics import plots; import directpred.theory.plots, directpred.theory.figures; "
-            "import directpred.cli; directpred.cli.build_parser(); "
-            "fig, axes = plots.new_figure(); plots.plot_curves(axes[0][0], {'a': ([0, 1], [1.0, 0.5])}, ylabel='y'); "
-            f"plots.save_figure(fig, {str(tmp_path / 'f.png')!r}); "
-            "print(matplotlib.get_backend())")
+    code = (
+        "import matplotlib; matplotlib.use('pdf'); "
+        "from directpred.diagnostics import plots; import directpred.theory.plots, directpred.theory.figures; "
+        "import directpred.cli; directpred.cli.build_parser(); "
+        "fig, axes = plots.new_figure(); plots.plot_curves(axes[0][0], {'a': ([0, 1], [1.0, 0.5])}, ylabel='y'); "
+        f"plots.save_figure(fig, {str(tmp_path / 'f.png')!r}); "
+        "print(matplotlib.get_backend())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "pdf"
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -45,7 +45,7 @@ def test_alignment_of_a_rotation_is_its_cosine(theta):
     R = torch.zeros(d, d, dtype=torch.float64)
     c, s_ = math.cos(theta), math.sin(theta)
     for k in range(0, d, 2):
-        R[k: k + 2, k: k + 2] = torch.tensor([[c, -s_], [s_, c]])
+        R[k : k + 2, k : k + 2] = torch.tensor([[c, -s_], [s_, c]])
     cos = spectrum.cosines_along(R, torch.eye(d, dtype=torch.float64))
     assert torch.allclose(cos, torch.full((d,), c, dtype=torch.float64), atol=1e-12)
     # the same in a random basis: V R V^T against the eigenvectors V of F = V diag(s) V^T

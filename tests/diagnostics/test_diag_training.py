@@ -21,8 +21,18 @@ from directpred.config import load_config
 from directpred.data.datasets import DataBundle, ImageArrays
 from directpred.train.loop import Trainer
 
-TINY = ["data.dataset=folder", "backbone.width=4", "train.batch_size=64", "train.epochs=2", "eval.linear=false",
-        "eval.knn_every=0", "train.progress=false", "diag.every=2", "train.device=cpu", "train.precision=fp32"]
+TINY = [
+    "data.dataset=folder",
+    "backbone.width=4",
+    "train.batch_size=64",
+    "train.epochs=2",
+    "eval.linear=false",
+    "eval.knn_every=0",
+    "train.progress=false",
+    "diag.every=2",
+    "train.device=cpu",
+    "train.precision=fp32",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +50,10 @@ def data():
 
 def train(tmp_path: Path, data, name: str, overrides: list[str], steps: int, folder: Path) -> tuple[Path, dict]:
     # data.path (what `directpred diagnose` reads later) is a small folder; training uses the in-memory images.
-    cfg = load_config(None, TINY + overrides + [f"train.max_steps={steps}", f"data.path={folder}",
-                                                f"data.cache_dir={tmp_path / 'cache'}"])
+    cfg = load_config(
+        None,
+        TINY + overrides + [f"train.max_steps={steps}", f"data.path={folder}", f"data.cache_dir={tmp_path / 'cache'}"],
+    )
     out = tmp_path / name
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -52,13 +64,15 @@ def train(tmp_path: Path, data, name: str, overrides: list[str], steps: int, fol
     return out, summary
 
 
-@pytest.mark.parametrize("name, overrides", [
-    ("simsiam_no_predictor", ["method.name=simsiam", "predictor.name=none"]),
-    ("simsiam_no_stop_gradient", ["method.name=simsiam", "method.stop_gradient=false"]),
-])
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("simsiam_no_predictor", ["method.name=simsiam", "predictor.name=none"]),
+        ("simsiam_no_stop_gradient", ["method.name=simsiam", "method.stop_gradient=false"]),
+    ],
+)
 def test_collapse_ablations_are_flagged_and_stopped(tmp_path, data, name, overrides, caplog, tiny_folder):
-    out, summary = train(tmp_path, data, name, overrides + ["diag.stop_on_collapse=true"], steps=48,
-                         folder=tiny_folder)
+    out, summary = train(tmp_path, data, name, overrides + ["diag.stop_on_collapse=true"], steps=48, folder=tiny_folder)
     assert summary["collapsed"] is True, summary
     # Flagged within about an epoch (32 steps); measured: steps 26-28 (the step moves with the CPU's kernels).
     assert summary["collapse_step"] <= 40
@@ -69,14 +83,17 @@ def test_collapse_ablations_are_flagged_and_stopped(tmp_path, data, name, overri
     assert saved["collapsed"] is True and saved["collapse_step"] == summary["collapse_step"]
 
 
-@pytest.mark.parametrize("name, overrides", [
-    ("byol_directpred", []),
-    ("byol_linear", ["predictor.name=linear"]),
-    ("byol_mlp", ["predictor.name=mlp"]),
-    ("simsiam_directpred", ["method.name=simsiam"]),
-    ("simsiam_linear", ["method.name=simsiam", "predictor.name=linear"]),
-    ("simsiam_mlp", ["method.name=simsiam", "predictor.name=mlp"]),
-])
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("byol_directpred", []),
+        ("byol_linear", ["predictor.name=linear"]),
+        ("byol_mlp", ["predictor.name=mlp"]),
+        ("simsiam_directpred", ["method.name=simsiam"]),
+        ("simsiam_linear", ["method.name=simsiam", "predictor.name=linear"]),
+        ("simsiam_mlp", ["method.name=simsiam", "predictor.name=mlp"]),
+    ],
+)
 def test_healthy_runs_are_not_flagged(tmp_path, data, name, overrides, tiny_folder, capsys):
     out, summary = train(tmp_path, data, name, overrides, steps=24, folder=tiny_folder)
     assert summary["collapsed"] is False and summary["collapse_step"] is None

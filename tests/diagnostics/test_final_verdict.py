@@ -24,8 +24,12 @@ def _run(tiny_overrides, tmp_path, name, extra):
 
 @pytest.mark.parametrize("every", ["10", "0"])
 def test_short_collapsing_run_is_judged_collapsed_by_the_final_report(every, tiny_overrides, tmp_path):
-    summary, diag = _run(tiny_overrides, tmp_path, "collapse",
-                         ["method.name=simsiam", "predictor.name=none", "optim.lr=1.0", f"diag.every={every}"])
+    summary, diag = _run(
+        tiny_overrides,
+        tmp_path,
+        "collapse",
+        ["method.name=simsiam", "predictor.name=none", "optim.lr=1.0", f"diag.every={every}"],
+    )
     assert [r["step"] for r in diag] == ([10, 16] if every == "10" else [16])
     final = diag[-1]
     assert final["kind"] == "diag_final" and final["looks_collapsed"] == 1 and final["collapsed"] == 1

@@ -33,8 +33,17 @@ WORLD = 2
 
 def torchrun(args: list[str], cwd: Path, nproc: int = WORLD) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "directpred", "train", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "directpred",
+        "train",
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -53,8 +62,11 @@ def reference(cfg, steps: int, world: int = WORLD):
     data = load_data(cfg.data, seed=cfg.train.seed)
     aug = TwoViewAugment(*view_recipes(cfg, data))
     method = build_method(cfg)
-    fmt = torch.channels_last if resolve_channels_last(cfg.train.channels_last, method, torch.device("cpu")) \
-        else torch.contiguous_format  # what the trainer chooses (the guard of issue 9)
+    fmt = (
+        torch.channels_last
+        if resolve_channels_last(cfg.train.channels_last, method, torch.device("cpu"))
+        else torch.contiguous_format
+    )  # what the trainer chooses (the guard of issue 9)
     method = method.to(memory_format=fmt)
     method.train()
     enc, pred, target = method.online.encoder, method.online.predictor, method.target
@@ -66,7 +78,7 @@ def reference(cfg, steps: int, world: int = WORLD):
     after_step = cfg.predictor.update_at == "after_step"
     for step in range(steps):
         epoch, s = divmod(step, spe)
-        idx = epoch_order(len(data.pretrain), cfg.train.seed, epoch)[s * gb:(s + 1) * gb]
+        idx = epoch_order(len(data.pretrain), cfg.train.seed, epoch)[s * gb : (s + 1) * gb]
         x1, x2 = aug(data.pretrain.images[idx], step_generator(cfg.train.seed, step))
         x1, x2 = (x.contiguous(memory_format=fmt) for x in (x1, x2))
         set_lr(opt, cfg.optim.lr, lr_factor(step, total, 0, cfg.optim.schedule))
@@ -101,18 +113,26 @@ def reference(cfg, steps: int, world: int = WORLD):
     return method
 
 
-@pytest.mark.parametrize("predictor,method_name,update_at", [("directpred", "byol", "forward"),
-                                                             ("directpred", "byol", "after_step"),
-                                                             ("linear", "simsiam", "forward")])
-def test_two_processes_equal_one_process_on_the_global_batch(predictor, method_name, update_at, tiny_overrides,
-                                                             tmp_path):
+@pytest.mark.parametrize(
+    "predictor,method_name,update_at",
+    [("directpred", "byol", "forward"), ("directpred", "byol", "after_step"), ("linear", "simsiam", "forward")],
+)
+def test_two_processes_equal_one_process_on_the_global_batch(
+    predictor, method_name, update_at, tiny_overrides, tmp_path
+):
     # Two steps cover the all-reduces, momentum, the EMA target and the predictor state carried between steps.
     # Longer comparisons are not meaningful at this size: the width-4 network with BatchNorm over 8 samples
     # amplifies float rounding (different summation order in the all-reduce) ~1000x in a single step, by an amount
     # that depends on the CPU's kernels; hence a tolerance relative to each tensor's change (below).
     steps = 2
-    over = tiny_overrides + [f"predictor.name={predictor}", f"method.name={method_name}", "train.batch_size=8",
-                             f"train.max_steps={steps}", "train.epochs=2", f"predictor.update_at={update_at}"]
+    over = tiny_overrides + [
+        f"predictor.name={predictor}",
+        f"method.name={method_name}",
+        "train.batch_size=8",
+        f"train.max_steps={steps}",
+        "train.epochs=2",
+        f"predictor.update_at={update_at}",
+    ]
     torchrun(["configs/cpu/quickstart.yaml", "--out", str(tmp_path / "ddp"), *as_args(over)], cwd=REPO)
     got = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)
     assert got["world_size"] == WORLD and got["step"] == steps

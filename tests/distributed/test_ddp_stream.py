@@ -15,10 +15,23 @@ from directpred.cli import main
 
 def test_two_process_streamed_run_equals_two_process_in_memory_run(tiny_overrides, tmp_path):
     data = write_mixed_folder(tmp_path / "data", n_per_class=10, classes=3)
-    over = tiny_overrides + [f"data.path={data}", "data.image_size=24", "data.augment=imagenet",
-                             "train.batch_size=4", "train.epochs=2", "eval.knn_k=5"]
-    streamed = over + ["data.stream=true", "data.workers=1", "eval.linear=true", "eval.linear_protocol=byol",
-                       "eval.linear_epochs=2", "eval.linear_batch_size=4", "eval.linear_lr=0.1"]
+    over = tiny_overrides + [
+        f"data.path={data}",
+        "data.image_size=24",
+        "data.augment=imagenet",
+        "train.batch_size=4",
+        "train.epochs=2",
+        "eval.knn_k=5",
+    ]
+    streamed = over + [
+        "data.stream=true",
+        "data.workers=1",
+        "eval.linear=true",
+        "eval.linear_protocol=byol",
+        "eval.linear_epochs=2",
+        "eval.linear_batch_size=4",
+        "eval.linear_lr=0.1",
+    ]
     torchrun(["configs/cpu/quickstart.yaml", "--out", str(tmp_path / "mem"), *as_args(over)], cwd=REPO)
     torchrun(["configs/cpu/quickstart.yaml", "--out", str(tmp_path / "lazy"), *as_args(streamed)], cwd=REPO)
     a = torch.load(tmp_path / "mem" / "checkpoints" / "last.pt", weights_only=True)

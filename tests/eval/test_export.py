@@ -33,10 +33,23 @@ TOL = dict(rtol=1e-4, atol=1e-5)
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_folder) -> Path:
     tmp = tmp_path_factory.mktemp("export")
-    over = ["data.dataset=folder", f"data.path={tiny_folder}", f"data.cache_dir={tmp / 'cache'}",
-            "backbone.width=4", "projector.hidden_dim=32", "projector.out_dim=16", "train.batch_size=16",
-            "train.progress=false", "train.device=cpu", "train.precision=fp32", "eval.knn_every=0",
-            "eval.linear=false", "eval.knn_k=10", "diag.every=0", "train.max_steps=3"]
+    over = [
+        "data.dataset=folder",
+        f"data.path={tiny_folder}",
+        f"data.cache_dir={tmp / 'cache'}",
+        "backbone.width=4",
+        "projector.hidden_dim=32",
+        "projector.out_dim=16",
+        "train.batch_size=16",
+        "train.progress=false",
+        "train.device=cpu",
+        "train.precision=fp32",
+        "eval.knn_every=0",
+        "eval.linear=false",
+        "eval.knn_k=10",
+        "diag.every=0",
+        "train.max_steps=3",
+    ]
     Trainer(load_config(None, over), tmp / "run").fit()
     return tmp / "run"
 
@@ -52,8 +65,12 @@ def _reference(run: Path):
     method.load_state_dict(load_checkpoint(run / "checkpoints" / "last.pt")["model"])
     data = load_data(cfg.data, seed=cfg.train.seed)
     _, test_recipe = view_recipes(cfg, data)
-    feats = {split: extract_features(method.encoder.backbone, getattr(data, split).images, test_recipe,
-                                     channels_last=channels_last) for split in ("train", "test")}
+    feats = {
+        split: extract_features(
+            method.encoder.backbone, getattr(data, split).images, test_recipe, channels_last=channels_last
+        )
+        for split in ("train", "test")
+    }
     return feats, data, test_recipe
 
 
@@ -99,8 +116,12 @@ def test_embed_writes_the_runs_features_and_labels(run, tmp_path, tiny_folder, c
     assert 100.0 * knn.score(torch.from_numpy(got), data.test.labels) == pytest.approx(summary["knn_top1"])
     # A plain ImageFolder (<class>/<image>, no train/test).
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    assert main(["embed", str(tmp_path / "other.pt"), "--data", str(tiny_folder / "test"),
-                 "--out", str(tmp_path / "g.npy")]) == 1
+    assert (
+        main(
+            ["embed", str(tmp_path / "other.pt"), "--data", str(tiny_folder / "test"), "--out", str(tmp_path / "g.npy")]
+        )
+        == 1
+    )
     assert "other.pt is neither a directpred checkpoint nor an exported backbone" in capsys.readouterr().err
     assert main(["embed", str(run), "--data", str(tiny_folder / "test"), "--out", str(tmp_path / "g.npy")]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "g.npy"), got)
@@ -108,8 +129,16 @@ def test_embed_writes_the_runs_features_and_labels(run, tmp_path, tiny_folder, c
 
 def test_export_loads_into_torchvision_resnet18(tmp_path):
     """Standard width and stem: the exported state dict is torchvision.models.resnet18's (fc removed)."""
-    cfg = load_config(None, ["backbone.width=64", "backbone.cifar_stem=false", "data.image_size=64",
-                             "data.dataset=folder", f"data.path={tmp_path}"])
+    cfg = load_config(
+        None,
+        [
+            "backbone.width=64",
+            "backbone.cifar_stem=false",
+            "data.image_size=64",
+            "data.dataset=folder",
+            f"data.path={tmp_path}",
+        ],
+    )
     torch.manual_seed(0)
     method = build_method(cfg)
     save_checkpoint(tmp_path / "ck.pt", {"model": method.state_dict(), "config": cfg.to_dict(), "step": 7})

@@ -66,8 +66,17 @@ def test_zero_mean_gives_covariance():
     np.testing.assert_allclose(est.matrix().double().numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode,eps,c", [("code", 0.1, 0.0), ("code", 0.0, 0.0), ("code", 0.01, -0.05),
-                                        ("code", 0.0, 0.05), ("paper", 0.1, 0.0), ("paper", 0.0, 0.1)])
+@pytest.mark.parametrize(
+    "mode,eps,c",
+    [
+        ("code", 0.1, 0.0),
+        ("code", 0.0, 0.0),
+        ("code", 0.01, -0.05),
+        ("code", 0.0, 0.05),
+        ("paper", 0.1, 0.0),
+        ("paper", 0.0, 0.1),
+    ],
+)
 def test_weight_matches_independent_eigendecomposition(mode, eps, c):
     zs = batches(n=3)
     dp = DirectPred(8, rho=0.3, eps=eps, eps_mode=mode, c=c)
@@ -185,9 +194,9 @@ def test_partitioned_cells_hold_masked_correlations():
     # The prediction averages, over hyperplanes, the DirectPred matrix of the sample's cell.
     z = torch.randn(4, 6)
     side = (z @ pdp.planes) >= pdp.theta
-    expected = torch.stack([
-        torch.stack([pdp.cell_weight[i, 0 if side[b, i] else 1] @ z[b] for i in range(3)]).mean(0)
-        for b in range(4)])
+    expected = torch.stack(
+        [torch.stack([pdp.cell_weight[i, 0 if side[b, i] else 1] @ z[b] for i in range(3)]).mean(0) for b in range(4)]
+    )
     torch.testing.assert_close(pdp(z), expected, rtol=1e-4, atol=1e-5)
 
 

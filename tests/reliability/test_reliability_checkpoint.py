@@ -43,16 +43,22 @@ def test_malicious_checkpoint_is_refused_and_does_nothing(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(tmp_path / "evil.pt")
     msg = str(info.value)
-    assert msg.startswith(f"refusing to load {tmp_path / 'evil.pt'}: it holds objects other than tensors and plain "
-                          "data (Trying to load unsupported GLOBAL ")
+    assert msg.startswith(
+        f"refusing to load {tmp_path / 'evil.pt'}: it holds objects other than tensors and plain "
+        "data (Trying to load unsupported GLOBAL "
+    )
     assert "system" in msg and "Nothing in it was executed" in msg
     assert not marker.exists()
 
 
 def test_cli_refuses_a_malicious_checkpoint_in_eval_resume_and_export(tiny_overrides, tmp_path, capsys):
     run = tmp_path / "run"
-    Trainer(load_config(None, tiny_overrides + ["train.max_steps=2", "diag.every=1", "eval.knn_every=1",
-                                                "train.skip_nonfinite=3"]), run).fit()
+    Trainer(
+        load_config(
+            None, tiny_overrides + ["train.max_steps=2", "diag.every=1", "eval.knn_every=1", "train.skip_nonfinite=3"]
+        ),
+        run,
+    ).fit()
     state = load_checkpoint(run / "checkpoints" / "last.pt")  # what we write is plain data
     assert state["step"] == 2 and state["diagnostics"] is not None
     marker = tmp_path / "pwned"

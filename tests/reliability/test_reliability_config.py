@@ -22,14 +22,42 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 KEYS = sorted(_flat(Config().to_dict()))
 SECTIONS = sorted(Config().to_dict())
-keys = st.one_of(st.sampled_from(KEYS), st.sampled_from(SECTIONS),
-                 st.sampled_from(KEYS).map(lambda k: k + "x"), st.sampled_from(KEYS).map(lambda k: k.upper()),
-                 st.text(min_size=0, max_size=12).filter(lambda k: "=" not in k))
+keys = st.one_of(
+    st.sampled_from(KEYS),
+    st.sampled_from(SECTIONS),
+    st.sampled_from(KEYS).map(lambda k: k + "x"),
+    st.sampled_from(KEYS).map(lambda k: k.upper()),
+    st.text(min_size=0, max_size=12).filter(lambda k: "=" not in k),
+)
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12),
-    st.sampled_from(["byol", "simsiam", "directpred", "directcopy", "linear", "mlp", "none", "folder", "cpu", "auto",
-                     "fp32", "bf16", "ema", "cumulative", "code", "paper", "cuda:0", "~nouser/x", "a\x00b"]),
+    st.sampled_from(
+        [
+            "byol",
+            "simsiam",
+            "directpred",
+            "directcopy",
+            "linear",
+            "mlp",
+            "none",
+            "folder",
+            "cpu",
+            "auto",
+            "fp32",
+            "bf16",
+            "ema",
+            "cumulative",
+            "code",
+            "paper",
+            "cuda:0",
+            "~nouser/x",
+            "a\x00b",
+        ]
+    ),
 )
 values = st.one_of(scalars, st.lists(scalars, max_size=3), st.dictionaries(st.text(max_size=6), scalars, max_size=3))
 
@@ -46,8 +74,9 @@ def _check_valid(cfg: Config) -> None:
 @settings(max_examples=300, deadline=None)
 @given(pairs=st.lists(st.tuples(keys, values), min_size=1, max_size=3))
 def test_override_values_give_a_config_or_a_config_error_naming_the_key(pairs):
-    overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                 for k, v in pairs]
+    overrides = [
+        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in pairs
+    ]
     try:
         cfg = load_config(None, overrides)
     except ConfigError as exc:
@@ -69,10 +98,20 @@ def test_raw_override_text_never_crashes(pairs):
 
 
 @settings(max_examples=200, deadline=None)
-@given(tree=st.dictionaries(st.one_of(st.sampled_from(SECTIONS), st.text(max_size=8), st.integers()),
-                            st.one_of(values, st.dictionaries(st.one_of(st.sampled_from(KEYS).map(
-                                lambda k: k.split(".", 1)[1]), st.text(max_size=8)), values, max_size=3)),
-                            max_size=3))
+@given(
+    tree=st.dictionaries(
+        st.one_of(st.sampled_from(SECTIONS), st.text(max_size=8), st.integers()),
+        st.one_of(
+            values,
+            st.dictionaries(
+                st.one_of(st.sampled_from(KEYS).map(lambda k: k.split(".", 1)[1]), st.text(max_size=8)),
+                values,
+                max_size=3,
+            ),
+        ),
+        max_size=3,
+    )
+)
 def test_yaml_mappings_give_a_config_or_a_config_error(tree, tmp_path_factory):
     path = tmp_path_factory.mktemp("cfg") / "c.yaml"
     path.write_text(yaml.safe_dump(tree))
@@ -86,9 +125,13 @@ def test_yaml_mappings_give_a_config_or_a_config_error(tree, tmp_path_factory):
 
 def test_examples_found_by_the_properties():
     """Regression cases behind the properties: each was accepted (or raised a bare ValueError) before the fix."""
-    for override, needle in [("predictor.eps=.inf", "predictor.eps"), ("optim.lr=.nan", "optim.lr"),
-                             ("train.seed=-1", "train.seed"), ("train.seed=18446744073709551616", "train.seed"),
-                             ("optim.lr=1" + "0" * 400, "optim.lr")]:
+    for override, needle in [
+        ("predictor.eps=.inf", "predictor.eps"),
+        ("optim.lr=.nan", "optim.lr"),
+        ("train.seed=-1", "train.seed"),
+        ("train.seed=18446744073709551616", "train.seed"),
+        ("optim.lr=1" + "0" * 400, "optim.lr"),
+    ]:
         try:
             load_config(None, [override])
         except ConfigError as exc:

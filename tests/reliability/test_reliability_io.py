@@ -74,15 +74,22 @@ def _tar(path, members: dict[str, bytes]):
     return path
 
 
-@pytest.mark.parametrize("layout,needle", [
-    ({"images/a.png", "images/b.png"}, "no '(images/)?train/<class>/' folders"),
-    ({"train/cat/a.png", "train/dog/b.png"}, "no 'test/<class>/' folders"),
-    ({"train/cat/a.png", "train/dog/b.png", "test/cat/c.png", "test/bird/d.png"},
-     r"different classes \(only in train: \['dog'\], only in test: \['bird'\]\)"),
-    ({"train/cat/a.png", "train/dog/notes.txt", "test/cat/c.png", "test/dog/d.png"}, "empty class folder.*dog"),
-    ({"train/cat/a.png", "train/dog/broken.png", "test/cat/c.png", "test/dog/d.png"},
-     r"1 image\(s\) cannot be decoded: train/dog/broken\.png"),
-])
+@pytest.mark.parametrize(
+    "layout,needle",
+    [
+        ({"images/a.png", "images/b.png"}, "no '(images/)?train/<class>/' folders"),
+        ({"train/cat/a.png", "train/dog/b.png"}, "no 'test/<class>/' folders"),
+        (
+            {"train/cat/a.png", "train/dog/b.png", "test/cat/c.png", "test/bird/d.png"},
+            r"different classes \(only in train: \['dog'\], only in test: \['bird'\]\)",
+        ),
+        ({"train/cat/a.png", "train/dog/notes.txt", "test/cat/c.png", "test/dog/d.png"}, "empty class folder.*dog"),
+        (
+            {"train/cat/a.png", "train/dog/broken.png", "test/cat/c.png", "test/dog/d.png"},
+            r"1 image\(s\) cannot be decoded: train/dog/broken\.png",
+        ),
+    ],
+)
 def test_bad_archives_name_the_problem(layout, needle, tmp_path):
     good = png_bytes(synthetic_images(1, 1, 16)[0][0])
     members = {n: (b"broken" if "broken" in n else b"text" if n.endswith(".txt") else good) for n in layout}
@@ -167,8 +174,14 @@ def test_checkpoint_into_a_vanished_directory_is_a_checkpoint_error(tiny_overrid
 
 @pytest.mark.parametrize("method,predictor", [("byol", "directpred"), ("simsiam", "directcopy")])
 def test_resume_from_mid_epoch_checkpoint_equals_uninterrupted(method, predictor, tiny_overrides, tmp_path):
-    common = tiny_overrides + [f"method.name={method}", f"predictor.name={predictor}", "predictor.freq=3",
-                               "optim.schedule=warmup_cosine", "optim.warmup_epochs=0.5", "train.epochs=2"]
+    common = tiny_overrides + [
+        f"method.name={method}",
+        f"predictor.name={predictor}",
+        "predictor.freq=3",
+        "optim.schedule=warmup_cosine",
+        "optim.warmup_epochs=0.5",
+        "train.epochs=2",
+    ]
     full = Trainer(load_config(None, common), tmp_path / "full").fit()
     Trainer(load_config(None, common + ["train.max_steps=5"]), tmp_path / "part").fit()  # 8 steps per epoch
     assert load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["step"] == 5

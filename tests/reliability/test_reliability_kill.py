@@ -38,12 +38,22 @@ def config_file(tmp_path_factory) -> Path:
     data = write_folder(root / "data", n_train=16, n_test=4, size=16)
     cfg = {
         "data": {"dataset": "folder", "path": str(data), "cache_dir": str(root / "cache")},
-        "backbone": {"width": 4}, "projector": {"hidden_dim": 32, "out_dim": 16},
+        "backbone": {"width": 4},
+        "projector": {"hidden_dim": 32, "out_dim": 16},
         "predictor": {"freq": 2},  # DirectPred with gradient steps in between: W_p, F^ and optimiser state
-        "method": {"ema_schedule": "cosine"}, "optim": {"schedule": "warmup_cosine", "warmup_epochs": 0.5},
-        "train": {"batch_size": 8, "epochs": 3, "progress": False, "log_every": 1, "device": "cpu",
-                  "precision": "fp32", "checkpoint_every_steps": 1},
-        "eval": {"knn_every": 0, "linear": False, "knn_k": 10}, "diag": {"every": 0},
+        "method": {"ema_schedule": "cosine"},
+        "optim": {"schedule": "warmup_cosine", "warmup_epochs": 0.5},
+        "train": {
+            "batch_size": 8,
+            "epochs": 3,
+            "progress": False,
+            "log_every": 1,
+            "device": "cpu",
+            "precision": "fp32",
+            "checkpoint_every_steps": 1,
+        },
+        "eval": {"knn_every": 0, "linear": False, "knn_k": 10},
+        "diag": {"every": 0},
     }
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -51,8 +61,14 @@ def config_file(tmp_path_factory) -> Path:
 
 
 def _spawn(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "directpred", "train", *args], cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "directpred", "train", *args],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +119,12 @@ def test_killed_and_stopped_at_random_moments_then_resumed_equals_uninterrupted(
     none); resuming each time ends bit-identical to the uninterrupted run (weights, F^, optimiser, kNN)."""
     rng = random.Random(20210715)
     run = tmp_path / "run"
-    plan = [("startup", signal.SIGKILL, rng.uniform(0.2, 1.5)), ("step", signal.SIGKILL, rng.randint(2, 6)),
-            ("step", signal.SIGTERM, rng.randint(9, 12)), ("step", signal.SIGKILL, rng.randint(17, 21))]
+    plan = [
+        ("startup", signal.SIGKILL, rng.uniform(0.2, 1.5)),
+        ("step", signal.SIGKILL, rng.randint(2, 6)),
+        ("step", signal.SIGTERM, rng.randint(9, 12)),
+        ("step", signal.SIGKILL, rng.randint(17, 21)),
+    ]
     t_start = time.time()
     interruptions, temporaries_seen = [], 0
     for what, sig, when in plan:
@@ -148,5 +168,7 @@ def test_killed_and_stopped_at_random_moments_then_resumed_equals_uninterrupted(
     assert proc.returncode == 0, err
     _assert_same_run(run, reference)
     assert not list((run / "checkpoints").glob(".*.tmp")), "temporaries of killed writers were left behind"
-    print(f"\nfault injection: {'; '.join(interruptions)}; {temporaries_seen} partial temporaries seen after kills "
-          "(never loaded, removed on resume); final run bit-identical to the uninterrupted one")
+    print(
+        f"\nfault injection: {'; '.join(interruptions)}; {temporaries_seen} partial temporaries seen after kills "
+        "(never loaded, removed on resume); final run bit-identical to the uninterrupted one"
+    )

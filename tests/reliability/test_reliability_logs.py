@@ -29,10 +29,18 @@ def _config(root: Path) -> Path:
     data = write_folder(root / "data", n_train=16, n_test=4, size=16)
     cfg = {
         "data": {"dataset": "folder", "path": str(data), "cache_dir": str(root / "cache")},
-        "backbone": {"width": 4}, "projector": {"hidden_dim": 32, "out_dim": 16},
-        "train": {"batch_size": 8, "epochs": 3, "progress": False, "log_every": 1, "device": "cpu",
-                  "precision": "fp32"},  # checkpoints at the epoch ends only: steps 8, 16, 24
-        "eval": {"knn_every": 1, "linear": False, "knn_k": 10}, "diag": {"every": 3},
+        "backbone": {"width": 4},
+        "projector": {"hidden_dim": 32, "out_dim": 16},
+        "train": {
+            "batch_size": 8,
+            "epochs": 3,
+            "progress": False,
+            "log_every": 1,
+            "device": "cpu",
+            "precision": "fp32",
+        },  # checkpoints at the epoch ends only: steps 8, 16, 24
+        "eval": {"knn_every": 1, "linear": False, "knn_k": 10},
+        "diag": {"every": 3},
     }
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -68,8 +76,14 @@ def test_sigkill_then_resume_logs_each_step_once_with_uninterrupted_values(tmp_p
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "directpred", "train"]
-    proc = subprocess.Popen([*cmd, str(config), "--out", str(run)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*cmd, str(config), "--out", str(run)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     t0 = time.time()
     while proc.poll() is None and not any(r["kind"] == "train" and r["step"] >= 11 for r in read_metrics(run)):
         assert time.time() - t0 < 60, "no progress to step 11"
@@ -81,8 +95,7 @@ def test_sigkill_then_resume_logs_each_step_once_with_uninterrupted_values(tmp_p
     logged = max(r["step"] for r in read_metrics(run))
     assert ckpt_step == 8 and logged > ckpt_step, (ckpt_step, logged)  # steps 9.. will be redone
 
-    proc = subprocess.run([*cmd, "--resume", str(run)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([*cmd, "--resume", str(run)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 
     got, want = _rows(run), _rows(reference)

@@ -56,7 +56,8 @@ def test_nonfinite_step_stops_with_step_cause_and_last_good_checkpoint(fault, ti
         expected = "non-finite gradient"
     else:  # NaN projections reach DirectPred's F^, which refuses them
         trainer.method.online.encoder.projector.register_forward_hook(
-            lambda m, i, out: out * NAN if trainer.step == 5 else out)
+            lambda m, i, out: out * NAN if trainer.step == 5 else out
+        )
         expected = "NaN/inf in the predictor's inputs"
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     with pytest.raises(TrainingError) as info:
@@ -160,12 +161,20 @@ def degenerate_batches(draw) -> torch.Tensor:
     return z * scale
 
 
-predictors = st.sampled_from([
-    lambda: DirectPred(6, eps_mode="code"), lambda: DirectPred(6, eps_mode="paper"),
-    lambda: DirectPred(6, eps=0.0), lambda: DirectPred(6, c=0.5), lambda: DirectPred(6, rho=0.0),
-    lambda: DirectPred(6, average="cumulative"), lambda: DirectPred(6, zero_mean=True),
-    lambda: DirectPred(6, eigh_dtype=torch.float64), lambda: DirectCopy(6), lambda: DirectCopy(6, eps=0.0),
-])
+predictors = st.sampled_from(
+    [
+        lambda: DirectPred(6, eps_mode="code"),
+        lambda: DirectPred(6, eps_mode="paper"),
+        lambda: DirectPred(6, eps=0.0),
+        lambda: DirectPred(6, c=0.5),
+        lambda: DirectPred(6, rho=0.0),
+        lambda: DirectPred(6, average="cumulative"),
+        lambda: DirectPred(6, zero_mean=True),
+        lambda: DirectPred(6, eigh_dtype=torch.float64),
+        lambda: DirectCopy(6),
+        lambda: DirectCopy(6, eps=0.0),
+    ]
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -184,8 +193,12 @@ def test_weight_stays_finite_and_symmetric_on_degenerate_batches(make, batches):
 
 
 @settings(max_examples=30, deadline=None)
-@given(make=predictors, bad=st.sampled_from([NAN, float("inf"), -float("inf"), 1e30]),
-       row=st.integers(0, 7), col=st.integers(0, 5))
+@given(
+    make=predictors,
+    bad=st.sampled_from([NAN, float("inf"), -float("inf"), 1e30]),
+    row=st.integers(0, 7),
+    col=st.integers(0, 5),
+)
 def test_nonfinite_or_overflowing_input_raises_and_leaves_state_unchanged(make, bad, row, col):
     pred = make()
     pred.update(torch.randn(8, 6, generator=torch.Generator().manual_seed(0)))

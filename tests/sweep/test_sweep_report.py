@@ -16,32 +16,69 @@ from directpred.sweep import load_sweep, write_reports
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(out: Path, cell: str, seed: int, *, knn: float, lin: float, best: float, curve: list[tuple[int, float]],
-         collapsed: bool, ips: float) -> None:
+def _run(
+    out: Path,
+    cell: str,
+    seed: int,
+    *,
+    knn: float,
+    lin: float,
+    best: float,
+    curve: list[tuple[int, float]],
+    collapsed: bool,
+    ips: float,
+) -> None:
     d = out / "runs" / cell / f"seed{seed}"
     d.mkdir(parents=True)
-    (d / "summary.json").write_text(json.dumps({"knn_top1": knn, "linear_top1": lin, "linear_top1_best": best,
-                                                "collapsed": collapsed, "epochs": 3, "steps": 30,
-                                                "images_per_second": ips, "wall_seconds": ips / 10}))
-    rows = [{"kind": "train", "step": 1, "loss": 1.0}] + [{"kind": "eval", "epoch": e, "knn_top1": v}
-                                                         for e, v in curve]
+    (d / "summary.json").write_text(
+        json.dumps(
+            {
+                "knn_top1": knn,
+                "linear_top1": lin,
+                "linear_top1_best": best,
+                "collapsed": collapsed,
+                "epochs": 3,
+                "steps": 30,
+                "images_per_second": ips,
+                "wall_seconds": ips / 10,
+            }
+        )
+    )
+    rows = [{"kind": "train", "step": 1, "loss": 1.0}] + [{"kind": "eval", "epoch": e, "knn_top1": v} for e, v in curve]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "ev')  # torn last line
 
 
 def test_report_statistics_and_layout(tmp_path, tiny_folder):
     sweep_file = tmp_path / "s.yaml"
-    sweep_file.write_text(yaml.safe_dump({
-        "base": str(REPO / "configs" / "cpu" / "quickstart.yaml"), "set": {"data.path": str(tiny_folder)},
-        "variants": {"a": {"predictor.name": "directpred"}, "b": {"predictor.name": "linear"}}, "seeds": [0, 1, 2],
-        "paper": {"note": "Table X", "values": {"a": "80.5 +- 1.25"}}}, sort_keys=False))
+    sweep_file.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(REPO / "configs" / "cpu" / "quickstart.yaml"),
+                "set": {"data.path": str(tiny_folder)},
+                "variants": {"a": {"predictor.name": "directpred"}, "b": {"predictor.name": "linear"}},
+                "seeds": [0, 1, 2],
+                "paper": {"note": "Table X", "values": {"a": "80.5 +- 1.25"}},
+            },
+            sort_keys=False,
+        )
+    )
     sweep = load_sweep(sweep_file)
     out = tmp_path / "out"
     knn, lin, best = [50.0, 60.5, 58.25], [40.0, 41.0, 45.5], [42.0, 44.0, 47.0]
     for seed in range(3):
         # seed 1 was resumed after epoch 2: its epoch-2 row appears twice, the later one counts
         curve = [(1, 30.0 + seed), (2, 40.0 + seed)] + ([(2, 41.0 + seed)] if seed == 1 else [])
-        _run(out, "a", seed, knn=knn[seed], lin=lin[seed], best=best[seed], curve=curve, collapsed=seed == 2,
-             ips=100.0 * (seed + 1))
+        _run(
+            out,
+            "a",
+            seed,
+            knn=knn[seed],
+            lin=lin[seed],
+            best=best[seed],
+            curve=curve,
+            collapsed=seed == 2,
+            ips=100.0 * (seed + 1),
+        )
     _run(out, "b", 0, knn=20.0, lin=21.0, best=22.0, curve=[(1, 20.0)], collapsed=False, ips=50.0)
     (out / "runs" / "b" / "seed1" / "checkpoints").mkdir(parents=True)
     (out / "runs" / "b" / "seed1" / "checkpoints" / "last.pt").write_bytes(b"")
@@ -66,12 +103,20 @@ def test_report_statistics_and_layout(tmp_path, tiny_folder):
     assert md.index("## Timing") > md.index("## Failed runs") and "| `a` | 200 ± 100 | 20.0 ± 10.0 |" in md
     rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
     assert [r["cell"] for r in rows] == ["a", "b"] and rows[0]["paper_mean"] == "80.5000"
-    assert list(rows[0])[-4:] == ["images_per_second_mean", "images_per_second_std", "wall_seconds_mean",
-                                  "wall_seconds_std"]
-    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG" and (out / "knn_curves.png").read_bytes()[:4] == \
-        b"\x89PNG"
+    assert list(rows[0])[-4:] == [
+        "images_per_second_mean",
+        "images_per_second_std",
+        "wall_seconds_mean",
+        "wall_seconds_std",
+    ]
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG" and (out / "knn_curves.png").read_bytes()[
+        :4
+    ] == b"\x89PNG"
     # rebuilding from the same directories gives the same files
     before = (md, (out / "results.json").read_text(), (out / "results.csv").read_text())
     write_reports(sweep, out)
-    assert before == ((out / "results.md").read_text(), (out / "results.json").read_text(),
-                      (out / "results.csv").read_text())
+    assert before == (
+        (out / "results.md").read_text(),
+        (out / "results.json").read_text(),
+        (out / "results.csv").read_text(),
+    )

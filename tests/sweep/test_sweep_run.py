@@ -25,24 +25,44 @@ RUNS = [("directpred", 0), ("linear", 0), ("directpred", 1), ("linear", 1)]  # t
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "PYTHONWARNINGS": "ignore"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
 
 
 def _sweep_file(tmp_path: Path, overrides: list[str], variants: dict, seeds: list[int]) -> Path:
     common = dict(parse_override(t) for t in overrides)
     common.update({"train.epochs": 2, "eval.knn_every": 1, "eval.linear": True, "eval.linear_epochs": 3})
     path = tmp_path / "tiny_sweep.yaml"
-    path.write_text(yaml.safe_dump({"base": str(REPO / "configs" / "cpu" / "quickstart.yaml"), "set": common,
-                                    "variants": variants, "seeds": seeds,
-                                    "paper": {"note": "made-up numbers", "values": {"directpred": "77.86 +- 0.16"}}},
-                                   sort_keys=False))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(REPO / "configs" / "cpu" / "quickstart.yaml"),
+                "set": common,
+                "variants": variants,
+                "seeds": seeds,
+                "paper": {"note": "made-up numbers", "values": {"directpred": "77.86 +- 0.16"}},
+            },
+            sort_keys=False,
+        )
+    )
     return path
 
 
 def _sweep(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "directpred", "sweep", *args, "--devices", "cpu"], cwd=REPO,
-                          env=_env(), capture_output=True, text=True, timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "directpred", "sweep", *args, "--devices", "cpu"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
+    )
 
 
 def _accuracy_reports(out: Path) -> tuple[dict, str, list[list[str]]]:
@@ -70,8 +90,12 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="needs /proc and PR_SET_PDEATHSIG")
 def test_kill_and_rerun_equals_uninterrupted(tmp_path, tiny_overrides):
-    sweep = _sweep_file(tmp_path, tiny_overrides, {"directpred": {"predictor.name": "directpred"},
-                                                   "linear": {"predictor.name": "linear"}}, [0, 1])
+    sweep = _sweep_file(
+        tmp_path,
+        tiny_overrides,
+        {"directpred": {"predictor.name": "directpred"}, "linear": {"predictor.name": "linear"}},
+        [0, 1],
+    )
     ref = tmp_path / "ref"
     proc = _sweep(str(sweep), "--out", str(ref), "--jobs", "2")  # two at a time: the same results
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -79,9 +103,13 @@ def test_kill_and_rerun_equals_uninterrupted(tmp_path, tiny_overrides):
 
     # The same sweep, killed outright while a later run is between its first checkpoint and its summary.
     out = tmp_path / "out"
-    victim = subprocess.Popen([sys.executable, "-m", "directpred", "sweep", str(sweep), "--out", str(out),
-                               "--devices", "cpu"], cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "directpred", "sweep", str(sweep), "--out", str(out), "--devices", "cpu"],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     killed_at, deadline = None, time.time() + 200
     while killed_at is None and victim.poll() is None and time.time() < deadline:
         for cell, seed in RUNS[1:]:
@@ -110,11 +138,15 @@ def test_kill_and_rerun_equals_uninterrupted(tmp_path, tiny_overrides):
     res = json.loads((out / "results.json").read_text())
     status = {r: "done" if i < k else "incomplete" if i == k else "missing" for i, r in enumerate(RUNS)}
     assert {(r["cell"], r["seed"]): r["status"] for r in res["runs"]} == status
-    assert [c["n"] for c in res["cells"]] == [sum(cell == name and st == "done" for (cell, _), st in status.items())
-                                              for name in ("directpred", "linear")]
+    assert [c["n"] for c in res["cells"]] == [
+        sum(cell == name and st == "done" for (cell, _), st in status.items()) for name in ("directpred", "linear")
+    ]
     md = (out / "results.md").read_text()
-    expected = [f"- `runs/{c}/seed{s}`" + (" (checkpoint, not finished)" if status[c, s] == "incomplete" else "")
-                for c, s in sorted(RUNS) if status[c, s] != "done"]  # the report lists runs cell by cell
+    expected = [
+        f"- `runs/{c}/seed{s}`" + (" (checkpoint, not finished)" if status[c, s] == "incomplete" else "")
+        for c, s in sorted(RUNS)
+        if status[c, s] != "done"
+    ]  # the report lists runs cell by cell
     assert md.split("## Missing runs\n\n")[1].split("\n\n")[0].splitlines() == expected
     assert f"{len(RUNS)} runs ({k} done, 0 failed, {4 - k} missing)" in md
 

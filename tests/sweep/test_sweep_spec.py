@@ -20,9 +20,12 @@ QUICKSTART = REPO / "configs" / "cpu" / "quickstart.yaml"
 
 
 def write_sweep(tmp_path: Path, tiny_folder: Path, **entries) -> Path:
-    data = {"base": str(QUICKSTART), "set": {"data.dataset": "folder", "data.path": str(tiny_folder)},
-            "variants": {"dp": {"predictor.name": "directpred"}, "lin": {"predictor.name": "linear"}},
-            "seeds": [0, 1]}
+    data = {
+        "base": str(QUICKSTART),
+        "set": {"data.dataset": "folder", "data.path": str(tiny_folder)},
+        "variants": {"dp": {"predictor.name": "directpred"}, "lin": {"predictor.name": "linear"}},
+        "seeds": [0, 1],
+    }
     data.update(entries)
     data = {k: v for k, v in data.items() if v is not None}
     path = tmp_path / "s.yaml"
@@ -31,54 +34,76 @@ def write_sweep(tmp_path: Path, tiny_folder: Path, **entries) -> Path:
 
 
 def test_cells_runs_and_resolved_configs(tmp_path, tiny_folder):
-    path = write_sweep(tmp_path, tiny_folder, variants={"dp": {"predictor": {"name": "directpred", "rho": 0.5}}},
-                       axes={"predictor.eps": [0, 0.1], "method.ema": [0.99]}, seeds=[3])
+    path = write_sweep(
+        tmp_path,
+        tiny_folder,
+        variants={"dp": {"predictor": {"name": "directpred", "rho": 0.5}}},
+        axes={"predictor.eps": [0, 0.1], "method.ema": [0.99]},
+        seeds=[3],
+    )
     sweep = load_sweep(path, ["train.epochs=7"])
     assert list(sweep.cells) == ["dp,eps=0,ema=0.99", "dp,eps=0.1,ema=0.99"]
     runs = sweep.runs()
     assert [(r.cell, r.seed, str(r.rel_dir)) for r in runs] == [
-        ("dp,eps=0,ema=0.99", 3, "runs/dp,eps=0,ema=0.99/seed3"), ("dp,eps=0.1,ema=0.99", 3,
-                                                                    "runs/dp,eps=0.1,ema=0.99/seed3")]
+        ("dp,eps=0,ema=0.99", 3, "runs/dp,eps=0,ema=0.99/seed3"),
+        ("dp,eps=0.1,ema=0.99", 3, "runs/dp,eps=0.1,ema=0.99/seed3"),
+    ]
     cfg = sweep.config(runs[1])
-    assert (cfg.predictor.rho, cfg.predictor.eps, cfg.method.ema, cfg.train.seed, cfg.train.epochs) == \
-        (0.5, 0.1, 0.99, 3, 7)
+    assert (cfg.predictor.rho, cfg.predictor.eps, cfg.method.ema, cfg.train.seed, cfg.train.epochs) == (
+        0.5,
+        0.1,
+        0.99,
+        3,
+        7,
+    )
     assert cfg.backbone.width == 16 and cfg.data.path == str(tiny_folder)  # from the base file / the sweep's set
     assert sweep.base == QUICKSTART.resolve()
 
 
 def test_axis_names_use_full_keys_when_last_parts_clash(tmp_path, tiny_folder):
-    path = write_sweep(tmp_path, tiny_folder, variants=None,
-                       axes={"projector.hidden_dim": [32], "predictor.hidden_dim": [16, 64]})
-    assert list(load_sweep(path).cells) == ["projector.hidden_dim=32,predictor.hidden_dim=16",
-                                            "projector.hidden_dim=32,predictor.hidden_dim=64"]
+    path = write_sweep(
+        tmp_path, tiny_folder, variants=None, axes={"projector.hidden_dim": [32], "predictor.hidden_dim": [16, 64]}
+    )
+    assert list(load_sweep(path).cells) == [
+        "projector.hidden_dim=32,predictor.hidden_dim=16",
+        "projector.hidden_dim=32,predictor.hidden_dim=64",
+    ]
 
 
-@pytest.mark.parametrize("value", [0.3, 4e-4, 1e-05, 7, True, False, None, "linear", "true", "a b: c", "/x/y.tar.gz",
-                                   [1, 2.5], "0.10", "~"])
+@pytest.mark.parametrize(
+    "value", [0.3, 4e-4, 1e-05, 7, True, False, None, "linear", "true", "a b: c", "/x/y.tar.gz", [1, 2.5], "0.10", "~"]
+)
 def test_set_text_reads_back_as_the_same_value(value):
     key, back = parse_override(f"a.b={yaml_value(value)}")
     assert key == "a.b" and back == value and type(back) is type(value)
 
 
-@pytest.mark.parametrize("entries, message", [
-    ({"grid": {}}, "unknown sweep key 'grid'; allowed keys: base, set, axes, variants, seeds, paper"),
-    ({"variants": {"dp": {"predictor.rhoo": 0.3}}},
-     "cell 'dp' (seed 0): unknown config key 'predictor.rhoo'. Did you mean 'predictor.rho'?"),
-    ({"set": {"optim.lr": "fast"}}, "cell 'dp' (seed 0): optim.lr: 'fast' has the wrong type; expected float"),
-    ({"variants": {"dp": {"predictor.rho": 1.5}}},
-     "cell 'dp' (seed 0): predictor.rho=1.5 is not allowed: the moving-average rate must lie in [0, 1)"),
-    ({"seeds": [0, 0]}, "seeds=[0, 0]; expected a list of distinct integers >= 0"),
-    ({"seeds": 3}, "seeds=3; expected a list of distinct integers >= 0"),
-    ({"set": {"train": {"seed": 1}}}, "train.seed is set by the sweep's `seeds` list; remove it here"),
-    ({"variants": None, "axes": None}, "give `variants` (named cells) and/or `axes`"),
-    ({"axes": {"predictor.rho": 0.3}}, "axes.predictor.rho must be a non-empty list of values"),
-    ({"base": "nope.yaml"}, "base config 'nope.yaml' does not exist"),
-    ({"paper": {"values": {"dp": 1}}}, "paper.note is required"),
-    ({"paper": {"note": "T6", "values": {"directpred": 77.86}}}, "paper.values names unknown cell 'directpred'"),
-    ({"paper": {"note": "T6", "values": {"dp": "77.86 pm 0.1"}}}, "'77.86 pm 0.1' is not a paper value"),
-    ({"paper": {"note": "T6", "table": 6}}, "unknown key 'paper.table'"),
-    ({"variants": {"a/b": {}}}, "variant name 'a/b' may use only"),
-])
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        ({"grid": {}}, "unknown sweep key 'grid'; allowed keys: base, set, axes, variants, seeds, paper"),
+        (
+            {"variants": {"dp": {"predictor.rhoo": 0.3}}},
+            "cell 'dp' (seed 0): unknown config key 'predictor.rhoo'. Did you mean 'predictor.rho'?",
+        ),
+        ({"set": {"optim.lr": "fast"}}, "cell 'dp' (seed 0): optim.lr: 'fast' has the wrong type; expected float"),
+        (
+            {"variants": {"dp": {"predictor.rho": 1.5}}},
+            "cell 'dp' (seed 0): predictor.rho=1.5 is not allowed: the moving-average rate must lie in [0, 1)",
+        ),
+        ({"seeds": [0, 0]}, "seeds=[0, 0]; expected a list of distinct integers >= 0"),
+        ({"seeds": 3}, "seeds=3; expected a list of distinct integers >= 0"),
+        ({"set": {"train": {"seed": 1}}}, "train.seed is set by the sweep's `seeds` list; remove it here"),
+        ({"variants": None, "axes": None}, "give `variants` (named cells) and/or `axes`"),
+        ({"axes": {"predictor.rho": 0.3}}, "axes.predictor.rho must be a non-empty list of values"),
+        ({"base": "nope.yaml"}, "base config 'nope.yaml' does not exist"),
+        ({"paper": {"values": {"dp": 1}}}, "paper.note is required"),
+        ({"paper": {"note": "T6", "values": {"directpred": 77.86}}}, "paper.values names unknown cell 'directpred'"),
+        ({"paper": {"note": "T6", "values": {"dp": "77.86 pm 0.1"}}}, "'77.86 pm 0.1' is not a paper value"),
+        ({"paper": {"note": "T6", "table": 6}}, "unknown key 'paper.table'"),
+        ({"variants": {"a/b": {}}}, "variant name 'a/b' may use only"),
+    ],
+)
 def test_invalid_sweep_files_name_the_key(tmp_path, tiny_folder, entries, message):
     path = write_sweep(tmp_path, tiny_folder, **entries)
     with pytest.raises(ConfigError) as info:
@@ -122,8 +147,11 @@ def test_run_directory_states(tmp_path, tiny_folder):
     plan = plan_run(longer, longer.runs()[0], out)
     assert (plan.action, plan.sets) == ("resume", ["train.epochs=3", "eval.knn_k=7"])
     changed = load_sweep(sweep.path, ["predictor.eps=0.2", "optim.lr=0.1"])
-    with pytest.raises(ConfigError, match=r"was made with a different configuration \(predictor.eps: 0.1 in the run, "
-                                          r"0.2 in the sweep; optim.lr: 0.03 in the run, 0.1 in the sweep\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"was made with a different configuration \(predictor.eps: 0.1 in the run, "
+        r"0.2 in the sweep; optim.lr: 0.03 in the run, 0.1 in the sweep\)",
+    ):
         plan_run(changed, changed.runs()[0], out)
 
 

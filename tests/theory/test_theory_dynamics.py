@@ -65,9 +65,7 @@ def test_theorem1_euler_error_is_first_order():
     X, Xp = _spd(rng, 4), 0.2 * np.eye(4)
     errs = []
     for dt in (0.02, 0.01, 0.005):
-        tr = simulate_linear(
-            W, Wp, Wa, X, Xp, alpha_p=2.0, eta=0.05, beta=0.5, dt=dt, steps=int(round(2 / dt))
-        )
+        tr = simulate_linear(W, Wp, Wa, X, Xp, alpha_p=2.0, eta=0.05, beta=0.5, dt=dt, steps=int(round(2 / dt)))
         B = balance(tr.W, tr.Wp, 2.0)
         errs.append(np.abs(B[-1] - np.exp(-2 * 0.05 * tr.t[-1]) * B[0]).max())
     r1, r2 = errs[0] / errs[1], errs[1] / errs[2]

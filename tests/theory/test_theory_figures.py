@@ -26,9 +26,7 @@ def test_all_files_written(figs):
 
 def test_fig5_weight_decay_drags_weak_modes_and_raises_K(figs):
     s = json.loads((figs / "fig5.json").read_text())["summary"]
-    alive = [
-        sum(p > 0.5 for p in s[f"eta: $\\eta$={e}"]["p_final"]) for e in ("0", "0.01", "0.04", "0.1", "0.2")
-    ]
+    alive = [sum(p > 0.5 for p in s[f"eta: $\\eta$={e}"]["p_final"]) for e in ("0", "0.01", "0.04", "0.1", "0.2")]
     assert alive == sorted(alive, reverse=True) and alive[0] == 4 and alive[-1] == 0
     assert s["eta: $\\eta$=0.2"]["minK"] > 0 > s["eta: $\\eta$=0"]["minK"]
 

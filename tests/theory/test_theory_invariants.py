@@ -29,9 +29,7 @@ def test_commutator_ode_along_full_symmetric_simsiam():
     rng = np.random.default_rng(0)
     n1, n2, sigma2, eta, alpha_p = 5, 4, 0.3, 0.05, 1.7
     W, Wp = rng.normal(size=(n2, n1)), _sym(rng, n2)
-    p = flow_params(
-        np.eye(n1), sigma2 * np.eye(n1), alpha_p=alpha_p, eta=eta, beta=0.0, mode="simsiam", symmetric=True
-    )
+    p = flow_params(np.eye(n1), sigma2 * np.eye(n1), alpha_p=alpha_p, eta=eta, beta=0.0, mode="simsiam", symmetric=True)
     dW, dWp, _ = linear_field(W, Wp, W, p)
     F = W @ W.T
     dF = dW @ W.T + W @ dW.T

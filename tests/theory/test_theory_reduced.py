@@ -56,9 +56,7 @@ def test_fixed_points_below_threshold_zeros_and_stability(tau, sigma2, alpha_p, 
     assert d1[0] < 0 and d1[1] > 0 and d1[2] < 0
     # the corrected factorisation of Eq. 16 (the Fig. 4 caption omits the (1+σ²))
     q = np.linspace(-0.5, 2, 7)
-    np.testing.assert_allclose(
-        rhs_parabola(q, tau, eta, sigma2), -(1 + sigma2) * q * (q - pm) * (q - pp), atol=1e-12
-    )
+    np.testing.assert_allclose(rhs_parabola(q, tau, eta, sigma2), -(1 + sigma2) * q * (q - pm) * (q - pp), atol=1e-12)
 
 
 @settings(max_examples=40, deadline=None)
@@ -67,9 +65,7 @@ def test_beyond_threshold_only_collapse(tau, sigma2, alpha_p, factor):
     eta = factor * eta_threshold(tau, sigma2)
     assert np.all(np.isnan(p_star(tau, eta, sigma2)))
     np.testing.assert_array_equal(fixed_points(tau, eta, sigma2), [0.0])
-    assert (
-        np.linalg.eigvals(jacobian_ps(0.0, 0.0, tau, alpha_p=alpha_p, eta=eta, sigma2=sigma2)).real.max() < 0
-    )
+    assert np.linalg.eigvals(jacobian_ps(0.0, 0.0, tau, alpha_p=alpha_p, eta=eta, sigma2=sigma2)).real.max() < 0
     q = np.linspace(1e-3, 3, 200)
     assert np.all(rhs_parabola(q, tau, eta, sigma2) < 0)  # every p > 0 flows to 0
 
@@ -78,9 +74,7 @@ def test_basins_on_the_invariant_parabola():
     """Start on s = p²/α_p slightly above / below p*₋ (SimSiam, τ ≡ 1): converge to p*₊ / to collapse."""
     sigma2, eta, alpha_p = 0.1, 0.1, 2.0
     pm, pp = p_star(1.0, eta, sigma2)
-    kw = dict(
-        alpha_p=alpha_p, eta=eta, beta=0.0, sigma2=sigma2, dt=0.05, steps=6000, ema=False, record_every=6000
-    )
+    kw = dict(alpha_p=alpha_p, eta=eta, beta=0.0, sigma2=sigma2, dt=0.05, steps=6000, ema=False, record_every=6000)
     up = simulate_reduced(1.05 * pm, (1.05 * pm) ** 2 / alpha_p, 1.0, **kw)
     down = simulate_reduced(0.95 * pm, (0.95 * pm) ** 2 / alpha_p, 1.0, **kw)
     assert abs(up.p[-1, 0] - pp) < 1e-3 and abs(up.s[-1, 0] - pp**2 / alpha_p) < 1e-3
