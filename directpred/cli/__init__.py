@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from directpred.config import ConfigError
 
@@ -50,11 +51,24 @@ class _Formatter(logging.Formatter):
         return msg if record.levelno < logging.WARNING else f"{record.levelname}: {msg}"
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` for the command line: the warning as a log record (``WARNING: Category: message``,
+    above the progress bar) instead of Python's two-line ``file:line:`` form."""
+    logging.getLogger("directpred.warnings").warning("%s: %s", category.__name__, message)
+
+
 def configure_logging(verbosity: int = 0) -> None:
     """Show the package's log messages (loggers ``directpred.*``) on stderr: INFO and above, WARNING and above with
     ``verbosity < 0`` (``--quiet``), DEBUG with ``verbosity > 0`` (``-v``). Idempotent (one handler however often it
     is called); records still propagate to the root logger's handlers, so a program that configures logging itself
-    should not call this."""
+    should not call this. Python warnings (``warnings.warn``) are shown through the same handler."""
     logger = logging.getLogger("directpred")
     for h in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
         logger.removeHandler(h)
@@ -62,6 +76,7 @@ def configure_logging(verbosity: int = 0) -> None:
     handler.setFormatter(_Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO)
+    warnings.showwarning = _show_warning  # Python warnings (skipped steps, corrupt images, ...) shown the same way
 
 
 def build_parser() -> argparse.ArgumentParser:

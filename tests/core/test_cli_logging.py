@@ -4,6 +4,7 @@ before (INFO and up; ``-q`` warnings only; ``-v`` debug too), once each."""
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,14 @@ def test_configured_levels_and_format(verbosity, shown, capsys):
     log.warning("w")
     logging.getLogger("other.library").warning("not ours")  # other libraries' loggers are left alone
     assert capsys.readouterr().err.splitlines() == shown
+
+
+def test_python_warnings_are_shown_as_log_records(capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        configure_logging(-1)
+        warnings.warn("step 7: loss is nan; step skipped", RuntimeWarning, stacklevel=1)
+    assert capsys.readouterr().err == "WARNING: RuntimeWarning: step 7: loss is nan; step skipped\n"
 
 
 def test_collapse_warning_reaches_stderr_through_the_cli_handler(capsys):
