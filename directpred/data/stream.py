@@ -65,7 +65,10 @@ class BatchSource(Protocol):
     steps_per_epoch: int
     skipped: list[str]  # names of the corrupt files replaced so far (data.skip_corrupt)
 
-    def batches(self, epoch: int, start_step: int = 0) -> Generator[torch.Tensor, None, None]: ...
+    def batches(self, epoch: int, start_step: int = 0) -> Generator[torch.Tensor, None, None]:
+        """The images of :meth:`labelled_batches` (sources subclass this protocol and inherit it)."""
+        for images, _ in self.labelled_batches(epoch, start_step):
+            yield images
 
     def labelled_batches(
         self, epoch: int, start_step: int = 0
@@ -85,7 +88,7 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return epoch_order(n, seed, epoch)
 
 
-class InMemorySource:
+class InMemorySource(BatchSource):
     """Batches gathered from decoded images in memory (N, H, W, 3): today's path behind :class:`BatchSource`.
 
     ``labels`` (N,) are the images' labels (default: all -1, unlabelled)."""
@@ -104,10 +107,6 @@ class InMemorySource:
         self.labels = labels.cpu() if labels is not None else torch.full((len(images),), -1, dtype=torch.int64)
         self.steps_per_epoch = len(images) // (batch_size * world)
         self.skipped: list[str] = []
-
-    def batches(self, epoch: int, start_step: int = 0) -> Generator[torch.Tensor, None, None]:
-        for images, _ in self.labelled_batches(epoch, start_step):
-            yield images
 
     def labelled_batches(
         self, epoch: int, start_step: int = 0
@@ -488,7 +487,7 @@ def decode_jpeg_cuda(
 # The streaming batch source
 
 
-class StreamSource:
+class StreamSource(BatchSource):
     """This process's batches of a streamed split: implements :class:`BatchSource`.
 
     Args:
@@ -539,10 +538,6 @@ class StreamSource:
             shard_rows(order, s, self.batch_size, self.rank, self.world)
             for s in range(start_step, self.steps_per_epoch)
         ]
-
-    def batches(self, epoch: int, start_step: int = 0) -> Generator[torch.Tensor, None, None]:
-        for images, _ in self.labelled_batches(epoch, start_step):
-            yield images
 
     def labelled_batches(
         self, epoch: int, start_step: int = 0
