@@ -176,14 +176,47 @@ def make_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     written = []
 
     fig, axes = new_figure(2, 5, width=4.4, height=3.4)
-    ax = axes[0][0]
-    plot_curves(
-        ax,
-        {k: _series(r, "train", "loss") for k, (_, r, _) in runs.items()},
-        ylabel="loss",
-        title="training loss (2 - 2cos, summed over views)",
-        markers=flagged,
-    )
+    # (row, column, log kind, metric, y label, title, further plot_curves arguments); the kNN panel is (0, 1)
+    std_line = {f"collapse threshold {STD_RATIO_MAX}": STD_RATIO_MAX}
+    loss_line = {f"collapse threshold {LOSS_PER_TERM_MAX}": LOSS_PER_TERM_MAX}
+    panels: list[tuple[int, int, str, str, str, str, dict[str, Any]]] = [
+        (0, 0, "train", "loss", "loss", "training loss (2 - 2cos, summed over views)", {"markers": flagged}),
+        (
+            0,
+            2,
+            "diag",
+            "alignment_weighted",
+            "sum_j s_j cos(W_p u_j, u_j) / sum_j s_j",
+            "alignment, weighted by s_j (Thm 3, Fig. 2)",
+            {"markers": flagged},
+        ),
+        (0, 3, "diag", "alignment", "mean_j cos(W_p u_j, u_j)", "alignment, mean over all u_j", {"markers": flagged}),
+        (0, 4, "diag", "asymmetry", "||W_p - W_p^T|| / ||W_p||", "asymmetry of W_p", {}),
+        (1, 0, "diag", "rankme_z", "RankMe", "effective rank of the projections z", {"markers": flagged}),
+        (1, 1, "diag", "rankme_h", "RankMe", "effective rank of the representation h", {"markers": flagged}),
+        (
+            1,
+            2,
+            "diag",
+            "z_std_ratio",
+            "sqrt(d) * std of z/|z|",
+            "per-dim std of normalised projections",
+            {"hlines": std_line, "markers": flagged},
+        ),
+        (
+            1,
+            3,
+            "diag",
+            "loss_per_term",
+            "loss per term",
+            "loss per 2 - 2cos term",
+            {"logy": True, "hlines": loss_line, "markers": flagged},
+        ),
+        (1, 4, "diag", "p_sqrt_s_corr", "corr(p_j, sqrt(s_j))", "p_j vs sqrt(s_j) (Eqs. 14, 18)", {}),
+    ]
+    for row, col, kind, key, ylabel, title, extra in panels:
+        series = {k: _series(r, kind, key) for k, (_, r, _) in runs.items()}
+        plot_curves(axes[row][col], series, ylabel=ylabel, title=title, **extra)
     ax = axes[0][1]
     knn: dict[str, tuple[list, list]] = {}
     for k, (_, r, _s) in runs.items():
@@ -195,71 +228,6 @@ def make_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
         plot_curves(ax, knn, ylabel="kNN top-1 (%)", title="kNN accuracy (online backbone)")
     else:
         note(ax, "no kNN evaluations in these runs")
-    ax = axes[0][2]
-    plot_curves(
-        ax,
-        {k: _series(r, "diag", "alignment_weighted") for k, (_, r, _) in runs.items()},
-        ylabel="sum_j s_j cos(W_p u_j, u_j) / sum_j s_j",
-        title="alignment, weighted by s_j (Thm 3, Fig. 2)",
-        markers=flagged,
-    )
-    ax = axes[0][3]
-    plot_curves(
-        ax,
-        {k: _series(r, "diag", "alignment") for k, (_, r, _) in runs.items()},
-        ylabel="mean_j cos(W_p u_j, u_j)",
-        title="alignment, mean over all u_j",
-        markers=flagged,
-    )
-    ax = axes[0][4]
-    plot_curves(
-        ax,
-        {k: _series(r, "diag", "asymmetry") for k, (_, r, _) in runs.items()},
-        ylabel="||W_p - W_p^T|| / ||W_p||",
-        title="asymmetry of W_p",
-    )
-    ax = axes[1][0]
-    plot_curves(
-        ax,
-        {k: _series(r, "diag", "rankme_z") for k, (_, r, _) in runs.items()},
-        ylabel="RankMe",
-        title="effective rank of the projections z",
-        markers=flagged,
-    )
-    ax = axes[1][1]
-    plot_curves(
-        ax,
-        {k: _series(r, "diag", "rankme_h") for k, (_, r, _) in runs.items()},
-        ylabel="RankMe",
-        title="effective rank of the representation h",
-        markers=flagged,
-    )
-    ax = axes[1][2]
-    plot_curves(
-        ax,
-        {k: _series(r, "diag", "z_std_ratio") for k, (_, r, _) in runs.items()},
-        ylabel="sqrt(d) * std of z/|z|",
-        title="per-dim std of normalised projections",
-        hlines={f"collapse threshold {STD_RATIO_MAX}": STD_RATIO_MAX},
-        markers=flagged,
-    )
-    ax = axes[1][3]
-    plot_curves(
-        ax,
-        {k: _series(r, "diag", "loss_per_term") for k, (_, r, _) in runs.items()},
-        ylabel="loss per term",
-        title="loss per 2 - 2cos term",
-        logy=True,
-        hlines={f"collapse threshold {LOSS_PER_TERM_MAX}": LOSS_PER_TERM_MAX},
-        markers=flagged,
-    )
-    ax = axes[1][4]
-    plot_curves(
-        ax,
-        {k: _series(r, "diag", "p_sqrt_s_corr") for k, (_, r, _) in runs.items()},
-        ylabel="corr(p_j, sqrt(s_j))",
-        title="p_j vs sqrt(s_j) (Eqs. 14, 18)",
-    )
     written.append(save_figure(fig, out_dir / "overview.png"))
 
     for label, (_, r, _) in runs.items():
