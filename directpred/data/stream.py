@@ -430,12 +430,14 @@ def decode_jpeg_cuda(
     fallback: BatchDataset | None = None,
     index: torch.Tensor | None = None,
     used: list[int] | None = None,
+    skipped: list[str] | None = None,
 ) -> torch.Tensor:
     """Decode a batch of encoded images on the GPU (nvJPEG via ``torchvision.io.decode_jpeg``), resize the shorter
     side to ``size`` (bicubic, antialiased) and centre-crop: uint8 (B, 3, c, c) on ``device``.
 
     Files nvJPEG refuses (PNG, CMYK, corrupt) are decoded on the CPU by ``fallback`` (at ``index``), which also
-    applies the corrupt-file policy (the index of each image decoded is appended to ``used``, given ``index``).
+    applies the corrupt-file policy (the index of each image decoded is appended to ``used``, given ``index``; the
+    names of the corrupt files it replaced under ``skip_corrupt`` to ``skipped``).
     GPU pixels differ from Pillow's by interpolation rounding (a few grey levels).
     """
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -467,7 +469,7 @@ def decode_jpeg_cuda(
                 o = (size - crop) // 2
                 x = x[..., o : o + crop, o : o + crop]
             out[k] = x.round().clamp(0, 255).to(torch.uint8)[0]
-    skipped: list[str] = []
+    skipped = skipped if skipped is not None else []
     images: list[torch.Tensor] = []
     for k, img in enumerate(out):
         if img is None:
@@ -498,7 +500,9 @@ class StreamSource(BatchSource):
         rank, world: this process and the number of processes.
         workers: DataLoader worker processes (0: decode in this process).
         skip_corrupt: see :class:`BatchDataset`.
-        decode_device: ``cuda`` device: workers only read bytes and JPEGs are decoded on the GPU in batches.
+        decode_device: workers only read bytes and the training process decodes the JPEGs in batches on this
+            device (``cuda``: nvJPEG; the trainer sets it under ``data.decode: cuda``; ``cpu`` runs the same path
+            with libjpeg-turbo, which is how the tests exercise it without a GPU). None: workers decode (Pillow).
         prefetch: batches each worker prepares ahead.
 
     Attributes:
@@ -522,9 +526,9 @@ class StreamSource(BatchSource):
         self.reader, self.size, self.batch_size, self.seed = reader, size, batch_size, seed
         self.rank, self.world, self.workers, self.prefetch = rank, world, workers, prefetch
         self.decode_device = torch.device(decode_device) if decode_device is not None else None
-        gpu = self.decode_device is not None and self.decode_device.type == "cuda"
-        self.dataset = BatchDataset(reader, size, skip_corrupt=skip_corrupt, raw=gpu)
-        self._cpu = BatchDataset(reader, size, skip_corrupt=skip_corrupt)  # the GPU path's fallback
+        raw = self.decode_device is not None  # workers read bytes; decode_jpeg_cuda decodes them on the device
+        self.dataset = BatchDataset(reader, size, skip_corrupt=skip_corrupt, raw=raw)
+        self._cpu = BatchDataset(reader, size, skip_corrupt=skip_corrupt)  # the batched path's Pillow fallback
         self.steps_per_epoch = len(reader) // (batch_size * world)
         self.skipped: list[str] = []
 
@@ -560,21 +564,27 @@ class StreamSource(BatchSource):
             pin_memory=self.decode_device is not None and self.decode_device.type == "cuda" and not self.dataset.raw,
         )
         for b in loader:
-            used = b.used
-            if isinstance(b.images, list):  # raw bytes: the dataset is raw only with a cuda decode_device
+            used, skipped = b.used, list(b.skipped)
+            if isinstance(b.images, list):  # raw bytes: the dataset is raw only with a decode_device
                 assert self.decode_device is not None
                 used_list: list[int] = []
                 images = decode_jpeg_cuda(
-                    b.images, self.size, self.decode_device, fallback=self._cpu, index=b.index, used=used_list
+                    b.images,
+                    self.size,
+                    self.decode_device,
+                    fallback=self._cpu,
+                    index=b.index,
+                    used=used_list,
+                    skipped=skipped,
                 )
                 used = torch.as_tensor(used_list, dtype=torch.int64)
             else:
                 images = b.images
-            if b.skipped:
-                self.skipped += b.skipped
+            if skipped:
+                self.skipped += skipped
                 warnings.warn(
-                    f"replaced {len(b.skipped)} corrupt image(s) by the next decodable one "
-                    f"(data.skip_corrupt): {', '.join(b.skipped[:3])}",
+                    f"replaced {len(skipped)} corrupt image(s) by the next decodable one "
+                    f"(data.skip_corrupt): {', '.join(skipped[:3])}",
                     RuntimeWarning,
                     stacklevel=2,
                 )

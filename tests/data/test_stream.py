@@ -160,19 +160,43 @@ def test_shard_errors_name_the_fix(tmp_path, shards):
         ShardReader(bad, "train")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
-def test_gpu_decode_is_close_to_pillow(mixed):
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG"))]
+)
+def test_batched_device_decode_is_close_to_pillow(mixed, device):
+    """The ``data.decode: cuda`` path (workers read bytes, the training process decodes a batch with
+    ``torchvision.io.decode_jpeg(list, device=...)``, resizes and crops there, PNG/CMYK/refused files through the
+    Pillow fallback). On ``cpu`` it runs everything but nvJPEG itself."""
     reader = FolderReader(mixed, "train")
     cpu = BatchDataset(reader, SIZE)
     raw = BatchDataset(reader, SIZE, raw=True)
     idx = list(range(len(reader)))
-    got = decode_jpeg_cuda(raw[idx].images, SIZE, "cuda", fallback=cpu, index=torch.tensor(idx)).cpu()
+    used: list[int] = []
+    got = decode_jpeg_cuda(raw[idx].images, SIZE, device, fallback=cpu, index=torch.tensor(idx), used=used).cpu()
     ref = cpu[idx].images
-    assert got.shape == ref.shape
+    assert got.shape == ref.shape and used == idx
     diff = (got.float() - ref.float()).abs()
     assert diff.mean() < 6 and diff.flatten(1).mean(1).max() < 20
-    # Through the source (workers read bytes, the GPU decodes): the same batches as the CPU path, up to rounding.
-    gpu = list(StreamSource(reader, SIZE, batch_size=4, seed=2, workers=1, decode_device="cuda").batches(0))
+    # Through the source (workers read bytes, the device decodes): the same batches as Pillow's, up to rounding.
+    dev = list(StreamSource(reader, SIZE, batch_size=4, seed=2, workers=1, decode_device=device).batches(0))
     cpu_batches = list(StreamSource(reader, SIZE, batch_size=4, seed=2).batches(0))
-    assert len(gpu) == len(cpu_batches) and all(g.is_cuda for g in gpu)
-    assert all((g.cpu().float() - c.float()).abs().mean() < 6 for g, c in zip(gpu, cpu_batches))
+    assert len(dev) == len(cpu_batches) and all(g.device.type == device for g in dev)
+    assert all((g.cpu().float() - c.float()).abs().mean() < 6 for g, c in zip(dev, cpu_batches))
+
+
+def test_batched_device_decode_replaces_a_corrupt_jpeg_like_the_workers(mixed, tmp_path):
+    """Under skip_corrupt a truncated JPEG is replaced by the next decodable image on the batched path too (through
+    the Pillow fallback), and the labels follow the images used, exactly as on the workers' path."""
+    root = tmp_path / "bad"
+    shutil.copytree(mixed, root)
+    victim = sorted((root / "train" / "n00000001").glob("*.JPEG"))[0]
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated: decode_jpeg and Pillow both refuse it
+    reader = FolderReader(root, "train")
+    batched = StreamSource(reader, SIZE, batch_size=len(reader), seed=0, skip_corrupt=True, decode_device="cpu")
+    workers = StreamSource(reader, SIZE, batch_size=len(reader), seed=0, skip_corrupt=True)
+    with pytest.warns(RuntimeWarning, match="corrupt"):
+        ((images, labels),) = list(batched.labelled_batches(0))
+    with pytest.warns(RuntimeWarning, match="corrupt"):
+        ((ref_images, ref_labels),) = list(workers.labelled_batches(0))
+    assert torch.equal(labels, ref_labels) and batched.skipped == workers.skipped == [str(victim)]
+    assert (images.float() - ref_images.float()).abs().mean() < 6
