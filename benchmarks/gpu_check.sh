@@ -5,7 +5,9 @@
 #   2. DirectPred's overhead at d = 128 and 256 (projector output), and eigh alone up to d = 4096;
 #   3. a 2-epoch BYOL + DirectPred run on CIFAR-10 with its kNN figure;
 #   4. the full-width comparison DirectPred vs linear vs MLP predictor (sweeps/gpu/cifar10_fullwidth.yaml) through
-#      `directpred sweep`, with its results table.
+#      `directpred sweep`, with its results table;
+#   0. first, the streamed data path's batched nvJPEG decode against Pillow (tests/data/test_stream.py, seconds;
+#      on the CPU only its libjpeg-turbo half runs). A failure is reported and the other steps still run.
 # Usage (from the repository root):  bash benchmarks/gpu_check.sh [DATA] [OUT]
 #   DATA: the CIFAR-10 mirror archive or an ImageFolder directory (default ../shared/data/cifar10-jpeg.tar.gz)
 #   OUT:  where results go (default $OUT or /tmp/gpu_check)
@@ -29,6 +31,14 @@ else
 fi
 DATASET=(--set data.dataset=folder --set "data.path=$DATA" --set train.precision=$PREC)
 CFG=configs/cifar10/byol_directpred.yaml
+
+echo "== 0. batched decode path (nvJPEG where CUDA exists) against Pillow =="
+if python -c "import pytest" 2>/dev/null; then
+  python -m pytest -q -p no:cacheprovider tests/data/test_stream.py -k batched_device_decode \
+    || echo "gpu_check: the batched decode test FAILED (see above)"
+else
+  echo "gpu_check: pytest is not installed; skipping the decode test"
+fi
 
 echo "== 1. throughput: step vs bare forward/backward, data pipeline (d=128) =="
 python benchmarks/throughput.py --config $CFG --device $DEV --steps $STEPS --warmup 3 "${DATASET[@]}" "${SIZE[@]}" \

@@ -27,6 +27,7 @@ def test_gpu_check_cpu_fallback(tiny_archive, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "CPU fallback" in proc.stdout and "gpu_check summary" in proc.stdout
+    assert "batched decode test FAILED" not in proc.stdout and "2 passed, 1 skipped" in proc.stdout  # step 0
     t = json.loads((tmp_path / "out" / "throughput_d128.json").read_text())
     step = t["steps"]["directpred_freq1"]
     assert t["limit"]["images_per_s"] > 0 and step["step_images_per_s"] > 0 and t["pipeline"]["images_per_s"] > 0
