@@ -21,6 +21,7 @@ Use in your own loop::
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from directpred.config import PredictorConfig
 from directpred.heads.base import Predictor
@@ -62,20 +63,10 @@ def register_predictor(name: str) -> Callable[[Callable[..., Predictor]], Callab
 
 @register_predictor("directpred")
 def _directpred(dim: int, cfg: PredictorConfig, *, seed: int = 0, **_: object) -> Predictor:
+    make: Callable[..., DirectPred] = DirectPred  # PartitionedDirectPred takes the same options
     if cfg.partitions > 0:  # the hyperplanes are drawn from the run's seed (train.seed)
-        return PartitionedDirectPred(
-            dim,
-            partitions=cfg.partitions,
-            seed=seed,
-            rho=cfg.rho,
-            eps=cfg.eps,
-            freq=cfg.freq,
-            eps_mode=cfg.eps_mode,
-            c=cfg.c,
-            zero_mean=cfg.zero_mean,
-            average=cfg.average,
-        )
-    return DirectPred(
+        make = partial(PartitionedDirectPred, partitions=cfg.partitions, seed=seed)
+    return make(
         dim,
         rho=cfg.rho,
         eps=cfg.eps,

@@ -17,7 +17,9 @@ class Predictor(nn.Module):
     uses_target: bool = False
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B, d)
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} must define forward(z): every predictor maps (B, d) -> (B, d)"
+        )
 
     def update(self, z: torch.Tensor, z_target: torch.Tensor | None = None) -> None:
         """Fold the detached batch ``z`` (B, d) into the predictor's statistics; nothing by default."""
