@@ -43,8 +43,10 @@ def test_online_probe_changes_no_weight_and_learns_above_chance(tiny_overrides, 
     assert [(r["epoch"], r["step"]) for r in test_rows] == [(1, 8), (2, 16), (3, 24)]
     for r in test_rows:  # a share of the 32 test images
         assert abs(r["probe_test_top1"] * 32 / 100 - round(r["probe_test_top1"] * 32 / 100)) < 1e-9
-    # 4 classes: chance is 25 % (measured here: 29 % in epoch 1, 51 % in epoch 4)
-    assert train_rows[-1]["probe_train_top1"] > max(40.0, train_rows[0]["probe_train_top1"])
+    # 4 classes: chance is 25 %, and a probe at chance over the epoch's 128 images has std 3.8 points, so 33 is two
+    # std above it. Measured in epochs 1 and 4: 27 % and 45 % (AVX-512), 30 % and 40 % (AVX2 forced): the tiny
+    # network's numbers move with the CPU's kernels, so the bound is statistical, not tuned to one machine.
+    assert train_rows[-1]["probe_train_top1"] > max(33.0, train_rows[0]["probe_train_top1"])
 
     # Independently: the checkpoint's probe on the final backbone's test features beats chance too.
     cfg = load_config(None, common)
