@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
             cfg.eval,
         )
         print(f"  summary: {run_dir / 'summary.json'}")
-    distributed.shutdown()
+    if distributed.shutdown():  # everything is written: skip the finalisation that can abort a gloo process
+        distributed.exit_process(0)
     return 0
 
 
