@@ -18,13 +18,13 @@ DEST=${2:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$DEST"
 export PYTHONUNBUFFERED=1
 if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  DEV=cuda; PREC=bf16; STEPS=30; EPOCHS=2; DIMS=128,256,512,1024,2048,4096
+  DEV=cuda; PREC=bf16; DECODE_IMAGES=512; STEPS=30; EPOCHS=2; DIMS=128,256,512,1024,2048,4096
   SIZE=(--set backbone.width=64)
   SWEEP=(--set train.epochs=2 --devices auto)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 else
   echo "gpu_check: no CUDA device; running the CPU fallback at tiny sizes"
-  DEV=cpu; PREC=fp32; STEPS=2; EPOCHS=1; DIMS=128,256
+  DEV=cpu; PREC=fp32; DECODE_IMAGES=64; STEPS=2; EPOCHS=1; DIMS=128,256
   SIZE=(--set backbone.width=4 --set projector.hidden_dim=32 --set train.batch_size=32
         --set data.train_subset=512 --set data.test_subset=200 --set eval.knn_k=10)
   SWEEP=(--set train.epochs=1 --set eval.linear_epochs=2 --devices cpu)
@@ -32,13 +32,22 @@ fi
 DATASET=(--set data.dataset=folder --set "data.path=$DATA" --set train.precision=$PREC)
 CFG=configs/cifar10/byol_directpred.yaml
 
-echo "== 0. batched decode path (nvJPEG where CUDA exists) against Pillow =="
+echo "== 0. batched decode path (nvJPEG where CUDA exists) against Pillow, with each JPEG decoder =="
+# The device machine reaches no package index: TorchCodec comes from a wheel carried in .gpu_data/ (pip download
+# torchcodec --no-deps -d .gpu_data), else only torchvision's decoder is checked.
+if ! python -c "import torchcodec.decoders" 2>/dev/null; then
+  wheel=$(ls .gpu_data/torchcodec-*.whl 2>/dev/null | head -1 || true)
+  if [[ -n "$wheel" ]]; then python -m pip install -q --no-deps "$wheel" || true; fi
+  python -c "import torchcodec.decoders" 2>/dev/null || echo "gpu_check: TorchCodec cannot be imported; its cases skip"
+fi
 if python -c "import pytest" 2>/dev/null; then
-  python -m pytest -q -p no:cacheprovider tests/data/test_stream.py -k batched_device_decode \
+  python -m pytest -q -p no:cacheprovider tests/data/test_stream.py -k "batched or jpeg_backend" \
     || echo "gpu_check: the batched decode test FAILED (see above)"
 else
   echo "gpu_check: pytest is not installed; skipping the decode test"
 fi
+python benchmarks/stream_throughput.py --decode-only --decode-device $DEV --images $DECODE_IMAGES --out "$DEST/decode_$DEV.json" \
+  || echo "gpu_check: the batched decode benchmark FAILED (see above)"
 
 echo "== 1. throughput: step vs bare forward/backward, data pipeline (d=128) =="
 python benchmarks/throughput.py --config $CFG --device $DEV --steps $STEPS --warmup 3 "${DATASET[@]}" "${SIZE[@]}" \
@@ -71,6 +80,10 @@ print(f"data pipeline {t['pipeline']['images_per_s']:.0f} img/s = {t['pipeline_o
 print(f"DirectPred update: d=128 {1e3 * step['predictor_update_s']:.2f} ms ({100 * step['predictor_update_share_of_step']:.2f}% of step), "
       f"d=256 {1e3 * t2['steps']['directpred_freq1']['predictor_update_s']:.2f} ms")
 print("eigh ms by d: " + ", ".join(f"{k}: {1e3 * v:.2f}" for k, v in t["eigh_s"].items()))
+dec = d / f"decode_{t['device'].split(':')[0]}.json"
+if dec.is_file():
+    print("batched JPEG decode + resize to 256 (img/s): " + ", ".join(
+        f"{k.split('_')[2]} {v:.0f}" for k, v in json.loads(dec.read_text())["batched_decode"].items()))
 print(f"{s['epochs']:g}-epoch run: kNN top-1 {s['knn_top1']:.2f}%, {s['images_per_second']:.0f} img/s end to end, "
       f"{s['wall_seconds']:.0f} s wall")
 r = json.loads((d / "sweep" / "results.json").read_text())

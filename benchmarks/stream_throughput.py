@@ -13,10 +13,14 @@ Measured in one run, one thread, on the same generated ImageNet-sized JPEGs (``d
       0.4/0.4/0.2/0.1 p=0.8, grayscale 0.2, blur p=1.0/0.1, solarise p=0/0.2) producing both views per image in the
       worker, images/s;
   (e) peak RSS (this process and its workers) of one epoch's first batches of the streamed source over 2,000 and
-      20,000 small JPEGs, each in a fresh subprocess, with 2 workers.
+      20,000 small JPEGs, each in a fresh subprocess, with 2 workers;
+  (f) batched decode (the ``data.decode: cuda`` path): the batch's bytes decoded in one call by each decoder that
+      imports (TorchCodec, torchvision.io), resized to 256 and centre-cropped on ``--decode-device`` (cpu:
+      libjpeg-turbo in this process; cuda: nvJPEG), images/s, file reading excluded.
 
 Usage:
     python benchmarks/stream_throughput.py --out benchmarks/results/stream_cpu.json
+    python benchmarks/stream_throughput.py --decode-only --decode-device cuda   # (f) alone, on the GPU
 """
 
 from __future__ import annotations
@@ -36,7 +40,14 @@ import torch
 
 from directpred.data.augment import TwoViewAugment, recipe
 from directpred.data.proxy import write_proxy_folder
-from directpred.data.stream import FolderReader, StreamSource
+from directpred.data.stream import (
+    JPEG_BACKENDS,
+    BatchDataset,
+    FolderReader,
+    StreamSource,
+    decode_jpeg_cuda,
+    jpeg_backend,
+)
 
 
 def _rate(n: int, seconds: float) -> float:
@@ -101,6 +112,31 @@ def measure_throughput(root: Path, n: int, batch: int = 32) -> dict[str, float]:
     return out
 
 
+def measure_batched_decode(root: Path, n: int, device: str, batch: int = 32) -> dict[str, float]:
+    """(f): images/s of :func:`decode_jpeg_cuda` per decoder that imports, on ``device``; bytes read beforehand."""
+    reader = FolderReader(root, "train")
+    raw, pillow = BatchDataset(reader, 256, raw=True), BatchDataset(reader, 256)
+    plan = [list(range(i, i + batch)) for i in range(0, min(n, len(reader)) - batch + 1, batch)]
+    blobs = [raw[b].images for b in plan]
+    available = [b for b in JPEG_BACKENDS if b == "torchvision" or jpeg_backend() == b]
+    out: dict[str, float] = {}
+    for backend in available:
+
+        def run(k: int) -> None:
+            images = decode_jpeg_cuda(
+                blobs[k], 256, device, fallback=pillow, index=torch.tensor(plan[k]), backend=backend
+            )
+            if images.is_cuda:
+                torch.cuda.synchronize()
+
+        run(0)  # warm-up (nvJPEG handle, kernels)
+        t = time.perf_counter()
+        for k in range(len(plan)):
+            run(k)
+        out[f"batched_decode_{backend}_{device}_images_per_s"] = _rate(len(plan) * batch, time.perf_counter() - t)
+    return out
+
+
 def _status_kib(pid: int, field: str) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -153,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=320, help="ImageNet-sized JPEGs timed per path")
     p.add_argument("--rss-sizes", type=int, nargs="+", default=[2000, 20000])
     p.add_argument("--rss-steps", type=int, default=20)
+    p.add_argument("--decode-device", default="cpu", help="(f)'s device: cpu or cuda")
+    p.add_argument("--decode-only", action="store_true", help="measure (f) only")
     p.add_argument("--_rss-child", dest="rss_child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -176,9 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             "jpeg_mean_kib": mean_kb,
             "generate_seconds": time.perf_counter() - t,
         }
-        results["throughput"] = measure_throughput(big, a.images)
+        results["batched_decode"] = measure_batched_decode(big, a.images, a.decode_device)
+        if not a.decode_only:
+            results["throughput"] = measure_throughput(big, a.images)
         results["rss"] = []
-        for n in a.rss_sizes:
+        for n in [] if a.decode_only else a.rss_sizes:
             root = write_proxy_folder(tmp / f"small{n}", train=n, val=0, classes=100, size=48, quality=80)
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             proc = subprocess.run(

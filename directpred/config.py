@@ -158,6 +158,10 @@ class DataConfig:
     decode: Literal["auto", "cpu", "cuda"] = "cpu"
     """Streamed: `cuda` decodes JPEGs on the GPU (nvJPEG) in batches and workers only read files; `auto`: cuda on
     CUDA runs."""
+    jpeg_decoder: Literal["auto", "torchcodec", "torchvision"] = "auto"
+    """Streamed with `data.decode=cuda`: the batched JPEG decoder, TorchCodec (`pip install 'directpred[torchcodec]'`,
+    the successor of torchvision's image decoders, which torchvision 0.29 deprecates) or `torchvision.io`; `auto`:
+    TorchCodec when it imports. Either gives the same images up to rounding."""
 
 
 @dataclass

@@ -421,6 +421,65 @@ def _identity(x: _Batch) -> _Batch:
     return x
 
 
+#: The batched JPEG decoders :func:`decode_jpeg_cuda` can use, in the order ``auto`` tries them.
+JPEG_BACKENDS = ("torchcodec", "torchvision")
+
+
+def jpeg_backend(name: str = "auto") -> str:
+    """The batched JPEG decoder to use: ``torchcodec`` (TorchCodec's ``decode_jpeg``, nvJPEG on CUDA: the successor
+    of torchvision's image decoders, which torchvision 0.29 deprecates) when it imports, else ``torchvision``
+    (``torchvision.io.decode_jpeg``). ``name`` forces one; a forced TorchCodec that cannot be imported is a
+    :class:`DataError` naming the fix."""
+    if name not in ("auto", *JPEG_BACKENDS):
+        raise ValueError(f"unknown JPEG backend {name!r}; use auto, {' or '.join(JPEG_BACKENDS)}")
+    if name == "torchvision":
+        return name
+    try:
+        import torchcodec.decoders  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - a wheel built for another torch fails with OSError/RuntimeError
+        if name == "torchcodec":
+            raise DataError(
+                f"TorchCodec cannot be imported ({type(exc).__name__}: {exc}); install the release built for "
+                f"torch {torch.__version__} (see TorchCodec's compatibility table), or use the torchvision backend"
+            ) from None
+        return "torchvision"
+    return "torchcodec"
+
+
+def _decode_jpegs(blobs: list[torch.Tensor], device: torch.device | str, backend: str) -> list[torch.Tensor]:
+    """RGB uint8 (3, H, W) tensors of encoded JPEGs, decoded in one call on ``device``; RuntimeError if any fails."""
+    if backend == "torchcodec":
+        from torchcodec.decoders import decode_jpeg as decode
+
+        return list(decode(blobs, mode="RGB", device=device))
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # the deprecation of torchvision's decoders: TorchCodec is the fix, and used
+        warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of TorchVision.*")
+        return list(decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device))
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def _decodable_as_stored(blob: torch.Tensor) -> bool:
+    """A JPEG that a batched decoder turns into the pixels Pillow gives: the JPEG signature, and no EXIF rotation
+    (TorchCodec applies a file's EXIF orientation; Pillow, and so torchvision's ImageFolder and the in-memory path,
+    do not). An EXIF segment sits in the file's first 64 KiB; Pillow reads the tag from the header only."""
+    if len(blob) < 4 or blob[0] != 0xFF or blob[1] != 0xD8:
+        return False
+    head = blob[:65536].numpy().tobytes()
+    if b"Exif\x00\x00" not in head:
+        return True
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(blob.numpy().tobytes())) as im:
+            return im.getexif().get(_EXIF_ORIENTATION, 1) == 1
+    except Exception:  # noqa: BLE001 - Pillow's fallback will name the file
+        return False
+
+
 def decode_jpeg_cuda(
     blobs: list[torch.Tensor],
     size: int,
@@ -431,27 +490,33 @@ def decode_jpeg_cuda(
     index: torch.Tensor | None = None,
     used: list[int] | None = None,
     skipped: list[str] | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """Decode a batch of encoded images on the GPU (nvJPEG via ``torchvision.io.decode_jpeg``), resize the shorter
-    side to ``size`` (bicubic, antialiased) and centre-crop: uint8 (B, 3, c, c) on ``device``.
+    """Decode a batch of encoded images on the GPU (nvJPEG through TorchCodec's or torchvision's ``decode_jpeg``,
+    see :func:`jpeg_backend`), resize the shorter side to ``size`` (bicubic, antialiased) and centre-crop: uint8
+    (B, 3, c, c) on ``device``.
 
-    Files nvJPEG refuses (PNG, CMYK, corrupt) are decoded on the CPU by ``fallback`` (at ``index``), which also
-    applies the corrupt-file policy (the index of each image decoded is appended to ``used``, given ``index``; the
-    names of the corrupt files it replaced under ``skip_corrupt`` to ``skipped``).
+    Files nvJPEG refuses (PNG, CMYK, corrupt) and JPEGs with an EXIF rotation (which TorchCodec would apply and
+    Pillow does not) are decoded on the CPU by ``fallback`` (at ``index``), which also applies the corrupt-file
+    policy (the index of each image decoded is appended to ``used``, given ``index``; the names of the corrupt
+    files it replaced under ``skip_corrupt`` to ``skipped``).
     GPU pixels differ from Pillow's by interpolation rounding (a few grey levels).
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+    backend = jpeg_backend(backend)
     out: list[torch.Tensor | None] = [None] * len(blobs)
-    jpeg = [k for k, b in enumerate(blobs) if len(b) > 3 and b[0] == 0xFF and b[1] == 0xD8]
+    if backend == "torchcodec":
+        jpeg = [k for k, b in enumerate(blobs) if _decodable_as_stored(b)]
+    else:  # torchvision's decode_jpeg ignores EXIF orientation by default, like Pillow
+        jpeg = [k for k, b in enumerate(blobs) if len(b) > 3 and b[0] == 0xFF and b[1] == 0xD8]
     if jpeg:
+        decoded: list[torch.Tensor | None]
         try:
-            decoded = decode_jpeg([blobs[k] for k in jpeg], mode=ImageReadMode.RGB, device=device)
+            decoded = list(_decode_jpegs([blobs[k] for k in jpeg], device, backend))
         except RuntimeError:  # one bad file fails the batched call: decode one by one
             decoded = []
             for k in jpeg:
                 try:
-                    decoded.append(decode_jpeg(blobs[k], mode=ImageReadMode.RGB, device=device))
+                    decoded.append(_decode_jpegs([blobs[k]], device, backend)[0])
                 except RuntimeError:
                     decoded.append(None)
         for k, img in zip(jpeg, decoded):
@@ -503,10 +568,13 @@ class StreamSource(BatchSource):
         decode_device: workers only read bytes and the training process decodes the JPEGs in batches on this
             device (``cuda``: nvJPEG; the trainer sets it under ``data.decode: cuda``; ``cpu`` runs the same path
             with libjpeg-turbo, which is how the tests exercise it without a GPU). None: workers decode (Pillow).
+        jpeg_decoder: the batched path's decoder (:func:`jpeg_backend`: ``auto``, ``torchcodec``, ``torchvision``).
         prefetch: batches each worker prepares ahead.
 
     Attributes:
         skipped: names of the corrupt files replaced so far (``skip_corrupt``), in the order met.
+        jpeg_decoder: the batched path's resolved decoder (``torchcodec`` or ``torchvision``); None when the
+            workers decode.
     """
 
     def __init__(
@@ -522,11 +590,13 @@ class StreamSource(BatchSource):
         skip_corrupt: bool = False,
         decode_device: torch.device | str | None = None,
         prefetch: int = 2,
+        jpeg_decoder: str = "auto",
     ) -> None:
         self.reader, self.size, self.batch_size, self.seed = reader, size, batch_size, seed
         self.rank, self.world, self.workers, self.prefetch = rank, world, workers, prefetch
         self.decode_device = torch.device(decode_device) if decode_device is not None else None
         raw = self.decode_device is not None  # workers read bytes; decode_jpeg_cuda decodes them on the device
+        self.jpeg_decoder = jpeg_backend(jpeg_decoder) if raw else None
         self.dataset = BatchDataset(reader, size, skip_corrupt=skip_corrupt, raw=raw)
         self._cpu = BatchDataset(reader, size, skip_corrupt=skip_corrupt)  # the batched path's Pillow fallback
         self.steps_per_epoch = len(reader) // (batch_size * world)
@@ -576,6 +646,7 @@ class StreamSource(BatchSource):
                     index=b.index,
                     used=used_list,
                     skipped=skipped,
+                    backend=self.jpeg_decoder or "auto",
                 )
                 used = torch.as_tensor(used_list, dtype=torch.int64)
             else:

@@ -83,6 +83,7 @@ def make_batch_source(cfg: Config, data: DataBundle | StreamData, device: torch.
             workers=cfg.data.workers,
             skip_corrupt=cfg.data.skip_corrupt,
             decode_device=device if decode == "cuda" else None,
+            jpeg_decoder=cfg.data.jpeg_decoder,
         )
     return InMemorySource(
         data.pretrain.images,
@@ -456,6 +457,7 @@ class Trainer:
             "predictor": cfg.predictor.name,
             "knn_history": self.knn_history,
             "stopped_early": stopped_early,
+            "jpeg_decoder": getattr(self.source, "jpeg_decoder", None),  # the batched (data.decode=cuda) decoder
             "skipped_corrupt": self.data.pretrain.skipped + self.data.test.skipped + len(self.source.skipped),
             "skipped_steps": self.skipped_steps,
             "eigh_fallbacks": int(getattr(self.method.predictor, "eigh_fallbacks", torch.zeros(())).item()),

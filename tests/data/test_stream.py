@@ -20,6 +20,7 @@ from directpred.data.stream import (
     decode_jpeg_cuda,
     is_shard_dir,
     iterate_split,
+    jpeg_backend,
     open_reader,
     write_shards,
 )
@@ -160,28 +161,92 @@ def test_shard_errors_name_the_fix(tmp_path, shards):
         ShardReader(bad, "train")
 
 
-@pytest.mark.parametrize(
-    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG"))]
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs CUDA"))
+TORCHCODEC = pytest.param(
+    "torchcodec", marks=pytest.mark.skipif(jpeg_backend() != "torchcodec", reason="TorchCodec cannot be imported")
 )
-def test_batched_device_decode_is_close_to_pillow(mixed, device):
-    """The ``data.decode: cuda`` path (workers read bytes, the training process decodes a batch with
-    ``torchvision.io.decode_jpeg(list, device=...)``, resizes and crops there, PNG/CMYK/refused files through the
+
+
+@pytest.mark.parametrize("backend", [TORCHCODEC, "torchvision"])
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_batched_device_decode_is_close_to_pillow(mixed, device, backend):
+    """The ``data.decode: cuda`` path (workers read bytes, the training process decodes a batch with TorchCodec's
+    or torchvision's ``decode_jpeg(list, device=...)``, resizes and crops there, PNG/CMYK/refused files through the
     Pillow fallback). On ``cpu`` it runs everything but nvJPEG itself."""
     reader = FolderReader(mixed, "train")
     cpu = BatchDataset(reader, SIZE)
     raw = BatchDataset(reader, SIZE, raw=True)
     idx = list(range(len(reader)))
     used: list[int] = []
-    got = decode_jpeg_cuda(raw[idx].images, SIZE, device, fallback=cpu, index=torch.tensor(idx), used=used).cpu()
+    got = decode_jpeg_cuda(
+        raw[idx].images, SIZE, device, fallback=cpu, index=torch.tensor(idx), used=used, backend=backend
+    ).cpu()
     ref = cpu[idx].images
     assert got.shape == ref.shape and used == idx
     diff = (got.float() - ref.float()).abs()
     assert diff.mean() < 6 and diff.flatten(1).mean(1).max() < 20
     # Through the source (workers read bytes, the device decodes): the same batches as Pillow's, up to rounding.
-    dev = list(StreamSource(reader, SIZE, batch_size=4, seed=2, workers=1, decode_device=device).batches(0))
+    source = StreamSource(reader, SIZE, batch_size=4, seed=2, workers=1, decode_device=device, jpeg_decoder=backend)
+    assert source.jpeg_decoder == backend
+    dev = list(source.batches(0))
     cpu_batches = list(StreamSource(reader, SIZE, batch_size=4, seed=2).batches(0))
     assert len(dev) == len(cpu_batches) and all(g.device.type == device for g in dev)
     assert all((g.cpu().float() - c.float()).abs().mean() < 6 for g, c in zip(dev, cpu_batches))
+
+
+@pytest.mark.parametrize("backend", [TORCHCODEC, "torchvision"])
+def test_batched_decode_keeps_an_exif_rotated_jpeg_as_stored_like_pillow(tmp_path, backend):
+    """TorchCodec applies a JPEG's EXIF orientation, Pillow (hence ImageFolder and the workers' path) does not: the
+    batched path hands such a file to the Pillow fallback, so both paths give the same pixels."""
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    arr = torch.randint(0, 256, (30, 60, 3), generator=rng, dtype=torch.uint8)
+    arr[:, :30] //= 4  # a dark left half: a rotation by 90 degrees moves it to the top or bottom
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    for name, e in (("rotated.jpg", exif), ("plain.jpg", None)):
+        im = Image.fromarray(arr.numpy())
+        im.save(tmp_path / name, quality=95, **({"exif": e} if e is not None else {}))
+    blobs = [
+        torch.frombuffer(bytearray((tmp_path / n).read_bytes()), dtype=torch.uint8)
+        for n in ("rotated.jpg", "plain.jpg")
+    ]
+
+    class _Files(FolderReader):
+        def __init__(self) -> None:
+            pass
+
+        def __len__(self) -> int:
+            return 2
+
+        def name(self, i: int) -> str:
+            return ("rotated.jpg", "plain.jpg")[i]
+
+        def read(self, i: int) -> bytes:
+            return (tmp_path / self.name(i)).read_bytes()
+
+    pillow = BatchDataset(_Files(), 30)
+    got = decode_jpeg_cuda(blobs, 30, "cpu", fallback=pillow, index=torch.tensor([0, 1]), backend=backend)
+    ref = pillow[[0, 1]].images
+    assert torch.equal(got[0], ref[0])  # the Pillow fallback decoded it: exactly Pillow's pixels
+    assert (got[1].float() - ref[1].float()).abs().mean() < 3  # the plain JPEG went through the batched decoder
+    if backend == "torchcodec":  # the file does carry a rotation that TorchCodec would apply
+        from torchcodec.decoders import decode_jpeg
+
+        assert decode_jpeg(blobs[0]).shape[-2:] == (60, 30)
+
+
+def test_jpeg_backend_falls_back_or_names_the_fix(monkeypatch):
+    import sys
+
+    assert jpeg_backend("torchvision") == "torchvision"
+    with pytest.raises(ValueError, match="unknown JPEG backend 'nvjpeg'"):
+        jpeg_backend("nvjpeg")
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # `import torchcodec.decoders` raises ImportError
+    assert jpeg_backend("auto") == "torchvision"
+    with pytest.raises(DataError, match="TorchCodec cannot be imported.*or use the torchvision backend"):
+        jpeg_backend("torchcodec")
 
 
 def test_batched_device_decode_replaces_a_corrupt_jpeg_like_the_workers(mixed, tmp_path):
