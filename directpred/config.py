@@ -282,7 +282,8 @@ class LogConfig:
     backends: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
     """Experiment trackers, from rank 0: `tensorboard` (in the run directory), `wandb` (pip install
     'directpred[wandb]'; online or offline as wandb is set up, e.g. `WANDB_MODE=offline`), `mlflow` (pip install
-    'directpred[mlflow]'; the server of `MLFLOW_TRACKING_URI`, else `./mlruns`); `[]`: metrics.jsonl only. Each
+    'directpred[mlflow]'; the store of `MLFLOW_TRACKING_URI`, else MLflow's default in the working directory:
+    `./mlruns` before MLflow 3, `sqlite:///mlflow.db` from 3.0); `[]`: metrics.jsonl only. Each
     gets the rows of metrics.jsonl under `kind/key` (spectra as histograms where the tracker has them), the resolved
     config as run parameters and the run directory's name as the run name; a resumed run continues the same tracker
     run (its id is kept in the run directory)."""

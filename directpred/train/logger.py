@@ -120,14 +120,22 @@ class WandbBackend:
 class MlflowBackend:
     """An MLflow run in experiment ``log.project``, named after the run directory; its id kept in
     ``RUN/mlflow_run_id`` so that a resumed run continues it. The resolved config is logged as parameters once
-    (MLflow's parameters cannot change). MLflow has no histograms: spectra are left out."""
+    (MLflow's parameters cannot change). MLflow has no histograms: spectra are left out.
+
+    MLflow keeps every value sent, so a metric sent twice for a step would show twice in its history. A resumed run
+    therefore asks the server for the last step of each metric and sends only later ones: the steps a killed
+    process had sent after its checkpoint keep their values, which the redone steps reproduce (resume is exact)."""
 
     def __init__(self, run_dir: Path, start_step: int, config: dict[str, Any] | None, project: str) -> None:
         self.mlflow = _import_backend("mlflow")
         id_file = run_dir / "mlflow_run_id"
         self.mlflow.set_experiment(project)
+        self.last_step: dict[str, int] = {}  # metric -> the last step the tracking server holds
         if id_file.is_file():
             self.run = self.mlflow.start_run(run_id=id_file.read_text().strip())
+            client, run_id = self.mlflow.MlflowClient(), self.run.info.run_id
+            for key in client.get_run(run_id).data.metrics:
+                self.last_step[key] = max((m.step for m in client.get_metric_history(run_id, key)), default=-1)
         else:
             self.run = self.mlflow.start_run(run_name=run_dir.name)
             id_file.write_text(self.run.info.run_id + "\n")
@@ -136,6 +144,7 @@ class MlflowBackend:
 
     def log(self, row: dict[str, Any], group: str, step: int) -> None:
         scalars, _ = _numbers(row, group)
+        scalars = {k: v for k, v in scalars.items() if step > self.last_step.get(k, -1)}
         if scalars:
             self.mlflow.log_metrics(scalars, step=step)
 

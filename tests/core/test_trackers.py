@@ -44,17 +44,35 @@ def fake_wandb(calls: list) -> types.ModuleType:
     return mod
 
 
-def fake_mlflow(calls: list) -> types.ModuleType:
+def fake_mlflow(calls: list, history: dict | None = None, fail: dict | None = None) -> types.ModuleType:
+    """A stand-in for mlflow that records its calls, and keeps every value sent in ``history`` (metric -> list of
+    (step, value)) as MLflow's store does, duplicates included; ``MlflowClient`` reads it back. Sending a step
+    ``fail["step"]`` raises (the process dies there)."""
     mod = types.ModuleType("mlflow")
     mod.set_experiment = lambda name: calls.append(("set_experiment", name))
+    history = history if history is not None else {}
 
     def start_run(run_id=None, run_name=None):
         calls.append(("start_run", run_id, run_name))
         return types.SimpleNamespace(info=types.SimpleNamespace(run_id=run_id or "run-abc"))
 
-    mod.start_run = start_run
+    def log_metrics(metrics, step):
+        if fail and step == fail.get("step"):
+            raise RuntimeError(f"killed at step {step}")
+        calls.append(("log_metrics", step, dict(metrics)))
+        for k, v in metrics.items():
+            history.setdefault(k, []).append((step, v))
+
+    class MlflowClient:
+        def get_run(self, run_id):
+            latest = {k: v[-1][1] for k, v in history.items()}
+            return types.SimpleNamespace(data=types.SimpleNamespace(metrics=latest))
+
+        def get_metric_history(self, run_id, key):
+            return [types.SimpleNamespace(step=s, value=v) for s, v in history.get(key, [])]
+
+    mod.start_run, mod.log_metrics, mod.MlflowClient = start_run, log_metrics, MlflowClient
     mod.log_params = lambda params: calls.append(("log_params", dict(params)))
-    mod.log_metrics = lambda metrics, step: calls.append(("log_metrics", step, dict(metrics)))
     mod.end_run = lambda: calls.append(("end_run",))
     return mod
 
@@ -131,6 +149,38 @@ def test_resumed_run_continues_the_same_tracker_runs(trackers, tiny_overrides, t
     assert not any(c[0] == "log_params" for c in mlflow_calls)  # MLflow's parameters are immutable
     steps = sorted({c[1] for c in wandb_calls if c[0] == "log"})
     assert steps[0] == 6 and steps[-1] == 16  # the resumed run sends the steps after its checkpoint
+
+
+def test_mlflow_holds_each_step_once_after_a_kill_and_resume(monkeypatch, tiny_overrides, tmp_path):
+    """A process killed after its checkpoint had sent later steps to MLflow, which keeps every value sent: the
+    resumed run sends only the steps after the last one MLflow holds, so each (metric, step) is there once, with
+    the values metrics.jsonl holds (those of the redone steps, as resume is exact)."""
+    from directpred.train.checkpoint import load_checkpoint
+
+    history: dict = {}
+    fail: dict = {}
+    monkeypatch.setitem(sys.modules, "mlflow", fake_mlflow([], history, fail))
+    common = tiny_overrides + ["train.epochs=2", "log.backends=[mlflow]", "train.log_every=1", "diag.every=3"]
+    run = tmp_path / "run"
+    Trainer(load_config(None, common + ["train.max_steps=5"]), run).fit()
+    fail["step"] = 7
+    with pytest.raises(RuntimeError, match="killed at step 7"):
+        Trainer(load_config(None, common), run, resume=True).fit()
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 5
+    assert {s for s, _ in history["train/loss"]} == {1, 2, 3, 4, 5, 6}  # 6 sent after the checkpoint
+    del fail["step"]
+    Trainer(load_config(None, common), run, resume=True).fit()
+
+    sent = [(k, s) for k, v in history.items() for s, _ in v]
+    assert len(sent) == len(set(sent)), "a step sent twice"
+    scalars, _ = _expected(run)
+    timing = ("images_per_second", "seconds")  # wall-clock fields: the killed process's stay
+    got = {(s, k): v for k, values in history.items() for s, v in values}
+    assert got.keys() == scalars.keys()
+    assert {k: v for k, v in got.items() if not k[1].endswith(timing)} == pytest.approx(
+        {k: v for k, v in scalars.items() if not k[1].endswith(timing)}, rel=1e-5
+    )
+    assert {s for s, _ in history["train/loss"]} == set(range(1, 17))
 
 
 @pytest.mark.parametrize("backend,extra", [("wandb", "wandb"), ("mlflow", "mlflow")])
