@@ -3,10 +3,13 @@
 Training, evaluation, training diagnostics and the paper's learning-dynamics theory.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):  # noqa: ANN202 - lazy, so that `import directpred` stays cheap (theory: numpy only)
+def __getattr__(name: str) -> Callable[..., Any]:  # lazy, so that `import directpred` stays cheap (theory: numpy)
     if name == "load_backbone":
         from directpred.export import load_backbone
 

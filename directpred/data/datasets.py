@@ -25,6 +25,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -352,7 +353,7 @@ def load_folder(
 # torchvision datasets
 
 
-def _torchvision_dataset(name: str, root: str, split: str, download: bool):  # noqa: ANN202 - a torchvision dataset
+def _torchvision_dataset(name: str, root: str, split: str, download: bool) -> Any:  # a torchvision VisionDataset
     import torchvision
 
     if name in ("cifar10", "cifar100"):

@@ -7,7 +7,7 @@ predictor learning rate). The schedule is a pure function of the step; the loop 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ class LARS(torch.optim.Optimizer):
         )
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001 - torch.optim signature
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             for p in group["params"]:
