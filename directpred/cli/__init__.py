@@ -28,7 +28,7 @@ EPILOG = """examples:
 
 
 # Packages of the optional extras (pyproject.toml) -> the extra that installs them.
-OPTIONAL_PACKAGES = {"matplotlib": "plot", "onnx": "onnx", "onnxscript": "onnx"}
+OPTIONAL_PACKAGES = {"matplotlib": "plot", "onnx": "onnx", "onnxscript": "onnx", "torchcodec": "torchcodec"}
 
 
 class _StderrHandler(logging.Handler):
