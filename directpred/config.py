@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -61,7 +62,10 @@ class PredictorConfig:
     `none`: W_p = I (collapses)."""
     # linear / mlp
     bias: bool = False
-    """Linear predictor bias (Tables 2/3)."""
+    """Bias of the one-layer `linear` predictor (Tables 2/3)."""
+    mlp_bias: bool = True
+    """Biases of the two-layer `mlp` predictor's linear layers (the authors' `has_bias`; Table 3's two-layer "no bias"
+    columns set false)."""
     symmetric: bool = False
     """The paper's "sym W_p" (Table 3): symmetric init, symmetrised update; `mlp`: tied layers."""
     hidden_dim: int = 512
@@ -323,8 +327,12 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp``; int is accepted where float is expected."""
+    """Check ``value`` against the annotation ``tp``; int is accepted where float is expected, and so is a number in
+    exponent notation that YAML left a string (``4e-4``)."""
     origin = get_origin(tp)
     if origin is Literal:
         if value in get_args(tp):
@@ -354,6 +362,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+            value = float(value)  # YAML 1.1 (PyYAML) reads 4e-4 and 1e3, without a dot, as strings
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             try:
                 number = float(value)
@@ -513,6 +523,20 @@ def validate(cfg: Config) -> None:
         "predictor.partitions",
         p.partitions,
         "partitions use the ema average (predictor.average=ema)",
+    )
+    _check(
+        not p.bias or p.name == "linear",
+        "predictor.bias",
+        p.bias,
+        f"is the one-layer linear predictor's bias; predictor.name={p.name} has none"
+        + (" (the two-layer predictor's biases are predictor.mlp_bias)" if p.name == "mlp" else ""),
+    )
+    _check(
+        not (p.partitions and p.zero_mean),
+        "predictor.zero_mean",
+        p.zero_mean,
+        "the partition cells' F^ are correlations (as in the authors' partition mode); use zero_mean=false with "
+        "predictor.partitions",
     )
     _check(p.ridge >= 0.0, "predictor.ridge", p.ridge, "must be >= 0 (relative to the mean eigenvalue tr(F^)/d)")
     _check(0.0 <= m.ema <= 1.0, "method.ema", m.ema, "the target momentum must lie in [0, 1]")

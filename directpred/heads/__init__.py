@@ -95,7 +95,7 @@ def _linear(dim: int, cfg: PredictorConfig, **_: object) -> Predictor:
 
 @register_predictor("mlp")
 def _mlp(dim: int, cfg: PredictorConfig, *, bn_affine: bool = False, **_: object) -> Predictor:
-    return MLP(dim, cfg.hidden_dim, dim, bias=True, bn_affine=bn_affine, tied=cfg.symmetric)
+    return MLP(dim, cfg.hidden_dim, dim, bias=cfg.mlp_bias, bn_affine=bn_affine, tied=cfg.symmetric)
 
 
 @register_predictor("none")

@@ -249,7 +249,9 @@ class PartitionedDirectPred(DirectPred):
 
     def _update_cells(self, z: torch.Tensor) -> None:
         set_now = int(self.count) % self.freq == 0
-        proj_mean = distributed.all_reduce_mean((z @ self.planes).mean(0))
+        proj = torch.cat([(z @ self.planes).sum(0), z.new_tensor([z.shape[0]])])
+        distributed.all_reduce_sum(proj)  # the mean over the global batch, whatever each rank's share of it
+        proj_mean = proj[:-1] / proj[-1]
         self.theta.copy_(proj_mean if int(self.count) == 0 else self.theta.lerp(proj_mean, 1 - self.rho))
         pos = self._sides(z).float()  # (B, n)
         d = self.dim

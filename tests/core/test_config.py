@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,33 @@ def test_overrides_are_parsed_as_yaml_and_typed():
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["predictor.name=mlp", "predictor.bias=true"], "two-layer predictor's biases are predictor.mlp_bias"),
+        (["predictor.bias=true"], "predictor.name=directpred has none"),
+        (["predictor.partitions=2", "predictor.zero_mean=true"], "use zero_mean=false with predictor.partitions"),
+    ],
+)
+def test_settings_a_predictor_would_ignore_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+    assert load_config(None, ["predictor.name=linear", "predictor.bias=true"]).predictor.bias is True
+
+
+def test_exponent_notation_is_a_float_where_a_float_is_expected(tmp_path):
+    """YAML 1.1 (PyYAML) reads 4e-4 as a string; float keys take it as the number, other types still refuse it."""
+    cfg = load_config(None, ["optim.predictor_weight_decay=4e-4", "optim.lr=3E-2", "predictor.eps=.5e-1"])
+    assert (cfg.optim.predictor_weight_decay, cfg.optim.lr, cfg.predictor.eps) == (4e-4, 3e-2, 0.05)
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  weight_decay: 1e-5\n")
+    assert load_config(f).optim.weight_decay == 1e-5
+    with pytest.raises(ConfigError, match="train.epochs: '1e2' has the wrong type; expected int"):
+        load_config(None, ["train.epochs=1e2"])
+    with pytest.raises(ConfigError, match="predictor.rho: 'e-4' has the wrong type"):
+        load_config(None, ["predictor.rho=e-4"])
 
 
 def test_unknown_key_suggests_the_closest():

@@ -192,3 +192,20 @@ def test_partition_sides_under_autocast_are_the_float32_ones():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         sides_amp = pdp._sides(z)
     assert torch.equal(sides_amp, (z.double() @ pdp.planes.double()) >= pdp.theta.double())
+
+
+@pytest.mark.parametrize("mlp_bias", [True, False])
+def test_mlp_bias_reaches_both_layers_of_the_two_layer_predictor(mlp_bias):
+    """predictor.mlp_bias (Table 3's two-layer "bias"/"no bias" columns) sets both layers' biases: a constant batch
+    has zero variance, so BatchNorm (no affine) and ReLU give 0 and the head outputs exactly the second layer's
+    bias, which is 0 without biases (up to BatchNorm's rounding)."""
+    torch.manual_seed(0)
+    head = build_predictor(8, PredictorConfig(name="mlp", hidden_dim=16, mlp_bias=mlp_bias))
+    assert (head.fc1.bias is not None, head.fc2.bias is not None) == (mlp_bias, mlp_bias)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_()
+        out = head(torch.ones(4, 8))
+    expected = head.fc2.bias.detach().expand(4, 8) if mlp_bias else torch.zeros(4, 8)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-3)  # BatchNorm's eps and float rounding
+    assert (out.abs().max() > 0.01) == mlp_bias
