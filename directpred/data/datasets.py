@@ -34,7 +34,7 @@ from PIL import Image
 from directpred.config import DataConfig, path_exists
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: the folder key holds every file's relative path
 
 
 class DataError(RuntimeError):
@@ -297,13 +297,18 @@ def decode_images(
 
 
 def _cache_key(path: Path, size: int, skip_corrupt: bool) -> str:
-    st = path.stat()
-    if path.is_dir():  # a folder's own mtime misses edits inside class folders: fold in every file's
-        stamp = sum(p.stat().st_mtime_ns + p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """The decoded cache's key: the source's path, size setting and contents. For a folder every file's relative
+    path, size and mtime (a folder's own mtime misses edits inside class folders, and a move or rename keeps a
+    file's size and mtime but changes its label or split); for an archive its size and mtime."""
+    h = hashlib.sha1(f"{_CACHE_VERSION}|{path.resolve()}|{size}|{skip_corrupt}".encode())
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            st = f.stat()
+            h.update(f"|{f.relative_to(path).as_posix()}:{st.st_size}:{st.st_mtime_ns}".encode())
     else:
-        stamp = st.st_mtime_ns + st.st_size
-    text = f"{_CACHE_VERSION}|{path.resolve()}|{stamp}|{size}|{skip_corrupt}"
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
+        st = path.stat()
+        h.update(f"|{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
 
 def load_folder(

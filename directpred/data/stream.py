@@ -47,7 +47,9 @@ import torch
 from directpred.config import DataConfig
 from directpred.data.datasets import IMAGE_EXTENSIONS, DataError, _decode
 
-SPLIT_NAMES = {"train": ("train",), "test": ("test", "val"), "val": ("val", "test")}
+# The held-out split: val/ (ImageNet's labelled validation set) first, test/ when there is no val/ (CIFAR-style
+# layouts); a folder without class folders (ImageNet's unlabelled test images) is passed over.
+SPLIT_NAMES = {"train": ("train",), "test": ("val", "test"), "val": ("val", "test")}
 _SHARD = re.compile(r"^(train|val|test)-(\d{6,})\.tar$")
 
 
@@ -136,10 +138,10 @@ class Reader(Protocol):
 
 def _split_dir(root: Path, split: str) -> Path:
     for name in SPLIT_NAMES[split]:
-        if (root / name).is_dir():
+        if (root / name).is_dir() and any(p.is_dir() for p in (root / name).iterdir()):
             return root / name
     raise DataError(
-        f"{root}: no {' or '.join(f'{n}/' for n in SPLIT_NAMES[split])} folder; a streamed data set "
+        f"{root}: no {' or '.join(f'{n}/' for n in SPLIT_NAMES[split])} folder of class folders; a streamed data set "
         "is laid out as train/<class>/<image> and val/<class>/<image> (or test/), or as tar shards "
         "written by `directpred shards`"
     )
@@ -230,7 +232,7 @@ class ShardReader:
                 raise DataError(
                     f"{path}: the shard is corrupt or truncated ({exc}); rewrite it with `directpred shards`"
                 ) from None
-            for key in sorted(images):
+            for key in sorted(images, key=_key_order):
                 if key not in cls:
                     raise DataError(f"{path}: {images[key][2]} has no {key}.cls member (its class)")
                 off, size, _ = images[key]
@@ -267,6 +269,12 @@ class ShardReader:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fds": {}}
+
+
+def _key_order(key: str) -> tuple[int, int, str]:
+    """Members in numeric order of their keys (``write_shards``' image indices: 999999 before 1000000), other keys
+    after them in string order."""
+    return (0, int(key), "") if key.isdigit() else (1, 0, key)
 
 
 def is_shard_dir(path: str | Path) -> bool:
@@ -674,7 +682,9 @@ def iterate_split(
     skip_corrupt: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's images of a split in data-set order (rows ``rank, rank+world, ...``), decoded at ``size`` and
-    centre-cropped to ``crop``, in batches: (uint8 (b, 3, c, c), labels (b,)). For feature extraction."""
+    centre-cropped to ``crop``, in batches: (uint8 (b, 3, c, c), labels (b,)). For feature extraction. Under
+    ``skip_corrupt`` a corrupt file's row holds the next decodable image with that image's label (and a warning
+    names the file), so every row keeps its place."""
     mine = torch.arange(rank, len(reader), world)
     plan = [mine[s : s + batch_size].tolist() for s in range(0, len(mine), batch_size)]
     if not plan:
@@ -691,7 +701,14 @@ def iterate_split(
     )
     labels = torch.from_numpy(reader.labels)
     for b in loader:
-        yield b.images, labels[b.index]
+        if b.skipped:
+            warnings.warn(
+                f"replaced {len(b.skipped)} corrupt image(s) by the next decodable one (data.skip_corrupt): "
+                f"{', '.join(b.skipped[:3])}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        yield b.images, labels[b.used if b.used is not None else b.index]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -192,10 +192,9 @@ class ByolLinearEval:
         backbone.eval()
         self.history_: list[tuple[float, float]] = []
         step = 0
-        labels_all = torch.from_numpy(train.labels)
         for epoch in range(self.epochs):
-            plans = source.index_batches(epoch)
-            for images, idx in zip(source.batches(epoch), plans, strict=True):
+            # the labels of the images decoded: a corrupt file replaced under skip_corrupt brings its replacement's
+            for images, labels in source.labelled_batches(epoch):
                 for group in opt.param_groups:
                     group["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * step / total))
                 x = augment_view(
@@ -210,7 +209,7 @@ class ByolLinearEval:
                     ),
                 ):
                     feats = backbone(x).float()
-                loss = F.cross_entropy(self.linear_(feats), labels_all[idx].to(device))
+                loss = F.cross_entropy(self.linear_(feats), labels.to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if world > 1:

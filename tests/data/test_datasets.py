@@ -32,6 +32,23 @@ def test_cache_is_reused_and_never_written_beside_the_archive(tiny_archive, tmp_
     assert sorted(os.listdir(tiny_archive.parent)) == before
 
 
+def test_a_moved_image_is_decoded_again_not_read_from_the_cache(tmp_path):
+    """Moving a file to another class or split keeps its size and mtime: the cache key must still change, or the
+    cached arrays would carry the old labels and splits."""
+    root = write_folder(tmp_path / "d", n_train=16, n_test=4)
+    train0, test0 = load_folder(root, cache_dir=tmp_path / "c")
+    first, second = sorted((root / "train" / "class0").iterdir())[:2]
+    first.rename(root / "train" / "class1" / "moved.png")  # another class
+    second.rename(root / "test" / "class0" / "moved.png")  # another split
+    train, test = load_folder(root, cache_dir=tmp_path / "c")
+    fresh_train, fresh_test = load_folder(root, cache_dir=tmp_path / "fresh")
+    assert (len(train), len(test)) == (len(train0) - 1, len(test0) + 1)
+    assert torch.equal(train.labels, fresh_train.labels) and torch.equal(train.images, fresh_train.images)
+    assert torch.equal(test.labels, fresh_test.labels)
+    assert train.labels.bincount()[1] == train0.labels.bincount()[1] + 1
+    assert len(list((tmp_path / "c" / "arrays").iterdir())) == 2  # a second cache, for the new contents
+
+
 def test_balanced_subset():
     labels = torch.arange(10).repeat_interleave(50)
     idx = balanced_subset(labels, 100, seed=0)

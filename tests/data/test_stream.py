@@ -151,6 +151,60 @@ def test_shards_and_folders_give_the_same_epoch(mixed, shards):
     assert held_out.labels.tolist() == open_reader(mixed, "test").labels.tolist()
 
 
+def test_held_out_split_is_val_before_test_and_never_a_flat_folder(tmp_path, mixed):
+    """ImageNet copies may hold the unlabelled test images as a flat test/ beside val/<class>/: val/ is the held-out
+    split; test/ serves only when there is no val/ (CIFAR-style layouts)."""
+    root = tmp_path / "imagenet"
+    shutil.copytree(mixed / "train", root / "train")
+    shutil.copytree(mixed / "test", root / "val")
+    (root / "test").mkdir()
+    (root / "test" / "ILSVRC2012_test_00000001.JPEG").write_bytes(b"unlabelled")
+    held_out = open_reader(root, "test")
+    assert held_out.labels.tolist() == FolderReader(mixed, "test").labels.tolist()
+    assert all("/val/" in held_out.name(i) for i in range(len(held_out)))
+    shutil.copytree(mixed / "train", root / "test", dirs_exist_ok=True)  # test/ with class folders too: val/ wins
+    assert [open_reader(root, "test").name(i) for i in range(3)] == [held_out.name(i) for i in range(3)]
+
+
+def test_shard_members_are_read_in_numeric_key_order(tmp_path, mixed):
+    """Past a million images the keys grow a digit: a shard holding 999999 and 1000000 lists them in index order
+    (as the folder does), not in string order."""
+    import io
+    import tarfile
+
+    blob = next((mixed / "train").rglob("*.JPEG")).read_bytes()
+    with tarfile.open(tmp_path / "train-000000.tar", "w") as tf:
+        for key, label in (("1000001", 1), ("999998", 0), ("1000000", 1), ("999999", 0)):
+            for member, data in ((f"{key}.jpg", blob), (f"{key}.cls", str(label).encode())):
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    reader = ShardReader(tmp_path, "train")
+    assert [reader.name(i).rsplit(":", 1)[1] for i in range(4)] == [
+        "999998.jpg",
+        "999999.jpg",
+        "1000000.jpg",
+        "1000001.jpg",
+    ]
+    assert reader.labels.tolist() == [0, 0, 1, 1]
+
+
+def test_feature_extraction_labels_a_replaced_corrupt_image_with_its_replacement(tmp_path, mixed):
+    """Under skip_corrupt the evaluation's split iterator puts the next decodable image in a corrupt file's row: the
+    label must be that image's (here the next class's), not the corrupt file's."""
+    root = tmp_path / "bad"
+    shutil.copytree(mixed, root)
+    reader = FolderReader(root, "train")
+    last0 = max(i for i in range(len(reader)) if reader.labels[i] == 0)  # its replacement is class 1's first image
+    Path(reader.name(last0)).write_bytes(b"\xff\xd8 truncated")
+    with pytest.warns(RuntimeWarning, match="corrupt"):
+        rows = list(iterate_split(reader, SIZE, batch_size=len(reader), skip_corrupt=True))
+    ((images, labels),) = rows
+    assert labels[last0] == 1 and labels.tolist()[:last0] == reader.labels[:last0].tolist()
+    assert torch.equal(images[last0], images[last0 + 1])
+
+
 def test_shard_errors_name_the_fix(tmp_path, shards):
     with pytest.raises(DataError, match="no train-NNNNNN.tar shards; write them with `directpred shards"):
         ShardReader(tmp_path, "train")

@@ -198,5 +198,7 @@ def test_streamed_data_errors_name_the_fix(tmp_path, tiny_overrides, jpegs):
     with pytest.raises(DataError, match=r"train/a: empty class folder; remove it or add images"):
         Trainer(cfg, tmp_path / "run1").setup()
     shutil.copy(next((jpegs / "train").rglob("*.JPEG")), root / "train" / "a" / "x.JPEG")
-    with pytest.raises(DataError, match=r"no test/ or val/ folder; a streamed data set is laid out as"):
+    with pytest.raises(
+        DataError, match=r"no val/ or test/ folder of class folders; a streamed data set is laid out as"
+    ):
         Trainer(cfg, tmp_path / "run2").setup()
