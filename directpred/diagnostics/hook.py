@@ -300,6 +300,7 @@ class Diagnostics:
             "collapse_evidence": self.collapse_evidence,
             "streak": self.streak,
             "last_row": self.last_row,
+            "final_row": self.final_row,  # the final report, for a run resumed after its last checkpoint
             "estimator": None
             if self.own_estimator is None
             else {k: v.cpu() for k, v in self.own_estimator.state_dict().items()},
@@ -312,6 +313,7 @@ class Diagnostics:
         self.collapse_evidence = state.get("collapse_evidence", "")
         self.streak = int(state.get("streak", 0))
         self.last_row = dict(state.get("last_row", {}))
+        self.final_row = dict(state.get("final_row", {}))
         est = state.get("estimator")
         if est is not None and self.own_estimator is not None:
             device = self.own_estimator.corr.device

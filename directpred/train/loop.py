@@ -185,6 +185,7 @@ class Trainer:
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.step = self.epoch = 0
         self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient (train.skip_nonfinite)
+        self.epoch_end_pending = False  # stopped on an epoch's last step before that epoch's end ran
         self.last_checkpoint: tuple[Path, int] | None = None  # (file, step) of the last checkpoint written
         self.last_log: dict[str, Any] | None = None  # the last ``train`` row (LogCallback)
         self.train_seconds = 0.0
@@ -344,6 +345,10 @@ class Trainer:
 
     def _loop(self) -> bool:
         """Steps up to ``last_step``, epoch by epoch; True if stopped on request (or on collapse)."""
+        if self.epoch_end_pending:  # resumed from a stop on an epoch's last step: that epoch's end comes first
+            self.epoch_end_pending = False
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, self.step // self.steps_per_epoch)
         while self.step < self.last_step:
             self.epoch, i = divmod(self.step, self.steps_per_epoch)
             # This process's batches from this step on, with their labels (for the online probe only).
@@ -359,6 +364,8 @@ class Trainer:
                     for cb in self.callbacks:
                         cb.on_step_end(self, result)
                     if self._stop_agreed():
+                        # stopped on an epoch's last step: its end (kNN, epoch checkpoint) is run on resume
+                        self.epoch_end_pending = i == self.steps_per_epoch
                         return True
             finally:
                 batches.close()  # ends a streamed epoch's worker processes
@@ -385,6 +392,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "skipped_steps": self.skipped_steps,
+            "epoch_end_pending": self.epoch_end_pending,
             "epoch": self.step // self.steps_per_epoch,
             "global_batch": self.global_batch,
             "world_size": self.world,
@@ -425,6 +433,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.epoch_end_pending = bool(state.get("epoch_end_pending", False))
         self.last_checkpoint = (path, self.step)
         self.train_seconds = float(state["train_seconds"])
         self.wall_before = float(state["wall_seconds"])

@@ -129,3 +129,31 @@ def test_cli_maps_sigterm_to_exit_code_and_resume_message(tiny_overrides, tmp_pa
     ) in err
     assert signal.getsignal(signal.SIGTERM) is before  # restored after the command
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2
+
+
+def test_a_stop_on_an_epochs_last_step_runs_that_epochs_end_on_resume(tiny_overrides, tmp_path):
+    """The epoch's end (periodic kNN, the kept epoch checkpoint) follows its last step; a stop agreed on that step
+    returns first, so the resumed run must run it before the next epoch: the run then equals an uninterrupted one."""
+    common = tiny_overrides + ["train.epochs=2", "eval.knn_every=1", "train.checkpoint_every=1", "eval.linear=false"]
+    reference = Trainer(load_config(None, common), tmp_path / "ref").fit()
+    spe = reference["steps"] // 2
+    with pytest.raises(TrainingInterrupted):
+        Trainer(load_config(None, common), tmp_path / "run", callbacks=[_StopAt(spe)]).fit()
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch_end_pending"] is True
+    assert not (tmp_path / "run" / "checkpoints" / "epoch_0001.pt").exists()
+    resumed = Trainer(load_config(None, common), tmp_path / "run", resume=True).fit()
+    assert [h["step"] for h in reference["knn_history"]] == [spe]  # epoch 2's kNN is the final evaluation's
+    assert resumed["knn_history"] == reference["knn_history"] and resumed["knn_top1"] == reference["knn_top1"]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "epoch_0001.pt")["step"] == spe
+
+
+def test_resuming_after_the_final_checkpoint_keeps_the_final_report(tiny_overrides, tmp_path):
+    """Killed after the last checkpoint but before summary.json: the resumed run has no last batch to report on, so
+    the final report (and its collapse verdict) must come from the checkpoint."""
+    cfg = load_config(None, tiny_overrides + ["train.epochs=1", "eval.linear=false"])
+    done = Trainer(cfg, tmp_path / "run").fit()
+    assert "final_rankme_z" in done and "final_looks_collapsed" in done
+    (tmp_path / "run" / "summary.json").unlink()
+    again = Trainer(cfg, tmp_path / "run", resume=True).fit()
+    final = {k: v for k, v in done.items() if k.startswith("final_") or k == "collapsed"}
+    assert {k: again[k] for k in final} == final
