@@ -6,7 +6,8 @@ independently for every sample from an explicit ``torch.Generator`` (:func:`draw
 sharding of the batch. The image operations that apply them are library code: ``torchvision.ops.roi_align`` crops
 and resizes the whole batch in one call (bilinear with adaptive sampling, i.e. antialiased when shrinking), and
 kornia's colour, blur and solarisation ops take one factor per sample (:func:`apply_view_params`). Tests compare
-the result, sample by sample, with ``torchvision.transforms.v2.functional`` applied with the same parameters.
+everything after the crop, sample by sample, with ``torchvision.transforms.v2.functional`` applied with the same
+parameters. The crop itself resamples differently from torchvision's ``resized_crop`` (see :func:`resized_crop`).
 
 Over 300 lines: the recipes, their parameter draw and its application belong together.
 """
@@ -175,7 +176,14 @@ def crop_boxes(
 
 def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Crop every image to its box (n, 4) and resize to ``size`` x ``size`` (bilinear, antialiased by
-    adaptive sampling)."""
+    adaptive sampling).
+
+    Not torchvision's ``resized_crop`` pixel for pixel: ``roi_align`` averages bilinear samples over each output
+    pixel's bin (a box filter) where torchvision shrinks with an antialiased triangle filter, and its samples near
+    the box's edge read the image beyond the box where torchvision's crop-then-resize repeats the edge. On uniform
+    noise in [0, 1] a 28x26 box shrunk to 24 px differs by up to 0.11 per pixel, and a 16x16 box enlarged to 32 px
+    is equal inside but differs by up to 0.34 in the outer ring of pixels. The box draw is torchvision's.
+    """
     idx = torch.arange(x.shape[0], device=x.device, dtype=x.dtype).view(-1, 1)
     rois = torch.cat([idx, boxes.to(x.dtype)], 1)
     return roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)

@@ -445,6 +445,13 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
         )
         pretrain = train
         name = Path(path).name if cfg.dataset == "folder" else cfg.dataset
+        if cfg.dataset == "stl10":
+            warnings.warn(
+                f"data.dataset=stl10 read from the folder {path}: pre-training uses its train/ images only "
+                f"({len(train)}), not STL-10's train+unlabeled (105,000), which an ImageFolder tree cannot hold; "
+                "for the paper's setting use torchvision's copy (unset data.path and data.local_copy, set data.root)",
+                stacklevel=2,
+            )
     elif cfg.dataset in ("cifar10", "cifar100"):
         train = _torchvision_split(cfg.dataset, cfg.root, "train", cfg.download, cfg.local_copy)
         test = _torchvision_split(cfg.dataset, cfg.root, "test", cfg.download, cfg.local_copy)

@@ -31,7 +31,8 @@ TV_JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.
 
 
 def _torchvision_view(x: torch.Tensor, p, r: ViewRecipe, i: int) -> torch.Tensor:
-    """Sample i of a view built with torchvision.transforms.v2.functional from the same parameters."""
+    """Sample i of a view built with torchvision.transforms.v2.functional from the same parameters, after our crop
+    (which resamples differently: test_resized_crop_against_torchvision)."""
     y = resized_crop(x[i : i + 1], p.boxes[i : i + 1], r.size)[0].clamp(0, 1)
     if p.flip[i]:
         y = TF.horizontal_flip(y)
@@ -150,3 +151,23 @@ def test_imagenet_recipe_is_asymmetric():
     assert (v1.blur_p, v2.blur_p, v1.solarize_p, v2.solarize_p) == (1.0, 0.1, 0.0, 0.2)
     with pytest.raises(ValueError):
         recipe("nope", 32)
+
+
+def test_resized_crop_against_torchvision():
+    """The documented relation of our batched crop to torchvision's resized_crop: the same pixels for an identity box
+    and inside an enlarged box; only the outer ring (which reads beyond the box) and shrunk boxes (box vs triangle
+    antialias filter) differ, by bounded amounts."""
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def both(box, size):
+        ours = resized_crop(x, torch.tensor([box], dtype=torch.float32), size)[0]
+        x0, y0, x1, y1 = box
+        return ours, TF.resized_crop(x[0], y0, x0, y1 - y0, x1 - x0, [size, size], antialias=True)
+
+    ours, tv = both((0, 0, 32, 32), 32)
+    torch.testing.assert_close(ours, tv, rtol=0, atol=1e-6)
+    ours, tv = both((8, 8, 16, 16), 32)  # enlarged 4x
+    torch.testing.assert_close(ours[:, 2:-2, 2:-2], tv[:, 2:-2, 2:-2], rtol=0, atol=1e-5)
+    assert 0.05 < (ours - tv).abs().max() < 0.5
+    ours, tv = both((2, 3, 30, 29), 24)  # shrunk
+    assert (ours - tv).abs().mean() < 0.03 and (ours - tv).abs().max() < 0.2

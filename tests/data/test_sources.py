@@ -269,6 +269,13 @@ def test_stl10_pretrains_on_train_plus_unlabeled_and_probes_on_train(monkeypatch
     assert len(sub.pretrain) == 8 and len(sub.train) == 16 and len(sub.test) == 4  # the probe keeps every label
 
 
+def test_stl10_from_a_folder_warns_that_it_pretrains_on_train_only(tiny_folder, tmp_path):
+    cfg = load_config(None, ["data.dataset=stl10", f"data.path={tiny_folder}", f"data.cache_dir={tmp_path}"]).data
+    with pytest.warns(UserWarning, match=r"pre-training uses its train/ images only \(128\), not STL-10's"):
+        data = load_data(cfg)
+    assert data.pretrain is data.train and len(data.pretrain) == 128
+
+
 def test_stl10_trains_one_step_with_its_recipe(monkeypatch, tmp_path):
     from directpred.data.views import view_recipes
     from directpred.train import Trainer
