@@ -165,8 +165,8 @@ class OnlineProbeCallback(Callback):
     (percent, over the steps since the previous ``train.log_every`` row) and mean loss every ``train.log_every``
     steps and at the last step, and its test top-1 on the test features of each periodic kNN evaluation (in-memory
     data sets). Its weights, optimiser and running counts are in the checkpoint (``state_key``), so a resumed run
-    continues it exactly. In multi-process runs the probe's gradient and counts are averaged/summed over the
-    processes.
+    continues it exactly. In multi-process runs the probe's gradient is averaged over the processes and its counts
+    are summed every step (every process holds the global counts, which the checkpoint keeps).
     """
 
     state_key = "online_probe"
@@ -208,14 +208,16 @@ class OnlineProbeCallback(Callback):
                     if p.grad is not None:
                         distributed.all_reduce_mean(p.grad)
             self.optimizer.step()
-            self.correct += int(((logits.argmax(1) == y) & keep).sum())
-            self.seen += int(keep.sum())
-            self.loss_sum += float(loss.detach()) * int(keep.sum())
+            n = keep.sum().double()
+            step_counts = torch.stack([((logits.argmax(1) == y) & keep).sum().double(), n, loss.detach().double() * n])
+            if trainer.world > 1:  # every process keeps the global counts, so the checkpoint (rank 0's) holds them
+                distributed.all_reduce_sum(step_counts)
+            correct_b, seen_b, loss_b = step_counts.tolist()
+            self.correct += int(correct_b)
+            self.seen += int(seen_b)
+            self.loss_sum += loss_b
         if trainer.step % trainer.cfg.train.log_every == 0 or trainer.step == trainer.last_step:
-            counts = torch.tensor([self.correct, self.seen, self.loss_sum], dtype=torch.float64)
-            if trainer.world > 1:
-                counts = distributed.all_reduce_sum(counts.to(trainer.device)).cpu()
-            correct, seen, loss_sum = counts.tolist()
+            correct, seen, loss_sum = self.correct, self.seen, self.loss_sum
             if seen:
                 trainer.logger.log(
                     {

@@ -160,6 +160,8 @@ def test_two_processes_equal_one_process_on_the_global_batch(
 
 def test_two_process_run_resumes_and_gathers_features(tiny_overrides, tmp_path):
     over = tiny_overrides + ["train.batch_size=8", "train.epochs=2", "train.checkpoint_every_steps=2"]
+    # The online probe's counts of a logging window (4 steps) that the stop at step 5 cuts: summed over both ranks.
+    over += ["eval.online_probe=true", "train.log_every=4"]
     cfg_path = "configs/cpu/quickstart.yaml"
     torchrun([cfg_path, "--out", str(tmp_path / "full"), *as_args(over)], cwd=REPO)
     torchrun([cfg_path, "--out", str(tmp_path / "part"), *as_args(over + ["train.max_steps=5"])], cwd=REPO)
@@ -169,6 +171,15 @@ def test_two_process_run_resumes_and_gathers_features(tiny_overrides, tmp_path):
     assert a["step"] == b["step"] == 16
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after a 2-process resume"
+    from directpred.train.logger import read_metrics
+
+    def probe_rows(run: str) -> dict[int, float]:
+        rows = read_metrics(tmp_path / run)
+        return {r["step"]: r["probe_train_top1"] for r in rows if r["kind"] == "probe" and "probe_train_top1" in r}
+
+    full, part = probe_rows("full"), probe_rows("part")
+    assert sorted(full) == [4, 8, 12, 16] and sorted(part) == [4, 5, 8, 12, 16]
+    assert {s: part[s] for s in full} == pytest.approx(full, abs=1e-9)
     # kNN features were gathered from both ranks: the run's figure equals a single-process evaluation.
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     from directpred.cli import main
