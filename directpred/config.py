@@ -488,15 +488,20 @@ def load_config(
 DATA_PATH_KEYS = ("path", "local_copy")  # data.* keys that name files; stored absolute in a run's config.yaml
 
 
+def absolute_data_path(value: str, base: Path) -> str:
+    """A relative data path made absolute against ``base`` (``~`` and absolute paths and ``""`` are kept: the first
+    two are absolute once expanded). The one rule for :data:`DATA_PATH_KEYS` in config files, ``--set`` and sweep
+    files."""
+    if value and not value.startswith("~") and not Path(value).is_absolute():
+        return os.path.normpath(os.path.abspath(base / value))
+    return value
+
+
 def _absolute_data_paths(cfg: Config, base: Path, keys: list[str]) -> None:
-    """Make the relative ``data.<key>`` of :data:`DATA_PATH_KEYS` among ``keys`` absolute against ``base``
-    (``~`` paths are kept: they are absolute once expanded)."""
+    """Make the relative ``data.<key>`` of :data:`DATA_PATH_KEYS` among ``keys`` absolute against ``base``."""
     for key in keys:
-        if key not in DATA_PATH_KEYS:
-            continue
-        value = getattr(cfg.data, key)
-        if value and not value.startswith("~") and not Path(value).is_absolute():
-            setattr(cfg.data, key, os.path.normpath(os.path.abspath(base / value)))
+        if key in DATA_PATH_KEYS and getattr(cfg.data, key):
+            setattr(cfg.data, key, absolute_data_path(getattr(cfg.data, key), base))
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:

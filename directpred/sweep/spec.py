@@ -3,7 +3,8 @@
 A sweep file is YAML::
 
     base: ../../configs/stl10/byol_directpred.yaml   # relative to the sweep file
-    set: {train.epochs: 100}                         # overrides for every cell (dotted keys or nested sections)
+    set: {train.epochs: 100}                         # overrides for every cell (dotted keys or nested sections;
+                                                     # data.path/local_copy relative to the sweep file)
     variants:                                        # named cells, each a mapping of overrides ...
       sgd_linear: {predictor.name: linear}
     axes:                                            # ... and/or keys with lists of values: their product
@@ -29,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from directpred.config import Config, ConfigError, load_config, parse_override
+from directpred.config import DATA_PATH_KEYS, Config, ConfigError, absolute_data_path, load_config, parse_override
 
 TOP_KEYS = ("base", "set", "axes", "variants", "seeds", "paper")
 PAPER_KEYS = ("note", "values")
@@ -111,8 +112,14 @@ def _flatten(overrides: Any, where: str, prefix: str = "") -> list[tuple[str, An
     return out
 
 
-def _sets(pairs: list[tuple[str, Any]]) -> list[str]:
-    return [f"{k}={yaml_value(v)}" for k, v in pairs]
+def _sets(pairs: list[tuple[str, Any]], folder: Path) -> list[str]:
+    """``--set`` strings of ``pairs``; relative data paths (``data.path``, ``data.local_copy``) are made absolute
+    against the sweep file's ``folder``, as a config file's are against its own, so the sweep works from any
+    current directory."""
+    paths = {f"data.{k}" for k in DATA_PATH_KEYS}
+    return [
+        f"{k}={yaml_value(absolute_data_path(v, folder) if k in paths and isinstance(v, str) else v)}" for k, v in pairs
+    ]
 
 
 def _label(value: Any) -> str:
@@ -204,14 +211,14 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     ):
         raise ConfigError(f"{path}: seeds={seeds!r}; expected a list of distinct integers >= 0, e.g. [0, 1, 2]")
     # No progress bar in the runs' logs (a sweep prints one line per run); the sweep's `set` may turn it back on.
-    common = ["train.progress=false"] + _sets(_flatten(data.get("set") or {}, f"{path}: set"))
+    common = ["train.progress=false"] + _sets(_flatten(data.get("set") or {}, f"{path}: set"), path.parent)
     cli = []
     for text in overrides:
         key, _ = parse_override(text)
         if key == "train.seed":
             raise ConfigError("--set train.seed: the sweep's `seeds` list sets the seed of each run")
         cli.append(text)
-    cells = {name: common + _sets(pairs) + cli for name, pairs in _cells(data, str(path)).items()}
+    cells = {name: common + _sets(pairs, path.parent) + cli for name, pairs in _cells(data, str(path)).items()}
     paper, note = _paper(data.get("paper"), cells, str(path))
     sweep = Sweep(path=path, base=base, cells=cells, seeds=list(seeds), paper=paper, paper_note=note)
     for run in sweep.runs():

@@ -121,6 +121,39 @@ def test_cli_rejects_a_bad_sweep_before_any_run(tmp_path, tiny_folder, capsys):
     assert "the sweep's `seeds` list sets the seed" in capsys.readouterr().err
 
 
+def test_data_paths_in_a_sweep_file_are_relative_to_the_file(tmp_path, tiny_folder, monkeypatch, capsys):
+    """`base` is relative to the sweep file, and so are data paths in `set`, variants and axes (as in a config file),
+    so a sweep runs from any current directory; a command-line --set path stays relative to the current directory."""
+    import os
+
+    folder = tmp_path / "sweeps" / "cpu"
+    folder.mkdir(parents=True)
+    rel = os.path.relpath(tiny_folder, folder)
+    path = write_sweep(
+        folder,
+        tiny_folder,
+        set={"data": {"dataset": "folder", "path": rel}},
+        variants={"dp": {}, "copy": {"data.local_copy": "cache"}},
+        axes={"data.path": [rel]},
+        seeds=[0],
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = tmp_path / "out"
+    assert main(["sweep", str(path), "--out", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(f"data.path={tiny_folder}") == 4  # set + axis, in both cells' commands
+    assert f"data.local_copy={folder / 'cache'}" in printed and rel not in printed
+    sweep = load_sweep(path)
+    assert [sweep.config(r).data.path for r in sweep.runs()] == [str(tiny_folder)] * 2
+    assert sweep.config(sweep.runs()[1]).data.local_copy == str(folder / "cache")
+    # the command line's own --set is the user's, relative to where they typed it
+    (elsewhere / "data").symlink_to(tiny_folder)
+    typed = load_sweep(path, ["data.path=data"])
+    assert typed.config(typed.runs()[0]).data.path == str(elsewhere / "data")
+
+
 def test_paper_values():
     assert parse_paper_value("77.86±0.16", "x") == PaperValue(77.86, 0.16)
     assert parse_paper_value("77.86 +- 0.16", "x") == PaperValue(77.86, 0.16)
