@@ -183,10 +183,12 @@ class PartitionedDirectPred(DirectPred):
     DirectPred matrix, and the predictor applied to f is the average over hyperplanes of the matrix of the cell f
     falls in: ``W_p(f) = (1/n) sum_i W_{i, side_i(f)}``. This follows the authors' code (``n_corr`` hyperplanes,
     averaged per-cell predictors), and reads the paper's "6 random partitions" as ``n = 6`` hyperplanes; the paper's
-    text says the cell correlations are summed, which the code does not do. One deviation from the code: the
-    threshold theta_i is a running mean of ``f . w_i`` (updated with the same rho in training) instead of the
-    current batch's mean, so the prediction of a sample does not depend on the rest of its batch and is defined in
-    evaluation. The global F^ and its W_p (``weight``) are kept too, for diagnostics. No gradient steps on W_p.
+    text says the cell correlations are summed, which the code does not do. Two deviations from the code: the
+    threshold theta_i is a running mean of ``f . w_i`` over the global batch (updated with the same rho in training)
+    instead of the current batch's mean, so the prediction of a sample does not depend on the rest of its batch and
+    is defined in evaluation; and the hyperplanes are drawn from ``seed`` (``train.seed``), not the global torch
+    seed. The cells hold correlations (no ``zero_mean``, as in the code's partition mode). The global F^ and its W_p
+    (``weight``) are kept too, for diagnostics. No gradient steps on W_p.
     """
 
     planes: torch.Tensor  # (d, n) the hyperplanes' normals w_i
