@@ -30,6 +30,7 @@ from directpred.theory.invariants import (
     commutator_norm,
     ema_ratio,
     feature_correlation,
+    theorem1_applies,
     track,
 )
 from directpred.theory.reduced import (
@@ -84,5 +85,6 @@ __all__ = [
     "simulate_matrix",
     "simulate_reduced",
     "simulate_sgd",
+    "theorem1_applies",
     "track",
 ]

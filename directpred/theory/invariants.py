@@ -100,7 +100,8 @@ def track(traj: Trajectory) -> dict[str, Array]:
         Dict of arrays over time: ``eig_Wp`` (real parts, descending), ``eig_F``, ``commutator`` ‖[F, Wp]‖,
         ``alignment`` (cosines per eigenvector of F), ``balance`` ‖WpᵀWp − α_pWWᵀ‖_F,
         ``balance_prediction`` ‖e^{−2ηt}C‖_F, ``balance_error`` ‖balance − prediction‖_F, ``norm_W`` ‖W‖_F,
-        ``tau_fit`` and ``ema_corr`` (see :func:`ema_ratio`).
+        ``tau_fit`` and ``ema_corr`` (see :func:`ema_ratio`). ``balance_prediction`` means something only where
+        :func:`theorem1_applies`.
     """
     X = np.asarray(traj.params["X"], dtype=np.float64)
     alpha_p, eta = traj.params["alpha_p"], traj.params["eta"]
@@ -121,3 +122,14 @@ def track(traj: Trajectory) -> dict[str, Array]:
         "tau_fit": tau_fit,
         "ema_corr": corr,
     }
+
+
+def theorem1_applies(params: dict) -> bool:
+    """Whether a linear-model run (a :class:`Trajectory`'s ``params``) meets Theorem 1's assumptions: Eqs. 2-3 with
+    the stop-gradient and a predictor trained by gradient descent, not symmetrised. Otherwise the balance has no
+    ``e^{-2 eta t} C`` law."""
+    return (
+        bool(params.get("stop_gradient", True))
+        and bool(params.get("predictor", True))
+        and not bool(params.get("symmetric", False))
+    )

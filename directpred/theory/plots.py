@@ -166,12 +166,18 @@ def scalar_portrait(ax: Axes, *, wa: float, lambda_s: float, lambda_d: float, al
 
 
 def linear_summary(
-    axes: np.ndarray, t: np.ndarray, q: dict[str, np.ndarray], *, label: str = "", color: str = "C0"
+    axes: np.ndarray,
+    t: np.ndarray,
+    q: dict[str, np.ndarray],
+    *,
+    label: str = "",
+    color: str = "C0",
+    theorem1: bool = True,
 ) -> None:
     """Six panels of tracked quantities (from :func:`directpred.theory.invariants.track`) on ``axes`` (>= 6).
 
-    Panels: eigenvalues of Wp, eigenvalues of F, ‖[F, Wp]‖, alignment, Theorem 1 balance vs its prediction,
-    ‖W‖.
+    Panels: eigenvalues of Wp, eigenvalues of F, ‖[F, Wp]‖, alignment, Theorem 1 balance vs its prediction (drawn
+    only with ``theorem1``: :func:`directpred.theory.invariants.theorem1_applies`), ‖W‖.
     """
     ax = axes.ravel()
     lines(ax[0], t, q["eig_Wp"], color=color, label=label)
@@ -183,8 +189,11 @@ def linear_summary(
     lines(ax[3], t, q["alignment"], color=color, label=label)
     ax[3].set_title(r"alignment $\cos(W_p u_j,u_j)$", fontsize=9)
     lines(ax[4], t, q["balance"], color=color, label=f"{label} simulated".strip())
-    lines(ax[4], t, q["balance_prediction"], color="k", ls="--", label=r"$e^{-2\eta t}\|C\|$ (Thm 1)")
-    ax[4].set_title(r"$\|W_p^\top W_p-\alpha_p WW^\top\|_F$", fontsize=9)
+    if theorem1:
+        lines(ax[4], t, q["balance_prediction"], color="k", ls="--", label=r"$e^{-2\eta t}\|C\|$ (Thm 1)")
+        ax[4].set_title(r"$\|W_p^\top W_p-\alpha_p WW^\top\|_F$", fontsize=9)
+    else:  # no stop-gradient, no predictor or a symmetrised one: Theorem 1 does not hold, so no prediction is drawn
+        ax[4].set_title(r"$\|W_p^\top W_p-\alpha_p WW^\top\|_F$ (Thm 1 n/a)", fontsize=9)
     lines(ax[5], t, q["norm_W"], color=color, label=label)
     ax[5].set_title(r"$\|W\|_F$", fontsize=9)
     for a in ax[:6]:

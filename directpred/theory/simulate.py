@@ -104,7 +104,7 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
     ``out``."""
     from directpred.theory import plots
     from directpred.theory.dynamics import _jsonable, simulate_linear
-    from directpred.theory.invariants import track
+    from directpred.theory.invariants import theorem1_applies, track
     from directpred.theory.reduced import p_star, simulate_reduced
     from directpred.theory.sgd import make_data, simulate_sgd
 
@@ -168,7 +168,9 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
         q = track(tr)
         tr.save(out / "trajectory.npz", **q)
         fig, axes = plots.new_figure(2, 3)
-        plots.linear_summary(axes, tr.t, q, label="gradient flow", color="C0")
+        theorem1 = theorem1_applies(tr.params)
+        plots.linear_summary(axes, tr.t, q, label="gradient flow", color="C0", theorem1=theorem1)
+        summary["theorem1_applies"] = theorem1
         summary["flow"] = {k: v[-1] for k, v in q.items()}
         summary["flow"]["balance_error_max"] = float(q["balance_error"].max())
         if cfg.sgd_batch > 0:
@@ -192,7 +194,7 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
             )
             qs = track(sg)
             sg.save(out / "sgd.npz", **qs)
-            plots.linear_summary(axes, sg.t, qs, label=f"SGD (batch {cfg.sgd_batch})", color="C1")
+            plots.linear_summary(axes, sg.t, qs, label=f"SGD (batch {cfg.sgd_batch})", color="C1", theorem1=theorem1)
             summary["sgd"] = {k: v[-1] for k, v in qs.items()}
             summary["sgd_vs_flow_rel_W"] = float(np.linalg.norm(sg.W[-1] - tr.W[-1]) / np.linalg.norm(tr.W[-1]))
         axes[1, 1].legend(fontsize=7)

@@ -158,3 +158,19 @@ def test_ema_ratio_and_fig7_assumption():
     )
     _, c = ema_ratio(tr.W, tr.Wa)
     assert c[-1] > 0.9
+
+
+def test_track_says_where_theorem_1_applies():
+    """theorem1_applies() marks the runs that meet Theorem 1's assumptions: with them the balance follows its
+    prediction; with a symmetrised predictor it does not, and the summary figure leaves the prediction out."""
+    from directpred.theory import theorem1_applies, track
+
+    rng = np.random.default_rng(1)
+    n1, n2 = 4, 3
+    W, Wp = rng.normal(size=(n2, n1)) * 0.5, rng.normal(size=(n2, n2)) * 0.5
+    kw = dict(alpha_p=1.5, eta=0.05, beta=0.5, dt=1e-3, steps=2000, method="rk4", record_every=100)
+    trajs = {sym: simulate_linear(W, Wp, W.copy(), np.eye(n1), 0.2 * np.eye(n1), symmetric=sym, **kw) for sym in (0, 1)}
+    runs = {sym: track(tr) for sym, tr in trajs.items()}
+    assert theorem1_applies(trajs[0].params) and not theorem1_applies(trajs[1].params)
+    assert runs[0]["balance_error"].max() < 1e-6 * runs[0]["balance"][0]
+    assert runs[1]["balance_error"].max() > 1e-2 * runs[1]["balance"][0]
