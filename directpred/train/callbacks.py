@@ -165,8 +165,9 @@ class OnlineProbeCallback(Callback):
     (percent, over the steps since the previous ``train.log_every`` row) and mean loss every ``train.log_every``
     steps and at the last step, and its test top-1 on the test features of each periodic kNN evaluation (in-memory
     data sets). Its weights, optimiser and running counts are in the checkpoint (``state_key``), so a resumed run
-    continues it exactly. In multi-process runs the probe's gradient is averaged over the processes and its counts
-    are summed every step (every process holds the global counts, which the checkpoint keeps).
+    continues it exactly. In multi-process runs the probe's loss is the mean over the global batch's labelled
+    images (the processes' labelled counts may differ) and its counts are summed every step (every process holds the
+    global counts, which the checkpoint keeps).
     """
 
     state_key = "online_probe"
@@ -199,19 +200,26 @@ class OnlineProbeCallback(Callback):
             keep = y >= 0
             with torch.enable_grad():
                 logits = self.probe(h)
-                losses = torch.nn.functional.cross_entropy(logits, y.clamp(min=0), reduction="none")
-                loss = (losses * keep).sum() / keep.sum().clamp(min=1)
+                losses = torch.nn.functional.cross_entropy(logits, y.clamp(min=0), reduction="none") * keep
+                # (correct, labelled, loss sum) of the global batch: every process keeps the global counts, so the
+                # checkpoint (rank 0's) holds them, and the loss is the mean over the global batch's labelled images
+                step_counts = torch.stack(
+                    [
+                        ((logits.argmax(1) == y) & keep).sum().double(),
+                        keep.sum().double(),
+                        losses.detach().sum().double(),
+                    ]
+                )
+                if trainer.world > 1:
+                    distributed.all_reduce_sum(step_counts)
+                loss = losses.sum() / step_counts[1].clamp(min=1).to(losses.dtype)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-            if trainer.world > 1:
+            if trainer.world > 1:  # each process's share of the global mean's gradient
                 for p in self.probe.parameters():
                     if p.grad is not None:
-                        distributed.all_reduce_mean(p.grad)
+                        distributed.all_reduce_sum(p.grad)
             self.optimizer.step()
-            n = keep.sum().double()
-            step_counts = torch.stack([((logits.argmax(1) == y) & keep).sum().double(), n, loss.detach().double() * n])
-            if trainer.world > 1:  # every process keeps the global counts, so the checkpoint (rank 0's) holds them
-                distributed.all_reduce_sum(step_counts)
             correct_b, seen_b, loss_b = step_counts.tolist()
             self.correct += int(correct_b)
             self.seen += int(seen_b)
