@@ -128,9 +128,9 @@ class DataConfig:
     dataset: Literal["cifar10", "cifar100", "stl10", "folder"] = "cifar10"
     """A torchvision dataset (`stl10` pre-trains on train+unlabeled) or `folder`: the ImageFolder data of `path`."""
     path: str | None = None
-    """An ImageFolder directory or .tar/.tar.gz with train/ and test/: the data of `folder`, or an explicit local
-    copy of cifar10/cifar100/stl10 used instead of torchvision. Must exist. Relative in a config file: to its
-    folder."""
+    """An ImageFolder directory or .tar/.tar.gz with train/ and test/ (and optionally unlabeled/, pre-training
+    only): the data of `folder`, or an explicit local copy of cifar10/cifar100/stl10 used instead of torchvision.
+    Must exist. Relative in a config file: to its folder."""
     local_copy: str | None = None
     """cifar10/cifar100/stl10: a local copy (layout as `path`) used when it exists, else torchvision (`root`,
     `download`); e.g. the mirror beside the repository. Relative in a config file: to its folder."""

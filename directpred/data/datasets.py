@@ -195,6 +195,10 @@ def _list_source(path: Path) -> dict[str, list[tuple[str, int]]]:
             f"{path}: train/ and test/ hold different classes (only in train: {only_train[:5]}, "
             f"only in test: {only_test[:5]}); both splits need the same class folders"
         )
+    # Optional: unlabelled images (STL-10's "unlabeled") anywhere under unlabeled/, label -1, for pre-training only.
+    unlabeled = sorted(n for n in names if n.startswith(f"{prefix}unlabeled/") and n.lower().endswith(IMAGE_EXTENSIONS))
+    if unlabeled:
+        splits["unlabeled"] = [(n, -1) for n in unlabeled]
     if non_images:
         warnings.warn(f"{path}: ignored {len(non_images)} non-image file(s), e.g. {non_images[:3]}", stacklevel=3)
     splits["__classes__"] = [(c, i) for i, c in enumerate(class_lists["train"])]
@@ -314,7 +318,18 @@ def _cache_key(path: Path, size: int, skip_corrupt: bool) -> str:
 def load_folder(
     path: str | Path, *, cache_dir: str | Path, image_size: int = 0, skip_corrupt: bool = False
 ) -> tuple[ImageArrays, ImageArrays]:
-    """Decode (once, then from the cache) the ``train`` and ``test`` splits of a folder or archive.
+    """Decode (once, then from the cache) the ``train`` and ``test`` splits of a folder or archive
+    (:func:`load_folder_splits` without the optional ``unlabeled`` split)."""
+    splits = load_folder_splits(path, cache_dir=cache_dir, image_size=image_size, skip_corrupt=skip_corrupt)
+    return splits["train"], splits["test"]
+
+
+def load_folder_splits(
+    path: str | Path, *, cache_dir: str | Path, image_size: int = 0, skip_corrupt: bool = False
+) -> dict[str, ImageArrays]:
+    """Decode (once, then from the cache) the splits of a folder or archive: ``train`` and ``test`` (class
+    folders), and ``unlabeled`` when the source has an ``unlabeled/`` folder (images at any depth, label -1: STL-10's
+    unlabelled images, for pre-training).
 
     Raises:
         DataError: missing layout, empty class folders, mismatched classes, corrupt images (listing up to five
@@ -332,7 +347,7 @@ def load_folder(
         tmp.mkdir(parents=True)
         skipped_per_split: dict[str, int] = {}
         meta = {"source": str(path.resolve()), "classes": classes, "skipped": skipped_per_split}
-        for split in ("train", "test"):
+        for split in [s for s in ("train", "test", "unlabeled") if s in splits]:
             items = splits[split]
             blobs = _read_blobs(path, [n for n, _ in items])
             images, labels, skipped, _ = _decode_split(path, items, image_size, skip_corrupt, blobs)
@@ -345,13 +360,13 @@ def load_folder(
         except OSError:  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
     saved = json.loads((cache / "meta.json").read_text())
-    out = []
-    for split in ("train", "test"):
+    out: dict[str, ImageArrays] = {}
+    for split in saved["skipped"]:
         # Memory-mapped copy-on-write: pages are read when a batch touches them; the file is never written.
         split_images = torch.from_numpy(np.load(cache / f"{split}_images.npy", mmap_mode="c"))
         split_labels = torch.from_numpy(np.load(cache / f"{split}_labels.npy"))
-        out.append(ImageArrays(split_images, split_labels, list(saved["classes"]), int(saved["skipped"][split])))
-    return out[0], out[1]
+        out[split] = ImageArrays(split_images, split_labels, list(saved["classes"]), int(saved["skipped"][split]))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -440,16 +455,31 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     """
     _, path = resolve_source(cfg)
     if path is not None:  # ("folder", path)
-        train, test = load_folder(
+        splits = load_folder_splits(
             path, cache_dir=cfg.cache_dir, image_size=cfg.image_size, skip_corrupt=cfg.skip_corrupt
         )
+        train, test = splits["train"], splits["test"]
         pretrain = train
+        if "unlabeled" in splits:  # pre-training on train + unlabeled, as torchvision's STL-10 "train+unlabeled"
+            u = splits["unlabeled"]
+            if u.images.shape[1:] != train.images.shape[1:]:
+                raise DataError(
+                    f"{path}: unlabeled/ images are {tuple(u.images.shape[1:3])}, train/ images "
+                    f"{tuple(train.images.shape[1:3])}; set data.image_size to decode both to one size"
+                )
+            pretrain = ImageArrays(
+                torch.cat([train.images, u.images]),
+                torch.cat([train.labels, u.labels]),
+                train.classes,
+                train.skipped + u.skipped,
+            )
         name = Path(path).name if cfg.dataset == "folder" else cfg.dataset
-        if cfg.dataset == "stl10":
+        if cfg.dataset == "stl10" and "unlabeled" not in splits:
             warnings.warn(
-                f"data.dataset=stl10 read from the folder {path}: pre-training uses its train/ images only "
-                f"({len(train)}), not STL-10's train+unlabeled (105,000), which an ImageFolder tree cannot hold; "
-                "for the paper's setting use torchvision's copy (unset data.path and data.local_copy, set data.root)",
+                f"data.dataset=stl10 read from the folder {path}: it has no unlabeled/ folder, so pre-training uses "
+                f"its train/ images only ({len(train)}), not STL-10's train+unlabeled (105,000); add the unlabelled "
+                "images under unlabeled/ (any layout), or use torchvision's copy (unset data.path and "
+                "data.local_copy, set data.root)",
                 stacklevel=2,
             )
     elif cfg.dataset in ("cifar10", "cifar100"):
@@ -464,8 +494,9 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     else:
         raise DataError(f"unknown data.dataset {cfg.dataset!r}")
     if cfg.train_subset:
+        unlabelled = bool((pretrain.labels < 0).any())  # STL-10's train+unlabeled: the probe keeps all of train
         pretrain = pretrain.subset(balanced_subset(pretrain.labels, cfg.train_subset, seed))
-        if cfg.dataset != "stl10":
+        if not unlabelled:
             train = pretrain
     if cfg.test_subset:
         test = test.subset(balanced_subset(test.labels, cfg.test_subset, seed))

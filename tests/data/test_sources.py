@@ -271,9 +271,36 @@ def test_stl10_pretrains_on_train_plus_unlabeled_and_probes_on_train(monkeypatch
 
 def test_stl10_from_a_folder_warns_that_it_pretrains_on_train_only(tiny_folder, tmp_path):
     cfg = load_config(None, ["data.dataset=stl10", f"data.path={tiny_folder}", f"data.cache_dir={tmp_path}"]).data
-    with pytest.warns(UserWarning, match=r"pre-training uses its train/ images only \(128\), not STL-10's"):
+    with pytest.warns(UserWarning, match=r"no unlabeled/ folder, so pre-training uses its train/ images only \(128\)"):
         data = load_data(cfg)
     assert data.pretrain is data.train and len(data.pretrain) == 128
+
+
+def test_a_folders_unlabeled_images_join_pretraining_only(tmp_path):
+    """STL-10 as a folder: train/<class>/, test/<class>/ and unlabeled/ (any layout). Pre-training uses train +
+    unlabeled (label -1) like torchvision's train+unlabeled; kNN and the probe use train/ only."""
+    import warnings
+
+    from conftest import synthetic_images, write_folder
+    from PIL import Image
+
+    root = write_folder(tmp_path / "stl", n_train=2, n_test=1, size=16)  # per class: 8 train, 4 test images
+    images, _ = synthetic_images(3, 2, 16, 5)
+    for i, img in enumerate(images):
+        d = root / "unlabeled" / ("part1" if i % 2 else "")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"u{i}.png")
+    cfg = load_config(None, ["data.dataset=stl10", f"data.path={root}", f"data.cache_dir={tmp_path / 'c'}"]).data
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "train/ only" warning
+        data = load_data(cfg)
+    assert (len(data.pretrain), len(data.train), len(data.test)) == (14, 8, 4)
+    assert torch.equal(data.pretrain.labels[:8], data.train.labels) and data.pretrain.labels[8:].eq(-1).all()
+    assert torch.equal(data.pretrain.images[:8], data.train.images)
+    expected = {bytes(np.asarray(img).tobytes()) for img in images}
+    assert {bytes(x.numpy().tobytes()) for x in data.pretrain.images[8:]} == expected
+    sub = load_data(dataclasses.replace(cfg, train_subset=10))
+    assert len(sub.pretrain) == 10 and len(sub.train) == 8  # the probe keeps every labelled image
 
 
 def test_stl10_trains_one_step_with_its_recipe(monkeypatch, tmp_path):
