@@ -186,6 +186,7 @@ class Trainer:
         self.step = self.epoch = 0
         self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient (train.skip_nonfinite)
         self.epoch_end_pending = False  # stopped on an epoch's last step before that epoch's end ran
+        self.skipped_stream_before = self._skipped_stream_total = 0  # streamed corrupt files (before this process)
         self.last_checkpoint: tuple[Path, int] | None = None  # (file, step) of the last checkpoint written
         self.last_log: dict[str, Any] | None = None  # the last ``train`` row (LogCallback)
         self.train_seconds = 0.0
@@ -393,6 +394,7 @@ class Trainer:
             "step": self.step,
             "skipped_steps": self.skipped_steps,
             "epoch_end_pending": self.epoch_end_pending,
+            "skipped_corrupt_stream": self._skipped_stream_total,
             "epoch": self.step // self.steps_per_epoch,
             "global_batch": self.global_batch,
             "world_size": self.world,
@@ -406,8 +408,18 @@ class Trainer:
             "git_commit": self.commit,
         }
 
+    def _streamed_skips(self) -> int:
+        """Corrupt files the streamed source replaced in this run so far, over all processes and resumes (every
+        process calls this: a collective)."""
+        count = torch.tensor([float(len(self.source.skipped))], device=self.device)
+        if self.world > 1:
+            distributed.all_reduce_sum(count)
+        return self.skipped_stream_before + int(count.item())
+
     def save(self, *, keep: bool = False) -> None:
-        """Write ``checkpoints/last.pt`` (and ``epoch_XXXX.pt`` with ``keep``) atomically, from rank 0."""
+        """Write ``checkpoints/last.pt`` (and ``epoch_XXXX.pt`` with ``keep``) atomically, from rank 0 (every
+        process calls it)."""
+        self._skipped_stream_total = self._streamed_skips()
         if distributed.is_main():
             self.logger.flush()  # every event up to this step survives a later SIGKILL
             state = self._state()
@@ -434,6 +446,7 @@ class Trainer:
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.epoch_end_pending = bool(state.get("epoch_end_pending", False))
+        self.skipped_stream_before = int(state.get("skipped_corrupt_stream", 0))
         self.last_checkpoint = (path, self.step)
         self.train_seconds = float(state["train_seconds"])
         self.wall_before = float(state["wall_seconds"])
@@ -467,7 +480,7 @@ class Trainer:
             "knn_history": self.knn_history,
             "stopped_early": stopped_early,
             "jpeg_decoder": getattr(self.source, "jpeg_decoder", None),  # the batched (data.decode=cuda) decoder
-            "skipped_corrupt": self.data.pretrain.skipped + self.data.test.skipped + len(self.source.skipped),
+            "skipped_corrupt": self.data.pretrain.skipped + self.data.test.skipped + self._streamed_skips(),
             "skipped_steps": self.skipped_steps,
             "eigh_fallbacks": int(getattr(self.method.predictor, "eigh_fallbacks", torch.zeros(())).item()),
         }

@@ -202,3 +202,28 @@ def test_streamed_data_errors_name_the_fix(tmp_path, tiny_overrides, jpegs):
         DataError, match=r"no val/ or test/ folder of class folders; a streamed data set is laid out as"
     ):
         Trainer(cfg, tmp_path / "run2").setup()
+
+
+def test_corrupt_count_survives_a_resume(tiny_overrides, jpegs, tmp_path):
+    """summary.json's skipped_corrupt counts the streamed replacements of the whole run, before and after a stop."""
+    from directpred.train import Callback, TrainingInterrupted
+
+    root = tmp_path / "bad"
+    shutil.copytree(jpegs, root)
+    victim = sorted((root / "train" / "n00000001").glob("*.JPEG"))[0]
+    victim.write_bytes(victim.read_bytes()[:200])
+    over = stream_overrides(tiny_overrides, root) + ["data.skip_corrupt=true", "train.epochs=2"]
+    with pytest.warns(RuntimeWarning, match="corrupt"):
+        reference = Trainer(load_config(None, over), tmp_path / "ref").fit()
+    assert reference["skipped_corrupt"] == 2  # met once an epoch
+
+    class StopAfterEpoch1(Callback):
+        def on_step_end(self, trainer, result) -> None:
+            if trainer.step == trainer.steps_per_epoch:
+                trainer.request_stop()
+
+    with pytest.warns(RuntimeWarning, match="corrupt"), pytest.raises(TrainingInterrupted):
+        Trainer(load_config(None, over), tmp_path / "run", callbacks=[StopAfterEpoch1()]).fit()
+    with pytest.warns(RuntimeWarning, match="corrupt"):
+        resumed = Trainer(load_config(None, over), tmp_path / "run", resume=True).fit()
+    assert resumed["skipped_corrupt"] == 2
