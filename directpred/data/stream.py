@@ -31,6 +31,7 @@ the one sample order that makes a streamed run equal an in-memory one.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -429,6 +430,16 @@ def _identity(x: _Batch) -> _Batch:
     return x
 
 
+def _warn_replaced(skipped: list[str]) -> None:
+    """The warning of a batch whose corrupt files were replaced under ``skip_corrupt``."""
+    warnings.warn(
+        f"replaced {len(skipped)} corrupt image(s) by the next decodable one (data.skip_corrupt): "
+        f"{', '.join(skipped[:3])}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 #: The batched JPEG decoders :func:`decode_jpeg_cuda` can use, in the order ``auto`` tries them.
 JPEG_BACKENDS = ("torchcodec", "torchvision")
 
@@ -442,16 +453,25 @@ def jpeg_backend(name: str = "auto") -> str:
         raise ValueError(f"unknown JPEG backend {name!r}; use auto, {' or '.join(JPEG_BACKENDS)}")
     if name == "torchvision":
         return name
+    error = _torchcodec_import_error()
+    if error is None:
+        return "torchcodec"
+    if name == "torchcodec":
+        raise DataError(
+            f"TorchCodec cannot be imported ({error}); install the release built for torch {torch.__version__} "
+            "(see TorchCodec's compatibility table), or use the torchvision backend"
+        )
+    return "torchvision"
+
+
+@functools.cache
+def _torchcodec_import_error() -> str | None:
+    """Why ``torchcodec.decoders`` cannot be imported, or None (tried once per process)."""
     try:
         import torchcodec.decoders  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - a wheel built for another torch fails with OSError/RuntimeError
-        if name == "torchcodec":
-            raise DataError(
-                f"TorchCodec cannot be imported ({type(exc).__name__}: {exc}); install the release built for "
-                f"torch {torch.__version__} (see TorchCodec's compatibility table), or use the torchvision backend"
-            ) from None
-        return "torchvision"
-    return "torchcodec"
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _decode_jpegs(blobs: list[torch.Tensor], device: torch.device | str, backend: str) -> list[torch.Tensor]:
@@ -470,22 +490,23 @@ def _decode_jpegs(blobs: list[torch.Tensor], device: torch.device | str, backend
 _EXIF_ORIENTATION = 0x0112
 
 
-def _decodable_as_stored(blob: torch.Tensor) -> bool:
-    """A JPEG that a batched decoder turns into the pixels Pillow gives: the JPEG signature, and no EXIF rotation
-    (TorchCodec applies a file's EXIF orientation; Pillow, and so torchvision's ImageFolder and the in-memory path,
-    do not). An EXIF segment sits in the file's first 64 KiB; Pillow reads the tag from the header only."""
-    if len(blob) < 4 or blob[0] != 0xFF or blob[1] != 0xD8:
+def _is_jpeg(blob: torch.Tensor) -> bool:
+    return bool(len(blob) > 3 and blob[0] == 0xFF and blob[1] == 0xD8)
+
+
+def _exif_rotated(blob: torch.Tensor) -> bool:
+    """Whether a JPEG carries an EXIF orientation other than 1 (TorchCodec applies it; Pillow, and so torchvision's
+    ImageFolder and the in-memory path, do not). An EXIF segment sits in the file's first 64 KiB; Pillow reads the
+    tag from the header only."""
+    if b"Exif\x00\x00" not in blob[:65536].numpy().tobytes():
         return False
-    head = blob[:65536].numpy().tobytes()
-    if b"Exif\x00\x00" not in head:
-        return True
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(blob.numpy().tobytes())) as im:
-            return im.getexif().get(_EXIF_ORIENTATION, 1) == 1
+            return im.getexif().get(_EXIF_ORIENTATION, 1) != 1
     except Exception:  # noqa: BLE001 - Pillow's fallback will name the file
-        return False
+        return True
 
 
 def decode_jpeg_cuda(
@@ -512,10 +533,8 @@ def decode_jpeg_cuda(
     """
     backend = jpeg_backend(backend)
     out: list[torch.Tensor | None] = [None] * len(blobs)
-    if backend == "torchcodec":
-        jpeg = [k for k, b in enumerate(blobs) if _decodable_as_stored(b)]
-    else:  # torchvision's decode_jpeg ignores EXIF orientation by default, like Pillow
-        jpeg = [k for k, b in enumerate(blobs) if len(b) > 3 and b[0] == 0xFF and b[1] == 0xD8]
+    # torchvision's decode_jpeg ignores EXIF orientation by default, like Pillow; TorchCodec's applies it
+    jpeg = [k for k, b in enumerate(blobs) if _is_jpeg(b) and not (backend == "torchcodec" and _exif_rotated(b))]
     if jpeg:
         decoded: list[torch.Tensor | None]
         try:
@@ -661,12 +680,7 @@ class StreamSource(BatchSource):
                 images = b.images
             if skipped:
                 self.skipped += skipped
-                warnings.warn(
-                    f"replaced {len(skipped)} corrupt image(s) by the next decodable one "
-                    f"(data.skip_corrupt): {', '.join(skipped[:3])}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                _warn_replaced(skipped)
             yield images, torch.from_numpy(self.reader.labels)[used if used is not None else b.index]
 
 
@@ -702,12 +716,7 @@ def iterate_split(
     labels = torch.from_numpy(reader.labels)
     for b in loader:
         if b.skipped:
-            warnings.warn(
-                f"replaced {len(b.skipped)} corrupt image(s) by the next decodable one (data.skip_corrupt): "
-                f"{', '.join(b.skipped[:3])}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            _warn_replaced(b.skipped)
         yield b.images, labels[b.used if b.used is not None else b.index]
 
 

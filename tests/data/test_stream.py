@@ -297,10 +297,16 @@ def test_jpeg_backend_falls_back_or_names_the_fix(monkeypatch):
     assert jpeg_backend("torchvision") == "torchvision"
     with pytest.raises(ValueError, match="unknown JPEG backend 'nvjpeg'"):
         jpeg_backend("nvjpeg")
+    from directpred.data.stream import _torchcodec_import_error
+
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # `import torchcodec.decoders` raises ImportError
-    assert jpeg_backend("auto") == "torchvision"
-    with pytest.raises(DataError, match="TorchCodec cannot be imported.*or use the torchvision backend"):
-        jpeg_backend("torchcodec")
+    _torchcodec_import_error.cache_clear()  # the import is tried once per process
+    try:
+        assert jpeg_backend("auto") == "torchvision"
+        with pytest.raises(DataError, match="TorchCodec cannot be imported.*or use the torchvision backend"):
+            jpeg_backend("torchcodec")
+    finally:
+        _torchcodec_import_error.cache_clear()
 
 
 def test_batched_device_decode_replaces_a_corrupt_jpeg_like_the_workers(mixed, tmp_path):
