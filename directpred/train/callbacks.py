@@ -201,24 +201,20 @@ class OnlineProbeCallback(Callback):
             with torch.enable_grad():
                 logits = self.probe(h)
                 losses = torch.nn.functional.cross_entropy(logits, y.clamp(min=0), reduction="none") * keep
-                # (correct, labelled, loss sum) of the global batch: every process keeps the global counts, so the
-                # checkpoint (rank 0's) holds them, and the loss is the mean over the global batch's labelled images
-                step_counts = torch.stack(
-                    [
-                        ((logits.argmax(1) == y) & keep).sum().double(),
-                        keep.sum().double(),
-                        losses.detach().sum().double(),
-                    ]
-                )
-                if trainer.world > 1:
-                    distributed.all_reduce_sum(step_counts)
-                loss = losses.sum() / step_counts[1].clamp(min=1).to(losses.dtype)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            if trainer.world > 1:  # each process's share of the global mean's gradient
-                for p in self.probe.parameters():
-                    if p.grad is not None:
-                        distributed.all_reduce_sum(p.grad)
+                losses.sum().backward()  # divided by the global batch's labelled count below
+            # One collective: (correct, labelled, loss sum) and the gradient sums of the global batch. Every process
+            # keeps the global counts, so the checkpoint (rank 0's) holds them, and the loss is the mean over the
+            # global batch's labelled images.
+            counts = [((logits.argmax(1) == y) & keep).sum(), keep.sum(), losses.detach().sum()]
+            grads = [q.grad for q in self.probe.parameters() if q.grad is not None]
+            flat = torch.cat([torch.stack(counts).double(), *(g.flatten().double() for g in grads)])
+            if trainer.world > 1:
+                distributed.all_reduce_sum(flat)
+            step_counts, n, offset = flat[:3], flat[1].clamp(min=1), 3
+            for g in grads:
+                g.copy_((flat[offset : offset + g.numel()] / n).view_as(g))
+                offset += g.numel()
             self.optimizer.step()
             correct_b, seen_b, loss_b = step_counts.tolist()
             self.correct += int(correct_b)
