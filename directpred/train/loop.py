@@ -186,6 +186,9 @@ class Trainer:
         self.step = self.epoch = 0
         self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient (train.skip_nonfinite)
         self.epoch_end_pending = False  # stopped on an epoch's last step before that epoch's end ran
+        # The run's last step ended an epoch: that epoch's end left its kNN to the final evaluation, so a run extended
+        # from here (train.epochs or train.max_steps raised on resume) runs that epoch's end again first.
+        self.epoch_end_final = False
         self.skipped_stream_before = self._skipped_stream_total = 0  # streamed corrupt files (before this process)
         self.last_checkpoint: tuple[Path, int] | None = None  # (file, step) of the last checkpoint written
         self.last_log: dict[str, Any] | None = None  # the last ``train`` row (LogCallback)
@@ -346,10 +349,12 @@ class Trainer:
 
     def _loop(self) -> bool:
         """Steps up to ``last_step``, epoch by epoch; True if stopped on request (or on collapse)."""
-        if self.epoch_end_pending:  # resumed from a stop on an epoch's last step: that epoch's end comes first
+        if self.epoch_end_pending or (self.epoch_end_final and self.step < self.last_step):
+            # Resumed from a stop on an epoch's last step (that epoch's end comes first), or a run that ended on an
+            # epoch boundary is extended: its epoch end is run again as an uninterrupted run would have run it
+            # (periodic kNN, online probe test, the kept checkpoint with them).
             self.epoch_end_pending = False
-            for cb in self.callbacks:
-                cb.on_epoch_end(self, self.step // self.steps_per_epoch)
+            self._end_epoch(self.step // self.steps_per_epoch)
         while self.step < self.last_step:
             self.epoch, i = divmod(self.step, self.steps_per_epoch)
             # This process's batches from this step on, with their labels (for the online probe only).
@@ -371,9 +376,14 @@ class Trainer:
             finally:
                 batches.close()  # ends a streamed epoch's worker processes
             if i == self.steps_per_epoch:
-                for cb in self.callbacks:
-                    cb.on_epoch_end(self, self.epoch + 1)
+                self._end_epoch(self.epoch + 1)
         return False
+
+    def _end_epoch(self, epoch: int) -> None:
+        """The callbacks' epoch end after ``epoch`` epochs (``self.step`` is that epoch's last step)."""
+        self.epoch_end_final = self.step >= self.last_step  # before the callbacks: their checkpoint records it
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, epoch)
 
     def _stop_agreed(self) -> bool:
         """Whether to stop now: requested here, on collapse, or (multi-process) on any rank, so all stop together."""
@@ -394,6 +404,7 @@ class Trainer:
             "step": self.step,
             "skipped_steps": self.skipped_steps,
             "epoch_end_pending": self.epoch_end_pending,
+            "epoch_end_final": self.epoch_end_final,
             "skipped_corrupt_stream": self._skipped_stream_total,
             "epoch": self.step // self.steps_per_epoch,
             "global_batch": self.global_batch,
@@ -446,6 +457,7 @@ class Trainer:
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.epoch_end_pending = bool(state.get("epoch_end_pending", False))
+        self.epoch_end_final = bool(state.get("epoch_end_final", False))
         self.skipped_stream_before = int(state.get("skipped_corrupt_stream", 0))
         self.last_checkpoint = (path, self.step)
         self.train_seconds = float(state["train_seconds"])

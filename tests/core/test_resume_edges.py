@@ -1,0 +1,63 @@
+"""Resume at the edges: a run that ended on an epoch boundary (train.max_steps or train.epochs reached) and is then
+extended runs that epoch's end as an uninterrupted run did (periodic kNN, online probe test, kept checkpoint)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from directpred.cli import main
+from directpred.config import load_config
+from directpred.train.checkpoint import load_checkpoint
+from directpred.train.logger import read_metrics
+from directpred.train.loop import Trainer
+
+
+def _epoch_rows(run: Path) -> list[tuple[str, int, dict]]:
+    """The ``eval`` rows and the online probe's test rows of ``metrics.jsonl``: (kind, step, values)."""
+    out = []
+    for row in read_metrics(run / "metrics.jsonl"):
+        if row["kind"] == "eval" or (row["kind"] == "probe" and "probe_test_top1" in row):
+            out.append((row["kind"], row["step"], {k: v for k, v in row.items() if k.endswith("top1")}))
+    return out
+
+
+def _assert_same_checkpoint(a: Path, b: Path) -> None:
+    sa, sb = load_checkpoint(a), load_checkpoint(b)
+    assert sa["step"] == sb["step"]
+    assert sa["knn_history"] == sb["knn_history"], f"{a.name}: kNN history differs"
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), f"{a.name}: {k} differs"
+    pa, pb = sa["callbacks"]["online_probe"]["probe"], sb["callbacks"]["online_probe"]["probe"]
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+@pytest.mark.parametrize("how", ["max_steps", "epochs"])
+def test_run_extended_from_an_epoch_boundary_equals_uninterrupted(how, tiny_overrides, tmp_path):
+    """Stopped by train.max_steps exactly at the end of epoch 1 (or finished with train.epochs=1), then resumed to 3
+    epochs: the kNN of epoch 1 (which the first run left to its final evaluation) and the online probe's test row are
+    there, the kept epoch checkpoints equal the uninterrupted run's, and so do the final figures."""
+    common = tiny_overrides + [
+        "predictor.name=directpred",
+        "eval.knn_every=1",
+        "eval.online_probe=true",
+        "train.checkpoint_every=1",
+    ]  # 128 images, batch 16: 8 steps per epoch
+    full = Trainer(load_config(None, common + ["train.epochs=3"]), tmp_path / "full").fit()
+    if how == "max_steps":
+        Trainer(load_config(None, common + ["train.epochs=3", "train.max_steps=8"]), tmp_path / "part").fit()
+        resume_args = ["--set", "train.max_steps=0"]
+    else:
+        Trainer(load_config(None, common + ["train.epochs=1"]), tmp_path / "part").fit()
+        resume_args = ["--set", "train.epochs=3"]
+    assert main(["train", "--resume", str(tmp_path / "part"), *resume_args]) == 0
+    resumed = json.loads((tmp_path / "part" / "summary.json").read_text())
+    assert [h["epoch"] for h in full["knn_history"]] == [1, 2]
+    assert resumed["knn_history"] == full["knn_history"]
+    assert resumed["knn_top1"] == full["knn_top1"] and resumed["steps"] == full["steps"] == 24
+    assert _epoch_rows(tmp_path / "part") == _epoch_rows(tmp_path / "full")
+    for name in ("epoch_0001.pt", "epoch_0002.pt", "epoch_0003.pt", "last.pt"):
+        _assert_same_checkpoint(tmp_path / "full" / "checkpoints" / name, tmp_path / "part" / "checkpoints" / name)
