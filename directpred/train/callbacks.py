@@ -23,6 +23,7 @@ Over 300 lines: the built-in callbacks, whose documented order is one contract, 
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from dataclasses import dataclass
@@ -102,6 +103,9 @@ class DiagnosticsCallback(Callback):
 
     def on_train_end(self, trainer: Trainer) -> None:
         if self.last_out is not None:  # the verdict on the final state
+            # What a run extended from here continues from: the final report (its verdict, its F^ update with
+            # diag.every=0) is not part of training.
+            trainer.diagnostics_before_final = copy.deepcopy(trainer.diagnostics.state_dict())
             row = trainer.diagnostics.final_report(trainer.step, self.last_out)
             trainer.logger.log(
                 {"step": trainer.step, "epoch": trainer.step // trainer.steps_per_epoch, **row}, group="diag_final"

@@ -198,6 +198,9 @@ class Trainer:
         self.eval_features: dict[str, Any] | None = None  # the last kNN's test features (with eval.online_probe)
         # Also with diag.every=0: the final report on the final state always judges the run (summary.json).
         self.diagnostics = Diagnostics(cfg, self.method)
+        # The diagnostics' state before the final report (set by DiagnosticsCallback.on_train_end): what a run
+        # extended from the final checkpoint continues from, as the final report is no part of training.
+        self.diagnostics_before_final: dict[str, Any] | None = None
         self._t_start = time.time()
         if self.resume:
             self._load(self.ckpt_dir / "last.pt")
@@ -414,6 +417,7 @@ class Trainer:
             "wall_seconds": self.wall_before + (time.time() - self._t_start),
             "knn_history": self.knn_history,
             "diagnostics": self.diagnostics.state_dict(),
+            "diagnostics_before_final": self.diagnostics_before_final,
             "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks if cb.state_key},
             "config": self.cfg.to_dict(),
             "git_commit": self.commit,
@@ -464,6 +468,11 @@ class Trainer:
         self.wall_before = float(state["wall_seconds"])
         self.knn_history = list(state.get("knn_history", []))
         self._resume_diag_state = state.get("diagnostics")
+        before_final = state.get("diagnostics_before_final")
+        if before_final is not None and self.step < self.last_step:  # a finished run extended: drop its final report
+            self._resume_diag_state = before_final
+        else:
+            self.diagnostics_before_final = before_final
         self._resume_callback_state = dict(state.get("callbacks", {}))
 
     def finish(self, *, stopped_early: bool = False) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Resume at the edges: a run that ended on an epoch boundary (train.max_steps or train.epochs reached) and is then
-extended runs that epoch's end as an uninterrupted run did (periodic kNN, online probe test, kept checkpoint)."""
+extended runs that epoch's end as an uninterrupted run did (periodic kNN, online probe test, kept checkpoint), and
+continues its diagnostics from before its final report."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from directpred.train.loop import Trainer
 def _epoch_rows(run: Path) -> list[tuple[str, int, dict]]:
     """The ``eval`` rows and the online probe's test rows of ``metrics.jsonl``: (kind, step, values)."""
     out = []
-    for row in read_metrics(run / "metrics.jsonl"):
+    for row in read_metrics(run):
         if row["kind"] == "eval" or (row["kind"] == "probe" and "probe_test_top1" in row):
             out.append((row["kind"], row["step"], {k: v for k, v in row.items() if k.endswith("top1")}))
     return out
@@ -29,6 +30,7 @@ def _assert_same_checkpoint(a: Path, b: Path) -> None:
     sa, sb = load_checkpoint(a), load_checkpoint(b)
     assert sa["step"] == sb["step"]
     assert sa["knn_history"] == sb["knn_history"], f"{a.name}: kNN history differs"
+    assert sa["diagnostics"] == sb["diagnostics"], f"{a.name}: diagnostics differ"  # DirectPred: no tensors there
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), f"{a.name}: {k} differs"
     pa, pb = sa["callbacks"]["online_probe"]["probe"], sb["callbacks"]["online_probe"]["probe"]
@@ -58,6 +60,33 @@ def test_run_extended_from_an_epoch_boundary_equals_uninterrupted(how, tiny_over
     assert [h["epoch"] for h in full["knn_history"]] == [1, 2]
     assert resumed["knn_history"] == full["knn_history"]
     assert resumed["knn_top1"] == full["knn_top1"] and resumed["steps"] == full["steps"] == 24
-    assert _epoch_rows(tmp_path / "part") == _epoch_rows(tmp_path / "full")
+    rows = _epoch_rows(tmp_path / "full")
+    assert [(kind, step) for kind, step, _ in rows] == [("eval", 8), ("probe", 8), ("eval", 16), ("probe", 16)]
+    assert _epoch_rows(tmp_path / "part") == rows
     for name in ("epoch_0001.pt", "epoch_0002.pt", "epoch_0003.pt", "last.pt"):
         _assert_same_checkpoint(tmp_path / "full" / "checkpoints" / name, tmp_path / "part" / "checkpoints" / name)
+
+
+def test_extended_run_forgets_the_first_runs_final_report(tiny_overrides, tmp_path):
+    """The final report of a finished run (diag_final; with diag.every=0 it folds the last batch into the F^ that the
+    diagnostics keep for a linear predictor) is not part of the training state: a run extended from it reports on
+    its own final state exactly as the uninterrupted run does, and its checkpoints hold the same diagnostics."""
+    common = tiny_overrides + ["predictor.name=linear", "diag.every=0"]
+    Trainer(load_config(None, common + ["train.epochs=2"]), tmp_path / "full").fit()
+    Trainer(load_config(None, common + ["train.epochs=1"]), tmp_path / "part").fit()
+    assert main(["train", "--resume", str(tmp_path / "part"), "--set", "train.epochs=2"]) == 0
+
+    def final(run: Path) -> list[dict]:
+        return [r for r in read_metrics(run) if r["kind"] == "diag_final" and r["step"] == 16]
+
+    a, b = final(tmp_path / "full"), final(tmp_path / "part")
+    assert len(a) == len(b) == 1
+    assert {k: v for k, v in b[0].items() if k != "time"} == {k: v for k, v in a[0].items() if k != "time"}
+    da = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["diagnostics"]
+    db = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["diagnostics"]
+    assert da.keys() == db.keys()
+    for k in da:
+        if k == "estimator":
+            assert all(torch.equal(da[k][n], db[k][n]) for n in da[k]), "the diagnostics' F^ differs"
+        else:
+            assert da[k] == db[k], k
