@@ -204,6 +204,17 @@ class Trainer:
         self._t_start = time.time()
         if self.resume:
             self._load(self.ckpt_dir / "last.pt")
+            if self.step > self.last_step and distributed.is_main():
+                limit, fix = f"train.epochs={cfg.train.epochs} ({self.total_steps} steps)", "a larger train.epochs"
+                if cfg.train.max_steps and cfg.train.max_steps < self.total_steps:
+                    limit, fix = f"train.max_steps={cfg.train.max_steps}", "a larger train.max_steps (0: no limit)"
+                warnings.warn(
+                    f"the checkpoint is at step {self.step} (epoch {self.step / self.steps_per_epoch:g}), past "
+                    f"{limit}: nothing is trained or undone, and the final evaluation is of the checkpoint as it "
+                    f"is; to train on, resume with {fix}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         # After the load: rows a killed process logged past the checkpoint are dropped, as they will be redone.
         self.logger = RunLogger(
             self.run_dir, start_step=self.step, backends=cfg.log.backends, config=cfg.to_dict(), project=cfg.log.project

@@ -5,6 +5,8 @@ continues its diagnostics from before its final report."""
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,25 @@ def test_extended_run_forgets_the_first_runs_final_report(tiny_overrides, tmp_pa
             assert all(torch.equal(da[k][n], db[k][n]) for n in da[k]), "the diagnostics' F^ differs"
         else:
             assert da[k] == db[k], k
+
+
+def test_resume_below_the_checkpoint_says_so_and_leaves_the_run_as_it_is(tiny_overrides, tmp_path):
+    """Resuming a finished run with the same train.epochs re-evaluates it without a word; with train.epochs below the
+    checkpoint's epoch it warns (naming the step, the key and the fix) and trains or undoes nothing."""
+    run = tmp_path / "r"
+    first = Trainer(load_config(None, tiny_overrides + ["train.epochs=2"]), run).fit()
+    before = load_checkpoint(run / "checkpoints" / "last.pt")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="the checkpoint is at step")
+        assert main(["train", "--resume", str(run)]) == 0  # the same epochs: a no-op that reports
+    again = json.loads((run / "summary.json").read_text())
+    assert again["steps"] == first["steps"] == 16 and again["knn_top1"] == first["knn_top1"]
+    expected = (
+        "the checkpoint is at step 16 (epoch 2), past train.epochs=1 (8 steps): nothing is trained or undone, and "
+        "the final evaluation is of the checkpoint as it is; to train on, resume with a larger train.epochs"
+    )
+    with pytest.warns(RuntimeWarning, match=re.escape(expected)):  # (the CLI's warning handler would hide it here)
+        reduced = Trainer(load_config(None, tiny_overrides + ["train.epochs=1"]), run, resume=True).fit()
+    assert reduced["steps"] == 16 and reduced["epochs"] == 2 and reduced["knn_top1"] == first["knn_top1"]
+    after = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert after["step"] == 16 and all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
