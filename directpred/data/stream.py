@@ -158,6 +158,12 @@ class FolderReader:
         self.classes = classes if classes is not None else found
         if not self.classes:
             raise DataError(f"{self.dir}: no class folders")
+        extra = sorted(set(found) - set(self.classes))
+        if extra:  # its images would be left out of the evaluation without a word
+            raise DataError(
+                f"{self.dir}: {len(extra)} class folder(s) not in train/: {', '.join(extra[:5])}; both splits need the "
+                "same class folders (remove them, or add them to train/)"
+            )
         names: list[str] = []
         labels: list[int] = []
         for y, cls in enumerate(self.classes):

@@ -325,3 +325,17 @@ def test_batched_device_decode_replaces_a_corrupt_jpeg_like_the_workers(mixed, t
         ((ref_images, ref_labels),) = list(workers.labelled_batches(0))
     assert torch.equal(labels, ref_labels) and batched.skipped == workers.skipped == [str(victim)]
     assert (images.float() - ref_images.float()).abs().mean() < 6
+
+
+def test_held_out_class_absent_from_train_is_refused_not_dropped(tmp_path, mixed):
+    """A val/ class folder that train/ lacks would be left out of the streamed evaluation without a word (the
+    in-memory loader refuses it too): the reader names it."""
+    root = tmp_path / "data"
+    shutil.copytree(mixed, root)
+    shutil.copytree(root / "test" / "n00000001", root / "test" / "n00000099")
+    with pytest.raises(DataError) as info:
+        open_reader(root, "test")
+    assert str(info.value) == (
+        f"{root / 'test'}: 1 class folder(s) not in train/: n00000099; both splits need the same class folders "
+        "(remove them, or add them to train/)"
+    )
