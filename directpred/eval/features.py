@@ -32,14 +32,16 @@ def extract_features(
     r, w = distributed.rank(), distributed.world_size()
     index = torch.arange(r, len(images), w)
     chunks = []
-    for start in range(0, len(index), batch_size):
+    # At least one (maybe empty) batch: a rank with no images (fewer images than processes) still knows the feature
+    # width for the gather.
+    for start in range(0, max(len(index), 1), batch_size):
         batch = images[index[start : start + batch_size].to(images.device)].to(device, non_blocking=True)
         x = eval_transform(batch, recipe)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             chunks.append(backbone(x).float())
-    feats = torch.cat(chunks) if chunks else torch.zeros(0, 0, device=device)
+    feats = torch.cat(chunks)
     backbone.train(was_training)
     if w > 1:
         gathered = distributed.gather_cat(feats)
