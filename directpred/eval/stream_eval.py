@@ -48,6 +48,7 @@ def stream_features(
     device = torch.device(device)
     was_training = backbone.training
     backbone.eval()
+    empty = True
     try:
         for images, labels in iterate_split(
             reader,
@@ -64,6 +65,10 @@ def stream_features(
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 yield backbone(x).float(), labels.to(device)
+            empty = False
+        if empty:  # no images for this process (fewer than processes): an empty batch gives the feature width
+            x = torch.zeros(0, 3, recipe.size, recipe.size, device=device)
+            yield backbone(x).float(), torch.zeros(0, dtype=torch.long, device=device)
     finally:
         backbone.train(was_training)
 
