@@ -45,7 +45,8 @@ class LinearProbe:
     ) -> LinearProbe:
         g = torch.Generator().manual_seed(self.seed)
         self.mean_ = x_train.float().mean(0)
-        self.std_ = x_train.float().std(0).clamp(min=1e-6)  # StandardScaler; constant features stay finite
+        # StandardScaler: the population std (one training sample gives 0, not NaN); constant features stay finite
+        self.std_ = x_train.float().std(0, correction=0).clamp(min=1e-6)
         xs = self._standardise(x_train)
         y = y_train.long()
         n_classes = int(y.max()) + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from directpred.eval import KNNClassifier, LinearProbe
@@ -53,3 +54,16 @@ def test_linear_probe_separable_data_and_history():
     assert probe.history_[0] < probe.history_[-1]  # it learned over the epochs
     again = LinearProbe(epochs=10, lr=1e-2, batch_size=64).fit(x[:500], y[:500], x[500:], y[500:])
     assert again.history_ == probe.history_  # seeded: reproducible
+
+
+def test_linear_probe_standardises_like_standard_scaler_also_one_sample():
+    """The authors' StandardScaler: mean and population std (numpy's default); a single training sample (std 0)
+    leaves the probe finite instead of NaN, and one class is predicted everywhere."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(7, 4, generator=g) * 3 + 1, torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    probe = LinearProbe(epochs=2).fit(x, y)
+    torch.testing.assert_close(probe.mean_, torch.from_numpy(x.numpy().mean(0)))
+    torch.testing.assert_close(probe.std_, torch.from_numpy(x.numpy().std(0)))
+    one = LinearProbe(epochs=3).fit(x[:1], y[:1], x, y)
+    assert all(torch.isfinite(p).all() for p in one.linear_.parameters())
+    assert one.predict(x).tolist() == [0] * 7 and one.history_ == pytest.approx([3 / 7] * 3)
