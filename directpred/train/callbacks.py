@@ -102,14 +102,21 @@ class DiagnosticsCallback(Callback):
                 trainer.collapse_stop = True
 
     def on_train_end(self, trainer: Trainer) -> None:
-        if self.last_out is not None:  # the verdict on the final state
-            # What a run extended from here continues from: the final report (its verdict, its F^ update with
-            # diag.every=0) is not part of training.
-            trainer.diagnostics_before_final = copy.deepcopy(trainer.diagnostics.state_dict())
-            row = trainer.diagnostics.final_report(trainer.step, self.last_out)
-            trainer.logger.log(
-                {"step": trainer.step, "epoch": trainer.step // trainer.steps_per_epoch, **row}, group="diag_final"
-            )
+        self.final_report(trainer)
+
+    def final_report(self, trainer: Trainer) -> None:
+        """The verdict on the final state, from the last step's output (once; nothing if this process trained no
+        step). Also called by the trainer when a stop comes on the last step: a resumed run has no step output."""
+        if self.last_out is None:
+            return
+        # What a run extended from here continues from: the final report (its verdict, its F^ update with
+        # diag.every=0) is not part of training.
+        trainer.diagnostics_before_final = copy.deepcopy(trainer.diagnostics.state_dict())
+        row = trainer.diagnostics.final_report(trainer.step, self.last_out)
+        trainer.logger.log(
+            {"step": trainer.step, "epoch": trainer.step // trainer.steps_per_epoch, **row}, group="diag_final"
+        )
+        self.last_out = None
 
 
 class LogCallback(Callback):

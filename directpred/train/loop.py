@@ -40,7 +40,7 @@ from directpred.diagnostics.hook import Diagnostics
 from directpred.eval.protocol import evaluate
 from directpred.methods import build_method, ema_momentum
 from directpred.runtime import git_commit, resolve_device, resolve_precision
-from directpred.train.callbacks import Callback, StepResult, default_callbacks
+from directpred.train.callbacks import Callback, DiagnosticsCallback, StepResult, default_callbacks
 from directpred.train.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from directpred.train.faults import (
     NonFiniteGuard,
@@ -351,6 +351,10 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_loop_end(self)
         if stopped and not self.collapse_stop:
+            if self.step >= self.last_step:  # stopped on the last step: the final report needs that step's output
+                for cb in self.callbacks:
+                    if isinstance(cb, DiagnosticsCallback):
+                        cb.final_report(self)
             self.save()
             self.logger.close()
             raise TrainingInterrupted(self.stop_signal, self.step, self.ckpt_dir / "last.pt", self.run_dir)

@@ -14,6 +14,7 @@ import torch
 
 from directpred.cli import main
 from directpred.config import load_config
+from directpred.train import Callback, TrainingInterrupted
 from directpred.train.checkpoint import load_checkpoint
 from directpred.train.logger import read_metrics
 from directpred.train.loop import Trainer
@@ -114,3 +115,27 @@ def test_resume_below_the_checkpoint_says_so_and_leaves_the_run_as_it_is(tiny_ov
     assert reduced["steps"] == 16 and reduced["epochs"] == 2 and reduced["knn_top1"] == first["knn_top1"]
     after = load_checkpoint(run / "checkpoints" / "last.pt")
     assert after["step"] == 16 and all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+
+class _StopAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer, result) -> None:
+        if trainer.step == self.step:
+            trainer.request_stop()
+
+
+def test_stop_on_the_last_step_keeps_the_final_report(tiny_overrides, tmp_path):
+    """A stop that comes on the run's last step: the resumed run (which trains no step, so has no step output to
+    report on) ends with the same final diagnostics and verdict as an uninterrupted run."""
+    cfg = load_config(None, tiny_overrides + ["train.max_steps=3"])
+    full = Trainer(cfg, tmp_path / "full").fit()
+    with pytest.raises(TrainingInterrupted):
+        Trainer(cfg, tmp_path / "part", callbacks=[_StopAt(3)]).fit()
+    resumed = Trainer(cfg, tmp_path / "part", resume=True).fit()
+    final = {k: v for k, v in full.items() if k.startswith("final_") or k.startswith("collapse")}
+    assert "final_z_std_ratio" in final and "final_looks_collapsed" in final
+    assert {k: resumed.get(k) for k in final} == final
+    rows = [r for r in read_metrics(tmp_path / "part") if r["kind"] == "diag_final"]
+    assert [r["step"] for r in rows] == [3]
