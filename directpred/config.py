@@ -552,17 +552,14 @@ def validate(cfg: Config) -> None:
         "the no-stop-gradient ablation (Theorem 2) needs method.name=simsiam: BYOL's EMA target gets no gradient",
     )
     _check(b.width >= 1, "backbone.width", b.width, "base channel count must be >= 1 (64 is standard)")
-    _check(
-        cfg.projector.hidden_dim >= 1 and cfg.projector.out_dim >= 1,
-        "projector",
-        cfg.projector,
-        "hidden_dim and out_dim must be >= 1",
-    )
+    _check(cfg.projector.hidden_dim >= 1, "projector.hidden_dim", cfg.projector.hidden_dim, "must be >= 1")
+    _check(cfg.projector.out_dim >= 1, "projector.out_dim", cfg.projector.out_dim, "must be >= 1 (the size d of F^)")
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "must lie in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _check(o.alpha_p >= 0, "optim.alpha_p", o.alpha_p, "must be >= 0 (0 freezes the predictor)")
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
+    _check(o.lars_eta > 0, "optim.lars_eta", o.lars_eta, "the LARS trust coefficient must be > 0 (e.g. 0.001)")
     _check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
     _check(0 <= t.seed < 2**32, "train.seed", t.seed, "must lie in [0, 2**32) (it seeds torch generators)")
     _check(t.batch_size >= 2, "train.batch_size", t.batch_size, "must be >= 2 (BatchNorm needs two samples)")
@@ -577,14 +574,17 @@ def validate(cfg: Config) -> None:
         "must be >= 0 (0 = stop at the first non-finite loss or gradient; N = skip up to N such steps)",
     )
     _check(
-        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
         "train.device",
         t.device,
         "use auto, cpu, cuda or cuda:N",
     )
-    _check(d.train_subset >= 0 and d.test_subset >= 0, "data.train_subset", d.train_subset, "must be >= 0")
+    _check(d.train_subset >= 0, "data.train_subset", d.train_subset, "must be >= 0 (0 = all)")
+    _check(d.test_subset >= 0, "data.test_subset", d.test_subset, "must be >= 0 (0 = all)")
     _check(d.image_size >= 0, "data.image_size", d.image_size, "must be >= 0 (0 = the dataset's size)")
     _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
+    _check(bool(d.root), "data.root", d.root, "must name a folder (torchvision's datasets live there)")
+    _check(bool(d.cache_dir), "data.cache_dir", d.cache_dir, "must name a folder (decoded archives go there)")
     _check(d.decode_size >= 0, "data.decode_size", d.decode_size, "must be >= 0 (0 = data.image_size)")
     _check(
         not d.stream or d.image_size > 0,
@@ -640,8 +640,10 @@ def validate(cfg: Config) -> None:
     _check(e.knn_t > 0, "eval.knn_t", e.knn_t, "the temperature must be > 0")
     _check(e.linear_epochs >= 1, "eval.linear_epochs", e.linear_epochs, "must be >= 1")
     _check(e.linear_lr > 0, "eval.linear_lr", e.linear_lr, "must be > 0")
+    _check(e.linear_weight_decay >= 0, "eval.linear_weight_decay", e.linear_weight_decay, "must be >= 0")
     _check(e.online_probe_lr > 0, "eval.online_probe_lr", e.online_probe_lr, "must be > 0")
-    _check(e.linear_batch_size >= 1 and e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
+    _check(e.linear_batch_size >= 1, "eval.linear_batch_size", e.linear_batch_size, "must be >= 1")
+    _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
     _check(
         len(set(cfg.log.backends)) == len(cfg.log.backends), "log.backends", cfg.log.backends, "name each tracker once"
     )
