@@ -413,7 +413,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: cannot parse the value: {exc}") from None
+        raise ConfigError(f"override {text!r}: cannot parse the value ({yaml_error(exc)})") from None
     return key, value
 
 
@@ -470,7 +470,7 @@ def load_config(
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML ({yaml_error(exc)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (method, predictor, ...)")
         merge_into(cfg, data, "")
@@ -658,6 +658,51 @@ def path_exists(path: str) -> bool:
         return Path(path).expanduser().exists()
     except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, an unknown ~user
         return False
+
+
+def yaml_error(exc: yaml.YAMLError) -> str:
+    """A YAML parse error in one line, where and what (PyYAML's own message quotes the text over several lines).
+
+    Examples:
+        >>> try:
+        ...     yaml.safe_load("train: {epochs: 1\\n  x: [")
+        ... except yaml.YAMLError as exc:
+        ...     yaml_error(exc)
+        "line 2, column 4: expected ',' or '}', but got ':'"
+    """
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
+def read_run_config(run_dir: str | Path) -> Config:
+    """The validated configuration of a run directory: its ``config.yaml``, written by ``directpred train``.
+
+    Raises:
+        ConfigError: the file is missing, empty, not YAML, not a mapping, or holds a key or value this version
+            refuses; the message names the file and the fix.
+    """
+    cfg_file = Path(run_dir) / "config.yaml"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{run_dir}: no config.yaml there; give a run directory made by `directpred train`")
+    damaged = "restore it (the checkpoint holds a copy under 'config') or start a new run"
+    try:
+        data = yaml.safe_load(cfg_file.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{cfg_file}: not valid YAML ({yaml_error(exc)}); {damaged}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{cfg_file}: cannot read it ({exc}); {damaged}") from None
+    if not isinstance(data, dict) or not data:
+        found = "it is empty" if data is None or data == {} else f"it holds a {type(data).__name__}"
+        raise ConfigError(f"{cfg_file}: {found}, not the run's config (a mapping of sections); {damaged}")
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{cfg_file}: {exc} (in the run's saved config, perhaps written by another version of directpred: "
+            "edit the file, or start a new run)"
+        ) from None
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

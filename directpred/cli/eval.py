@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from directpred.config import ConfigError, EvalConfig
+from directpred.config import EvalConfig
 
 
 def print_results(results: Mapping[str, object], header: str, eval_cfg: EvalConfig) -> None:
@@ -30,10 +30,9 @@ def print_results(results: Mapping[str, object], header: str, eval_cfg: EvalConf
 def run(args: argparse.Namespace) -> int:
     """``directpred eval``: kNN + linear probe of a run's checkpoint, into ``RUN_DIR/eval.json``."""
     import torch
-    import yaml
 
     from directpred.backbones import resolve_channels_last
-    from directpred.config import config_from_dict, load_config
+    from directpred.config import load_config, read_run_config
     from directpred.data.datasets import DataBundle, load_data
     from directpred.data.stream import StreamData, load_stream_data
     from directpred.eval.protocol import evaluate
@@ -42,10 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from directpred.train.checkpoint import atomic_write_json, load_checkpoint
 
     run_dir = Path(args.run_dir)
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.is_file():
-        raise ConfigError(f"{run_dir}: no config.yaml; give a run directory made by `directpred train`")
-    saved = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+    saved = read_run_config(run_dir)
     cfg = load_config(None, args.set, base=saved.to_dict())
     ckpt = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "last.pt"
     device = resolve_device(cfg.train.device)

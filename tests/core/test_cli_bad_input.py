@@ -1,0 +1,134 @@
+"""Misuse of every subcommand (a missing or damaged run directory, checkpoint, config or metrics file, a malformed
+``--set``) ends in one ``directpred...: error`` line that names the problem and the fix, never in a traceback."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from directpred.cli import main
+from directpred.config import load_config
+from directpred.train.loop import Trainer
+
+REPO = Path(__file__).resolve().parents[2]
+CKPT = Path("checkpoints") / "last.pt"
+BROKEN_YAML = "train: {epochs: 1\n  x: ["  # PyYAML's message for it spans eight lines
+YAML_PROBLEM = "not valid YAML (line 2, column 4: expected ',' or '}', but got ':')"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_folder, tmp_path_factory) -> Path:
+    """A finished two-step run of the tiny network; each test damages its own copy."""
+    base = tmp_path_factory.mktemp("cli_bad_input")
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=folder",
+            f"data.path={tiny_folder}",
+            f"data.cache_dir={base / 'cache'}",
+            "backbone.width=4",
+            "projector.hidden_dim=32",
+            "projector.out_dim=16",
+            "train.batch_size=16",
+            "train.max_steps=2",
+            "train.progress=false",
+            "train.device=cpu",
+            "train.precision=fp32",
+            "eval.knn_every=0",
+            "eval.linear=false",
+            "eval.knn_k=10",
+            "diag.every=0",
+            "log.backends=[]",
+        ],
+    )
+    Trainer(cfg, base / "run").fit()
+    return base / "run"
+
+
+def _set_config(run: Path, text: str) -> None:
+    (run / "config.yaml").write_text(text)
+
+
+def _old_key(run: Path) -> None:
+    """A config.yaml with a key this version does not know (a run written by another version)."""
+    data = yaml.safe_load((run / "config.yaml").read_text())
+    data["predictor"]["old_knob"] = 3
+    (run / "config.yaml").write_text(yaml.safe_dump(data))
+
+
+DAMAGE = {
+    "none": lambda run: None,
+    "missing": lambda run: shutil.rmtree(run),
+    "no_checkpoint": lambda run: shutil.rmtree(run / "checkpoints"),
+    "empty_checkpoint": lambda run: (run / CKPT).write_bytes(b""),
+    "random_checkpoint": lambda run: (run / CKPT).write_bytes(np.random.default_rng(0).bytes(4096)),
+    "truncated_checkpoint": lambda run: (run / CKPT).write_bytes((run / CKPT).read_bytes()[:20_000]),
+    "list_config": lambda run: _set_config(run, "- 1\n- 2\n"),
+    "broken_config": lambda run: _set_config(run, BROKEN_YAML),
+    "empty_config": lambda run: _set_config(run, ""),
+    "old_key_config": _old_key,
+}
+
+# (damage to the run directory, the command ({run}: the run, {tmp}: a scratch folder with broken.yaml and list.yaml,
+# {data}: an ImageFolder), exit code, a fragment of the one error line)
+CASES = [
+    # a run directory's config.yaml that is missing, not YAML, not a mapping, or from another version
+    ("missing", "train --resume {run}", 2, "no config.yaml there; give a run directory made by `directpred train`"),
+    ("list_config", "train --resume {run}", 2, "config.yaml: it holds a list, not the run's config"),
+    ("broken_config", "train --resume {run}", 2, f"config.yaml: {YAML_PROBLEM}; restore it"),
+    ("empty_config", "train --resume {run}", 2, "config.yaml: it is empty, not the run's config"),
+    ("old_key_config", "train --resume {run}", 2, "unknown config key 'predictor.old_knob'"),
+    ("missing", "eval {run} --no-linear", 2, "no config.yaml there"),
+    ("list_config", "eval {run} --no-linear", 2, "config.yaml: it holds a list"),
+    ("broken_config", "eval {run} --no-linear", 2, YAML_PROBLEM),
+    ("empty_config", "eval {run} --no-linear", 2, "config.yaml: it is empty"),
+    ("old_key_config", "eval {run} --no-linear", 2, "perhaps written by another version of directpred: edit the file"),
+    ("broken_config", "export {run} --out {tmp}/b.pt", 2, YAML_PROBLEM),
+    ("empty_config", "export {run} --out {tmp}/b.pt", 2, "config.yaml: it is empty"),  # was a wrong export
+    ("list_config", "embed {run} --data {data} --out {tmp}/f.npy", 2, "config.yaml: it holds a list"),
+    ("empty_config", "embed {run} --data {data} --out {tmp}/f.npy", 2, "config.yaml: it is empty"),
+    # YAML files and --set values that do not parse
+    ("none", "train {tmp}/broken.yaml", 2, f"broken.yaml: {YAML_PROBLEM}"),
+    ("none", "train {tmp}/list.yaml", 2, "list.yaml: the top level must be a mapping of sections"),
+    ("none", "sweep {tmp}/broken.yaml --out {tmp}/sweep --dry-run", 2, f"broken.yaml: {YAML_PROBLEM}"),
+    ("none", "theory simulate {tmp}/broken.yaml --out {tmp}/sim", 2, f"broken.yaml: {YAML_PROBLEM}"),
+    ("none", "theory simulate {tmp}/no.yaml --out {tmp}/sim", 2, "config file '{tmp}/no.yaml' does not exist"),
+    ("none", "train {quickstart} --set train.epochs=[1", 2, "cannot parse the value (line 1, column 3:"),
+    ("none", "train {quickstart} --set train.epochs", 2, "override 'train.epochs' must look like key=value"),
+    ("none", "train {quickstart} --set train.epoch=3", 2, "Did you mean 'train.epochs'?"),
+    ("none", "eval {run} --no-linear --set eval.knn_kk=3", 2, "Did you mean 'eval.knn_k'?"),
+    ("none", "sweep {tmp}/list.yaml --out {tmp}/sweep", 2, "the top level must be a mapping with keys base, set"),
+    # what was already refused in one line
+    ("missing", "plot {run}", 2, "not a directory; give run directories made by `directpred train`"),
+    ("missing", "diagnose {run} --no-data", 2, "no such run directory or checkpoint file"),
+    ("no_checkpoint", "diagnose {run} --no-data", 2, "no checkpoints/last.pt; give a run directory or a checkpoint"),
+    ("no_checkpoint", "eval {run} --no-linear", 1, "no checkpoint at "),
+    ("no_checkpoint", "export {run} --out {tmp}/b.pt", 1, "no checkpoint at "),
+    ("truncated_checkpoint", "eval {run} --no-linear", 1, "is corrupt or "),
+]
+
+
+def _argv(command: str, run: Path, tmp: Path, data: Path) -> list[str]:
+    quickstart = REPO / "configs" / "cpu" / "quickstart.yaml"
+    return command.format(run=run, tmp=tmp, data=data, quickstart=quickstart).split()
+
+
+@pytest.mark.parametrize(
+    "damage,command,code,message", CASES, ids=[f"{c[1].split()[0]}-{c[0]}-{i}" for i, c in enumerate(CASES)]
+)
+def test_misuse_ends_in_one_error_line(damage, command, code, message, trained, tiny_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    DAMAGE[damage](run)
+    (tmp_path / "broken.yaml").write_text(BROKEN_YAML)
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    assert main(["-q", *_argv(command, run, tmp_path, tiny_folder)]) == code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    errors = [line for line in err if line.startswith("directpred")]
+    assert len(errors) == 1 and errors[0] == err[-1], err  # the error is one line, the last
+    assert message.replace("{tmp}", str(tmp_path)) in errors[0], errors[0]
+    assert "Traceback" not in "\n".join(err)
