@@ -122,20 +122,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    earlier = "use an earlier checkpoint from the same folder (checkpoints/epoch_XXXX.pt)"
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes), not a checkpoint; {earlier}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt or foreign file
-        if "Weights only load failed" in str(exc):
+        # An unknown opcode means bytes that are no pickle at all (random or overwritten data), not a crafted one.
+        if "Weights only load failed" in str(exc) and "Unsupported operand" not in str(exc):
             raise CheckpointError(
                 f"refusing to load {path}: it holds objects other than tensors and plain data "
                 f"({_unsafe_reason(str(exc))}), which directpred never writes; it may have been "
                 "crafted to run code. Nothing in it was executed. Load only checkpoints you "
                 "trust"
             ) from None
-        raise CheckpointError(
-            f"{path} is corrupt or unreadable ({type(exc).__name__}: {exc}); use an earlier "
-            "checkpoint from the same folder"
-        ) from None
+        reason = _unsafe_reason(str(exc)) if "Unsupported operand" in str(exc) else f"{type(exc).__name__}: {exc}"
+        reason = " ".join(reason.split()).split(". ")[0].rstrip(": .")  # one line; torch's first sentence
+        raise CheckpointError(f"{path} is corrupt or not a checkpoint ({reason}); {earlier}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a directpred checkpoint (it holds a {type(state).__name__})")
     return state
@@ -145,6 +148,6 @@ def _unsafe_reason(message: str) -> str:
     """The line of torch's weights-only error that names what it refused, e.g. 'Trying to load unsupported GLOBAL
     posix.system whose module posix is blocked'."""
     for line in message.splitlines()[1:]:
-        if "unsupported" in line.lower():
+        if "unsupported" in line.lower() and "compatible with your use case" not in line:
             return line.strip().rstrip(".")
     return "unsupported pickle content"

@@ -102,6 +102,14 @@ CASES = [
     ("none", "train {quickstart} --set train.epoch=3", 2, "Did you mean 'train.epochs'?"),
     ("none", "eval {run} --no-linear --set eval.knn_kk=3", 2, "Did you mean 'eval.knn_k'?"),
     ("none", "sweep {tmp}/list.yaml --out {tmp}/sweep", 2, "the top level must be a mapping with keys base, set"),
+    # damaged checkpoints: corrupt, not "crafted to run code" (random bytes were called that before)
+    ("empty_checkpoint", "train --resume {run}", 1, "last.pt is empty (0 bytes), not a checkpoint; use an earlier"),
+    ("empty_checkpoint", "export {run} --out {tmp}/b.pt", 1, "last.pt is empty (0 bytes)"),
+    ("random_checkpoint", "eval {run} --no-linear", 1, "last.pt is corrupt or not a checkpoint (Unsupported operand"),
+    ("random_checkpoint", "diagnose {run} --no-data", 1, "last.pt is corrupt or not a checkpoint"),
+    ("random_checkpoint", "embed {run} --data {data} --out {tmp}/f.npy", 1, "last.pt is corrupt or not a checkpoint"),
+    ("truncated_checkpoint", "train --resume {run}", 1, "last.pt is corrupt or not a checkpoint ("),
+    ("none", "export {tmp}/list.yaml --out {tmp}/b.pt", 1, "list.yaml is corrupt or not a checkpoint"),
     # what was already refused in one line
     ("missing", "plot {run}", 2, "not a directory; give run directories made by `directpred train`"),
     ("missing", "diagnose {run} --no-data", 2, "no such run directory or checkpoint file"),
