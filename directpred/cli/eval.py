@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from directpred.eval.protocol import evaluate
     from directpred.methods import build_method
     from directpred.runtime import resolve_device, resolve_precision
-    from directpred.train.checkpoint import atomic_write_json, load_checkpoint
+    from directpred.train.checkpoint import atomic_write_json, load_checkpoint, load_model_state
 
     run_dir = Path(args.run_dir)
     saved = read_run_config(run_dir)
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     method = build_method(cfg).to(device)
     if resolve_channels_last(cfg.train.channels_last, method, device):
         method = method.to(memory_format=torch.channels_last)
-    method.load_state_dict(state["model"])
+    load_model_state(method, state["model"], ckpt)
     data: DataBundle | StreamData
     if cfg.data.stream:
         data = load_stream_data(cfg.data)

@@ -73,8 +73,6 @@ def run(args: argparse.Namespace) -> int:
         saved = read_run_config(run_dir)
         cfg = load_config(None, args.set, base=saved.to_dict())
         check_resume_config(saved, cfg, force=args.force)
-        if cfg != saved and distributed.is_main():
-            atomic_write_text(cfg_file, dump_config(cfg))
         trainer = Trainer(cfg, run_dir, resume=True, command=" ".join(sys.argv))
     else:
         if not args.config:
@@ -87,6 +85,12 @@ def run(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg, run_dir, command=" ".join(sys.argv))
     try:
         with stop_on_signals(trainer):
+            if args.resume and cfg != saved:
+                # The changed config.yaml is written only once the checkpoint has loaded into the model it
+                # describes: a resume that fails (no checkpoint, a corrupt one, --force of a new shape) leaves it.
+                trainer.setup()
+                if distributed.is_main():
+                    atomic_write_text(cfg_file, dump_config(cfg))
             summary = trainer.fit()
     except TrainingInterrupted as exc:
         if distributed.is_main():

@@ -144,6 +144,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def load_model_state(model: torch.nn.Module, weights: dict[str, Any], path: str | Path) -> None:
+    """``model.load_state_dict(weights)``, where a checkpoint made for a differently shaped model (another
+    ``backbone.*``, ``projector.*`` or ``predictor.*``) is a :class:`CheckpointError` naming the first mismatch."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        if "Error(s) in loading state_dict" not in str(exc):
+            raise
+        problems = [" ".join(line.split()) for line in str(exc).splitlines()[1:] if line.strip()]
+        first = (problems[0] if problems else "the parameters differ").rstrip(".")
+        first = first if len(first) <= 200 else first[:200] + "..."
+        raise CheckpointError(
+            f"{path} does not fit the configured model ({first}{'; and more' if len(problems) > 1 else ''}): it was "
+            "written with another backbone/projector/predictor configuration; use the configuration of the run that "
+            "wrote it (no --set or --force of backbone.*, projector.*, predictor.*)"
+        ) from None
+
+
 def _unsafe_reason(message: str) -> str:
     """The line of torch's weights-only error that names what it refused, e.g. 'Trying to load unsupported GLOBAL
     posix.system whose module posix is blocked'."""

@@ -110,6 +110,9 @@ CASES = [
     ("random_checkpoint", "embed {run} --data {data} --out {tmp}/f.npy", 1, "last.pt is corrupt or not a checkpoint"),
     ("truncated_checkpoint", "train --resume {run}", 1, "last.pt is corrupt or not a checkpoint ("),
     ("none", "export {tmp}/list.yaml --out {tmp}/b.pt", 1, "list.yaml is corrupt or not a checkpoint"),
+    # a checkpoint that does not fit the configured model (a traceback of load_state_dict before)
+    ("none", "eval {run} --no-linear --set backbone.width=8", 1, "does not fit the configured model (size mismatch"),
+    ("none", "train --resume {run} --force --set predictor.name=linear", 1, "does not fit the configured model (Missi"),
     # what was already refused in one line
     ("missing", "plot {run}", 2, "not a directory; give run directories made by `directpred train`"),
     ("missing", "diagnose {run} --no-data", 2, "no such run directory or checkpoint file"),
@@ -140,3 +143,17 @@ def test_misuse_ends_in_one_error_line(damage, command, code, message, trained, 
     assert len(errors) == 1 and errors[0] == err[-1], err  # the error is one line, the last
     assert message.replace("{tmp}", str(tmp_path)) in errors[0], errors[0]
     assert "Traceback" not in "\n".join(err)
+
+
+def test_a_failed_resume_leaves_the_run_config_as_it_was(trained, tmp_path, capsys):
+    """config.yaml takes a resume's --set changes only once the checkpoint has loaded into the model they describe:
+    before, a refused --force resume left a config.yaml that no longer fitted the checkpoint."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = (run / "config.yaml").read_text()
+    assert main(["-q", "train", "--resume", str(run), "--force", "--set", "predictor.name=linear"]) == 1
+    assert (run / "config.yaml").read_text() == before
+    (run / CKPT).write_bytes(b"")
+    assert main(["-q", "train", "--resume", str(run), "--set", "train.max_steps=5"]) == 1
+    assert (run / "config.yaml").read_text() == before
+    assert "last.pt is empty (0 bytes)" in capsys.readouterr().err
