@@ -113,6 +113,9 @@ CASES = [
     # a checkpoint that does not fit the configured model (a traceback of load_state_dict before)
     ("none", "eval {run} --no-linear --set backbone.width=8", 1, "does not fit the configured model (size mismatch"),
     ("none", "train --resume {run} --force --set predictor.name=linear", 1, "does not fit the configured model (Missi"),
+    # embed's own flags (a traceback of range() or torch.device before)
+    ("none", "embed {run} --data {data} --out {tmp}/f.npy --batch-size 0", 2, "--batch-size 0: must be >= 1"),
+    ("none", "embed {run} --data {data} --out {tmp}/f.npy --device cudafoo", 2, "--device 'cudafoo': use auto, cpu"),
     # what was already refused in one line
     ("missing", "plot {run}", 2, "not a directory; give run directories made by `directpred train`"),
     ("missing", "diagnose {run} --no-data", 2, "no such run directory or checkpoint file"),
