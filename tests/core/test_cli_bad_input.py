@@ -116,6 +116,9 @@ CASES = [
     # embed's own flags (a traceback of range() or torch.device before)
     ("none", "embed {run} --data {data} --out {tmp}/f.npy --batch-size 0", 2, "--batch-size 0: must be >= 1"),
     ("none", "embed {run} --data {data} --out {tmp}/f.npy --device cudafoo", 2, "--device 'cudafoo': use auto, cpu"),
+    # resume: nothing to resume, or a change that cannot be resumed (the difference in the same line)
+    ("no_checkpoint", "train --resume {run}", 1, "first checkpoint); start it again with `directpred train"),
+    ("none", "train --resume {run} --set backbone.width=8", 1, "configuration (backbone.width: 4 -> 8). Only these"),
     # what was already refused in one line
     ("missing", "plot {run}", 2, "not a directory; give run directories made by `directpred train`"),
     ("missing", "diagnose {run} --no-data", 2, "no such run directory or checkpoint file"),
@@ -160,3 +163,15 @@ def test_a_failed_resume_leaves_the_run_config_as_it_was(trained, tmp_path, caps
     assert main(["-q", "train", "--resume", str(run), "--set", "train.max_steps=5"]) == 1
     assert (run / "config.yaml").read_text() == before
     assert "last.pt is empty (0 bytes)" in capsys.readouterr().err
+
+
+def test_the_hint_for_a_run_without_checkpoint_works(trained, tmp_path, capsys):
+    """`nothing to resume` suggests starting the run again from its own config.yaml, into the same directory."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    shutil.rmtree(run / "checkpoints")
+    assert main(["-q", "train", "--resume", str(run)]) == 1
+    hint = capsys.readouterr().err.strip().splitlines()[-1].split("start it again with `")[1].rstrip("`")
+    assert hint == f"directpred train {run / 'config.yaml'} --out {run}"
+    assert main(["-q", *hint.split()[1:]]) == 0
+    assert (run / CKPT).is_file()
