@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -175,3 +176,36 @@ def test_the_hint_for_a_run_without_checkpoint_works(trained, tmp_path, capsys):
     assert hint == f"directpred train {run / 'config.yaml'} --out {run}"
     assert main(["-q", *hint.split()[1:]]) == 0
     assert (run / CKPT).is_file()
+
+
+def _damage_metrics(run: Path) -> list[str]:
+    """Lines 2-4 of metrics.jsonl replaced by a torn row, a JSON list and a row whose step is a string."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[1:1] = ['{"kind": "train", "st', "[1, 2]", '{"kind": "train", "step": "x", "loss": 1.0}']
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def test_damaged_metrics_lines_are_skipped_with_a_warning_naming_them(trained, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    _damage_metrics(run)
+    assert main(["-q", "plot", str(run), "--out", str(tmp_path / "plots")]) == 0  # an AttributeError before
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"WARNING: UserWarning: {run / 'metrics.jsonl'}: skipped 3 unreadable line(s) (line 2, 3, 4); "
+        "the other rows are used"
+    ]
+    assert (tmp_path / "plots" / "overview.png").is_file()
+
+
+def test_resume_drops_damaged_metrics_lines(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    lines = _damage_metrics(run)
+    assert main(["-q", "train", "--resume", str(run), "--set", "train.max_steps=3"]) == 0  # an AttributeError before
+    kept = (run / "metrics.jsonl").read_text().splitlines()
+    assert kept[: len(lines) - 3] == [line for i, line in enumerate(lines) if i not in (1, 2, 3)]
+    steps = [json.loads(line)["step"] for line in kept if '"kind": "train"' in line]
+    assert steps == [2, 3]  # the fixture's last step (log_every=20 logs only it) and the resumed one, each once
