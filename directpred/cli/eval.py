@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -68,7 +69,11 @@ def run(args: argparse.Namespace) -> int:
     print_results(results, f"{run_dir} (checkpoint {ckpt.name}, step {state['step']}):", cfg.eval)
     summary_file = run_dir / "summary.json"
     if summary_file.is_file() and not args.checkpoint:
-        s = json.loads(summary_file.read_text())
+        try:
+            s = json.loads(summary_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # e.g. edited by hand
+            warnings.warn(f"{summary_file}: unreadable ({exc}); no comparison with the training run", stacklevel=1)
+            s = {}
         for key in ("knn_top1", "linear_top1", "linear_top1_best"):
             if s.get(key) is not None and results.get(key) is not None:
                 print(

@@ -209,3 +209,19 @@ def test_resume_drops_damaged_metrics_lines(trained, tmp_path, capsys):
     assert kept[: len(lines) - 3] == [line for i, line in enumerate(lines) if i not in (1, 2, 3)]
     steps = [json.loads(line)["step"] for line in kept if '"kind": "train"' in line]
     assert steps == [2, 3]  # the fixture's last step (log_every=20 logs only it) and the resumed one, each once
+
+
+def test_an_unreadable_summary_is_warned_about_and_left_out(trained, tmp_path, capsys):
+    """eval compares with the training run's summary.json and plot shows its final values: an unreadable one is a
+    warning naming it (a JSONDecodeError traceback before), the command still does its work."""
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "summary.json").write_text('{"knn_top1": 5')
+    assert main(["-q", "eval", str(run), "--no-linear"]) == 0
+    assert (run / "eval.json").is_file()
+    assert main(["-q", "plot", str(run), "--out", str(tmp_path / "plots")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(" (")[0] for line in err if "channels_last" not in line] == [
+        f"WARNING: UserWarning: {run / 'summary.json'}: unreadable"
+    ] * 2
