@@ -378,25 +378,40 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: {value!r} has the wrong type; expected {_type_name(tp)}")
 
 
-def merge_into(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+def merge_into(obj: Any, updates: dict[str, Any], prefix: str = "", *, root: Any = None) -> None:
     """Strictly merge a nested dict into the dataclass ``obj`` in place (unknown keys and wrong types raise
-    :class:`ConfigError` naming the key). Also used by ``directpred theory simulate``."""
+    :class:`ConfigError` naming the key; a key of another section is suggested, ``train.lr`` -> ``optim.lr``). Also
+    used by ``directpred theory simulate``. ``root``: the whole configuration when ``obj`` is one of its sections."""
+    root = obj if root is None else root
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in updates.items():
         full = f"{prefix}{key}"
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key '{full}'.{hint} Allowed keys here: {', '.join(names)}")
+            elsewhere = [k for k in _leaf_keys(root) if k.rsplit(".", 1)[-1] == str(key)]
+            close = [prefix + c for c in difflib.get_close_matches(str(key), names, n=1)]
+            hint = " or ".join(f"'{k}'" for k in elsewhere or close)
+            raise ConfigError(
+                f"unknown config key '{full}'.{f' Did you mean {hint}?' if hint else ''} Allowed keys here: "
+                + ", ".join(names)
+            )
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 keys = ", ".join(f.name for f in dataclasses.fields(current))
                 raise ConfigError(f"{full}: expected a mapping of its keys ({keys})")
-            merge_into(current, value, f"{full}.")
+            merge_into(current, value, f"{full}.", root=root)
         else:
             setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def _leaf_keys(obj: Any, prefix: str = "") -> list[str]:
+    """The dotted names of every setting of the dataclass ``obj`` (its sections' keys, not the sections)."""
+    keys = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        keys += _leaf_keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
+    return keys
 
 
 def parse_override(text: str) -> tuple[str, Any]:
