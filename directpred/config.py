@@ -480,12 +480,7 @@ def load_config(
         merge_into(cfg, base, "")
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({yaml_error(exc)})") from None
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (method, predictor, ...)")
         merge_into(cfg, data, "")
@@ -689,6 +684,23 @@ def yaml_error(exc: yaml.YAMLError) -> str:
     if problem is None:
         return " ".join(str(exc).split())
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
+def read_yaml(path: Path, what: str = "config file") -> Any:
+    """The parsed content of a YAML file; :class:`ConfigError` naming it when it is missing, a folder (a run
+    directory: the ``--resume`` hint), not text (e.g. a checkpoint) or not YAML."""
+    if path.is_dir():
+        run = (path / "config.yaml").is_file()
+        hint = f"; to continue the run in it: directpred train --resume {path}" if run else ""
+        raise ConfigError(f"{what} {str(path)!r} is a directory, not a YAML file{hint}")
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({yaml_error(exc)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not a YAML text file ({exc})") from None
 
 
 def read_run_config(run_dir: str | Path) -> Config:

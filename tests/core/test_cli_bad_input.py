@@ -120,6 +120,11 @@ CASES = [
     # resume: nothing to resume, or a change that cannot be resumed (the difference in the same line)
     ("no_checkpoint", "train --resume {run}", 1, "first checkpoint); start it again with `directpred train"),
     ("none", "train --resume {run} --set backbone.width=8", 1, "configuration (backbone.width: 4 -> 8). Only these"),
+    # a run directory or a checkpoint given where a YAML file is expected
+    ("none", "train {run}", 2, "is a directory, not a YAML file; to continue the run in it: directpred train --resume"),
+    ("none", "train {run}/checkpoints/last.pt", 2, "last.pt: not a YAML text file ('utf-8' codec can't decode"),
+    ("none", "sweep {run}/checkpoints/last.pt --out {tmp}/sweep", 2, "last.pt: not a YAML text file"),
+    ("none", "theory simulate {run}/checkpoints/last.pt --out {tmp}/sim", 2, "last.pt: not a YAML text file"),
     # what was already refused in one line
     ("missing", "plot {run}", 2, "not a directory; give run directories made by `directpred train`"),
     ("missing", "diagnose {run} --no-data", 2, "no such run directory or checkpoint file"),
