@@ -121,7 +121,9 @@ def read_backbone(
     source = Path(source)
     if source.is_dir():
         cfg = load_config(None, overrides, base=read_run_config(source).to_dict())
-        state = load_checkpoint(Path(checkpoint) if checkpoint else source / "checkpoints" / "last.pt")
+        state = load_checkpoint(
+            Path(checkpoint) if checkpoint else source / "checkpoints" / "last.pt", require=("model",)
+        )
         return _from_checkpoint(state, cfg)
     state = load_checkpoint(source)
     if state.get("format") == FORMAT:

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(None, args.set, base=saved.to_dict())
     ckpt = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "last.pt"
     device = resolve_device(cfg.train.device)
-    state = load_checkpoint(ckpt, map_location=device)
+    state = load_checkpoint(ckpt, map_location=device, require=("model", "step"))
     torch.manual_seed(cfg.train.seed)
     method = build_method(cfg).to(device)
     if resolve_channels_last(cfg.train.channels_last, method, device):

@@ -108,9 +108,12 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, require: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (or an exported backbone), with a clear error when it is
-    missing or corrupt.
+    missing or corrupt, or lacks one of the entries ``require`` (e.g. ``("model", "step")``: a training checkpoint,
+    not an exported backbone).
 
     Only tensors and plain data (dicts, lists, numbers, strings) are unpickled (``torch.load(weights_only=True)``):
     a file that would construct any other object, e.g. one crafted to run code while loading, is refused before
@@ -141,6 +144,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is corrupt or not a checkpoint ({reason}); {earlier}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a directpred checkpoint (it holds a {type(state).__name__})")
+    missing = [key for key in require if key not in state]
+    if missing:
+        what = (
+            "an exported backbone (`directpred export`)"
+            if state.get("format") == "directpred-backbone"  # directpred.export.FORMAT (export imports this module)
+            else f"not a training checkpoint (no {', '.join(map(repr, missing))})"
+        )
+        raise CheckpointError(f"{path} is {what}; give a training run's checkpoints/last.pt or epoch_XXXX.pt")
     return state
 
 

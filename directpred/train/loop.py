@@ -433,7 +433,9 @@ class Trainer:
     _resume_callback_state: dict[str, Any] = {}
 
     def _load(self, path: Path) -> None:
-        state = load_checkpoint(path, map_location=self.device)
+        state = load_checkpoint(
+            path, map_location=self.device, require=("model", "optimizer", "scaler", "step", "global_batch")
+        )
         if state["global_batch"] != self.global_batch:
             raise TrainingError(
                 f"{path} was trained with a global batch of {state['global_batch']} "

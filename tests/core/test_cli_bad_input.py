@@ -13,6 +13,7 @@ import yaml
 
 from directpred.cli import main
 from directpred.config import load_config
+from directpred.export import export_backbone
 from directpred.train.loop import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,6 +62,12 @@ def _old_key(run: Path) -> None:
     (run / "config.yaml").write_text(yaml.safe_dump(data))
 
 
+def _exported_as_checkpoint(run: Path) -> None:
+    """last.pt replaced by the run's exported backbone (a file `directpred export` wrote)."""
+    export_backbone(run, run / "backbone.pt")
+    shutil.move(run / "backbone.pt", run / CKPT)
+
+
 DAMAGE = {
     "none": lambda run: None,
     "missing": lambda run: shutil.rmtree(run),
@@ -72,6 +79,7 @@ DAMAGE = {
     "broken_config": lambda run: _set_config(run, BROKEN_YAML),
     "empty_config": lambda run: _set_config(run, ""),
     "old_key_config": _old_key,
+    "exported_checkpoint": _exported_as_checkpoint,
 }
 
 # (damage to the run directory, the command ({run}: the run, {tmp}: a scratch folder with broken.yaml and list.yaml,
@@ -125,6 +133,11 @@ CASES = [
     ("none", "train {run}/checkpoints/last.pt", 2, "last.pt: not a YAML text file ('utf-8' codec can't decode"),
     ("none", "sweep {run}/checkpoints/last.pt --out {tmp}/sweep", 2, "last.pt: not a YAML text file"),
     ("none", "theory simulate {run}/checkpoints/last.pt --out {tmp}/sim", 2, "last.pt: not a YAML text file"),
+    # an exported backbone where a training checkpoint is needed (a KeyError before)
+    ("exported_checkpoint", "train --resume {run}", 1, "last.pt is an exported backbone (`directpred export`); give"),
+    ("exported_checkpoint", "eval {run} --no-linear", 1, "last.pt is an exported backbone"),
+    ("exported_checkpoint", "diagnose {run} --no-data", 1, "last.pt is an exported backbone"),
+    ("exported_checkpoint", "export {run} --out {tmp}/b.pt", 1, "last.pt is an exported backbone"),
     # what was already refused in one line
     ("missing", "plot {run}", 2, "not a directory; give run directories made by `directpred train`"),
     ("missing", "diagnose {run} --no-data", 2, "no such run directory or checkpoint file"),
