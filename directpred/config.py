@@ -347,8 +347,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{key}: {value!r} has the wrong type; expected {_type_name(tp)}")
     if origin is list:
         (item,) = get_args(tp) or (Any,)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value]  # a scalar where a list is expected: a one-element list
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]  # a scalar where a list is expected (--set log.backends=wandb): a one-element list
         if isinstance(value, list):
             return value if item is Any else [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
         raise ConfigError(f"{key}: {value!r} has the wrong type; expected a list")

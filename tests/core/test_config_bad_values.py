@@ -116,7 +116,8 @@ BAD = [
     ("diag.rho=1", "diag.rho", "must lie in [0, 1)"),
     ("log.backends=[tensorboard,tensorboard]", "log.backends", "name each tracker once"),
     ("log.backends=[comet]", "log.backends[0]", "expected one of 'tensorboard', 'wandb', 'mlflow'"),
-    ("log.backends=tensorboard", "log.backends", "has the wrong type; expected a list"),
+    ("log.backends={a:1}", "log.backends", "has the wrong type; expected a list"),
+    ("log.backends=comet", "log.backends[0]", "expected one of 'tensorboard', 'wandb', 'mlflow'"),
     ("log.project=''", "log.project", "must not be empty"),
 ]
 
@@ -135,3 +136,25 @@ def test_the_table_covers_every_key_of_the_schema():
     """A new config key must get its impossible values (at least a wrong type) into BAD."""
     named = {key.split("[")[0] for _, key, _ in BAD}
     assert set(flatten(Config().to_dict())) - named == set()
+
+
+def test_a_single_tracker_name_is_a_one_element_list():
+    assert load_config(None, ["log.backends=tensorboard"]).log.backends == ["tensorboard"]
+
+
+def test_a_gpu_index_beyond_the_machine_is_refused_naming_the_ones_there(monkeypatch):
+    """cuda:N passes the config check on any machine; where the run starts, an N the machine lacks is a ConfigError
+    (torch's 'invalid device ordinal' later)."""
+    import torch
+
+    from directpred.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ConfigError) as info:
+        resolve_device("cuda:2")
+    assert (
+        str(info.value)
+        == "train.device='cuda:2' but this machine has 2 GPU(s) (cuda:0 to cuda:1); use one of them, or auto"
+    )
