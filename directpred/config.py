@@ -347,8 +347,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{key}: {value!r} has the wrong type; expected {_type_name(tp)}")
     if origin is list:
         (item,) = get_args(tp) or (Any,)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value]  # a scalar where a list is expected: a one-element list
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]  # a scalar where a list is expected (--set log.backends=wandb): a one-element list
         if isinstance(value, list):
             return value if item is Any else [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
         raise ConfigError(f"{key}: {value!r} has the wrong type; expected a list")
@@ -378,25 +378,40 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: {value!r} has the wrong type; expected {_type_name(tp)}")
 
 
-def merge_into(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+def merge_into(obj: Any, updates: dict[str, Any], prefix: str = "", *, root: Any = None) -> None:
     """Strictly merge a nested dict into the dataclass ``obj`` in place (unknown keys and wrong types raise
-    :class:`ConfigError` naming the key). Also used by ``directpred theory simulate``."""
+    :class:`ConfigError` naming the key; a key of another section is suggested, ``train.lr`` -> ``optim.lr``). Also
+    used by ``directpred theory simulate``. ``root``: the whole configuration when ``obj`` is one of its sections."""
+    root = obj if root is None else root
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in updates.items():
         full = f"{prefix}{key}"
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key '{full}'.{hint} Allowed keys here: {', '.join(names)}")
+            elsewhere = [k for k in _leaf_keys(root) if k.rsplit(".", 1)[-1] == str(key)]
+            close = [prefix + c for c in difflib.get_close_matches(str(key), names, n=1)]
+            hint = " or ".join(f"'{k}'" for k in elsewhere or close)
+            raise ConfigError(
+                f"unknown config key '{full}'.{f' Did you mean {hint}?' if hint else ''} Allowed keys here: "
+                + ", ".join(names)
+            )
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 keys = ", ".join(f.name for f in dataclasses.fields(current))
                 raise ConfigError(f"{full}: expected a mapping of its keys ({keys})")
-            merge_into(current, value, f"{full}.")
+            merge_into(current, value, f"{full}.", root=root)
         else:
             setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def _leaf_keys(obj: Any, prefix: str = "") -> list[str]:
+    """The dotted names of every setting of the dataclass ``obj`` (its sections' keys, not the sections)."""
+    keys = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        keys += _leaf_keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
+    return keys
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -413,7 +428,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: cannot parse the value: {exc}") from None
+        raise ConfigError(f"override {text!r}: cannot parse the value ({yaml_error(exc)})") from None
     return key, value
 
 
@@ -465,12 +480,7 @@ def load_config(
         merge_into(cfg, base, "")
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (method, predictor, ...)")
         merge_into(cfg, data, "")
@@ -552,17 +562,14 @@ def validate(cfg: Config) -> None:
         "the no-stop-gradient ablation (Theorem 2) needs method.name=simsiam: BYOL's EMA target gets no gradient",
     )
     _check(b.width >= 1, "backbone.width", b.width, "base channel count must be >= 1 (64 is standard)")
-    _check(
-        cfg.projector.hidden_dim >= 1 and cfg.projector.out_dim >= 1,
-        "projector",
-        cfg.projector,
-        "hidden_dim and out_dim must be >= 1",
-    )
+    _check(cfg.projector.hidden_dim >= 1, "projector.hidden_dim", cfg.projector.hidden_dim, "must be >= 1")
+    _check(cfg.projector.out_dim >= 1, "projector.out_dim", cfg.projector.out_dim, "must be >= 1 (the size d of F^)")
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "must lie in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _check(o.alpha_p >= 0, "optim.alpha_p", o.alpha_p, "must be >= 0 (0 freezes the predictor)")
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
+    _check(o.lars_eta > 0, "optim.lars_eta", o.lars_eta, "the LARS trust coefficient must be > 0 (e.g. 0.001)")
     _check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
     _check(0 <= t.seed < 2**32, "train.seed", t.seed, "must lie in [0, 2**32) (it seeds torch generators)")
     _check(t.batch_size >= 2, "train.batch_size", t.batch_size, "must be >= 2 (BatchNorm needs two samples)")
@@ -577,14 +584,17 @@ def validate(cfg: Config) -> None:
         "must be >= 0 (0 = stop at the first non-finite loss or gradient; N = skip up to N such steps)",
     )
     _check(
-        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
         "train.device",
         t.device,
         "use auto, cpu, cuda or cuda:N",
     )
-    _check(d.train_subset >= 0 and d.test_subset >= 0, "data.train_subset", d.train_subset, "must be >= 0")
+    _check(d.train_subset >= 0, "data.train_subset", d.train_subset, "must be >= 0 (0 = all)")
+    _check(d.test_subset >= 0, "data.test_subset", d.test_subset, "must be >= 0 (0 = all)")
     _check(d.image_size >= 0, "data.image_size", d.image_size, "must be >= 0 (0 = the dataset's size)")
     _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
+    _check(bool(d.root), "data.root", d.root, "must name a folder (torchvision's datasets live there)")
+    _check(bool(d.cache_dir), "data.cache_dir", d.cache_dir, "must name a folder (decoded archives go there)")
     _check(d.decode_size >= 0, "data.decode_size", d.decode_size, "must be >= 0 (0 = data.image_size)")
     _check(
         not d.stream or d.image_size > 0,
@@ -640,8 +650,10 @@ def validate(cfg: Config) -> None:
     _check(e.knn_t > 0, "eval.knn_t", e.knn_t, "the temperature must be > 0")
     _check(e.linear_epochs >= 1, "eval.linear_epochs", e.linear_epochs, "must be >= 1")
     _check(e.linear_lr > 0, "eval.linear_lr", e.linear_lr, "must be > 0")
+    _check(e.linear_weight_decay >= 0, "eval.linear_weight_decay", e.linear_weight_decay, "must be >= 0")
     _check(e.online_probe_lr > 0, "eval.online_probe_lr", e.online_probe_lr, "must be > 0")
-    _check(e.linear_batch_size >= 1 and e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
+    _check(e.linear_batch_size >= 1, "eval.linear_batch_size", e.linear_batch_size, "must be >= 1")
+    _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
     _check(
         len(set(cfg.log.backends)) == len(cfg.log.backends), "log.backends", cfg.log.backends, "name each tracker once"
     )
@@ -656,6 +668,68 @@ def path_exists(path: str) -> bool:
         return Path(path).expanduser().exists()
     except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, an unknown ~user
         return False
+
+
+def yaml_error(exc: yaml.YAMLError) -> str:
+    """A YAML parse error in one line, where and what (PyYAML's own message quotes the text over several lines).
+
+    Examples:
+        >>> try:
+        ...     yaml.safe_load("train: {epochs: 1\\n  x: [")
+        ... except yaml.YAMLError as exc:
+        ...     yaml_error(exc)
+        "line 2, column 4: expected ',' or '}', but got ':'"
+    """
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
+def read_yaml(path: Path, what: str = "config file") -> Any:
+    """The parsed content of a YAML file; :class:`ConfigError` naming it when it is missing, a folder (a run
+    directory: the ``--resume`` hint), not text (e.g. a checkpoint) or not YAML."""
+    if path.is_dir():
+        run = (path / "config.yaml").is_file()
+        hint = f"; to continue the run in it: directpred train --resume {path}" if run else ""
+        raise ConfigError(f"{what} {str(path)!r} is a directory, not a YAML file{hint}")
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({yaml_error(exc)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not a YAML text file ({exc})") from None
+
+
+def read_run_config(run_dir: str | Path) -> Config:
+    """The validated configuration of a run directory: its ``config.yaml``, written by ``directpred train``.
+
+    Raises:
+        ConfigError: the file is missing, empty, not YAML, not a mapping, or holds a key or value this version
+            refuses; the message names the file and the fix.
+    """
+    cfg_file = Path(run_dir) / "config.yaml"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{run_dir}: no config.yaml there; give a run directory made by `directpred train`")
+    damaged = "restore it (the checkpoint holds a copy under 'config') or start a new run"
+    try:
+        data = yaml.safe_load(cfg_file.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{cfg_file}: not valid YAML ({yaml_error(exc)}); {damaged}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{cfg_file}: cannot read it ({exc}); {damaged}") from None
+    if not isinstance(data, dict) or not data:
+        found = "it is empty" if data is None or data == {} else f"it holds a {type(data).__name__}"
+        raise ConfigError(f"{cfg_file}: {found}, not the run's config (a mapping of sections); {damaged}")
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{cfg_file}: {exc} (in the run's saved config, perhaps written by another version of directpred: "
+            "edit the file, or start a new run)"
+        ) from None
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from directpred.backbones import resnet
@@ -117,15 +116,14 @@ def read_backbone(
         CheckpointError: the file is missing, corrupt, or not a directpred checkpoint/export.
         ConfigError: the run's configuration cannot be read.
     """
-    from directpred.config import load_config
+    from directpred.config import load_config, read_run_config
 
     source = Path(source)
     if source.is_dir():
-        cfg_file = source / "config.yaml"
-        if not cfg_file.is_file():
-            raise ConfigError(f"{source}: no config.yaml; give a run directory made by `directpred train`")
-        cfg = load_config(None, overrides, base=yaml.safe_load(cfg_file.read_text()))
-        state = load_checkpoint(Path(checkpoint) if checkpoint else source / "checkpoints" / "last.pt")
+        cfg = load_config(None, overrides, base=read_run_config(source).to_dict())
+        state = load_checkpoint(
+            Path(checkpoint) if checkpoint else source / "checkpoints" / "last.pt", require=("model",)
+        )
         return _from_checkpoint(state, cfg)
     state = load_checkpoint(source)
     if state.get("format") == FORMAT:

@@ -23,6 +23,11 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"train.device={name!r} but this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}); use one of them, or auto"
+        )
     return device
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import re
+
+from directpred.config import ConfigError
 
 
 def run(args: argparse.Namespace) -> int:
@@ -10,6 +13,10 @@ def run(args: argparse.Namespace) -> int:
     from directpred.export import embed, read_backbone, read_image_folder, save_features
     from directpred.runtime import resolve_device
 
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1 (images per forward pass, e.g. 256)")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        raise ConfigError(f"--device {args.device!r}: use auto, cpu, cuda or cuda:N")
     exp = read_backbone(args.source, checkpoint=args.checkpoint)
     data, names = read_image_folder(
         args.data, image_size=exp.image_size, split=args.split, skip_corrupt=args.skip_corrupt

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
-from directpred.config import ConfigError, EvalConfig
+from directpred.config import EvalConfig
 
 
 def print_results(results: Mapping[str, object], header: str, eval_cfg: EvalConfig) -> None:
@@ -30,31 +31,27 @@ def print_results(results: Mapping[str, object], header: str, eval_cfg: EvalConf
 def run(args: argparse.Namespace) -> int:
     """``directpred eval``: kNN + linear probe of a run's checkpoint, into ``RUN_DIR/eval.json``."""
     import torch
-    import yaml
 
     from directpred.backbones import resolve_channels_last
-    from directpred.config import config_from_dict, load_config
+    from directpred.config import load_config, read_run_config
     from directpred.data.datasets import DataBundle, load_data
     from directpred.data.stream import StreamData, load_stream_data
     from directpred.eval.protocol import evaluate
     from directpred.methods import build_method
     from directpred.runtime import resolve_device, resolve_precision
-    from directpred.train.checkpoint import atomic_write_json, load_checkpoint
+    from directpred.train.checkpoint import atomic_write_json, load_checkpoint, load_model_state
 
     run_dir = Path(args.run_dir)
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.is_file():
-        raise ConfigError(f"{run_dir}: no config.yaml; give a run directory made by `directpred train`")
-    saved = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+    saved = read_run_config(run_dir)
     cfg = load_config(None, args.set, base=saved.to_dict())
     ckpt = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "last.pt"
     device = resolve_device(cfg.train.device)
-    state = load_checkpoint(ckpt, map_location=device)
+    state = load_checkpoint(ckpt, map_location=device, require=("model", "step"))
     torch.manual_seed(cfg.train.seed)
     method = build_method(cfg).to(device)
     if resolve_channels_last(cfg.train.channels_last, method, device):
         method = method.to(memory_format=torch.channels_last)
-    method.load_state_dict(state["model"])
+    load_model_state(method, state["model"], ckpt)
     data: DataBundle | StreamData
     if cfg.data.stream:
         data = load_stream_data(cfg.data)
@@ -72,7 +69,11 @@ def run(args: argparse.Namespace) -> int:
     print_results(results, f"{run_dir} (checkpoint {ckpt.name}, step {state['step']}):", cfg.eval)
     summary_file = run_dir / "summary.json"
     if summary_file.is_file() and not args.checkpoint:
-        s = json.loads(summary_file.read_text())
+        try:
+            s = json.loads(summary_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # e.g. edited by hand
+            warnings.warn(f"{summary_file}: unreadable ({exc}); no comparison with the training run", stacklevel=1)
+            s = {}
         for key in ("knn_top1", "linear_top1", "linear_top1_best"):
             if s.get(key) is not None and results.get(key) is not None:
                 print(

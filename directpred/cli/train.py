@@ -55,10 +55,8 @@ def stop_on_signals(trainer: Trainer) -> Iterator[None]:
 
 def run(args: argparse.Namespace) -> int:
     """``directpred train``: a new run, or ``--resume``; SIGINT/SIGTERM stop it after a step (exit 128+signal)."""
-    import yaml
-
     from directpred import distributed
-    from directpred.config import config_from_dict, dump_config, load_config
+    from directpred.config import dump_config, load_config, read_run_config
     from directpred.train.checkpoint import atomic_write_text
     from directpred.train.faults import TrainingInterrupted
     from directpred.train.loop import Trainer
@@ -67,18 +65,14 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         cfg_file = run_dir / "config.yaml"
-        if not cfg_file.is_file():
-            raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
         if args.config:
             raise ConfigError(
                 "give either a CONFIG file or --resume RUN_DIR, not both (use --set to change "
                 "allowed settings such as train.epochs on resume)"
             )
-        saved = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+        saved = read_run_config(run_dir)
         cfg = load_config(None, args.set, base=saved.to_dict())
         check_resume_config(saved, cfg, force=args.force)
-        if cfg != saved and distributed.is_main():
-            atomic_write_text(cfg_file, dump_config(cfg))
         trainer = Trainer(cfg, run_dir, resume=True, command=" ".join(sys.argv))
     else:
         if not args.config:
@@ -91,6 +85,12 @@ def run(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg, run_dir, command=" ".join(sys.argv))
     try:
         with stop_on_signals(trainer):
+            if args.resume and cfg != saved:
+                # The changed config.yaml is written only once the checkpoint has loaded into the model it
+                # describes: a resume that fails (no checkpoint, a corrupt one, --force of a new shape) leaves it.
+                trainer.setup()
+                if distributed.is_main():
+                    atomic_write_text(cfg_file, dump_config(cfg))
             summary = trainer.fit()
     except TrainingInterrupted as exc:
         if distributed.is_main():

@@ -13,6 +13,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,13 @@ def _series(rows: list[dict[str, Any]], kind: str, key: str, x: str = "step") ->
 
 def _summary(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:  # e.g. edited by hand
+        warnings.warn(f"{path}: unreadable ({exc}); the plots leave out its final values", stacklevel=2)
+        return {}
 
 
 def _labels(run_dirs: list[Path]) -> list[str]:

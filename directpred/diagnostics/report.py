@@ -43,7 +43,7 @@ def diagnose(target: Path, *, batches: int = 2, use_data: bool = True) -> tuple[
     Jacobian needs these batches.
     """
     ckpt, _ = resolve_checkpoint(target)
-    state = load_checkpoint(ckpt, map_location="cpu")
+    state = load_checkpoint(ckpt, map_location="cpu", require=("model", "config"))
     cfg = config_from_dict(state["config"])
     cfg.train.device = "cpu"
     torch.manual_seed(cfg.train.seed)

@@ -29,9 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-import yaml
-
-from directpred.config import ConfigError, config_from_dict, diff_configs
+from directpred.config import ConfigError, diff_configs, read_run_config
 from directpred.sweep.spec import Run, Sweep, yaml_value
 
 LENGTH_KEYS = ("train.epochs", "train.max_steps")  # a finished run asked for more of these is resumed
@@ -80,9 +78,9 @@ def plan_run(sweep: Sweep, run: Run, out: Path) -> Plan:
     if not cfg_file.is_file() or not ckpt.is_file() and not (run_dir / "summary.json").is_file():
         return Plan(run, run_dir, "new")
     try:
-        saved = config_from_dict(yaml.safe_load(cfg_file.read_text()))
-    except (ConfigError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{cfg_file}: cannot read the run's config ({exc}); remove {run_dir} to restart it") from None
+        saved = read_run_config(run_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; in this sweep, removing {run_dir} restarts that run") from None
     diffs = diff_configs(saved, sweep.config(run))
     fixed = {
         k: v

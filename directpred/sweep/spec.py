@@ -30,7 +30,15 @@ from typing import Any
 
 import yaml
 
-from directpred.config import DATA_PATH_KEYS, Config, ConfigError, absolute_data_path, load_config, parse_override
+from directpred.config import (
+    DATA_PATH_KEYS,
+    Config,
+    ConfigError,
+    absolute_data_path,
+    load_config,
+    parse_override,
+    read_yaml,
+)
 
 TOP_KEYS = ("base", "set", "axes", "variants", "seeds", "paper")
 PAPER_KEYS = ("note", "values")
@@ -186,12 +194,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         ConfigError: an unknown key, a malformed entry, or a run whose config does not validate (naming the cell).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path, "sweep file")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with keys {', '.join(TOP_KEYS)}")
     unknown = [k for k in data if k not in TOP_KEYS]

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 
-from directpred.config import ConfigError, merge_into, parse_override
+from directpred.config import ConfigError, merge_into, parse_override, read_yaml
 
 # ----------------------------------------------------------------------------------------------------
 # Config of `simulate`
@@ -93,7 +92,7 @@ def build_simulate_config(raw: dict[str, Any], overrides: Sequence[str] = ()) ->
 
 def load_simulate_config(path: str | Path, overrides: Sequence[str] = ()) -> SimulateConfig:
     """Read a YAML file and apply overrides (see :func:`build_simulate_config`)."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = read_yaml(Path(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values")
     return build_simulate_config(raw, overrides)

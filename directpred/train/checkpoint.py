@@ -108,9 +108,12 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, require: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (or an exported backbone), with a clear error when it is
-    missing or corrupt.
+    missing or corrupt, or lacks one of the entries ``require`` (e.g. ``("model", "step")``: a training checkpoint,
+    not an exported backbone).
 
     Only tensors and plain data (dicts, lists, numbers, strings) are unpickled (``torch.load(weights_only=True)``):
     a file that would construct any other object, e.g. one crafted to run code while loading, is refused before
@@ -122,29 +125,58 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    earlier = "use an earlier checkpoint from the same folder (checkpoints/epoch_XXXX.pt)"
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes), not a checkpoint; {earlier}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt or foreign file
-        if "Weights only load failed" in str(exc):
+        # An unknown opcode means bytes that are no pickle at all (random or overwritten data), not a crafted one.
+        if "Weights only load failed" in str(exc) and "Unsupported operand" not in str(exc):
             raise CheckpointError(
                 f"refusing to load {path}: it holds objects other than tensors and plain data "
                 f"({_unsafe_reason(str(exc))}), which directpred never writes; it may have been "
                 "crafted to run code. Nothing in it was executed. Load only checkpoints you "
                 "trust"
             ) from None
-        raise CheckpointError(
-            f"{path} is corrupt or unreadable ({type(exc).__name__}: {exc}); use an earlier "
-            "checkpoint from the same folder"
-        ) from None
+        reason = _unsafe_reason(str(exc)) if "Unsupported operand" in str(exc) else f"{type(exc).__name__}: {exc}"
+        reason = " ".join(reason.split()).split(". ")[0].rstrip(": .")  # one line; torch's first sentence
+        raise CheckpointError(f"{path} is corrupt or not a checkpoint ({reason}); {earlier}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a directpred checkpoint (it holds a {type(state).__name__})")
+    missing = [key for key in require if key not in state]
+    if missing:
+        what = (
+            "an exported backbone (`directpred export`)"
+            if state.get("format") == "directpred-backbone"  # directpred.export.FORMAT (export imports this module)
+            else f"not a training checkpoint (no {', '.join(map(repr, missing))})"
+        )
+        raise CheckpointError(f"{path} is {what}; give a training run's checkpoints/last.pt or epoch_XXXX.pt")
     return state
+
+
+def load_model_state(model: torch.nn.Module, weights: dict[str, Any], path: str | Path) -> None:
+    """``model.load_state_dict(weights)``, where a checkpoint made for a differently shaped model (another
+    ``backbone.*``, ``projector.*`` or ``predictor.*``) is a :class:`CheckpointError` naming the first mismatch."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        if "Error(s) in loading state_dict" not in str(exc):
+            raise
+        problems = [" ".join(line.split()) for line in str(exc).splitlines()[1:] if line.strip()]
+        first = (problems[0] if problems else "the parameters differ").rstrip(".")
+        first = first if len(first) <= 200 else first[:200] + "..."
+        raise CheckpointError(
+            f"{path} does not fit the configured model ({first}{'; and more' if len(problems) > 1 else ''}): it was "
+            "written with another backbone/projector/predictor configuration; use the configuration of the run that "
+            "wrote it (no --set or --force of backbone.*, projector.*, predictor.*)"
+        ) from None
 
 
 def _unsafe_reason(message: str) -> str:
     """The line of torch's weights-only error that names what it refused, e.g. 'Trying to load unsupported GLOBAL
     posix.system whose module posix is blocked'."""
     for line in message.splitlines()[1:]:
-        if "unsupported" in line.lower():
+        if "unsupported" in line.lower() and "compatible with your use case" not in line:
             return line.strip().rstrip(".")
     return "unsupported pickle content"

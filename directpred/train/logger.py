@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -230,13 +231,9 @@ def truncate_metrics(path: str | Path, step: int) -> int:
 
     path = Path(path)
     keep, dropped = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            dropped += 1
-            continue
-        if int(row.get("step", 0)) > step:
+    for line in path.read_text(errors="replace").splitlines():
+        row = _metrics_row(line)
+        if row is None or row.get("step", 0) > step:
             dropped += 1
         else:
             keep.append(line + "\n")
@@ -251,9 +248,30 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return rows
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    lines = path.read_text(errors="replace").splitlines()
+    bad = []
+    for number, line in enumerate(lines, 1):
+        row = _metrics_row(line)
+        if row is None:
+            bad.append(number)
+        else:
+            rows.append(row)
+    if bad and bad != [len(lines)]:  # more than the torn last line of a killed writer: the file was damaged
+        warnings.warn(
+            f"{path}: skipped {len(bad)} unreadable line(s) (line {', '.join(map(str, bad[:5]))}"
+            f"{', ...' if len(bad) > 5 else ''}); the other rows are used",
+            stacklevel=2,
+        )
     return rows
+
+
+def _metrics_row(line: str) -> dict[str, Any] | None:
+    """A ``metrics.jsonl`` line as its row; None for a torn or damaged line (not a JSON object with an integer
+    ``step``)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(row, dict) or type(row.get("step", 0)) is not int:
+        return None
+    return row

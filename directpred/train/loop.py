@@ -41,7 +41,7 @@ from directpred.eval.protocol import evaluate
 from directpred.methods import build_method, ema_momentum
 from directpred.runtime import git_commit, resolve_device, resolve_precision
 from directpred.train.callbacks import Callback, DiagnosticsCallback, StepResult, default_callbacks
-from directpred.train.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from directpred.train.checkpoint import atomic_write_json, load_checkpoint, load_model_state, save_checkpoint
 from directpred.train.faults import (
     NonFiniteGuard,
     TrainingDiverged,
@@ -463,14 +463,16 @@ class Trainer:
     _resume_callback_state: dict[str, Any] = {}
 
     def _load(self, path: Path) -> None:
-        state = load_checkpoint(path, map_location=self.device)
+        state = load_checkpoint(
+            path, map_location=self.device, require=("model", "optimizer", "scaler", "step", "global_batch")
+        )
         if state["global_batch"] != self.global_batch:
             raise TrainingError(
                 f"{path} was trained with a global batch of {state['global_batch']} "
                 f"({state['world_size']} process(es)); now it would be {self.global_batch}. Resume "
                 "with the same batch_size x number of processes so the data order is unchanged"
             )
-        self.method.load_state_dict(state["model"])
+        load_model_state(self.method, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])

@@ -39,7 +39,10 @@ def prepare_run_dir(run_dir: Path, cfg: Config, *, resume: bool, command: str) -
     if distributed.is_main():
         if resume:
             if not (ckpt_dir / "last.pt").is_file():
-                raise TrainingError(f"nothing to resume in {run_dir}: no checkpoints/last.pt")
+                raise TrainingError(
+                    f"nothing to resume in {run_dir}: no checkpoints/last.pt (the run stopped before its first "
+                    f"checkpoint); start it again with `directpred train {run_dir / 'config.yaml'} --out {run_dir}`"
+                )
         elif (ckpt_dir / "last.pt").is_file():
             raise TrainingError(
                 f"{run_dir} already holds a run; continue it with "
@@ -72,11 +75,9 @@ def check_resume_config(saved: Config, new: Config, *, force: bool = False) -> N
         if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUMABLE_CHANGES)
     }
     if changes and not force:
-        lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
         raise TrainingError(
-            "the run would resume with a different configuration:\n"
-            + lines
-            + "\nOnly these may change on resume: "
+            f"the run would resume with a different configuration ({shown}). Only these may change on resume: "
             + ", ".join(RESUMABLE_CHANGES)
             + ". Start a new run, or pass --force to resume anyway."
         )

@@ -6,8 +6,9 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
-from directpred.config import Config, ConfigError, diff_configs, load_config, parse_override
+from directpred.config import Config, ConfigError, diff_configs, load_config, nest, parse_override
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,6 +84,24 @@ def test_exponent_notation_is_a_float_where_a_float_is_expected(tmp_path):
 def test_unknown_key_suggests_the_closest():
     with pytest.raises(ConfigError, match="Did you mean 'predictor.rho'"):
         load_config(None, ["predictor.rh=0.5"])
+
+
+@pytest.mark.parametrize(
+    "override,suggestion",
+    [
+        ("train.lr=0.1", "'optim.lr'"),
+        ("optim.seed=3", "'train.seed'"),
+        ("rho=0.5", "'predictor.rho' or 'diag.rho'"),
+    ],
+)
+def test_a_key_of_another_section_is_suggested(override, suggestion, tmp_path):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(f"unknown config key '{key}'. Did you mean {suggestion}?")):
+        load_config(None, [override])
+    f = tmp_path / "c.yaml"  # the same in a config file
+    f.write_text(yaml.safe_dump(nest(key, 1)))
+    with pytest.raises(ConfigError, match=re.escape(f"Did you mean {suggestion}?")):
+        load_config(f)
 
 
 def test_missing_data_path_is_named(tmp_path):

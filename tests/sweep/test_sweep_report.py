@@ -9,6 +9,7 @@ import json
 import statistics
 from pathlib import Path
 
+import pytest
 import yaml
 
 from directpred.sweep import load_sweep, write_reports
@@ -120,3 +121,29 @@ def test_report_statistics_and_layout(tmp_path, tiny_folder):
         (out / "results.json").read_text(),
         (out / "results.csv").read_text(),
     )
+
+
+def test_an_unreadable_summary_is_a_failed_run_naming_the_file(tmp_path, tiny_folder):
+    """A summary.json that is no JSON object (edited by hand, a bad copy) counts as failed, with the fix, instead
+    of stopping the report with a JSONDecodeError."""
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(REPO / "configs" / "cpu" / "quickstart.yaml"),
+                "set": {"data.path": str(tiny_folder)},
+                "variants": {"a": {"predictor.name": "directpred"}},
+                "seeds": [0, 1],
+            }
+        )
+    )
+    out = tmp_path / "out"
+    for seed in (0, 1):
+        _run(out, "a", seed, knn=50.0 + seed, lin=40.0, best=41.0, curve=[(1, 30.0)], collapsed=False, ips=1.0)
+    bad = out / "runs" / "a" / "seed1" / "summary.json"
+    bad.write_text('{"knn_top1": 5')
+    with pytest.warns(UserWarning, match="summary.json: unreadable"):
+        res = write_reports(load_sweep(sweep_file), out)
+    assert [r["status"] for r in res["runs"]] == ["done", "failed"]
+    assert res["runs"][1]["error"] == f"{bad} is unreadable; remove it and run the sweep again"
+    assert (res["cells"][0]["n"], res["cells"][0]["knn_top1"]["mean"], res["cells"][0]["failed"]) == (1, 50.0, [1])

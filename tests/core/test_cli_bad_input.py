@@ -1,0 +1,245 @@
+"""Misuse of every subcommand (a missing or damaged run directory, checkpoint, config or metrics file, a malformed
+``--set``) ends in one ``directpred...: error`` line that names the problem and the fix, never in a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from directpred.cli import main
+from directpred.config import load_config
+from directpred.export import export_backbone
+from directpred.train.loop import Trainer
+
+REPO = Path(__file__).resolve().parents[2]
+CKPT = Path("checkpoints") / "last.pt"
+BROKEN_YAML = "train: {epochs: 1\n  x: ["  # PyYAML's message for it spans eight lines
+YAML_PROBLEM = "not valid YAML (line 2, column 4: expected ',' or '}', but got ':')"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_folder, tmp_path_factory) -> Path:
+    """A finished two-step run of the tiny network; each test damages its own copy."""
+    base = tmp_path_factory.mktemp("cli_bad_input")
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=folder",
+            f"data.path={tiny_folder}",
+            f"data.cache_dir={base / 'cache'}",
+            "backbone.width=4",
+            "projector.hidden_dim=32",
+            "projector.out_dim=16",
+            "train.batch_size=16",
+            "train.max_steps=2",
+            "train.progress=false",
+            "train.device=cpu",
+            "train.precision=fp32",
+            "eval.knn_every=0",
+            "eval.linear=false",
+            "eval.knn_k=10",
+            "diag.every=0",
+            "log.backends=[]",
+        ],
+    )
+    Trainer(cfg, base / "run").fit()
+    return base / "run"
+
+
+def _set_config(run: Path, text: str) -> None:
+    (run / "config.yaml").write_text(text)
+
+
+def _old_key(run: Path) -> None:
+    """A config.yaml with a key this version does not know (a run written by another version)."""
+    data = yaml.safe_load((run / "config.yaml").read_text())
+    data["predictor"]["old_knob"] = 3
+    (run / "config.yaml").write_text(yaml.safe_dump(data))
+
+
+def _exported_as_checkpoint(run: Path) -> None:
+    """last.pt replaced by the run's exported backbone (a file `directpred export` wrote)."""
+    export_backbone(run, run / "backbone.pt")
+    shutil.move(run / "backbone.pt", run / CKPT)
+
+
+DAMAGE = {
+    "none": lambda run: None,
+    "missing": lambda run: shutil.rmtree(run),
+    "no_checkpoint": lambda run: shutil.rmtree(run / "checkpoints"),
+    "empty_checkpoint": lambda run: (run / CKPT).write_bytes(b""),
+    "random_checkpoint": lambda run: (run / CKPT).write_bytes(np.random.default_rng(0).bytes(4096)),
+    "truncated_checkpoint": lambda run: (run / CKPT).write_bytes((run / CKPT).read_bytes()[:20_000]),
+    "list_config": lambda run: _set_config(run, "- 1\n- 2\n"),
+    "broken_config": lambda run: _set_config(run, BROKEN_YAML),
+    "empty_config": lambda run: _set_config(run, ""),
+    "old_key_config": _old_key,
+    "exported_checkpoint": _exported_as_checkpoint,
+}
+
+# (damage to the run directory, the command ({run}: the run, {tmp}: a scratch folder with broken.yaml and list.yaml,
+# {data}: an ImageFolder), exit code, a fragment of the one error line)
+CASES = [
+    # a run directory's config.yaml that is missing, not YAML, not a mapping, or from another version
+    ("missing", "train --resume {run}", 2, "no config.yaml there; give a run directory made by `directpred train`"),
+    ("list_config", "train --resume {run}", 2, "config.yaml: it holds a list, not the run's config"),
+    ("broken_config", "train --resume {run}", 2, f"config.yaml: {YAML_PROBLEM}; restore it"),
+    ("empty_config", "train --resume {run}", 2, "config.yaml: it is empty, not the run's config"),
+    ("old_key_config", "train --resume {run}", 2, "unknown config key 'predictor.old_knob'"),
+    ("missing", "eval {run} --no-linear", 2, "no config.yaml there"),
+    ("list_config", "eval {run} --no-linear", 2, "config.yaml: it holds a list"),
+    ("broken_config", "eval {run} --no-linear", 2, YAML_PROBLEM),
+    ("empty_config", "eval {run} --no-linear", 2, "config.yaml: it is empty"),
+    ("old_key_config", "eval {run} --no-linear", 2, "perhaps written by another version of directpred: edit the file"),
+    ("broken_config", "export {run} --out {tmp}/b.pt", 2, YAML_PROBLEM),
+    ("empty_config", "export {run} --out {tmp}/b.pt", 2, "config.yaml: it is empty"),  # was a wrong export
+    ("list_config", "embed {run} --data {data} --out {tmp}/f.npy", 2, "config.yaml: it holds a list"),
+    ("empty_config", "embed {run} --data {data} --out {tmp}/f.npy", 2, "config.yaml: it is empty"),
+    # YAML files and --set values that do not parse
+    ("none", "train {tmp}/broken.yaml", 2, f"broken.yaml: {YAML_PROBLEM}"),
+    ("none", "train {tmp}/list.yaml", 2, "list.yaml: the top level must be a mapping of sections"),
+    ("none", "sweep {tmp}/broken.yaml --out {tmp}/sweep --dry-run", 2, f"broken.yaml: {YAML_PROBLEM}"),
+    ("none", "theory simulate {tmp}/broken.yaml --out {tmp}/sim", 2, f"broken.yaml: {YAML_PROBLEM}"),
+    ("none", "theory simulate {tmp}/no.yaml --out {tmp}/sim", 2, "config file '{tmp}/no.yaml' does not exist"),
+    ("none", "train {quickstart} --set train.epochs=[1", 2, "cannot parse the value (line 1, column 3:"),
+    ("none", "train {quickstart} --set train.epochs", 2, "override 'train.epochs' must look like key=value"),
+    ("none", "train {quickstart} --set train.epoch=3", 2, "Did you mean 'train.epochs'?"),
+    ("none", "eval {run} --no-linear --set eval.knn_kk=3", 2, "Did you mean 'eval.knn_k'?"),
+    ("none", "sweep {tmp}/list.yaml --out {tmp}/sweep", 2, "the top level must be a mapping with keys base, set"),
+    # damaged checkpoints: corrupt, not "crafted to run code" (random bytes were called that before)
+    ("empty_checkpoint", "train --resume {run}", 1, "last.pt is empty (0 bytes), not a checkpoint; use an earlier"),
+    ("empty_checkpoint", "export {run} --out {tmp}/b.pt", 1, "last.pt is empty (0 bytes)"),
+    ("random_checkpoint", "eval {run} --no-linear", 1, "last.pt is corrupt or not a checkpoint (Unsupported operand"),
+    ("random_checkpoint", "diagnose {run} --no-data", 1, "last.pt is corrupt or not a checkpoint"),
+    ("random_checkpoint", "embed {run} --data {data} --out {tmp}/f.npy", 1, "last.pt is corrupt or not a checkpoint"),
+    ("truncated_checkpoint", "train --resume {run}", 1, "last.pt is corrupt or not a checkpoint ("),
+    ("none", "export {tmp}/list.yaml --out {tmp}/b.pt", 1, "list.yaml is corrupt or not a checkpoint"),
+    # a checkpoint that does not fit the configured model (a traceback of load_state_dict before)
+    ("none", "eval {run} --no-linear --set backbone.width=8", 1, "does not fit the configured model (size mismatch"),
+    ("none", "train --resume {run} --force --set predictor.name=linear", 1, "does not fit the configured model (Missi"),
+    # embed's own flags (a traceback of range() or torch.device before)
+    ("none", "embed {run} --data {data} --out {tmp}/f.npy --batch-size 0", 2, "--batch-size 0: must be >= 1"),
+    ("none", "embed {run} --data {data} --out {tmp}/f.npy --device cudafoo", 2, "--device 'cudafoo': use auto, cpu"),
+    # resume: nothing to resume, or a change that cannot be resumed (the difference in the same line)
+    ("no_checkpoint", "train --resume {run}", 1, "first checkpoint); start it again with `directpred train"),
+    ("none", "train --resume {run} --set backbone.width=8", 1, "configuration (backbone.width: 4 -> 8). Only these"),
+    # a run directory or a checkpoint given where a YAML file is expected
+    ("none", "train {run}", 2, "is a directory, not a YAML file; to continue the run in it: directpred train --resume"),
+    ("none", "train {run}/checkpoints/last.pt", 2, "last.pt: not a YAML text file ('utf-8' codec can't decode"),
+    ("none", "sweep {run}/checkpoints/last.pt --out {tmp}/sweep", 2, "last.pt: not a YAML text file"),
+    ("none", "theory simulate {run}/checkpoints/last.pt --out {tmp}/sim", 2, "last.pt: not a YAML text file"),
+    # an exported backbone where a training checkpoint is needed (a KeyError before)
+    ("exported_checkpoint", "train --resume {run}", 1, "last.pt is an exported backbone (`directpred export`); give"),
+    ("exported_checkpoint", "eval {run} --no-linear", 1, "last.pt is an exported backbone"),
+    ("exported_checkpoint", "diagnose {run} --no-data", 1, "last.pt is an exported backbone"),
+    ("exported_checkpoint", "export {run} --out {tmp}/b.pt", 1, "last.pt is an exported backbone"),
+    # what was already refused in one line
+    ("missing", "plot {run}", 2, "not a directory; give run directories made by `directpred train`"),
+    ("missing", "diagnose {run} --no-data", 2, "no such run directory or checkpoint file"),
+    ("no_checkpoint", "diagnose {run} --no-data", 2, "no checkpoints/last.pt; give a run directory or a checkpoint"),
+    ("no_checkpoint", "eval {run} --no-linear", 1, "no checkpoint at "),
+    ("no_checkpoint", "export {run} --out {tmp}/b.pt", 1, "no checkpoint at "),
+    ("truncated_checkpoint", "eval {run} --no-linear", 1, "is corrupt or "),
+]
+
+
+def _argv(command: str, run: Path, tmp: Path, data: Path) -> list[str]:
+    quickstart = REPO / "configs" / "cpu" / "quickstart.yaml"
+    return command.format(run=run, tmp=tmp, data=data, quickstart=quickstart).split()
+
+
+@pytest.mark.parametrize(
+    "damage,command,code,message", CASES, ids=[f"{c[1].split()[0]}-{c[0]}-{i}" for i, c in enumerate(CASES)]
+)
+def test_misuse_ends_in_one_error_line(damage, command, code, message, trained, tiny_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    DAMAGE[damage](run)
+    (tmp_path / "broken.yaml").write_text(BROKEN_YAML)
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    assert main(["-q", *_argv(command, run, tmp_path, tiny_folder)]) == code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    errors = [line for line in err if line.startswith("directpred")]
+    assert len(errors) == 1 and errors[0] == err[-1], err  # the error is one line, the last
+    assert message.replace("{tmp}", str(tmp_path)) in errors[0], errors[0]
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_a_failed_resume_leaves_the_run_config_as_it_was(trained, tmp_path, capsys):
+    """config.yaml takes a resume's --set changes only once the checkpoint has loaded into the model they describe:
+    before, a refused --force resume left a config.yaml that no longer fitted the checkpoint."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = (run / "config.yaml").read_text()
+    assert main(["-q", "train", "--resume", str(run), "--force", "--set", "predictor.name=linear"]) == 1
+    assert (run / "config.yaml").read_text() == before
+    (run / CKPT).write_bytes(b"")
+    assert main(["-q", "train", "--resume", str(run), "--set", "train.max_steps=5"]) == 1
+    assert (run / "config.yaml").read_text() == before
+    assert "last.pt is empty (0 bytes)" in capsys.readouterr().err
+
+
+def test_the_hint_for_a_run_without_checkpoint_works(trained, tmp_path, capsys):
+    """`nothing to resume` suggests starting the run again from its own config.yaml, into the same directory."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    shutil.rmtree(run / "checkpoints")
+    assert main(["-q", "train", "--resume", str(run)]) == 1
+    hint = capsys.readouterr().err.strip().splitlines()[-1].split("start it again with `")[1].rstrip("`")
+    assert hint == f"directpred train {run / 'config.yaml'} --out {run}"
+    assert main(["-q", *hint.split()[1:]]) == 0
+    assert (run / CKPT).is_file()
+
+
+def _damage_metrics(run: Path) -> list[str]:
+    """Lines 2-4 of metrics.jsonl replaced by a torn row, a JSON list and a row whose step is a string."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[1:1] = ['{"kind": "train", "st', "[1, 2]", '{"kind": "train", "step": "x", "loss": 1.0}']
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def test_damaged_metrics_lines_are_skipped_with_a_warning_naming_them(trained, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    _damage_metrics(run)
+    assert main(["-q", "plot", str(run), "--out", str(tmp_path / "plots")]) == 0  # an AttributeError before
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"WARNING: UserWarning: {run / 'metrics.jsonl'}: skipped 3 unreadable line(s) (line 2, 3, 4); "
+        "the other rows are used"
+    ]
+    assert (tmp_path / "plots" / "overview.png").is_file()
+
+
+def test_resume_drops_damaged_metrics_lines(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    lines = _damage_metrics(run)
+    assert main(["-q", "train", "--resume", str(run), "--set", "train.max_steps=3"]) == 0  # an AttributeError before
+    kept = (run / "metrics.jsonl").read_text().splitlines()
+    assert kept[: len(lines) - 3] == [line for i, line in enumerate(lines) if i not in (1, 2, 3)]
+    steps = [json.loads(line)["step"] for line in kept if '"kind": "train"' in line]
+    assert steps == [2, 3]  # the fixture's last step (log_every=20 logs only it) and the resumed one, each once
+
+
+def test_an_unreadable_summary_is_warned_about_and_left_out(trained, tmp_path, capsys):
+    """eval compares with the training run's summary.json and plot shows its final values: an unreadable one is a
+    warning naming it (a JSONDecodeError traceback before), the command still does its work."""
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "summary.json").write_text('{"knn_top1": 5')
+    assert main(["-q", "eval", str(run), "--no-linear"]) == 0
+    assert (run / "eval.json").is_file()
+    assert main(["-q", "plot", str(run), "--out", str(tmp_path / "plots")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(" (")[0] for line in err if "channels_last" not in line] == [
+        f"WARNING: UserWarning: {run / 'summary.json'}: unreadable"
+    ] * 2

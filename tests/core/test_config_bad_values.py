@@ -1,0 +1,160 @@
+"""Every config key's impossible values are refused when the config loads, by a ConfigError that names the key and
+what is allowed: one table, one row (or more) per key, and a check that no key of the schema is missing from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from directpred.config import Config, ConfigError, flatten, load_config
+
+REPO_DIR = str(Path(__file__).resolve().parents[2])  # a path that exists (data.path checks)
+STREAM = f"data.stream=true data.dataset=folder data.path={REPO_DIR} data.image_size=32"
+
+# (space-separated overrides, the key the message names, a fragment of what is allowed). The key under test is the
+# named one; the other overrides only set up the context in which its value is impossible.
+BAD = [
+    ("method.name=moco", "method.name", ": 'moco' is not allowed; expected one of 'byol', 'simsiam'"),
+    ("method.ema=1.5", "method.ema", "=1.5 is not allowed: the target momentum must lie in [0, 1]"),
+    ("method.ema=-0.1", "method.ema", "must lie in [0, 1]"),
+    ("method.ema_schedule=linear", "method.ema_schedule", "expected one of 'constant', 'cosine'"),
+    ("method.symmetric_loss=3", "method.symmetric_loss", ": 3 has the wrong type; expected bool"),
+    ("method.stop_gradient=false", "method.stop_gradient", "needs method.name=simsiam"),
+    ("method.target_init=zeros", "method.target_init", "expected one of 'copy', 'random'"),
+    ("predictor.name=mlp3", "predictor.name", "expected one of 'directpred', 'directcopy', 'optimal'"),
+    ("predictor.bias=true", "predictor.bias", "predictor.name=directpred has none"),
+    ("predictor.mlp_bias=maybe", "predictor.mlp_bias", "has the wrong type; expected bool"),
+    ("predictor.symmetric=1", "predictor.symmetric", "has the wrong type; expected bool"),
+    ("predictor.hidden_dim=0", "predictor.hidden_dim", "=0 is not allowed: must be >= 1"),
+    ("predictor.hidden_dim=2.5", "predictor.hidden_dim", "has the wrong type; expected int"),
+    ("predictor.rho=1.0", "predictor.rho", "the moving-average rate must lie in [0, 1)"),
+    ("predictor.rho=-0.1", "predictor.rho", "must lie in [0, 1)"),
+    ("predictor.rho=.nan", "predictor.rho", "is not a finite number"),
+    ("predictor.eps=-0.1", "predictor.eps", "must be >= 0"),
+    ("predictor.eps=.inf", "predictor.eps", "is not a finite number"),
+    ("predictor.freq=0", "predictor.freq", "must be an integer >= 1"),
+    ("predictor.eps_mode=eq18", "predictor.eps_mode", "expected one of 'code', 'paper'"),
+    ("predictor.c=x", "predictor.c", "has the wrong type; expected float"),
+    ("predictor.zero_mean=true predictor.partitions=2", "predictor.zero_mean", "use zero_mean=false with"),
+    ("predictor.average=mean", "predictor.average", "expected one of 'ema', 'cumulative'"),
+    ("predictor.partitions=-1", "predictor.partitions", "must be >= 0 (0 = one global F^)"),
+    ("predictor.partitions=2 predictor.name=linear", "predictor.partitions", "for predictor.name=directpred only"),
+    ("predictor.partitions=2 predictor.average=cumulative", "predictor.partitions", "use the ema average"),
+    ("predictor.ridge=-1", "predictor.ridge", "must be >= 0"),
+    ("predictor.update_at=backward", "predictor.update_at", "expected one of 'forward', 'after_step'"),
+    ("backbone.name=resnet101", "backbone.name", "expected one of 'resnet18', 'resnet34', 'resnet50'"),
+    ("backbone.width=0", "backbone.width", "base channel count must be >= 1"),
+    ("backbone.cifar_stem=maybe", "backbone.cifar_stem", "has the wrong type; expected bool"),
+    ("projector.hidden_dim=0", "projector.hidden_dim", "=0 is not allowed: must be >= 1"),
+    ("projector.out_dim=0", "projector.out_dim", "=0 is not allowed: must be >= 1 (the size d of F^)"),
+    ("projector.bn_affine=2", "projector.bn_affine", "has the wrong type; expected bool"),
+    ("data.dataset=imagenet", "data.dataset", "expected one of 'cifar10', 'cifar100', 'stl10', 'folder'"),
+    ("data.dataset=folder", "data.path", "data.dataset=folder needs data.path"),
+    ("data.path=/no/such/dir", "data.path", "the path does not exist"),
+    ("data.local_copy=3", "data.local_copy", "has the wrong type; expected str or NoneType"),
+    ("data.root=''", "data.root", "must name a folder"),
+    ("data.download=x", "data.download", "has the wrong type; expected bool"),
+    ("data.cache_dir=''", "data.cache_dir", "must name a folder"),
+    ("data.augment=simclr", "data.augment", "expected one of 'cifar', 'stl10', 'imagenet', 'auto'"),
+    ("data.image_size=-1", "data.image_size", "must be >= 0 (0 = the dataset's size)"),
+    (f"{STREAM} data.image_size=0", "data.image_size", "a streamed data set (data.stream=true) needs"),
+    ("data.train_subset=-1", "data.train_subset", "must be >= 0"),
+    (f"{STREAM} data.train_subset=10", "data.train_subset", "subsets are not supported with data.stream=true"),
+    ("data.test_subset=-1", "data.test_subset", "must be >= 0"),
+    ("data.workers=-1", "data.workers", "must be >= 0"),
+    ("data.skip_corrupt=x", "data.skip_corrupt", "has the wrong type; expected bool"),
+    (f"{STREAM} data.dataset=cifar10", "data.stream", "streaming reads data.dataset=folder"),
+    ("data.decode_size=-1", "data.decode_size", "must be >= 0 (0 = data.image_size)"),
+    (f"{STREAM} data.decode_size=16", "data.decode_size", "must be >= data.image_size=32"),
+    ("data.decode=gpu", "data.decode", "expected one of 'auto', 'cpu', 'cuda'"),
+    ("data.jpeg_decoder=pil", "data.jpeg_decoder", "expected one of 'auto', 'torchcodec', 'torchvision'"),
+    ("optim.name=adam", "optim.name", "expected one of 'sgd', 'lars'"),
+    ("optim.lr=0", "optim.lr", "must be > 0"),
+    ("optim.momentum=1.0", "optim.momentum", "must lie in [0, 1)"),
+    ("optim.weight_decay=-1", "optim.weight_decay", "must be >= 0"),
+    ("optim.alpha_p=-1", "optim.alpha_p", "must be >= 0 (0 freezes the predictor)"),
+    ("optim.predictor_weight_decay=.nan", "optim.predictor_weight_decay", "is not a finite number"),
+    ("optim.schedule=cosine", "optim.schedule", "expected one of 'constant', 'warmup_cosine'"),
+    ("optim.warmup_epochs=-1", "optim.warmup_epochs", "must be >= 0"),
+    ("optim.lars_eta=0", "optim.lars_eta", "the LARS trust coefficient must be > 0"),
+    ("optim.lars_eta=-0.001", "optim.lars_eta", "must be > 0"),
+    ("train.epochs=0", "train.epochs", "must be >= 1"),
+    ("train.epochs=1.5", "train.epochs", "has the wrong type; expected int"),
+    ("train.batch_size=1", "train.batch_size", "must be >= 2 (BatchNorm needs two samples)"),
+    ("train.seed=-1", "train.seed", "must lie in [0, 2**32)"),
+    ("train.seed=4294967296", "train.seed", "must lie in [0, 2**32)"),
+    ("train.device=mps", "train.device", "use auto, cpu, cuda or cuda:N"),
+    ("train.device=cudafoo", "train.device", "use auto, cpu, cuda or cuda:N"),
+    ("train.device=cuda:x", "train.device", "use auto, cpu, cuda or cuda:N"),
+    ("train.precision=fp8", "train.precision", "expected one of 'auto', 'fp32', 'bf16', 'fp16'"),
+    ("train.channels_last=sometimes", "train.channels_last", "has the wrong type; expected one of 'auto' or bool"),
+    ("train.compile=x", "train.compile", "has the wrong type; expected bool"),
+    ("train.sync_bn=x", "train.sync_bn", "has the wrong type; expected bool"),
+    ("train.checkpoint_every=0", "train.checkpoint_every", "must be >= 1 epoch"),
+    ("train.checkpoint_every_steps=-1", "train.checkpoint_every_steps", "must be >= 0"),
+    ("train.log_every=0", "train.log_every", "must be >= 1"),
+    ("train.progress=x", "train.progress", "has the wrong type; expected bool"),
+    ("train.max_steps=-1", "train.max_steps", "must be >= 0 (0 = no limit)"),
+    ("train.skip_nonfinite=-1", "train.skip_nonfinite", "must be >= 0 (0 = stop at the first"),
+    ("eval.knn_every=-1", "eval.knn_every", "must be >= 0 (0 = only at the end)"),
+    ("eval.knn_k=0", "eval.knn_k", "must be >= 1"),
+    ("eval.knn_t=0", "eval.knn_t", "the temperature must be > 0"),
+    ("eval.linear=x", "eval.linear", "has the wrong type; expected bool"),
+    ("eval.linear_epochs=0", "eval.linear_epochs", "must be >= 1"),
+    ("eval.linear_lr=0", "eval.linear_lr", "must be > 0"),
+    ("eval.linear_weight_decay=-1", "eval.linear_weight_decay", "must be >= 0"),
+    ("eval.linear_batch_size=0", "eval.linear_batch_size", "=0 is not allowed: must be >= 1"),
+    ("eval.linear_protocol=byol", "eval.linear_protocol", "it needs data.stream=true"),
+    ("eval.linear_protocol=simclr", "eval.linear_protocol", "expected one of 'authors', 'byol'"),
+    ("eval.linear_momentum=1", "eval.linear_momentum", "must lie in [0, 1)"),
+    ("eval.batch_size=0", "eval.batch_size", "=0 is not allowed: must be >= 1"),
+    ("eval.online_probe=x", "eval.online_probe", "has the wrong type; expected bool"),
+    ("eval.online_probe_lr=0", "eval.online_probe_lr", "must be > 0"),
+    ("diag.every=-1", "diag.every", "must be >= 0 (0 disables diagnostics)"),
+    ("diag.stop_on_collapse=x", "diag.stop_on_collapse", "has the wrong type; expected bool"),
+    ("diag.rho=1", "diag.rho", "must lie in [0, 1)"),
+    ("log.backends=[tensorboard,tensorboard]", "log.backends", "name each tracker once"),
+    ("log.backends=[comet]", "log.backends[0]", "expected one of 'tensorboard', 'wandb', 'mlflow'"),
+    ("log.backends={a:1}", "log.backends", "has the wrong type; expected a list"),
+    ("log.backends=comet", "log.backends[0]", "expected one of 'tensorboard', 'wandb', 'mlflow'"),
+    ("log.project=''", "log.project", "must not be empty"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,allowed", BAD, ids=[row[0].split()[0] for row in BAD])
+def test_impossible_value_is_refused_naming_the_key_and_what_is_allowed(overrides, key, allowed):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides.split())
+    msg = str(info.value)
+    assert msg.startswith((f"{key}=", f"{key}: ")), msg  # the key first, as `key=value` or `key: value`
+    assert allowed in msg, msg
+    assert "\n" not in msg  # one line on the command line
+
+
+def test_the_table_covers_every_key_of_the_schema():
+    """A new config key must get its impossible values (at least a wrong type) into BAD."""
+    named = {key.split("[")[0] for _, key, _ in BAD}
+    assert set(flatten(Config().to_dict())) - named == set()
+
+
+def test_a_single_tracker_name_is_a_one_element_list():
+    assert load_config(None, ["log.backends=tensorboard"]).log.backends == ["tensorboard"]
+
+
+def test_a_gpu_index_beyond_the_machine_is_refused_naming_the_ones_there(monkeypatch):
+    """cuda:N passes the config check on any machine; where the run starts, an N the machine lacks is a ConfigError
+    (torch's 'invalid device ordinal' later)."""
+    import torch
+
+    from directpred.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ConfigError) as info:
+        resolve_device("cuda:2")
+    assert (
+        str(info.value)
+        == "train.device='cuda:2' but this machine has 2 GPU(s) (cuda:0 to cuda:1); use one of them, or auto"
+    )
