@@ -72,7 +72,8 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
     ``timing``)."""
     runs, cells, timing_cells, timing_runs = [], [], {}, []
     for cell in sweep.cells:
-        done, curves, status_of = [], [], {}
+        done: list[dict[str, Any]] = []
+        curves, status_of = [], {}
         for seed in sweep.seeds:
             run_dir = out / "runs" / cell / f"seed{seed}"
             status = status_of[seed] = _run_status(run_dir)
@@ -81,7 +82,7 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
             if status == "done" and s is None:
                 status = status_of[seed] = row["status"] = "failed"
                 row["error"] = f"{run_dir / 'summary.json'} is unreadable; remove it and run the sweep again"
-            elif status == "done":
+            elif s is not None:  # done and readable
                 row.update({k: s.get(k) for k, _ in METRICS})
                 row.update(collapsed=s.get("collapsed"), epochs=s.get("epochs"), steps=s.get("steps"))
                 done.append(s)
