@@ -198,6 +198,14 @@ class Trainer:
         self._t_start = time.time()
         if self.resume:
             self._load(self.ckpt_dir / "last.pt")
+            if self.step >= self.last_step < self.total_steps:  # e.g. --set train.epochs=N on a max_steps run
+                warnings.warn(
+                    f"train.max_steps={cfg.train.max_steps}: the run is at step {self.step} already, so there is "
+                    f"nothing to train; --set train.max_steps=0 (or a larger value) trains on to train.epochs="
+                    f"{cfg.train.epochs} ({self.total_steps} steps)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         # After the load: rows a killed process logged past the checkpoint are dropped, as they will be redone.
         self.logger = RunLogger(
             self.run_dir, start_step=self.step, backends=cfg.log.backends, config=cfg.to_dict(), project=cfg.log.project
