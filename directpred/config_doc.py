@@ -48,8 +48,11 @@ DOCS_PAGE = ROOT / "docs" / "configuration.md"
 _INTRO = """\
 Configs are YAML files that override the defaults below; `--set section.key=value` overrides one key (the value is
 parsed as YAML). Unknown keys, wrong types and impossible values fail before any work with the key's name and what
-is allowed. On `--resume`, only `train.epochs`, `train.max_steps`, logging/checkpoint cadence, device, data location
-and `eval.*` may change; anything else is refused with the difference shown, unless `--force`. A run's
+is allowed. On `--resume`, only the run's length (`train.epochs`, `train.max_steps`), its logging
+(`train.progress`, `train.log_every`, `log.*`), checkpoint cadence (`train.checkpoint_every`,
+`train.checkpoint_every_steps`), `train.skip_nonfinite`, `train.device`, where the data is read (`data.path`,
+`data.local_copy`, `data.root`, `data.download`, `data.cache_dir`, `data.workers`), `eval.*` and
+`diag.stop_on_collapse` may change; anything else is refused with the difference shown, unless `--force`. A run's
 `config.yaml` holds every key below with its resolved value. These tables are generated from the field docstrings
 in `directpred/config.py` by `python -m directpred.config_doc`.
 """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
 import signal
 import sys
 import time
@@ -53,6 +54,14 @@ def stop_on_signals(trainer: Trainer) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def command_line(argv: list[str]) -> str:
+    """The command as the user can type it again (``command.txt``): ``python -m directpred`` rather than the path of
+    ``directpred/__main__.py`` that ``sys.argv[0]`` holds then (also under ``torchrun -m`` and in sweeps), and
+    arguments quoted where the shell needs it (``--set "log.backends=[tensorboard, wandb]"``)."""
+    head = "python -m directpred" if Path(argv[0]).name == "__main__.py" else shlex.quote(argv[0])
+    return " ".join([head, *map(shlex.quote, argv[1:])])
+
+
 def run(args: argparse.Namespace) -> int:
     """``directpred train``: a new run, or ``--resume``; SIGINT/SIGTERM stop it after a step (exit 128+signal)."""
     from directpred import distributed
@@ -73,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         saved = read_run_config(run_dir)
         cfg = load_config(None, args.set, base=saved.to_dict())
         check_resume_config(saved, cfg, force=args.force)
-        trainer = Trainer(cfg, run_dir, resume=True, command=" ".join(sys.argv))
+        trainer = Trainer(cfg, run_dir, resume=True, command=command_line(sys.argv))
     else:
         if not args.config:
             raise ConfigError(
@@ -82,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.set)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{stamp}"
-        trainer = Trainer(cfg, run_dir, command=" ".join(sys.argv))
+        trainer = Trainer(cfg, run_dir, command=command_line(sys.argv))
     try:
         with stop_on_signals(trainer):
             if args.resume and cfg != saved:

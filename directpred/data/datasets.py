@@ -398,8 +398,8 @@ def _torchvision_split(name: str, root: str, split: str, download: bool, local_c
 
     Raises:
         DownloadError: the download failed for a network reason (the message says so and how to avoid it).
-        DataError: the dataset is missing and ``download`` is off, or the downloaded file is corrupt.
-        OSError: the disk is full or ``root`` is not writable (a disk problem, told apart from the two above).
+        DataError: the dataset is missing and ``download`` is off, the downloaded file is corrupt, or the disk is
+            full or ``root`` is not writable (a disk problem, told apart from the network by its message).
     """
     root = str(Path(root).expanduser())
     try:
@@ -420,6 +420,14 @@ def _torchvision_split(name: str, root: str, split: str, download: bool, local_c
             raise DataError(
                 f"{_TORCHVISION_NAMES[name]} under {root} is corrupt after downloading ({exc}); delete "
                 f"{root} and retry, or give a local copy with --set data.path=PATH"
+            ) from None
+        except OSError as exc:  # after _NETWORK_ERRORS (also OSErrors): a full disk or an unwritable data.root
+            # Said here, where the folder is known: the command line's generic OSError advice (the last checkpoint
+            # is intact, resume) does not fit a run that has not started.
+            raise DataError(
+                f"cannot store {_TORCHVISION_NAMES[name]} under data.root={root!r} while downloading: "
+                f"{exc.strerror or exc} ({exc.filename or root}); free disk space or make data.root writable (or "
+                f"set it elsewhere), or give a local copy with --set data.path=PATH"
             ) from None
     if name in ("cifar10", "cifar100"):
         return ImageArrays(torch.from_numpy(ds.data), torch.as_tensor(ds.targets), list(ds.classes))

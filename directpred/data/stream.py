@@ -415,8 +415,8 @@ class BatchDataset(torch.utils.data.Dataset):
                 if not self.skip_corrupt:
                     raise DataError(
                         f"{self.reader.name(j)} cannot be decoded ({type(exc).__name__}: {exc}); "
-                        "remove or replace it, or set data.skip_corrupt=true to replace it by the next "
-                        "image with a warning"
+                        "replace it and resume (removing it would change which image each index is), or set "
+                        "data.skip_corrupt=true to replace it by the next image with a warning"
                     ) from None
                 skipped.append(self.reader.name(j))
         raise DataError(f"{self.reader.name(i)}: no image of the data set can be decoded")

@@ -90,10 +90,9 @@ class CorrelationEstimator(nn.Module):
                 else f"the predictor's inputs f reach |f| = {z.abs().max().item():.3g}, whose squares overflow "
                 "float32 in E_B[f f^T]"
             )
-            raise FloatingPointError(
-                f"{what}; the network has diverged. Lower optim.lr, check the data normalisation, or resume from "
-                "the last good checkpoint."
-            )
+            # What went wrong only: the trainer puts it in its own message (the step, the likely causes, the
+            # last good checkpoint and how to resume), which advice here would only repeat.
+            raise FloatingPointError(f"{what} (the network has diverged)")
         w = self._weight_of_new_batch()
         self.corr.lerp_(batch_corr.to(self.corr.dtype), w)
         self.mean.lerp_(batch_mean.to(self.mean.dtype), w)

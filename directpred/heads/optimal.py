@@ -86,10 +86,8 @@ class OptimalPredictor(CorrelationEstimator, Predictor):
             distributed.all_reduce_sum(stats)
             batch_cross = stats[:-1].view(self.dim, self.dim) / stats[-1]
             if not torch.isfinite(batch_cross).all():
-                raise FloatingPointError(
-                    "NaN/inf in E_B[f_a f^T]: the network has diverged. Lower optim.lr or "
-                    "resume from the last good checkpoint."
-                )
+                # The fault only, as CorrelationEstimator: the trainer adds the advice.
+                raise FloatingPointError("NaN/inf in E_B[f_a f^T] (the network has diverged)")
             super().update(z)  # F^ (also checks finiteness and advances count)
             self.cross.lerp_(batch_cross, w)
             if set_now:

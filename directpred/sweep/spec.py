@@ -222,13 +222,14 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             raise ConfigError("--set train.seed: the sweep's `seeds` list sets the seed of each run")
         cli.append(text)
     cells = {name: common + _sets(pairs, path.parent) + cli for name, pairs in _cells(data, str(path)).items()}
-    paper, note = _paper(data.get("paper"), cells, str(path))
-    sweep = Sweep(path=path, base=base, cells=cells, seeds=list(seeds), paper=paper, paper_note=note)
+    sweep = Sweep(path=path, base=base, cells=cells, seeds=list(seeds))
     for run in sweep.runs():
         try:
             sweep.config(run)
         except ConfigError as exc:
             raise ConfigError(f"{path}: cell '{run.cell}' (seed {run.seed}): {exc}") from None
+    # After the cells' configs: a misspelt axis key also misnames the cells, and its own error is the one to show.
+    sweep.paper, sweep.paper_note = _paper(data.get("paper"), cells, str(path))
     return sweep
 
 

@@ -215,6 +215,15 @@ class Trainer:
                     RuntimeWarning,
                     stacklevel=2,
                 )
+            elif self.step == self.last_step < self.total_steps and distributed.is_main():
+                # e.g. --set train.epochs=N on a run that train.max_steps stopped
+                warnings.warn(
+                    f"train.max_steps={cfg.train.max_steps}: the run is at step {self.step} already, so there is "
+                    f"nothing to train; --set train.max_steps=0 (or a larger value) trains on to train.epochs="
+                    f"{cfg.train.epochs} ({self.total_steps} steps)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         # After the load: rows a killed process logged past the checkpoint are dropped, as they will be redone.
         self.logger = RunLogger(
             self.run_dir, start_step=self.step, backends=cfg.log.backends, config=cfg.to_dict(), project=cfg.log.project

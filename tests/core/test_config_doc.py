@@ -23,6 +23,15 @@ def test_readme_and_docs_page_are_current():
     )
 
 
+def test_the_intro_names_every_setting_a_resume_may_change():
+    from directpred.train.rundir import RESUMABLE_CHANGES
+
+    intro = " ".join(config_doc._INTRO.split())
+    named = {k.rstrip(".") + (".*" if k.endswith(".") else "") for k in RESUMABLE_CHANGES}
+    assert [k for k in sorted(named) if f"`{k}`" not in intro] == []
+    assert set(re.findall(r"`((?:train|data|eval|log|diag)\.[a-z_*]+)`", intro.split("--resume")[1])) == named
+
+
 def _all_keys() -> list[str]:
     return [
         f"{s.name}.{f.name}"

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import shlex
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+import directpred
 from directpred.cli import main
+from directpred.cli.train import command_line
 from directpred.config import load_config
 from directpred.eval.protocol import evaluate
 from directpred.train.logger import read_metrics
@@ -64,6 +68,30 @@ def test_resume_at_epoch_boundary_equals_uninterrupted(predictor, schedules, how
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
     assert resumed["steps"] == full["steps"] == 24 and resumed["knn_top1"] == full["knn_top1"]
+
+
+def test_resume_that_max_steps_leaves_nothing_to_train_says_so(tiny_overrides, tmp_path):
+    """More epochs on a run stopped by train.max_steps train nothing while max_steps stays: a warning says how to go
+    on (the README's `--resume RUN --set train.epochs=2` on such a run otherwise silently re-evaluates it)."""
+    Trainer(load_config(None, tiny_overrides + ["train.epochs=1", "train.max_steps=2"]), tmp_path / "r").fit()
+    cfg = load_config(None, tiny_overrides + ["train.epochs=2", "train.max_steps=2"])
+    with pytest.warns(RuntimeWarning, match=r"train.max_steps=2: the run is at step 2 already, so there is nothing "):
+        summary = Trainer(cfg, tmp_path / "r", resume=True).fit()
+    assert summary["steps"] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # with max_steps cleared it trains on, without the warning
+        summary = Trainer(load_config(None, tiny_overrides + ["train.epochs=2"]), tmp_path / "r", resume=True).fit()
+    assert summary["steps"] == 2 * 8
+
+
+def test_command_txt_records_a_command_that_can_be_typed_again():
+    """`python -m directpred` puts the path of directpred/__main__.py in sys.argv[0]: command.txt says
+    `python -m directpred` instead, and quotes what the shell would split."""
+    argv = ["train", "c.yaml", "--set", "log.backends=[tensorboard, wandb]", "--out", "runs/a b"]
+    line = command_line([str(Path(directpred.__file__).parent / "__main__.py"), *argv])
+    assert line == "python -m directpred train c.yaml --set 'log.backends=[tensorboard, wandb]' --out 'runs/a b'"
+    assert shlex.split(line)[3:] == argv
+    assert command_line(["/usr/bin/directpred", *argv]).startswith("/usr/bin/directpred train c.yaml --set 'log.")
 
 
 def test_resume_refuses_changed_config_and_accepts_force(tiny_overrides, tmp_path):

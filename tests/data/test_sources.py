@@ -156,6 +156,21 @@ def test_quickstart_offline_fails_with_one_clear_line(tmp_path, offline, capsys)
         load_data(load_config(QUICKSTART, [f"data.root={tmp_path / 'tv2'}", f"data.local_copy={tmp_path / 'x'}"]).data)
 
 
+def test_unwritable_data_root_while_downloading_is_a_disk_error_not_a_resume(tmp_path, offline, capsys):
+    """A data.root that cannot be created fails before any network access with the folder named, and without the
+    generic advice to resume from a checkpoint (there is none)."""
+    (tmp_path / "file").write_text("not a folder")
+    root = tmp_path / "file" / "tv"
+    assert main(_quickstart_args(tmp_path, f"data.root={root}")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"directpred: error: cannot store CIFAR-10 under data.root='{root}' while downloading: Not a directory "
+        f"({root}); free disk space or make data.root writable (or set it elsewhere), or give a local copy with "
+        "--set data.path=PATH"
+    )
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
 def test_no_download_and_no_copy_says_how_to_get_data(tmp_path, capsys):
     assert main(_quickstart_args(tmp_path, "data.download=false")) == 1
     err = capsys.readouterr().err.strip()

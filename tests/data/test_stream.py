@@ -115,8 +115,10 @@ def test_corrupt_jpeg_is_named_or_replaced_by_the_next_image(mixed, tmp_path):
     victim.write_bytes(victim.read_bytes()[:200])  # truncated
     reader = FolderReader(root, "train")
     i = [reader.name(k) for k in range(len(reader))].index(str(victim))
-    with pytest.raises(DataError, match=f"{victim}.*cannot be decoded.*data.skip_corrupt=true"):
+    with pytest.raises(DataError, match=f"{victim}.*cannot be decoded.*data.skip_corrupt=true") as info:
         BatchDataset(reader, SIZE)[[i]]
+    # docs/troubleshooting.md: replace and resume; removing the file would shift the indices a resume relies on
+    assert "replace it and resume (removing it would change which image each index is)" in str(info.value)
     # Under skip_corrupt the worker replaces it by image i+1: batch shapes and every other sample hold.
     clean = BatchDataset(FolderReader(mixed, "train"), SIZE)
     idx = [i - 1, i, i + 1]

@@ -64,6 +64,9 @@ def test_nonfinite_step_stops_with_step_cause_and_last_good_checkpoint(fault, ti
         trainer.fit()
     msg = str(info.value)
     assert expected in msg and "at step 5" in msg and "optim.lr" in msg
+    if fault == "predictor input":  # the fault, then the trainer's advice once (not the head's own advice before it)
+        assert msg.startswith("NaN/inf in the predictor's inputs f (the network has diverged) at step 5; training")
+        assert msg.count("resume from") == 1
     assert f"last good checkpoint is {last} (step 4)" in msg and "--resume" in msg
     state = load_checkpoint(last)  # the checkpoint of step 4 is intact and finite
     assert state["step"] == 4

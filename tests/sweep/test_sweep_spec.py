@@ -100,6 +100,10 @@ def test_set_text_reads_back_as_the_same_value(value):
         ({"paper": {"values": {"dp": 1}}}, "paper.note is required"),
         ({"paper": {"note": "T6", "values": {"directpred": 77.86}}}, "paper.values names unknown cell 'directpred'"),
         ({"paper": {"note": "T6", "values": {"dp": "77.86 pm 0.1"}}}, "'77.86 pm 0.1' is not a paper value"),
+        (  # a misspelt axis key also renames the cells: its own error, not paper.values', is the one shown
+            {"variants": None, "axes": {"predictor.rhoo": [0.3]}, "paper": {"note": "T6", "values": {"rho=0.3": 1}}},
+            "cell 'rhoo=0.3' (seed 0): unknown config key 'predictor.rhoo'. Did you mean 'predictor.rho'?",
+        ),
         ({"paper": {"note": "T6", "table": 6}}, "unknown key 'paper.table'"),
         ({"variants": {"a/b": {}}}, "variant name 'a/b' may use only"),
     ],
