@@ -135,11 +135,11 @@ class DataConfig:
     """cifar10/cifar100/stl10: a local copy (layout as `path`) used when it exists, else torchvision (`root`,
     `download`); e.g. the mirror beside the repository. Relative in a config file: to its folder."""
     root: str = "~/.cache/directpred/torchvision"
-    """Torchvision datasets live here."""
+    """Torchvision datasets live here. Relative in a config file: to its folder."""
     download: bool = False
     """Let torchvision download cifar10/cifar100/stl10 into `root` when no copy exists."""
     cache_dir: str = "~/.cache/directpred"
-    """Decoded archives and image arrays."""
+    """Decoded archives and image arrays. Relative in a config file: to its folder."""
     augment: Literal["cifar", "stl10", "imagenet", "auto"] = "auto"
     """Augmentation recipe; `auto`: by dataset and image size."""
     image_size: int = 0
@@ -495,7 +495,8 @@ def load_config(
     return cfg
 
 
-DATA_PATH_KEYS = ("path", "local_copy")  # data.* keys that name files; stored absolute in a run's config.yaml
+# data.* keys that name files or folders; stored absolute in a run's config.yaml
+DATA_PATH_KEYS = ("path", "local_copy", "root", "cache_dir")
 
 
 def absolute_data_path(value: str, base: Path) -> str:

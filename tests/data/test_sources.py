@@ -217,15 +217,21 @@ def test_relative_data_paths(tmp_path, monkeypatch, tiny_folder):
     (tmp_path / "cfgs" / "sub").mkdir(parents=True)
     shutil.copytree(tiny_folder, tmp_path / "cfgs" / "data")
     f = tmp_path / "cfgs" / "sub" / "c.yaml"
-    f.write_text("data:\n  dataset: folder\n  path: ../data\n  local_copy: copy.tar\n")
+    f.write_text(
+        "data:\n  dataset: folder\n  path: ../data\n  local_copy: copy.tar\n  root: tv\n  cache_dir: ../cache\n"
+    )
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "mine").mkdir(parents=True)
     monkeypatch.chdir(elsewhere)
     cfg = load_config(f)
     assert cfg.data.path == str(tmp_path / "cfgs" / "data")
     assert cfg.data.local_copy == str(tmp_path / "cfgs" / "sub" / "copy.tar")
-    cfg = load_config(f, ["data.path=mine", "data.local_copy=~/x.tar"])
+    assert cfg.data.root == str(tmp_path / "cfgs" / "sub" / "tv") and cfg.data.cache_dir == str(
+        tmp_path / "cfgs" / "cache"
+    )
+    cfg = load_config(f, ["data.path=mine", "data.local_copy=~/x.tar", "data.cache_dir=c"])
     assert cfg.data.path == str(elsewhere / "mine") and cfg.data.local_copy == "~/x.tar"
+    assert cfg.data.cache_dir == str(elsewhere / "c")
     # A saved (base) config is taken as it is.
     assert load_config(None, base={"data": {"dataset": "folder", "path": "mine"}}).data.path == "mine"
     with pytest.raises(
