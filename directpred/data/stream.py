@@ -436,6 +436,15 @@ def _identity(x: _Batch) -> _Batch:
     return x
 
 
+def _own_process_group(worker_id: int) -> None:
+    """A DataLoader worker leaves the training process's process group: torchrun stops a rank, and a terminal's
+    Ctrl-C stops a command, by signalling the whole group, and a worker killed by that SIGTERM made the training
+    process fail mid-step ("DataLoader worker ... is killed by signal") instead of stopping after the step with its
+    checkpoint. The training process ends its workers itself once it stops; a worker whose training process died
+    exits on its own within 5 s (DataLoader's watchdog); a signal sent to the worker's own pid still reaches it."""
+    os.setpgid(0, 0)
+
+
 def _warn_replaced(skipped: list[str]) -> None:
     """The warning of a batch whose corrupt files were replaced under ``skip_corrupt``."""
     warnings.warn(
@@ -662,6 +671,7 @@ class StreamSource(BatchSource):
             sampler=plan,
             num_workers=self.workers,
             collate_fn=_identity,  # type: ignore[arg-type]
+            worker_init_fn=_own_process_group,
             prefetch_factor=self.prefetch if self.workers else None,
             persistent_workers=False,
             pin_memory=self.decode_device is not None and self.decode_device.type == "cuda" and not self.dataset.raw,
@@ -717,6 +727,7 @@ def iterate_split(
         sampler=plan,
         num_workers=workers,
         collate_fn=_identity,  # type: ignore[arg-type]
+        worker_init_fn=_own_process_group,
         prefetch_factor=2 if workers else None,
     )
     labels = torch.from_numpy(reader.labels)

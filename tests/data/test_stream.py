@@ -341,3 +341,49 @@ def test_held_out_class_absent_from_train_is_refused_not_dropped(tmp_path, mixed
         f"{root / 'test'}: 1 class folder(s) not in train/: n00000099; both splits need the same class folders "
         "(remove them, or add them to train/)"
     )
+
+
+_GROUP_SIGTERM_CHILD = """
+import signal, sys, time
+from directpred.data.stream import FolderReader, StreamSource
+stopped = []
+signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))  # as `directpred train` does
+source = StreamSource(FolderReader(sys.argv[1], "train"), 24, batch_size=3, seed=1, workers=1)
+batches = source.batches(0)
+first = next(batches)
+print("ready", flush=True)
+deadline = time.time() + 60
+while not stopped and time.time() < deadline:
+    time.sleep(0.05)
+rest = list(batches)  # the step in progress and the loop's shutdown still need the workers
+print("stopped" if stopped else "no signal", 1 + len(rest), flush=True)
+"""
+
+
+def test_a_sigterm_to_the_process_group_leaves_the_workers_to_the_training_process(mixed):
+    """torchrun stops a rank (and Ctrl-C a command) by signalling its whole process group: the DataLoader workers
+    must not die of it, or the training process fails mid-step instead of stopping after it with a checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _GROUP_SIGTERM_CHILD, str(mixed)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own group, as a torchrun rank
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    steps = len(FolderReader(mixed, "train")) // 3
+    assert proc.returncode == 0, err
+    assert out.split() == ["stopped", str(steps)]
