@@ -27,15 +27,17 @@ class TrainingInterrupted(Exception):
     """Training stopped on request (``Trainer.request_stop``, e.g. from a SIGINT/SIGTERM handler) after a step.
 
     The checkpoint of that step has been written. ``signum`` is the signal that asked for the stop (None for a stop
-    requested otherwise, e.g. by another process of a multi-process run).
+    requested otherwise, e.g. by another process of a multi-process run). The message gives the command to resume
+    with: under torchrun (``world`` processes) the same launch, as a run resumes only with its global batch.
     """
 
-    def __init__(self, signum: int | None, step: int, checkpoint: Path, run_dir: Path) -> None:
+    def __init__(self, signum: int | None, step: int, checkpoint: Path, run_dir: Path, *, world: int = 1) -> None:
         self.signum, self.step, self.checkpoint, self.run_dir = signum, step, checkpoint, run_dir
         name = signal.Signals(signum).name if signum else "stop"
+        launch = f"torchrun <the same options: {world} processes> -m directpred" if world > 1 else "directpred"
         super().__init__(
             f"Stopped by {name} at step {step}; checkpoint written to {checkpoint}."
-            f"\nResume with: directpred train --resume {run_dir}"
+            f"\nResume with: {launch} train --resume {run_dir}"
         )
 
 

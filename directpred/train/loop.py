@@ -366,7 +366,9 @@ class Trainer:
                         cb.final_report(self)
             self.save()
             self.logger.close()
-            raise TrainingInterrupted(self.stop_signal, self.step, self.ckpt_dir / "last.pt", self.run_dir)
+            raise TrainingInterrupted(
+                self.stop_signal, self.step, self.ckpt_dir / "last.pt", self.run_dir, world=self.world
+            )
         for cb in self.callbacks:
             cb.on_train_end(self)
         self.save()
