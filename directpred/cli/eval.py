@@ -88,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="kNN + linear probe of a run's checkpoint",
         description="Evaluate the online backbone of a run: kNN (cosine, weighted votes) and the "
-        "authors' linear-probe protocol. Writes RUN_DIR/eval.json.",
+        "run's linear probe (eval.linear_protocol: the authors' or BYOL's). Writes RUN_DIR/eval.json.",
     )
     p.add_argument("run_dir", help="a run directory made by `directpred train`")
     p.add_argument("--checkpoint", help="checkpoint file (default: RUN_DIR/checkpoints/last.pt)")
