@@ -102,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def worker_message(exc: BaseException) -> str:
+    """The message of ``exc``; for one a DataLoader worker raised, which the main process re-raises as "Caught
+    DataError in DataLoader worker process 0. Original Traceback ...", the worker's own message only."""
+    text = str(exc)
+    marker = f"{type(exc).__name__}: "
+    if "Original Traceback (most recent call last):" in text and marker in text:
+        where = text.split(".", 1)[0].removeprefix(f"Caught {type(exc).__name__} ")  # "in DataLoader worker process 0"
+        return f"{text.rsplit(marker, 1)[1].strip()} ({where})"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``directpred`` command."""
     parser = build_parser()
@@ -136,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"directpred: network error: {exc}", file=sys.stderr)
             return 1
         if isinstance(exc, (DataError, CheckpointError, TrainingError, FloatingPointError)):
-            print(f"directpred: error: {exc}", file=sys.stderr)
+            print(f"directpred: error: {worker_message(exc)}", file=sys.stderr)
             return 1
         if isinstance(exc, OSError):  # e.g. a full disk while logging: checkpoints are written atomically
             print(

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import write_mixed_folder
 
+from directpred.cli import worker_message
 from directpred.data.datasets import DataError, load_folder
 from directpred.data.order import epoch_order
 from directpred.data.stream import (
@@ -119,6 +120,7 @@ def test_corrupt_jpeg_is_named_or_replaced_by_the_next_image(mixed, tmp_path):
         BatchDataset(reader, SIZE)[[i]]
     # docs/troubleshooting.md: replace and resume; removing the file would shift the indices a resume relies on
     assert "replace it and resume (removing it would change which image each index is)" in str(info.value)
+    in_process = str(info.value)
     # Under skip_corrupt the worker replaces it by image i+1: batch shapes and every other sample hold.
     clean = BatchDataset(FolderReader(mixed, "train"), SIZE)
     idx = [i - 1, i, i + 1]
@@ -126,8 +128,11 @@ def test_corrupt_jpeg_is_named_or_replaced_by_the_next_image(mixed, tmp_path):
     assert got.skipped == [str(victim)] and got.used.tolist() == [i - 1, i + 1, i + 1]  # the labels' rows
     ref = clean[[i - 1, i + 1, i + 1]].images
     assert torch.equal(got.images, ref)
-    with pytest.raises(DataError, match=f"{victim}.*cannot be decoded"):  # from a worker process, still named
+    with pytest.raises(DataError, match=f"{victim}.*cannot be decoded") as info:  # from a worker, still named
         _all(StreamSource(reader, SIZE, batch_size=len(reader), seed=0, workers=1), 0)
+    # The command line prints the worker's message, not the worker's traceback torch wraps around it.
+    assert "Traceback" in str(info.value)
+    assert worker_message(info.value) == f"{in_process} (in DataLoader worker process 0)"
     # Through worker processes: the run goes on, the file is reported.
     src = StreamSource(reader, SIZE, batch_size=len(reader), seed=0, workers=1, skip_corrupt=True)
     with pytest.warns(RuntimeWarning, match="corrupt"):
