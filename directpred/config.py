@@ -632,14 +632,16 @@ def validate(cfg: Config) -> None:
         d.dataset != "folder" or bool(d.path),
         "data.path",
         d.path,
-        "data.dataset=folder needs data.path: an ImageFolder directory or a .tar/.tar.gz with train/ and test/",
+        "data.dataset=folder needs data.path: an ImageFolder directory or a .tar/.tar.gz with train/ and test/, "
+        "or a directory of tar shards (directpred shards)",
     )
     if d.path:
         _check(
             path_exists(d.path),
             "data.path",
             d.path,
-            "the path does not exist; point it at an ImageFolder directory or a .tar/.tar.gz archive"
+            "the path does not exist; point it at an ImageFolder directory, a .tar/.tar.gz archive or a directory "
+            "of tar shards"
             + (
                 ""
                 if d.dataset == "folder"
