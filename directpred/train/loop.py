@@ -215,8 +215,11 @@ class Trainer:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-            elif self.step == self.last_step < self.total_steps and distributed.is_main():
-                # e.g. --set train.epochs=N on a run that train.max_steps stopped
+            elif (
+                self.step == self.last_step < self.total_steps
+                and (self.run_dir / "summary.json").exists()
+                and distributed.is_main()
+            ):  # e.g. --set train.epochs=N on a run that train.max_steps ended (not one stopped on its last step)
                 warnings.warn(
                     f"train.max_steps={cfg.train.max_steps}: the run is at step {self.step} already, so there is "
                     f"nothing to train; --set train.max_steps=0 (or a larger value) trains on to train.epochs="

@@ -131,7 +131,6 @@ def test_cli_maps_sigterm_to_exit_code_and_resume_message(tiny_overrides, tmp_pa
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2
 
 
-
 def test_the_resume_hint_of_a_multi_process_stop_is_the_torchrun_launch(tmp_path):
     """A run resumes only with its global batch, so after a stop under torchrun the hint is not the one-process
     ``directpred train --resume`` (which refuses the checkpoint) but the same torchrun launch."""
@@ -144,6 +143,7 @@ def test_the_resume_hint_of_a_multi_process_stop_is_the_torchrun_launch(tmp_path
     assert str(two).endswith(
         f"\nResume with: torchrun <the same options: 2 processes> -m directpred train --resume {run}"
     )
+
 
 def test_a_stop_on_an_epochs_last_step_runs_that_epochs_end_on_resume(tiny_overrides, tmp_path):
     """The epoch's end (periodic kNN, the kept epoch checkpoint) follows its last step; a stop agreed on that step
