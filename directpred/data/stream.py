@@ -441,8 +441,10 @@ def _own_process_group(worker_id: int) -> None:
     Ctrl-C stops a command, by signalling the whole group, and a worker killed by that SIGTERM made the training
     process fail mid-step ("DataLoader worker ... is killed by signal") instead of stopping after the step with its
     checkpoint. The training process ends its workers itself once it stops; a worker whose training process died
-    exits on its own within 5 s (DataLoader's watchdog); a signal sent to the worker's own pid still reaches it."""
-    os.setpgid(0, 0)
+    exits on its own within 5 s (DataLoader's watchdog); a signal sent to the worker's own pid still reaches it.
+    Windows has no process groups of this kind (and no ``os.setpgid``): there the worker stays as it is."""
+    if hasattr(os, "setpgid"):
+        os.setpgid(0, 0)
 
 
 def _warn_replaced(skipped: list[str]) -> None:
