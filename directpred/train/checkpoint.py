@@ -42,10 +42,7 @@ def atomic_write_bytes(path: str | Path, write: Callable[[BinaryIO], object]) ->
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     except OSError as exc:  # the folder is missing, not a folder, read-only, or the disk is full
-        raise CheckpointError(
-            f"cannot write {path}: {exc.strerror or exc}; the previous file is kept. "
-            "Free disk space or fix permissions, then resume."
-        ) from exc
+        raise CheckpointError(_write_failure(path, exc)) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -59,11 +56,22 @@ def atomic_write_bytes(path: str | Path, write: Callable[[BinaryIO], object]) ->
         except OSError:
             pass
         if isinstance(exc, OSError):
-            raise CheckpointError(
-                f"cannot write {path}: {exc.strerror or exc}; the previous file is kept. "
-                "Free disk space or fix permissions, then resume."
-            ) from exc
+            raise CheckpointError(_write_failure(path, exc)) from exc
         raise
+
+
+def _write_failure(path: Path, exc: OSError) -> str:
+    """The message of a failed atomic write of ``path``: with a previous file, it is kept and the run can resume
+    from it; without one (e.g. a run's first checkpoint), there is nothing to resume and the command is rerun."""
+    if os.path.exists(path):
+        return (
+            f"cannot write {path}: {exc.strerror or exc}; the previous file is kept. "
+            "Free disk space or fix permissions, then resume."
+        )
+    return (
+        f"cannot write {path}: {exc.strerror or exc}; nothing was written (there is no previous file, so nothing "
+        "to resume). Free disk space or fix permissions, then run the same command again."
+    )
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
