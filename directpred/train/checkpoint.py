@@ -183,8 +183,10 @@ def load_model_state(model: torch.nn.Module, weights: dict[str, Any], path: str 
 
 def _unsafe_reason(message: str) -> str:
     """The line of torch's weights-only error that names what it refused, e.g. 'Trying to load unsupported GLOBAL
-    posix.system whose module posix is blocked'."""
+    posix.system whose module posix is blocked', cut to that first sentence: torch goes on to suggest allowlisting
+    the class (``torch.serialization.add_safe_globals``), which would defeat the refusal."""
     for line in message.splitlines()[1:]:
         if "unsupported" in line.lower() and "compatible with your use case" not in line:
-            return line.strip().rstrip(".")
+            line = line.strip().removeprefix("WeightsUnpickler error: ")
+            return line.split(". ")[0].strip().rstrip(".")
     return "unsupported pickle content"
