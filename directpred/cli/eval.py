@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     state = load_checkpoint(ckpt, map_location=device, require=("model", "step"))
     torch.manual_seed(cfg.train.seed)
     method = build_method(cfg).to(device)
-    if resolve_channels_last(cfg.train.channels_last, method, device):
+    if resolve_channels_last(cfg.train.channels_last, method, device, training=False):
         method = method.to(memory_format=torch.channels_last)
     load_model_state(method, state["model"], ckpt)
     data: DataBundle | StreamData
