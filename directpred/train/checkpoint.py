@@ -11,6 +11,8 @@ from typing import Any, BinaryIO
 
 import torch
 
+from directpred.config import Config, ConfigError, config_from_dict
+
 TMP_SUFFIX = ".tmp"  # temporaries are ".<name>.<random>.tmp" beside the file they replace
 
 
@@ -161,6 +163,23 @@ def load_checkpoint(
         )
         raise CheckpointError(f"{path} is {what}; give a training run's checkpoints/last.pt or epoch_XXXX.pt")
     return state
+
+
+def stored_config(state: dict[str, Any], path: str | Path) -> Config:
+    """The validated configuration a training checkpoint (``path``, loaded as ``state``) stores under ``config``.
+
+    Raises:
+        ConfigError: this version refuses a key or value of it (the checkpoint was written by another version of
+            directpred); the message names the file, the key, and the version that wrote it.
+    """
+    try:
+        return config_from_dict(state["config"])
+    except ConfigError as exc:
+        commit = f" (git commit {str(state['git_commit'])[:12]})" if state.get("git_commit") else ""
+        raise ConfigError(
+            f"{path}: the configuration stored in this checkpoint does not load here ({exc}); it was written by "
+            f"another version of directpred{commit}: run the command with that version"
+        ) from None
 
 
 def load_model_state(model: torch.nn.Module, weights: dict[str, Any], path: str | Path) -> None:
