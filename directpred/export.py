@@ -30,7 +30,7 @@ from directpred.config import Config, ConfigError
 from directpred.data.augment import ViewRecipe, eval_transform
 from directpred.data.datasets import IMAGE_EXTENSIONS, DataError, ImageArrays, decode_images, list_members
 from directpred.data.views import eval_recipe
-from directpred.train.checkpoint import CheckpointError, load_checkpoint
+from directpred.train.checkpoint import CheckpointError, load_checkpoint, stored_config
 
 FORMAT, VERSION = "directpred-backbone", 1
 _PREFIX = "online.encoder.backbone."
@@ -130,7 +130,7 @@ def read_backbone(
         fields = {k: state[k] for k in BackboneExport.__dataclass_fields__}
         return BackboneExport(**fields)
     if "model" in state and "config" in state:
-        return _from_checkpoint(state, load_config(None, overrides, base=state["config"]))
+        return _from_checkpoint(state, load_config(None, overrides, base=stored_config(state, source).to_dict()))
     raise CheckpointError(f"{source} is neither a directpred checkpoint nor an exported backbone")
 
 

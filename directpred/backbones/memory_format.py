@@ -20,7 +20,7 @@ from directpred.config import ConfigError
 log = logging.getLogger(__name__)
 
 MIN_SAFE_IN_CHANNELS = 8  # narrower strided 1x1 convolutions break oneDNN's channels-last backward on AVX2 CPUs
-_said: set[str] = set()
+_said = False  # the fallback is logged once per process (a training run resolves it for the model and the probes)
 
 
 def unsafe_channels_last_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
@@ -35,13 +35,20 @@ def unsafe_channels_last_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     ]
 
 
-def resolve_channels_last(setting: bool | str, model: nn.Module, device: torch.device) -> bool:
+def resolve_channels_last(
+    setting: bool | str, model: nn.Module, device: torch.device, *, training: bool = True
+) -> bool:
     """Whether to run ``model`` in channels-last on ``device`` for ``train.channels_last`` = auto, true or false.
 
     ``auto`` uses channels-last unless the device is a CPU and the model has a convolution that
-    :func:`unsafe_channels_last_convs` lists; then it uses the default format and logs why, once per process.
-    ``true`` on such a configuration raises :class:`ConfigError` with the reason.
+    :func:`unsafe_channels_last_convs` lists; then it uses the default format and, with ``training``, logs why,
+    once per process. ``true`` on such a configuration raises :class:`ConfigError` with the reason.
+
+    ``training=False`` (feature extraction, ``directpred eval``) takes the same decision, so that features are
+    computed as in the training run, but logs nothing: the broken kernel is a backward one, and without a
+    backward pass the note would only worry.
     """
+    global _said
     if setting is False:
         return False
     bad = unsafe_channels_last_convs(model) if device.type == "cpu" else []
@@ -58,7 +65,7 @@ def resolve_channels_last(setting: bool | str, model: nn.Module, device: torch.d
             f"train.channels_last=true is refused on the CPU: {reason}; use train.channels_last=auto "
             f"(or false), or a backbone.width of at least {MIN_SAFE_IN_CHANNELS}"
         )
-    if reason not in _said:
-        _said.add(reason)
+    if training and not _said:
+        _said = True
         log.warning("train.channels_last=auto: using the default memory format on the CPU, since %s", reason)
     return False

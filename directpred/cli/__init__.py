@@ -151,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if isinstance(exc, OSError):  # e.g. a full disk while logging: checkpoints are written atomically
             print(
-                f"directpred: error: {exc.strerror or exc} ({exc.filename or 'output'}); the last checkpoint "
-                "is intact: free space or fix permissions, then resume with `directpred train --resume RUN_DIR`",
+                f"directpred: error: {exc.strerror or exc} ({exc.filename or 'output'}); the last checkpoint, "
+                "if the run has one, is intact: free space or fix permissions, then resume with `directpred train "
+                "--resume RUN_DIR` (before the first checkpoint: run the same command again)",
                 file=sys.stderr,
             )
             return 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,10 +30,12 @@ def print_results(results: Mapping[str, object], header: str, eval_cfg: EvalConf
 
 
 def run(args: argparse.Namespace) -> int:
-    """``directpred eval``: kNN + linear probe of a run's checkpoint, into ``RUN_DIR/eval.json``."""
+    """``directpred eval``: kNN + linear probe of a run's checkpoint, into ``RUN_DIR/eval.json`` (with the ``--set``
+    overrides and the command line)."""
     import torch
 
     from directpred.backbones import resolve_channels_last
+    from directpred.cli.train import command_line
     from directpred.config import load_config, read_run_config
     from directpred.data.datasets import DataBundle, load_data
     from directpred.data.stream import StreamData, load_stream_data
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     state = load_checkpoint(ckpt, map_location=device, require=("model", "step"))
     torch.manual_seed(cfg.train.seed)
     method = build_method(cfg).to(device)
-    if resolve_channels_last(cfg.train.channels_last, method, device):
+    if resolve_channels_last(cfg.train.channels_last, method, device, training=False):
         method = method.to(memory_format=torch.channels_last)
     load_model_state(method, state["model"], ckpt)
     data: DataBundle | StreamData
@@ -65,7 +68,16 @@ def run(args: argparse.Namespace) -> int:
         linear=not args.no_linear,
         autocast_dtype=resolve_precision(cfg.train.precision, device),
     )
-    atomic_write_json(run_dir / "eval.json", {**results, "checkpoint": str(ckpt), "step": int(state["step"])})
+    atomic_write_json(
+        run_dir / "eval.json",
+        {
+            **results,
+            "checkpoint": str(ckpt),
+            "step": int(state["step"]),
+            "overrides": list(args.set),  # what differs from the run's config.yaml
+            "command": command_line(sys.argv),
+        },
+    )
     print_results(results, f"{run_dir} (checkpoint {ckpt.name}, step {state['step']}):", cfg.eval)
     summary_file = run_dir / "summary.json"
     if summary_file.is_file() and not args.checkpoint:
@@ -74,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # e.g. edited by hand
             warnings.warn(f"{summary_file}: unreadable ({exc}); no comparison with the training run", stacklevel=1)
             s = {}
-        for key in ("knn_top1", "linear_top1", "linear_top1_best"):
+        for key in ("knn_top1", "linear_top1", "linear_top1_best", "linear_top5"):  # top-5: BYOL's streamed probe
             if s.get(key) is not None and results.get(key) is not None:
                 print(
                     f"  {key}: training run reported {s[key]:.2f} %, now {results[key]:.2f} % "

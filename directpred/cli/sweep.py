@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from directpred.sweep import load_sweep, parse_devices, write_reports
+from directpred.sweep.report import report_names
 from directpred.sweep.runner import SweepInterrupted, execute, plan_run
 
 
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     write_reports(sweep, out)
     print()
     print((out / "results.md").read_text(), end="")
-    print(f"\nreports: {out / 'results.md'}, results.csv, results.json, results.png, knn_curves.png")
+    print(f"\nreports: {', '.join(report_names(out))}")
     return 1 if failed else 0
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from directpred.config import ConfigError, config_from_dict
+from directpred.config import ConfigError
 from directpred.data.augment import TwoViewAugment
 from directpred.data.datasets import DataBundle, DataError, load_data
 from directpred.data.order import step_generator
@@ -18,7 +18,7 @@ from directpred.diagnostics import metrics as spectrum
 from directpred.diagnostics.hook import diagnostic_row, looks_collapsed, single_thread
 from directpred.heads import CorrelationEstimator
 from directpred.methods import build_method
-from directpred.train.checkpoint import load_checkpoint
+from directpred.train.checkpoint import load_checkpoint, stored_config
 
 
 def resolve_checkpoint(target: Path) -> tuple[Path, Path | None]:
@@ -44,7 +44,7 @@ def diagnose(target: Path, *, batches: int = 2, use_data: bool = True) -> tuple[
     """
     ckpt, _ = resolve_checkpoint(target)
     state = load_checkpoint(ckpt, map_location="cpu", require=("model", "config"))
-    cfg = config_from_dict(state["config"])
+    cfg = stored_config(state, ckpt)
     cfg.train.device = "cpu"
     torch.manual_seed(cfg.train.seed)
     method = build_method(cfg)

@@ -53,13 +53,13 @@ def evaluate(
             device,
             linear=linear,
             autocast_dtype=autocast_dtype,
-            channels_last=resolve_channels_last(cfg.train.channels_last, backbone, device),
+            channels_last=resolve_channels_last(cfg.train.channels_last, backbone, device, training=False),
         )
     kw: dict[str, Any] = dict(
         batch_size=cfg.eval.batch_size,
         device=device,
         autocast_dtype=autocast_dtype,
-        channels_last=resolve_channels_last(cfg.train.channels_last, backbone, device),
+        channels_last=resolve_channels_last(cfg.train.channels_last, backbone, device, training=False),
     )
     f_train = extract_features(backbone, data.train.images, test_recipe, **kw)
     f_test = extract_features(backbone, data.test.images, test_recipe, **kw)

@@ -221,7 +221,8 @@ def csv_text(res: dict[str, Any]) -> str:
 
 
 def write_reports(sweep: Sweep, out: Path) -> dict[str, Any]:
-    """Write ``results.{json,md,csv,png}`` and ``knn_curves.png`` into ``out``; returns the results dict."""
+    """Write ``results.{json,md,csv}`` into ``out``, and the figures ``results.png`` and ``knn_curves.png`` when
+    matplotlib is installed (else a warning says so); returns the results dict."""
     from directpred.train.checkpoint import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
@@ -229,10 +230,27 @@ def write_reports(sweep: Sweep, out: Path) -> dict[str, Any]:
     atomic_write_text(out / "results.json", json.dumps(res, indent=1) + "\n")
     atomic_write_text(out / "results.md", markdown(res))
     atomic_write_text(out / "results.csv", csv_text(res))
-    try:
+    if figures_available():
         from directpred.diagnostics.plots import sweep_figures
-    except ImportError:  # matplotlib is the `plot` extra: the tables do not need it
-        warnings.warn("sweep figures skipped: they need matplotlib (pip install 'directpred[plot]')", stacklevel=2)
-    else:
+
         sweep_figures(res, out)
+    else:  # matplotlib is the `plot` extra: the tables do not need it
+        warnings.warn("sweep figures skipped: they need matplotlib (pip install 'directpred[plot]')", stacklevel=2)
     return res
+
+
+def figures_available() -> bool:
+    """Whether :func:`write_reports` draws ``results.png`` and ``knn_curves.png`` (matplotlib, the ``plot`` extra,
+    is installed)."""
+    try:
+        import directpred.diagnostics.plots  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def report_names(out: Path) -> list[str]:
+    """The files :func:`write_reports` writes into ``out``, as ``directpred sweep`` lists them (the first with its
+    folder): the tables, and the figures only when :func:`figures_available`."""
+    figures = ["results.png", "knn_curves.png"] if figures_available() else []
+    return [str(out / "results.md"), "results.csv", "results.json", *figures]

@@ -155,17 +155,25 @@ def _last_line(log: Path) -> str:
 
 
 def execute(
-    sweep: Sweep, plans: list[Plan], *, slots: list[str | None], torchrun: int = 0, echo: IO[str] = sys.stdout
+    sweep: Sweep,
+    plans: list[Plan],
+    *,
+    slots: list[str | None],
+    torchrun: int = 0,
+    echo: IO[str] | None = None,
 ) -> list[Plan]:
     """Run the plans that are not done, ``len(slots)`` at a time; returns the plans whose run failed.
 
     Args:
         slots: one entry per concurrent run: its ``CUDA_VISIBLE_DEVICES`` value, or None for the CPU (hidden GPUs).
         torchrun: >0 launches each run under ``torchrun --standalone --nproc_per_node=torchrun``.
+        echo: where the progress lines go; the ``sys.stdout`` of the call by default (not the one at import time,
+            which a caller may have replaced and closed since).
 
     Raises:
         SweepInterrupted: on SIGINT/SIGTERM, after the running children were stopped at a checkpoint.
     """
+    echo = sys.stdout if echo is None else echo
     todo = [p for p in plans if p.action != "done"]
     total = len(todo)
     failed: list[Plan] = []

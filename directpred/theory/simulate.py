@@ -59,16 +59,49 @@ class SimulateConfig:
     ema: bool = True
 
 
+# The keys each model reads: a key of the other model is an error rather than silently ignored (or, as p0 and s0 on
+# the linear model were, checked against each other for nothing).
+COMMON_KEYS = ("model", "alpha_p", "eta", "beta", "sigma2", "dt", "steps", "method", "record_every")
+MODEL_KEYS = {
+    "linear": (
+        "n1",
+        "n2",
+        "mode",
+        "stop_gradient",
+        "predictor",
+        "symmetric",
+        "data",
+        "init_scale",
+        "wa_init",
+        "sgd_batch",
+        "seed",
+    ),
+    "reduced": ("p0", "s0", "tau0", "ema"),
+}
+
+
 def build_simulate_config(raw: dict[str, Any], overrides: Sequence[str] = ()) -> SimulateConfig:
     """Strictly merge YAML ``raw`` and ``--set key=value`` overrides into a validated :class:`SimulateConfig`.
 
     Parsing and type checks are the training configuration's (:mod:`directpred.config`); errors are
-    :class:`directpred.config.ConfigError` (a ``ValueError``) naming the key.
+    :class:`directpred.config.ConfigError` (a ``ValueError``) naming the key. A key that the chosen ``model`` does
+    not read (``p0`` with ``model: linear``, ``n1`` with ``model: reduced``) is an error naming the keys it reads.
     """
     cfg = SimulateConfig()
     merge_into(cfg, dict(raw or {}))
+    given = list(raw or {})
     for ov in overrides:
-        merge_into(cfg, dict([parse_override(ov)]))
+        key, value = parse_override(ov)
+        merge_into(cfg, {key: value})
+        given.append(key)
+    other = "reduced" if cfg.model == "linear" else "linear"
+    stray = list(dict.fromkeys(k for k in given if k in MODEL_KEYS[other]))
+    if stray:
+        raise ConfigError(
+            f"{', '.join(stray)} {'does' if len(stray) == 1 else 'do'} not apply to model: {cfg.model} (only to "
+            f"model: {other}); remove {'it' if len(stray) == 1 else 'them'} or set model: {other}. The {cfg.model} "
+            f"model reads: {', '.join(COMMON_KEYS + MODEL_KEYS[cfg.model])}"
+        )
     checks = [
         (cfg.dt > 0, f"dt must be > 0, got {cfg.dt}"),
         (cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}"),
@@ -80,7 +113,10 @@ def build_simulate_config(raw: dict[str, Any], overrides: Sequence[str] = ()) ->
         (cfg.n1 >= 1 and cfg.n2 >= 1, f"n1 and n2 must be >= 1, got {cfg.n1}, {cfg.n2}"),
         (cfg.sgd_batch >= 0, f"sgd_batch must be >= 0 (0 = no SGD run), got {cfg.sgd_batch}"),
         (cfg.init_scale > 0, f"init_scale must be > 0, got {cfg.init_scale}"),
-        (len(cfg.p0) == len(cfg.s0), f"p0 and s0 need equal lengths, got {len(cfg.p0)} and {len(cfg.s0)}"),
+        (
+            cfg.model == "linear" or len(cfg.p0) == len(cfg.s0),
+            f"p0 and s0 need equal lengths, got {len(cfg.p0)} and {len(cfg.s0)}",
+        ),
         (all(s >= 0 for s in cfg.s0), "s0 (eigenvalues of F) must be >= 0"),
         (cfg.stop_gradient or cfg.mode == "simsiam", "stop_gradient: false needs mode: simsiam (Theorem 2)"),
     ]

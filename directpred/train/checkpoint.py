@@ -11,6 +11,8 @@ from typing import Any, BinaryIO
 
 import torch
 
+from directpred.config import Config, ConfigError, config_from_dict
+
 TMP_SUFFIX = ".tmp"  # temporaries are ".<name>.<random>.tmp" beside the file they replace
 
 
@@ -42,10 +44,7 @@ def atomic_write_bytes(path: str | Path, write: Callable[[BinaryIO], object]) ->
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     except OSError as exc:  # the folder is missing, not a folder, read-only, or the disk is full
-        raise CheckpointError(
-            f"cannot write {path}: {exc.strerror or exc}; the previous file is kept. "
-            "Free disk space or fix permissions, then resume."
-        ) from exc
+        raise CheckpointError(_write_failure(path, exc)) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -59,11 +58,22 @@ def atomic_write_bytes(path: str | Path, write: Callable[[BinaryIO], object]) ->
         except OSError:
             pass
         if isinstance(exc, OSError):
-            raise CheckpointError(
-                f"cannot write {path}: {exc.strerror or exc}; the previous file is kept. "
-                "Free disk space or fix permissions, then resume."
-            ) from exc
+            raise CheckpointError(_write_failure(path, exc)) from exc
         raise
+
+
+def _write_failure(path: Path, exc: OSError) -> str:
+    """The message of a failed atomic write of ``path``: with a previous file, it is kept and the run can resume
+    from it; without one (e.g. a run's first checkpoint), there is nothing to resume and the command is rerun."""
+    if os.path.exists(path):
+        return (
+            f"cannot write {path}: {exc.strerror or exc}; the previous file is kept. "
+            "Free disk space or fix permissions, then resume."
+        )
+    return (
+        f"cannot write {path}: {exc.strerror or exc}; nothing was written (there is no previous file, so nothing "
+        "to resume). Free disk space or fix permissions, then run the same command again."
+    )
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -155,6 +165,23 @@ def load_checkpoint(
     return state
 
 
+def stored_config(state: dict[str, Any], path: str | Path) -> Config:
+    """The validated configuration a training checkpoint (``path``, loaded as ``state``) stores under ``config``.
+
+    Raises:
+        ConfigError: this version refuses a key or value of it (the checkpoint was written by another version of
+            directpred); the message names the file, the key, and the version that wrote it.
+    """
+    try:
+        return config_from_dict(state["config"])
+    except ConfigError as exc:
+        commit = f" (git commit {str(state['git_commit'])[:12]})" if state.get("git_commit") else ""
+        raise ConfigError(
+            f"{path}: the configuration stored in this checkpoint does not load here ({exc}); it was written by "
+            f"another version of directpred{commit}: run the command with that version"
+        ) from None
+
+
 def load_model_state(model: torch.nn.Module, weights: dict[str, Any], path: str | Path) -> None:
     """``model.load_state_dict(weights)``, where a checkpoint made for a differently shaped model (another
     ``backbone.*``, ``projector.*`` or ``predictor.*``) is a :class:`CheckpointError` naming the first mismatch."""
@@ -175,8 +202,10 @@ def load_model_state(model: torch.nn.Module, weights: dict[str, Any], path: str 
 
 def _unsafe_reason(message: str) -> str:
     """The line of torch's weights-only error that names what it refused, e.g. 'Trying to load unsupported GLOBAL
-    posix.system whose module posix is blocked'."""
+    posix.system whose module posix is blocked', cut to that first sentence: torch goes on to suggest allowlisting
+    the class (``torch.serialization.add_safe_globals``), which would defeat the refusal."""
     for line in message.splitlines()[1:]:
         if "unsupported" in line.lower() and "compatible with your use case" not in line:
-            return line.strip().rstrip(".")
+            line = line.strip().removeprefix("WeightsUnpickler error: ")
+            return line.split(". ")[0].strip().rstrip(".")
     return "unsupported pickle content"

@@ -112,3 +112,25 @@ def test_trainer_guard_and_refusal(tiny_overrides, tmp_path):
     cfg = load_config(None, tiny_overrides + ["train.channels_last=true"])
     with pytest.raises(ConfigError, match="refused"):
         Trainer(cfg, tmp_path / "true").setup()
+
+
+def test_fallback_note_once_per_process_and_only_for_training(tiny_overrides, tmp_path, monkeypatch, capsys):
+    """A width-4 run: `train` says it once (not again for the probe's backbone), `eval` takes the same decision
+    without a word (no backward pass there), and the decision itself is unchanged."""
+    from directpred.backbones import memory_format
+    from directpred.cli import main
+
+    note = "train.channels_last=auto: using the default memory format"
+    monkeypatch.setattr(memory_format, "_said", False)  # a fresh process
+    run = tmp_path / "run"
+    command = ["train", "configs/cpu/quickstart.yaml", "--out", str(run)]
+    for override in tiny_overrides + ["train.max_steps=1"]:
+        command += ["--set", override]
+    assert main(command) == 0
+    assert capsys.readouterr().err.count(note) == 1
+    monkeypatch.setattr(memory_format, "_said", False)
+    assert main(["eval", str(run), "--no-linear"]) == 0
+    assert capsys.readouterr().err.count(note) == 0
+    net = resnet("resnet18", width=4, cifar_stem=True)
+    assert resolve_channels_last("auto", net, torch.device("cpu"), training=False) is False
+    assert resolve_channels_last("auto", net, torch.device("cpu")) is False

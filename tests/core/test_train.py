@@ -172,6 +172,43 @@ def test_run_directory_contents_and_eval_reproduces(tiny_overrides, tmp_path, ca
     assert "linear_top1" not in ev1 and "training run reported" not in capsys.readouterr().out
 
 
+def test_eval_records_overrides_and_command_and_compares_top5(tiny_overrides, tmp_path, monkeypatch, capsys):
+    """eval.json keeps the --set overrides and the command line; the comparison with the training run includes
+    linear top-5 where the run has it (BYOL's protocol). The probe is replaced by fixed figures: only the
+    bookkeeping is under test here (the figures' reproduction is the test above)."""
+    import sys
+
+    import directpred.eval.protocol as protocol
+
+    run = tmp_path / "run"
+    Trainer(load_config(None, tiny_overrides + ["train.max_steps=1"]), run).fit()
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(
+        json.dumps({**summary, "knn_top1": 50.0, "linear_top1": 40.0, "linear_top1_best": 41.0, "linear_top5": 75.0})
+    )
+    seen = {}
+
+    def fixed(method, data, cfg, device, **kw):
+        seen["knn_k"] = cfg.eval.knn_k
+        return {"knn_top1": 52.0, "linear_top1": 39.5, "linear_top1_best": 41.0, "linear_top5": 80.0}
+
+    monkeypatch.setattr(protocol, "evaluate", fixed)
+    argv = ["eval", str(run), "--set", "eval.knn_k=5"]
+    monkeypatch.setattr(sys, "argv", ["directpred", *argv])
+    assert main(argv) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert seen["knn_k"] == 5
+    assert ev["overrides"] == ["eval.knn_k=5"] and ev["command"] == f"directpred eval {run} --set eval.knn_k=5"
+    assert ev["linear_top5"] == 80.0 and ev["step"] == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-4:] == [
+        "  knn_top1: training run reported 50.00 %, now 52.00 % (difference +2.00)",
+        "  linear_top1: training run reported 40.00 %, now 39.50 % (difference -0.50)",
+        "  linear_top1_best: training run reported 41.00 %, now 41.00 % (difference +0.00)",
+        "  linear_top5: training run reported 75.00 %, now 80.00 % (difference +5.00)",
+    ]
+
+
 def test_tiny_run_learns_beyond_its_random_initialisation(tiny_overrides, tmp_path):
     """Random features already separate the coloured blobs (69-81 % kNN measured over seeds); four epochs of BYOL +
     DirectPred must do better than the same network at its initialisation (100 % measured)."""

@@ -62,3 +62,26 @@ def test_plotting_modules_keep_the_callers_backend(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "pdf"
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_whose_config_has_an_unknown_key_names_the_file_and_the_fix(tmp_path, capsys):
+    """A checkpoint of another directpred version (a config key this one lacks): diagnose names the checkpoint,
+    the key and the version to use, instead of a bare 'unknown config key'."""
+    from directpred.cli import main
+    from directpred.config import Config
+    from directpred.train.checkpoint import save_checkpoint
+
+    config = Config().to_dict()
+    config["train"]["foo"] = 1
+    ckpt = tmp_path / "other_version.pt"
+    save_checkpoint(ckpt, {"model": {}, "config": config, "step": 1, "epoch": 0, "git_commit": "0123456789abcdef"})
+    assert main(["diagnose", str(ckpt), "--no-data"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(
+        f"directpred: config error: {ckpt}: the configuration stored in this checkpoint does not load here (unknown "
+        "config key 'train.foo'."
+    )
+    assert err.endswith(
+        "); it was written by another version of directpred (git commit 0123456789ab): run the command with that "
+        "version"
+    )

@@ -51,6 +51,25 @@ def test_malicious_checkpoint_is_refused_and_does_nothing(tmp_path):
     assert not marker.exists()
 
 
+class _Plain:
+    """A harmless class of the test's own: torch's refusal of it suggests allowlisting it, which we do not pass on."""
+
+    def __init__(self) -> None:
+        self.x = 1
+
+
+def test_refusal_gives_only_our_advice_not_torchs_allowlist_hint(tmp_path):
+    torch.save({"model": {"w": torch.zeros(2)}, "step": 1, "extra": _Plain()}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "plain.pt")
+    assert str(info.value) == (
+        f"refusing to load {tmp_path / 'plain.pt'}: it holds objects other than tensors and plain data (Unsupported "
+        f"global: GLOBAL {_Plain.__module__}.{_Plain.__qualname__} was not an allowed global by default), which "
+        "directpred never writes; it may have been crafted to run code. Nothing in it was executed. Load only "
+        "checkpoints you trust"
+    )
+
+
 def test_cli_refuses_a_malicious_checkpoint_in_eval_resume_and_export(tiny_overrides, tmp_path, capsys):
     run = tmp_path / "run"
     Trainer(

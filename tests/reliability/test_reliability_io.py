@@ -161,6 +161,32 @@ def test_disk_full_at_checkpoint_keeps_previous_checkpoint(tiny_overrides, tmp_p
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 16
 
 
+def test_disk_full_at_the_first_checkpoint_says_to_rerun_not_resume(tiny_overrides, tmp_path, monkeypatch, capsys):
+    """With no checkpoint yet there is no previous file and nothing to resume: the message says to run the same
+    command again, and that command (space back) then trains the run from the start."""
+    run = tmp_path / "run"
+    command = ["train", "configs/cpu/quickstart.yaml", "--out", str(run)]
+    for override in tiny_overrides + ["train.max_steps=2"]:
+        command += ["--set", override]
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    assert main(command) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        f"directpred: error: cannot write {run / 'checkpoints' / 'last.pt'}: No space left on device; nothing was "
+        "written (there is no previous file, so nothing to resume). Free disk space or fix permissions, then run the "
+        "same command again."
+    )
+    assert not (run / "checkpoints" / "last.pt").exists()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main(command) == 0  # the same command, as the message says
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2
+
+
 def test_checkpoint_into_a_vanished_directory_is_a_checkpoint_error(tiny_overrides, tmp_path):
     trainer = Trainer(load_config(None, tiny_overrides + ["train.max_steps=1"]), tmp_path / "run").setup()
     trainer.ckpt_dir = tmp_path / "run" / "config.yaml" / "checkpoints"  # a file stands where a folder should

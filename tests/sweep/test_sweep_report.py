@@ -147,3 +147,38 @@ def test_an_unreadable_summary_is_a_failed_run_naming_the_file(tmp_path, tiny_fo
     assert [r["status"] for r in res["runs"]] == ["done", "failed"]
     assert res["runs"][1]["error"] == f"{bad} is unreadable; remove it and run the sweep again"
     assert (res["cells"][0]["n"], res["cells"][0]["knn_top1"]["mean"], res["cells"][0]["failed"]) == (1, 50.0, [1])
+
+
+def test_sweep_without_matplotlib_lists_only_the_files_it_wrote(tmp_path, tiny_folder, monkeypatch, capsys):
+    """`directpred sweep` over finished runs, matplotlib missing: the reports line names the tables only, and the
+    figures' extra is named once."""
+    import sys
+
+    from directpred.cli import main
+    from directpred.config import dump_config
+
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(REPO / "configs" / "cpu" / "quickstart.yaml"),
+                "set": {"data.path": str(tiny_folder)},
+                "variants": {"a": {"predictor.name": "directpred"}},
+                "seeds": [0],
+            }
+        )
+    )
+    sweep, out = load_sweep(sweep_file), tmp_path / "out"
+    _run(out, "a", 0, knn=50.0, lin=40.0, best=41.0, curve=[(1, 30.0)], collapsed=False, ips=1.0)
+    (out / sweep.runs()[0].rel_dir / "config.yaml").write_text(dump_config(sweep.config(sweep.runs()[0])))
+    plotting = ("matplotlib.", "directpred.diagnostics.plots")
+    for mod in [m for m in sys.modules if m == "matplotlib" or m.startswith(plotting)]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert main(["sweep", str(sweep_file), "--out", str(out), "--devices", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "0 to start" in captured.out  # the run was found done: nothing trained
+    assert captured.out.splitlines()[-1] == f"reports: {out / 'results.md'}, results.csv, results.json"
+    assert captured.err.count("pip install 'directpred[plot]'") == 1, captured.err
+    assert not (out / "results.png").exists() and not (out / "knn_curves.png").exists()
+    assert (out / "results.csv").is_file() and (out / "results.json").is_file()

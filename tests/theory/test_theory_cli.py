@@ -36,10 +36,44 @@ def test_config_rejects_bad_values(raw, msg):
 
 
 def test_set_overrides_parse_yaml_and_are_strict():
-    cfg = build_simulate_config({"eta": 0.1}, ["eta=0.02", "mode=simsiam", "p0=[0.1, 0.2]", "s0=[0.1, 0.2]"])
-    assert cfg.eta == 0.02 and cfg.mode == "simsiam" and cfg.p0 == [0.1, 0.2]
+    cfg = build_simulate_config({"eta": 0.1}, ["eta=0.02", "mode=simsiam"])
+    assert cfg.eta == 0.02 and cfg.mode == "simsiam"
+    cfg = build_simulate_config({"model": "reduced"}, ["p0=[0.1, 0.2]", "s0=[0.1, 0.2]"])
+    assert cfg.p0 == [0.1, 0.2]
     with pytest.raises(ValueError, match="unknown config key 'nope'"):
         build_simulate_config({}, ["nope=1"])
+
+
+def test_keys_of_the_other_model_are_errors_naming_the_model_and_its_keys():
+    """`p0` on the linear model used to fail as 'p0 and s0 need equal lengths'; now it names what applies."""
+    with pytest.raises(ValueError) as info:
+        build_simulate_config({"model": "linear"}, ["p0=[0.1]"])
+    assert str(info.value) == (
+        "p0 does not apply to model: linear (only to model: reduced); remove it or set model: reduced. The linear "
+        "model reads: model, alpha_p, eta, beta, sigma2, dt, steps, method, record_every, n1, n2, mode, "
+        "stop_gradient, predictor, symmetric, data, init_scale, wa_init, sgd_batch, seed"
+    )
+    with pytest.raises(ValueError) as info:
+        build_simulate_config({"model": "reduced", "n1": 4}, ["sgd_batch=8", "n1=5"])
+    assert str(info.value) == (
+        "n1, sgd_batch do not apply to model: reduced (only to model: linear); remove them or set model: linear. "
+        "The reduced model reads: model, alpha_p, eta, beta, sigma2, dt, steps, method, record_every, p0, s0, "
+        "tau0, ema"
+    )
+    # the two models' keys and the common ones are exactly the config's fields, each once
+    from dataclasses import fields
+
+    from directpred.theory.simulate import COMMON_KEYS, MODEL_KEYS, SimulateConfig
+
+    listed = [*COMMON_KEYS, *MODEL_KEYS["linear"], *MODEL_KEYS["reduced"]]
+    assert sorted(listed) == sorted(f.name for f in fields(SimulateConfig))
+
+
+def test_cli_names_the_model_for_a_stray_key(tmp_path, capsys):
+    assert main(["simulate", "configs/theory/linear.yaml", "--out", str(tmp_path), "--set", "p0=[0.1]"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "directpred theory simulate: error: p0 does not apply to model: linear (only to model: reduced)"
+    )
 
 
 def test_simulate_linear_writes_outputs_and_obeys_theorem1(tmp_path, capsys):
