@@ -1,7 +1,8 @@
 """MkDocs hooks (mkdocs.yml ``hooks:``): make README text included by pymdownx.snippets read right on the site.
 
-The README links the docs pages as ``docs/PAGE.md`` (relative to the repository root); on the site those pages sit
-beside the including page, so such links become ``PAGE.md``. Sphinx-style roles in docstrings and README text
+The README links the docs pages as ``docs/PAGE.md`` (relative to the repository root) and ``benchmarks/README.md``
+(the site's ``benchmarks.md``) as ``../docs/PAGE.md``; on the site those pages sit beside the including page, so such
+links become ``PAGE.md``. Sphinx-style roles in docstrings and README text
 (``:class:`X` ``) are shown as code. Both rewrites run after snippets has inserted the README's sections.
 """
 
@@ -12,7 +13,7 @@ import re
 from markdown import Extension, Markdown
 from markdown.preprocessors import Preprocessor
 
-_README_LINK = re.compile(r"\]\(docs/")
+_README_LINK = re.compile(r"\]\((?:\.\./)?docs/")
 _ROLE = re.compile(r":(?:mod|class|func|meth|attr|data|exc|obj):`~?([^`]+)`")
 
 
