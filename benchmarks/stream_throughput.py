@@ -113,8 +113,10 @@ def measure_throughput(root: Path, n: int, batch: int = 32) -> dict[str, float]:
 
 
 def measure_batched_decode(root: Path, n: int, device: str, batch: int = 32) -> dict[str, float]:
-    """(f): images/s of :func:`decode_jpeg_cuda` per decoder that imports, on ``device``; bytes read beforehand."""
+    """(f): images/s of :func:`decode_jpeg_cuda` per decoder that imports, on ``device``; bytes read beforehand.
+    Batches of ``batch`` images, or of all ``n`` when fewer."""
     reader = FolderReader(root, "train")
+    batch = min(batch, n, len(reader))
     raw, pillow = BatchDataset(reader, 256, raw=True), BatchDataset(reader, 256)
     plan = [list(range(i, i + batch)) for i in range(0, min(n, len(reader)) - batch + 1, batch)]
     blobs = [raw[b].images for b in plan]

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,20 @@ def test_gpu_check_cpu_fallback(tiny_archive, tmp_path):
     assert [(c["cell"], c["n"]) for c in r["cells"]] == [("directpred", 1), ("linear", 1), ("mlp", 1)]
     assert all(0 <= c[k]["mean"] <= 100 for c in r["cells"] for k in ("knn_top1", "linear_top1", "linear_top1_best"))
     assert "| `mlp` | 1 |" in proc.stdout and "sweep mlp" in proc.stdout
+
+
+def test_stream_benchmark_decodes_fewer_images_than_one_batch(tmp_path):
+    """``--images`` below the batched decode's batch of 32 (the smallest run) decodes them as one batch (an empty
+    batch plan raised IndexError)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "decode.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/stream_throughput.py", "--decode-only", "--images", "8", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text())["batched_decode"]["batched_decode_torchvision_cpu_images_per_s"] > 0
