@@ -22,12 +22,16 @@ from directpred.data.order import epoch_order
 from directpred.diagnostics.hook import Diagnostics
 from directpred.train.loop import Trainer
 
+WARMUP = 2  # untimed steps first
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20, help="training steps to time")
+    parser.add_argument("--steps", type=int, default=20, help=f"training steps, the first {WARMUP} untimed (warm-up)")
     parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
     args = parser.parse_args()
+    if args.steps <= WARMUP:
+        parser.error(f"--steps must be at least {WARMUP + 1}: the first {WARMUP} steps are warm-up, not timed")
     cfg = load_config("configs/cpu/quickstart.yaml", ["train.progress=false", "diag.every=1", *args.set])
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, tmp).setup()
@@ -47,7 +51,7 @@ def main() -> None:
             t3 = time.perf_counter()
             trainer.logger.log({"step": trainer.step, **row}, group="diag")
             t4 = time.perf_counter()
-            if i >= 2:  # warm-up
+            if i >= WARMUP:
                 t_step.append(t1 - t0)
                 t_ord.append(t2 - t1)
                 t_rep.append(t3 - t2)

@@ -61,3 +61,22 @@ def test_stream_benchmark_decodes_fewer_images_than_one_batch(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(out.read_text())["batched_decode"]["batched_decode_torchvision_cpu_images_per_s"] > 0
+
+
+def test_diagnostics_benchmark_refuses_steps_that_are_all_warm_up(tiny_overrides):
+    """``--steps`` at most the 2 warm-up steps leaves nothing to time: said at once (it trained, then raised
+    ``StatisticsError: no median for empty data``)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    sets = [arg for o in tiny_overrides if o != "diag.every=0" for arg in ("--set", o)]  # it reports every step
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/diagnostics_overhead.py", "--steps", "2", *sets],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith(
+        "error: --steps must be at least 3: the first 2 steps are warm-up, not timed"
+    ), proc.stderr[-2000:]
