@@ -55,7 +55,9 @@ def _rate(n: int, seconds: float) -> float:
 
 
 def measure_throughput(root: Path, n: int, batch: int = 32) -> dict[str, float]:
+    """(a)-(c): batches of ``batch`` images (of ``n // 2`` when fewer than two batches: one is the warm-up)."""
     reader = FolderReader(root, "train")
+    batch = min(batch, n // 2)
     src = StreamSource(reader, 256, batch_size=batch, seed=0)
     aug = TwoViewAugment(*recipe("imagenet", 224))
     batches, t_decode, t_aug = 0, 0.0, 0.0
@@ -195,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-only", action="store_true", help="measure (f) only")
     p.add_argument("--_rss-child", dest="rss_child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.images < 2:
+        p.error(f"--images must be at least 2 (a warm-up batch and a timed one), got {a.images}")
     torch.set_num_threads(1)
     if a.rss_child:
         print(json.dumps(rss_child(Path(a.rss_child), a.rss_steps)))

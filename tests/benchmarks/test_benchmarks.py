@@ -46,13 +46,14 @@ def test_gpu_check_cpu_fallback(tiny_archive, tmp_path):
     assert "| `mlp` | 1 |" in proc.stdout and "sweep mlp" in proc.stdout
 
 
-def test_stream_benchmark_decodes_fewer_images_than_one_batch(tmp_path):
-    """``--images`` below the batched decode's batch of 32 (the smallest run) decodes them as one batch (an empty
-    batch plan raised IndexError)."""
+def test_stream_benchmark_runs_with_fewer_images_than_one_batch(tmp_path):
+    """``--images`` below the batch of 32 (the smallest run): the batched decode takes them as one batch (an empty
+    batch plan raised IndexError) and the throughput paths as a warm-up batch and a timed one (StopIteration)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    out = tmp_path / "decode.json"
+    out = tmp_path / "stream.json"
+    args = ["--images", "8", "--rss-sizes", "64", "--rss-steps", "1", "--out", str(out)]
     proc = subprocess.run(
-        [sys.executable, "benchmarks/stream_throughput.py", "--decode-only", "--images", "8", "--out", str(out)],
+        [sys.executable, "benchmarks/stream_throughput.py", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -60,7 +61,10 @@ def test_stream_benchmark_decodes_fewer_images_than_one_batch(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(out.read_text())["batched_decode"]["batched_decode_torchvision_cpu_images_per_s"] > 0
+    results = json.loads(out.read_text())
+    assert results["batched_decode"]["batched_decode_torchvision_cpu_images_per_s"] > 0
+    assert results["throughput"]["images"] == 4 and results["throughput"]["worker_decode_images_per_s"] > 0
+    assert [r["images_in_set"] for r in results["rss"]] == [64]
 
 
 def test_diagnostics_benchmark_refuses_steps_that_are_all_warm_up(tiny_overrides):
