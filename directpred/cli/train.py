@@ -1,8 +1,8 @@
 """``directpred train``: a run directory per run; YAML config + ``--set key=value`` overrides; ``--resume``.
 
-The only place that installs signal handlers and maps training's exceptions to exit codes: the first SIGINT/SIGTERM
-asks the trainer to stop after the current step (checkpoint written, exit code 128 + signal, with the resume
-command), a second one stops at once.
+Where training's signal handlers are installed and its exceptions mapped to exit codes (the sweep runner has its own,
+which pass SIGTERM on to these commands): the first SIGINT/SIGTERM asks the trainer to stop after the current step
+(checkpoint written, exit code 128 + signal, with the resume command), a second one stops at once.
 """
 
 from __future__ import annotations
