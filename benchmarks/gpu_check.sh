@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU check, prepared to finish in under 8 minutes on one H100/H200:
 #   1. images/s of the full-width CIFAR recipe (ResNet-18 width 64, batch 128) in bf16, against its bare
-#      forward/backward, for DirectPred at freq 1 and 5, and the data pipeline on the GPU;
-#   2. DirectPred's overhead at d = 128 and 256 (projector output), and eigh alone up to d = 4096;
+#      forward/backward, for DirectPred at freq 1 and 5 (with its update's share at d = 128, the projector's
+#      output), the data pipeline on the GPU, and eigh alone up to d = 4096;
+#   2. DirectPred's overhead at d = 256;
 #   3. a 2-epoch BYOL + DirectPred run on CIFAR-10 with its kNN figure;
 #   4. the full-width comparison DirectPred vs linear vs MLP predictor (sweeps/gpu/cifar10_fullwidth.yaml) through
 #      `directpred sweep`, with its results table;
