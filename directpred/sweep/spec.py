@@ -2,22 +2,24 @@
 
 A sweep file is YAML::
 
-    base: ../../configs/stl10/byol_directpred.yaml   # relative to the sweep file
+    base: ../../configs/stl10/byol_optimal.yaml      # relative to the sweep file
     set: {train.epochs: 100}                         # overrides for every cell (dotted keys or nested sections;
                                                      # data.path/local_copy relative to the sweep file)
     variants:                                        # named cells, each a mapping of overrides ...
-      sgd_linear: {predictor.name: linear}
+      ema: {predictor.rho: 0.3}
+      no_ema: {predictor.rho: 0.0}
     axes:                                            # ... and/or keys with lists of values: their product
-      predictor.rho: [0.3, 0.5]
+      predictor.freq: [1, 5]
     seeds: [0, 1, 2, 3, 4]                           # train.seed of each run
     paper:                                           # optional: the paper's figure per cell
-      note: "Table 6: STL-10 top-1, linear probe (best over probe epochs), mean +- std of 5 seeds"
-      values: {"rho=0.3": "77.86 +- 0.16"}
+      note: "Table 1: STL-10 top-1, linear probe (best over probe epochs), mean +- std of 5 seeds"
+      values: {"ema,freq=1": "40.67 +- 0.50"}
 
 Cells are ``variants x product(axes)``, named by the variant and ``key=value`` pairs joined with ``,`` (the key's
-last component when that is unambiguous). Every cell x seed resolves to exactly the ``directpred train`` command line
-a user would type, and that command line's config is validated by :func:`directpred.config.load_config` before any
-run starts.
+last component when that is unambiguous): here ``ema,freq=1``, ``ema,freq=5``, ``no_ema,freq=1``, ``no_ema,freq=5``,
+the names ``paper.values`` uses. Every cell x seed resolves to exactly the ``directpred train`` command line a user
+would type, and that command line's config is validated by :func:`directpred.config.load_config` before any run
+starts.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ device slots. No training here (see test_sweep_run.py)."""
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import yaml
 
 from directpred.cli import main
 from directpred.config import ConfigError, dump_config, parse_override
-from directpred.sweep import load_sweep, parse_devices
+from directpred.sweep import load_sweep, parse_devices, spec
 from directpred.sweep.runner import plan_run
 from directpred.sweep.spec import PaperValue, parse_paper_value, yaml_value
 
@@ -162,6 +163,22 @@ def test_paper_values():
     assert parse_paper_value("77.86±0.16", "x") == PaperValue(77.86, 0.16)
     assert parse_paper_value("77.86 +- 0.16", "x") == PaperValue(77.86, 0.16)
     assert parse_paper_value(40, "x") == PaperValue(40.0, None)
+
+
+def test_the_module_docstrings_example_sweep_file_loads(tmp_path):
+    """The sweep file shown in :mod:`directpred.sweep.spec` is valid as written (its ``paper.values`` named no cell:
+    a cell is named by its variant and its axis values together), with the cells the docstring lists."""
+    text = spec.__doc__.split("A sweep file is YAML::\n\n", 1)[1].split("\n\n", 1)[0]
+    (tmp_path / "configs").symlink_to(REPO / "configs")  # the example's base, two folders up from the file
+    path = tmp_path / "sweeps" / "paper" / "example.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(textwrap.dedent(text))
+    sweep = load_sweep(path)
+    assert list(sweep.cells) == ["ema,freq=1", "ema,freq=5", "no_ema,freq=1", "no_ema,freq=5"]
+    assert sweep.paper == {"ema,freq=1": PaperValue(40.67, 0.5)}
+    assert [r.seed for r in sweep.runs()].count(4) == 4
+    cfg = sweep.config(sweep.runs()[-1])
+    assert (cfg.predictor.name, cfg.predictor.rho, cfg.predictor.freq, cfg.train.epochs) == ("optimal", 0.0, 5, 100)
 
 
 def test_run_directory_states(tmp_path, tiny_folder):
