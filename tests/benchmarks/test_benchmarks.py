@@ -84,3 +84,27 @@ def test_diagnostics_benchmark_refuses_steps_that_are_all_warm_up(tiny_overrides
     assert proc.stderr.strip().endswith(
         "error: --steps must be at least 3: the first 2 steps are warm-up, not timed"
     ), proc.stderr[-2000:]
+
+
+def test_proxy_check_kill_and_resume_from_shards_equals_the_folder_run(tmp_path):
+    """benchmarks/proxy_check.py at a tiny size: the shard run, killed after a checkpoint and resumed, ends with every
+    checkpoint tensor equal to the folder run's, and the same figures."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    sets = ["train.batch_size=32", "train.checkpoint_every_steps=4", "backbone.width=8", "eval.linear_epochs=1"]
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/proxy_check.py", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "r.json")]
+        + ["--train", "192", "--val", "64", "--shard-size", "64", "--kill-after", "4"]
+        + [a for kv in sets for a in ("--set", kv)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["killed_at_checkpoint_step"] >= 4 and res["folder"]["steps"] == res["shards"]["steps"] == 12
+    assert res["tensors_compared"] > 100 and res["tensors_equal"] == res["tensors_compared"]
+    same = ("knn_top1", "linear_top1", "linear_top5")
+    assert {k: res["folder"][k] for k in same} == {k: res["shards"][k] for k in same}
+    assert res["shards_train_rows_unique"]
