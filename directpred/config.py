@@ -718,11 +718,9 @@ def read_run_config(run_dir: str | Path) -> Config:
         raise ConfigError(f"{run_dir}: no config.yaml there; give a run directory made by `directpred train`")
     damaged = "restore it (the checkpoint holds a copy under 'config') or start a new run"
     try:
-        data = yaml.safe_load(cfg_file.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{cfg_file}: not valid YAML ({yaml_error(exc)}); {damaged}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{cfg_file}: cannot read it ({exc}); {damaged}") from None
+        data = read_yaml(cfg_file, "run config")
+    except ConfigError as exc:  # not YAML, or not text
+        raise ConfigError(f"{exc}; {damaged}") from None
     if not isinstance(data, dict) or not data:
         found = "it is empty" if data is None or data == {} else f"it holds a {type(data).__name__}"
         raise ConfigError(f"{cfg_file}: {found}, not the run's config (a mapping of sections); {damaged}")
