@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -704,6 +706,20 @@ def read_yaml(path: Path, what: str = "config file") -> Any:
         raise ConfigError(f"{path}: not valid YAML ({yaml_error(exc)})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not a YAML text file ({exc})") from None
+
+
+def read_json_object(path: Path, consequence: str) -> dict[str, Any] | None:
+    """The JSON object in ``path`` (a run's ``summary.json``, a sweep's ``failed.json``); None, with a warning naming
+    the file and ``consequence``, when it cannot be read or holds no object (e.g. edited by hand)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        warnings.warn(f"{path}: unreadable ({exc}); {consequence}", stacklevel=3)
+        return None
+    if not isinstance(data, dict):
+        warnings.warn(f"{path}: unreadable (a {type(data).__name__}, not an object); {consequence}", stacklevel=3)
+        return None
+    return data
 
 
 def read_run_config(run_dir: str | Path) -> Config:

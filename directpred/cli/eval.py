@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -36,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     from directpred.backbones import resolve_channels_last
     from directpred.cli.train import command_line
-    from directpred.config import load_config, read_run_config
+    from directpred.config import load_config, read_json_object, read_run_config
     from directpred.data.datasets import DataBundle, load_data
     from directpred.data.stream import StreamData, load_stream_data
     from directpred.eval.protocol import evaluate
@@ -81,11 +79,7 @@ def run(args: argparse.Namespace) -> int:
     print_results(results, f"{run_dir} (checkpoint {ckpt.name}, step {state['step']}):", cfg.eval)
     summary_file = run_dir / "summary.json"
     if summary_file.is_file() and not args.checkpoint:
-        try:
-            s = json.loads(summary_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # e.g. edited by hand
-            warnings.warn(f"{summary_file}: unreadable ({exc}); no comparison with the training run", stacklevel=1)
-            s = {}
+        s = read_json_object(summary_file, "no comparison with the training run") or {}
         for key in ("knn_top1", "linear_top1", "linear_top1_best", "linear_top5"):  # top-5: BYOL's streamed probe
             if s.get(key) is not None and results.get(key) is not None:
                 print(

@@ -12,8 +12,6 @@ Examples:
 
 from __future__ import annotations
 
-import json
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from directpred.config import ConfigError
+from directpred.config import ConfigError, read_json_object
 
 ALIGN_TOP = 32  # eigenvectors shown in the alignment heat map (the rest of F^'s spectrum is ~1e-4 of s_max)
 
@@ -156,11 +154,7 @@ def _summary(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "summary.json"
     if not path.is_file():
         return {}
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:  # e.g. edited by hand
-        warnings.warn(f"{path}: unreadable ({exc}); the plots leave out its final values", stacklevel=2)
-        return {}
+    return read_json_object(path, "the plots leave out its final values") or {}
 
 
 def _labels(run_dirs: list[Path]) -> list[str]:

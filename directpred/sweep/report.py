@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from directpred.config import read_json_object
 from directpred.sweep.spec import Sweep
 
 METRICS = (("knn_top1", "kNN top-1"), ("linear_top1", "linear top-1"), ("linear_top1_best", "linear best"))
@@ -49,16 +50,6 @@ def _knn_curve(run_dir: Path) -> dict[int, float]:
     return curve
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """A run's summary.json or failed.json; None, with a warning naming it, when it is not a JSON object."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        warnings.warn(f"{path}: unreadable ({exc})", stacklevel=2)
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _run_status(run_dir: Path) -> str:
     if (run_dir / "summary.json").is_file():
         return "done"
@@ -78,7 +69,7 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
             run_dir = out / "runs" / cell / f"seed{seed}"
             status = status_of[seed] = _run_status(run_dir)
             row: dict[str, Any] = {"cell": cell, "seed": seed, "status": status}
-            s = _read_json(run_dir / "summary.json") if status == "done" else None
+            s = read_json_object(run_dir / "summary.json", "that run counts as failed") if status == "done" else None
             if status == "done" and s is None:
                 status = status_of[seed] = row["status"] = "failed"
                 row["error"] = f"{run_dir / 'summary.json'} is unreadable; remove it and run the sweep again"
@@ -89,7 +80,9 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
                 curves.append(_knn_curve(run_dir))
                 timing_runs.append({"cell": cell, "seed": seed, **{k: s.get(k) for k, _ in TIMING}})
             elif status == "failed":
-                row["error"] = (_read_json(run_dir / "failed.json") or {}).get("last_line", "")
+                row["error"] = (read_json_object(run_dir / "failed.json", "its error is not shown") or {}).get(
+                    "last_line", ""
+                )
             runs.append(row)
         epochs = sorted({e for c in curves for e in c})
         entry: dict[str, Any] = {
