@@ -271,12 +271,13 @@ class EvalConfig:
 
 @dataclass
 class DiagConfig:
-    """Training diagnostics: predictor spectrum, eigenspace alignment, collapse warning."""
+    """Training diagnostics: predictor spectrum, eigenspace alignment, collapse and dimensional-collapse warnings."""
 
     every: int = 50
     """Steps between diagnostics; 0 disables them (the final report on the final state is always made)."""
     stop_on_collapse: bool = False
-    """End the run (and evaluate) when the collapse warning fires."""
+    """End the run (and evaluate) when the collapse rule fires (not the dimensional-collapse warning, which only
+    warns)."""
     rho: float = 0.3
     """Moving-average rate of the F^ estimate kept for predictors that do not keep one."""
 

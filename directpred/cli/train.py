@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from directpred.cli.eval import print_results
 from directpred.config import ConfigError
@@ -113,10 +113,26 @@ def run(args: argparse.Namespace) -> int:
             f"{summary['wall_seconds']:.0f} s wall",
             cfg.eval,
         )
+        for line in verdict_lines(summary):
+            print(line)
         print(f"  summary: {run_dir / 'summary.json'}")
     if distributed.shutdown():  # everything is written: skip the finalisation that can abort a gloo process
         distributed.exit_process(0)
     return 0
+
+
+def verdict_lines(summary: dict[str, Any]) -> list[str]:
+    """The end-of-run lines for a run the diagnostics flagged (none for a healthy one): the step and the rule, so
+    a warning printed long before the accuracies is not missed."""
+    flags = (
+        ("collapsed", "collapse_step", "COLLAPSED (collapse rule)"),
+        ("dim_collapsed", "dim_collapse_step", "dimensional collapse (warning)"),
+    )
+    return [
+        f"  diagnostics:         {what} at step {summary.get(step)}; see docs/diagnostics.md"
+        for flag, step, what in flags
+        if summary.get(flag)
+    ]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -29,6 +29,18 @@ periodic ``diag`` curves) and judges it alone: ``summary.json``'s
 collapsed-looking. The final signals are in ``summary.json`` as ``final_z_std_ratio``, ``final_rankme_z``,
 ``final_loss_per_term`` and ``final_looks_collapsed``.
 
+Dimensional-collapse warning (docs/diagnostics.md, "Dimensional collapse", with the runs behind the levels). The
+rule above is for *complete* collapse, all outputs at one point. A run can instead keep a spread-out but
+low-dimensional representation (RankMe of a few while ``z_std_ratio`` stays at 0.1-0.5). A report step *looks
+dimensionally collapsed* when both hold:
+
+* ``rankme_h < 0.15 min(N, D)``: the backbone's representations (N = 2B rows of width D) span few directions;
+* ``rankme_z < 0.05 min(N, d)``: so do the projections.
+
+It is judged like the collapse rule (second consecutive report step, or the final report alone, ranks averaged
+over processes) and recorded apart from it: ``dim_collapsed``, ``dim_collapse_step``, ``dim_collapse_evidence``
+and ``final_looks_dim_collapsed`` in ``summary.json``. It warns and never stops the run.
+
 Over 300 lines: the periodic hook and the final verdict read the same statistics and must judge them alike.
 """
 
@@ -37,7 +49,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,6 +67,8 @@ STD_RATIO_MAX = 0.08  # z_std_ratio below this looks collapsed (measured: see do
 RANK_FRACTION_MAX = 0.08  # rankme_z below this fraction of min(N, d) looks collapsed
 LOSS_PER_TERM_MAX = 0.05  # 2 - 2 cos below this: mean cosine above 0.975
 CONSECUTIVE = 2  # collapsed-looking report steps in a row before the run is flagged
+DIM_RANK_H_FRACTION = 0.15  # rankme_h below this fraction of min(N, D) ...
+DIM_RANK_Z_FRACTION = 0.05  # ... and rankme_z below this fraction of min(N, d): dimensionally collapsed
 
 
 @contextlib.contextmanager
@@ -98,8 +113,8 @@ def diagnostic_row(
         quotients u_j^T W_p u_j), ``align`` (cos(W_p u_j, u_j) in the order of ``s``), ``alignment``,
         ``alignment_weighted``, ``asymmetry``, ``commutator`` (``||[F^, W_p]||_F / (||F^||_F ||W_p||_F)``,
         Theorem 3's quantity), ``p_s_slope``, ``p_sqrt_s_corr``; with h/z: ``rankme_h``, ``rankme_z``,
-        ``h_std``, ``z_std``, ``z_std_ratio`` (``z_std * sqrt(d)``, ~1 healthy, ~0 collapsed), ``z_rank_max``
-        (min(N, d)).
+        ``h_std``, ``z_std``, ``z_std_ratio`` (``z_std * sqrt(d)``, ~1 healthy, ~0 collapsed), ``h_rank_max``
+        (min(N, D)), ``z_rank_max`` (min(N, d)).
     """
     row: dict[str, Any] = {}
     s, U = spectrum.eigen_spectrum(F_hat)
@@ -122,6 +137,7 @@ def diagnostic_row(
     if h is not None:
         row["rankme_h"] = _r(spectrum.rankme(h))
         row["h_std"] = _r(spectrum.normalized_std(h))
+        row["h_rank_max"] = min(h.shape[0], h.shape[1])
     if z is not None:
         d = z.shape[1]
         row["rankme_z"] = _r(spectrum.rankme(z))
@@ -140,14 +156,140 @@ def looks_collapsed(row: dict[str, Any]) -> bool:
     return ratio < STD_RATIO_MAX and rank < RANK_FRACTION_MAX * rank_max and loss < LOSS_PER_TERM_MAX
 
 
+def looks_dim_collapsed(row: dict[str, Any]) -> bool:
+    """The per-report-step test of the dimensional-collapse rule (module docstring) on a :func:`diagnostic_row`:
+    the representations and the projections both span only a small fraction of the directions they could."""
+    rank_h, h_max = row.get("rankme_h"), row.get("h_rank_max")
+    rank_z, z_max = row.get("rankme_z"), row.get("z_rank_max")
+    if rank_h is None or h_max is None or rank_z is None or z_max is None:
+        return False
+    return rank_h < DIM_RANK_H_FRACTION * h_max and rank_z < DIM_RANK_Z_FRACTION * z_max
+
+
+def _g(row: dict[str, Any], key: str) -> str:
+    v = row.get(key)
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def collapse_evidence(row: dict[str, Any]) -> str:
+    """The signals behind a collapse flag, with the thresholds they are below."""
+    return (
+        f"z_std_ratio={_g(row, 'z_std_ratio')} (< {STD_RATIO_MAX}; ~1 healthy, 0 collapsed), "
+        f"rankme_z={_g(row, 'rankme_z')} of max {row['z_rank_max']} "
+        f"(< {RANK_FRACTION_MAX * row['z_rank_max']:.3g}), "
+        f"loss per term={_g(row, 'loss_per_term')} (< {LOSS_PER_TERM_MAX})"
+    )
+
+
+def dim_collapse_evidence(row: dict[str, Any]) -> str:
+    """The signals behind a dimensional-collapse flag, with the thresholds they are below."""
+    return (
+        f"rankme_h={_g(row, 'rankme_h')} of max {row['h_rank_max']} "
+        f"(< {DIM_RANK_H_FRACTION * row['h_rank_max']:.3g}), "
+        f"rankme_z={_g(row, 'rankme_z')} of max {row['z_rank_max']} "
+        f"(< {DIM_RANK_Z_FRACTION * row['z_rank_max']:.3g}), "
+        f"z_std_ratio={_g(row, 'z_std_ratio')} (spread within those directions)"
+    )
+
+
+@dataclass
+class Watch:
+    """One rule's verdict over a run: a periodic report flags the run at the ``CONSECUTIVE``-th report in a row
+    that the rule's test passes, the final report alone flags it too, and a flag is sticky.
+
+    Args:
+        looks: the per-report test (:func:`looks_collapsed` or :func:`looks_dim_collapsed`).
+        evidence: the signals behind a flag, as text (:func:`collapse_evidence`, :func:`dim_collapse_evidence`).
+    """
+
+    looks: Callable[[dict[str, Any]], bool]
+    evidence: Callable[[dict[str, Any]], str]
+    flagged: bool = False
+    step: int | None = None
+    why: str = ""
+    streak: int = 0  # consecutive report steps that pass the test
+
+    def periodic(self, step: int, row: dict[str, Any]) -> bool:
+        """Judge a periodic report; True when this report flags the run."""
+        if self.flagged:
+            return False
+        self.streak = self.streak + 1 if self.looks(row) else 0
+        if self.streak < CONSECUTIVE:
+            return False
+        self.flagged, self.step = True, step
+        self.why = f"{self.evidence(row)}, {CONSECUTIVE} report steps in a row"
+        return True
+
+    def final(self, step: int, row: dict[str, Any]) -> tuple[bool, bool]:
+        """Judge the final report alone: (whether it passes the test, whether it flags the run now)."""
+        looks = self.looks(row)
+        if not looks or self.flagged:
+            return looks, False
+        self.flagged, self.step, self.why = True, step, f"final report: {self.evidence(row)}"
+        return True, True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "collapsed": self.flagged,
+            "collapse_step": self.step,
+            "collapse_evidence": self.why,
+            "streak": self.streak,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.flagged = bool(state.get("collapsed", False))
+        self.step = state.get("collapse_step")
+        self.why = state.get("collapse_evidence", "")
+        self.streak = int(state.get("streak", 0))
+
+
+def replay(rows: Iterable[dict[str, Any]], *, h_rank_max: int | None = None) -> dict[str, int | None]:
+    """Judge a run's logged rows (``metrics.jsonl``, in order) with today's rules, as training would have.
+
+    ``diag`` rows are judged as periodic reports, a ``diag_final`` row as the final report; other rows are
+    ignored. Returns ``collapse_step`` and ``dim_collapse_step``: the step each rule flags the run, or None.
+    This is how docs/diagnostics.md judges runs logged before a rule existed or changed.
+
+    Args:
+        rows: the logged rows.
+        h_rank_max: min(N, D) for rows logged before they carried ``h_rank_max`` (N = 2 x the per-process
+            batch, D = the backbone's feature width); without it such rows are never dimensionally collapsed.
+    """
+    watches = {
+        "collapse_step": Watch(looks_collapsed, collapse_evidence),
+        "dim_collapse_step": Watch(looks_dim_collapsed, dim_collapse_evidence),
+    }
+    for row in rows:
+        if h_rank_max is not None and "h_rank_max" not in row:
+            row = {**row, "h_rank_max": h_rank_max}
+        for watch in watches.values():
+            if row.get("kind") == "diag":
+                watch.periodic(int(row["step"]), row)
+            elif row.get("kind") == "diag_final":
+                watch.final(int(row["step"]), row)
+    return {key: watch.step for key, watch in watches.items()}
+
+
+COLLAPSE_WARNING = (
+    "All projections point (nearly) the same way; the representation is unlikely to recover. See "
+    "docs/diagnostics.md (diag.stop_on_collapse=true stops such runs)."
+)
+DIM_WARNING = (
+    "The representation spans only a few directions: not one point (the collapse rule does not fire), but in the "
+    'runs measured in docs/diagnostics.md ("Dimensional-collapse warning") such representations ended below an '
+    "untrained network in linear-probe accuracy. Training continues (diag.stop_on_collapse is for complete collapse)."
+)
+
+
 class Diagnostics:
-    """Diagnostics of one training run (see the module docstring for the collapse rule).
+    """Diagnostics of one training run (see the module docstring for the two rules).
 
     Args:
         cfg: the run's :class:`directpred.config.Config` (uses ``diag.every``, ``diag.rho``).
         method: the :class:`directpred.methods.Siamese` being trained.
 
     In a training loop ``observe`` is called every step; it returns a row every ``diag.every`` steps, else None.
+    ``collapse`` and ``dim`` hold the two rules' verdicts (:class:`Watch`).
 
     Examples:
         >>> diag = Diagnostics(cfg, method)  # doctest: +SKIP
@@ -163,12 +305,23 @@ class Diagnostics:
         if not isinstance(predictor, CorrelationEstimator):
             dim = cfg.projector.out_dim
             self.own_estimator = CorrelationEstimator(dim, rho=cfg.diag.rho)
-        self.collapsed = False
-        self.collapse_step: int | None = None
-        self.collapse_evidence = ""
-        self.streak = 0  # consecutive collapsed-looking report steps
+        self.collapse = Watch(looks_collapsed, collapse_evidence)
+        self.dim = Watch(looks_dim_collapsed, dim_collapse_evidence)  # the dimensional-collapse warning
         self.last_row: dict[str, Any] = {}
         self.final_row: dict[str, Any] = {}
+
+    @property
+    def collapsed(self) -> bool:
+        """The collapse verdict so far (what ``diag.stop_on_collapse`` acts on)."""
+        return self.collapse.flagged
+
+    @property
+    def collapse_step(self) -> int | None:
+        return self.collapse.step
+
+    @property
+    def streak(self) -> int:
+        return self.collapse.streak
 
     def _F_hat(self) -> torch.Tensor:
         if self.own_estimator is not None:
@@ -198,10 +351,19 @@ class Diagnostics:
         if not report:
             return None
         row = self._row(out, z)
-        self._apply_rule(step, row)
-        row["collapsed"] = int(self.collapsed)
+        if self.collapse.periodic(step, row):
+            self._warn("the run looks COLLAPSED at step %d: %s. %s", step, self.collapse.why, COLLAPSE_WARNING)
+        if self.dim.periodic(step, row):
+            self._warn("the run shows DIMENSIONAL COLLAPSE at step %d: %s. %s", step, self.dim.why, DIM_WARNING)
+        row["collapsed"] = int(self.collapse.flagged)
+        row["dim_collapsed"] = int(self.dim.flagged)
         self.last_row = {k: v for k, v in row.items() if not isinstance(v, list)}
         return row
+
+    @staticmethod
+    def _warn(message: str, *args: Any) -> None:
+        if distributed.is_main():  # every rank decides alike (signals averaged); one prints
+            log.warning(message, *args)
 
     def _row(self, out: StepOutput, z: torch.Tensor) -> dict[str, Any]:
         """The metrics row of one step's output (batch signals averaged over ranks)."""
@@ -214,7 +376,7 @@ class Diagnostics:
         row["loss"] = _r(loss)
         row["loss_per_term"] = _r(loss / self.loss_terms)
         if distributed.is_distributed():  # batch signals are per rank: average them so all ranks decide alike
-            keys = ("z_std_ratio", "rankme_z", "loss_per_term")
+            keys = ("z_std_ratio", "rankme_z", "rankme_h", "loss_per_term")
             vals = torch.tensor([math.nan if row[k] is None else float(row[k]) for k in keys], device=z.device)
             vals = distributed.all_reduce_sum(vals) / distributed.world_size()
             row.update({k: _r(v) for k, v in zip(keys, vals.tolist())})
@@ -224,70 +386,47 @@ class Diagnostics:
     def final_report(self, step: int, out: StepOutput) -> dict[str, Any]:
         """The report on the final state (the last step's output), judged on its own: the run's verdict becomes
         ``collapsed`` if the periodic rule fired during training OR this final report looks collapsed (a run
-        shorter than two report periods can otherwise never be flagged). Call once, on every rank, after the
-        last step; :meth:`observe` must already have seen ``out``."""
+        shorter than two report periods can otherwise never be flagged); likewise ``dim_collapsed``. Call once,
+        on every rank, after the last step; :meth:`observe` must already have seen ``out``."""
         z = torch.cat([out.z1.detach(), out.z2.detach()]).float()
         if self.own_estimator is not None and int(self.own_estimator.count) == 0:  # diag.every=0: no F^ kept yet
             if self.own_estimator.corr.device != z.device:
                 self.own_estimator.to(z.device)
             self.own_estimator.update(z)
         row = self._row(out, z)
-        flagged = looks_collapsed(row)
-        if flagged and not self.collapsed:
-            self.collapsed, self.collapse_step = True, step
-            self.collapse_evidence = (
-                f"final report: z_std_ratio={row['z_std_ratio']:.3g} (< {STD_RATIO_MAX}), "
-                f"rankme_z={row['rankme_z']:.3g} of max {row['z_rank_max']} "
-                f"(< {RANK_FRACTION_MAX * row['z_rank_max']:.3g}), "
-                f"loss per term={row['loss_per_term']:.3g} (< {LOSS_PER_TERM_MAX})"
+        looks, flags = self.collapse.final(step, row)
+        if flags:
+            self._warn(
+                "the final state looks COLLAPSED (step %d): %s. See docs/diagnostics.md.", step, self.collapse.why
             )
-            if distributed.is_main():
-                log.warning(
-                    "the final state looks COLLAPSED (step %d): %s. See docs/diagnostics.md.",
-                    step,
-                    self.collapse_evidence,
-                )
-        row["looks_collapsed"] = int(flagged)
-        row["collapsed"] = int(self.collapsed)
+        looks_dim, flags_dim = self.dim.final(step, row)
+        if flags_dim:
+            self._warn("the final state shows DIMENSIONAL COLLAPSE (step %d): %s. %s", step, self.dim.why, DIM_WARNING)
+        row["looks_collapsed"] = int(looks)
+        row["collapsed"] = int(self.collapse.flagged)
+        row["looks_dim_collapsed"] = int(looks_dim)
+        row["dim_collapsed"] = int(self.dim.flagged)
         self.final_row = {k: v for k, v in row.items() if not isinstance(v, list)}
         return row
 
-    def _apply_rule(self, step: int, row: dict[str, Any]) -> None:
-        if self.collapsed:
-            return
-        self.streak = self.streak + 1 if looks_collapsed(row) else 0
-        if self.streak < CONSECUTIVE:
-            return
-        self.collapsed, self.collapse_step = True, step
-        self.collapse_evidence = (
-            f"z_std_ratio={row['z_std_ratio']:.3g} (< {STD_RATIO_MAX}; ~1 healthy, 0 collapsed), "
-            f"rankme_z={row['rankme_z']:.3g} of max {row['z_rank_max']} "
-            f"(< {RANK_FRACTION_MAX * row['z_rank_max']:.3g}), "
-            f"loss per term={row['loss_per_term']:.3g} (< {LOSS_PER_TERM_MAX}), "
-            f"{CONSECUTIVE} report steps in a row"
-        )
-        if distributed.is_main():
-            log.warning(
-                "the run looks COLLAPSED at step %d: %s. All projections point (nearly) the same way; the "
-                "representation is unlikely to recover. See docs/diagnostics.md (diag.stop_on_collapse=true "
-                "stops such runs).",
-                step,
-                self.collapse_evidence,
-            )
-
     def summary(self) -> dict[str, Any]:
         """What ``summary.json`` gets: ``collapsed`` (the verdict: the periodic rule fired, or the final report
-        looks collapsed), ``collapse_step``, ``collapse_evidence``, the last periodic report's scalar diagnostics
-        under ``diag_*`` and the final report's signals under ``final_*``."""
+        looks collapsed), ``collapse_step``, ``collapse_evidence``, the same three for the dimensional-collapse
+        warning (``dim_collapsed``, ``dim_collapse_step``, ``dim_collapse_evidence``), the last periodic report's
+        scalar diagnostics under ``diag_*`` and the final report's signals under ``final_*``."""
         out: dict[str, Any] = {
-            "collapsed": self.collapsed,
-            "collapse_step": self.collapse_step,
-            "collapse_evidence": self.collapse_evidence,
+            "collapsed": self.collapse.flagged,
+            "collapse_step": self.collapse.step,
+            "collapse_evidence": self.collapse.why,
+            "dim_collapsed": self.dim.flagged,
+            "dim_collapse_step": self.dim.step,
+            "dim_collapse_evidence": self.dim.why,
         }
         for k in ("alignment", "alignment_weighted", "asymmetry", "p_s_slope", "rankme_h", "rankme_z", "z_std_ratio"):
             if k in self.last_row:
                 out[f"diag_{k}"] = self.last_row[k]
-        for k in ("z_std_ratio", "rankme_z", "z_rank_max", "loss_per_term", "looks_collapsed"):
+        final_keys = ("z_std_ratio", "rankme_z", "z_rank_max", "rankme_h", "h_rank_max", "loss_per_term")
+        for k in (*final_keys, "looks_collapsed", "looks_dim_collapsed"):
             if k in self.final_row:
                 out[f"final_{k}"] = self.final_row[k]
         return out
@@ -295,10 +434,8 @@ class Diagnostics:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the detector (and the F^ estimate) after a resume."""
         return {
-            "collapsed": self.collapsed,
-            "collapse_step": self.collapse_step,
-            "collapse_evidence": self.collapse_evidence,
-            "streak": self.streak,
+            **self.collapse.state_dict(),  # at the top level, as checkpoints before the dimensional rule have it
+            "dim": self.dim.state_dict(),
             "last_row": self.last_row,
             "final_row": self.final_row,  # the final report, for a run resumed after its last checkpoint
             "estimator": None
@@ -308,10 +445,8 @@ class Diagnostics:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
-        self.collapsed = bool(state.get("collapsed", False))
-        self.collapse_step = state.get("collapse_step")
-        self.collapse_evidence = state.get("collapse_evidence", "")
-        self.streak = int(state.get("streak", 0))
+        self.collapse.load_state_dict(state)
+        self.dim.load_state_dict(state.get("dim") or {})  # absent before the dimensional-collapse warning
         self.last_row = dict(state.get("last_row", {}))
         self.final_row = dict(state.get("final_row", {}))
         est = state.get("estimator")

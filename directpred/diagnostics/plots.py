@@ -52,6 +52,7 @@ def plot_curves(
     logy: bool = False,
     hlines: Mapping[str, float] | None = None,
     markers: Mapping[str, float | None] | None = None,
+    dim_markers: Mapping[str, float | None] | None = None,
 ) -> None:
     """One line per run (label -> (x, y)); ``None`` values in y are gaps.
 
@@ -63,13 +64,15 @@ def plot_curves(
         hlines: reference levels, label -> y (drawn dashed, e.g. a collapse threshold).
         markers: label -> x of an event (e.g. the step a run was flagged collapsed), drawn as a dotted line in
             the run's colour.
+        dim_markers: the same for a second kind of event (the dimensional-collapse warning), dash-dotted.
     """
     for label, (x, y) in curves.items():
         yy = np.array([np.nan if v is None else float(v) for v in y])
         (line,) = ax.plot(np.asarray(x, dtype=float), yy, label=label, marker="." if len(yy) < 30 else None)
-        x_event = markers.get(label) if markers else None
-        if x_event is not None:
-            ax.axvline(float(x_event), color=line.get_color(), ls=":", lw=1.2)
+        for events, style in ((markers, ":"), (dim_markers, "-.")):
+            x_event = events.get(label) if events else None
+            if x_event is not None:
+                ax.axvline(float(x_event), color=line.get_color(), ls=style, lw=1.2)
     for text, level in (hlines or {}).items():
         ax.axhline(level, color="grey", ls="--", lw=0.8)
         ax.annotate(text, (0.01, level), xycoords=("axes fraction", "data"), fontsize=7, color="grey", va="bottom")
@@ -174,6 +177,8 @@ def make_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
 
     runs = {label: (d, _rows(d), _summary(d)) for label, d in zip(_labels(run_dirs), run_dirs)}
     flagged = {label: s.get("collapse_step") for label, (_, _, s) in runs.items()}
+    dim_flagged = {label: s.get("dim_collapse_step") for label, (_, _, s) in runs.items()}
+    ranks = {"markers": flagged, "dim_markers": dim_flagged}
     written = []
 
     fig, axes = new_figure(2, 5, width=4.4, height=3.4)
@@ -193,8 +198,8 @@ def make_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
         ),
         (0, 3, "diag", "alignment", "mean_j cos(W_p u_j, u_j)", "alignment, mean over all u_j", {"markers": flagged}),
         (0, 4, "diag", "asymmetry", "||W_p - W_p^T|| / ||W_p||", "asymmetry of W_p", {}),
-        (1, 0, "diag", "rankme_z", "RankMe", "effective rank of the projections z", {"markers": flagged}),
-        (1, 1, "diag", "rankme_h", "RankMe", "effective rank of the representation h", {"markers": flagged}),
+        (1, 0, "diag", "rankme_z", "RankMe", "effective rank of the projections z", ranks),
+        (1, 1, "diag", "rankme_h", "RankMe", "effective rank of the representation h", ranks),
         (
             1,
             2,

@@ -15,7 +15,7 @@ from directpred.data.order import step_generator
 from directpred.data.stream import BatchDataset, StreamData, load_stream_data
 from directpred.data.views import view_recipes
 from directpred.diagnostics import metrics as spectrum
-from directpred.diagnostics.hook import diagnostic_row, looks_collapsed, single_thread
+from directpred.diagnostics.hook import diagnostic_row, looks_collapsed, looks_dim_collapsed, single_thread
 from directpred.heads import CorrelationEstimator
 from directpred.methods import build_method
 from directpred.train.checkpoint import load_checkpoint, stored_config
@@ -148,19 +148,29 @@ def diagnose(target: Path, *, batches: int = 2, use_data: bool = True) -> tuple[
             lines.append(f"  {j:3d}  {(s[j] or 0) / top:12.4g}  {p_j:8.4f}  {cos_j:8.3f}")
     if z is not None:
         lines.append(
-            f"batch ({z.shape[0]} views): RankMe(h) = {f('rankme_h', '.1f')}, RankMe(z) = "
+            f"batch ({z.shape[0]} views): RankMe(h) = {f('rankme_h', '.1f')} of max {row['h_rank_max']}, RankMe(z) = "
             f"{f('rankme_z', '.1f')} of max {row['z_rank_max']}, "
             f"sqrt(d)*std(z/|z|) = {f('z_std_ratio')} "
             f"(~1 spread out, ~0 collapsed), loss per term = {f('loss_per_term', '.4f')}"
         )
         verdict = "LOOKS COLLAPSED" if looks_collapsed(row) else "healthy"
         lines.append(f"collapse rule on this batch: {verdict}")
+        dim_verdict = "LOOKS DIMENSIONALLY COLLAPSED" if looks_dim_collapsed(row) else "healthy"
+        lines.append(f"dimensional-collapse rule on this batch: {dim_verdict}")
     if diag_state:
-        flag = (
-            f"COLLAPSED at step {diag_state.get('collapse_step')}: {diag_state.get('collapse_evidence')}"
-            if diag_state.get("collapsed")
-            else "not flagged"
-        )
-        lines.append(f"training-time collapse detector: {flag}")
+        detectors: list[tuple[str, dict[str, Any] | None, str]] = [
+            ("collapse detector", diag_state, "COLLAPSED"),
+            ("dimensional-collapse warning", diag_state.get("dim"), "DIMENSIONALLY COLLAPSED"),
+        ]
+        for what, watch, word in detectors:
+            if watch is None:  # a checkpoint written before the dimensional-collapse warning existed
+                lines.append(f"training-time {what}: not kept by the version that wrote this checkpoint")
+                continue
+            flag = (
+                f"{word} at step {watch.get('collapse_step')}: {watch.get('collapse_evidence')}"
+                if watch.get("collapsed")
+                else "not flagged"
+            )
+            lines.append(f"training-time {what}: {flag}")
     lines += [f"note: {n}" for n in notes]
     return row, lines

@@ -25,7 +25,8 @@ METRIC_NOTE = (
     "kNN: weighted kNN on the frozen backbone at the end of training. linear top-1: the linear probe's "
     "final epoch. linear best: the best test accuracy over the probe's epochs, which is what the "
     "authors' code reports and what the paper's tables give, so the paper column sits beside it. "
-    "collapsed: seeds whose run the collapse detector flagged (– where diagnostics were off)."
+    "collapsed: seeds whose run the collapse detector flagged (– where diagnostics were off). dim. collapsed: "
+    "seeds whose run the dimensional-collapse warning flagged (– for runs from before that warning)."
 )
 
 
@@ -58,6 +59,11 @@ def _run_status(run_dir: Path) -> str:
     return "incomplete" if (run_dir / "checkpoints" / "last.pt").is_file() else "missing"
 
 
+def _flagged(done: list[dict[str, Any]], key: str) -> int | None:
+    """How many finished runs a detector flagged; None where no run recorded that detector."""
+    return sum(bool(s.get(key)) for s in done) if any(key in s for s in done) else None
+
+
 def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
     """Everything the reports show, as a JSON-ready dict (accuracies under ``cells``/``runs``, times under
     ``timing``)."""
@@ -75,7 +81,8 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
                 row["error"] = f"{run_dir / 'summary.json'} is unreadable; remove it and run the sweep again"
             elif s is not None:  # done and readable
                 row.update({k: s.get(k) for k, _ in METRICS})
-                row.update(collapsed=s.get("collapsed"), epochs=s.get("epochs"), steps=s.get("steps"))
+                row.update(collapsed=s.get("collapsed"), dim_collapsed=s.get("dim_collapsed"))
+                row.update(epochs=s.get("epochs"), steps=s.get("steps"))
                 done.append(s)
                 curves.append(_knn_curve(run_dir))
                 timing_runs.append({"cell": cell, "seed": seed, **{k: s.get(k) for k, _ in TIMING}})
@@ -90,7 +97,8 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
             "n": len(done),
             **{k: _stats([s[k] for s in done if s.get(k) is not None]) for k, _ in METRICS},
             # None where no run had the collapse detector on (diag.every=0): "no collapse seen" would mislead
-            "collapsed": sum(bool(s.get("collapsed")) for s in done) if any("collapsed" in s for s in done) else None,
+            "collapsed": _flagged(done, "collapsed"),
+            "dim_collapsed": _flagged(done, "dim_collapsed"),  # None too for runs before the warning existed
             "failed": [s for s, st in status_of.items() if st == "failed"],
             "missing": [s for s, st in status_of.items() if st in ("missing", "incomplete")],
             "paper": None,
@@ -138,7 +146,12 @@ def markdown(res: dict[str, Any]) -> str:
     has_paper = any(c["paper"] for c in res["cells"])
     if has_paper:
         lines += ["", f"Paper: {res['paper_note']}"]
-    head = ["cell", "n"] + [label for _, label in METRICS] + (["paper"] if has_paper else []) + ["collapsed", "failed"]
+    head = (
+        ["cell", "n"]
+        + [label for _, label in METRICS]
+        + (["paper"] if has_paper else [])
+        + ["collapsed", "dim. collapsed", "failed"]
+    )
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in res["cells"]:
         paper = [_pm(c["paper"])] if has_paper else []
@@ -146,7 +159,8 @@ def markdown(res: dict[str, Any]) -> str:
             [f"`{c['cell']}`", str(c["n"])]
             + [_pm(c[k]) for k, _ in METRICS]
             + paper
-            + ["–" if c["collapsed"] is None else str(c["collapsed"]), str(len(c["failed"]))]
+            + ["–" if c[k] is None else str(c[k]) for k in ("collapsed", "dim_collapsed")]
+            + [str(len(c["failed"]))]
         )
         lines.append("| " + " | ".join(row) + " |")
     missing = [r for r in runs if r["status"] in ("missing", "incomplete")]
@@ -189,7 +203,20 @@ def csv_text(res: dict[str, Any]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     stat_cols = [f"{k}_{s}" for k, _ in METRICS for s in ("mean", "std")]
     time_cols = [f"{k}_{s}" for k, _ in TIMING for s in ("mean", "std")]
-    w.writerow(["cell", "n", *stat_cols, "paper_mean", "paper_std", "collapsed", "failed", "missing", *time_cols])
+    w.writerow(
+        [
+            "cell",
+            "n",
+            *stat_cols,
+            "paper_mean",
+            "paper_std",
+            "collapsed",
+            "dim_collapsed",
+            "failed",
+            "missing",
+            *time_cols,
+        ]
+    )
 
     def f(v: Any) -> str:
         return "" if v is None else f"{v:.4f}"
@@ -205,6 +232,7 @@ def csv_text(res: dict[str, Any]) -> str:
                 f(paper.get("mean")),
                 f(paper.get("std")),
                 c["collapsed"],
+                c["dim_collapsed"],
                 len(c["failed"]),
                 len(c["missing"]),
                 *[f(t[k][s]) for k, _ in TIMING for s in ("mean", "std")],

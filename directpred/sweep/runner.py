@@ -143,7 +143,8 @@ def _finish_line(plan: Plan) -> str:
         for k, label in (("knn_top1", "kNN"), ("linear_top1", "linear"), ("linear_top1_best", "best"))
         if s.get(k) is not None
     ]
-    return ", ".join(parts) + (" [collapsed]" if s.get("collapsed") else "")
+    flags = [word for key, word in (("collapsed", "collapsed"), ("dim_collapsed", "dim. collapsed")) if s.get(key)]
+    return ", ".join(parts) + "".join(f" [{word}]" for word in flags)
 
 
 def _last_line(log: Path) -> str:

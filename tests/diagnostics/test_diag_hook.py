@@ -179,18 +179,20 @@ def _two_rank_worker(rank: int, init_file: str, results: str) -> None:
     torch.set_num_threads(1)
     diag = Diagnostics(make_cfg(), FakeMethod(LinearPredictor(D)))
     g = torch.Generator().manual_seed(rank)
-    flags = []
+    flags, ranks = [], []
     for step in range(1, 9):
         # rank 0 sees collapsed projections, rank 1 healthy ones: the averaged signals decide for both
         collapsed = rank == 0 or step > 4
         row = diag.observe(step, step_output(g, collapsed=collapsed, loss=0.001))
         if row is not None:
             flags.append(row["collapsed"])
+            ranks.append(row["rankme_h"])  # per-rank batches differ: averaged, the rows agree
     corr = diag.own_estimator.corr.clone()
     dist.all_reduce(corr)
     torch.save(
         {
             "flags": flags,
+            "ranks": ranks,
             "step": diag.collapse_step,
             "corr_equal": bool(torch.allclose(corr / 2, diag.own_estimator.corr, atol=1e-5)),
         },
@@ -206,6 +208,7 @@ def test_two_processes_decide_alike(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"res.{r}") for r in (0, 1))
     assert r0["flags"] == r1["flags"] == [0, 0, 0, 1]  # flagged only once both ranks' batches look collapsed
     assert r0["step"] == r1["step"] == 8
+    assert r0["ranks"] == r1["ranks"] and len(r0["ranks"]) == 4
     assert r0["corr_equal"] and r1["corr_equal"]  # F^ is all-reduced: the same on both ranks
 
 

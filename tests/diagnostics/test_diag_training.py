@@ -97,10 +97,11 @@ def test_collapse_ablations_are_flagged_and_stopped(tmp_path, data, name, overri
 def test_healthy_runs_are_not_flagged(tmp_path, data, name, overrides, tiny_folder, capsys):
     out, summary = train(tmp_path, data, name, overrides, steps=24, folder=tiny_folder)
     assert summary["collapsed"] is False and summary["collapse_step"] is None
+    assert summary["dim_collapsed"] is False and summary["final_looks_dim_collapsed"] == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     diag = [r for r in rows if r["kind"] == "diag"]
     assert [r["step"] for r in diag] == list(range(2, 25, 2))
-    assert all(r["collapsed"] == 0 for r in diag)
+    assert all(r["collapsed"] == 0 and r["dim_collapsed"] == 0 for r in diag)
     final = [r for r in rows if r["kind"] == "diag_final"]  # the verdict on the final state
     assert [r["step"] for r in final] == [24] and final[0]["looks_collapsed"] == 0
     if name.endswith("directpred"):  # W_p is built from F^'s eigenvectors: aligned and symmetric

@@ -28,6 +28,7 @@ def _run(
     curve: list[tuple[int, float]],
     collapsed: bool,
     ips: float,
+    dim_collapsed: bool | None = None,
 ) -> None:
     d = out / "runs" / cell / f"seed{seed}"
     d.mkdir(parents=True)
@@ -42,6 +43,8 @@ def _run(
                 "steps": 30,
                 "images_per_second": ips,
                 "wall_seconds": ips / 10,
+                # None: a run from before the dimensional-collapse warning, whose summary has no such key
+                **({} if dim_collapsed is None else {"dim_collapsed": dim_collapsed}),
             }
         )
     )
@@ -79,6 +82,7 @@ def test_report_statistics_and_layout(tmp_path, tiny_folder):
             curve=curve,
             collapsed=seed == 2,
             ips=100.0 * (seed + 1),
+            dim_collapsed=seed != 2,
         )
     _run(out, "b", 0, knn=20.0, lin=21.0, best=22.0, curve=[(1, 20.0)], collapsed=False, ips=50.0)
     (out / "runs" / "b" / "seed1" / "checkpoints").mkdir(parents=True)
@@ -91,6 +95,7 @@ def test_report_statistics_and_layout(tmp_path, tiny_folder):
         assert a[key] == {"mean": round(statistics.mean(vals), 4), "std": round(statistics.stdev(vals), 4), "n": 3}
     assert a["knn_curve"] == [[1, 31.0, 3], [2, round((40 + 42 + 42) / 3, 4), 3]]
     assert (a["collapsed"], a["failed"], a["missing"], a["paper"]) == (1, [], [], {"mean": 80.5, "std": 1.25})
+    assert (a["dim_collapsed"], b["dim_collapsed"]) == (2, None)  # b's run predates the warning: not "0 seen"
     assert (b["n"], b["knn_top1"], b["failed"], b["missing"]) == (1, {"mean": 20.0, "std": None, "n": 1}, [1], [2])
     assert [r["status"] for r in res["runs"]] == ["done"] * 4 + ["failed", "missing"]
     assert res["timing"]["cells"]["a"]["images_per_second"] == {"mean": 200.0, "std": 100.0, "n": 3}
@@ -98,12 +103,14 @@ def test_report_statistics_and_layout(tmp_path, tiny_folder):
 
     md = (out / "results.md").read_text()
     assert f"| `a` | 3 | {statistics.mean(knn):.2f} ± {statistics.stdev(knn):.2f} |" in md
-    assert "| `b` | 1 | 20.00 | 21.00 | 22.00 | – | 0 | 1 |" in md
+    assert "| `b` | 1 | 20.00 | 21.00 | 22.00 | – | 0 | – | 1 |" in md
+    assert "| 80.50 ± 1.25 | 1 | 2 | 0 |" in md  # a: paper, collapsed, dim. collapsed, failed
     assert "## Missing runs\n\n- `runs/b/seed2`\n" in md
     assert "## Failed runs\n\n- `runs/b/seed1`: boom (log: `runs/b/seed1/sweep.log`)" in md
     assert md.index("## Timing") > md.index("## Failed runs") and "| `a` | 200 ± 100 | 20.0 ± 10.0 |" in md
     rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
     assert [r["cell"] for r in rows] == ["a", "b"] and rows[0]["paper_mean"] == "80.5000"
+    assert [(r["collapsed"], r["dim_collapsed"]) for r in rows] == [("1", "2"), ("0", "")]
     assert list(rows[0])[-4:] == [
         "images_per_second_mean",
         "images_per_second_std",

@@ -1,0 +1,194 @@
+"""The dimensional-collapse warning: its rule on synthetic batches, its state over a run and a resume, and a replay
+of the runs committed under docs/results (the evidence docs/diagnostics.md gives for its thresholds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from directpred.config import Config
+from directpred.diagnostics import hook as diag_mod
+from directpred.diagnostics.hook import Diagnostics, looks_collapsed, looks_dim_collapsed, replay
+from directpred.heads import LinearPredictor
+from directpred.methods.siamese import StepOutput
+
+REPO = Path(__file__).resolve().parents[2]
+D, B, FEAT = 64, 64, 64  # large enough that a few directions are a small fraction: max ranks 64 (N = 128)
+
+
+class FakeMethod(nn.Module):
+    def __init__(self, predictor: nn.Module) -> None:
+        super().__init__()
+        self.predictor = predictor
+
+
+def make_cfg() -> Config:
+    cfg = Config()
+    cfg.diag.every = 2
+    cfg.projector.out_dim = D
+    return cfg
+
+
+def low_rank(g: torch.Generator, n: int, width: int, k: int) -> torch.Tensor:
+    """n samples spread over k random directions of R^width (rank k, not one point)."""
+    basis = torch.linalg.qr(torch.randn(width, k, generator=g))[0].T  # (k, width), orthonormal rows
+    return torch.randn(n, k, generator=g) @ basis + 1e-4 * torch.randn(n, width, generator=g)
+
+
+def step_output(g: torch.Generator, k: int | None) -> StepOutput:
+    """Both views' projections and representations; of rank k (None: full rank)."""
+    if k is None:
+        z, h = torch.randn(2 * B, D, generator=g), torch.randn(2 * B, FEAT, generator=g)
+    else:
+        z, h = low_rank(g, 2 * B, D, k), low_rank(g, 2 * B, FEAT, k)
+    z1, z2, h1, h2 = z[:B], z[B:], h[:B], h[B:]
+    return StepOutput(torch.tensor(0.3), h1, h2, z1, z2, z1, z2, z2, z1)
+
+
+def run(diag: Diagnostics, steps: range, k: int | None, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    rows = [diag.observe(step, step_output(g, k)) for step in steps]
+    return [r for r in rows if r is not None]
+
+
+def test_a_few_spread_directions_are_flagged_at_the_second_report_and_are_not_complete_collapse(caplog):
+    diag = Diagnostics(make_cfg(), FakeMethod(LinearPredictor(D)))
+    rows = run(diag, range(1, 9), k=2)
+    first = rows[0]
+    assert first["h_rank_max"] == first["z_rank_max"] == 64
+    assert 1.5 < first["rankme_z"] < 2.5 and 1.5 < first["rankme_h"] < 2.5  # RankMe of two spread directions
+    assert first["z_std_ratio"] > 0.1  # spread within them: the collapse rule (one point) does not fire
+    assert looks_dim_collapsed(first) and not looks_collapsed(first) and first["dim_collapsed"] == 0
+    assert diag.dim.flagged and diag.dim.step == 4 and [r["dim_collapsed"] for r in rows] == [0, 1, 1, 1]
+    assert not diag.collapsed
+    s = diag.summary()
+    assert (s["dim_collapsed"], s["dim_collapse_step"], s["collapsed"]) == (True, 4, False)
+    assert "rankme_h=" in s["dim_collapse_evidence"] and "2 report steps in a row" in s["dim_collapse_evidence"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "directpred.diagnostics.hook"]
+    assert len(warned) == 1 and "DIMENSIONAL COLLAPSE at step 4" in warned[0]
+
+
+def test_healthy_and_moderately_low_ranks_are_not_flagged():
+    # full rank; then 8 directions: rankme 8 is above 0.05 * 64 = 3.2 for z, so the pair does not look collapsed
+    for k in (None, 8):
+        diag = Diagnostics(make_cfg(), FakeMethod(LinearPredictor(D)))
+        rows = run(diag, range(1, 11), k=k)
+        assert not diag.dim.flagged and all(r["dim_collapsed"] == 0 for r in rows), k
+        assert diag.summary()["dim_collapse_step"] is None
+
+
+def test_the_final_report_alone_flags_and_is_recorded_in_the_summary():
+    diag = Diagnostics(make_cfg(), FakeMethod(LinearPredictor(D)))
+    run(diag, range(1, 4), k=None)  # one healthy periodic report
+    out = step_output(torch.Generator().manual_seed(1), k=2)
+    diag.observe(4, out)  # one dimensionally collapsed report: not two in a row
+    assert not diag.dim.flagged
+    row = diag.final_report(4, out)
+    assert row["looks_dim_collapsed"] == 1 and row["dim_collapsed"] == 1
+    s = diag.summary()
+    assert s["dim_collapsed"] is True and s["dim_collapse_step"] == 4
+    assert s["dim_collapse_evidence"].startswith("final report: ") and s["final_looks_dim_collapsed"] == 1
+    assert s["final_rankme_h"] < diag_mod.DIM_RANK_H_FRACTION * s["final_h_rank_max"]
+
+
+def test_resume_continues_the_streak_and_old_checkpoints_load():
+    a = Diagnostics(make_cfg(), FakeMethod(LinearPredictor(D)))
+    run(a, range(1, 3), k=2)  # one dimensionally collapsed report
+    b = Diagnostics(make_cfg(), FakeMethod(LinearPredictor(D)))
+    b.load_state_dict(a.state_dict())
+    assert b.dim.streak == 1
+    run(b, range(3, 5), k=2, seed=1)
+    assert b.dim.flagged and b.dim.step == 4
+    old = {k: v for k, v in a.state_dict().items() if k != "dim"}  # a checkpoint from before the warning
+    c = Diagnostics(make_cfg(), FakeMethod(LinearPredictor(D)))
+    c.load_state_dict(old)
+    assert (c.dim.flagged, c.dim.streak, c.collapse.streak) == (False, 0, a.collapse.streak)
+
+
+def test_rule_fires_exactly_below_both_thresholds_documented_in_the_docs():
+    doc = (REPO / "docs" / "diagnostics.md").read_text()
+    assert f"`rankme_h < {diag_mod.DIM_RANK_H_FRACTION} · min(N, D)`" in doc
+    assert f"`rankme_z < {diag_mod.DIM_RANK_Z_FRACTION} · min(N, d)`" in doc
+    limits = {"rankme_h": diag_mod.DIM_RANK_H_FRACTION * 100, "rankme_z": diag_mod.DIM_RANK_Z_FRACTION * 200}
+    below = {k: v * 0.99 for k, v in limits.items()}
+    maxes = {"h_rank_max": 100, "z_rank_max": 200}
+    assert looks_dim_collapsed({**below, **maxes})
+    for k, v in limits.items():  # either rank at its threshold: not flagged; a missing signal never flags
+        assert not looks_dim_collapsed({**below, k: v, **maxes}), k
+        assert not looks_dim_collapsed({**below, k: None, **maxes}), k
+
+
+def _committed_runs() -> list[Path]:
+    return sorted(p.parent for p in (REPO / "docs" / "results").glob("*/runs/*/*/metrics.jsonl"))
+
+
+def test_replay_of_the_committed_runs_matches_training_and_the_documented_flags():
+    """Every run committed under docs/results, replayed: the collapse rule flags the steps training recorded in
+    summary.json, and the dimensional rule flags exactly the runs docs/diagnostics.md names, at its steps."""
+    runs = _committed_runs()
+    assert len(runs) >= 47
+    dim_flags = {}
+    for run_dir in runs:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert cfg["backbone"]["name"] == "resnet18"  # features of width 8 x width; N = 2 x batch (one process)
+        h_rank_max = min(2 * cfg["train"]["batch_size"], 8 * cfg["backbone"]["width"])
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        got = replay(rows, h_rank_max=h_rank_max)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert got["collapse_step"] == summary["collapse_step"], run_dir
+        if got["dim_collapse_step"] is not None:
+            dim_flags[str(run_dir.relative_to(REPO / "docs" / "results"))] = got["dim_collapse_step"]
+    assert dim_flags == {
+        "cpu_no_ema/runs/directpred_forward/seed0": 100,
+        "cpu_no_ema/runs/directpred_forward/seed1": 100,
+        "cpu_no_ema/runs/directpred_forward/seed2": 100,
+        "cpu_no_ema_4ep/runs/linear_sym/seed0": 700,
+    }
+
+
+def test_replay_without_h_rank_max_never_flags_dimensional_collapse():
+    rows = [{"kind": "diag", "step": s, "rankme_h": 1.0, "rankme_z": 1.0, "z_rank_max": 128} for s in (10, 20)]
+    assert replay(rows)["dim_collapse_step"] is None
+    assert replay(rows, h_rank_max=128)["dim_collapse_step"] == 20
+
+
+def test_diagnose_reports_the_rule_on_its_batches_and_the_warning_kept_in_the_checkpoint(tiny_overrides, tmp_path):
+    from directpred.config import load_config
+    from directpred.diagnostics import report
+    from directpred.train import Trainer
+
+    run_dir = tmp_path / "run"
+    summary = Trainer(load_config(None, tiny_overrides + ["train.max_steps=2"]), run_dir).fit()
+    assert summary["dim_collapsed"] is False and summary["final_looks_dim_collapsed"] == 0
+    row, lines = report.diagnose(run_dir, batches=1)
+    verdict = "LOOKS DIMENSIONALLY COLLAPSED" if looks_dim_collapsed(row) else "healthy"
+    assert f"dimensional-collapse rule on this batch: {verdict}" in lines
+    assert "training-time dimensional-collapse warning: not flagged" in lines
+
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    state = torch.load(ckpt, weights_only=False)
+    state["diagnostics"]["dim"].update(collapsed=True, collapse_step=7, collapse_evidence="rankme_h=2 of max 32")
+    torch.save(state, ckpt)
+    _, lines = report.diagnose(run_dir, use_data=False)
+    assert (
+        "training-time dimensional-collapse warning: DIMENSIONALLY COLLAPSED at step 7: rankme_h=2 of max 32" in lines
+    )
+    del state["diagnostics"]["dim"]  # as a checkpoint written before the warning existed
+    torch.save(state, ckpt)
+    _, lines = report.diagnose(run_dir, use_data=False)
+    assert "training-time dimensional-collapse warning: not kept by the version that wrote this checkpoint" in lines
+    assert "training-time collapse detector: not flagged" in lines
+
+
+def test_the_end_of_run_lines_name_each_flag_and_its_step():
+    from directpred.cli.train import verdict_lines
+
+    assert verdict_lines({"collapsed": False, "dim_collapsed": False}) == []
+    assert verdict_lines({"knn_top1": 30.0}) == []  # diagnostics off or an old summary: nothing claimed
+    lines = verdict_lines({"collapsed": True, "collapse_step": 40, "dim_collapsed": True, "dim_collapse_step": 100})
+    assert len(lines) == 2 and "COLLAPSED (collapse rule) at step 40" in lines[0]
+    assert "dimensional collapse (warning) at step 100" in lines[1]
