@@ -1,11 +1,12 @@
 """Measure the cost of the training diagnostics (not a test; run by hand, numbers go to docs/diagnostics.md).
 
-    OMP_NUM_THREADS=1 python benchmarks/diagnostics_overhead.py [--steps 20] [--set key=value ...]
+    OMP_NUM_THREADS=1 python benchmarks/diagnostics_overhead.py [--steps 20] [--every 50] [--set key=value ...]
 
 Times, on the quick-start recipe (ResNet-18 width 16, batch 128, BYOL + DirectPred unless overridden): a
 training step, ``Diagnostics.observe`` on an ordinary step (the F^ update only), ``observe`` on a report step,
 and logging the report row (metrics.jsonl + TensorBoard, spectra as histograms). Prints the overhead at
-``diag.every = 50``.
+``diag.every = --every`` (50 by default). The script times a report on every step itself, so ``diag.every`` is not
+an override it takes.
 """
 
 from __future__ import annotations
@@ -28,10 +29,18 @@ WARMUP = 2  # untimed steps first
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help=f"training steps, the first {WARMUP} untimed (warm-up)")
+    parser.add_argument("--every", type=int, default=50, help="the diag.every to give the overhead for (default 50)")
     parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
     args = parser.parse_args()
     if args.steps <= WARMUP:
         parser.error(f"--steps must be at least {WARMUP + 1}: the first {WARMUP} steps are warm-up, not timed")
+    if args.every < 1:
+        parser.error(f"--every must be at least 1, not {args.every}")
+    if any(kv.split("=", 1)[0].strip() == "diag.every" for kv in args.set):
+        parser.error(
+            "--set diag.every is not taken: the script times a report on every step itself; "
+            "give the report period for the overhead figure as --every N"
+        )
     cfg = load_config("configs/cpu/quickstart.yaml", ["train.progress=false", "diag.every=1", *args.set])
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, tmp).setup()
@@ -58,7 +67,7 @@ def main() -> None:
                 t_log.append(t4 - t3)
         trainer.logger.close()
     m = {k: statistics.median(v) for k, v in (("step", t_step), ("ordinary", t_ord), ("report", t_rep), ("log", t_log))}
-    every = 50
+    every = args.every
     overhead = (m["report"] + m["log"] + (every - 1) * m["ordinary"]) / (every * m["step"])
     print(
         f"threads={torch.get_num_threads()} {cfg.method.name}+{cfg.predictor.name} "

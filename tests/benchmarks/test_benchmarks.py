@@ -86,6 +86,28 @@ def test_diagnostics_benchmark_refuses_steps_that_are_all_warm_up(tiny_overrides
     ), proc.stderr[-2000:]
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "diag.every=0"], "--set diag.every is not taken: the script times a report on every step itself"),
+        (["--every", "0"], "--every must be at least 1, not 0"),
+    ],
+)
+def test_diagnostics_benchmark_refuses_a_report_period_it_cannot_use(args, message):
+    """``--set diag.every=0`` used to train and then fail on the missing report row; now it is refused at once, with
+    the option that does what was meant."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/diagnostics_overhead.py", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
 def test_proxy_check_kill_and_resume_from_shards_equals_the_folder_run(tmp_path):
     """benchmarks/proxy_check.py at a tiny size: the shard run, killed after a checkpoint and resumed, ends with every
     checkpoint tensor equal to the folder run's, and the same figures."""
