@@ -25,8 +25,9 @@ METRIC_NOTE = (
     "kNN: weighted kNN on the frozen backbone at the end of training. linear top-1: the linear probe's "
     "final epoch. linear best: the best test accuracy over the probe's epochs, which is what the "
     "authors' code reports and what the paper's tables give, so the paper column sits beside it. "
-    "collapsed: seeds whose run the collapse detector flagged (– where diagnostics were off). dim. collapsed: "
-    "seeds whose run the dimensional-collapse warning flagged (– for runs from before that warning)."
+    "collapsed: seeds whose run the collapse detector flagged. dim. collapsed: seeds whose run the "
+    "dimensional-collapse warning flagged. Both show – unless every finished seed recorded a verdict (runs from "
+    "before a detector existed have none)."
 )
 
 
@@ -60,8 +61,9 @@ def _run_status(run_dir: Path) -> str:
 
 
 def _flagged(done: list[dict[str, Any]], key: str) -> int | None:
-    """How many finished runs a detector flagged; None where no run recorded that detector."""
-    return sum(bool(s.get(key)) for s in done) if any(key in s for s in done) else None
+    """How many finished runs a detector flagged; None unless every finished run recorded that detector's verdict
+    (a run from before the detector existed, or with it off, is not "not flagged")."""
+    return sum(bool(s[key]) for s in done) if done and all(key in s for s in done) else None
 
 
 def collect(sweep: Sweep, out: Path) -> dict[str, Any]:

@@ -189,3 +189,14 @@ def test_sweep_without_matplotlib_lists_only_the_files_it_wrote(tmp_path, tiny_f
     assert captured.err.count("pip install 'directpred[plot]'") == 1, captured.err
     assert not (out / "results.png").exists() and not (out / "knn_curves.png").exists()
     assert (out / "results.csv").is_file() and (out / "results.json").is_file()
+
+
+def test_a_flag_count_needs_a_verdict_from_every_finished_seed():
+    """A cell mixing runs from before the dimensional-collapse warning with newer ones shows "–", not a count that
+    reads the old runs as "not flagged"."""
+    from directpred.sweep.report import _flagged
+
+    new, old = {"dim_collapsed": True, "collapsed": False}, {"collapsed": False}
+    assert _flagged([new, {**new, "dim_collapsed": False}], "dim_collapsed") == 1
+    assert _flagged([new, old], "dim_collapsed") is None and _flagged([new, old], "collapsed") == 0
+    assert _flagged([], "collapsed") is None
