@@ -29,7 +29,7 @@ periodic ``diag`` curves) and judges it alone: ``summary.json``'s
 collapsed-looking. The final signals are in ``summary.json`` as ``final_z_std_ratio``, ``final_rankme_z``,
 ``final_loss_per_term`` and ``final_looks_collapsed``.
 
-Dimensional-collapse warning (docs/diagnostics.md, "Dimensional collapse", with the runs behind the levels). The
+Dimensional-collapse warning (docs/diagnostics.md, "Dimensional-collapse warning", with the runs behind the levels). The
 rule above is for *complete* collapse, all outputs at one point. A run can instead keep a spread-out but
 low-dimensional representation (RankMe of a few while ``z_std_ratio`` stays at 0.1-0.5). A report step *looks
 dimensionally collapsed* when both hold:
