@@ -128,9 +128,10 @@ def _committed_runs() -> list[Path]:
 
 def test_replay_of_the_committed_runs_matches_training_and_the_documented_flags():
     """Every run committed under docs/results, replayed: the collapse rule flags the steps training recorded in
-    summary.json, and the dimensional rule flags exactly the runs docs/diagnostics.md names, at its steps."""
+    summary.json, and the dimensional rule flags exactly the runs docs/diagnostics.md names, at its steps (for the
+    held-out runs, which logged the warning live, also the step training recorded)."""
     runs = _committed_runs()
-    assert len(runs) >= 47
+    assert len(runs) == 51  # 47 the levels were chosen on, 4 held out
     dim_flags = {}
     for run_dir in runs:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -140,6 +141,8 @@ def test_replay_of_the_committed_runs_matches_training_and_the_documented_flags(
         got = replay(rows, h_rank_max=h_rank_max)
         summary = json.loads((run_dir / "summary.json").read_text())
         assert got["collapse_step"] == summary["collapse_step"], run_dir
+        if "dim_collapse_step" in summary:  # trained with the warning: the replay judges as training did
+            assert got["dim_collapse_step"] == summary["dim_collapse_step"], run_dir
         if got["dim_collapse_step"] is not None:
             dim_flags[str(run_dir.relative_to(REPO / "docs" / "results"))] = got["dim_collapse_step"]
     assert dim_flags == {
@@ -147,6 +150,9 @@ def test_replay_of_the_committed_runs_matches_training_and_the_documented_flags(
         "cpu_no_ema/runs/directpred_forward/seed1": 100,
         "cpu_no_ema/runs/directpred_forward/seed2": 100,
         "cpu_no_ema_4ep/runs/linear_sym/seed0": 700,
+        # the held-out check (sweeps/cpu/dim_warning_heldout.yaml, seed 3), predicted before it ran
+        "dim_warning_heldout/runs/no_ema_directpred/seed3": 100,
+        "dim_warning_heldout/runs/no_ema_linear_sym_4ep/seed3": 750,
     }
 
 
