@@ -50,7 +50,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -229,6 +229,7 @@ class Watch:
         return True, True
 
     def state_dict(self) -> dict[str, Any]:
+        """The verdict so far, under the keys checkpoints have always used for the collapse rule."""
         return {
             "collapsed": self.flagged,
             "collapse_step": self.step,
@@ -237,6 +238,7 @@ class Watch:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; missing keys (an older checkpoint) mean "not flagged"."""
         self.flagged = bool(state.get("collapsed", False))
         self.step = state.get("collapse_step")
         self.why = state.get("collapse_evidence", "")
@@ -248,7 +250,9 @@ def replay(rows: Iterable[dict[str, Any]], *, h_rank_max: int | None = None) -> 
 
     ``diag`` rows are judged as periodic reports, a ``diag_final`` row as the final report; other rows are
     ignored. Returns ``collapse_step`` and ``dim_collapse_step``: the step each rule flags the run, or None.
-    This is how docs/diagnostics.md judges runs logged before a rule existed or changed.
+    This is how docs/diagnostics.md judges runs logged before a rule existed or changed. A run extended after it
+    finished has a ``diag_final`` row in the middle of its log: as training does, the replay goes on from the state
+    before that report once the next ``diag`` row shows the run went on.
 
     Args:
         rows: the logged rows.
@@ -259,13 +263,19 @@ def replay(rows: Iterable[dict[str, Any]], *, h_rank_max: int | None = None) -> 
         "collapse_step": Watch(looks_collapsed, collapse_evidence),
         "dim_collapse_step": Watch(looks_dim_collapsed, dim_collapse_evidence),
     }
+    before_final: dict[str, Watch] | None = None  # the state before the last final report
     for row in rows:
         if h_rank_max is not None and "h_rank_max" not in row:
             row = {**row, "h_rank_max": h_rank_max}
+        kind = row.get("kind")
+        if kind == "diag" and before_final is not None:  # the run was extended past its final report
+            watches, before_final = before_final, None
+        elif kind == "diag_final":
+            before_final = {key: replace(watch) for key, watch in watches.items()}
         for watch in watches.values():
-            if row.get("kind") == "diag":
+            if kind == "diag":
                 watch.periodic(int(row["step"]), row)
-            elif row.get("kind") == "diag_final":
+            elif kind == "diag_final":
                 watch.final(int(row["step"]), row)
     return {key: watch.step for key, watch in watches.items()}
 

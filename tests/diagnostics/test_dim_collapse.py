@@ -156,6 +156,18 @@ def test_replay_of_the_committed_runs_matches_training_and_the_documented_flags(
     }
 
 
+def test_replay_of_an_extended_run_drops_the_first_runs_final_verdict_as_training_does():
+    low = {"rankme_h": 1.0, "rankme_z": 1.0, "z_rank_max": 128, "h_rank_max": 128}
+    high = {**low, "rankme_h": 100.0}
+    first = [{"kind": "diag", "step": 10, **high}, {"kind": "diag_final", "step": 12, **low}]
+    assert replay(first)["dim_collapse_step"] == 12  # the first run ends flagged by its final report
+    extended = first + [{"kind": "diag", "step": s, **high} for s in (20, 30)]
+    extended.append({"kind": "diag_final", "step": 36, **high})
+    assert replay(extended)["dim_collapse_step"] is None  # training resumed from the state before that report
+    again = first + [{"kind": "diag", "step": s, **low} for s in (20, 30)]
+    assert replay(again)["dim_collapse_step"] == 30  # and the periodic rule counts afresh from there
+
+
 def test_replay_without_h_rank_max_never_flags_dimensional_collapse():
     rows = [{"kind": "diag", "step": s, "rankme_h": 1.0, "rankme_z": 1.0, "z_rank_max": 128} for s in (10, 20)]
     assert replay(rows)["dim_collapse_step"] is None
