@@ -131,7 +131,7 @@ def test_replay_of_the_committed_runs_matches_training_and_the_documented_flags(
     summary.json, and the dimensional rule flags exactly the runs docs/diagnostics.md names, at its steps (for the
     held-out runs, which logged the warning live, also the step training recorded)."""
     runs = _committed_runs()
-    assert len(runs) == 51  # 47 the levels were chosen on, 4 held out
+    assert len(runs) == 55  # 47 the levels were chosen on, 8 held out
     dim_flags = {}
     for run_dir in runs:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -153,6 +153,8 @@ def test_replay_of_the_committed_runs_matches_training_and_the_documented_flags(
         # the held-out check (sweeps/cpu/dim_warning_heldout.yaml, seed 3), predicted before it ran
         "dim_warning_heldout/runs/no_ema_directpred/seed3": 100,
         "dim_warning_heldout/runs/no_ema_linear_sym_4ep/seed3": 750,
+        "dim_warning_heldout_4ep/runs/no_ema_linear_sym_4ep/seed4": 1450,  # seeds 4 and 5, predicted likewise
+        "dim_warning_heldout_4ep/runs/no_ema_linear_sym_4ep/seed5": 1000,
     }
 
 
