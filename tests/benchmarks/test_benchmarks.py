@@ -46,20 +46,19 @@ def test_gpu_check_cpu_fallback(tiny_archive, tmp_path):
     assert "| `mlp` | 1 |" in proc.stdout and "sweep mlp" in proc.stdout
 
 
+def _benchmark(script: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``benchmarks/<script>`` from the repository root, on one thread, with this checkout's package."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, f"benchmarks/{script}", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def test_stream_benchmark_runs_with_fewer_images_than_one_batch(tmp_path):
     """``--images`` below the batch of 32 (the smallest run): the batched decode takes them as one batch (an empty
     batch plan raised IndexError) and the throughput paths as a warm-up batch and a timed one (StopIteration)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "stream.json"
     args = ["--images", "8", "--rss-sizes", "64", "--rss-steps", "1", "--out", str(out)]
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/stream_throughput.py", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _benchmark("stream_throughput.py", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["batched_decode"]["batched_decode_torchvision_cpu_images_per_s"] > 0
@@ -70,16 +69,8 @@ def test_stream_benchmark_runs_with_fewer_images_than_one_batch(tmp_path):
 def test_diagnostics_benchmark_refuses_steps_that_are_all_warm_up(tiny_overrides):
     """``--steps`` at most the 2 warm-up steps leaves nothing to time: said at once (it trained, then raised
     ``StatisticsError: no median for empty data``)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     sets = [arg for o in tiny_overrides if o != "diag.every=0" for arg in ("--set", o)]  # it reports every step
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/diagnostics_overhead.py", "--steps", "2", *sets],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _benchmark("diagnostics_overhead.py", "--steps", "2", *sets)
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith(
         "error: --steps must be at least 3: the first 2 steps are warm-up, not timed"
@@ -96,31 +87,19 @@ def test_diagnostics_benchmark_refuses_steps_that_are_all_warm_up(tiny_overrides
 def test_diagnostics_benchmark_refuses_a_report_period_it_cannot_use(args, message):
     """``--set diag.every=0`` used to train and then fail on the missing report row; now it is refused at once, with
     the option that does what was meant."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/diagnostics_overhead.py", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _benchmark("diagnostics_overhead.py", *args)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
 def test_proxy_check_kill_and_resume_from_shards_equals_the_folder_run(tmp_path):
     """benchmarks/proxy_check.py at a tiny size: the shard run, killed after a checkpoint and resumed, ends with every
     checkpoint tensor equal to the folder run's, and the same figures."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     sets = ["train.batch_size=32", "train.checkpoint_every_steps=4", "backbone.width=8", "eval.linear_epochs=1"]
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/proxy_check.py", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "r.json")]
-        + ["--train", "192", "--val", "64", "--shard-size", "64", "--kill-after", "4"]
-        + [a for kv in sets for a in ("--set", kv)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+    proc = _benchmark(
+        "proxy_check.py",
+        *["--work", str(tmp_path / "w"), "--out", str(tmp_path / "r.json")],
+        *["--train", "192", "--val", "64", "--shard-size", "64", "--kill-after", "4"],
+        *[a for kv in sets for a in ("--set", kv)],
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
