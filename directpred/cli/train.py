@@ -2,7 +2,8 @@
 
 Where training's signal handlers are installed and its exceptions mapped to exit codes (the sweep runner has its own,
 which pass SIGTERM on to these commands): the first SIGINT/SIGTERM asks the trainer to stop after the current step
-(checkpoint written, exit code 128 + signal, with the resume command), a second one stops at once.
+(checkpoint written, exit code 128 + signal, with the resume command), a second one stops at once, unless it
+comes within ``SAME_STOP_SECONDS`` of the first: Slurm and torchrun each deliver the same stop.
 """
 
 from __future__ import annotations
@@ -31,14 +32,25 @@ EPILOG = """examples:
 """
 
 
+#: Seconds after the first stop signal in which another one is the same stop delivered twice, not a second stop.
+#: Slurm (``scancel``, a time limit, preemption) signals every process of a job step, and torchrun (or the sweep
+#: runner) passes its own SIGTERM on to the same processes a few milliseconds later.
+SAME_STOP_SECONDS = 2.0
+
+
 @contextlib.contextmanager
 def stop_on_signals(trainer: Trainer) -> Iterator[None]:
     """While training: the first SIGINT/SIGTERM asks ``trainer`` to stop after the current step (it writes the
-    checkpoint and raises ``TrainingInterrupted``); a second one stops at once (``KeyboardInterrupt``)."""
+    checkpoint and raises ``TrainingInterrupted``); a second one stops at once (``KeyboardInterrupt``), unless it
+    comes within :data:`SAME_STOP_SECONDS` of the first (one stop that reached the process twice)."""
+    first: list[float] = []
 
     def handle(signum: int, frame: object) -> None:
-        if trainer.stop_requested:
+        if first:
+            if time.monotonic() - first[0] < SAME_STOP_SECONDS:
+                return
             raise KeyboardInterrupt
+        first.append(time.monotonic())
         trainer.request_stop(signum)
 
     previous = {}

@@ -35,6 +35,7 @@ import functools
 import io
 import os
 import re
+import signal
 import tarfile
 import warnings
 from collections.abc import Generator, Iterator
@@ -436,15 +437,19 @@ def _identity(x: _Batch) -> _Batch:
     return x
 
 
-def _own_process_group(worker_id: int) -> None:
-    """A DataLoader worker leaves the training process's process group: torchrun stops a rank, and a terminal's
-    Ctrl-C stops a command, by signalling the whole group, and a worker killed by that SIGTERM made the training
-    process fail mid-step ("DataLoader worker ... is killed by signal") instead of stopping after the step with its
-    checkpoint. The training process ends its workers itself once it stops; a worker whose training process died
-    exits on its own within 5 s (DataLoader's watchdog); a signal sent to the worker's own pid still reaches it.
-    Windows has no process groups of this kind (and no ``os.setpgid``): there the worker stays as it is."""
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A DataLoader worker leaves stopping to the training process. A stop reaches the workers too: torchrun stops a
+    rank, and a terminal's Ctrl-C a command, by signalling the whole process group; Slurm (``scancel``, a time
+    limit, preemption) signals every process of the job step by its pid. A worker killed by that SIGTERM made the
+    training process fail mid-step ("DataLoader worker ... is killed by signal") instead of stopping after the step
+    with its checkpoint. So the worker leaves the process group and ignores SIGTERM and SIGINT. The training process
+    ends its workers itself once it stops; a worker whose training process died exits on its own within 5 s
+    (DataLoader's watchdog); SIGKILL (Slurm's, after its grace period) still ends it. Windows has no process groups
+    of this kind (and no ``os.setpgid``): there only the signals are ignored."""
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _warn_replaced(skipped: list[str]) -> None:
@@ -673,7 +678,7 @@ class StreamSource(BatchSource):
             sampler=plan,
             num_workers=self.workers,
             collate_fn=_identity,  # type: ignore[arg-type]
-            worker_init_fn=_own_process_group,
+            worker_init_fn=_leave_stop_signals_to_the_trainer,
             prefetch_factor=self.prefetch if self.workers else None,
             persistent_workers=False,
             pin_memory=self.decode_device is not None and self.decode_device.type == "cuda" and not self.dataset.raw,
@@ -729,7 +734,7 @@ def iterate_split(
         sampler=plan,
         num_workers=workers,
         collate_fn=_identity,  # type: ignore[arg-type]
-        worker_init_fn=_own_process_group,
+        worker_init_fn=_leave_stop_signals_to_the_trainer,
         prefetch_factor=2 if workers else None,
     )
     labels = torch.from_numpy(reader.labels)

@@ -171,3 +171,35 @@ def test_resuming_after_the_final_checkpoint_keeps_the_final_report(tiny_overrid
     again = Trainer(cfg, tmp_path / "run", resume=True).fit()
     final = {k: v for k, v in done.items() if k.startswith("final_") or k == "collapsed"}
     assert {k: again[k] for k in final} == final
+
+
+@pytest.mark.parametrize("gap", ["same_stop", "second_stop"])
+def test_a_stop_delivered_twice_still_stops_after_the_step(tiny_overrides, tmp_path, monkeypatch, capsys, gap):
+    """Slurm signals every process of a job step and torchrun passes its own SIGTERM on to the same ranks: two
+    SIGTERMs a moment apart are one stop (a checkpoint at the step), while a second stop later stops at once."""
+    from directpred.cli import train as train_cli
+
+    if gap == "second_stop":
+        monkeypatch.setattr(train_cli, "SAME_STOP_SECONDS", 0.0)
+    real_step = Trainer.train_step
+
+    def step_then_signals(self, images):
+        res = real_step(self, images)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return res
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signals)
+    args = ["train", str(tmp_path / "empty.yaml"), "--out", str(tmp_path / "run")]
+    for o in tiny_overrides + ["train.epochs=1"]:
+        args += ["--set", o]
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    if gap == "same_stop":
+        assert main(args) == 128 + signal.SIGTERM
+        assert "Stopped by SIGTERM at step 2" in capsys.readouterr().err
+        assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            main(args)
+        assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()

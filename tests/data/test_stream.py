@@ -365,13 +365,27 @@ print("stopped" if stopped else "no signal", 1 + len(rest), flush=True)
 """
 
 
-def test_a_sigterm_to_the_process_group_leaves_the_workers_to_the_training_process(mixed):
-    """torchrun stops a rank (and Ctrl-C a command) by signalling its whole process group: the DataLoader workers
-    must not die of it, or the training process fails mid-step instead of stopping after it with a checkpoint."""
+def _descendants(pid: int) -> list[int]:
+    """The pids of ``pid``'s child processes, and theirs (Linux ``/proc``)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += [int(child), *_descendants(int(child))]
+    return found
+
+
+@pytest.mark.parametrize("how", ["group", "every_pid"])
+def test_a_sigterm_to_the_run_leaves_the_workers_to_the_training_process(mixed, how):
+    """torchrun stops a rank (and Ctrl-C a command) by signalling its whole process group, and Slurm (``scancel``, a
+    time limit, preemption) by signalling every process of the job step by its pid: the DataLoader workers must not
+    die of it, or the training process fails mid-step instead of stopping after it with a checkpoint."""
     import os
     import signal
     import subprocess
     import sys
+
+    if how == "every_pid" and not Path("/proc/self/task").is_dir():
+        pytest.skip("finding the worker processes needs Linux /proc")
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -384,7 +398,13 @@ def test_a_sigterm_to_the_process_group_leaves_the_workers_to_the_training_proce
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        os.killpg(proc.pid, signal.SIGTERM)
+        if how == "group":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            workers = _descendants(proc.pid)
+            assert workers, "the DataLoader worker was not found"
+            for pid in [proc.pid, *workers]:
+                os.kill(pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
