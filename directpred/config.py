@@ -199,7 +199,8 @@ class TrainConfig:
     """Length, batch, precision, checkpoints and logging of a training run."""
 
     epochs: int = 100
-    """Pre-training epochs (the last partial batch of an epoch is dropped)."""
+    """Pre-training epochs (the last partial batch of an epoch is dropped); the length the lr and EMA schedules run
+    over (raised on resume, a cosine schedule is stretched under the steps to come, with a warning)."""
     batch_size: int = 128
     """Per process; the global batch is batch_size * world_size."""
     seed: int = 0
@@ -225,7 +226,8 @@ class TrainConfig:
     progress: bool = True
     """Tqdm progress bar."""
     max_steps: int = 0
-    """Stop after this many optimiser steps (smoke tests); 0: no limit."""
+    """Stop after this many optimiser steps (smoke tests, or a run to go on later exactly: the schedules still run
+    over train.epochs); 0: no limit."""
     skip_nonfinite: int = 0
     """Steps whose loss or gradient is NaN/inf that may be skipped (no optimiser, EMA or statistics update) instead
     of stopping the run, in total over the run (resumes included); 0: stop at the first."""

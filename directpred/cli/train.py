@@ -111,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
                 # describes: a resume that fails (no checkpoint, a corrupt one, --force of a new shape) leaves it.
                 trainer.setup()
                 if distributed.is_main():
+                    # summary.json describes config.yaml: a finished run resumed with changes is finished again
+                    # only when this resume writes its new summary.
+                    (run_dir / "summary.json").unlink(missing_ok=True)
                     atomic_write_text(cfg_file, dump_config(cfg))
             summary = trainer.fit()
     except TrainingInterrupted as exc:
@@ -118,6 +121,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"\n{exc}", file=sys.stderr)
         return 128 + exc.signum if exc.signum else 1
     if distributed.is_main():
+        if summary.get("already_finished"):
+            print(
+                f"run {run_dir} had already finished with this configuration: nothing trained or evaluated again "
+                f"(train longer with --set train.epochs=N; evaluate again with `directpred eval {run_dir}` or "
+                "--set eval.KEY=VALUE). Its results:"
+            )
         print_results(
             summary,
             f"\nrun {run_dir}: {summary['epochs']:g} epochs, {summary['steps']} steps, "

@@ -18,6 +18,7 @@ object; the step itself (``optimize``) is 30 lines and everything around it is a
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -30,7 +31,7 @@ from torch import nn
 
 from directpred import distributed
 from directpred.backbones import resolve_channels_last
-from directpred.config import Config, ConfigError
+from directpred.config import Config, ConfigError, read_run_config
 from directpred.data.augment import TwoViewAugment
 from directpred.data.datasets import DataBundle, load_data
 from directpred.data.order import step_generator
@@ -202,6 +203,9 @@ class Trainer:
         # extended from the final checkpoint continues from, as the final report is no part of training.
         self.diagnostics_before_final: dict[str, Any] | None = None
         self._t_start = time.time()
+        # Whether config.yaml (what summary.json was computed with) is this configuration: before `directpred
+        # train --resume --set ...` rewrites it.
+        self._config_unchanged = self.resume and self._saved_config() == cfg
         if self.resume:
             self._load(self.ckpt_dir / "last.pt")
             if self.step > self.last_step and distributed.is_main():
@@ -346,6 +350,10 @@ class Trainer:
         :class:`TrainingDiverged` on non-finite steps beyond ``train.skip_nonfinite``.
         """
         self.setup()
+        finished = self._finished_summary()
+        if finished is not None:  # resumed after it finished, nothing changed: no evaluation or row again
+            self.logger.close()
+            return finished
         self._t_start = time.time()
         if self._resume_diag_state:
             self.diagnostics.load_state_dict(self._resume_diag_state)
@@ -505,6 +513,69 @@ class Trainer:
         else:
             self.diagnostics_before_final = before_final
         self._resume_callback_state = dict(state.get("callbacks", {}))
+        saved_train = (state.get("config") or {}).get("train") or {}
+        self._warn_if_rescheduled(saved_train.get("epochs"))
+
+    def _warn_if_rescheduled(self, epochs_before: int | None) -> None:
+        """Warn when a resume with another ``train.epochs`` stretches or shrinks a cosine schedule under the steps
+        still to come: the steps taken followed the old one, so the run equals neither length trained throughout."""
+        cfg, step = self.cfg, self.step
+        cosine = [
+            key
+            for key, on in (
+                ("optim.schedule", cfg.optim.schedule == "warmup_cosine"),
+                ("method.ema_schedule", cfg.method.ema_schedule == "cosine" and cfg.method.name == "byol"),
+            )
+            if on
+        ]
+        if not cosine or epochs_before is None or epochs_before == cfg.train.epochs or not 0 < step < self.last_step:
+            return
+        if not distributed.is_main():
+            return
+        old_total = self.steps_per_epoch * int(epochs_before)
+        now = []
+        if "optim.schedule" in cosine:
+            lr_old, lr_new = (
+                cfg.optim.lr * lr_factor(step, total, self.warmup_steps, cfg.optim.schedule)
+                for total in (old_total, self.total_steps)
+            )
+            now.append(f"the learning rate is {lr_new:.4g} (was {lr_old:.4g})")
+        if "method.ema_schedule" in cosine:
+            m_old, m_new = (ema_momentum(step, n, cfg.method.ema, "cosine") for n in (old_total, self.total_steps))
+            now.append(f"the EMA momentum is {m_new:.6g} (was {m_old:.6g})")
+        warnings.warn(
+            f"train.epochs {epochs_before} -> {cfg.train.epochs} on resume: the cosine schedule ({', '.join(cosine)}) "
+            f"now runs over {self.total_steps} steps instead of {old_total}, so at step {step} {' and '.join(now)}. "
+            f"The {step} steps taken followed the {epochs_before}-epoch schedule: the result is that of neither length "
+            "trained throughout. To stop a run early and go on exactly, give train.epochs its full length from the "
+            "start and stop with train.max_steps.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _saved_config(self) -> Config | None:
+        try:
+            return read_run_config(self.run_dir)
+        except ConfigError:  # none or damaged (a library resume needs only the checkpoint): not the same
+            return None
+
+    def _finished_summary(self) -> dict[str, Any] | None:
+        """The ``summary.json`` of a resumed run that had finished, with this configuration, at the checkpoint's
+        step (with ``already_finished: True``), or None: there is something to train or to evaluate again. Every
+        process decides the same (a collective)."""
+        summary = None
+        if self.resume and self._config_unchanged and self.step >= self.last_step:
+            try:
+                found = json.loads((self.run_dir / "summary.json").read_text())
+            except (OSError, ValueError):  # none (killed before the end, or removed by a changed resume), or torn
+                found = None
+            if isinstance(found, dict) and found.get("steps") == self.step and not found.get("stopped_early"):
+                summary = {**found, "already_finished": True}
+        if self.world > 1:
+            agreed = torch.tensor([float(summary is not None)], device=self.device)
+            if distributed.all_reduce_sum(agreed).item() < self.world:
+                summary = None
+        return summary
 
     def finish(self, *, stopped_early: bool = False) -> dict[str, Any]:
         """Final kNN + linear probe; writes ``summary.json`` (rank 0) and returns it."""

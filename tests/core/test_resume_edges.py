@@ -96,7 +96,7 @@ def test_extended_run_forgets_the_first_runs_final_report(tiny_overrides, tmp_pa
 
 
 def test_resume_below_the_checkpoint_says_so_and_leaves_the_run_as_it_is(tiny_overrides, tmp_path):
-    """Resuming a finished run with the same train.epochs re-evaluates it without a word; with train.epochs below the
+    """Resuming a finished run with the same train.epochs reports it as it is; with train.epochs below the
     checkpoint's epoch it warns (naming the step, the key and the fix) and trains or undoes nothing."""
     run = tmp_path / "r"
     first = Trainer(load_config(None, tiny_overrides + ["train.epochs=2"]), run).fit()
@@ -115,6 +115,48 @@ def test_resume_below_the_checkpoint_says_so_and_leaves_the_run_as_it_is(tiny_ov
     assert reduced["steps"] == 16 and reduced["epochs"] == 2 and reduced["knn_top1"] == first["knn_top1"]
     after = load_checkpoint(run / "checkpoints" / "last.pt")
     assert after["step"] == 16 and all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+
+def test_a_finished_run_resumed_unchanged_is_left_as_it_is(tiny_overrides, tmp_path, monkeypatch, capsys):
+    """`--resume` of a finished run with nothing changed evaluates nothing and writes nothing (no second `final`
+    row, however often); with an eval setting changed it evaluates again, once; a resume with changes that is killed
+    before its end leaves no summary.json for the next resume to mistake for its own."""
+    run = tmp_path / "r"
+    Trainer(load_config(None, tiny_overrides + ["train.epochs=2"]), run).fit()
+    files = ("metrics.jsonl", "summary.json", "checkpoints/last.pt")
+    before = {f: (run / f).read_bytes() for f in files}
+
+    def finals() -> list[dict]:
+        return [r for r in read_metrics(run) if r["kind"] == "final"]
+
+    evaluated: list[int] = []
+    real_finish = Trainer.finish
+
+    def counted_finish(self, **kwargs):
+        evaluated.append(self.step)
+        return real_finish(self, **kwargs)
+
+    monkeypatch.setattr(Trainer, "finish", counted_finish)
+    for _ in range(2):
+        assert main(["train", "--resume", str(run)]) == 0
+        assert "had already finished with this configuration" in capsys.readouterr().out
+    assert evaluated == [] and {f: (run / f).read_bytes() for f in files} == before and len(finals()) == 1
+
+    assert main(["train", "--resume", str(run), "--set", "eval.knn_k=3"]) == 0
+    assert evaluated == [16] and len(finals()) == 2 and "already finished" not in capsys.readouterr().out
+    assert main(["train", "--resume", str(run)]) == 0  # finished with k=3 now: nothing again
+    assert evaluated == [16] and len(finals()) == 2
+
+    def killed_finish(self, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "finish", killed_finish)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--resume", str(run), "--set", "eval.knn_k=5"])
+    assert not (run / "summary.json").exists()  # the k=3 summary does not describe the k=5 config.yaml
+    monkeypatch.setattr(Trainer, "finish", counted_finish)
+    assert main(["train", "--resume", str(run)]) == 0
+    assert evaluated == [16, 16] and json.loads((run / "summary.json").read_text())["steps"] == 16
 
 
 class _StopAt(Callback):
@@ -141,3 +183,31 @@ def test_stop_on_the_last_step_keeps_the_final_report(tiny_overrides, tmp_path):
     assert {k: resumed.get(k) for k in final} == final
     rows = [r for r in read_metrics(tmp_path / "part") if r["kind"] == "diag_final"]
     assert [r["step"] for r in rows] == [3]
+
+
+def test_extending_a_cosine_schedule_on_resume_says_what_changes(tiny_overrides, tmp_path):
+    """train.epochs raised on resume stretches a cosine schedule under the steps to come: a warning gives the
+    learning rate and EMA momentum at the checkpoint's step under both lengths (checked against the closed forms),
+    and how to stop early exactly; a constant schedule, and train.max_steps raised, change nothing and say nothing."""
+    cosine = ["optim.schedule=warmup_cosine", "optim.warmup_epochs=0", "optim.lr=0.1", "method.ema=0.99"]
+    cosine += ["method.ema_schedule=cosine"]
+    run = tmp_path / "cos"
+    Trainer(load_config(None, tiny_overrides + cosine + ["train.epochs=1"]), run).fit()  # 8 steps: lr ends at 0
+    # step 8 of 16: lr 0.1 * (1 + cos(pi / 2)) / 2 = 0.05 (of 8: cos(pi), 0); EMA 1 - 0.01 (cos(pi / 2) + 1) / 2
+    expected = (
+        "train.epochs 1 -> 2 on resume: the cosine schedule (optim.schedule, method.ema_schedule) now runs over 16 "
+        "steps instead of 8, so at step 8 the learning rate is 0.05 (was 0) and the EMA momentum is 0.995 (was 1). "
+        "The 8 steps taken followed the 1-epoch schedule"
+    )
+    with pytest.warns(RuntimeWarning, match=re.escape(expected)):
+        Trainer(load_config(None, tiny_overrides + cosine + ["train.epochs=2"]), run, resume=True).fit()
+
+    for name, first, then in (
+        ("constant", ["train.epochs=1"], ["train.epochs=2"]),
+        ("max_steps", cosine + ["train.epochs=2", "train.max_steps=4"], cosine + ["train.epochs=2"]),
+    ):
+        run = tmp_path / name
+        Trainer(load_config(None, tiny_overrides + first), run).fit()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="train.epochs .* on resume")
+            Trainer(load_config(None, tiny_overrides + then), run, resume=True).fit()
