@@ -310,7 +310,9 @@ def write_shards(
     ``KEY`` is the image's index in the split (6 digits or more). ``classes.txt`` lists the class names. A split
     missing from the folder is skipped (``val`` falls back to ``test``, and is written under the name found).
     Returns the number of images written per split. Shards are written under temporary names and renamed, so an
-    interrupted run leaves no half shard under a final name.
+    interrupted run leaves no half shard under a final name. Shards of a written split numbered past the last one
+    written (left in ``out`` by an earlier write with a smaller ``shard_size`` or a larger folder) are removed: a
+    reader takes every ``SPLIT-NNNNNN.tar`` there, and would read their images twice or foreign ones.
     """
     folder, out = Path(folder).expanduser(), Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -341,6 +343,11 @@ def write_shards(
                         info.size, info.mode, info.mtime = len(data), 0o644, 0
                         tf.addfile(info, io.BytesIO(data))
             os.replace(tmp, final)
+        n_shards = -(-len(reader) // shard_size)
+        for p in out.iterdir():
+            m = _SHARD.match(p.name)
+            if m and m.group(1) == name and int(m.group(2)) >= n_shards:
+                p.unlink()
         counts[name] = len(reader)
     (out / "classes.txt").write_text("".join(c + "\n" for c in classes))
     return counts

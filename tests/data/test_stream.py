@@ -412,3 +412,15 @@ def test_a_sigterm_to_the_run_leaves_the_workers_to_the_training_process(mixed, 
     steps = len(FolderReader(mixed, "train")) // 3
     assert proc.returncode == 0, err
     assert out.split() == ["stopped", str(steps)]
+
+
+def test_rewriting_shards_removes_the_stale_shards_of_an_earlier_write(tmp_path, mixed):
+    """Shards written again into the same folder with a larger shard size leave no shard of the earlier write past
+    the new last one: the reader takes every SPLIT-NNNNNN.tar and would see those images twice."""
+    out = tmp_path / "shards"
+    write_shards(mixed, out, shard_size=4, splits=("train", "test"))
+    assert len(list(out.glob("train-*.tar"))) == 6
+    write_shards(mixed, out, shard_size=100, splits=("train", "test"))
+    assert sorted(p.name for p in out.glob("*.tar")) == ["test-000000.tar", "train-000000.tar"]
+    folder, tar = FolderReader(mixed, "train"), ShardReader(out, "train")
+    assert len(tar) == len(folder) and tar.labels.tolist() == folder.labels.tolist()
