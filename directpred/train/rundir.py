@@ -37,6 +37,15 @@ def prepare_run_dir(run_dir: Path, cfg: Config, *, resume: bool, command: str) -
     (new runs) and append the command line to ``command.txt``. Rank 0 does it, every rank waits."""
     ckpt_dir = run_dir / "checkpoints"
     if distributed.is_main():
+        # Kept checkpoints without last.pt: last.pt was lost (it is written before every epoch_XXXX.pt), not a run
+        # that stopped before its first checkpoint; a new run there would overwrite the run's metrics and summary.
+        kept = sorted(ckpt_dir.glob("epoch_*.pt")) if not (ckpt_dir / "last.pt").is_file() else []
+        if kept:
+            raise TrainingError(
+                f"{run_dir} holds a run's kept checkpoints (the latest: {kept[-1]}) but no checkpoints/last.pt; "
+                f"to continue from the latest, copy it to {ckpt_dir / 'last.pt'} and run "
+                f"`directpred train --resume {run_dir}`" + ("" if resume else ", or choose another --out")
+            )
         if resume:
             if not (ckpt_dir / "last.pt").is_file():
                 raise TrainingError(

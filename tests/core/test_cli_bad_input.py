@@ -243,3 +243,27 @@ def test_an_unreadable_summary_is_warned_about_and_left_out(trained, tmp_path, c
     assert [line.split(" (")[0] for line in err if "channels_last" not in line] == [
         f"WARNING: UserWarning: {run / 'summary.json'}: unreadable"
     ] * 2
+
+
+def test_a_run_that_lost_last_pt_but_kept_epoch_checkpoints_is_not_started_over(trained, tmp_path, capsys):
+    """A run directory with epoch_XXXX.pt but no last.pt lost its last.pt (it is written first): --resume says how
+    to continue from the latest kept checkpoint (and following it works), and a new run into it is refused instead
+    of overwriting the run's metrics.jsonl and summary.json, as the `nothing to resume` hint did before."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    ckpt = run / CKPT
+    kept = ckpt.with_name("epoch_0001.pt")
+    ckpt.rename(kept)
+    summary = (run / "summary.json").read_text()
+    expected = (
+        f"directpred: error: {run} holds a run's kept checkpoints (the latest: {kept}) but no checkpoints/last.pt; "
+        f"to continue from the latest, copy it to {ckpt} and run `directpred train --resume {run}`"
+    )
+    assert main(["-q", "train", "--resume", str(run)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == expected
+    config = str(run / "config.yaml")
+    assert main(["-q", "train", config, "--out", str(run), "--set", "train.max_steps=1"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == expected + ", or choose another --out"
+    assert (run / "summary.json").read_text() == summary and not ckpt.exists()
+    shutil.copy(kept, ckpt)
+    assert main(["-q", "train", "--resume", str(run)]) == 0
