@@ -91,6 +91,12 @@ def run(args: argparse.Namespace) -> int:
                 "give either a CONFIG file or --resume RUN_DIR, not both (use --set to change "
                 "allowed settings such as train.epochs on resume)"
             )
+        if args.out:  # a resume continues in RUN_DIR: --out was ignored before
+            raise ConfigError(
+                f"--out {args.out} with --resume: a resumed run continues in its own directory {run_dir}; "
+                "drop --out (to train a variant elsewhere, start a new run from "
+                f"{cfg_file} with --out)"
+            )
         saved = read_run_config(run_dir)
         cfg = load_config(None, args.set, base=saved.to_dict())
         check_resume_config(saved, cfg, force=args.force)
@@ -100,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(
                 "directpred train needs a CONFIG file (e.g. configs/cpu/quickstart.yaml) or --resume RUN_DIR"
             )
+        if args.force:  # --force only relaxes the resume check: it was ignored before
+            raise ConfigError("--force applies only with --resume RUN_DIR (to accept config changes on resume)")
         cfg = load_config(args.config, args.set)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{stamp}"

@@ -128,6 +128,9 @@ CASES = [
     # resume: nothing to resume, or a change that cannot be resumed (the difference in the same line)
     ("no_checkpoint", "train --resume {run}", 1, "first checkpoint); start it again with `directpred train"),
     ("none", "train --resume {run} --set backbone.width=8", 1, "configuration (backbone.width: 4 -> 8). Only these"),
+    # flags that a new run or a resume would silently ignore
+    ("none", "train --resume {run} --out {tmp}/other", 2, "with --resume: a resumed run continues in its own"),
+    ("none", "train {quickstart} --out {tmp}/new --force", 2, "--force applies only with --resume RUN_DIR"),
     # a run directory or a checkpoint given where a YAML file is expected
     ("none", "train {run}", 2, "is a directory, not a YAML file; to continue the run in it: directpred train --resume"),
     ("none", "train {run}/checkpoints/last.pt", 2, "last.pt: not a YAML text file ('utf-8' codec can't decode"),
