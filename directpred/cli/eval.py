@@ -45,6 +45,11 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     saved = read_run_config(run_dir)
     cfg = load_config(None, args.set, base=saved.to_dict())
+    # The probe runs unless --no-linear, whatever the run's own eval.linear; `--set eval.linear=false` asks the
+    # same as --no-linear (it was ignored before). Read against a base with it on, so only the override counts.
+    base_on = saved.to_dict()
+    base_on["eval"]["linear"] = True
+    linear = not args.no_linear and load_config(None, args.set, base=base_on).eval.linear
     ckpt = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "last.pt"
     device = resolve_device(cfg.train.device)
     state = load_checkpoint(ckpt, map_location=device, require=("model", "step"))
@@ -63,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         data,
         cfg,
         device,
-        linear=not args.no_linear,
+        linear=linear,
         autocast_dtype=resolve_precision(cfg.train.precision, device),
     )
     atomic_write_json(
@@ -98,7 +103,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", help="a run directory made by `directpred train`")
     p.add_argument("--checkpoint", help="checkpoint file (default: RUN_DIR/checkpoints/last.pt)")
-    p.add_argument("--no-linear", action="store_true", help="skip the linear probe (kNN only)")
+    p.add_argument(
+        "--no-linear", action="store_true", help="skip the linear probe (kNN only; same as --set eval.linear=false)"
+    )
     p.add_argument(
         "--set",
         action="append",

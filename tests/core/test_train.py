@@ -209,6 +209,33 @@ def test_eval_records_overrides_and_command_and_compares_top5(tiny_overrides, tm
     ]
 
 
+@pytest.mark.parametrize(
+    "flags,linear",
+    [
+        ([], True),
+        (["--no-linear"], False),
+        (["--set", "eval.linear=false"], False),
+        (["--set", "eval.linear=true"], True),
+    ],
+)
+def test_eval_runs_the_probe_unless_asked_not_to(flags, linear, tiny_overrides, tmp_path, monkeypatch):
+    """`directpred eval` runs the linear probe (also for a run trained with eval.linear=false, as tiny_overrides
+    are) unless --no-linear or --set eval.linear=false; the override was ignored before."""
+    import directpred.eval.protocol as protocol
+
+    run = tmp_path / "run"
+    Trainer(load_config(None, tiny_overrides + ["train.max_steps=1"]), run).fit()
+    seen = {}
+
+    def fixed(method, data, cfg, device, **kw):
+        seen["linear"] = kw["linear"]
+        return {"knn_top1": 52.0}
+
+    monkeypatch.setattr(protocol, "evaluate", fixed)
+    assert main(["eval", str(run), *flags]) == 0
+    assert seen["linear"] is linear
+
+
 def test_tiny_run_learns_beyond_its_random_initialisation(tiny_overrides, tmp_path):
     """Random features already separate the coloured blobs (69-81 % kNN measured over seeds); four epochs of BYOL +
     DirectPred must do better than the same network at its initialisation (100 % measured)."""
