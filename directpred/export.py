@@ -195,11 +195,16 @@ def export_backbone(
 
 
 def read_image_folder(
-    path: str | Path, *, image_size: int, split: str = "test", skip_corrupt: bool = False
+    path: str | Path,
+    *,
+    image_size: int,
+    split: str = "test",
+    skip_corrupt: bool = False,
+    skip_hint: str = "pass skip_corrupt=True",
 ) -> tuple[ImageArrays, list[str]]:
     """Decode an ImageFolder (``<class>/<image>``, a directory or a .tar/.tar.gz) to ``image_size`` (shorter side
     resized, centre crop); a source laid out as ``train/`` + ``test/`` gives its ``split``. Returns the images and
-    the member names, in sorted order."""
+    the member names, in sorted order. ``skip_hint``: how to skip corrupt images, as the error about them says."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"--data {str(path)!r} does not exist")
@@ -227,7 +232,7 @@ def read_image_folder(
         )
     classes = sorted({n[len(prefix) :].split("/", 1)[0] for n in items})
     labelled = [(n, classes.index(n[len(prefix) :].split("/", 1)[0])) for n in items]
-    images, labels, skipped, kept = decode_images(path, labelled, image_size, skip_corrupt)
+    images, labels, skipped, kept = decode_images(path, labelled, image_size, skip_corrupt, skip_hint)
     return ImageArrays(torch.from_numpy(images), torch.from_numpy(labels), classes, skipped), kept
 
 

@@ -19,7 +19,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--device {args.device!r}: use auto, cpu, cuda or cuda:N")
     exp = read_backbone(args.source, checkpoint=args.checkpoint)
     data, names = read_image_folder(
-        args.data, image_size=exp.image_size, split=args.split, skip_corrupt=args.skip_corrupt
+        args.data,
+        image_size=exp.image_size,
+        split=args.split,
+        skip_corrupt=args.skip_corrupt,
+        skip_hint="pass --skip-corrupt",
     )
     device = resolve_device(args.device)
     feats = embed(exp.build().to(device), data.images, exp.recipe, batch_size=args.batch_size, device=device)

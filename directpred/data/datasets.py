@@ -244,7 +244,12 @@ def _read_blobs(path: Path, names: list[str]) -> list[bytes]:
 
 
 def _decode_split(
-    path: Path, items: list[tuple[str, int]], size: int, skip_corrupt: bool, blobs: list[bytes]
+    path: Path,
+    items: list[tuple[str, int]],
+    size: int,
+    skip_corrupt: bool,
+    blobs: list[bytes],
+    skip_hint: str = "set data.skip_corrupt=true",
 ) -> tuple[np.ndarray, np.ndarray, int, list[str]]:
     chunks = [blobs[i : i + 2000] for i in range(0, len(blobs), 2000)]
     workers = max(1, min(os.cpu_count() or 1, 8))
@@ -258,7 +263,7 @@ def _decode_split(
         listing = "; ".join(f"{n} ({why})" for n, why in bad[:5])
         raise DataError(
             f"{path}: {len(bad)} image(s) cannot be decoded: {listing}. Remove or replace them, or "
-            "set data.skip_corrupt=true to skip them with a warning"
+            f"{skip_hint} to skip them with a warning"
         )
     if bad:
         warnings.warn(f"{path}: skipped {len(bad)} corrupt image(s), e.g. {[n for n, _ in bad[:3]]}", stacklevel=3)
@@ -290,14 +295,19 @@ def list_members(path: str | Path) -> list[str]:
 
 
 def decode_images(
-    path: str | Path, items: list[tuple[str, int]], size: int = 0, skip_corrupt: bool = False
+    path: str | Path,
+    items: list[tuple[str, int]],
+    size: int = 0,
+    skip_corrupt: bool = False,
+    skip_hint: str = "set data.skip_corrupt=true",
 ) -> tuple[np.ndarray, np.ndarray, int, list[str]]:
     """Decode ``items`` ((member name, label) pairs of a directory or archive) to uint8 (N, size, size, 3).
 
-    Returns images, labels, the number of corrupt files skipped, and the names of the images kept.
+    Returns images, labels, the number of corrupt files skipped, and the names of the images kept. ``skip_hint``:
+    how the caller's user skips corrupt files, named in the error (``directpred embed``: its ``--skip-corrupt``).
     """
     path = Path(path)
-    return _decode_split(path, items, size, skip_corrupt, _read_blobs(path, [n for n, _ in items]))
+    return _decode_split(path, items, size, skip_corrupt, _read_blobs(path, [n for n, _ in items]), skip_hint)
 
 
 def _cache_key(path: Path, size: int, skip_corrupt: bool) -> str:

@@ -68,6 +68,12 @@ def _exported_as_checkpoint(run: Path) -> None:
     shutil.move(run / "backbone.pt", run / CKPT)
 
 
+def _corrupt_image_folder(run: Path) -> None:
+    """An ImageFolder beside the run ({tmp}/images) whose one image does not decode."""
+    (run.parent / "images" / "a").mkdir(parents=True)
+    (run.parent / "images" / "a" / "0.png").write_bytes(b"not an image")
+
+
 DAMAGE = {
     "none": lambda run: None,
     "missing": lambda run: shutil.rmtree(run),
@@ -80,6 +86,7 @@ DAMAGE = {
     "empty_config": lambda run: _set_config(run, ""),
     "old_key_config": _old_key,
     "exported_checkpoint": _exported_as_checkpoint,
+    "corrupt_image": _corrupt_image_folder,
 }
 
 # (damage to the run directory, the command ({run}: the run, {tmp}: a scratch folder with broken.yaml and list.yaml,
@@ -119,6 +126,12 @@ CASES = [
     ("random_checkpoint", "embed {run} --data {data} --out {tmp}/f.npy", 1, "last.pt is corrupt or not a checkpoint"),
     ("truncated_checkpoint", "train --resume {run}", 1, "last.pt is corrupt or not a checkpoint ("),
     ("none", "export {tmp}/list.yaml --out {tmp}/b.pt", 1, "list.yaml is corrupt or not a checkpoint"),
+    (
+        "corrupt_image",
+        "embed {run} --data {tmp}/images --out {tmp}/f.npy",
+        1,
+        "Remove or replace them, or pass --skip-c",
+    ),
     # a checkpoint that does not fit the configured model (a traceback of load_state_dict before)
     ("none", "eval {run} --no-linear --set backbone.width=8", 1, "does not fit the configured model (size mismatch"),
     ("none", "train --resume {run} --force --set predictor.name=linear", 1, "does not fit the configured model (Missi"),
