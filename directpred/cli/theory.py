@@ -37,6 +37,19 @@ def _cmd_portrait(args: argparse.Namespace) -> int:
         print("directpred theory portrait: error: need eta >= 0, alpha_p > 0, sigma2 >= 0", file=sys.stderr)
         return 2
     out = Path(args.out)
+    if not out.suffix:  # matplotlib writes NAME.png then: say so (the message named NAME before)
+        out = out.with_name(out.name + ".png")
+    else:
+        from matplotlib.figure import Figure
+
+        formats = sorted(Figure().canvas.get_supported_filetypes())
+        if out.suffix[1:].lower() not in formats:  # a matplotlib traceback before
+            print(
+                f"directpred theory portrait: error: --out {args.out}: cannot write '{out.suffix}' files; "
+                f"use one of .{', .'.join(formats)} (e.g. portrait.png)",
+                file=sys.stderr,
+            )
+            return 2
     out.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plots.new_figure(1, 1, size=(4.5, 3.8))
     plots.phase_portrait(

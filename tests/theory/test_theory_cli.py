@@ -121,6 +121,18 @@ def test_portrait_reports_fixed_points(tmp_path, capsys):
     assert f"{(1 - np.sqrt(0.96)) / 2:.4f}"[:6] in out and f"{(1 + np.sqrt(0.96)) / 2:.4f}"[:6] in out
 
 
+def test_portrait_names_the_file_it_writes_and_refuses_an_unknown_format(tmp_path, capsys):
+    """--out without an extension writes NAME.png (matplotlib's default) and the message names that file (it named
+    NAME, which does not exist); an extension matplotlib cannot write is one error line (a traceback before)."""
+    assert main(["portrait", "--out", str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000 and not (tmp_path / "p").exists()
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'p.png'}; fixed points")
+    assert main(["portrait", "--out", str(tmp_path / "p.v1")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"directpred theory portrait: error: --out {tmp_path / 'p.v1'}: cannot write '.v1' files;")
+    assert ".png" in err and "Traceback" not in err and not (tmp_path / "p.v1").exists()
+
+
 def test_register_adds_theory_subcommand():
     parser = argparse.ArgumentParser(prog="directpred")
     sub = parser.add_subparsers(dest="command")
