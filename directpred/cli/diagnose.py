@@ -13,8 +13,11 @@ EPILOG = """examples:
 
 
 def run(args: argparse.Namespace) -> int:
+    from directpred.config import ConfigError
     from directpred.diagnostics.report import diagnose
 
+    if args.batches < 0:  # ran as --batches 0 (no batch metrics) before
+        raise ConfigError(f"--batches {args.batches}: must be >= 0 (training batches to run; 0 or --no-data: none)")
     row, lines = diagnose(Path(args.target), batches=args.batches, use_data=not args.no_data)
     if args.json:
         print(json.dumps(row))
