@@ -7,6 +7,7 @@ import fcntl
 import sys
 from pathlib import Path
 
+from directpred.config import ConfigError
 from directpred.sweep import load_sweep, parse_devices, write_reports
 from directpred.sweep.report import report_names
 from directpred.sweep.runner import SweepInterrupted, execute, plan_run
@@ -18,6 +19,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     runs = sweep.runs()
     if args.report:
+        if not (out / "runs").is_dir():  # a mistyped --out wrote an empty report there before
+            raise ConfigError(
+                f"--report: no runs under {out / 'runs'}; give the --out of a sweep that has run, "
+                "or run the sweep first (without --report)"
+            )
         res = write_reports(sweep, out)
         print((out / "results.md").read_text(), end="")
         return 1 if any(r["status"] == "failed" for r in res["runs"]) else 0

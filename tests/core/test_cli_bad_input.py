@@ -132,6 +132,8 @@ CASES = [
         1,
         "Remove or replace them, or pass --skip-c",
     ),
+    ("none", "diagnose {run} --batches -1", 2, "--batches -1: must be >= 0 (training batches to run; 0 or"),
+    ("none", "sweep {tmp}/sweep.yaml --out {tmp}/typo --report", 2, "--report: no runs under {tmp}/typo/runs; give"),
     # a checkpoint that does not fit the configured model (a traceback of load_state_dict before)
     ("none", "eval {run} --no-linear --set backbone.width=8", 1, "does not fit the configured model (size mismatch"),
     ("none", "train --resume {run} --force --set predictor.name=linear", 1, "does not fit the configured model (Missi"),
@@ -178,6 +180,9 @@ def test_misuse_ends_in_one_error_line(damage, command, code, message, trained, 
     DAMAGE[damage](run)
     (tmp_path / "broken.yaml").write_text(BROKEN_YAML)
     (tmp_path / "list.yaml").write_text("- 1\n")
+    (tmp_path / "sweep.yaml").write_text(
+        f"base: {REPO / 'configs' / 'cpu' / 'quickstart.yaml'}\naxes: {{eval.knn_k: [5]}}\nseeds: [0]\n"
+    )
     assert main(["-q", *_argv(command, run, tmp_path, tiny_folder)]) == code
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     errors = [line for line in err if line.startswith("directpred")]
