@@ -284,6 +284,11 @@ COLLAPSE_WARNING = (
     "All projections point (nearly) the same way; the representation is unlikely to recover. See "
     "docs/diagnostics.md (diag.stop_on_collapse=true stops such runs)."
 )
+# The same warning when diag.stop_on_collapse is set (it advised setting it before): what happens now.
+COLLAPSE_STOP = (
+    "All projections point (nearly) the same way; the representation is unlikely to recover. "
+    "diag.stop_on_collapse=true: the run stops here and evaluates. See docs/diagnostics.md."
+)
 DIM_WARNING = (
     "The representation spans only a few directions: not one point (the collapse rule does not fire), but in the "
     'runs measured in docs/diagnostics.md ("Dimensional-collapse warning") such representations ended below an '
@@ -308,6 +313,7 @@ class Diagnostics:
 
     def __init__(self, cfg: Config, method: Siamese) -> None:
         self.every = int(cfg.diag.every)
+        self.collapse_advice = COLLAPSE_STOP if cfg.diag.stop_on_collapse else COLLAPSE_WARNING
         self.loss_terms = 2 if cfg.method.symmetric_loss else 1  # two_view_loss sums the two views' terms
         self.method = method
         predictor = method.predictor
@@ -362,7 +368,7 @@ class Diagnostics:
             return None
         row = self._row(out, z)
         if self.collapse.periodic(step, row):
-            self._warn("the run looks COLLAPSED at step %d: %s. %s", step, self.collapse.why, COLLAPSE_WARNING)
+            self._warn("the run looks COLLAPSED at step %d: %s. %s", step, self.collapse.why, self.collapse_advice)
         if self.dim.periodic(step, row):
             self._warn("the run shows DIMENSIONAL COLLAPSE at step %d: %s. %s", step, self.dim.why, DIM_WARNING)
         row["collapsed"] = int(self.collapse.flagged)

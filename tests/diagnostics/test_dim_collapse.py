@@ -212,3 +212,22 @@ def test_the_end_of_run_lines_name_each_flag_and_its_step():
     lines = verdict_lines({"collapsed": True, "collapse_step": 40, "dim_collapsed": True, "dim_collapse_step": 100})
     assert len(lines) == 2 and "COLLAPSED (collapse rule) at step 40" in lines[0]
     assert "dimensional collapse (warning) at step 100" in lines[1]
+
+
+def test_the_collapse_warning_says_the_run_stops_when_diag_stop_on_collapse_is_set(caplog):
+    """With diag.stop_on_collapse=true the warning says the run stops now; it advised setting it before."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.ones(2 * B, D) + 1e-6 * torch.randn(2 * B, D, generator=g)  # one point: the collapse rule fires
+    h = torch.ones(2 * B, FEAT) + 1e-6 * torch.randn(2 * B, FEAT, generator=g)
+    out = StepOutput(torch.tensor(0.0), h[:B], h[B:], z[:B], z[B:], z[:B], z[B:], z[B:], z[:B])
+    for stop in (False, True):
+        caplog.clear()
+        cfg = make_cfg()
+        cfg.diag.stop_on_collapse = stop
+        diag = Diagnostics(cfg, FakeMethod(LinearPredictor(D)))
+        for step in range(1, 5):
+            diag.observe(step, out)
+        assert diag.collapsed and diag.collapse_step == 4
+        warned = [r.getMessage() for r in caplog.records if "COLLAPSED" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].endswith(diag_mod.COLLAPSE_STOP if stop else diag_mod.COLLAPSE_WARNING)
+        assert ("the run stops here" in warned[0]) is stop and ("stops such runs" in warned[0]) is not stop
