@@ -173,6 +173,8 @@ def _cells(data: dict[str, Any], where: str) -> dict[str, list[tuple[str, Any]]]
     for vname, overrides in variants.items() if variants else [(None, {})]:
         if vname is not None and not re.fullmatch(r"[A-Za-z0-9._+=,-]+", str(vname)):
             raise ConfigError(f"{where}: variant name {vname!r} may use only letters, digits and . _ + = , -")
+        if str(vname) in (".", ".."):  # the run directory OUT/runs/<cell>/ would be OUT/runs/ or OUT/
+            raise ConfigError(f"{where}: variant name {vname!r} names a directory of its own; choose another name")
         pairs = _flatten(overrides or {}, f"{where}: variants.{vname}")
         for combo in itertools.product(*axes.values()):
             parts = ([str(vname)] if vname is not None else []) + [

@@ -107,6 +107,8 @@ def test_set_text_reads_back_as_the_same_value(value):
         ),
         ({"paper": {"note": "T6", "table": 6}}, "unknown key 'paper.table'"),
         ({"variants": {"a/b": {}}}, "variant name 'a/b' may use only"),
+        ({"variants": {"..": {}}}, "variant name '..' names a directory of its own"),  # runs/../seed0 before
+        ({"variants": {".": {}}}, "variant name '.' names a directory of its own"),
     ],
 )
 def test_invalid_sweep_files_name_the_key(tmp_path, tiny_folder, entries, message):
