@@ -488,6 +488,11 @@ def load_config(
         data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (method, predictor, ...)")
+        if "base" in data and ("variants" in data or "axes" in data or "seeds" in data):
+            raise ConfigError(  # "unknown config key 'base'" before
+                f"{path} is a sweep file (base, variants/axes, seeds), not a config; run it with "
+                f"`directpred sweep {path} --out DIR`"
+            )
         merge_into(cfg, data, "")
         # A config file names its data relative to itself, so it works from any current directory.
         _absolute_data_paths(cfg, path.parent, [k for k in DATA_PATH_KEYS if k in (data.get("data") or {})])

@@ -202,6 +202,11 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with keys {', '.join(TOP_KEYS)}")
     unknown = [k for k in data if k not in TOP_KEYS]
+    if unknown and "base" not in data and {"method", "predictor", "train", "data"} & set(data):
+        raise ConfigError(  # "unknown sweep key 'method'" before
+            f"{path} is a training config, not a sweep file; train it with `directpred train {path}`, or write a "
+            f"sweep file with `base: {path.name}` and its variants/axes and seeds (see sweeps/)"
+        )
     if unknown:
         raise ConfigError(f"{path}: unknown sweep key '{unknown[0]}'; allowed keys: {', '.join(TOP_KEYS)}")
     if not isinstance(data.get("base"), str):

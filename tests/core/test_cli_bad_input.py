@@ -134,6 +134,8 @@ CASES = [
     ),
     ("none", "diagnose {run} --batches -1", 2, "--batches -1: must be >= 0 (training batches to run; 0 or"),
     ("none", "sweep {tmp}/sweep.yaml --out {tmp}/typo --report", 2, "--report: no runs under {tmp}/typo/runs; give"),
+    ("none", "train {tmp}/sweep.yaml --out {tmp}/x", 2, "sweep.yaml is a sweep file (base, variants/axes, seeds), n"),
+    ("none", "sweep {quickstart} --out {tmp}/x", 2, "quickstart.yaml is a training config, not a sweep file; train"),
     # a checkpoint that does not fit the configured model (a traceback of load_state_dict before)
     ("none", "eval {run} --no-linear --set backbone.width=8", 1, "does not fit the configured model (size mismatch"),
     ("none", "train --resume {run} --force --set predictor.name=linear", 1, "does not fit the configured model (Missi"),
