@@ -123,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(-1 if args.quiet else 1 if args.verbose else 0)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first stops training after a step), or any command's first
+        print(
+            f"\ndirectpred {args.command}: interrupted; what it was doing is lost (a training run resumes from its "
+            "last checkpoint: directpred train --resume RUN_DIR)",
+            file=sys.stderr,
+        )
+        return 130
     except ConfigError as exc:
         print(f"directpred: config error: {exc}", file=sys.stderr)
         return 2

@@ -40,9 +40,7 @@ def _cmd_portrait(args: argparse.Namespace) -> int:
     if not out.suffix:  # matplotlib writes NAME.png then: say so (the message named NAME before)
         out = out.with_name(out.name + ".png")
     else:
-        from matplotlib.figure import Figure
-
-        formats = sorted(Figure().canvas.get_supported_filetypes())
+        formats = plots.image_formats()
         if out.suffix[1:].lower() not in formats:  # a matplotlib traceback before
             print(
                 f"directpred theory portrait: error: --out {args.out}: cannot write '{out.suffix}' files; "

@@ -41,8 +41,9 @@ SAME_STOP_SECONDS = 2.0
 @contextlib.contextmanager
 def stop_on_signals(trainer: Trainer) -> Iterator[None]:
     """While training: the first SIGINT/SIGTERM asks ``trainer`` to stop after the current step (it writes the
-    checkpoint and raises ``TrainingInterrupted``); a second one stops at once (``KeyboardInterrupt``), unless it
-    comes within :data:`SAME_STOP_SECONDS` of the first (one stop that reached the process twice)."""
+    checkpoint and raises ``TrainingInterrupted``), or in the final evaluation stops that at once (its checkpoint is
+    written); a second one stops at once (``KeyboardInterrupt``), unless it comes within :data:`SAME_STOP_SECONDS`
+    of the first (one stop that reached the process twice)."""
     first: list[float] = []
 
     def handle(signum: int, frame: object) -> None:
@@ -52,6 +53,11 @@ def stop_on_signals(trainer: Trainer) -> Iterator[None]:
             raise KeyboardInterrupt
         first.append(time.monotonic())
         trainer.request_stop(signum)
+        if trainer.evaluating:  # the final checkpoint is written: the evaluation stops now, a resume redoes it
+            from directpred.train.faults import TrainingInterrupted
+
+            ckpt = trainer.ckpt_dir / "last.pt"
+            raise TrainingInterrupted(signum, trainer.step, ckpt, trainer.run_dir, world=trainer.world, evaluating=True)
 
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -130,10 +136,14 @@ def run(args: argparse.Namespace) -> int:
         return 128 + exc.signum if exc.signum else 1
     if distributed.is_main():
         if summary.get("already_finished"):
+            train_on = (
+                "it was stopped on collapse; train on with --set diag.stop_on_collapse=false"
+                if summary.get("stopped_early")
+                else "train longer with --set train.epochs=N"
+            )
             print(
-                f"run {run_dir} had already finished with this configuration: nothing trained or evaluated again "
-                f"(train longer with --set train.epochs=N; evaluate again with `directpred eval {run_dir}` or "
-                "--set eval.KEY=VALUE). Its results:"
+                f"run {run_dir} had already finished with this configuration: nothing trained, evaluated or written "
+                f"({train_on}; evaluate again with `directpred eval {run_dir}` or --set eval.KEY=VALUE). Its results:"
             )
         print_results(
             summary,

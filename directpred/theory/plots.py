@@ -28,6 +28,11 @@ def new_figure(nrows: int, ncols: int, *, size: tuple[float, float] = (3.2, 2.6)
     return _plots.new_figure(nrows, ncols, width=size[0], height=size[1])
 
 
+def image_formats() -> list[str]:
+    """The file extensions (without the dot) matplotlib can write here, sorted."""
+    return sorted(Figure().canvas.get_supported_filetypes())
+
+
 def save(fig: Figure, path: str, *, dpi: int = 100) -> None:
     """Save with a tight layout."""
     _plots.save_figure(fig, path, dpi=dpi)

@@ -31,13 +31,24 @@ class TrainingInterrupted(Exception):
     with: under torchrun (``world`` processes) the same launch, as a run resumes only with its global batch.
     """
 
-    def __init__(self, signum: int | None, step: int, checkpoint: Path, run_dir: Path, *, world: int = 1) -> None:
+    def __init__(
+        self,
+        signum: int | None,
+        step: int,
+        checkpoint: Path,
+        run_dir: Path,
+        *,
+        world: int = 1,
+        evaluating: bool = False,
+    ) -> None:
         self.signum, self.step, self.checkpoint, self.run_dir = signum, step, checkpoint, run_dir
         name = signal.Signals(signum).name if signum else "stop"
         launch = f"torchrun <the same options: {world} processes> -m directpred" if world > 1 else "directpred"
+        where = " (training done, in the final evaluation)" if evaluating else ""
+        then = " (it evaluates the trained model)" if evaluating else ""
         super().__init__(
-            f"Stopped by {name} at step {step}; checkpoint written to {checkpoint}."
-            f"\nResume with: {launch} train --resume {run_dir}"
+            f"Stopped by {name} at step {step}{where}; checkpoint written to {checkpoint}."
+            f"\nResume with: {launch} train --resume {run_dir}{then}"
         )
 
 

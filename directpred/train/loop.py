@@ -18,7 +18,6 @@ object; the step itself (``optimize``) is 30 lines and everything around it is a
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -31,7 +30,7 @@ from torch import nn
 
 from directpred import distributed
 from directpred.backbones import resolve_channels_last
-from directpred.config import Config, ConfigError, read_run_config
+from directpred.config import Config, ConfigError
 from directpred.data.augment import TwoViewAugment
 from directpred.data.datasets import DataBundle, load_data
 from directpred.data.order import step_generator
@@ -52,7 +51,7 @@ from directpred.train.faults import (
 )
 from directpred.train.logger import RunLogger, check_backends
 from directpred.train.optim import build_optimizer, lr_factor, set_lr
-from directpred.train.rundir import RESUMABLE_CHANGES, check_resume_config, prepare_run_dir
+from directpred.train.rundir import RESUMABLE_CHANGES, check_resume_config, finished_summary, prepare_run_dir
 
 __all__ = [
     "Trainer",
@@ -128,6 +127,9 @@ class Trainer:
         self.stop_signal: int | None = None  # the signal that asked for the stop, if one did
         self.collapse_stop = False  # set by the diagnostics callback (diag.stop_on_collapse)
         self._ready = False
+        # In the final evaluation: its checkpoint is written, so a stop there need not wait for it to end (the
+        # CLI's handler stops it at once; a resume evaluates again).
+        self.evaluating = False
 
     def request_stop(self, signum: int | None = None) -> None:
         """Stop after the current step: write the checkpoint and raise :class:`TrainingInterrupted` (safe to call
@@ -203,9 +205,6 @@ class Trainer:
         # extended from the final checkpoint continues from, as the final report is no part of training.
         self.diagnostics_before_final: dict[str, Any] | None = None
         self._t_start = time.time()
-        # Whether config.yaml (what summary.json was computed with) is this configuration: before `directpred
-        # train --resume --set ...` rewrites it.
-        self._config_unchanged = self.resume and self._saved_config() == cfg
         if self.resume:
             self._load(self.ckpt_dir / "last.pt")
             if self.step > self.last_step and distributed.is_main():
@@ -349,11 +348,11 @@ class Trainer:
         Raises :class:`TrainingInterrupted` (after writing the checkpoint) when a stop was requested,
         :class:`TrainingDiverged` on non-finite steps beyond ``train.skip_nonfinite``.
         """
+        if self.resume:
+            finished = finished_summary(self.run_dir, self.cfg)
+            if finished is not None:  # it had finished with this configuration: nothing to train, evaluate or write
+                return {**finished, "already_finished": True}
         self.setup()
-        finished = self._finished_summary()
-        if finished is not None:  # resumed after it finished, nothing changed: no evaluation or row again
-            self.logger.close()
-            return finished
         self._t_start = time.time()
         if self._resume_diag_state:
             self.diagnostics.load_state_dict(self._resume_diag_state)
@@ -383,7 +382,9 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_end(self)
         self.save()
+        self.evaluating = True
         summary = self.finish(stopped_early=self.collapse_stop)
+        self.evaluating = False
         self.logger.close()
         return summary
 
@@ -552,30 +553,6 @@ class Trainer:
             RuntimeWarning,
             stacklevel=3,
         )
-
-    def _saved_config(self) -> Config | None:
-        try:
-            return read_run_config(self.run_dir)
-        except ConfigError:  # none or damaged (a library resume needs only the checkpoint): not the same
-            return None
-
-    def _finished_summary(self) -> dict[str, Any] | None:
-        """The ``summary.json`` of a resumed run that had finished, with this configuration, at the checkpoint's
-        step (with ``already_finished: True``), or None: there is something to train or to evaluate again. Every
-        process decides the same (a collective)."""
-        summary = None
-        if self.resume and self._config_unchanged and self.step >= self.last_step:
-            try:
-                found = json.loads((self.run_dir / "summary.json").read_text())
-            except (OSError, ValueError):  # none (killed before the end, or removed by a changed resume), or torn
-                found = None
-            if isinstance(found, dict) and found.get("steps") == self.step and not found.get("stopped_early"):
-                summary = {**found, "already_finished": True}
-        if self.world > 1:
-            agreed = torch.tensor([float(summary is not None)], device=self.device)
-            if distributed.all_reduce_sum(agreed).item() < self.world:
-                summary = None
-        return summary
 
     def finish(self, *, stopped_early: bool = False) -> dict[str, Any]:
         """Final kNN + linear probe; writes ``summary.json`` (rank 0) and returns it."""

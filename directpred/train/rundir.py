@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from directpred import distributed
-from directpred.config import Config, diff_configs, dump_config
+from directpred.config import Config, ConfigError, diff_configs, dump_config, read_run_config
 from directpred.train.checkpoint import atomic_write_text, remove_stale_temporaries
 from directpred.train.faults import TrainingError
 
@@ -90,3 +94,30 @@ def check_resume_config(saved: Config, new: Config, *, force: bool = False) -> N
             + ", ".join(RESUMABLE_CHANGES)
             + ". Start a new run, or pass --force to resume anyway."
         )
+
+
+def finished_summary(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
+    """The ``summary.json`` of the run in ``run_dir`` if it finished with exactly ``cfg``, so that resuming it would
+    train and evaluate nothing new; None otherwise. Reads three small files and touches nothing.
+
+    Finished means: ``config.yaml`` is ``cfg`` (a resume with changes removes ``summary.json`` before it rewrites
+    ``config.yaml``), the summary's step is the checkpoint's, and the run ended where ``cfg`` ends it (at
+    ``train.max_steps`` or after ``train.epochs``) or was stopped on collapse (``diag.stop_on_collapse``). The
+    checkpoint is memory-mapped, not read.
+    """
+    try:
+        if read_run_config(run_dir) != cfg:
+            return None
+        summary = json.loads((run_dir / "summary.json").read_text())
+        state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True, mmap=True)
+    except (ConfigError, OSError, ValueError, RuntimeError, TypeError):  # none, torn or foreign: not done
+        return None
+    training_checkpoint = isinstance(state, dict) and all(k in state for k in ("model", "optimizer", "step"))
+    if not training_checkpoint or not isinstance(summary, dict) or summary.get("steps") != state["step"]:
+        return None  # the resume reports what is wrong with the checkpoint
+    ended = (
+        summary.get("stopped_early")
+        or (0 < cfg.train.max_steps == state["step"])
+        or abs(float(summary.get("epochs") or 0) - cfg.train.epochs) < 1e-3
+    )
+    return summary if ended else None

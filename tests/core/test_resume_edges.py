@@ -118,13 +118,16 @@ def test_resume_below_the_checkpoint_says_so_and_leaves_the_run_as_it_is(tiny_ov
 
 
 def test_a_finished_run_resumed_unchanged_is_left_as_it_is(tiny_overrides, tmp_path, monkeypatch, capsys):
-    """`--resume` of a finished run with nothing changed evaluates nothing and writes nothing (no second `final`
-    row, however often); with an eval setting changed it evaluates again, once; a resume with changes that is killed
-    before its end leaves no summary.json for the next resume to mistake for its own."""
+    """`--resume` of a finished run with nothing changed evaluates nothing and writes nothing (no file of the run
+    directory changes, however often); with an eval setting changed it evaluates again, once; a resume with changes
+    that is killed before its end leaves no summary.json for the next resume to mistake for its own."""
     run = tmp_path / "r"
     Trainer(load_config(None, tiny_overrides + ["train.epochs=2"]), run).fit()
-    files = ("metrics.jsonl", "summary.json", "checkpoints/last.pt")
-    before = {f: (run / f).read_bytes() for f in files}
+
+    def files() -> dict[str, bytes]:  # every file of the run directory (TensorBoard's, command.txt, ...)
+        return {str(f.relative_to(run)): f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file()}
+
+    before = files()
 
     def finals() -> list[dict]:
         return [r for r in read_metrics(run) if r["kind"] == "final"]
@@ -140,7 +143,7 @@ def test_a_finished_run_resumed_unchanged_is_left_as_it_is(tiny_overrides, tmp_p
     for _ in range(2):
         assert main(["train", "--resume", str(run)]) == 0
         assert "had already finished with this configuration" in capsys.readouterr().out
-    assert evaluated == [] and {f: (run / f).read_bytes() for f in files} == before and len(finals()) == 1
+    assert evaluated == [] and files() == before and len(finals()) == 1
 
     assert main(["train", "--resume", str(run), "--set", "eval.knn_k=3"]) == 0
     assert evaluated == [16] and len(finals()) == 2 and "already finished" not in capsys.readouterr().out
@@ -151,12 +154,27 @@ def test_a_finished_run_resumed_unchanged_is_left_as_it_is(tiny_overrides, tmp_p
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Trainer, "finish", killed_finish)
-    with pytest.raises(KeyboardInterrupt):
-        main(["train", "--resume", str(run), "--set", "eval.knn_k=5"])
+    assert main(["train", "--resume", str(run), "--set", "eval.knn_k=5"]) == 130  # stopped at once
     assert not (run / "summary.json").exists()  # the k=3 summary does not describe the k=5 config.yaml
     monkeypatch.setattr(Trainer, "finish", counted_finish)
     assert main(["train", "--resume", str(run)]) == 0
     assert evaluated == [16, 16] and json.loads((run / "summary.json").read_text())["steps"] == 16
+
+
+def test_a_run_stopped_on_collapse_resumed_unchanged_is_left_as_it_is(tiny_overrides, tmp_path, capsys):
+    """A run that diag.stop_on_collapse ended is finished too: resumed unchanged it trains no step more (it trained two
+    more, and logged a second final row, before) and says how to train on."""
+    run = tmp_path / "c"
+    over = tiny_overrides + ["predictor.name=none", "method.name=simsiam", "optim.lr=0.3", "diag.every=2"]
+    over += ["diag.stop_on_collapse=true", "train.epochs=30"]
+    first = Trainer(load_config(None, over), run).fit()
+    assert first["stopped_early"] and first["steps"] < 30 * 8  # the collapse stopped it
+    rows = (run / "metrics.jsonl").read_bytes()
+    assert main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "it was stopped on collapse; train on with --set diag.stop_on_collapse=false" in out
+    assert (run / "metrics.jsonl").read_bytes() == rows
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == first["steps"]
 
 
 class _StopAt(Callback):

@@ -199,7 +199,48 @@ def test_a_stop_delivered_twice_still_stops_after_the_step(tiny_overrides, tmp_p
         assert main(args) == 128 + signal.SIGTERM
         assert "Stopped by SIGTERM at step 2" in capsys.readouterr().err
         assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2
-    else:
-        with pytest.raises(KeyboardInterrupt):
-            main(args)
+    else:  # one line, not a traceback; nothing saved by this stop
+        assert main(args) == 130
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            "directpred train: interrupted; what it was doing is lost (a training run resumes from its last "
+            "checkpoint: directpred train --resume RUN_DIR)"
+        )
         assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_a_stop_in_the_final_evaluation_stops_it_at_once_and_a_resume_evaluates(
+    tiny_overrides, tmp_path, monkeypatch, capsys
+):
+    """The training is over and its checkpoint written when the final evaluation (minutes of linear probe at scale)
+    starts: a SIGTERM there stops it at once with the resume hint (it waited for the evaluation to end, and a second
+    signal gave a traceback); the resume trains nothing and evaluates, logging one final row in all."""
+    import time
+
+    from directpred.train.logger import read_metrics
+
+    real_evaluate = loop_module.evaluate
+
+    def stopped_evaluation(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises out of here
+        raise AssertionError("the evaluation was not stopped")
+
+    monkeypatch.setattr(loop_module, "evaluate", stopped_evaluation)
+    run = tmp_path / "run"
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    args = ["train", str(tmp_path / "empty.yaml"), "--out", str(run)]
+    for o in tiny_overrides + ["train.epochs=1"]:
+        args += ["--set", o]
+    assert main(args) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert (
+        f"Stopped by SIGTERM at step 8 (training done, in the final evaluation); checkpoint written to "
+        f"{run / 'checkpoints' / 'last.pt'}.\nResume with: directpred train --resume {run} (it evaluates the trained "
+        "model)"
+    ) in err
+    assert not (run / "summary.json").exists() and load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 8
+    monkeypatch.setattr(loop_module, "evaluate", real_evaluate)
+    assert main(["train", "--resume", str(run)]) == 0
+    kinds = [r["kind"] for r in read_metrics(run)]
+    assert kinds.count("final") == 1 and kinds.count("diag_final") == 1
+    assert max(r["step"] for r in read_metrics(run)) == 8
