@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from directpred.theory.simulate import load_simulate_config, run_simulate
+from directpred.theory.simulate import SimulationDiverged, load_simulate_config, run_simulate
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -24,7 +24,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         print(f"directpred theory simulate: error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    run_simulate(cfg, Path(args.out))
+    try:
+        run_simulate(cfg, Path(args.out))
+    except SimulationDiverged as e:
+        print(f"directpred theory simulate: error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {args.out}/{{trajectory.npz,summary.json,summary.png}} in {time.perf_counter() - t0:.1f}s")
     return 0
 

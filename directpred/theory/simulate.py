@@ -138,7 +138,7 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
     """Run one configured simulation; write ``trajectory.npz``, ``summary.json`` and ``summary.png`` into
     ``out``."""
     from directpred.theory import plots
-    from directpred.theory.dynamics import _jsonable, simulate_linear
+    from directpred.theory.dynamics import simulate_linear
     from directpred.theory.invariants import theorem1_applies, track
     from directpred.theory.reduced import p_star, simulate_reduced
     from directpred.theory.sgd import make_data, simulate_sgd
@@ -161,6 +161,7 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
             eta=cfg.eta,
             beta=cfg.beta,
         )
+        _stop_if_diverged("simulation", tr, "trajectory.npz", cfg, out, summary)
         tr.save(out / "trajectory.npz")
         fig, axes = plots.new_figure(1, 4)
         for ax, key in zip(axes[0], ("p", "s", "tau", "K")):
@@ -200,6 +201,7 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
             predictor=cfg.predictor,
             symmetric=cfg.symmetric,
         )
+        _stop_if_diverged("gradient-flow simulation", tr, "trajectory.npz", cfg, out, summary)
         q = track(tr)
         tr.save(out / "trajectory.npz", **q)
         fig, axes = plots.new_figure(2, 3)
@@ -227,6 +229,7 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
                 predictor=cfg.predictor,
                 symmetric=cfg.symmetric,
             )
+            _stop_if_diverged("SGD simulation", sg, "sgd.npz", cfg, out, summary)
             qs = track(sg)
             sg.save(out / "sgd.npz", **qs)
             plots.linear_summary(axes, sg.t, qs, label=f"SGD (batch {cfg.sgd_batch})", color="C1", theorem1=theorem1)
@@ -234,5 +237,53 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
             summary["sgd_vs_flow_rel_W"] = float(np.linalg.norm(sg.W[-1] - tr.W[-1]) / np.linalg.norm(tr.W[-1]))
         axes[1, 1].legend(fontsize=7)
         plots.save(fig, str(out / "summary.png"))
-    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=1) + "\n")
+    _write_summary(out, summary)
     return summary
+
+
+def _write_summary(out: Path, summary: dict[str, Any]) -> None:
+    from directpred.theory.dynamics import _jsonable
+
+    (out / "summary.json").write_text(json.dumps(_finite_json(_jsonable(summary)), indent=1) + "\n")
+
+
+def _stop_if_diverged(name: str, tr: Any, file: str, cfg: SimulateConfig, out: Path, summary: dict[str, Any]) -> None:
+    """Raise :class:`SimulationDiverged` if trajectory ``tr`` reached a non-finite state, after writing it to ``file``
+    and ``summary.json`` (with ``diverged_at_t``) into ``out``."""
+    t = _first_nonfinite(tr)
+    if t is None:
+        return
+    tr.save(out / file)
+    summary["diverged_at_t"] = {name: t}
+    _write_summary(out, summary)
+    raise SimulationDiverged(
+        f"the {name} diverged: a state is not finite from t={t:g} (step {round(t / cfg.dt)}); lower dt (now "
+        f"{cfg.dt:g}). The trajectory and summary.json (non-finite values as null) are in {out}"
+    )
+
+
+class SimulationDiverged(ValueError):
+    """A simulated trajectory reached a non-finite state (a step size ``dt`` too large for the dynamics)."""
+
+
+def _first_nonfinite(tr: Any) -> float | None:
+    """When trajectory ``tr`` diverged: the recorded time from which a state stays NaN or infinite to the end (None:
+    every state ends finite; a record not yet defined, such as the SGD loss at t = 0, is no divergence)."""
+    first: list[int] = []
+    for v in tr.states.values():
+        finite = np.isfinite(np.asarray(v, dtype=float).reshape(len(tr.t), -1)).all(axis=1)
+        if not finite[-1]:
+            last_finite = np.flatnonzero(finite)
+            first.append(int(last_finite[-1]) + 1 if last_finite.size else 0)
+    return float(tr.t[min(first)]) if first else None
+
+
+def _finite_json(v: Any) -> Any:
+    """``v`` with NaN and infinities as None, so that the file is strict JSON."""
+    if isinstance(v, float):
+        return v if np.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite_json(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite_json(x) for x in v]
+    return v

@@ -112,6 +112,40 @@ def test_simulate_reduced_and_bad_config_exit_code(tmp_path, capsys):
     assert "unknown config key 'learning_rate'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "config, sets, what",
+    [
+        ("reduced", ["dt=100", "steps=100", "record_every=10"], "simulation"),
+        ("linear", ["dt=50", "steps=50", "record_every=10"], "gradient-flow simulation"),
+    ],
+)
+def test_a_diverged_simulation_is_an_error_with_strict_json(tmp_path, capsys, config, sets, what):
+    """A step size too large for the dynamics: exit code 1 and one line naming the first record from which the
+    trajectory stays non-finite, and the fix (it exited 0 and wrote bare NaN into summary.json, which strict JSON
+    readers refuse)."""
+    out = tmp_path / "sim"
+    args = ["simulate", f"configs/theory/{config}.yaml", "--out", str(out)]
+    for s in sets:
+        args += ["--set", s]
+    with pytest.warns(RuntimeWarning):  # numpy's overflow on the way
+        assert main(args) == 1
+    # Independently: the first recorded time after which every record is non-finite, over the states.
+    recorded = np.load(out / "trajectory.npz")
+    states = [k for k in recorded.files if k not in ("t", "params_json")]
+    finite = np.stack([np.isfinite(recorded[k].reshape(len(recorded["t"]), -1)).all(axis=1) for k in states])
+    everything_finite = finite.all(axis=0)
+    first_bad = int(np.flatnonzero(everything_finite)[-1]) + 1
+    assert 0 < first_bad < len(everything_finite) and not everything_finite[first_bad:].any()
+    t, dt = float(recorded["t"][first_bad]), float(sets[0].split("=")[1])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(
+        f"directpred theory simulate: error: the {what} diverged: a state is not finite from t={t:g} "
+        f"(step {round(t / dt)}); lower dt (now {dt:g})"
+    )
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert summary["diverged_at_t"] == {what: t}
+
+
 def test_portrait_reports_fixed_points(tmp_path, capsys):
     png = tmp_path / "p.png"
     assert main(["portrait", "--eta", "0.01", "--alpha-p", "1", "--tau", "1", "--out", str(png)]) == 0
