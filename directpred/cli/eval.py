@@ -7,7 +7,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from directpred.config import EvalConfig
+from directpred.config import Config, ConfigError, EvalConfig
 
 
 def print_results(results: Mapping[str, object], header: str, eval_cfg: EvalConfig) -> None:
@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "last.pt"
     device = resolve_device(cfg.train.device)
     state = load_checkpoint(ckpt, map_location=device, require=("model", "step"))
+    if args.checkpoint:
+        _check_checkpoint_config(ckpt, state, saved, run_dir)
     torch.manual_seed(cfg.train.seed)
     method = build_method(cfg).to(device)
     if resolve_channels_last(cfg.train.channels_last, method, device, training=False):
@@ -92,6 +94,28 @@ def run(args: argparse.Namespace) -> int:
                     f"(difference {results[key] - s[key]:+.2f})"
                 )
     return 0
+
+
+def _check_checkpoint_config(ckpt: Path, state: dict, saved: Config, run_dir: Path) -> None:
+    """Refuse a ``--checkpoint`` trained with another configuration than ``run_dir``'s (another run's, of the same
+    shape, would be evaluated with this run's recipe and written into its ``eval.json``)."""
+    from directpred.config import load_config
+    from directpred.train.rundir import fixed_changes
+
+    if not isinstance(state.get("config"), dict):  # an exported backbone or an old checkpoint: nothing to compare
+        return
+    try:
+        trained = load_config(None, [], base=state["config"])
+    except ConfigError:  # written by another version of directpred: nothing to compare
+        return
+    changes = fixed_changes(saved, trained)
+    if changes:
+        shown = "; ".join(f"{k}: {a!r} in the run, {b!r} in the checkpoint" for k, (a, b) in list(changes.items())[:5])
+        raise ConfigError(
+            f"--checkpoint {ckpt} was trained with another configuration than {run_dir / 'config.yaml'} ({shown}"
+            f"{'; ...' if len(changes) > 5 else ''}); evaluate it from its own run directory "
+            "(`directpred eval THAT_RUN --checkpoint ...`)"
+        )
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -71,7 +71,7 @@ class Plan:
 
 def plan_run(sweep: Sweep, run: Run, out: Path) -> Plan:
     """Decide from the run directory whether ``run`` is done, to be resumed or to be (re)started."""
-    from directpred.train.rundir import RESUMABLE_CHANGES
+    from directpred.train.rundir import fixed_changes
 
     run_dir = out / run.rel_dir
     cfg_file, ckpt = run_dir / "config.yaml", run_dir / "checkpoints" / "last.pt"
@@ -82,11 +82,7 @@ def plan_run(sweep: Sweep, run: Run, out: Path) -> Plan:
     except ConfigError as exc:
         raise ConfigError(f"{exc}; in this sweep, removing {run_dir} restarts that run") from None
     diffs = diff_configs(saved, sweep.config(run))
-    fixed = {
-        k: v
-        for k, v in diffs.items()
-        if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUMABLE_CHANGES)
-    }
+    fixed = fixed_changes(saved, sweep.config(run))
     if fixed:
         shown = "; ".join(f"{k}: {a!r} in the run, {b!r} in the sweep" for k, (a, b) in fixed.items())
         raise ConfigError(

@@ -80,13 +80,19 @@ def prepare_run_dir(run_dir: Path, cfg: Config, *, resume: bool, command: str) -
     distributed.barrier()
 
 
-def check_resume_config(saved: Config, new: Config, *, force: bool = False) -> None:
-    """Refuse to resume with changes other than :data:`RESUMABLE_CHANGES`, showing the difference."""
-    changes = {
+def fixed_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """The keys that differ between ``old`` and ``new`` beyond :data:`RESUMABLE_CHANGES`, as ``{key: (old, new)}``:
+    what makes them different runs, not one run continued."""
+    return {
         k: v
-        for k, v in diff_configs(saved, new).items()
+        for k, v in diff_configs(old, new).items()
         if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUMABLE_CHANGES)
     }
+
+
+def check_resume_config(saved: Config, new: Config, *, force: bool = False) -> None:
+    """Refuse to resume with changes other than :data:`RESUMABLE_CHANGES`, showing the difference."""
+    changes = fixed_changes(saved, new)
     if changes and not force:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
         raise TrainingError(

@@ -236,6 +236,25 @@ def test_eval_runs_the_probe_unless_asked_not_to(flags, linear, tiny_overrides, 
     assert seen["linear"] is linear
 
 
+def test_eval_refuses_a_checkpoint_of_another_configuration(tiny_overrides, tmp_path, monkeypatch, capsys):
+    """`eval RUN --checkpoint OTHER/...` evaluated another run's checkpoint of the same shape with RUN's recipe and
+    wrote it into RUN/eval.json; now another configuration is refused, naming the keys. A checkpoint of RUN that
+    differs only in what a resume may change (train.max_steps here) is evaluated."""
+    import directpred.eval.protocol as protocol
+
+    monkeypatch.setattr(protocol, "evaluate", lambda *a, **kw: {"knn_top1": 52.0})
+    run, other = tmp_path / "run", tmp_path / "other"
+    Trainer(load_config(None, tiny_overrides + ["train.max_steps=1"]), run).fit()
+    Trainer(load_config(None, tiny_overrides + ["train.max_steps=1", "predictor.rho=0.5"]), other).fit()
+    assert main(["eval", str(run), "--no-linear", "--checkpoint", str(other / "checkpoints" / "last.pt")]) == 2
+    assert "predictor.rho: 0.3 in the run, 0.5 in the checkpoint" in capsys.readouterr().err
+    assert not (run / "eval.json").exists()
+    longer = tmp_path / "longer"
+    Trainer(load_config(None, tiny_overrides + ["train.max_steps=2"]), longer).fit()
+    assert main(["eval", str(run), "--no-linear", "--checkpoint", str(longer / "checkpoints" / "last.pt")]) == 0
+    assert json.loads((run / "eval.json").read_text())["step"] == 2
+
+
 def test_tiny_run_learns_beyond_its_random_initialisation(tiny_overrides, tmp_path):
     """Random features already separate the coloured blobs (69-81 % kNN measured over seeds); four epochs of BYOL +
     DirectPred must do better than the same network at its initialisation (100 % measured)."""
