@@ -738,6 +738,8 @@ def read_run_config(run_dir: str | Path) -> Config:
             refuses; the message names the file and the fix.
     """
     cfg_file = Path(run_dir) / "config.yaml"
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"{run_dir}: no such directory; give a run directory made by `directpred train`")
     if not cfg_file.is_file():
         raise ConfigError(f"{run_dir}: no config.yaml there; give a run directory made by `directpred train`")
     damaged = "restore it (the checkpoint holds a copy under 'config') or start a new run"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +32,12 @@ class KNNClassifier:
         self.features_ = F.normalize(features.float(), dim=1)
         self.labels_ = labels.long().to(features.device)
         self.num_classes_ = int(self.labels_.max()) + 1
+        if self.k > len(self.labels_):  # every training image votes: say so rather than print the k asked for
+            warnings.warn(
+                f"kNN: k={self.k} is more than the {len(self.labels_)} labelled training images; k="
+                f"{len(self.labels_)} is used (eval.knn_k)",
+                stacklevel=2,
+            )
         return self
 
     def predict_scores(self, features: torch.Tensor) -> torch.Tensor:

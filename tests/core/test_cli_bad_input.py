@@ -77,6 +77,7 @@ def _corrupt_image_folder(run: Path) -> None:
 DAMAGE = {
     "none": lambda run: None,
     "missing": lambda run: shutil.rmtree(run),
+    "no_config": lambda run: (run / "config.yaml").unlink(),
     "no_checkpoint": lambda run: shutil.rmtree(run / "checkpoints"),
     "empty_checkpoint": lambda run: (run / CKPT).write_bytes(b""),
     "random_checkpoint": lambda run: (run / CKPT).write_bytes(np.random.default_rng(0).bytes(4096)),
@@ -93,12 +94,14 @@ DAMAGE = {
 # {data}: an ImageFolder), exit code, a fragment of the one error line)
 CASES = [
     # a run directory's config.yaml that is missing, not YAML, not a mapping, or from another version
-    ("missing", "train --resume {run}", 2, "no config.yaml there; give a run directory made by `directpred train`"),
+    ("missing", "train --resume {run}", 2, "no such directory; give a run directory made by `directpred train`"),
+    ("no_config", "train --resume {run}", 2, "no config.yaml there; give a run directory made by `directpred train`"),
     ("list_config", "train --resume {run}", 2, "config.yaml: it holds a list, not the run's config"),
     ("broken_config", "train --resume {run}", 2, f"config.yaml: {YAML_PROBLEM}; restore it"),
     ("empty_config", "train --resume {run}", 2, "config.yaml: it is empty, not the run's config"),
     ("old_key_config", "train --resume {run}", 2, "unknown config key 'predictor.old_knob'"),
-    ("missing", "eval {run} --no-linear", 2, "no config.yaml there"),
+    ("missing", "eval {run} --no-linear", 2, "no such directory"),
+    ("no_config", "eval {run} --no-linear", 2, "no config.yaml there"),
     ("list_config", "eval {run} --no-linear", 2, "config.yaml: it holds a list"),
     ("broken_config", "eval {run} --no-linear", 2, YAML_PROBLEM),
     ("empty_config", "eval {run} --no-linear", 2, "config.yaml: it is empty"),

@@ -31,6 +31,15 @@ def test_knn_matches_brute_force():
         assert torch.equal(knn.predict(query), brute_force_knn(train, labels, query, k, t, 3))
 
 
+def test_knn_with_k_above_the_training_set_says_so_and_votes_with_every_image():
+    g = torch.Generator().manual_seed(2)
+    train, labels = torch.randn(36, 5, generator=g), torch.randint(0, 3, (36,), generator=g)
+    query = torch.randn(25, 5, generator=g)
+    with pytest.warns(UserWarning, match=r"kNN: k=200 is more than the 36 labelled training images; k=36 is used"):
+        knn = KNNClassifier(k=200, temperature=0.5).fit(train, labels)
+    assert torch.equal(knn.predict(query), brute_force_knn(train, labels, query, 36, 0.5, 3))
+
+
 def test_knn_is_scale_invariant_and_perfect_on_its_training_points():
     g = torch.Generator().manual_seed(1)
     train, labels = torch.randn(40, 8, generator=g), torch.randint(0, 4, (40,), generator=g)
