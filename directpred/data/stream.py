@@ -37,6 +37,7 @@ import os
 import re
 import signal
 import tarfile
+import threading
 import warnings
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
@@ -444,19 +445,34 @@ def _identity(x: _Batch) -> _Batch:
     return x
 
 
+#: Seconds a DataLoader worker goes on serving batches after a SIGTERM or SIGINT before it exits (with exit code 0).
+STOP_GRACE_SECONDS = 20.0
+
+
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     """A DataLoader worker leaves stopping to the training process. A stop reaches the workers too: torchrun stops a
     rank, and a terminal's Ctrl-C a command, by signalling the whole process group; Slurm (``scancel``, a time
     limit, preemption) signals every process of the job step by its pid. A worker killed by that SIGTERM made the
     training process fail mid-step ("DataLoader worker ... is killed by signal") instead of stopping after the step
-    with its checkpoint. So the worker leaves the process group and ignores SIGTERM and SIGINT. The training process
-    ends its workers itself once it stops; a worker whose training process died exits on its own within 5 s
-    (DataLoader's watchdog); SIGKILL (Slurm's, after its grace period) still ends it. Windows has no process groups
-    of this kind (and no ``os.setpgid``): there only the signals are ignored."""
+    with its checkpoint. So the worker leaves the process group, and on SIGTERM or SIGINT goes on serving for
+    :data:`STOP_GRACE_SECONDS` (the step in progress may still wait for its batch) and then exits with code 0, which
+    the training process does not take for a failure. The training process ends its workers itself once it stops;
+    a worker whose training process died exits within 5 s (DataLoader's watchdog). The grace is bounded because
+    Python's exit terminates (SIGTERM) and then joins the workers of a loader left open: ignoring the signal would
+    hang that exit. Windows has no process groups of this kind (and no ``os.setpgid``): there the worker stays in
+    its group."""
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)
+    leaving: list[threading.Timer] = []
+
+    def stop_later(signum: int, frame: object) -> None:
+        if not leaving:
+            leaving.append(threading.Timer(STOP_GRACE_SECONDS, os._exit, args=(0,)))
+            leaving[0].daemon = True
+            leaving[0].start()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, stop_later)
 
 
 def _warn_replaced(skipped: list[str]) -> None:

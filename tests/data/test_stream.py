@@ -365,6 +365,35 @@ print("stopped" if stopped else "no signal", 1 + len(rest), flush=True)
 """
 
 
+_LEFT_OPEN_CHILD = """
+import sys, time
+from directpred.data import stream
+from directpred.data.stream import FolderReader, StreamSource
+stream.STOP_GRACE_SECONDS = 1.0  # read by the forked worker when the signal comes
+source = StreamSource(FolderReader(sys.argv[1], "train"), 24, batch_size=3, seed=1, workers=1)
+LEFT_OPEN = source.batches(0)
+next(LEFT_OPEN)
+print("exiting", flush=True)
+"""
+
+
+def test_a_loader_left_open_does_not_hang_the_exit(mixed):
+    """Python's exit terminates (SIGTERM) and then joins the workers of a loader nobody closed: a worker that
+    ignored SIGTERM hung it for ever (the whole test suite, once); it exits after its grace instead."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", _LEFT_OPEN_CHILD, str(mixed)], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert proc.returncode == 0 and proc.stdout.split() == ["exiting"], proc.stderr
+    assert time.monotonic() - t0 < 45
+
+
 def _descendants(pid: int) -> list[int]:
     """The pids of ``pid``'s child processes, and theirs (Linux ``/proc``)."""
     found: list[int] = []
