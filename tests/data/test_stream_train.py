@@ -4,6 +4,7 @@ in-memory path, shards as folders, mid-epoch resume is exact, kNN and BYOL's lin
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -119,7 +120,12 @@ def test_knn_stream_equals_the_in_memory_classifier():
     f_train, y_train = torch.randn(300, 16, generator=g), torch.randint(0, 5, (300,), generator=g)
     f_test, y_test = torch.randn(70, 16, generator=g), torch.randint(0, 5, (70,), generator=g)
     for k in (7, 200, 400):  # 400 > N: fewer neighbours than k
-        ref = KNNClassifier(k=k, temperature=0.1).fit(f_train, y_train).score(f_test, y_test)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ref = KNNClassifier(k=k, temperature=0.1).fit(f_train, y_train).score(f_test, y_test)
+        assert [str(w.message) for w in caught] == (
+            ["kNN: k=400 is more than the 300 labelled training images; k=300 is used (eval.knn_k)"] if k > 300 else []
+        )
         chunks = ((f_train[s : s + 32], y_train[s : s + 32]) for s in range(0, 300, 32))
         assert knn_stream(f_test, y_test, chunks, num_classes=5, k=k, temperature=0.1) == pytest.approx(ref)
 
