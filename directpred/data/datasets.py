@@ -511,6 +511,12 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
         name = "stl10"
     else:
         raise DataError(f"unknown data.dataset {cfg.dataset!r}")
+    for key, n, split in (("train_subset", cfg.train_subset, pretrain), ("test_subset", cfg.test_subset, test)):
+        if n > len(split):  # balanced_subset keeps them all: say so rather than seem to have taken n
+            warnings.warn(
+                f"data.{key}={n} is more than the {len(split)} images there: all {len(split)} are used",
+                stacklevel=2,
+            )
     if cfg.train_subset:
         unlabelled = bool((pretrain.labels < 0).any())  # STL-10's train+unlabeled: the probe keeps all of train
         pretrain = pretrain.subset(balanced_subset(pretrain.labels, cfg.train_subset, seed))

@@ -110,3 +110,20 @@ def test_mixed_sizes_need_image_size(tmp_path):
         load_folder(root, cache_dir=tmp_path / "c")
     train, _ = load_folder(root, cache_dir=tmp_path / "c", image_size=24)
     assert train.images.shape[1:] == (24, 24, 3)
+
+
+def test_a_subset_larger_than_the_split_says_that_all_images_are_used(tiny_overrides):
+    """tiny_folder: 128 training and 32 test images. A train_subset above 128 keeps all of them, with a warning
+    saying so; a test_subset of 20 is a real subset, without one."""
+    from directpred.config import load_config
+    from directpred.data.datasets import load_data
+
+    cfg = load_config(None, tiny_overrides + ["data.train_subset=100000", "data.test_subset=20"])
+    full = load_data(load_config(None, tiny_overrides).data)
+    with pytest.warns(UserWarning) as caught:
+        data = load_data(cfg.data)
+    assert [str(w.message) for w in caught] == [
+        "data.train_subset=100000 is more than the 128 images there: all 128 are used"
+    ]
+    assert len(data.pretrain) == 128 and torch.equal(data.pretrain.labels, full.pretrain.labels)
+    assert len(data.test) == 20
