@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import torch
 
 from directpred import distributed
-from directpred.config import Config, ConfigError, diff_configs, dump_config, read_run_config
+from directpred.config import Config, ConfigError, diff_configs, dump_config, read_json_object, read_run_config
 from directpred.train.checkpoint import atomic_write_text, remove_stale_temporaries
 from directpred.train.faults import TrainingError
 
@@ -111,16 +110,19 @@ def finished_summary(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
     ``train.max_steps`` or after ``train.epochs``) or was stopped on collapse (``diag.stop_on_collapse``). The
     checkpoint is memory-mapped, not read.
     """
+    summary_file = run_dir / "summary.json"
+    if not summary_file.is_file():  # stopped or killed before its end: not finished
+        return None
     try:
         if read_run_config(run_dir) != cfg:
             return None
-        summary = json.loads((run_dir / "summary.json").read_text())
         state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True, mmap=True)
-    except (ConfigError, OSError, ValueError, RuntimeError, TypeError):  # none, torn or foreign: not done
+    except (ConfigError, OSError, RuntimeError, TypeError):  # torn or foreign: the resume reports what is wrong
         return None
+    summary = read_json_object(summary_file, "the run is resumed as unfinished")
     training_checkpoint = isinstance(state, dict) and all(k in state for k in ("model", "optimizer", "step"))
-    if not training_checkpoint or not isinstance(summary, dict) or summary.get("steps") != state["step"]:
-        return None  # the resume reports what is wrong with the checkpoint
+    if summary is None or not training_checkpoint or summary.get("steps") != state["step"]:
+        return None
     ended = (
         summary.get("stopped_early")
         or (0 < cfg.train.max_steps == state["step"])
