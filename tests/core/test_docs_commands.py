@@ -17,13 +17,16 @@ import builtins
 import contextlib
 import dataclasses
 import importlib
+import importlib.util
 import io
 import re
 import shlex
+import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
@@ -55,11 +58,14 @@ PLACEHOLDER_KEYS = {"key", "section.key", "eval.KEY"}
 # Positional arguments that name the reader's file rather than one of the repository's.
 PLACEHOLDER_FILES = {"CONFIG", "BASE", "FILE"}
 
-INVOCATION = re.compile(r"(?:^|\s)(?:directpred|python3? -m directpred|torchrun .*-m directpred)\s+[a-z]")
+INVOCATION = re.compile(
+    r"(?:^|\s)(?:directpred\s+[a-z]|python3? -m directpred[\s.]|python3? benchmarks/\w+\.py\b"
+    r"|torchrun .*-m directpred\s)"
+)
 INLINE = re.compile(r"`([^`\n]+)`")
 FENCE = re.compile(r"^(\s*)```(\w*)\s*$")
 API_NAME = re.compile(r"(?<![\w/.-])directpred(?:\.[A-Za-z_]\w*)+(?![\w/-])(?<!\.py)(?<!\.yaml)(?<!\.md)")
-COMMENT_COMMAND = re.compile(r"^\s*(?:[A-Za-z_]\w*=\S*\s+)*(?:directpred|python3? -m directpred|torchrun|srun)\s")
+COMMENT_COMMAND = re.compile(r"^\s*(?:[A-Za-z_]\w*=\S*\s+)*(?:directpred|python3?|torchrun|srun)\s")
 CONFIG_FILE = re.compile(r"^(?:configs|sweeps)/[\w./-]+\.ya?ml$")
 
 
@@ -71,9 +77,17 @@ class DocCommand:
     text: str  # the words after ``directpred``, as written (continuation lines joined, brackets kept)
     argv: tuple[str, ...]  # the arguments after ``directpred``
     synopsis: bool  # a usage line (``[--out DIR]``, ``a|b``, ``...``) or a mention in prose: names only
+    program: str  # directpred; a module directpred.x.y (python -m); a script benchmarks/x.py
+
+    @property
+    def head(self) -> str:
+        """The program as typed: ``directpred``, ``python -m directpred.x``, ``python benchmarks/x.py``."""
+        if self.program == "directpred":
+            return "directpred"
+        return f"python {self.program}" if self.program.endswith(".py") else f"python -m {self.program}"
 
     def __str__(self) -> str:
-        return f"{self.where}: directpred {self.text}"
+        return f"{self.where}: {self.head} {self.text}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,7 +132,7 @@ def _commands_in(
     try:
         tokens = shlex.split(text, comments=True)
     except ValueError as exc:  # an unclosed quote: the reader's shell would choke on it too
-        return [DocCommand(label, text, (f"<cannot split: {exc}>",), False)]
+        return [DocCommand(label, text, (f"<cannot split: {exc}>",), False, "directpred")]
     segments: list[list[str]] = [[]]
     for tok in tokens:
         if tok in {"&&", "||", ";", "|"}:
@@ -127,16 +141,17 @@ def _commands_in(
             segments[-1].append(tok)
     commands = []
     for seg in segments:
-        argv = _directpred_argv(seg)
-        if argv is None:
+        found = _invocation(seg)
+        if found is None:
             continue
+        program, argv = found
         for expanded in _expand_arrays(argv, arrays or {}):
             words = [_unbracket(w) for w in expanded]
             synopsis = any(w == "..." or ("|" in w and "=" not in w) or w != v for w, v in zip(words, expanded))
             words = [w for w in words if w not in ("...", "")]
             if mention and (len(words) <= 1 + (words[:1] == ["theory"]) or words[-1].startswith("-")):
                 synopsis = True  # `directpred train`, `directpred train --resume`: names a command or an option
-            commands.append(DocCommand(label, " ".join(expanded), tuple(words), synopsis))
+            commands.append(DocCommand(label, " ".join(expanded), tuple(words), synopsis, program))
     return commands
 
 
@@ -150,20 +165,24 @@ def _unbracket(word: str) -> str:
     return word
 
 
-def _directpred_argv(seg: list[str]) -> list[str] | None:
-    """The arguments after ``directpred`` in one simple command, or None if it runs something else."""
+def _invocation(seg: list[str]) -> tuple[str, list[str]] | None:
+    """(program, its arguments) of one simple command: ``directpred``, a module ``directpred.x.y`` (``python -m``)
+    or a script ``benchmarks/x.py``; None if it runs something else."""
     i = 0
     while i < len(seg) and (re.match(r"^[A-Za-z_]\w*=", seg[i]) or seg[i] in {"srun", "time", "exec", "nohup"}):
         i += 1  # VAR=value prefixes and launchers
     if i >= len(seg):
         return None
     if seg[i] == "directpred":
-        return seg[i + 1 :]
-    if re.fullmatch(r"python3?", seg[i]) and seg[i + 1 : i + 3] == ["-m", "directpred"]:
-        return seg[i + 3 :]
+        return "directpred", seg[i + 1 :]
+    if re.fullmatch(r"python3?", seg[i]) and seg[i + 1 : i + 2] == ["-m"] and i + 2 < len(seg):
+        module = seg[i + 2]
+        return (module, seg[i + 3 :]) if module.split(".")[0] == "directpred" else None
+    if re.fullmatch(r"python3?", seg[i]) and i + 1 < len(seg) and re.fullmatch(r"benchmarks/\w+\.py", seg[i + 1]):
+        return seg[i + 1], seg[i + 2 :]
     if seg[i] == "torchrun" and "-m" in seg[i:]:
         m = seg.index("-m", i)
-        return seg[m + 2 :] if seg[m + 1 : m + 2] == ["directpred"] else None
+        return ("directpred", seg[m + 2 :]) if seg[m + 1 : m + 2] == ["directpred"] else None
     return None
 
 
@@ -248,10 +267,30 @@ def _yaml_commands(path: Path) -> list[DocCommand]:
     return commands
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
+    return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+
+
+def _help_commands() -> list[DocCommand]:
+    """The examples of every ``--help`` (the parsers' epilogs), named ``directpred SUBCOMMAND --help:N``."""
+    commands = []
+    stack = [build_parser()]
+    while stack:
+        parser = stack.pop()
+        sub = _subparsers(parser)
+        stack += list(sub.choices.values()) if sub is not None else []
+        for n, line in enumerate((parser.epilog or "").splitlines(), 1):
+            for cmd in _commands_in(REPO, n, line, mention=False):
+                commands.append(dataclasses.replace(cmd, where=f"{parser.prog} --help:{n}"))
+    return commands
+
+
 def _all_commands() -> list[DocCommand]:
-    return [cmd for path in DOCS for cmd in _doc_commands(path)] + [
-        cmd for path in YAMLS for cmd in _yaml_commands(path)
-    ]
+    return (
+        [cmd for path in DOCS for cmd in _doc_commands(path)]
+        + [cmd for path in YAMLS for cmd in _yaml_commands(path)]
+        + _help_commands()
+    )
 
 
 COMMANDS = _all_commands()
@@ -275,15 +314,11 @@ INLINE_SETS = _inline_sets()
 # Checks
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
-    return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-
-
-def _check_names(parser: argparse.ArgumentParser, argv: tuple[str, ...]) -> list[str]:
+def _check_names(parser: argparse.ArgumentParser, argv: tuple[str, ...], prog: str = "directpred") -> list[str]:
     """Every subcommand and every option of ``argv`` exists, spelled in full (argparse would also take an
     abbreviation, ``--no-lin``, which breaks as soon as another option shares the prefix)."""
     errors: list[str] = []
-    path, i = ["directpred"], 0
+    path, i = [prog], 0
     while i < len(argv):
         word = argv[i]
         sub = _subparsers(parser)
@@ -305,6 +340,33 @@ def _check_names(parser: argparse.ArgumentParser, argv: tuple[str, ...]) -> list
             parser, path = sub.choices[word.split("|")[0]], [*path, word.split("|")[0]]
         i += 1
     return errors
+
+
+class _GotParser(Exception):
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+
+
+def _script_parser(program: str) -> argparse.ArgumentParser:
+    """The argparse parser that ``main()`` of a module (``directpred.data.proxy``) or script (``benchmarks/x.py``)
+    builds: main() runs until its first ``parse_args`` call, which stops it."""
+    if program.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(f"_docs_{Path(program).stem}", REPO / program)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(program)
+
+    def stop(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        raise _GotParser(self)
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", stop), mock.patch.object(sys, "argv", [program]):
+        try:
+            module.main()
+        except _GotParser as got:
+            return got.parser
+    raise AssertionError(f"{program}: main() parsed no arguments")
 
 
 def _parse(parser: argparse.ArgumentParser, argv: tuple[str, ...]) -> argparse.Namespace:
@@ -386,6 +448,12 @@ def _with_reader_data(load: Any, sets: list[str], data_dir: Path) -> Any:
 
 
 def _load(cmd: DocCommand, args: argparse.Namespace | None, sets: list[str]) -> None:
+    if cmd.program != "directpred":  # a script's --set overrides its --config, or the defaults
+        if sets:
+            load_config(_file(getattr(args, "config", None)), sets)
+        return
+    if not cmd.argv:  # `python -m directpred ...`: the program's name
+        return
     command = cmd.argv[0]
     if command == "theory":
         if args is not None and args.theory_command == "simulate":
@@ -413,6 +481,7 @@ def test_commands_are_found():
     assert any(c.text.startswith("train configs/imagenet/byol_directpred_300ep.yaml --set data.path") for c in COMMANDS)
     # the Slurm script's "${ARGS[@]}" gives a start and a resume command
     assert sum(c.where.startswith("docs/imagenet.md") and "--resume $RUN" in c.text for c in COMMANDS) == 1
+    assert sum(c.where.startswith("directpred sweep --help:") for c in COMMANDS) == 3
     assert len([c for c in COMMANDS if not c.synopsis]) >= 60
     assert sum(len(_sets(c.argv)) for c in COMMANDS) >= 20
 
@@ -420,8 +489,13 @@ def test_commands_are_found():
 def _problem(cmd: DocCommand, data_dir: Path) -> str | None:
     """What is wrong with a documented command (None: nothing): an unknown subcommand or option, an argparse error,
     a config or sweep file that does not exist, or an override its config refuses."""
-    parser = build_parser()
-    errors = _check_names(parser, cmd.argv)
+    if cmd.program == "directpred":
+        parser = build_parser()
+    elif cmd.program.endswith(".py") and not (REPO / cmd.program).is_file():
+        return f"no such script: {cmd.program}"
+    else:
+        parser = _script_parser(cmd.program)
+    errors = _check_names(parser, cmd.argv, cmd.head)
     if errors:
         return "; ".join(errors)
     args = None
@@ -462,6 +536,8 @@ def test_a_wrong_command_is_reported(tmp_path):
         "torchrun --nproc_per_node=2 -m directpred sweep sweeps/cpu/nothing.yaml --out runs/s\n"
         "pip install -e . && directpred train configs/cpu/quickstart.yaml --set train.epochs=two\n"
         "directpred train configs/cpu/quickstart.yaml --set data.path=PATH --set train.epochs=2\n"
+        "python benchmarks/throughput.py --confg configs/cpu/quickstart.yaml\n"
+        "python -m directpred.data.proxy data --train 3000 --val\n"
         "```\n"
     )
     found = {f"{c.where} {c.argv[0]}": _problem(c, tmp_path) for c in _doc_commands(page)}
@@ -474,6 +550,8 @@ def test_a_wrong_command_is_reported(tmp_path):
         "page.md:9 sweep": "no such file: sweeps/cpu/nothing.yaml",
         "page.md:10 train": "config error: train.epochs: 'two' has the wrong type; expected int",
         "page.md:11 train": None,  # a placeholder data path; the key is still checked
+        "page.md:12 --confg": "`python benchmarks/throughput.py` has no option --confg",
+        "page.md:13 data": "directpred.data.proxy: error: argument --val: expected one argument",
     }
 
 
