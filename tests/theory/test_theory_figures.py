@@ -56,3 +56,15 @@ def test_fig10_fixed_points(figs):
 def test_unknown_figure_is_an_error(tmp_path, capsys):
     assert main(["figures", "--out", str(tmp_path), "--only", "fig6"]) == 2
     assert "unknown figure" in capsys.readouterr().err
+
+
+def test_alpha_p_faster_predictor_without_ema(figs):
+    """Obs. #1/#6 at τ = 1: the commutator's early growth falls with α_p, strong decay kills fewer modes; and
+    Eq. 14's invariant parabola s = p²/α_p: with η = 0.1 (memory gone), α_p s_top is the same for every α_p."""
+    s = json.loads((figs / "alpha_p.json").read_text())["summary"]
+    for eta in ("0", "0.01"):
+        peaks = [s[f"eta={eta}, alpha_p={a}"]["peak_ratio_median"] for a in (1, 2, 5, 10)]
+        assert peaks == sorted(peaks, reverse=True) and peaks[0] > 4 * peaks[-1], peaks
+    assert s["eta=0.1, alpha_p=10"]["modes_alive_mean"] > s["eta=0.1, alpha_p=1"]["modes_alive_mean"]
+    scaled = [a * s[f"eta=0.1, alpha_p={a}"]["s_top_final_mean"] for a in (1, 2, 5, 10)]
+    np.testing.assert_allclose(scaled, scaled[0], rtol=0.02)
