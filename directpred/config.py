@@ -189,7 +189,7 @@ class OptimConfig:
     schedule: Literal["constant", "warmup_cosine"] = "constant"
     """Learning-rate schedule; the paper uses a constant lr."""
     warmup_epochs: float = 0.0
-    """Linear warmup length in epochs (also with the constant schedule)."""
+    """Linear warmup length in epochs (also with the constant schedule); less than `train.epochs`."""
     lars_eta: float = 0.001
     """LARS trust coefficient."""
 
@@ -673,6 +673,39 @@ def validate(cfg: Config) -> None:
     _check(bool(cfg.log.project), "log.project", cfg.log.project, "must not be empty")
     _check(cfg.diag.every >= 0, "diag.every", cfg.diag.every, "must be >= 0 (0 disables diagnostics)")
     _check(0.0 <= cfg.diag.rho < 1.0, "diag.rho", cfg.diag.rho, "must lie in [0, 1)")
+
+
+def check_schedule(cfg: Config) -> None:
+    """Refuse a learning-rate warm-up that does not end before training does: the learning rate would never reach
+    ``optim.lr`` (with ``warmup_cosine`` the cosine part would never start). ``train.max_steps`` does not make it
+    legitimate: the schedules run over ``train.epochs`` whatever the step limit.
+
+    A check of training alone, made where a run starts (:class:`directpred.train.loop.Trainer`, every cell of a
+    sweep; on resume after ``--set``, so raising ``train.epochs`` there fixes it), not in :func:`validate`: a finished
+    run's ``config.yaml`` written before it still evaluates, exports and embeds.
+
+    Examples:
+        >>> check_schedule(load_config(None, ["optim.warmup_epochs=10", "train.epochs=5"]))
+        Traceback (most recent call last):
+        ...
+        directpred.config.ConfigError: optim.warmup_epochs=10.0 is not allowed: ...
+    """
+    o, t = cfg.optim, cfg.train
+    if o.warmup_epochs < t.epochs:
+        return
+    peak = (
+        f"reaches optim.lr={o.lr:g} only in the last step"
+        if o.warmup_epochs == t.epochs
+        else f"never reaches optim.lr={o.lr:g} (at most {t.epochs / o.warmup_epochs:.3g} x it, in the last step)"
+    )
+    _check(
+        False,
+        "optim.warmup_epochs",
+        o.warmup_epochs,
+        f"the linear warm-up must end before train.epochs={t.epochs} ends, else the learning rate {peak}; set "
+        f"optim.warmup_epochs below {t.epochs} (e.g. --set optim.warmup_epochs={t.epochs / 10:g}) or raise "
+        "train.epochs",
+    )
 
 
 def path_exists(path: str) -> bool:

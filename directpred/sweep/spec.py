@@ -37,6 +37,7 @@ from directpred.config import (
     Config,
     ConfigError,
     absolute_data_path,
+    check_schedule,
     load_config,
     parse_override,
     read_yaml,
@@ -95,7 +96,9 @@ class Sweep:
 
     def config(self, run: Run) -> Config:
         """The resolved configuration of ``run``: what ``directpred train BASE --set ...`` builds."""
-        return load_config(self.base, list(run.sets))
+        cfg = load_config(self.base, list(run.sets))
+        check_schedule(cfg)  # what the run's Trainer refuses, refused when the sweep file loads
+        return cfg
 
 
 def yaml_value(value: Any) -> str:

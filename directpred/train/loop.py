@@ -30,7 +30,7 @@ from torch import nn
 
 from directpred import distributed
 from directpred.backbones import resolve_channels_last
-from directpred.config import Config, ConfigError
+from directpred.config import Config, ConfigError, check_schedule
 from directpred.data.augment import TwoViewAugment
 from directpred.data.datasets import DataBundle, load_data
 from directpred.data.order import step_generator
@@ -149,6 +149,7 @@ class Trainer:
         if self._ready:
             return self
         cfg = self.cfg
+        check_schedule(cfg)  # a warm-up longer than the run: refused before any work
         check_backends(cfg.log.backends)  # a missing tracker package fails here, before any work
         self.device = resolve_device(cfg.train.device)
         distributed.init_from_env(self.device)

@@ -158,3 +158,49 @@ def test_a_gpu_index_beyond_the_machine_is_refused_naming_the_ones_there(monkeyp
         str(info.value)
         == "train.device='cuda:2' but this machine has 2 GPU(s) (cuda:0 to cuda:1); use one of them, or auto"
     )
+
+
+WARMUP_TOO_LONG = (
+    "optim.warmup_epochs=5.0 is not allowed: the linear warm-up must end before train.epochs=2 ends, else the "
+    "learning rate never reaches optim.lr=0.03 (at most 0.4 x it, in the last step); set optim.warmup_epochs below 2 "
+    "(e.g. --set optim.warmup_epochs=0.2) or raise train.epochs"
+)
+
+
+def test_a_warmup_as_long_as_the_run_is_refused_naming_both_keys_and_the_fix():
+    """The lr warm-up runs over round(warmup_epochs * steps_per_epoch) steps and the schedule over train.epochs (also
+    under train.max_steps): a warm-up that does not end first never lets the learning rate reach optim.lr."""
+    from directpred.config import check_schedule
+    from directpred.train.optim import lr_factor
+
+    # the property the check protects: 2 epochs of 10 steps under a 5-epoch warm-up peak at 2/5 of optim.lr
+    assert max(lr_factor(s, 20, 50, "warmup_cosine") for s in range(20)) == pytest.approx(0.4)
+    for extra in ([], ["train.max_steps=3"], ["optim.schedule=warmup_cosine"]):
+        cfg = load_config(None, ["optim.warmup_epochs=5", "train.epochs=2", *extra])  # validate() lets old runs load
+        with pytest.raises(ConfigError) as info:
+            check_schedule(cfg)
+        assert str(info.value) == WARMUP_TOO_LONG
+    with pytest.raises(ConfigError, match=r"^optim.warmup_epochs=2.0 is not allowed: .* reaches optim.lr=0.03 only "):
+        check_schedule(load_config(None, ["optim.warmup_epochs=2", "train.epochs=2"]))
+    check_schedule(load_config(None, ["optim.warmup_epochs=1.5", "train.epochs=2"]))  # ends before the run does
+
+
+def test_the_trainer_refuses_a_too_long_warmup_before_making_the_run_directory(tmp_path):
+    from directpred.train.loop import Trainer
+
+    cfg = load_config(None, ["optim.warmup_epochs=5", "train.epochs=2", "train.device=cpu"])
+    with pytest.raises(ConfigError) as info:
+        Trainer(cfg, tmp_path / "run").fit()
+    assert str(info.value) == WARMUP_TOO_LONG
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sweep_cell_with_a_too_long_warmup_is_refused_when_the_file_loads(tmp_path):
+    from directpred.sweep import load_sweep
+
+    quickstart = Path(REPO_DIR) / "configs" / "cpu" / "quickstart.yaml"
+    sweep = tmp_path / "warm.yaml"
+    sweep.write_text(f"base: {quickstart}\naxes: {{optim.warmup_epochs: [0.5, 5]}}\nset: {{train.epochs: 2}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_sweep(sweep)
+    assert str(info.value).startswith(f"{sweep}: cell 'warmup_epochs=5' (seed 0): optim.warmup_epochs=5.0 is not")
