@@ -14,18 +14,35 @@ import torch
 from directpred.config import ConfigError
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA (this process's ``LOCAL_RANK`` GPU under torchrun) when available, else the CPU."""
+def resolve_device(name: str, *, option: str = "train.device") -> torch.device:
+    """``auto`` picks CUDA (this process's ``LOCAL_RANK`` GPU under torchrun) when available, else the CPU.
+
+    Errors name ``option`` (``train.device``, or a command's flag such as ``--device``) with the value as the user
+    wrote it (``'cuda'``, not the ``cuda:0`` it stands for) and the fix.
+
+    Raises:
+        ConfigError: a CUDA device on a machine without CUDA, or a GPU index the machine lacks.
+    """
+    given = name
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":  # an explicit index: torch.cuda.set_device refuses a bare "cuda"
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     device = torch.device(name)
+    flag = option.startswith("--")
+    shown = f"{option} {given!r}" if flag else f"{option}={given!r}"
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto")
+        fix = f"{option} cpu" if flag else f"--set {option}=cpu"
+        why = (
+            f"this PyTorch build ({torch.__version__}) has no CUDA support"
+            if torch.version.cuda is None
+            else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)"
+        )
+        raise ConfigError(f"{shown} but CUDA is not available here: {why}; use {fix} or auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        means = "" if name == given else f" ({name}, this process's LOCAL_RANK)"
         raise ConfigError(
-            f"train.device={name!r} but this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 to "
+            f"{shown}{means} but this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 to "
             f"cuda:{torch.cuda.device_count() - 1}); use one of them, or auto"
         )
     return device

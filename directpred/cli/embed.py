@@ -17,6 +17,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1 (images per forward pass, e.g. 256)")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         raise ConfigError(f"--device {args.device!r}: use auto, cpu, cuda or cuda:N")
+    device = resolve_device(args.device, option="--device")  # before any reading: a wrong device fails at once
     exp = read_backbone(args.source, checkpoint=args.checkpoint)
     data, names = read_image_folder(
         args.data,
@@ -25,7 +26,6 @@ def run(args: argparse.Namespace) -> int:
         skip_corrupt=args.skip_corrupt,
         skip_hint="pass --skip-corrupt",
     )
-    device = resolve_device(args.device)
     feats = embed(exp.build().to(device), data.images, exp.recipe, batch_size=args.batch_size, device=device)
     files = save_features(args.out, feats.numpy(), data.labels.numpy(), data.classes, names)
     print(

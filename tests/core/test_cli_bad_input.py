@@ -293,3 +293,79 @@ def test_a_run_that_lost_last_pt_but_kept_epoch_checkpoints_is_not_started_over(
     assert (run / "summary.json").read_text() == summary and not ckpt.exists()
     shutil.copy(kept, ckpt)
     assert main(["-q", "train", "--resume", str(run)]) == 0
+
+
+@pytest.mark.parametrize(
+    "command,message",
+    [
+        (
+            "train {quickstart} --out {tmp}/new --set train.device=cuda",
+            "train.device='cuda' but CUDA is not available here: no CUDA GPU is visible (driver, "
+            "CUDA_VISIBLE_DEVICES); use --set train.device=cpu or auto",
+        ),
+        (
+            "eval {run} --no-linear --set train.device=cuda",
+            "train.device='cuda' but CUDA is not available here: no CUDA GPU is visible (driver, "
+            "CUDA_VISIBLE_DEVICES); use --set train.device=cpu or auto",
+        ),
+        (
+            "embed {run} --data {tmp}/none --out {tmp}/f.npy --device cuda",
+            "--device 'cuda' but CUDA is not available here: no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES); "
+            "use --device cpu or auto",
+        ),
+        (
+            "eval {run} --no-linear --set train.device=cuda:1",
+            "train.device='cuda:1' but CUDA is not available here: no CUDA GPU is visible",
+        ),
+    ],
+    ids=["train", "eval", "embed", "eval-index"],
+)
+def test_a_cuda_device_without_cuda_is_named_as_the_user_wrote_it(
+    command, message, trained, tmp_path, capsys, monkeypatch
+):
+    """`cuda` was reported as `train.device='cuda:0'` (what it resolves to), embed's --device as train.device; the
+    error names the option and value the user gave and the fix, before any work (no run directory, no data read:
+    embed's --data does not exist)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    assert main(["-q", *_argv(command, run, tmp_path, tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"directpred: config error: {message}"), err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_cpu_only_torch_build_is_named_as_the_reason(monkeypatch):
+    import torch
+
+    from directpred.config import ConfigError
+    from directpred.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(ConfigError) as info:
+        resolve_device("cuda")
+    assert str(info.value) == (
+        f"train.device='cuda' but CUDA is not available here: this PyTorch build ({torch.__version__}) has no CUDA "
+        "support; use --set train.device=cpu or auto"
+    )
+
+
+def test_a_bare_cuda_beyond_the_machine_under_torchrun_names_the_rank_s_gpu(monkeypatch):
+    import torch
+
+    from directpred.config import ConfigError
+    from directpred.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    for given in ("cuda", "auto"):
+        with pytest.raises(ConfigError) as info:
+            resolve_device(given)
+        assert str(info.value) == (
+            f"train.device={given!r} (cuda:3, this process's LOCAL_RANK) but this machine has 2 GPU(s) (cuda:0 to "
+            "cuda:1); use one of them, or auto"
+        )
