@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -130,7 +131,8 @@ def load_checkpoint(
     anything in it runs. Everything directpred saves is plain data.
 
     Raises:
-        CheckpointError: the file is missing, corrupt, or holds objects other than plain data.
+        CheckpointError: the file is missing, no checkpoint file at all (a text file, an image: named as such),
+            damaged (cut short, changed bytes), or holds objects other than plain data.
     """
     path = Path(path)
     if not path.is_file():
@@ -138,6 +140,14 @@ def load_checkpoint(
     earlier = "use an earlier checkpoint from the same folder (checkpoints/epoch_XXXX.pt)"
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes), not a checkpoint; {earlier}")
+    foreign = foreign_file_kind(path)
+    if foreign is not None:  # not torn: no torch.save ever wrote it (the hint to an earlier checkpoint would mislead)
+        in_run = path.parent.name == "checkpoints"
+        raise CheckpointError(
+            f"{path} is not a checkpoint file ({foreign}); expected a .pt written by `directpred train` (a run's "
+            "checkpoints/last.pt or epoch_XXXX.pt) or `directpred export`"
+            + (f"; if something overwrote a run's checkpoint, {earlier}" if in_run else "")
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt or foreign file
@@ -151,7 +161,9 @@ def load_checkpoint(
             ) from None
         reason = _unsafe_reason(str(exc)) if "Unsupported operand" in str(exc) else f"{type(exc).__name__}: {exc}"
         reason = " ".join(reason.split()).split(". ")[0].rstrip(": .")  # one line; torch's first sentence
-        raise CheckpointError(f"{path} is corrupt or not a checkpoint ({reason}); {earlier}") from None
+        raise CheckpointError(
+            f"{path} is a damaged checkpoint, cut short or with changed bytes ({reason}); {earlier}"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a directpred checkpoint (it holds a {type(state).__name__})")
     missing = [key for key in require if key not in state]
@@ -163,6 +175,54 @@ def load_checkpoint(
         )
         raise CheckpointError(f"{path} is {what}; give a training run's checkpoints/last.pt or epoch_XXXX.pt")
     return state
+
+
+_MAGIC = (
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x1f\x8b", "a gzip file"),
+    (b"\x93NUMPY", "a NumPy .npy array"),
+)
+
+
+def foreign_file_kind(path: str | Path) -> str | None:
+    """What ``path`` is when it cannot be a ``torch.save`` file at all (a text file, an image, a NumPy file);
+    None when it may be one (a zip archive holding a ``data.pkl``, the format since PyTorch 1.6, a legacy pickle, or
+    a zip too damaged to list: a torn write), so that a load failure there means a damaged checkpoint.
+
+    Examples:
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile(suffix=".yaml") as f:
+        ...     _ = f.write(b"train: {epochs: 1}"); f.flush()
+        ...     foreign_file_kind(f.name)
+        'a text file beginning "train: {epochs: 1}"'
+    """
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return None  # a zip archive cut short: a torn checkpoint
+        if any(name.endswith("data.pkl") for name in names):
+            return None
+        return "a zip archive without the data.pkl of torch.save" + (
+            ", a NumPy .npz" if names and all(n.endswith(".npy") for n in names) else ""
+        )
+    if head.startswith(b"\x80"):  # pickle protocol >= 2: torch.save's legacy format
+        return None
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    try:
+        text: str | None = head.decode("utf-8")
+    except UnicodeDecodeError as exc:  # text whose last character the 512 bytes cut in two is still text
+        text = head[: exc.start].decode("utf-8") if len(head) == 512 and exc.start >= 509 else None
+    if text is not None and "\x00" not in text:
+        first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        return f'a text file beginning "{first[:40]}{"..." if len(first) > 40 else ""}"'
+    return "binary data that is neither a zip archive (torch.save's format) nor a pickle"
 
 
 def stored_config(state: dict[str, Any], path: str | Path) -> Config:

@@ -19,6 +19,7 @@ from directpred.train.loop import Trainer
 REPO = Path(__file__).resolve().parents[2]
 CKPT = Path("checkpoints") / "last.pt"
 BROKEN_YAML = "train: {epochs: 1\n  x: ["  # PyYAML's message for it spans eight lines
+RANDOM = "binary data that is neither a zip archive (torch.save's format) nor a pickle"
 YAML_PROBLEM = "not valid YAML (line 2, column 4: expected ',' or '}', but got ':')"
 
 
@@ -81,6 +82,8 @@ DAMAGE = {
     "no_checkpoint": lambda run: shutil.rmtree(run / "checkpoints"),
     "empty_checkpoint": lambda run: (run / CKPT).write_bytes(b""),
     "random_checkpoint": lambda run: (run / CKPT).write_bytes(np.random.default_rng(0).bytes(4096)),
+    # bytes that start like torch.save's legacy pickle format and then go wrong
+    "pickle_checkpoint": lambda run: (run / CKPT).write_bytes(b"\x80\x02" + np.random.default_rng(0).bytes(4096)),
     "truncated_checkpoint": lambda run: (run / CKPT).write_bytes((run / CKPT).read_bytes()[:20_000]),
     "list_config": lambda run: _set_config(run, "- 1\n- 2\n"),
     "broken_config": lambda run: _set_config(run, BROKEN_YAML),
@@ -121,14 +124,22 @@ CASES = [
     ("none", "train {quickstart} --set train.epoch=3", 2, "Did you mean 'train.epochs'?"),
     ("none", "eval {run} --no-linear --set eval.knn_kk=3", 2, "Did you mean 'eval.knn_k'?"),
     ("none", "sweep {tmp}/list.yaml --out {tmp}/sweep", 2, "the top level must be a mapping with keys base, set"),
-    # damaged checkpoints: corrupt, not "crafted to run code" (random bytes were called that before)
+    # damaged checkpoints: corrupt, not "crafted to run code" (random bytes were called that before); a file that no
+    # torch.save wrote (not a zip, not a pickle) is "not a checkpoint file", not a damaged checkpoint
     ("empty_checkpoint", "train --resume {run}", 1, "last.pt is empty (0 bytes), not a checkpoint; use an earlier"),
     ("empty_checkpoint", "export {run} --out {tmp}/b.pt", 1, "last.pt is empty (0 bytes)"),
-    ("random_checkpoint", "eval {run} --no-linear", 1, "last.pt is corrupt or not a checkpoint (Unsupported operand"),
-    ("random_checkpoint", "diagnose {run} --no-data", 1, "last.pt is corrupt or not a checkpoint"),
-    ("random_checkpoint", "embed {run} --data {data} --out {tmp}/f.npy", 1, "last.pt is corrupt or not a checkpoint"),
-    ("truncated_checkpoint", "train --resume {run}", 1, "last.pt is corrupt or not a checkpoint ("),
-    ("none", "export {tmp}/list.yaml --out {tmp}/b.pt", 1, "list.yaml is corrupt or not a checkpoint"),
+    ("random_checkpoint", "eval {run} --no-linear", 1, f"last.pt is not a checkpoint file ({RANDOM}); expected a .pt"),
+    ("random_checkpoint", "diagnose {run} --no-data", 1, f"last.pt is not a checkpoint file ({RANDOM})"),
+    ("random_checkpoint", "embed {run} --data {data} --out {tmp}/f.npy", 1, "last.pt is not a checkpoint file"),
+    ("random_checkpoint", "train --resume {run}", 1, "overwrote a run's checkpoint, use an earlier checkpoint from"),
+    ("pickle_checkpoint", "eval {run} --no-linear", 1, "last.pt is a damaged checkpoint, cut short or with changed "),
+    ("truncated_checkpoint", "train --resume {run}", 1, "last.pt is a damaged checkpoint, cut short or with changed "),
+    (
+        "none",
+        "export {tmp}/list.yaml --out {tmp}/b.pt",
+        1,
+        'list.yaml is not a checkpoint file (a text file beginning "- 1"); expected a .pt written by `directpred',
+    ),
     (
         "corrupt_image",
         "embed {run} --data {tmp}/images --out {tmp}/f.npy",
@@ -167,7 +178,7 @@ CASES = [
     ("no_checkpoint", "diagnose {run} --no-data", 2, "no checkpoints/last.pt; give a run directory or a checkpoint"),
     ("no_checkpoint", "eval {run} --no-linear", 1, "no checkpoint at "),
     ("no_checkpoint", "export {run} --out {tmp}/b.pt", 1, "no checkpoint at "),
-    ("truncated_checkpoint", "eval {run} --no-linear", 1, "is corrupt or "),
+    ("truncated_checkpoint", "eval {run} --no-linear", 1, "last.pt is a damaged checkpoint"),
 ]
 
 
@@ -369,3 +380,55 @@ def test_a_bare_cuda_beyond_the_machine_under_torchrun_names_the_rank_s_gpu(monk
             f"train.device={given!r} (cuda:3, this process's LOCAL_RANK) but this machine has 2 GPU(s) (cuda:0 to "
             "cuda:1); use one of them, or auto"
         )
+
+
+def _foreign_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Files a user might point a checkpoint option at by mistake, and how the error describes each."""
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(folder / "img.png")
+    Image.new("RGB", (4, 4)).save(folder / "img.jpg")
+    np.save(folder / "feats.npy", np.zeros(3))
+    np.savez(folder / "feats.npz", features=np.zeros(3))
+    (folder / "run.yaml").write_text("# my run\n\ntrain: {epochs: 1}\n")
+    (folder / "long.txt").write_text("x" * 61 + "\u00e9" * 300)  # the 512 bytes cut a two-byte character in two
+    return {
+        "png": (folder / "img.png", "a PNG image"),
+        "jpeg": (folder / "img.jpg", "a JPEG image"),
+        "npy": (folder / "feats.npy", "a NumPy .npy array"),
+        "npz": (folder / "feats.npz", "a zip archive without the data.pkl of torch.save, a NumPy .npz"),
+        "yaml": (folder / "run.yaml", 'a text file beginning "# my run"'),
+        "text": (folder / "long.txt", f'a text file beginning "{"x" * 40}..."'),
+    }
+
+
+@pytest.mark.parametrize("command", ["eval {run} --no-linear --checkpoint {file}", "export {file} --out {tmp}/b.pt"])
+def test_a_file_no_torch_save_wrote_is_not_called_a_damaged_checkpoint(command, trained, tmp_path, capsys):
+    """A YAML file, an image or a NumPy file given as a checkpoint was reported as `corrupt or not a checkpoint` with
+    the hint to use an earlier checkpoint (as for a damaged one): now it is named as what it is."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    for file, kind in _foreign_files(tmp_path).values():
+        argv = command.format(run=run, file=file, tmp=tmp_path).split()
+        assert main(["-q", *argv]) == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"directpred: error: {file} is not a checkpoint file ({kind}); expected a .pt written by `directpred "
+            "train` (a run's checkpoints/last.pt or epoch_XXXX.pt) or `directpred export`"
+        )
+
+
+def test_a_cut_short_checkpoint_of_either_torch_format_is_still_a_damaged_checkpoint(tmp_path):
+    """The zip format (a torn write lacks the central directory, so the zip cannot be listed) and the legacy pickle."""
+    import torch
+
+    from directpred.train.checkpoint import CheckpointError, foreign_file_kind, load_checkpoint
+
+    for name, zip_format in (("new.pt", True), ("legacy.pt", False)):
+        whole = tmp_path / name
+        torch.save({"model": {"w": torch.arange(4000.0)}}, whole, _use_new_zipfile_serialization=zip_format)
+        torn = tmp_path / f"torn_{name}"
+        torn.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+        assert foreign_file_kind(whole) is None and foreign_file_kind(torn) is None
+        with pytest.raises(CheckpointError, match=r"is a damaged checkpoint, cut short or with changed bytes \("):
+            load_checkpoint(torn)
+        assert torch.equal(load_checkpoint(whole)["model"]["w"], torch.arange(4000.0))
