@@ -194,46 +194,78 @@ def export_backbone(
 # Features of any ImageFolder
 
 
+SPLITS = ("train", "val", "test")  # split folders of a data set's layout (train/ + test/, ImageNet's train/ + val/)
+
+
 def read_image_folder(
     path: str | Path,
     *,
     image_size: int,
-    split: str = "test",
+    split: str | None = None,
     skip_corrupt: bool = False,
     skip_hint: str = "pass skip_corrupt=True",
 ) -> tuple[ImageArrays, list[str]]:
-    """Decode an ImageFolder (``<class>/<image>``, a directory or a .tar/.tar.gz) to ``image_size`` (shorter side
-    resized, centre crop); a source laid out as ``train/`` + ``test/`` gives its ``split``. Returns the images and
-    the member names, in sorted order. ``skip_hint``: how to skip corrupt images, as the error about them says."""
+    """Decode the images of a directory or .tar/.tar.gz to ``image_size`` (shorter side resized, centre crop).
+    Returns the images and the member names, in sorted order. ``skip_hint``: how to skip corrupt images, as the
+    error about them says.
+
+    Layouts: an ImageFolder (``<class>/<image>``: labels by class folder); a flat folder of images (no class folders:
+    every label -1, no classes); either inside split folders (``train/``, ``val/``, ``test/``), of which ``split``
+    picks one (default: ``test``, else ``val``). A ``split`` given for a source without split folders is refused
+    (:class:`DataError` naming the layout found), rather than ignored.
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"--data {str(path)!r} does not exist")
-    names = list_members(path)
-    tops = {n.split("/", 1)[0] for n in names if "/" in n}
+    images = [n for n in list_members(path) if n.lower().endswith(IMAGE_EXTENSIONS)]
+    tops = {n.split("/", 1)[0] for n in images if "/" in n}
     prefix = ""
-    if len(tops) == 1 and not any(n.lower().endswith(IMAGE_EXTENSIONS) and n.count("/") == 1 for n in names):
+    if (
+        len(tops) == 1
+        and next(iter(tops)) not in SPLITS
+        and not any(n.count("/") <= 1 for n in images)  # images in the one folder: it is a class, not a wrapper
+    ):
         prefix = next(iter(tops)) + "/"  # one wrapping folder (archive.tar.gz -> name/...)
-        tops = {
-            n[len(prefix) :].split("/", 1)[0]
-            for n in names
-            if n.startswith(prefix) and n[len(prefix) :].count("/") >= 1
-        }
-    if {"train", "test"} <= tops:
-        prefix += f"{split}/"
-    items = sorted(
-        n
-        for n in names
-        if n.startswith(prefix) and n[len(prefix) :].count("/") >= 1 and n.lower().endswith(IMAGE_EXTENSIONS)
-    )
-    if not items:
+        tops = {n[len(prefix) :].split("/", 1)[0] for n in images if n[len(prefix) :].count("/") >= 1}
+    splits = [s for s in SPLITS if s in tops]
+    if splits:
+        chosen = split or ("test" if "test" in splits or "val" not in splits else "val")
+        if chosen not in splits:
+            asked = (
+                f"--split {chosen}: {path} has no {prefix}{chosen}/ folder"
+                if split
+                else (f"{path} has no {prefix}test/ or {prefix}val/ folder (the default split)")
+            )
+            raise DataError(
+                f"{asked}; its split folders: {', '.join(s + '/' for s in splits)}; give --split {splits[-1]}"
+            )
+        prefix += f"{chosen}/"
+    elif split is not None:
         raise DataError(
-            f"{path}: no images in <class>/<image> folders under '{prefix or './'}'; --data must be an "
-            "ImageFolder directory or .tar/.tar.gz archive"
+            f"--split {split}: {path} has no split folders (train/, val/, test/): it is one set of images "
+            f"({'<class>/<image>' if tops else 'images without class folders'}); drop --split to embed all of them"
         )
-    classes = sorted({n[len(prefix) :].split("/", 1)[0] for n in items})
-    labelled = [(n, classes.index(n[len(prefix) :].split("/", 1)[0])) for n in items]
-    images, labels, skipped, kept = decode_images(path, labelled, image_size, skip_corrupt, skip_hint)
-    return ImageArrays(torch.from_numpy(images), torch.from_numpy(labels), classes, skipped), kept
+    inside = [n[len(prefix) :] for n in images if n.startswith(prefix)]
+    items = sorted(prefix + n for n in inside if "/" in n)
+    loose = sorted(prefix + n for n in inside if "/" not in n)
+    if not items and not loose:
+        raise DataError(
+            f"{path}: no images under '{prefix or './'}'; --data must be a directory or .tar/.tar.gz archive of "
+            "images, in <class>/<image> folders (an ImageFolder) or not"
+        )
+    if items:
+        if loose:
+            warnings.warn(
+                f"{path}: {len(loose)} image(s) directly under '{prefix or './'}' are in no <class>/ folder and are "
+                f"left out (e.g. {loose[0]}); move them into one to embed them",
+                stacklevel=2,
+            )
+        classes = sorted({n[len(prefix) :].split("/", 1)[0] for n in items})
+        labelled = [(n, classes.index(n[len(prefix) :].split("/", 1)[0])) for n in items]
+    else:  # a flat folder of images: unlabelled, as STL-10's unlabeled split
+        classes, labelled = [], [(n, -1) for n in loose]
+    decoded, labels, skipped, kept = decode_images(path, labelled, image_size, skip_corrupt, skip_hint)
+    return ImageArrays(torch.from_numpy(decoded), torch.from_numpy(labels), classes, skipped), kept
 
 
 @torch.no_grad()

@@ -28,10 +28,8 @@ def run(args: argparse.Namespace) -> int:
     )
     feats = embed(exp.build().to(device), data.images, exp.recipe, batch_size=args.batch_size, device=device)
     files = save_features(args.out, feats.numpy(), data.labels.numpy(), data.classes, names)
-    print(
-        f"{len(feats)} images, {len(data.classes)} classes, {feats.shape[1]}-d features -> "
-        + ", ".join(str(f) for f in files)
-    )
+    labels = f"{len(data.classes)} classes" if data.classes else "no class folders (labels -1)"
+    print(f"{len(feats)} images, {labels}, {feats.shape[1]}-d features -> " + ", ".join(str(f) for f in files))
     return 0
 
 
@@ -40,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "embed",
         help="features of an ImageFolder with a run's backbone",
         description="Embed every image of an ImageFolder (<class>/<image>, a directory or "
-        ".tar/.tar.gz; a train/ + test/ layout gives --split) with the online backbone "
+        ".tar/.tar.gz; images without class folders get label -1; a train/ + test/ (or val/) layout "
+        "gives --split) with the online backbone "
         "and the run's test-time transform. --out X.npy writes X.npy (features) and "
         "X.labels.npy; --out X.npz one file with features, labels, classes, paths.",
     )
@@ -49,9 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="features.npy or features.npz")
     p.add_argument(
         "--split",
-        default="test",
-        choices=["train", "test"],
-        help="which split of a train/ + test/ layout (default: test)",
+        choices=["train", "val", "test"],
+        help="which split folder of a train/ + test/ (or val/) layout (default: test, else val); refused for data "
+        "without split folders",
     )
     p.add_argument("--checkpoint", help="with a run directory: this checkpoint instead of checkpoints/last.pt")
     p.add_argument("--batch-size", type=int, default=256)

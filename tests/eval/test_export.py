@@ -127,6 +127,98 @@ def test_embed_writes_the_runs_features_and_labels(run, tmp_path, tiny_folder, c
     np.testing.assert_array_equal(np.load(tmp_path / "g.npy"), got)
 
 
+def _layouts(tiny_folder: Path, root: Path) -> dict[str, Path]:
+    """The tiny data's test images as a flat folder (no class folders), an ImageFolder with two loose images beside
+    its class folders, and its train split alone under train/ (in a wrapping folder, as in an archive)."""
+    import shutil
+
+    tests = sorted((tiny_folder / "test").rglob("*.png"))
+    (root / "flat").mkdir()
+    for i, image in enumerate(tests):
+        shutil.copy(image, root / "flat" / f"{i:03d}.png")
+    shutil.copytree(tiny_folder / "test", root / "loose")
+    shutil.copy(tests[0], root / "loose" / "stray.png")
+    shutil.copytree(tiny_folder / "train", root / "wrap" / "train_only" / "train")
+    return {name: root / name for name in ("flat", "loose", "wrap")}
+
+
+def test_embed_of_a_flat_folder_gives_the_same_features_unlabelled(run, tmp_path, tiny_folder, capsys):
+    """Images without class folders were refused ('no images in <class>/<image> folders'): they embed, labels -1."""
+    data = _layouts(tiny_folder, tmp_path)
+    assert main(["embed", str(run), "--data", str(tiny_folder / "test"), "--out", str(tmp_path / "ref.npz")]) == 0
+    assert main(["embed", str(run), "--data", str(data["flat"]), "--out", str(tmp_path / "flat.npz")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("32 images, no class folders (labels -1), 32-d")
+    ref, flat = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "flat.npz")
+    np.testing.assert_array_equal(flat["features"], ref["features"])  # the same images in the same (sorted) order
+    assert flat["labels"].tolist() == [-1] * 32 and flat["classes"].size == 0
+    assert flat["paths"].tolist() == [f"{i:03d}.png" for i in range(32)]
+
+
+@pytest.mark.parametrize(
+    "layout,split,message",
+    [
+        (
+            "flat",
+            "test",
+            "--split test: {data} has no split folders (train/, val/, test/): it is one set of images "
+            "(images without class folders); drop --split to embed all of them",
+        ),
+        (
+            "loose",
+            "train",
+            "--split train: {data} has no split folders (train/, val/, test/): it is one set of "
+            "images (<class>/<image>); drop --split to embed all of them",
+        ),
+        (
+            "wrap",
+            None,
+            "{data} has no train_only/test/ or train_only/val/ folder (the default split); its split "
+            "folders: train/; give --split train",
+        ),
+        (
+            "wrap",
+            "test",
+            "--split test: {data} has no train_only/test/ folder; its split folders: train/; give --split train",
+        ),
+    ],
+    ids=["flat", "classes", "default-split", "named-split"],
+)
+def test_embed_refuses_a_split_the_data_does_not_have(layout, split, message, run, tmp_path, tiny_folder, capsys):
+    """--split was ignored on data without split folders (the whole folder embedded), and a lone train/ folder was
+    taken for a wrapping folder (its images embedded for the default --split test)."""
+    data = _layouts(tiny_folder, tmp_path)[layout]
+    argv = ["embed", str(run), "--data", str(data), "--out", str(tmp_path / "f.npy")]
+    assert main([*argv, *(["--split", split] if split else [])]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "directpred: error: " + message.format(data=data)
+    assert not (tmp_path / "f.npy").exists()
+
+
+def test_embed_warns_about_images_beside_the_class_folders(run, tmp_path, tiny_folder, capsys):
+    data = _layouts(tiny_folder, tmp_path)["loose"]
+    assert main(["embed", str(run), "--data", str(data), "--out", str(tmp_path / "f.npz")]) == 0
+    assert np.load(tmp_path / "f.npz")["labels"].size == 32  # the 32 in class folders
+    assert (
+        f"{data}: 1 image(s) directly under './' are in no <class>/ folder and are left out (e.g. stray.png); move "
+        "them into one to embed them" in capsys.readouterr().err
+    )
+    assert (
+        main(
+            [
+                "embed",
+                str(run),
+                "--data",
+                str(data.parent / "wrap"),
+                "--split",
+                "train",
+                "--out",
+                str(tmp_path / "t.npz"),
+            ]
+        )
+        == 0
+    )
+    assert np.load(tmp_path / "t.npz")["paths"][0].startswith("train_only/train/class0/")
+
+
 def test_export_loads_into_torchvision_resnet18(tmp_path):
     """Standard width and stem: the exported state dict is torchvision.models.resnet18's (fc removed)."""
     cfg = load_config(
