@@ -7,6 +7,7 @@ alone (``python -m directpred.cli.theory figures --out out/figs``).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -33,12 +34,38 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+# portrait's numeric options: (flag, attribute, the smallest value allowed, whether it is allowed itself, meaning)
+PORTRAIT_RANGES = (
+    ("--eta", "eta", 0.0, True, "the weight decay η"),
+    ("--alpha-p", "alpha_p", 0.0, False, "the relative predictor learning rate α_p"),
+    ("--tau", "tau", 0.0, True, "the EMA ratio τ = W_a/W, 1 for SimSiam; an EMA started at 0 keeps it >= 0"),
+    ("--sigma2", "sigma2", 0.0, True, "the augmentation variance σ²"),
+    ("--s-max", "s_max", 0.0, False, "the top of the s axis; s_j, an eigenvalue of F, is >= 0"),
+    ("--p-min", "p_min", -math.inf, False, "the left edge of the p axis"),
+    ("--p-max", "p_max", -math.inf, False, "the right edge of the p axis"),
+)
+
+
+def portrait_error(args: argparse.Namespace) -> str | None:
+    """The first impossible numeric option of ``theory portrait`` as ``--flag VALUE: what is allowed``, or None."""
+    for flag, attr, low, closed, meaning in PORTRAIT_RANGES:
+        value = getattr(args, attr)
+        if not math.isfinite(value):
+            return f"{flag} {value}: must be a finite number ({meaning})"
+        if value < low or (value == low and not closed):
+            return f"{flag} {value}: must be {'>=' if closed else '>'} {low:g} ({meaning})"
+    if args.p_min >= args.p_max:
+        return f"--p-min {args.p_min} --p-max {args.p_max}: the p axis needs --p-min < --p-max"
+    return None
+
+
 def _cmd_portrait(args: argparse.Namespace) -> int:
     from directpred.theory import plots
     from directpred.theory.reduced import fixed_points
 
-    if args.eta < 0 or args.alpha_p <= 0 or args.sigma2 < 0:
-        print("directpred theory portrait: error: need eta >= 0, alpha_p > 0, sigma2 >= 0", file=sys.stderr)
+    problem = portrait_error(args)
+    if problem is not None:  # a numpy/matplotlib traceback, or a portrait of a system that cannot arise, before
+        print(f"directpred theory portrait: error: {problem}", file=sys.stderr)
         return 2
     out = Path(args.out)
     if not out.suffix:  # matplotlib writes NAME.png then: say so (the message named NAME before)
@@ -106,11 +133,11 @@ def _add_theory_commands(theory: argparse.ArgumentParser) -> None:
     )
     por.add_argument("--eta", type=float, default=0.01, help="weight decay η (default 0.01)")
     por.add_argument("--alpha-p", type=float, default=1.0, help="relative predictor learning rate α_p (default 1)")
-    por.add_argument("--tau", type=float, default=1.0, help="EMA ratio τ = W_a/W, fixed (default 1 = SimSiam)")
+    por.add_argument("--tau", type=float, default=1.0, help="EMA ratio τ = W_a/W >= 0, fixed (default 1 = SimSiam)")
     por.add_argument("--sigma2", type=float, default=0.0, help="augmentation variance σ² (default 0)")
     por.add_argument("--p-min", type=float, default=-0.6, help="left edge of the p axis (default -0.6)")
     por.add_argument("--p-max", type=float, default=1.6, help="right edge of the p axis (default 1.6)")
-    por.add_argument("--s-max", type=float, default=2.0, help="top of the s axis (default 2)")
+    por.add_argument("--s-max", type=float, default=2.0, help="top of the s axis, > 0 (default 2)")
     por.add_argument("--out", required=True, help="output PNG path")
     por.set_defaults(func=_cmd_portrait)
     fig = sub.add_parser(

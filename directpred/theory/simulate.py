@@ -118,6 +118,12 @@ def build_simulate_config(raw: dict[str, Any], overrides: Sequence[str] = ()) ->
             f"p0 and s0 need equal lengths, got {len(cfg.p0)} and {len(cfg.s0)}",
         ),
         (all(s >= 0 for s in cfg.s0), "s0 (eigenvalues of F) must be >= 0"),
+        (cfg.model == "linear" or len(cfg.p0) >= 1, "p0 and s0 need at least one mode, e.g. p0: [0.1], s0: [0.01]"),
+        (
+            cfg.model == "linear" or cfg.tau0 >= 0,
+            f"tau0 (the initial EMA ratio W_a/W; 0 = the target starts at zero) must be >= 0, got {cfg.tau0}",
+        ),
+        (0 <= cfg.seed < 2**32, f"seed must lie in [0, 2**32) (it seeds numpy and torch), got {cfg.seed}"),
         (cfg.stop_gradient or cfg.mode == "simsiam", "stop_gradient: false needs mode: simsiam (Theorem 2)"),
     ]
     for ok, msg in checks:

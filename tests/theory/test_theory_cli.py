@@ -28,6 +28,14 @@ def test_shipped_configs_load():
         ({"mode": "moco"}, "mode: 'moco' is not allowed; expected one of 'byol', 'simsiam'"),
         ({"p0": ["a"]}, r"p0\[0\]: 'a' has the wrong type"),
         ({"stop_gradient": False}, "needs mode: simsiam"),
+        # a traceback (numpy's 'zero-size array', random's 'expected non-negative integer') or accepted before
+        ({"model": "reduced", "p0": [], "s0": []}, r"^p0 and s0 need at least one mode, e.g. p0: \[0.1\], s0: "),
+        (
+            {"model": "reduced", "tau0": -0.5},
+            r"^tau0 \(the initial EMA ratio W_a/W; 0 = the target starts at zero\) "
+            r"must be >= 0, got -0.5$",
+        ),
+        ({"seed": -1}, r"^seed must lie in \[0, 2\*\*32\) \(it seeds numpy and torch\), got -1$"),
     ],
 )
 def test_config_rejects_bad_values(raw, msg):
@@ -165,6 +173,39 @@ def test_portrait_names_the_file_it_writes_and_refuses_an_unknown_format(tmp_pat
     err = capsys.readouterr().err
     assert err.startswith(f"directpred theory portrait: error: --out {tmp_path / 'p.v1'}: cannot write '.v1' files;")
     assert ".png" in err and "Traceback" not in err and not (tmp_path / "p.v1").exists()
+
+
+E = "directpred theory portrait: error: "
+TAU = "the EMA ratio τ = W_a/W, 1 for SimSiam; an EMA started at 0 keeps it >= 0"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--tau", "-1"], f"--tau -1.0: must be >= 0 ({TAU})"),  # drew a portrait of a system that cannot arise
+        (["--tau", "nan"], f"--tau nan: must be a finite number ({TAU})"),  # numpy's LinAlgError before
+        (["--eta", "-0.1"], "--eta -0.1: must be >= 0 (the weight decay η)"),
+        (["--eta", "inf"], "--eta inf: must be a finite number (the weight decay η)"),
+        (["--alpha-p", "0"], "--alpha-p 0.0: must be > 0 (the relative predictor learning rate α_p)"),
+        (["--sigma2", "-1"], "--sigma2 -1.0: must be >= 0 (the augmentation variance σ²)"),
+        (["--s-max", "0"], "--s-max 0.0: must be > 0 (the top of the s axis; s_j, an eigenvalue of F, is >= 0)"),
+        (["--p-min=-inf"], "--p-min -inf: must be a finite number (the left edge of the p axis)"),
+        (["--p-min", "2"], "--p-min 2.0 --p-max 1.6: the p axis needs --p-min < --p-max"),  # matplotlib's before
+        (["--p-min", "1", "--p-max", "1"], "--p-min 1.0 --p-max 1.0: the p axis needs --p-min < --p-max"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_portrait_refuses_impossible_values_naming_the_option_and_the_range(argv, message, tmp_path, capsys):
+    png = tmp_path / "p.png"
+    assert main(["portrait", *argv, "--out", str(png)]) == 2
+    err = capsys.readouterr().err
+    assert err == E + message + "\n" and not png.exists()
+
+
+def test_portrait_accepts_the_edges_of_the_ranges(tmp_path, capsys):
+    """τ = 0 (the EMA's start: only collapse, Eq. 16 has p* = 0 alone), η = 0 and σ² = 0 are allowed."""
+    assert main(["portrait", "--tau", "0", "--eta", "0", "--sigma2", "0", "--out", str(tmp_path / "p.png")]) == 0
+    assert capsys.readouterr().out.endswith("fixed points p* on s=p²/α_p: [0.0]\n")
 
 
 def test_register_adds_theory_subcommand():
