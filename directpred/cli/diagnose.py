@@ -8,7 +8,7 @@ from pathlib import Path
 
 EPILOG = """examples:
   directpred diagnose runs/full/byol_linear
-  directpred diagnose runs/full/byol_linear/checkpoints/epoch_0001.pt --batches 4
+  directpred diagnose runs/full/byol_linear/checkpoints/last.pt --batches 4
 """
 
 
