@@ -33,12 +33,7 @@ def resolve_device(name: str, *, option: str = "train.device") -> torch.device:
     shown = f"{option} {given!r}" if flag else f"{option}={given!r}"
     if device.type == "cuda" and not torch.cuda.is_available():
         fix = f"{option} cpu" if flag else f"--set {option}=cpu"
-        why = (
-            f"this PyTorch build ({torch.__version__}) has no CUDA support"
-            if torch.version.cuda is None
-            else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)"
-        )
-        raise ConfigError(f"{shown} but CUDA is not available here: {why}; use {fix} or auto")
+        raise ConfigError(f"{shown} but CUDA is not available here: {cuda_unavailable_reason()}; use {fix} or auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         means = "" if name == given else f" ({name}, this process's LOCAL_RANK)"
         raise ConfigError(
@@ -46,6 +41,33 @@ def resolve_device(name: str, *, option: str = "train.device") -> torch.device:
             f"cuda:{torch.cuda.device_count() - 1}); use one of them, or auto"
         )
     return device
+
+
+def cuda_unavailable_reason() -> str:
+    """Why ``torch.cuda.is_available()`` is False, in words: a CPU-only PyTorch build, or no GPU visible."""
+    if torch.version.cuda is None:
+        return f"this PyTorch build ({torch.__version__}) has no CUDA support"
+    return "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)"
+
+
+def check_gpu_indices(indices: list[int], option: str) -> None:
+    """Refuse GPU indices (``--devices 0,1``) this machine does not have: the runs would fall back to the CPU (or fail
+    one by one) instead.
+
+    Raises:
+        ConfigError: naming ``option``, the indices, and the fix.
+    """
+    shown = f"{option} {','.join(map(str, indices))}"
+    if indices and not torch.cuda.is_available():
+        raise ConfigError(
+            f"{shown} but CUDA is not available here: {cuda_unavailable_reason()}; use {option} cpu or auto"
+        )
+    count = torch.cuda.device_count() if indices else 0
+    beyond = [i for i in indices if i >= count]
+    if beyond:
+        raise ConfigError(
+            f"{shown} but this machine has {count} GPU(s) (0 to {count - 1}); use indices among them, or auto"
+        )
 
 
 def cpu_has_amx() -> bool:

@@ -211,6 +211,31 @@ def test_run_directory_states(tmp_path, tiny_folder):
         plan_run(changed, changed.runs()[0], out)
 
 
+def test_gpu_indices_the_machine_lacks_are_refused_before_any_run(tmp_path, tiny_folder, monkeypatch, capsys):
+    """--devices 0,1 on a machine without CUDA ran every run on the CPU (train.device=auto under an empty
+    CUDA_VISIBLE_DEVICES), two at a time, without a word; --dry-run still plans for another machine."""
+    import torch
+
+    path, out = write_sweep(tmp_path, tiny_folder), tmp_path / "out"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["sweep", str(path), "--out", str(out), "--devices", "0,1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "directpred: config error: --devices 0,1 but CUDA is not available here: no CUDA GPU is visible (driver, "
+        "CUDA_VISIBLE_DEVICES); use --devices cpu or auto"
+    )
+    assert not out.exists()
+    assert main(["sweep", str(path), "--out", str(out), "--devices", "0,1", "--dry-run"]) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--out", str(out), "--devices", "0,1,2,3", "--torchrun", "2"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "directpred: config error: --devices 0,1,2,3 but this machine has 2 GPU(s) (0 to 1); use indices among "
+        "them, or auto"
+    )
+    assert not out.exists()
+
+
 def test_device_slots():
     assert parse_devices("cpu") == [None]
     assert parse_devices("cpu", jobs=3) == [None, None, None]
