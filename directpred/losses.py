@@ -11,13 +11,22 @@ def negative_cosine(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
     Args:
         p: predictions (B, d).
-        t: targets (B, d); the caller decides whether they carry gradient.
+        t: targets (B, d), row-aligned with ``p``; the caller decides whether they carry gradient.
+
+    Raises:
+        ValueError: ``p`` and ``t`` differ in shape (broadcasting, e.g. a (1, d) target against (B, d)
+            predictions, would silently compute a different loss).
 
     Examples:
         >>> e = torch.eye(2)
         >>> negative_cosine(e, 3 * e).item(), negative_cosine(e, e.flip(0)).item(), negative_cosine(e, -e).item()
         (0.0, 2.0, 4.0)
     """
+    if p.shape != t.shape:
+        raise ValueError(
+            f"negative_cosine: predictions {tuple(p.shape)} and targets {tuple(t.shape)} must have the same shape "
+            "(B, d), one target row per prediction row"
+        )
     return 2.0 - 2.0 * F.cosine_similarity(p.float(), t.float(), dim=-1, eps=1e-8).mean()
 
 

@@ -55,3 +55,14 @@ def test_ema_momentum_schedules():
     assert ema_momentum(500, 1000, 0.99, "cosine") == pytest.approx(1 - 0.01 * (math.cos(math.pi / 2) + 1) / 2)
     with pytest.raises(ValueError):
         ema_momentum(0, 10, 0.9, "linear")
+
+
+@pytest.mark.parametrize("t_shape", [(1, 16), (16,), (8, 16)])
+def test_negative_cosine_rejects_targets_that_would_broadcast(t_shape):
+    # A (1, d) target would broadcast against (B, d) predictions and give a loss, silently the wrong one.
+    p = torch.randn(8, 16)
+    t = torch.randn(*t_shape) if t_shape != (8, 16) else torch.randn(8, 15)
+    with pytest.raises(ValueError, match=r"must have the same shape \(B, d\)"):
+        negative_cosine(p, t)
+    with pytest.raises(ValueError, match="same shape"):
+        two_view_loss(p, p, p, t)
