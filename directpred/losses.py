@@ -9,6 +9,8 @@ import torch.nn.functional as F
 def negative_cosine(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``mean_b (2 - 2 cos(p_b, t_b))``, which equals ``mean_b ||p_b/|p_b| - t_b/|t_b|||^2`` (BYOL's loss).
 
+    Computed in float32 for half-precision inputs (bf16/fp16 under autocast) and in float64 for float64 ones.
+
     Args:
         p: predictions (B, d).
         t: targets (B, d), row-aligned with ``p``; the caller decides whether they carry gradient.
@@ -27,7 +29,9 @@ def negative_cosine(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             f"negative_cosine: predictions {tuple(p.shape)} and targets {tuple(t.shape)} must have the same shape "
             "(B, d), one target row per prediction row"
         )
-    return 2.0 - 2.0 * F.cosine_similarity(p.float(), t.float(), dim=-1, eps=1e-8).mean()
+    # Half-precision inputs are computed in float32; float64 ones stay float64 (gradcheck, theory comparisons).
+    dtype = torch.promote_types(torch.promote_types(p.dtype, t.dtype), torch.float32)
+    return 2.0 - 2.0 * F.cosine_similarity(p.to(dtype), t.to(dtype), dim=-1, eps=1e-8).mean()
 
 
 def two_view_loss(

@@ -66,3 +66,15 @@ def test_negative_cosine_rejects_targets_that_would_broadcast(t_shape):
         negative_cosine(p, t)
     with pytest.raises(ValueError, match="same shape"):
         two_view_loss(p, p, p, t)
+
+
+def test_negative_cosine_keeps_float64_and_passes_gradcheck():
+    # A float64 check of the loss (gradcheck, a comparison with the theory) must not be rounded to float32.
+    p = torch.tensor([[1.0, 1e-9]], dtype=torch.float64)
+    t = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    loss = negative_cosine(p, t)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(1e-18, rel=1e-3)  # 2 - 2 cos(theta) = theta^2 for theta = 1e-9
+    assert negative_cosine(p.half(), t.half()).dtype == torch.float32
+    x, y = torch.randn(4, 3, dtype=torch.float64, requires_grad=True), torch.randn(4, 3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a: negative_cosine(a, y), (x,))
