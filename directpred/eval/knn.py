@@ -8,6 +8,20 @@ import torch
 import torch.nn.functional as F
 
 
+def vote_weights(sim: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``exp(cos / T)`` of the top-k similarities ``sim`` (n, k), sorted descending along dim 1.
+
+    ``exp(cos / T)`` overflows float32 once ``1 / T`` exceeds about 88 - ln k (T below about 0.012): every vote is
+    then ``inf`` and the argmax arbitrary. For ``T < 0.02`` the weights are therefore taken relative to each row's
+    nearest neighbour, ``exp((cos - cos_1) / T)``: the same votes up to a per-row factor (the same argmax), finite,
+    the largest 1. Larger T (the standard 0.07-0.2) keeps the plain form, bit for bit.
+    """
+    if temperature >= 0.02:
+        return (sim / temperature).exp()
+    # clamp: a row of -inf (no neighbour, in the streamed kNN) keeps weights exp(-inf) = 0 instead of NaN
+    return ((sim - sim[:, :1].clamp(min=-1.0)) / temperature).exp()
+
+
 class KNNClassifier:
     """Cosine kNN with temperature-weighted votes: class score ``sum_{i in top-k} exp(cos_i / T) [y_i = c]``.
 
@@ -41,14 +55,15 @@ class KNNClassifier:
         return self
 
     def predict_scores(self, features: torch.Tensor) -> torch.Tensor:
-        """Class scores (N, C)."""
+        """Class scores (N, C); for ``temperature < 0.02`` relative to each row's nearest neighbour (see
+        :func:`vote_weights`)."""
         q = F.normalize(features.float(), dim=1)
         k = min(self.k, self.features_.shape[0])
         out = []
         for start in range(0, q.shape[0], self.chunk):
             sim = q[start : start + self.chunk] @ self.features_.t()  # (n, N_train)
             top_sim, top_idx = sim.topk(k, dim=1)
-            weights = (top_sim / self.temperature).exp()
+            weights = vote_weights(top_sim, self.temperature)
             votes = torch.zeros(sim.shape[0], self.num_classes_, device=q.device)
             votes.scatter_add_(1, self.labels_[top_idx], weights)
             out.append(votes)

@@ -27,6 +27,7 @@ from directpred import distributed
 from directpred.config import Config
 from directpred.data.augment import ViewRecipe, augment_view, eval_transform
 from directpred.data.stream import Reader, StreamData, StreamSource, iterate_split
+from directpred.eval.knn import vote_weights
 
 
 @torch.no_grad()
@@ -106,7 +107,7 @@ def knn_stream(
         best_sim, pos = all_sim.topk(k, dim=1)
         best_lab = all_lab.gather(1, pos)
     votes = torch.zeros(len(q), num_classes, device=q.device)
-    votes.scatter_add_(1, best_lab, (best_sim / temperature).exp())  # exp(-inf) = 0: fewer than k neighbours
+    votes.scatter_add_(1, best_lab, vote_weights(best_sim, temperature))  # exp(-inf) = 0: fewer than k neighbours
     return float((votes.argmax(1).cpu() == test_labels.long().cpu()).float().mean())
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from directpred.eval import KNNClassifier, LinearProbe
+from directpred.eval.stream_eval import knn_stream
 
 
 def brute_force_knn(train, labels, query, k, t, n_classes):
@@ -76,3 +77,18 @@ def test_linear_probe_standardises_like_standard_scaler_also_one_sample():
     one = LinearProbe(epochs=3).fit(x[:1], y[:1], x, y)
     assert all(torch.isfinite(p).all() for p in one.linear_.parameters())
     assert one.predict(x).tolist() == [0] * 7 and one.history_ == pytest.approx([3 / 7] * 3)
+
+
+@pytest.mark.parametrize("t", [0.01, 0.003])
+def test_knn_with_a_small_temperature_matches_brute_force(t):
+    # exp(cos / T) overflows float32 below T ~ 0.012: every vote became inf and the prediction arbitrary.
+    g = torch.Generator().manual_seed(3)
+    train, labels = torch.randn(80, 6, generator=g), torch.randint(0, 4, (80,), generator=g)
+    query = torch.randn(30, 6, generator=g)
+    knn = KNNClassifier(k=9, temperature=t, chunk=7).fit(train, labels)
+    assert torch.isfinite(knn.predict_scores(query)).all()
+    assert torch.equal(knn.predict(query), brute_force_knn(train, labels, query, 9, t, 4))
+    # the streamed kNN (ImageNet) computes the same votes from streamed training batches
+    ref = float((brute_force_knn(train, labels, query, 9, t, 4) == labels[:30]).float().mean())
+    batches = iter([(train[:50], labels[:50]), (train[50:], labels[50:])])
+    assert knn_stream(query, labels[:30], batches, num_classes=4, k=9, temperature=t) == ref
