@@ -233,7 +233,7 @@ class PartitionedDirectPred(DirectPred):
 
     def _sides(self, z: torch.Tensor) -> torch.Tensor:  # (B, n) bool: True = positive side
         with full_precision(z.device):  # the same float32 sides in forward (under autocast) as in update
-            return (z.float() @ self.planes) >= self.theta
+            return (z.float() @ self.planes.float()) >= self.theta
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         W = self.cell_weight.to(z.dtype)  # (n, 2, d, d)
@@ -251,9 +251,9 @@ class PartitionedDirectPred(DirectPred):
 
     def _update_cells(self, z: torch.Tensor) -> None:
         set_now = int(self.count) % self.freq == 0
-        proj = torch.cat([(z @ self.planes).sum(0), z.new_tensor([z.shape[0]])])
+        proj = torch.cat([(z @ self.planes.float()).sum(0), z.new_tensor([z.shape[0]])])  # any module dtype
         distributed.all_reduce_sum(proj)  # the mean over the global batch, whatever each rank's share of it
-        proj_mean = proj[:-1] / proj[-1]
+        proj_mean = (proj[:-1] / proj[-1]).to(self.theta.dtype)
         self.theta.copy_(proj_mean if int(self.count) == 0 else self.theta.lerp(proj_mean, 1 - self.rho))
         pos = self._sides(z).float()  # (B, n)
         d = self.dim
@@ -273,7 +273,7 @@ class PartitionedDirectPred(DirectPred):
                     continue  # no sample fell in this cell: keep its estimate
                 batch = cell_sum[i, side] / cell_n[i, side]
                 w = 1.0 if int(self.cell_count[i, side]) == 0 else 1.0 - self.rho
-                self.cell_corr[i, side].lerp_(batch, w)
+                self.cell_corr[i, side].lerp_(batch.to(self.cell_corr.dtype), w)
                 self.cell_count[i, side] += 1
         super().update(z)  # global F^ and weight, for diagnostics; also advances count
         if set_now:

@@ -89,7 +89,7 @@ class OptimalPredictor(CorrelationEstimator, Predictor):
                 # The fault only, as CorrelationEstimator: the trainer adds the advice.
                 raise FloatingPointError("NaN/inf in E_B[f_a f^T] (the network has diverged)")
             super().update(z)  # F^ (also checks finiteness and advances count)
-            self.cross.lerp_(batch_cross, w)
+            self.cross.lerp_(batch_cross.to(self.cross.dtype), w)  # float32 stats into a .double() module's
             if set_now:
                 self.weight.copy_(self.solve())
 

@@ -209,3 +209,31 @@ def test_degenerate_inputs_keep_weight_finite_and_symmetric():
     assert torch.isfinite(W).all() and torch.allclose(W, W.T, atol=1e-6)
     with pytest.raises(FloatingPointError):
         dp.update(torch.full((16, 8), float("nan")))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-5), (torch.float16, 2e-2)])
+@pytest.mark.parametrize("kind", ["directpred", "directcopy", "optimal", "partitioned"])
+def test_predictor_moved_to_another_dtype_updates_like_float32(kind, dtype, tol):
+    # The protocol promises that .to() just works: OptimalPredictor and PartitionedDirectPred crashed on update
+    # after .double() / .half() (float32 statistics folded into buffers of the module's dtype).
+    from directpred.heads import OptimalPredictor
+
+    def make() -> torch.nn.Module:
+        if kind == "optimal":
+            return OptimalPredictor(8, rho=0.3)
+        if kind == "partitioned":
+            return PartitionedDirectPred(8, partitions=3, seed=1)
+        return DirectPred(8) if kind == "directpred" else DirectCopy(8)
+
+    ref, moved = make(), make().to(dtype)
+    zs = batches(n=3)
+    for z in zs:
+        kw = {"z_target": 2 * z.flip(1)} if kind == "optimal" else {}
+        ref.update(z, **kw)
+        moved.update(z.to(dtype), **{k: v.to(dtype) for k, v in kw.items()})
+    assert moved.weight.dtype == dtype and int(moved.count) == 3
+    q = batches(n=1, seed=5)[0]
+    out = moved(q.to(dtype))
+    assert out.dtype == dtype
+    # relative to the whole output: the half-precision F^ is rounded to 3 digits, which a solve can amplify locally
+    assert float((out.float() - ref(q)).norm() / ref(q).norm()) < tol
