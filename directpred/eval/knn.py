@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from directpred.eval.inputs import as_features, as_labels
 
 
 def vote_weights(sim: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -42,9 +46,25 @@ class KNNClassifier:
     def __init__(self, k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> None:
         self.k, self.temperature, self.chunk = k, temperature, chunk
 
-    def fit(self, features: torch.Tensor, labels: torch.Tensor) -> KNNClassifier:
+    def fit(self, features: torch.Tensor | Any, labels: torch.Tensor | Any) -> KNNClassifier:
+        """Store the normalised training features (N, D) and their labels (N,): class indices >= 0, a tensor or
+        an array-like (numpy, list). Returns ``self``.
+
+        Raises:
+            ValueError: a hyperparameter out of range (``k >= 1``, ``temperature > 0``, ``chunk >= 1``), no
+                training rows, or features and labels that do not match.
+        """
+        if isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1:
+            raise ValueError(f"kNN: k={self.k!r} must be an integer >= 1 (eval.knn_k)")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"kNN: temperature={self.temperature!r} must be > 0 (eval.knn_t)")
+        if int(self.chunk) != self.chunk or self.chunk < 1:
+            raise ValueError(f"kNN: chunk={self.chunk!r} must be an integer >= 1")
+        features = as_features(features)
+        if len(features) == 0:
+            raise ValueError("kNN: fit got no training rows")
         self.features_ = F.normalize(features.float(), dim=1)
-        self.labels_ = labels.long().to(features.device)
+        self.labels_ = as_labels(labels, len(features)).to(features.device)
         self.num_classes_ = int(self.labels_.max()) + 1
         if self.k > len(self.labels_):  # every training image votes: say so rather than print the k asked for
             warnings.warn(
@@ -54,10 +74,13 @@ class KNNClassifier:
             )
         return self
 
-    def predict_scores(self, features: torch.Tensor) -> torch.Tensor:
+    def predict_scores(self, features: torch.Tensor | Any) -> torch.Tensor:
         """Class scores (N, C); for ``temperature < 0.02`` relative to each row's nearest neighbour (see
-        :func:`vote_weights`)."""
-        q = F.normalize(features.float(), dim=1)
+        :func:`vote_weights`). ``features`` (N, D) are moved to the device of the training features."""
+        q = as_features(features).to(self.features_.device)
+        if q.shape[1] != self.features_.shape[1]:
+            raise ValueError(f"kNN: features have {q.shape[1]} columns, the training ones {self.features_.shape[1]}")
+        q = F.normalize(q.float(), dim=1)
         k = min(self.k, self.features_.shape[0])
         out = []
         for start in range(0, q.shape[0], self.chunk):
@@ -67,11 +90,13 @@ class KNNClassifier:
             votes = torch.zeros(sim.shape[0], self.num_classes_, device=q.device)
             votes.scatter_add_(1, self.labels_[top_idx], weights)
             out.append(votes)
-        return torch.cat(out)
+        return torch.cat(out) if out else torch.zeros(0, self.num_classes_, device=q.device)
 
-    def predict(self, features: torch.Tensor) -> torch.Tensor:
+    def predict(self, features: torch.Tensor | Any) -> torch.Tensor:
+        """Predicted class (N,) of every row of ``features`` (N, D)."""
         return self.predict_scores(features).argmax(1)
 
-    def score(self, features: torch.Tensor, labels: torch.Tensor) -> float:
-        """Top-1 accuracy in [0, 1]."""
-        return float((self.predict(features).cpu() == labels.cpu()).float().mean())
+    def score(self, features: torch.Tensor | Any, labels: torch.Tensor | Any) -> float:
+        """Top-1 accuracy in [0, 1] of ``features`` (N, D) against ``labels`` (N,)."""
+        pred = self.predict(features).cpu()
+        return float((pred == as_labels(labels, len(pred), training=False).cpu()).float().mean())

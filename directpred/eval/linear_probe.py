@@ -8,9 +8,13 @@ such (``linear_top1_best``), for comparison with the paper.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from directpred.eval.inputs import as_features, as_labels
 
 
 class LinearProbe:
@@ -38,11 +42,32 @@ class LinearProbe:
 
     def fit(
         self,
-        x_train: torch.Tensor,
-        y_train: torch.Tensor,
-        x_test: torch.Tensor | None = None,
-        y_test: torch.Tensor | None = None,
+        x_train: torch.Tensor | Any,
+        y_train: torch.Tensor | Any,
+        x_test: torch.Tensor | Any | None = None,
+        y_test: torch.Tensor | Any | None = None,
     ) -> LinearProbe:
+        """Train the probe on ``x_train`` (N, D) and ``y_train`` (N,) (class indices >= 0; tensors or array-likes
+        such as numpy arrays or lists); with ``x_test`` and ``y_test``, record the test accuracy after every epoch
+        in ``history_``. Returns ``self``.
+
+        Raises:
+            ValueError: ``epochs`` or ``batch_size`` below 1, no training rows, features and labels that do not
+                match, or only one of ``x_test`` and ``y_test``.
+        """
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or v < 1:
+                raise ValueError(f"LinearProbe: {name}={v!r} must be an integer >= 1 (eval.linear_{name})")
+        if (x_test is None) != (y_test is None):
+            raise ValueError("LinearProbe.fit: give both x_test and y_test (for history_), or neither")
+        x_train = as_features(x_train, "x_train")
+        if len(x_train) == 0:
+            raise ValueError("LinearProbe.fit: x_train has no rows")
+        y_train = as_labels(y_train, len(x_train), "y_train")
+        if x_test is not None:
+            x_test = as_features(x_test, "x_test")
+            y_test = as_labels(y_test, len(x_test), "y_test", training=False)
         g = torch.Generator().manual_seed(self.seed)
         self.mean_ = x_train.float().mean(0)
         # StandardScaler: the population std (one training sample gives 0, not NaN); constant features stay finite
@@ -72,9 +97,14 @@ class LinearProbe:
         return self
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
+    def predict(self, x: torch.Tensor | Any) -> torch.Tensor:
+        """Predicted class (N,) of every row of ``x`` (N, D), moved to the device of the training features."""
+        x = as_features(x, "x").to(self.mean_.device)
+        if x.shape[1] != self.mean_.shape[0]:
+            raise ValueError(f"LinearProbe: x has {x.shape[1]} columns, the training features {self.mean_.shape[0]}")
         return self.linear_(self._standardise(x)).argmax(1)
 
-    def score(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Top-1 accuracy in [0, 1]."""
-        return float((self.predict(x.to(self.mean_.device)).cpu() == y.long().cpu()).float().mean())
+    def score(self, x: torch.Tensor | Any, y: torch.Tensor | Any) -> float:
+        """Top-1 accuracy in [0, 1] of ``x`` (N, D) against ``y`` (N,)."""
+        pred = self.predict(x).cpu()
+        return float((pred == as_labels(y, len(pred), "y", training=False).cpu()).float().mean())

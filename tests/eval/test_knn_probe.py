@@ -92,3 +92,63 @@ def test_knn_with_a_small_temperature_matches_brute_force(t):
     ref = float((brute_force_knn(train, labels, query, 9, t, 4) == labels[:30]).float().mean())
     batches = iter([(train[:50], labels[:50]), (train[50:], labels[50:])])
     assert knn_stream(query, labels[:30], batches, num_classes=4, k=9, temperature=t) == ref
+
+
+def test_knn_and_probe_take_numpy_and_list_inputs_like_tensors():
+    # scikit-learn's contract, which the docstrings promise: array-likes work (they raised AttributeError).
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(60, 5, generator=g), torch.randint(0, 3, (60,), generator=g)
+    q, yq = torch.randn(20, 5, generator=g), torch.randint(0, 3, (20,), generator=g)
+    knn = KNNClassifier(k=7).fit(x, y)
+    knn_np = KNNClassifier(k=7).fit(x.numpy(), y.numpy())
+    knn_list = KNNClassifier(k=7).fit(x.tolist(), y.tolist())
+    assert torch.equal(knn_np.predict(q.numpy()), knn.predict(q))
+    assert torch.equal(knn_list.predict(q.tolist()), knn.predict(q))
+    assert knn.score(q, yq.tolist()) == knn.score(q, yq) == knn_np.score(q.numpy(), yq.numpy().astype("float32"))
+    probe = LinearProbe(epochs=2, batch_size=16).fit(x, y, q, yq)
+    probe_np = LinearProbe(epochs=2, batch_size=16).fit(x.numpy(), y.numpy(), q.numpy(), yq.tolist())
+    assert torch.equal(probe_np.linear_.weight, probe.linear_.weight) and probe_np.history_ == probe.history_
+    assert probe_np.score(q.numpy(), yq.numpy()) == probe.score(q, yq)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"k": 0}, r"kNN: k=0 must be an integer >= 1 \(eval.knn_k\)"),
+        ({"temperature": 0.0}, r"kNN: temperature=0.0 must be > 0 \(eval.knn_t\)"),
+        ({"temperature": -0.1}, r"kNN: temperature=-0.1 must be > 0"),
+        ({"chunk": 0}, r"kNN: chunk=0 must be an integer >= 1"),
+    ],
+)
+def test_knn_rejects_hyperparameters_that_gave_a_silent_wrong_accuracy(kw, match):
+    # k=0 voted for nobody and predicted class 0 everywhere; T=0 divided by zero.
+    x, y = torch.randn(20, 4), torch.arange(20) % 2
+    with pytest.raises(ValueError, match=match):
+        KNNClassifier(**kw).fit(x, y)
+
+
+def test_knn_and_probe_reject_labels_that_do_not_match_the_features():
+    x = torch.randn(20, 4)
+    y = torch.arange(20) % 3
+    cases = [
+        (y[:10], r"labels must be a 1-D array of 20 class indices \(one per feature row\), got shape \(10,\)"),
+        (y.view(-1, 1), r"got shape \(20, 1\)"),
+        (y - 1, r"labels must be class indices >= 0, got -1 \(drop unlabelled rows first\)"),
+        (y.float() + 0.5, "labels must be integer class indices, got non-integer values such as 0.5"),
+    ]
+    for labels, match in cases:
+        with pytest.raises(ValueError, match=match):
+            KNNClassifier(k=3).fit(x, labels)
+        with pytest.raises(ValueError, match=match.replace("labels", "y_train", 1)):
+            LinearProbe(epochs=1).fit(x, labels)
+    knn, probe = KNNClassifier(k=3).fit(x, y), LinearProbe(epochs=1).fit(x, y)
+    with pytest.raises(ValueError, match="kNN: features have 5 columns, the training ones 4"):
+        knn.predict(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="LinearProbe: x has 5 columns, the training features 4"):
+        probe.predict(torch.randn(3, 5))
+    with pytest.raises(ValueError, match=r"got shape \(3,\)"):
+        knn.score(x, y[:3])
+    with pytest.raises(ValueError, match="give both x_test and y_test"):
+        LinearProbe(epochs=1).fit(x, y, x)
+    with pytest.raises(ValueError, match=r"LinearProbe: batch_size=0 must be an integer >= 1"):
+        LinearProbe(batch_size=0).fit(x, y)

@@ -1,0 +1,37 @@
+"""Checks of what the evaluation estimators are given: features (N, D) and class labels (N,), as tensors or
+array-likes (numpy arrays, lists), as scikit-learn estimators take them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def as_features(x: Any, name: str = "features") -> torch.Tensor:
+    """``x`` as a floating tensor (N, D) (a tensor is kept on its device and in its floating dtype)."""
+    t = torch.as_tensor(x)
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (N, D), got shape {tuple(t.shape)}")
+    return t if t.is_floating_point() else t.float()
+
+
+def as_labels(y: Any, n: int, name: str = "labels", *, training: bool = True) -> torch.Tensor:
+    """``y`` as a long tensor (n,) of class indices; ``training``: they must also be >= 0 (the classes are
+    0 .. max(labels); drop unlabelled rows, -1, before fitting)."""
+    t = torch.as_tensor(y)
+    if t.ndim != 1 or len(t) != n:
+        raise ValueError(
+            f"{name} must be a 1-D array of {n} class indices (one per feature row), got shape {tuple(t.shape)}"
+        )
+    if t.is_floating_point():
+        if not bool((t == t.round()).all()):
+            raise ValueError(
+                f"{name} must be integer class indices, got non-integer values such as {float(t[t != t.round()][0])}"
+            )
+    elif t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"{name} must be integer class indices, got dtype {t.dtype}")
+    t = t.long()
+    if training and n and int(t.min()) < 0:
+        raise ValueError(f"{name} must be class indices >= 0, got {int(t.min())} (drop unlabelled rows first)")
+    return t
