@@ -67,11 +67,20 @@ class CorrelationEstimator(nn.Module):
             return 1.0
         return 1.0 / (n + 1) if self.average == "cumulative" else 1.0 - self.rho
 
+    def check_input(self, z: torch.Tensor, name: str = "z") -> None:
+        """Raise ``ValueError`` unless ``z`` is (B, d) with this estimator's d."""
+        if z.ndim != 2 or z.shape[1] != self.dim:
+            raise ValueError(f"expected {name} of shape (B, {self.dim}), got {tuple(z.shape)}")
+
     @torch.no_grad()
     def update(self, z: torch.Tensor) -> None:
-        """Fold the batch ``z`` (B, d) into F^ in float32 (autocast off). Call only in training steps."""
-        if z.ndim != 2 or z.shape[1] != self.dim:
-            raise ValueError(f"expected z of shape (B, {self.dim}), got {tuple(z.shape)}")
+        """Fold the batch ``z`` (B, d) into F^ in float32 (autocast off). Call only in training steps.
+
+        Raises:
+            ValueError: ``z`` is not (B, d), or the batch is empty (on every process).
+            FloatingPointError: ``z`` holds NaN/inf, or its squares overflow float32.
+        """
+        self.check_input(z)
         with full_precision(z.device):
             self._fold(z.detach().float())
 
@@ -84,6 +93,8 @@ class CorrelationEstimator(nn.Module):
         batch_corr = stats[: d * d].view(d, d) / n
         batch_mean = stats[d * d : d * d + d] / n
         if not torch.isfinite(batch_corr).all():
+            if n == 0:  # 0/0 above; checked only here, so the normal path gains no device sync
+                raise ValueError(f"the predictor's update got an empty batch z of shape {tuple(z.shape)}")
             what = (
                 "NaN/inf in the predictor's inputs f"
                 if not torch.isfinite(z).all()

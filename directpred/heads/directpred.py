@@ -246,6 +246,7 @@ class PartitionedDirectPred(DirectPred):
         """Fold ``z`` into the cells' F^ (float32, autocast off) and set their matrices; a no-op in eval mode."""
         if not self.training:
             return
+        self.check_input(z)
         with full_precision(z.device):
             self._update_cells(z.detach().float())
 
@@ -253,6 +254,8 @@ class PartitionedDirectPred(DirectPred):
         set_now = int(self.count) % self.freq == 0
         proj = torch.cat([(z @ self.planes.float()).sum(0), z.new_tensor([z.shape[0]])])  # any module dtype
         distributed.all_reduce_sum(proj)  # the mean over the global batch, whatever each rank's share of it
+        if proj[-1] == 0:  # before theta is set from 0/0
+            raise ValueError(f"the predictor's update got an empty batch z of shape {tuple(z.shape)}")
         proj_mean = (proj[:-1] / proj[-1]).to(self.theta.dtype)
         self.theta.copy_(proj_mean if int(self.count) == 0 else self.theta.lerp(proj_mean, 1 - self.rho))
         pos = self._sides(z).float()  # (B, n)

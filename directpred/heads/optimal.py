@@ -75,6 +75,7 @@ class OptimalPredictor(CorrelationEstimator, Predictor):
             return
         if z_target is None:
             raise ValueError("the optimal predictor needs z_target: the target projections paired with z")
+        self.check_input(z)
         if z_target.shape != z.shape:
             raise ValueError(f"z_target {tuple(z_target.shape)} must have z's shape {tuple(z.shape)}")
         set_now = int(self.count) % self.freq == 0
@@ -86,6 +87,8 @@ class OptimalPredictor(CorrelationEstimator, Predictor):
             distributed.all_reduce_sum(stats)
             batch_cross = stats[:-1].view(self.dim, self.dim) / stats[-1]
             if not torch.isfinite(batch_cross).all():
+                if stats[-1] == 0:
+                    raise ValueError(f"the predictor's update got an empty batch z of shape {tuple(z.shape)}")
                 # The fault only, as CorrelationEstimator: the trainer adds the advice.
                 raise FloatingPointError("NaN/inf in E_B[f_a f^T] (the network has diverged)")
             super().update(z)  # F^ (also checks finiteness and advances count)

@@ -237,3 +237,28 @@ def test_predictor_moved_to_another_dtype_updates_like_float32(kind, dtype, tol)
     assert out.dtype == dtype
     # relative to the whole output: the half-precision F^ is rounded to 3 digits, which a solve can amplify locally
     assert float((out.float() - ref(q)).norm() / ref(q).norm()) < tol
+
+
+@pytest.mark.parametrize("kind", ["directpred", "directcopy", "optimal", "partitioned"])
+def test_update_with_an_empty_or_wrong_width_batch_says_so_and_keeps_the_state(kind):
+    # An empty batch raised "max(): Expected reduction dim..." (or, for the optimal predictor, claimed that the
+    # network had diverged); a wrong width raised a reshape or matmul error.
+    from directpred.heads import OptimalPredictor
+
+    pred = {
+        "directpred": lambda: DirectPred(8),
+        "directcopy": lambda: DirectCopy(8),
+        "optimal": lambda: OptimalPredictor(8),
+        "partitioned": lambda: PartitionedDirectPred(8, partitions=2),
+    }[kind]()
+    z = batches(n=1)[0]
+    pred.update(z, z_target=z) if kind == "optimal" else pred.update(z)
+    before = {k: v.clone() for k, v in pred.state_dict().items()}
+    for bad, match in [
+        (torch.zeros(0, 8), r"the predictor's update got an empty batch z of shape \(0, 8\)"),
+        (torch.randn(4, 7), r"expected z of shape \(B, 8\), got \(4, 7\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            pred.update(bad, z_target=bad) if kind == "optimal" else pred.update(bad)
+    after = pred.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
