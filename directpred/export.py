@@ -60,10 +60,33 @@ class BackboneExport:
         return {"format": FORMAT, "version": VERSION, **{k: getattr(self, k) for k in self.__dataclass_fields__}}
 
     def build(self) -> nn.Module:
-        """The backbone with these weights, in eval mode, on the CPU."""
+        """The backbone with these weights, in eval mode, on the CPU.
+
+        Raises:
+            CheckpointError: the weights do not fit the architecture the file names.
+        """
         net = resnet(self.arch, width=self.width, cifar_stem=self.cifar_stem)
-        net.load_state_dict(self.state_dict)
+        _load_weights(net, self.state_dict, f"{self.arch} (width={self.width}, cifar_stem={self.cifar_stem})")
         return net.eval()
+
+
+def _load_weights(net: nn.Module, weights: dict[str, torch.Tensor], what: str, hint: str = "") -> None:
+    """``net.load_state_dict(weights)`` (strict), with an error that says which architecture did not fit and
+    summarises the keys (torch's own message lists every one of them, a page for another architecture)."""
+    try:
+        res = net.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # tensors of other shapes (another width)
+        raise CheckpointError(
+            f"the backbone weights do not fit a {what}{hint}: {' '.join(str(e).split())[:300]}..."
+        ) from e
+    wrong = [
+        (kind, keys) for kind, keys in (("missing", res.missing_keys), ("unexpected", res.unexpected_keys)) if keys
+    ]
+    if wrong:
+        detail = "; ".join(
+            f"{len(k)} {kind} keys ({', '.join(k[:3])}{', ...' if len(k) > 3 else ''})" for kind, k in wrong
+        )
+        raise CheckpointError(f"the backbone weights do not fit a {what}{hint}: {detail}")
 
 
 def _rgb(v: list[float] | None) -> tuple[float, float, float] | None:
@@ -74,7 +97,7 @@ def _rgb(v: list[float] | None) -> tuple[float, float, float] | None:
     return r, g, b
 
 
-def _from_checkpoint(state: dict[str, Any], cfg: Config) -> BackboneExport:
+def _from_checkpoint(state: dict[str, Any], cfg: Config, source_hint: str = "") -> BackboneExport:
     weights = {
         k[len(_PREFIX) :]: v.detach().cpu().contiguous() for k, v in state["model"].items() if k.startswith(_PREFIX)
     }
@@ -92,6 +115,13 @@ def _from_checkpoint(state: dict[str, Any], cfg: Config) -> BackboneExport:
         )
     r = eval_recipe(cfg, size)
     net = resnet(cfg.backbone.name, width=cfg.backbone.width, cifar_stem=cfg.backbone.cifar_stem)
+    # here, not only in build(): export_backbone would otherwise write a file that no network loads
+    _load_weights(
+        net,
+        weights,
+        f"{cfg.backbone.name} (width={cfg.backbone.width}, cifar_stem={cfg.backbone.cifar_stem})",
+        f", the run's backbone; {source_hint}",
+    )
     return BackboneExport(
         weights,
         cfg.backbone.name,
@@ -121,16 +151,16 @@ def read_backbone(
     source = Path(source)
     if source.is_dir():
         cfg = load_config(None, overrides, base=read_run_config(source).to_dict())
-        state = load_checkpoint(
-            Path(checkpoint) if checkpoint else source / "checkpoints" / "last.pt", require=("model",)
-        )
-        return _from_checkpoint(state, cfg)
+        ckpt = Path(checkpoint) if checkpoint else source / "checkpoints" / "last.pt"
+        state = load_checkpoint(ckpt, require=("model",))
+        return _from_checkpoint(state, cfg, f"is {ckpt} a checkpoint of the run {source}?")
     state = load_checkpoint(source)
     if state.get("format") == FORMAT:
         fields = {k: state[k] for k in BackboneExport.__dataclass_fields__}
         return BackboneExport(**fields)
     if "model" in state and "config" in state:
-        return _from_checkpoint(state, load_config(None, overrides, base=stored_config(state, source).to_dict()))
+        cfg = load_config(None, overrides, base=stored_config(state, source).to_dict())
+        return _from_checkpoint(state, cfg, f"the configuration stored in {source} does not describe its weights")
     raise CheckpointError(f"{source} is neither a directpred checkpoint nor an exported backbone")
 
 

@@ -252,3 +252,32 @@ def test_onnx_export(run, tmp_path):
     session = ort.InferenceSession(str(tmp_path / "b.onnx"))
     x = eval_transform(data.test.images, test_recipe).numpy()
     np.testing.assert_allclose(session.run(None, {"images": x})[0], feats["test"].numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_weights_of_another_architecture_give_an_error_that_names_it(run, tmp_path):
+    # A checkpoint of another run given with --checkpoint (or an export file whose arch does not match its weights)
+    # raised torch's page of missing/unexpected keys from build(), and export_backbone wrote such a file silently.
+    from directpred.export import export_backbone, read_backbone
+    from directpred.train.checkpoint import CheckpointError
+
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    state["model"] = {k.replace("layer4.1.", "layer4.2."): v for k, v in state["model"].items()}  # a deeper net's
+    save_checkpoint(tmp_path / "foreign.pt", state)
+    msg = (
+        r"the backbone weights do not fit a resnet18 \(width=4, cifar_stem=True\), the run's backbone; is "
+        + str(tmp_path / "foreign.pt").replace(".", r"\.")
+        + r" a checkpoint of the run .*: 10 missing keys \(layer4\.1\.conv1\.weight, .*, \.\.\.\); 12 unexpected keys"
+    )
+    with pytest.raises(CheckpointError, match=msg):
+        read_backbone(run, checkpoint=tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match=msg):
+        export_backbone(run, tmp_path / "bb.pt", checkpoint=tmp_path / "foreign.pt")
+    assert not (tmp_path / "bb.pt").exists()
+    with pytest.raises(CheckpointError, match="does not describe its weights"):
+        directpred.load_backbone(tmp_path / "foreign.pt")
+    exported = export_backbone(run, tmp_path / "ok.pt").to_dict()
+    torch.save({**exported, "arch": "resnet34"}, tmp_path / "arch34.pt")
+    with pytest.raises(
+        CheckpointError, match=r"do not fit a resnet34 \(width=4, cifar_stem=True\): \d+ missing keys \(layer1\.2\."
+    ):
+        directpred.load_backbone(tmp_path / "arch34.pt")
