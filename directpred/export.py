@@ -156,6 +156,14 @@ def read_backbone(
         return _from_checkpoint(state, cfg, f"is {ckpt} a checkpoint of the run {source}?")
     state = load_checkpoint(source)
     if state.get("format") == FORMAT:
+        if state.get("version") != VERSION:
+            raise CheckpointError(
+                f"{source} is an exported backbone of format version {state.get('version')!r}; this directpred "
+                f"reads version {VERSION} (export it again with this version, or use the directpred that wrote it)"
+            )
+        missing = [k for k in BackboneExport.__dataclass_fields__ if k not in state]
+        if missing:
+            raise CheckpointError(f"{source} is an exported backbone without {missing}; export the run again")
         fields = {k: state[k] for k in BackboneExport.__dataclass_fields__}
         return BackboneExport(**fields)
     if "model" in state and "config" in state:

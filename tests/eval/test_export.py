@@ -281,3 +281,20 @@ def test_weights_of_another_architecture_give_an_error_that_names_it(run, tmp_pa
         CheckpointError, match=r"do not fit a resnet34 \(width=4, cifar_stem=True\): \d+ missing keys \(layer1\.2\."
     ):
         directpred.load_backbone(tmp_path / "arch34.pt")
+
+
+def test_an_exported_file_of_another_version_or_missing_fields_is_refused(run, tmp_path):
+    # A version-2 file was read as version 1 without a word; a file missing a field raised KeyError('width').
+    from directpred.export import export_backbone
+    from directpred.train.checkpoint import CheckpointError
+
+    exported = export_backbone(run, tmp_path / "ok.pt").to_dict()
+    torch.save({**exported, "version": 2}, tmp_path / "v2.pt")
+    with pytest.raises(
+        CheckpointError, match="v2.pt is an exported backbone of format version 2; this directpred reads version 1"
+    ):
+        directpred.load_backbone(tmp_path / "v2.pt")
+    torch.save({k: v for k, v in exported.items() if k != "width"}, tmp_path / "nowidth.pt")
+    with pytest.raises(CheckpointError, match=r"nowidth.pt is an exported backbone without \['width'\]"):
+        directpred.load_backbone(tmp_path / "nowidth.pt")
+    assert directpred.load_backbone(tmp_path / "ok.pt").recipe.size == exported["image_size"]
