@@ -322,12 +322,31 @@ def simulate_matrix(
 ) -> Trajectory:
     """Simulate the reduced matrix flow of ``(Wp, F)`` at fixed τ: Eq. 7 or, with ``symmetric=False``, Eq. 62.
 
+    Args:
+        Wp0: Initial predictor (n, n).
+        F0: Initial correlation F = W X Wᵀ (n, n), symmetric.
+        tau: The fixed EMA ratio τ.
+        alpha_p: Predictor learning-rate ratio α_p (> 0).
+        eta: Weight decay η (>= 0).
+        sigma2: Augmentation variance σ² (>= 0).
+        dt: Step size (> 0).
+        steps: Number of steps (>= 1).
+        symmetric: Eq. 7 (True) or Eq. 62 (False).
+        method: ``"euler"`` or ``"rk4"``.
+        record_every: Record every k-th step.
+
     Returns:
         Trajectory with states ``Wp`` (T, n, n) and ``F`` (T, n, n).
     """
     check_run_args(dt, steps, record_every, method)
+    if not alpha_p > 0 or not eta >= 0 or not sigma2 >= 0 or not np.isfinite(tau):
+        raise ValueError(f"need alpha_p > 0, eta >= 0, sigma2 >= 0, finite tau; got {alpha_p}, {eta}, {sigma2}, {tau}")
     Wp0 = np.asarray(Wp0, dtype=np.float64)
     F0 = np.asarray(F0, dtype=np.float64)
+    if Wp0.ndim != 2 or Wp0.shape[0] != Wp0.shape[1] or F0.shape != Wp0.shape:
+        raise ValueError(f"Wp0 and F0 must be square matrices of one shape (n, n), got {Wp0.shape} and {F0.shape}")
+    if not np.allclose(F0, F0.T, rtol=1e-7, atol=1e-12 * max(1.0, float(np.abs(F0).max(initial=0.0)))):
+        raise ValueError("F0 is a correlation F = W X Wᵀ and must be symmetric")
     n = Wp0.shape[0]
     params = MatrixParams(float(alpha_p), float(eta), float(sigma2), float(tau), n, bool(symmetric))
     t, ys = integrate(

@@ -170,3 +170,30 @@ def test_reduced_rejects_bad_input():
         simulate_reduced(0.1, 0.1, 0.0, alpha_p=1, eta=-0.1, beta=0, sigma2=0, dt=0.1, steps=1)
     with pytest.raises(ValueError, match="s0"):
         simulate_reduced(0.1, -0.1, 0.0, alpha_p=1, eta=0, beta=0, sigma2=0, dt=0.1, steps=1)
+
+
+def test_matrix_flow_rejects_bad_input():
+    # alpha_p <= 0 and eta < 0 ran silently (W_p frozen, or growing weights); shapes failed in a reshape, and an
+    # asymmetric F0 (no correlation matrix) gave a meaningless flow.
+    from directpred.theory import simulate_matrix
+
+    kw = dict(tau=1.0, alpha_p=1.0, eta=0.0, sigma2=0.0, dt=0.1, steps=2)
+    I2 = np.eye(2)
+    for bad, match in [
+        (dict(alpha_p=0.0), r"need alpha_p > 0, eta >= 0, sigma2 >= 0, finite tau; got 0.0, 0.0, 0.0, 1.0"),
+        (dict(eta=-0.1), "got 1.0, -0.1, 0.0, 1.0"),
+        (dict(sigma2=-1.0), "sigma2 >= 0"),
+        (dict(tau=float("nan")), "finite tau"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            simulate_matrix(I2, I2, **{**kw, **bad})
+    with pytest.raises(ValueError, match=r"square matrices of one shape \(n, n\), got \(1, 2\) and \(2, 2\)"):
+        simulate_matrix(I2[:1], I2, **kw)
+    with pytest.raises(ValueError, match=r"got \(2, 2\) and \(3, 3\)"):
+        simulate_matrix(I2, np.eye(3), **kw)
+    with pytest.raises(ValueError, match="F0 is a correlation F = W X Wᵀ and must be symmetric"):
+        simulate_matrix(I2, np.array([[1.0, 2.0], [0.0, 1.0]]), **kw)
+    # F = W X Wᵀ computed in floating point (symmetric up to rounding) is accepted
+    W = np.random.default_rng(0).normal(size=(3, 5))
+    F0 = W @ np.diag(np.linspace(1, 2, 5)) @ W.T
+    assert simulate_matrix(np.eye(3), F0, **kw).F.shape == (3, 3, 3)
