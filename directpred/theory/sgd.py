@@ -110,7 +110,14 @@ def make_data(kind: str, n1: int, sigma2: float) -> DataModel:
     * ``anisotropic``: ``Σx = diag(geomspace(1, 0.1, n1))``, ``Σn = σ²I``;
     * ``additive``: ``Σx = I``, ``Σn = σ² diag(linspace(0, 4, n1))`` (App. D: noisy directions attenuated);
     * ``scrambling``: ``Σx = I``, the last ``n1 // 2`` coordinates scrambled (App. D).
+
+    Raises:
+        ValueError: an unknown ``kind``, ``n1 < 1`` or ``sigma2 < 0``.
     """
+    if isinstance(n1, bool) or int(n1) != n1 or n1 < 1:
+        raise ValueError(f"n1 (the input dimension) must be an integer >= 1, got {n1!r}")
+    if not (np.isfinite(sigma2) and sigma2 >= 0):
+        raise ValueError(f"sigma2 (the augmentation variance) must be >= 0, got {sigma2!r}")
     if kind == "isotropic":
         return GaussianViews(np.eye(n1), sigma2 * np.eye(n1))
     if kind == "anisotropic":
@@ -177,10 +184,19 @@ def simulate_sgd(
     rng = np.random.default_rng(seed)
     W = np.array(W, dtype=np.float64)
     n2, n1 = W.shape
+    n_data = np.shape(data.X)[0]
+    if n1 != n_data:
+        raise ValueError(f"W (n2, n1) must have n1 = {n_data} columns, the data model's dimension; got {W.shape}")
+    if predictor and Wp is None:
+        raise ValueError("Wp is required when predictor=True")
     Wp = np.eye(n2) if not predictor else np.array(Wp, dtype=np.float64)
+    if Wp.shape != (n2, n2):
+        raise ValueError(f"Wp must have shape {(n2, n2)} for W of shape {W.shape}, got {Wp.shape}")
     if symmetric:
         Wp = sym(Wp)
     Wa = W.copy() if (mode == "simsiam" or Wa is None) else np.array(Wa, dtype=np.float64)
+    if Wa.shape != W.shape:
+        raise ValueError(f"Wa must have the shape of W {W.shape}, got {Wa.shape}")
     base = flow_params(
         data.X,
         data.Xp,

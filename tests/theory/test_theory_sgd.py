@@ -1,6 +1,7 @@
 """Minibatch SGD on sampled data against the gradient flow, and the data models of Appendix D."""
 
 import numpy as np
+import pytest
 
 from directpred.theory import GaussianViews, Scrambling, make_data, simulate_linear, simulate_sgd
 
@@ -78,3 +79,23 @@ def test_additive_noise_fixed_point_and_scrambling_learns_clean_subspace():
     leak0 = np.linalg.norm(W @ sc.U) / np.linalg.norm(W)
     leak = np.linalg.norm(Wf @ sc.U) / np.linalg.norm(Wf)
     assert leak0 > 0.3 and leak < 1e-2
+
+
+def test_sgd_and_data_models_reject_bad_input():
+    # A negative sigma2 was clipped to 0 by the square root (views identical, silently); n1=0 built an empty model;
+    # weights that do not fit the data failed inside numpy's matmul; Wp=None with the predictor became a NaN matrix.
+    with pytest.raises(ValueError, match="sigma2 \\(the augmentation variance\\) must be >= 0, got -0.1"):
+        make_data("isotropic", 3, -0.1)
+    with pytest.raises(ValueError, match="n1 \\(the input dimension\\) must be an integer >= 1, got 0"):
+        make_data("isotropic", 0, 0.1)
+    data = make_data("isotropic", 2, 0.1)
+    kw = dict(alpha_p=1.0, eta=0.0, beta=0.1, lr=0.1, steps=2, batch=4)
+    with pytest.raises(ValueError, match=r"W \(n2, n1\) must have n1 = 2 columns, the data model's dimension"):
+        simulate_sgd(np.eye(3), np.eye(3), np.eye(3), data, **kw)
+    with pytest.raises(ValueError, match=r"Wp must have shape \(2, 2\) for W of shape \(2, 2\), got \(3, 3\)"):
+        simulate_sgd(np.eye(2), np.eye(3), np.eye(2), data, **kw)
+    with pytest.raises(ValueError, match="Wp is required when predictor=True"):
+        simulate_sgd(np.eye(2), None, np.eye(2), data, **kw)
+    with pytest.raises(ValueError, match=r"Wa must have the shape of W \(2, 2\), got \(3, 2\)"):
+        simulate_sgd(np.eye(2), np.eye(2), np.ones((3, 2)), data, **kw)
+    assert simulate_sgd(np.eye(2), None, None, data, predictor=False, **kw).Wp.shape == (3, 2, 2)
