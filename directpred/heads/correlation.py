@@ -52,6 +52,8 @@ class CorrelationEstimator(nn.Module):
 
     def __init__(self, dim: int, *, rho: float = 0.3, average: str = "ema", zero_mean: bool = False) -> None:
         super().__init__()
+        if isinstance(dim, bool) or int(dim) != dim or dim < 1:
+            raise ValueError(f"dim={dim!r} (the feature dimension d) must be an integer >= 1")
         if not 0.0 <= rho < 1.0:
             raise ValueError(f"rho={rho} must lie in [0, 1)")
         if average not in ("ema", "cumulative"):

@@ -57,10 +57,13 @@ class _SetFromCorrelation(CorrelationEstimator, Predictor, abc.ABC):
         self, dim: int, *, rho: float, eps: float, freq: int, average: str, zero_mean: bool, eigh_dtype: torch.dtype
     ) -> None:
         super().__init__(dim, rho=rho, average=average, zero_mean=zero_mean)
-        if freq < 1:
-            raise ValueError(f"freq={freq} must be >= 1")
-        if eps < 0:
+        if isinstance(freq, bool) or int(freq) != freq or freq < 1:  # 1.5 would gate W_p on count % 1.5
+            raise ValueError(f"freq={freq!r} must be an integer >= 1")
+        if not eps >= 0:  # also NaN, which would make W_p NaN
             raise ValueError(f"eps={eps} must be >= 0")
+        if eigh_dtype not in (torch.float32, torch.float64):  # eigh has no half-precision kernel
+            raise ValueError(f"eigh_dtype={eigh_dtype} must be torch.float32 or torch.float64")
+        freq = int(freq)
         self.eps, self.freq, self.eigh_dtype = eps, freq, eigh_dtype
         self.weight = nn.Parameter(torch.eye(dim), requires_grad=freq > 1)
         self.register_buffer("eigh_fallbacks", torch.zeros((), dtype=torch.long))
@@ -223,6 +226,8 @@ class PartitionedDirectPred(DirectPred):
             average=average,
             eigh_dtype=eigh_dtype,
         )
+        if isinstance(partitions, bool) or int(partitions) != partitions or partitions < 1:  # 0: NaN predictions
+            raise ValueError(f"partitions={partitions!r} must be an integer >= 1 (use DirectPred for one global F^)")
         self.weight.requires_grad_(False)
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("planes", torch.randn(dim, partitions, generator=g))  # (d, n)

@@ -54,10 +54,11 @@ class OptimalPredictor(CorrelationEstimator, Predictor):
 
     def __init__(self, dim: int, *, rho: float = 0.3, freq: int = 1, ridge: float = 1e-4, average: str = "ema") -> None:
         super().__init__(dim, rho=rho, average=average, zero_mean=False)
-        if freq < 1:
-            raise ValueError(f"freq={freq} must be >= 1")
-        if ridge < 0:
+        if isinstance(freq, bool) or int(freq) != freq or freq < 1:
+            raise ValueError(f"freq={freq!r} must be an integer >= 1")
+        if not ridge >= 0:
             raise ValueError(f"ridge={ridge} must be >= 0")
+        freq = int(freq)
         self.freq, self.ridge = freq, ridge
         self.weight = nn.Parameter(torch.eye(dim), requires_grad=freq > 1)
         self.register_buffer("cross", torch.zeros(dim, dim))  # C = E[f_a f^T], (d, d)

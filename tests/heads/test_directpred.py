@@ -262,3 +262,28 @@ def test_update_with_an_empty_or_wrong_width_batch_says_so_and_keeps_the_state(k
             pred.update(bad, z_target=bad) if kind == "optimal" else pred.update(bad)
     after = pred.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: DirectPred(8, eps=float("nan")), "eps=nan must be >= 0"),  # W_p became NaN
+        (lambda: DirectPred(8, freq=1.5), "freq=1.5 must be an integer >= 1"),  # gated on count % 1.5
+        (lambda: DirectCopy(8, freq=0), "freq=0 must be an integer >= 1"),
+        (lambda: DirectPred(8, eigh_dtype=torch.float16), "eigh_dtype=torch.float16 must be torch.float32 or"),
+        (lambda: DirectPred(0), r"dim=0 \(the feature dimension d\) must be an integer >= 1"),
+        (lambda: PartitionedDirectPred(8, partitions=0), "partitions=0 must be an integer >= 1"),  # NaN output
+    ],
+)
+def test_predictor_constructors_reject_arguments_that_gave_silent_nonsense(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_integral_float_freq_gates_like_the_int():
+    a, b = DirectPred(8, freq=2), DirectPred(8, freq=2.0)
+    assert b.freq == 2 and isinstance(b.freq, int)
+    for z in batches(n=3):
+        a.update(z)
+        b.update(z)
+        assert torch.equal(a.weight, b.weight)
