@@ -21,6 +21,8 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
         >>> target.weight.data.tolist()  # 0.75 * 1 + 0.25 * 3
         [[1.5, 1.5]]
     """
+    if not 0.0 <= momentum <= 1.0:  # outside, the target would extrapolate away from both networks
+        raise ValueError(f"EMA momentum={momentum} must lie in [0, 1] (method.ema)")
     t_params: list[torch.Tensor] = [p for p in target.parameters()]
     o_params = [p.detach() for p in online.parameters()]
     if len(t_params) != len(o_params):

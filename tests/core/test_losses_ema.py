@@ -78,3 +78,15 @@ def test_negative_cosine_keeps_float64_and_passes_gradcheck():
     assert negative_cosine(p.half(), t.half()).dtype == torch.float32
     x, y = torch.randn(4, 3, dtype=torch.float64, requires_grad=True), torch.randn(4, 3, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda a: negative_cosine(a, y), (x,))
+
+
+@pytest.mark.parametrize("m", [1.5, -0.1, float("nan")])
+def test_ema_update_rejects_a_momentum_outside_0_1(m):
+    # m = 1.5 extrapolated the target away from both networks without a word.
+    target, online = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = target.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"EMA momentum=.* must lie in \[0, 1\] \(method.ema\)"):
+        ema_update(target, online, m)
+    assert torch.equal(target.weight, before)
+    ema_update(target, online, 1.0)  # the end of BYOL's cosine schedule: the target stays
+    assert torch.equal(target.weight, before)
