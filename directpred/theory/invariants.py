@@ -103,6 +103,11 @@ def track(traj: Trajectory) -> dict[str, Array]:
         ``tau_fit`` and ``ema_corr`` (see :func:`ema_ratio`). ``balance_prediction`` means something only where
         :func:`theorem1_applies`.
     """
+    if "X" not in traj.params or "W" not in traj.states:  # a reduced or matrix run has no W, W_a, X
+        raise ValueError(
+            f"track needs a linear-model trajectory (simulate_linear or simulate_sgd), got a "
+            f"{traj.params.get('model', 'unknown')!r} one with states {sorted(traj.states)}"
+        )
     X = np.asarray(traj.params["X"], dtype=np.float64)
     alpha_p, eta = traj.params["alpha_p"], traj.params["eta"]
     W, Wp, Wa = traj.W, traj.Wp, traj.Wa

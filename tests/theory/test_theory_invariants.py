@@ -174,3 +174,17 @@ def test_track_says_where_theorem_1_applies():
     assert theorem1_applies(trajs[0].params) and not theorem1_applies(trajs[1].params)
     assert runs[0]["balance_error"].max() < 1e-6 * runs[0]["balance"][0]
     assert runs[1]["balance_error"].max() > 1e-2 * runs[1]["balance"][0]
+
+
+def test_track_of_a_reduced_or_matrix_trajectory_says_what_it_needs():
+    # It raised KeyError('X').
+    import pytest
+
+    from directpred.theory import track
+
+    red = simulate_reduced([0.5], [0.5], 0.0, alpha_p=1, eta=0.0, beta=0.1, sigma2=0.0, dt=0.01, steps=2)
+    with pytest.raises(ValueError, match=r"track needs a linear-model trajectory .* got a 'reduced' one with states"):
+        track(red)
+    mat = simulate_matrix(np.eye(2), np.eye(2), tau=1.0, alpha_p=1.0, eta=0.0, sigma2=0.0, dt=0.1, steps=2)
+    with pytest.raises(ValueError, match=r"got a 'matrix' one with states \['F', 'Wp'\]"):
+        track(mat)
