@@ -298,10 +298,21 @@ def augment_view(
 
 
 def eval_transform(images: torch.Tensor, r: ViewRecipe) -> torch.Tensor:
-    """The deterministic test-time transform: uint8 (B, H, W, 3) -> float (B, 3, H, W), normalised like training.
+    """The deterministic test-time transform: uint8 (B, H, W, 3) or (B, 3, H, W) -> float (B, 3, S, S), normalised
+    like training.
 
-    Images already at the recipe's size are only normalised (CIFAR, STL-10); others are resized (bilinear).
+    Images already at the recipe's size S are only normalised (CIFAR, STL-10); others are resized (bilinear).
+
+    Raises:
+        ValueError: ``images`` is not a uint8 batch of rank 4 (float images in [0, 1] would be divided by 255
+            again, silently: convert them with ``(images * 255).round().to(torch.uint8)``).
     """
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(
+            f"eval_transform takes a uint8 batch of images (B, H, W, 3) or (B, 3, H, W) with values 0-255, got "
+            f"{images.dtype} of shape {tuple(images.shape)}; convert float images in [0, 1] with "
+            "(images * 255).round().to(torch.uint8), and add a batch axis to a single image with images[None]"
+        )
     x = images.permute(0, 3, 1, 2).float().div_(255.0) if images.shape[-1] == 3 else images.float() / 255.0
     if x.shape[-1] != r.size or x.shape[-2] != r.size:
         x = TF.resize(x, [r.size, r.size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)

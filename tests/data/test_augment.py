@@ -171,3 +171,22 @@ def test_resized_crop_against_torchvision():
     assert 0.05 < (ours - tv).abs().max() < 0.5
     ours, tv = both((2, 3, 30, 29), 24)  # shrunk
     assert (ours - tv).abs().mean() < 0.03 and (ours - tv).abs().max() < 0.2
+
+
+def test_eval_transform_refuses_float_images_that_it_would_divide_by_255_again():
+    # What a torchvision ToTensor() pipeline gives (float in [0, 1]) was divided by 255 again: near-black images,
+    # features silently wrong. uint8 in either layout gives the same normalised batch.
+    from directpred.data.augment import ViewRecipe, eval_transform
+
+    r = ViewRecipe(size=8, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
+    u8 = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    x = eval_transform(u8, r)
+    ref = (u8.permute(0, 3, 1, 2).float() / 255 - torch.tensor(r.mean).view(1, 3, 1, 1)) / 0.2
+    torch.testing.assert_close(x, ref)
+    torch.testing.assert_close(eval_transform(u8.permute(0, 3, 1, 2), r), x)
+    with pytest.raises(
+        ValueError, match=r"eval_transform takes a uint8 batch .* got torch.float32 of shape \(2, 8, 8, 3\)"
+    ):
+        eval_transform(u8.float() / 255, r)
+    with pytest.raises(ValueError, match=r"got torch.uint8 of shape \(8, 8, 3\).*images\[None\]"):
+        eval_transform(u8[0], r)
