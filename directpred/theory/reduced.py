@@ -158,13 +158,15 @@ def simulate_reduced(
     s0 = np.atleast_1d(np.asarray(s0, dtype=np.float64))
     if p0.shape != s0.shape or p0.ndim != 1:
         raise ValueError(f"p0 and s0 must be 1-D of equal length, got {p0.shape} and {s0.shape}")
+    if not (np.all(np.isfinite(p0)) and np.all(np.isfinite(s0)) and np.all(np.isfinite(tau0))):
+        raise ValueError("p0, s0 and tau0 must be finite (NaN or inf make the whole trajectory NaN)")
     if np.any(s0 < 0):
         raise ValueError("s0 are eigenvalues of F = W X Wᵀ and must be >= 0")
     d = p0.size
     shared = np.ndim(tau0) == 0
     tau = np.ones(1 if shared else d) if not ema else np.atleast_1d(np.asarray(tau0, dtype=np.float64))
-    if not shared and tau.size != d:
-        raise ValueError(f"tau0 must be a scalar or have {d} entries, got {np.shape(tau0)}")
+    if not shared and np.shape(tau0) != (d,):  # a (1, d) array passed a size check and failed in a concatenate
+        raise ValueError(f"tau0 must be a scalar or have shape ({d},), got {np.shape(tau0)}")
     params = ReducedParams(float(alpha_p), float(eta), float(beta), float(sigma2), bool(ema), d, bool(shared))
     t, ys = integrate(
         rhs_reduced,

@@ -197,3 +197,15 @@ def test_matrix_flow_rejects_bad_input():
     W = np.random.default_rng(0).normal(size=(3, 5))
     F0 = W @ np.diag(np.linspace(1, 2, 5)) @ W.T
     assert simulate_matrix(np.eye(3), F0, **kw).F.shape == (3, 3, 3)
+
+
+def test_reduced_rejects_a_tau0_of_another_shape_and_non_finite_starts():
+    # A (1, d) tau0 failed inside numpy's concatenate; a NaN p0 ran and returned a NaN trajectory.
+    kw = dict(alpha_p=1, eta=0.0, beta=0.1, sigma2=0.0, dt=0.1, steps=2)
+    with pytest.raises(ValueError, match=r"tau0 must be a scalar or have shape \(2,\), got \(1, 2\)"):
+        simulate_reduced([0.5, 0.1], [0.5, 0.1], [[0.1, 0.2]], **kw)
+    with pytest.raises(ValueError, match="p0, s0 and tau0 must be finite"):
+        simulate_reduced([float("nan")], [0.5], 0.0, **kw)
+    with pytest.raises(ValueError, match="p0, s0 and tau0 must be finite"):
+        simulate_reduced([0.5], [0.5], float("inf"), **kw)
+    assert simulate_reduced([0.5, 0.1], [0.5, 0.1], [0.1, 0.2], **kw).tau.shape == (3, 2)
