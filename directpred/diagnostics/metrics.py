@@ -59,7 +59,8 @@ def cosines_along(W_p: torch.Tensor, U: torch.Tensor, eps: float = 1e-12) -> tor
 
 
 def alignment_summary(cos: torch.Tensor, s: torch.Tensor) -> dict[str, float]:
-    """One-number summaries of :func:`alignment`.
+    """One-number summaries of the cosines ``cos`` (k,) of :func:`cosines_along`, paired with the eigenvalues
+    ``s`` (k,) of F.
 
     ``alignment`` is the plain mean over eigenvectors (every direction counts, as in Fig. 2's average);
     ``alignment_weighted`` weights ``cos_j`` by ``s_j`` (the directions that carry the projection's energy),
