@@ -8,6 +8,18 @@ from typing import Any
 import torch
 
 
+class NotFittedError(ValueError, AttributeError):
+    """An estimator used before ``fit``: scikit-learn's ``NotFittedError``, with the same two bases (so code that
+    catches either, as scikit-learn's callers do, catches it), without importing scikit-learn."""
+
+
+def check_fitted(estimator: object, attribute: str) -> None:
+    """Raise :class:`NotFittedError` unless ``estimator`` has the learned ``attribute`` (set by ``fit``)."""
+    if not hasattr(estimator, attribute):
+        name = type(estimator).__name__
+        raise NotFittedError(f"this {name} is not fitted yet: call fit() first, then predict() or score()")
+
+
 def as_features(x: Any, name: str = "features") -> torch.Tensor:
     """``x`` as a floating tensor (N, D) (a tensor is kept on its device and in its floating dtype)."""
     t = torch.as_tensor(x)

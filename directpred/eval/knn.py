@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from directpred.eval.inputs import as_features, as_labels
+from directpred.eval.inputs import as_features, as_labels, check_fitted
 
 
 def vote_weights(sim: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -30,7 +30,8 @@ class KNNClassifier:
     """Cosine kNN with temperature-weighted votes: class score ``sum_{i in top-k} exp(cos_i / T) [y_i = c]``.
 
     Follows scikit-learn's contract: the constructor stores hyperparameters, ``fit`` returns ``self``, learned
-    attributes end in ``_``.
+    attributes end in ``_``; ``predict`` or ``score`` before ``fit`` raises
+    :class:`~directpred.eval.inputs.NotFittedError`.
 
     Args:
         k: neighbours (200 in the standard monitor).
@@ -76,7 +77,12 @@ class KNNClassifier:
 
     def predict_scores(self, features: torch.Tensor | Any) -> torch.Tensor:
         """Class scores (N, C); for ``temperature < 0.02`` relative to each row's nearest neighbour (see
-        :func:`vote_weights`). ``features`` (N, D) are moved to the device of the training features."""
+        :func:`vote_weights`). ``features`` (N, D) are moved to the device of the training features.
+
+        Raises:
+            NotFittedError: called before :meth:`fit`.
+        """
+        check_fitted(self, "features_")
         q = as_features(features).to(self.features_.device)
         if q.shape[1] != self.features_.shape[1]:
             raise ValueError(f"kNN: features have {q.shape[1]} columns, the training ones {self.features_.shape[1]}")

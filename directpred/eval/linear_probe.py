@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from directpred.eval.inputs import as_features, as_labels
+from directpred.eval.inputs import as_features, as_labels, check_fitted
 
 
 class LinearProbe:
-    """Logistic-regression probe with scikit-learn's contract (``fit`` returns ``self``; ``*_`` attributes).
+    """Logistic-regression probe with scikit-learn's contract (``fit`` returns ``self``; ``*_`` attributes;
+    ``predict`` or ``score`` before ``fit`` raises :class:`~directpred.eval.inputs.NotFittedError`).
 
     Args:
         epochs: passes over the training features (50).
@@ -98,7 +99,12 @@ class LinearProbe:
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor | Any) -> torch.Tensor:
-        """Predicted class (N,) of every row of ``x`` (N, D), moved to the device of the training features."""
+        """Predicted class (N,) of every row of ``x`` (N, D), moved to the device of the training features.
+
+        Raises:
+            NotFittedError: called before :meth:`fit`.
+        """
+        check_fitted(self, "linear_")
         x = as_features(x, "x").to(self.mean_.device)
         if x.shape[1] != self.mean_.shape[0]:
             raise ValueError(f"LinearProbe: x has {x.shape[1]} columns, the training features {self.mean_.shape[0]}")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from directpred.eval import KNNClassifier, LinearProbe
+from directpred.eval import KNNClassifier, LinearProbe, NotFittedError
 from directpred.eval.stream_eval import knn_stream
 
 
@@ -152,3 +152,16 @@ def test_knn_and_probe_reject_labels_that_do_not_match_the_features():
         LinearProbe(epochs=1).fit(x, y, x)
     with pytest.raises(ValueError, match=r"LinearProbe: batch_size=0 must be an integer >= 1"):
         LinearProbe(batch_size=0).fit(x, y)
+
+
+@pytest.mark.parametrize("est", [KNNClassifier(k=3), LinearProbe(epochs=1)], ids=["knn", "probe"])
+@pytest.mark.parametrize("call", ["predict", "score"])
+def test_predict_or_score_before_fit_says_call_fit_first(est, call):
+    """Was an AttributeError on ``features_``/``mean_``, naming an attribute rather than the fix. Like
+    scikit-learn's NotFittedError, it is both a ValueError and an AttributeError."""
+    args = (torch.randn(4, 6),) if call == "predict" else (torch.randn(4, 6), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(NotFittedError) as info:
+        getattr(est, call)(*args)
+    name = type(est).__name__
+    assert str(info.value) == f"this {name} is not fitted yet: call fit() first, then predict() or score()"
+    assert isinstance(info.value, ValueError) and isinstance(info.value, AttributeError)
