@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +26,9 @@ def print_results(results: Mapping[str, object], header: str, eval_cfg: EvalConf
         )
     if results.get("linear_top5") is not None:
         print(f"  linear top-5:        {results['linear_top5']:6.2f} %   (BYOL's protocol, final epoch)")
+    values = [results.get(k) for k in ("knn_top1", "linear_top1", "linear_top1_best", "linear_top5")]
+    if any(isinstance(v, float) and math.isnan(v) for v in values):
+        print("  nan: the features were non-finite (NaN or inf; a diverged model?), so no accuracy can be read")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@ array-likes (numpy arrays, lists), as scikit-learn estimators take them."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -18,6 +19,21 @@ def check_fitted(estimator: object, attribute: str) -> None:
     if not hasattr(estimator, attribute):
         name = type(estimator).__name__
         raise NotFittedError(f"this {name} is not fitted yet: call fit() first, then predict() or score()")
+
+
+def nonfinite_rows(x: torch.Tensor, name: str, who: str, consequence: str) -> int:
+    """How many rows of ``x`` (N, D) hold a NaN or an infinity; when any, one warning that says so, names ``x``
+    and ``who`` and gives the ``consequence``. Non-finite features (a diverged or overflowed model) give an
+    arbitrary argmax, so an accuracy computed from them would look plausible (about 1/C) and mean nothing."""
+    bad = int((~torch.isfinite(x)).any(1).sum()) if x.numel() else 0
+    if bad:
+        warnings.warn(
+            f"{who}: {bad} of the {len(x)} rows of {name} are non-finite (NaN or inf): {consequence} "
+            "(features of a diverged model?)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return bad
 
 
 def as_features(x: Any, name: str = "features") -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from directpred.eval.inputs import as_features, as_labels, check_fitted
+from directpred.eval.inputs import as_features, as_labels, check_fitted, nonfinite_rows
 
 
 def vote_weights(sim: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -32,6 +32,10 @@ class KNNClassifier:
     Follows scikit-learn's contract: the constructor stores hyperparameters, ``fit`` returns ``self``, learned
     attributes end in ``_``; ``predict`` or ``score`` before ``fit`` raises
     :class:`~directpred.eval.inputs.NotFittedError`.
+
+    Non-finite features (NaN or inf, from a diverged model) make the votes NaN and the argmax arbitrary: a
+    warning names how many rows are non-finite, and ``score`` returns NaN rather than a plausible-looking accuracy
+    (a warning, not an error, so that a training run's epoch-end kNN does not lose the run).
 
     Args:
         k: neighbours (200 in the standard monitor).
@@ -64,6 +68,9 @@ class KNNClassifier:
         features = as_features(features)
         if len(features) == 0:
             raise ValueError("kNN: fit got no training rows")
+        self.nonfinite_rows_ = nonfinite_rows(
+            features, "the training features", "kNN", "every prediction is meaningless and score() returns NaN"
+        )
         self.features_ = F.normalize(features.float(), dim=1)
         self.labels_ = as_labels(labels, len(features)).to(features.device)
         self.num_classes_ = int(self.labels_.max()) + 1
@@ -99,10 +106,19 @@ class KNNClassifier:
         return torch.cat(out) if out else torch.zeros(0, self.num_classes_, device=q.device)
 
     def predict(self, features: torch.Tensor | Any) -> torch.Tensor:
-        """Predicted class (N,) of every row of ``features`` (N, D)."""
+        """Predicted class (N,) of every row of ``features`` (N, D) (arbitrary for a non-finite row, with a
+        warning)."""
+        check_fitted(self, "features_")
+        features = as_features(features)
+        nonfinite_rows(features, "the features", "kNN.predict", "their predicted classes are meaningless")
         return self.predict_scores(features).argmax(1)
 
     def score(self, features: torch.Tensor | Any, labels: torch.Tensor | Any) -> float:
-        """Top-1 accuracy in [0, 1] of ``features`` (N, D) against ``labels`` (N,)."""
-        pred = self.predict(features).cpu()
-        return float((pred == as_labels(labels, len(pred), training=False).cpu()).float().mean())
+        """Top-1 accuracy in [0, 1] of ``features`` (N, D) against ``labels`` (N,); NaN when these features or the
+        training ones hold a non-finite row (with a warning), as no accuracy can be read from them."""
+        check_fitted(self, "features_")
+        features = as_features(features)
+        bad = nonfinite_rows(features, "the features", "kNN.score", "the score is NaN")
+        pred = self.predict_scores(features).argmax(1).cpu()
+        hits = pred == as_labels(labels, len(pred), training=False).cpu()
+        return math.nan if bad or self.nonfinite_rows_ else float(hits.float().mean())

@@ -8,18 +8,24 @@ such (``linear_top1_best``), for comparison with the paper.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from directpred.eval.inputs import as_features, as_labels, check_fitted
+from directpred.eval.inputs import as_features, as_labels, check_fitted, nonfinite_rows
 
 
 class LinearProbe:
     """Logistic-regression probe with scikit-learn's contract (``fit`` returns ``self``; ``*_`` attributes;
     ``predict`` or ``score`` before ``fit`` raises :class:`~directpred.eval.inputs.NotFittedError`).
+
+    Non-finite features (NaN or inf, from a diverged model) make the standardisation and the weights NaN and the
+    argmax arbitrary: a warning names how many rows are non-finite, and the accuracies (``score``, ``history_``)
+    are NaN rather than a plausible-looking number (a warning, not an error, so that a training run's final
+    evaluation still writes its summary).
 
     Args:
         epochs: passes over the training features (50).
@@ -31,6 +37,7 @@ class LinearProbe:
     Attributes (after ``fit``):
         history_: test accuracy after every epoch (when test features were given to ``fit``).
         best_accuracy_: the best entry of ``history_`` (the authors' reported figure).
+        nonfinite_rows_: rows of ``x_train`` holding NaN or inf (0 for a meaningful probe).
     """
 
     def __init__(
@@ -66,9 +73,14 @@ class LinearProbe:
         if len(x_train) == 0:
             raise ValueError("LinearProbe.fit: x_train has no rows")
         y_train = as_labels(y_train, len(x_train), "y_train")
+        test_bad = 0
         if x_test is not None:
             x_test = as_features(x_test, "x_test")
             y_test = as_labels(y_test, len(x_test), "y_test", training=False)
+            test_bad = nonfinite_rows(x_test, "x_test", "LinearProbe.fit", "history_ holds NaN")
+        self.nonfinite_rows_ = nonfinite_rows(
+            x_train, "x_train", "LinearProbe.fit", "the probe is meaningless; score() and history_ give NaN"
+        )
         g = torch.Generator().manual_seed(self.seed)
         self.mean_ = x_train.float().mean(0)
         # StandardScaler: the population std (one training sample gives 0, not NaN); constant features stay finite
@@ -92,25 +104,41 @@ class LinearProbe:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            if x_test is not None and y_test is not None:
-                self.history_.append(self.score(x_test, y_test))
-        self.best_accuracy_ = max(self.history_) if self.history_ else float("nan")
+            if x_test is not None and y_test is not None:  # (warned once above, not every epoch)
+                self.history_.append(math.nan if test_bad or self.nonfinite_rows_ else self.score(x_test, y_test))
+        self.best_accuracy_ = max(self.history_) if self.history_ else math.nan
         return self
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor | Any) -> torch.Tensor:
-        """Predicted class (N,) of every row of ``x`` (N, D), moved to the device of the training features.
+        """Predicted class (N,) of every row of ``x`` (N, D), moved to the device of the training features
+        (arbitrary for a non-finite row, with a warning).
 
         Raises:
             NotFittedError: called before :meth:`fit`.
         """
         check_fitted(self, "linear_")
-        x = as_features(x, "x").to(self.mean_.device)
+        x = as_features(x, "x")
+        nonfinite_rows(x, "x", "LinearProbe.predict", "their predicted classes are meaningless")
+        return self._predict(x)
+
+    @torch.no_grad()
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.mean_.device)
         if x.shape[1] != self.mean_.shape[0]:
             raise ValueError(f"LinearProbe: x has {x.shape[1]} columns, the training features {self.mean_.shape[0]}")
         return self.linear_(self._standardise(x)).argmax(1)
 
     def score(self, x: torch.Tensor | Any, y: torch.Tensor | Any) -> float:
-        """Top-1 accuracy in [0, 1] of ``x`` (N, D) against ``y`` (N,)."""
-        pred = self.predict(x).cpu()
-        return float((pred == as_labels(y, len(pred), "y", training=False).cpu()).float().mean())
+        """Top-1 accuracy in [0, 1] of ``x`` (N, D) against ``y`` (N,); NaN when ``x`` or the training features
+        hold a non-finite row (with a warning), as no accuracy can be read from them.
+
+        Raises:
+            NotFittedError: called before :meth:`fit`.
+        """
+        check_fitted(self, "linear_")
+        x = as_features(x, "x")
+        bad = nonfinite_rows(x, "x", "LinearProbe.score", "the score is NaN")
+        pred = self._predict(x).cpu()
+        hits = pred == as_labels(y, len(pred), "y", training=False).cpu()
+        return math.nan if bad or self.nonfinite_rows_ else float(hits.float().mean())

@@ -16,6 +16,7 @@ Over 300 lines: the streamed kNN and the streamed linear protocol share the feat
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -27,6 +28,7 @@ from directpred import distributed
 from directpred.config import Config
 from directpred.data.augment import ViewRecipe, augment_view, eval_transform
 from directpred.data.stream import Reader, StreamData, StreamSource, iterate_split
+from directpred.eval.inputs import nonfinite_rows
 from directpred.eval.knn import vote_weights
 
 
@@ -91,16 +93,31 @@ def knn_stream(
     """Top-1 accuracy in [0, 1] of the weighted cosine kNN (as :class:`~directpred.eval.knn.KNNClassifier`) with
     the training features streamed: only a running top-k (similarity, label) per test image is kept. In a
     multi-process run each process streams its part of the training set and the top-k lists are merged; every
-    process must pass all test features."""
+    process must pass all test features. NaN when a test or training feature row is non-finite (with a warning,
+    as :meth:`KNNClassifier.score <directpred.eval.knn.KNNClassifier.score>`)."""
+    bad_test = nonfinite_rows(test_features, "the test features", "kNN", "the score is NaN")
+    bad_train = torch.zeros((), dtype=torch.long, device=test_features.device)
     q = F.normalize(test_features.float(), dim=1)
     best_sim = torch.full((len(q), k), -math.inf, device=q.device)
     best_lab = torch.zeros((len(q), k), dtype=torch.long, device=q.device)
     for feats, labels in train_batches:
+        bad_train += (~torch.isfinite(feats)).any(1).sum()
         sim = q @ F.normalize(feats.float(), dim=1).t()
         lab = labels.long().to(q.device).expand(len(q), -1)
         best_sim, pos = torch.cat([best_sim, sim], 1).topk(k, dim=1)
         best_lab = torch.cat([best_lab, lab], 1).gather(1, pos)
     world = distributed.world_size()
+    if world > 1:
+        bad_train = distributed.all_reduce_sum(bad_train)  # every process returns the same verdict
+    if bad_train:
+        warnings.warn(
+            f"kNN: {int(bad_train)} training feature rows are non-finite (NaN or inf): the score is NaN "
+            "(features of a diverged model?)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if bad_test or bad_train:
+        return math.nan
     if world > 1:  # each process holds the top-k of its part: merge them
         all_sim = _gather(best_sim).view(world, len(q), k).permute(1, 0, 2).reshape(len(q), world * k)
         all_lab = _gather(best_lab).view(world, len(q), k).permute(1, 0, 2).reshape(len(q), world * k)
@@ -254,9 +271,10 @@ class ByolLinearEval:
         channels_last: bool = False,
         skip_corrupt: bool = False,
     ) -> tuple[float, float]:
-        """(top-1, top-5) in [0, 1] on the centre crops of ``test`` (all processes' images counted)."""
+        """(top-1, top-5) in [0, 1] on the centre crops of ``test`` (all processes' images counted); NaN, with a
+        warning, when a feature row is non-finite."""
         device = torch.device(device)
-        counts = torch.zeros(3, device=device)
+        counts = torch.zeros(4, device=device)  # top-1 hits, top-5 hits, images, non-finite feature rows
         for feats, labels in stream_features(
             backbone,
             test,
@@ -272,9 +290,21 @@ class ByolLinearEval:
             logits = self.linear_(feats)
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hit = top == labels.view(-1, 1)
-            counts += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(labels), device=device)])
+            bad = (~torch.isfinite(feats)).any(1).sum()
+            counts += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(labels), device=device), bad])
         if distributed.world_size() > 1:
             counts = distributed.all_reduce_sum(counts)
+        weights_bad = not all(bool(torch.isfinite(p).all()) for p in self.linear_.parameters())
+        if counts[3] or weights_bad:  # NaN training features make the classifier NaN: the same verdict
+            what = f"{int(counts[3])} of the {int(counts[2])} test feature rows"
+            what = "the classifier's weights" if weights_bad else what
+            warnings.warn(
+                f"linear evaluation: {what} are non-finite (NaN or inf): top-1 and top-5 are NaN (features of a "
+                "diverged model?)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return math.nan, math.nan
         return float(counts[0] / counts[2]), float(counts[1] / counts[2])
 
 

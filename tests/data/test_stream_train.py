@@ -3,6 +3,7 @@ in-memory path, shards as folders, mid-epoch resume is exact, kNN and BYOL's lin
 
 from __future__ import annotations
 
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -175,6 +176,27 @@ def test_byol_linear_evaluation_streams_and_scores_top1_top5(jpegs):
     ((crop, _),) = list(iterate_split(test.inner, 28, crop=24, batch_size=len(test)))
     ((full, _),) = list(iterate_split(test.inner, 28, batch_size=len(test)))
     assert torch.equal(crop, full[:, :, 2:26, 2:26])
+
+
+class _NaNFirstRow(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.full_like(x[:1], float("nan")), x[1:]])
+
+
+def test_byol_linear_evaluation_of_nonfinite_features_is_nan(jpegs):
+    """NaN features made the classifier's weights NaN and its argmax arbitrary: a chance-level top-1 that looked
+    real. It is NaN now, with a warning."""
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 5, stride=2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), _NaNFirstRow()
+    )
+    train = FolderReader(jpegs, "train")
+    test = FolderReader(jpegs, "test", classes=train.classes)
+    with pytest.warns(RuntimeWarning, match=r"linear evaluation: the classifier's weights are non-finite"):
+        ev = ByolLinearEval(epochs=2, lr=0.5, batch_size=6, seed=1).fit(
+            backbone, train, test, recipe("imagenet", 24)[1], decode_size=28, num_classes=3, feature_dim=8
+        )
+    assert all(math.isnan(a) for h in ev.history_ for a in h) and math.isnan(ev.top1_) and math.isnan(ev.best_top1_)
 
 
 @pytest.mark.parametrize(

@@ -154,6 +154,78 @@ def test_knn_and_probe_reject_labels_that_do_not_match_the_features():
         LinearProbe(batch_size=0).fit(x, y)
 
 
+def _blobs(seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(3, 6, generator=g) * 4
+    y = torch.randint(0, 3, (90,), generator=g)
+    return centers[y] + torch.randn(90, 6, generator=g), y
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_knn_on_nonfinite_training_features_warns_and_scores_nan(bad):
+    """One NaN/inf training row made every test row's votes NaN and the argmax arbitrary: the score looked like
+    chance (a plausible number); it is NaN now, with one warning that counts the rows."""
+    x, y = _blobs()
+    clean = KNNClassifier(k=5).fit(x[:60], y[:60]).score(x[60:], y[60:])
+    assert clean > 0.9  # the blobs are separable: a finite reference
+    x_bad = x.clone()
+    x_bad[[4, 9], 2] = bad
+    with pytest.warns(RuntimeWarning) as record:
+        knn = KNNClassifier(k=5).fit(x_bad[:60], y[:60])
+    assert [str(w.message) for w in record] == [
+        "kNN: 2 of the 60 rows of the training features are non-finite (NaN or inf): every prediction is "
+        "meaningless and score() returns NaN (features of a diverged model?)"
+    ]
+    assert math.isnan(knn.score(x[60:], y[60:]))
+
+
+def test_knn_and_probe_score_nonfinite_test_features_as_nan_with_one_warning():
+    x, y = _blobs()
+    x_test = x[60:].clone()
+    x_test[0] = float("nan")
+    knn = KNNClassifier(k=5).fit(x[:60], y[:60])
+    probe = LinearProbe(epochs=30, lr=3e-2, batch_size=32).fit(x[:60], y[:60])
+    for est, who in ((knn, "kNN.score"), (probe, "LinearProbe.score")):
+        with pytest.warns(RuntimeWarning) as record:
+            assert math.isnan(est.score(x_test, y[60:]))
+        assert len(record) == 1 and str(record[0].message).startswith(f"{who}: 1 of the 30 rows of ")
+        assert est.score(x[60:], y[60:]) > 0.9  # the estimator itself is fine: finite rows score normally
+
+
+def test_linear_probe_on_nonfinite_features_has_nan_history_and_warns_once():
+    x, y = _blobs()
+    x_train = x[:60].clone()
+    x_train[7, 0] = float("inf")
+    with pytest.warns(RuntimeWarning) as record:
+        probe = LinearProbe(epochs=4, lr=1e-2, batch_size=32).fit(x_train, y[:60], x[60:], y[60:])
+    assert [str(w.message) for w in record] == [
+        "LinearProbe.fit: 1 of the 60 rows of x_train are non-finite (NaN or inf): the probe is meaningless; "
+        "score() and history_ give NaN (features of a diverged model?)"
+    ]
+    assert len(probe.history_) == 4 and all(math.isnan(a) for a in probe.history_)
+    assert math.isnan(probe.best_accuracy_) and probe.nonfinite_rows_ == 1
+    x_test = x[60:].clone()
+    x_test[[1, 2]] = float("nan")
+    with pytest.warns(RuntimeWarning) as record:  # once for the 4 epochs' test scores, not once per epoch
+        probe = LinearProbe(epochs=4, lr=1e-2, batch_size=32).fit(x[:60], y[:60], x_test, y[60:])
+    assert [str(w.message) for w in record] == [
+        "LinearProbe.fit: 2 of the 30 rows of x_test are non-finite (NaN or inf): history_ holds NaN "
+        "(features of a diverged model?)"
+    ]
+    reference = LinearProbe(epochs=4, lr=1e-2, batch_size=32).fit(x[:60], y[:60])  # the same probe, no test set
+    assert all(math.isnan(a) for a in probe.history_)
+    assert probe.score(x[60:], y[60:]) == reference.score(x[60:], y[60:]) > 1 / 3
+
+
+def test_streamed_knn_scores_nonfinite_features_as_nan():
+    x, y = _blobs()
+    batches = [(x[:30], y[:30]), (x[30:60], y[30:60])]
+    assert knn_stream(x[60:], y[60:], iter(batches), num_classes=3, k=5) > 0.9
+    poisoned = [(x[:30], y[:30]), (x[30:60].clone().index_fill_(0, torch.tensor([3]), float("nan")), y[30:60])]
+    with pytest.warns(RuntimeWarning, match=r"kNN: 1 training feature rows are non-finite \(NaN or inf\)"):
+        assert math.isnan(knn_stream(x[60:], y[60:], iter(poisoned), num_classes=3, k=5))
+
+
 @pytest.mark.parametrize("est", [KNNClassifier(k=3), LinearProbe(epochs=1)], ids=["knn", "probe"])
 @pytest.mark.parametrize("call", ["predict", "score"])
 def test_predict_or_score_before_fit_says_call_fit_first(est, call):

@@ -5,7 +5,9 @@ symmetric on degenerate inputs."""
 from __future__ import annotations
 
 import json
+import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from directpred.train.checkpoint import load_checkpoint
 from directpred.train.loop import Trainer, TrainingError
 
 NAN = float("nan")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _trainer(tiny_overrides, tmp_path, *extra: str) -> Trainer:
@@ -212,3 +215,34 @@ def test_nonfinite_or_overflowing_input_raises_and_leaves_state_unchanged(make, 
         pred.update(z)
     for k, v in pred.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed by a refused batch"
+
+
+def test_nonfinite_features_give_nan_accuracies_and_the_run_finishes(tiny_overrides, tmp_path, monkeypatch, capsys):
+    """Features that turn NaN at evaluation (a model diverged in eval mode while the training loss stayed finite)
+    gave a chance-level accuracy that looked real. The run must not crash there (the epoch's checkpoint would be
+    lost): it finishes, with NaN accuracies in summary.json and knn_history and a line saying why."""
+    import directpred.eval.protocol as protocol
+    from directpred.cli import main
+
+    extract = protocol.extract_features
+
+    def poisoned(*args, **kwargs):
+        f = extract(*args, **kwargs)
+        f[0, 0] = NAN
+        return f
+
+    monkeypatch.setattr(protocol, "extract_features", poisoned)
+    run = tmp_path / "run"
+    over = tiny_overrides + ["train.epochs=2", "train.checkpoint_every=1", "eval.knn_every=1", "eval.linear=true"]
+    over += ["eval.linear_epochs=2"]
+    sets = [a for o in over for a in ("--set", o)]
+    assert main(["train", str(REPO / "configs/cpu/quickstart.yaml"), "--out", str(run), *sets]) == 0
+    out, err = capsys.readouterr()
+    assert "RuntimeWarning: kNN: 1 of the 128 rows of the training features are non-finite (NaN or inf)" in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 16 and (run / "checkpoints" / "epoch_0001.pt").is_file()
+    for key in ("knn_top1", "linear_top1", "linear_top1_best"):
+        assert summary[key] != summary[key], key  # NaN, not a plausible percentage
+    assert [h["epoch"] for h in summary["knn_history"]] == [1] and math.isnan(summary["knn_history"][0]["knn_top1"])
+    assert "kNN top-1:              nan %" in out
+    assert "nan: the features were non-finite (NaN or inf; a diverged model?), so no accuracy can be read" in out
