@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -544,9 +544,16 @@ FIGURES: dict[str, Callable[[Path], dict[str, Any]]] = {
 }
 
 
-def make_figures(out: str | Path, only: list[str] | None = None) -> dict[str, float]:
-    """Write every synthetic figure (or those in ``only``) into ``out``; returns seconds per figure."""
-    names = list(FIGURES) if not only else only
+def make_figures(out: str | Path, only: str | Sequence[str] | None = None) -> dict[str, float]:
+    """Write every synthetic figure (or those in ``only``: a name such as ``"fig3"``, or a list of names) into
+    ``out``; returns seconds per figure.
+
+    Raises:
+        ValueError: a name that is not one of :data:`FIGURES`; the message lists the allowed ones.
+    """
+    if isinstance(only, str):  # one name (a str is also a sequence: of its characters, each "unknown")
+        only = [only]
+    names = list(FIGURES) if not only else list(only)
     bad = [n for n in names if n not in FIGURES]
     if bad:
         raise ValueError(f"unknown figure(s) {bad}; allowed: {list(FIGURES)}")

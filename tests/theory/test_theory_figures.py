@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from directpred.cli.theory import main
-from directpred.theory.figures import FIGURES
+from directpred.theory.figures import FIGURES, make_figures
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +68,17 @@ def test_alpha_p_faster_predictor_without_ema(figs):
     assert s["eta=0.1, alpha_p=10"]["modes_alive_mean"] > s["eta=0.1, alpha_p=1"]["modes_alive_mean"]
     scaled = [a * s[f"eta=0.1, alpha_p={a}"]["s_top_final_mean"] for a in (1, 2, 5, 10)]
     np.testing.assert_allclose(scaled, scaled[0], rtol=0.02)
+
+
+@pytest.mark.parametrize(
+    "only,drawn", [("fig3", ["fig3"]), (["fig4", "fig3"], ["fig4", "fig3"]), (None, list(FIGURES))]
+)
+def test_make_figures_takes_one_name_as_a_string(only, drawn, tmp_path, monkeypatch):
+    """only="fig3" was split into its characters ("unknown figure(s) ['f', 'i', 'g', '3']")."""
+    calls = []
+    for name in FIGURES:  # stand-ins: the figures themselves take seconds each
+        monkeypatch.setitem(FIGURES, name, lambda out, name=name: calls.append((name, out)))
+    assert list(make_figures(tmp_path, only)) == drawn
+    assert calls == [(name, tmp_path) for name in drawn]
+    with pytest.raises(ValueError, match=r"unknown figure\(s\) \['fig6'\]; allowed: \['fig3', "):
+        make_figures(tmp_path, "fig6")
