@@ -203,8 +203,19 @@ def simulate_reduced(
 # ----------------------------------------------------------------------------------------------------
 
 
+def _check_sigma2(sigma2: float, where: str) -> None:
+    # σ² is a variance: at σ² = -1 the formulas divide by zero, below it the threshold and p* change sign
+    if not (np.isfinite(sigma2) and sigma2 >= 0):
+        raise ValueError(f"{where}: sigma2 (the augmentation variance σ²) must be a finite number >= 0, got {sigma2!r}")
+
+
 def eta_threshold(tau: float, sigma2: float) -> float:
-    """Largest weight decay with a non-collapsed fixed point, ``τ² / (4(1+σ²))`` (Obs. #5)."""
+    """Largest weight decay with a non-collapsed fixed point, ``τ² / (4(1+σ²))`` (Obs. #5).
+
+    Raises:
+        ValueError: ``sigma2`` negative or not finite.
+    """
+    _check_sigma2(sigma2, "eta_threshold")
     return tau**2 / (4.0 * (1.0 + sigma2))
 
 
@@ -212,7 +223,11 @@ def p_star(tau: float, eta: float, sigma2: float) -> tuple[float, float]:
     """Non-zero fixed points ``(p*₋, p*₊) = (τ ∓ sqrt(τ² − 4η(1+σ²))) / (2(1+σ²))`` of Eq. 16.
 
     Returns ``(nan, nan)`` when ``η > τ²/(4(1+σ²))`` (only the collapsed point p = 0 remains).
+
+    Raises:
+        ValueError: ``sigma2`` negative or not finite.
     """
+    _check_sigma2(sigma2, "p_star")
     lam = 1.0 + sigma2
     disc = tau**2 - 4.0 * eta * lam
     if disc < 0:

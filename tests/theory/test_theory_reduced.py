@@ -209,3 +209,21 @@ def test_reduced_rejects_a_tau0_of_another_shape_and_non_finite_starts():
     with pytest.raises(ValueError, match="p0, s0 and tau0 must be finite"):
         simulate_reduced([0.5], [0.5], float("inf"), **kw)
     assert simulate_reduced([0.5, 0.1], [0.5, 0.1], [0.1, 0.2], **kw).tau.shape == (3, 2)
+
+
+@pytest.mark.parametrize("sigma2", [-1.0, -3.0, -0.5, float("nan"), float("inf")])
+@pytest.mark.parametrize("fn", ["p_star", "eta_threshold", "fixed_points"])
+def test_threshold_and_fixed_points_refuse_a_sigma2_that_is_no_variance(fn, sigma2):
+    """sigma2 = -1 divided by zero (ZeroDivisionError, or inf from numpy); below -1 the threshold came out negative
+    and p* flipped sign, answers about a system that cannot arise."""
+    call = {
+        "p_star": lambda: p_star(1.0, 0.1, sigma2),
+        "eta_threshold": lambda: eta_threshold(1.0, sigma2),
+        "fixed_points": lambda: fixed_points(1.0, 0.1, sigma2),
+    }[fn]
+    where = "eta_threshold" if fn == "eta_threshold" else "p_star"
+    with pytest.raises(ValueError) as info:
+        call()
+    assert str(info.value) == (
+        f"{where}: sigma2 (the augmentation variance σ²) must be a finite number >= 0, got {sigma2!r}"
+    )
