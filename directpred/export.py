@@ -142,9 +142,14 @@ def read_backbone(
     """The online backbone of a run directory (``checkpoints/last.pt`` unless ``checkpoint``), a checkpoint file,
     or a file written by :func:`export_backbone`.
 
+    ``overrides`` (``KEY=VALUE`` strings, as ``--set`` takes them) change the configuration that rebuilds the
+    backbone and its evaluation recipe from a run directory or a checkpoint; an exported file records its
+    architecture and recipe, so overrides for it are refused rather than ignored.
+
     Raises:
         CheckpointError: the file is missing, corrupt, or not a directpred checkpoint/export.
-        ConfigError: the run's configuration cannot be read.
+        ConfigError: the run's configuration cannot be read; an override is invalid, or given for an exported
+            file; ``checkpoint`` given with a file as ``source``.
     """
     from directpred.config import load_config, read_run_config
 
@@ -154,8 +159,19 @@ def read_backbone(
         ckpt = Path(checkpoint) if checkpoint else source / "checkpoints" / "last.pt"
         state = load_checkpoint(ckpt, require=("model",))
         return _from_checkpoint(state, cfg, f"is {ckpt} a checkpoint of the run {source}?")
+    if checkpoint is not None:
+        raise ConfigError(
+            f"checkpoint {checkpoint} (--checkpoint) picks a checkpoint of a run directory, but {source} is a file; "
+            f"give {checkpoint} itself as the source"
+        )
     state = load_checkpoint(source)
     if state.get("format") == FORMAT:
+        if overrides:
+            raise ConfigError(
+                f"overrides {list(overrides)} cannot apply to {source}, an exported backbone: it records its "
+                "architecture and evaluation recipe, not a configuration to rebuild them from. Drop the overrides, "
+                "or give the run directory or checkpoint it was exported from"
+            )
         if state.get("version") != VERSION:
             raise CheckpointError(
                 f"{source} is an exported backbone of format version {state.get('version')!r}; this directpred "

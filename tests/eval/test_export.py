@@ -17,7 +17,7 @@ from torch import nn
 import directpred
 from directpred.backbones import resnet, resolve_channels_last
 from directpred.cli import main
-from directpred.config import config_from_dict, load_config
+from directpred.config import ConfigError, config_from_dict, load_config
 from directpred.data.augment import eval_transform
 from directpred.data.datasets import load_data
 from directpred.data.views import view_recipes
@@ -298,3 +298,27 @@ def test_an_exported_file_of_another_version_or_missing_fields_is_refused(run, t
     with pytest.raises(CheckpointError, match=r"nowidth.pt is an exported backbone without \['width'\]"):
         directpred.load_backbone(tmp_path / "nowidth.pt")
     assert directpred.load_backbone(tmp_path / "ok.pt").recipe.size == exported["image_size"]
+
+
+def test_overrides_or_checkpoint_for_an_exported_file_are_refused_not_ignored(run, tmp_path):
+    """read_backbone(exported_file, overrides=...) returned the file's backbone as if no override had been given
+    (and checkpoint= for a file source was ignored the same way)."""
+    from directpred.export import export_backbone, read_backbone
+
+    export_backbone(run, tmp_path / "bb.pt")
+    over = ["data.image_size=24"]
+    with pytest.raises(ConfigError) as info:
+        read_backbone(tmp_path / "bb.pt", overrides=over)
+    assert str(info.value) == (
+        f"overrides ['data.image_size=24'] cannot apply to {tmp_path / 'bb.pt'}, an exported backbone: it records "
+        "its architecture and evaluation recipe, not a configuration to rebuild them from. Drop the overrides, or "
+        "give the run directory or checkpoint it was exported from"
+    )
+    last = run / "checkpoints" / "last.pt"
+    with pytest.raises(ConfigError, match=r"picks a checkpoint of a run directory, but .*bb\.pt is a file; give "):
+        read_backbone(tmp_path / "bb.pt", checkpoint=last)
+    with pytest.raises(ConfigError, match=r"picks a checkpoint of a run directory, but .*last\.pt is a file"):
+        read_backbone(last, checkpoint=last)
+    # the run directory and its checkpoint take the same override (a valid key), and it reaches the config
+    for source in (run, last):
+        assert read_backbone(source, overrides=["eval.knn_k=7"]).config["eval"]["knn_k"] == 7
