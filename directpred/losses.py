@@ -17,7 +17,8 @@ def negative_cosine(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
     Raises:
         ValueError: ``p`` and ``t`` differ in shape (broadcasting, e.g. a (1, d) target against (B, d)
-            predictions, would silently compute a different loss).
+            predictions, would silently compute a different loss), or the batch is empty (B = 0: the mean over
+            no rows is NaN).
 
     Examples:
         >>> e = torch.eye(2)
@@ -28,6 +29,11 @@ def negative_cosine(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"negative_cosine: predictions {tuple(p.shape)} and targets {tuple(t.shape)} must have the same shape "
             "(B, d), one target row per prediction row"
+        )
+    if p.ndim > 1 and p.shape[:-1].numel() == 0:
+        raise ValueError(
+            f"negative_cosine: an empty batch, predictions and targets of shape {tuple(p.shape)}: the mean over no "
+            "rows is NaN; give at least one row"
         )
     # Half-precision inputs are computed in float32; float64 ones stay float64 (gradcheck, theory comparisons).
     dtype = torch.promote_types(torch.promote_types(p.dtype, t.dtype), torch.float32)

@@ -90,3 +90,17 @@ def test_ema_update_rejects_a_momentum_outside_0_1(m):
     assert torch.equal(target.weight, before)
     ema_update(target, online, 1.0)  # the end of BYOL's cosine schedule: the target stays
     assert torch.equal(target.weight, before)
+
+
+def test_negative_cosine_refuses_an_empty_batch():
+    """The mean over no rows returned NaN, which a caller would only notice as a diverged loss."""
+    p = torch.randn(0, 16)
+    with pytest.raises(ValueError) as info:
+        negative_cosine(p, p.clone())
+    assert str(info.value) == (
+        "negative_cosine: an empty batch, predictions and targets of shape (0, 16): the mean over no rows is NaN; "
+        "give at least one row"
+    )
+    with pytest.raises(ValueError, match=r"an empty batch, .* of shape \(0, 16\)"):
+        two_view_loss(p, p, p, p)
+    assert negative_cosine(torch.eye(1, 16), -torch.eye(1, 16)).item() == 4.0  # one row is a batch
