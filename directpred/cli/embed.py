@@ -44,7 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "X.labels.npy; --out X.npz one file with features, labels, classes, paths.",
     )
     p.add_argument("source", help="a run directory, a checkpoint file, or an exported file")
-    p.add_argument("--data", required=True, help="an ImageFolder directory or .tar/.tar.gz")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="a folder or .tar/.tar.gz of images: <class>/<image>, train/ + test/ (or val/) splits of those, or "
+        "images without class folders (labels -1)",
+    )
     p.add_argument("--out", required=True, help="features.npy or features.npz")
     p.add_argument(
         "--split",
