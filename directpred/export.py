@@ -110,8 +110,9 @@ def _from_checkpoint(state: dict[str, Any], cfg: Config, source_hint: str = "") 
     )
     if not size:
         raise ConfigError(
-            "this checkpoint predates the recorded image size and data.image_size is 0; give the "
-            "run's image size with --set data.image_size=N"
+            "this checkpoint predates the recorded image size and data.image_size is 0; give the run's image size "
+            "N: read_backbone(..., overrides=['data.image_size=N']) in Python; for export and embed, which have no "
+            "--set, set data.image_size in the run's config.yaml and give the run directory"
         )
     r = eval_recipe(cfg, size)
     net = resnet(cfg.backbone.name, width=cfg.backbone.width, cifar_stem=cfg.backbone.cifar_stem)

@@ -322,3 +322,17 @@ def test_overrides_or_checkpoint_for_an_exported_file_are_refused_not_ignored(ru
     # the run directory and its checkpoint take the same override (a valid key), and it reaches the config
     for source in (run, last):
         assert read_backbone(source, overrides=["eval.knn_k=7"]).config["eval"]["knn_k"] == 7
+
+
+def test_a_checkpoint_without_its_image_size_says_how_to_give_it(run, tmp_path):
+    """The message said --set data.image_size=N, which export and embed do not have; read_backbone's overrides
+    (now refused only for exported files) give it."""
+    from directpred.export import read_backbone
+
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    state.pop("image_size")
+    state["config"]["data"]["image_size"] = 0  # a folder data set: no size to infer from the dataset's name
+    save_checkpoint(tmp_path / "old.pt", state)
+    with pytest.raises(ConfigError, match=r"read_backbone\(\.\.\., overrides=\['data\.image_size=N'\]\) in Python"):
+        read_backbone(tmp_path / "old.pt")
+    assert read_backbone(tmp_path / "old.pt", overrides=["data.image_size=24"]).image_size == 24
