@@ -266,8 +266,9 @@ def read_image_folder(
 
     Layouts: an ImageFolder (``<class>/<image>``: labels by class folder); a flat folder of images (no class folders:
     every label -1, no classes); either inside split folders (``train/``, ``val/``, ``test/``), of which ``split``
-    picks one (default: ``test``, else ``val``). A ``split`` given for a source without split folders is refused
-    (:class:`DataError` naming the layout found), rather than ignored.
+    picks one (default: ``test``, else ``val``). The top folders are splits only when all of them are split names
+    (an ImageFolder may have a class named ``train``, as CIFAR-100 has). A ``split`` given for a source without split
+    folders is refused (:class:`DataError` naming the layout found), rather than ignored.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -282,7 +283,8 @@ def read_image_folder(
     ):
         prefix = next(iter(tops)) + "/"  # one wrapping folder (archive.tar.gz -> name/...)
         tops = {n[len(prefix) :].split("/", 1)[0] for n in images if n[len(prefix) :].count("/") >= 1}
-    splits = [s for s in SPLITS if s in tops]
+    # Split folders only when every top folder is one: CIFAR-100 has a class named 'train', beside 'apple' and 'bus'.
+    splits = [s for s in SPLITS if s in tops] if tops <= set(SPLITS) else []
     if splits:
         chosen = split or ("test" if "test" in splits or "val" not in splits else "val")
         if chosen not in splits:
@@ -296,9 +298,17 @@ def read_image_folder(
             )
         prefix += f"{chosen}/"
     elif split is not None:
+        layout = "<class>/<image>" if tops else "images without class folders"
+        named = sorted(tops & set(SPLITS))
+        if named:  # a class folder named like a split: say why it is not taken for one
+            shown = [t + "/" for t in sorted(tops)][:4] + ([f"... ({len(tops)} in all)"] if len(tops) > 4 else [])
+            layout += (
+                f" whose class folders {', '.join(shown)} are not all split names, so "
+                f"{', '.join(t + '/' for t in named)} {'is a class' if len(named) == 1 else 'are classes'}"
+            )
         raise DataError(
             f"--split {split}: {path} has no split folders (train/, val/, test/): it is one set of images "
-            f"({'<class>/<image>' if tops else 'images without class folders'}); drop --split to embed all of them"
+            f"({layout}); drop --split to embed all of them"
         )
     inside = [n[len(prefix) :] for n in images if n.startswith(prefix)]
     items = sorted(prefix + n for n in inside if "/" in n)

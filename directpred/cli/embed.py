@@ -55,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--split",
         choices=["train", "val", "test"],
         help="which split folder of a train/ + test/ (or val/) layout (default: test, else val); refused for data "
-        "without split folders",
+        "without split folders (top folders are splits only when all are named train, val or test: otherwise "
+        "they are classes)",
     )
     p.add_argument("--checkpoint", help="with a run directory: this checkpoint instead of checkpoints/last.pt")
     p.add_argument("--batch-size", type=int, default=256)

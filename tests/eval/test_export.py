@@ -11,7 +11,8 @@ import pytest
 import torch
 import torchvision
 import yaml
-from conftest import write_tar
+from conftest import synthetic_images, write_tar
+from PIL import Image
 from torch import nn
 
 import directpred
@@ -217,6 +218,37 @@ def test_embed_warns_about_images_beside_the_class_folders(run, tmp_path, tiny_f
         == 0
     )
     assert np.load(tmp_path / "t.npz")["paths"][0].startswith("train_only/train/class0/")
+
+
+def test_a_class_named_like_a_split_is_a_class_not_a_split(tmp_path):
+    """A top folder named train/ (CIFAR-100 has a class 'train') switched the whole folder to the split layout: the
+    folder was refused without --split, and --split train embedded that class alone, unlabelled. Folders are splits
+    only when all of them are named train/, val/ or test/."""
+    from directpred.data.datasets import DataError
+    from directpred.export import read_image_folder
+
+    images, _ = synthetic_images(2, 3, size=8)
+    root = tmp_path / "root"
+    for i, name in enumerate(("apple", "bus", "train")):
+        (root / "data" / name).mkdir(parents=True)
+        for j in range(2):
+            Image.fromarray(images[2 * i + j]).save(root / "data" / name / f"{j}.png")
+    for data in (root / "data", write_tar(root / "data", tmp_path / "data.tar.gz")):
+        arrays, names = read_image_folder(data, image_size=8)
+        assert arrays.classes == ["apple", "bus", "train"] and arrays.labels.tolist() == [0, 0, 1, 1, 2, 2]
+        assert names == [f"{c}/{j}.png" for c in ("apple", "bus", "train") for j in range(2)]
+        np.testing.assert_array_equal(arrays.images.numpy(), np.stack(images))
+        with pytest.raises(DataError) as err:
+            read_image_folder(data, image_size=8, split="train")
+        assert str(err.value) == (
+            f"--split train: {data} has no split folders (train/, val/, test/): it is one set of images "
+            "(<class>/<image> whose class folders apple/, bus/, train/ are not all split names, so train/ is a "
+            "class); drop --split to embed all of them"
+        )
+    # Under a wrapping folder (an archive of data/), the same.
+    wrapped = write_tar(root, tmp_path / "wrapped.tar.gz")
+    arrays, names = read_image_folder(wrapped, image_size=8)
+    assert arrays.classes == ["apple", "bus", "train"] and names[0] == "data/apple/0.png"
 
 
 def test_export_loads_into_torchvision_resnet18(tmp_path):
