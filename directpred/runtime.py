@@ -51,8 +51,9 @@ def cuda_unavailable_reason() -> str:
 
 
 def check_gpu_indices(indices: list[int], option: str) -> None:
-    """Refuse GPU indices (``--devices 0,1``) this machine does not have: the runs would fall back to the CPU (or fail
-    one by one) instead.
+    """Refuse GPU indices (``--devices 0,1``) this process does not see: the runs would fall back to the CPU (or fail
+    one by one) instead. The indices count the GPUs this process sees, as torch numbers them: under
+    ``CUDA_VISIBLE_DEVICES``, its entries (``4,5,6,7`` makes them 0 to 3).
 
     Raises:
         ConfigError: naming ``option``, the indices, and the fix.
@@ -65,6 +66,13 @@ def check_gpu_indices(indices: list[int], option: str) -> None:
     count = torch.cuda.device_count() if indices else 0
     beyond = [i for i in indices if i >= count]
     if beyond:
+        mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if mask is not None:  # physical ids given where the mask's positions are meant (a Slurm job's 4,5,6,7)
+            raise ConfigError(
+                f"{shown} but this process sees {count} GPU(s) (CUDA_VISIBLE_DEVICES={mask}); {option} counts the "
+                f"GPUs this process sees (under CUDA_VISIBLE_DEVICES, its entries): use indices 0 to {count - 1}, "
+                "or auto"
+            )
         raise ConfigError(
             f"{shown} but this machine has {count} GPU(s) (0 to {count - 1}); use indices among them, or auto"
         )

@@ -99,7 +99,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--devices",
         default="auto",
-        help="cpu, auto (every visible GPU, else cpu) or GPU indices 0,1,...: one run per GPU at a time",
+        help="cpu, auto (every visible GPU, else cpu) or GPU indices 0,1,...: one run per GPU at a time; "
+        "--devices counts the GPUs this process sees (under CUDA_VISIBLE_DEVICES, its entries)",
     )
     p.add_argument("--jobs", type=int, default=1, help="concurrent runs per device (small networks on big GPUs)")
     p.add_argument(

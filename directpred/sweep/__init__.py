@@ -21,10 +21,12 @@ __all__ = ["Sweep", "load_sweep", "parse_devices", "write_reports"]
 
 
 def parse_devices(text: str, *, torchrun: int = 0, jobs: int = 1) -> list[str | None]:
-    """Concurrent run slots: their ``CUDA_VISIBLE_DEVICES`` values (None: the CPU).
+    """Concurrent run slots: their GPU indices (None: the CPU).
 
     ``cpu`` -> one slot per job; ``0,1,2,3`` -> one slot per GPU per job, or, with ``torchrun`` = N, one per group of
-    N consecutive GPUs; ``auto`` -> every visible GPU, or the CPU if there is none.
+    N consecutive GPUs; ``auto`` -> every visible GPU, or the CPU if there is none. The indices count the GPUs this
+    process sees (as torch numbers them): under ``CUDA_VISIBLE_DEVICES``, its entries, which the runner gives each
+    run (:func:`directpred.sweep.runner.visible_devices`).
     """
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: must be >= 1 (concurrent runs per device)")

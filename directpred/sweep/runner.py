@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -151,6 +151,35 @@ def _last_line(log: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
+def visible_devices(slot: str | None, environ: Mapping[str, str]) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` of a run on ``slot`` (``--devices`` indices, comma-separated; None: the CPU).
+
+    ``--devices`` counts the GPUs this process sees, as torch numbers them: under the parent's own
+    ``CUDA_VISIBLE_DEVICES`` (a Slurm job given GPUs 4-7 has ``4,5,6,7``) index i is its i-th entry, kept as written
+    (a UUID ``GPU-...`` or a MIG id stays a string), since the child's mask replaces the parent's; without one, the
+    index itself.
+
+    Raises:
+        ConfigError: an index beyond the parent's mask, naming it and the indices to use.
+    """
+    if slot is None:
+        return ""  # no GPU: the run takes the CPU
+    mask = environ.get("CUDA_VISIBLE_DEVICES")
+    if mask is None:
+        return slot
+    visible = [entry.strip() for entry in mask.split(",") if entry.strip()]
+    indices = [int(i) for i in slot.split(",")]
+    beyond = [i for i in indices if i >= len(visible)]
+    if beyond:
+        fix = f"use indices 0 to {len(visible) - 1}" if visible else "use --devices cpu"
+        raise ConfigError(
+            f"--devices {','.join(map(str, beyond))}: this process sees {len(visible)} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={mask}); --devices counts the GPUs this process sees (under CUDA_VISIBLE_DEVICES, "
+            f"its entries): {fix}"
+        )
+    return ",".join(visible[i] for i in indices)
+
+
 def execute(
     sweep: Sweep,
     plans: list[Plan],
@@ -162,7 +191,9 @@ def execute(
     """Run the plans that are not done, ``len(slots)`` at a time; returns the plans whose run failed.
 
     Args:
-        slots: one entry per concurrent run: its ``CUDA_VISIBLE_DEVICES`` value, or None for the CPU (hidden GPUs).
+        slots: one entry per concurrent run: its GPU indices among those this process sees (``"0"``, ``"0,1"``
+            under torchrun), or None for the CPU (hidden GPUs); the run's ``CUDA_VISIBLE_DEVICES`` is their entries
+            in this process's own mask, if it has one (:func:`visible_devices`).
         torchrun: >0 launches each run under ``torchrun --standalone --nproc_per_node=torchrun``.
         echo: where the progress lines go; the ``sys.stdout`` of the call by default (not the one at import time,
             which a caller may have replaced and closed since).
@@ -171,6 +202,7 @@ def execute(
         SweepInterrupted: on SIGINT/SIGTERM, after the running children were stopped at a checkpoint.
     """
     echo = sys.stdout if echo is None else echo
+    devices = [visible_devices(slot, os.environ) for slot in slots]  # refused before any run starts
     todo = [p for p in plans if p.action != "done"]
     total = len(todo)
     failed: list[Plan] = []
@@ -197,7 +229,7 @@ def execute(
                     **os.environ,
                     "PYTHONUNBUFFERED": "1",
                     "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
-                    "CUDA_VISIBLE_DEVICES": slots[slot] or "",
+                    "CUDA_VISIBLE_DEVICES": devices[slot],
                 }
                 cmd = plan.command(sweep, torchrun)
                 log = open(plan.run_dir / "sweep.log", "a")  # noqa: SIM115 (closed when the run ends)
@@ -207,6 +239,8 @@ def execute(
                     cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=preexec
                 )
                 where = "cpu" if slots[slot] is None else f"GPU {slots[slot]}"
+                if slots[slot] is not None and devices[slot] != slots[slot]:
+                    where += f" = CUDA_VISIBLE_DEVICES={devices[slot]}"
                 print(
                     f"[{index}/{total}] start  {plan.run.cell} seed {plan.run.seed} ({plan.action}, {where})",
                     file=echo,

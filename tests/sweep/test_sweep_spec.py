@@ -4,6 +4,7 @@ device slots. No training here (see test_sweep_run.py)."""
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -217,6 +218,7 @@ def test_gpu_indices_the_machine_lacks_are_refused_before_any_run(tmp_path, tiny
     import torch
 
     path, out = write_sweep(tmp_path, tiny_folder), tmp_path / "out"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["sweep", str(path), "--out", str(out), "--devices", "0,1"]) == 2
     assert capsys.readouterr().err.strip() == (
@@ -233,6 +235,14 @@ def test_gpu_indices_the_machine_lacks_are_refused_before_any_run(tmp_path, tiny
         "directpred: config error: --devices 0,1,2,3 but this machine has 2 GPU(s) (0 to 1); use indices among "
         "them, or auto"
     )
+    # Under a Slurm job's mask the physical ids are refused, saying what the indices count.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert main(["sweep", str(path), "--out", str(out), "--devices", "4,5"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "directpred: config error: --devices 4,5 but this process sees 2 GPU(s) (CUDA_VISIBLE_DEVICES=4,5); "
+        "--devices counts the GPUs this process sees (under CUDA_VISIBLE_DEVICES, its entries): use indices 0 to 1, "
+        "or auto"
+    )
     assert not out.exists()
 
 
@@ -247,3 +257,70 @@ def test_device_slots():
         parse_devices("gpu0")
     with pytest.raises(ConfigError, match="--jobs 0: must be >= 1"):
         parse_devices("cpu", jobs=0)
+
+
+class _FinishedProcess:
+    """A child that has already exited 0 (without a summary.json, so the sweep records it as failed)."""
+
+    returncode = 0
+
+    def poll(self) -> int:
+        return 0
+
+
+@pytest.mark.parametrize(
+    "mask,devices,torchrun,expected",
+    [
+        (None, "0,1", 0, ["0", "1"]),  # no mask: the indices are the GPUs
+        ("4,5,6,7", "0,1,2,3", 0, ["4", "5", "6", "7"]),  # a Slurm job given GPUs 4-7
+        ("4,5,6,7", "auto", 0, ["4", "5", "6", "7"]),
+        ("4,5,6,7", "1,3", 0, ["5", "7"]),
+        ("GPU-aaaa, GPU-bbbb,MIG-cccc", "2,0", 0, ["MIG-cccc", "GPU-aaaa"]),  # UUIDs and MIG ids stay strings
+        ("4,5,6,7", "0,1,2,3", 2, ["4,5", "6,7"]),  # torchrun: each run's group of GPUs
+        ("4,5,6,7", "cpu", 0, ["", ""]),
+    ],
+    ids=["no-mask", "mask", "auto", "subset", "uuids", "torchrun", "cpu"],
+)
+def test_devices_count_the_visible_gpus_and_runs_get_the_parents_mask_entries(
+    mask, devices, torchrun, expected, tmp_path, tiny_folder, monkeypatch
+):
+    """Each run's CUDA_VISIBLE_DEVICES replaced the parent's with the --devices index itself: under a mask of 4,5,6,7
+    (a Slurm job), --devices 0,1,2,3 (and auto) ran on the physical GPUs 0-3, other jobs' GPUs."""
+    import torch
+
+    from directpred.sweep import runner
+
+    if mask is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", mask)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4 if mask is None else len(mask.split(",")))
+    started: list[tuple[str, list[str]]] = []
+
+    def popen(cmd, **kw):
+        started.append((kw["env"]["CUDA_VISIBLE_DEVICES"], cmd))
+        return _FinishedProcess()
+
+    monkeypatch.setattr(runner.subprocess, "Popen", popen)
+    sweep = load_sweep(write_sweep(tmp_path, tiny_folder, seeds=[0]))
+    slots = parse_devices(devices, torchrun=torchrun)
+    plans = [plan_run(sweep, run, tmp_path / "out") for run in sweep.runs()]
+    runner.execute(sweep, plans, slots=slots, torchrun=torchrun, echo=open(os.devnull, "w"))
+    assert sorted(env for env, _ in started) == sorted(expected[: len(plans)])
+    assert all(("--nproc_per_node=2" in cmd) == (torchrun == 2) for _, cmd in started)
+
+
+def test_a_devices_index_beyond_the_parents_mask_is_refused_naming_it(tmp_path, tiny_folder, monkeypatch):
+    from directpred.sweep import runner
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    monkeypatch.setattr(runner.subprocess, "Popen", lambda cmd, **kw: pytest.fail("no run may start"))
+    sweep = load_sweep(write_sweep(tmp_path, tiny_folder, seeds=[0]))
+    plans = [plan_run(sweep, run, tmp_path / "out") for run in sweep.runs()]
+    with pytest.raises(ConfigError) as err:
+        runner.execute(sweep, plans, slots=["0", "2"], echo=open(os.devnull, "w"))
+    assert str(err.value) == (
+        "--devices 2: this process sees 2 GPU(s) (CUDA_VISIBLE_DEVICES=4,5); --devices counts the GPUs this process "
+        "sees (under CUDA_VISIBLE_DEVICES, its entries): use indices 0 to 1"
+    )
