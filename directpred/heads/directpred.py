@@ -236,9 +236,9 @@ class PartitionedDirectPred(DirectPred):
         self.register_buffer("cell_count", torch.zeros(partitions, 2, dtype=torch.long))
         self.register_buffer("cell_weight", torch.eye(dim).expand(partitions, 2, dim, dim).clone())
 
-    def _sides(self, z: torch.Tensor) -> torch.Tensor:  # (B, n) bool: True = positive side
+    def _sides(self, z: torch.Tensor, theta: torch.Tensor | None = None) -> torch.Tensor:  # (B, n) True = positive
         with full_precision(z.device):  # the same float32 sides in forward (under autocast) as in update
-            return (z.float() @ self.planes.float()) >= self.theta
+            return (z.float() @ self.planes.float()) >= (self.theta if theta is None else theta)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         W = self.cell_weight.to(z.dtype)  # (n, 2, d, d)
@@ -256,14 +256,16 @@ class PartitionedDirectPred(DirectPred):
             self._update_cells(z.detach().float())
 
     def _update_cells(self, z: torch.Tensor) -> None:
-        set_now = int(self.count) % self.freq == 0
+        # Two host reads (device syncs) per update: the step count, and all cells' sample counts and update counts at
+        # once, which also reveal an empty batch; nothing is written before that check, so a refused batch leaves
+        # the state as it was.
+        count = int(self.count)
+        set_now = count % self.freq == 0
         proj = torch.cat([(z @ self.planes.float()).sum(0), z.new_tensor([z.shape[0]])])  # any module dtype
         distributed.all_reduce_sum(proj)  # the mean over the global batch, whatever each rank's share of it
-        if proj[-1] == 0:  # before theta is set from 0/0
-            raise ValueError(f"the predictor's update got an empty batch z of shape {tuple(z.shape)}")
-        proj_mean = (proj[:-1] / proj[-1]).to(self.theta.dtype)
-        self.theta.copy_(proj_mean if int(self.count) == 0 else self.theta.lerp(proj_mean, 1 - self.rho))
-        pos = self._sides(z).float()  # (B, n)
+        proj_mean = (proj[:-1] / proj[-1]).to(self.theta.dtype)  # 0/0 for an empty batch: refused below
+        theta = proj_mean if count == 0 else self.theta.lerp(proj_mean, 1 - self.rho)
+        pos = self._sides(z, theta).float()  # (B, n)
         d = self.dim
         s_pos = torch.einsum("bn,bd,be->nde", pos, z, z)  # (n, d, d): sum over positive-side samples
         s_all = (z.t() @ z).expand_as(s_pos)
@@ -275,17 +277,23 @@ class PartitionedDirectPred(DirectPred):
         n_pos, n = stats[2 * k * d * d : 2 * k * d * d + k], stats[-1]
         cell_sum = torch.stack([s_pos, s_all - s_pos], 1)  # (n, 2, d, d)
         cell_n = torch.stack([n_pos, n - n_pos], 1)  # (n, 2)
+        host = torch.stack([cell_n.double(), self.cell_count.double()]).tolist()  # the one read of the counts
+        cell_n_host, cell_count_host = host[0], [[int(c) for c in row] for row in host[1]]
+        if sum(cell_n_host[0]) == 0:  # a hyperplane's two sides hold the whole global batch: it is empty
+            raise ValueError(f"the predictor's update got an empty batch z of shape {tuple(z.shape)}")
+        self.theta.copy_(theta)
         for i in range(k):
             for side in range(2):
-                if cell_n[i, side] == 0:
+                if cell_n_host[i][side] == 0:
                     continue  # no sample fell in this cell: keep its estimate
                 batch = cell_sum[i, side] / cell_n[i, side]
-                w = 1.0 if int(self.cell_count[i, side]) == 0 else 1.0 - self.rho
+                w = 1.0 if cell_count_host[i][side] == 0 else 1.0 - self.rho
                 self.cell_corr[i, side].lerp_(batch.to(self.cell_corr.dtype), w)
                 self.cell_count[i, side] += 1
+                cell_count_host[i][side] += 1
         super().update(z)  # global F^ and weight, for diagnostics; also advances count
         if set_now:
             for i in range(k):
                 for side in range(2):
-                    if int(self.cell_count[i, side]) > 0:
+                    if cell_count_host[i][side] > 0:
                         self.cell_weight[i, side] = self.target_weight(self.cell_corr[i, side])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from directpred.heads import CorrelationEstimator, DirectCopy, DirectPred, PartitionedDirectPred
 from directpred.methods.siamese import Encoder, OnlineBranch
@@ -262,6 +263,44 @@ def test_update_with_an_empty_or_wrong_width_batch_says_so_and_keeps_the_state(k
             pred.update(bad, z_target=bad) if kind == "optimal" else pred.update(bad)
     after = pred.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the reads of a tensor's values by the host (item, bool, int, tolist): each a device sync on a GPU."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__()
+        self.count = 0
+        tolist = torch.Tensor.tolist
+
+        def counted(t: torch.Tensor) -> list:
+            self.count += 1
+            return tolist(t)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counted)  # reads the data without an aten op
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("partitions", [1, 4])
+def test_partitioned_update_reads_the_host_twice_beyond_its_eigendecompositions(partitions, monkeypatch):
+    """Every update synced with the device for the empty-batch check (proj[-1] == 0) and three times per cell; now:
+    the step count, and one read of all cells' counts (which also gives the empty-batch check), beyond what
+    DirectPred's own update and the cells' 2n eigendecompositions (DirectPred's target_weight) read."""
+
+    def reads(update) -> int:
+        with _HostReads(monkeypatch) as mode:
+            update()
+        return mode.count
+
+    zs = batches(n=2)
+    dp, part = DirectPred(8), PartitionedDirectPred(8, partitions=partitions)
+    for pred in (dp, part):
+        pred.update(zs[0])
+    eigh_reads = reads(lambda: dp.target_weight(dp.corr))
+    assert reads(lambda: part.update(zs[1])) == reads(lambda: dp.update(zs[1])) + 2 + 2 * partitions * eigh_reads
 
 
 @pytest.mark.parametrize(
