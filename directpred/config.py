@@ -189,7 +189,8 @@ class OptimConfig:
     schedule: Literal["constant", "warmup_cosine"] = "constant"
     """Learning-rate schedule; the paper uses a constant lr."""
     warmup_epochs: float = 0.0
-    """Linear warmup length in epochs (also with the constant schedule); less than `train.epochs`."""
+    """Linear warmup length in epochs (also with the constant schedule); less than `train.epochs`, and in steps
+    (`round(warmup_epochs x steps per epoch)`) less than the run's steps."""
     lars_eta: float = 0.001
     """LARS trust coefficient."""
 
@@ -675,10 +676,14 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= cfg.diag.rho < 1.0, "diag.rho", cfg.diag.rho, "must lie in [0, 1)")
 
 
-def check_schedule(cfg: Config) -> None:
+def check_schedule(cfg: Config, *, steps_per_epoch: int | None = None) -> None:
     """Refuse a learning-rate warm-up that does not end before training does: the learning rate would never reach
     ``optim.lr`` (with ``warmup_cosine`` the cosine part would never start). ``train.max_steps`` does not make it
     legitimate: the schedules run over ``train.epochs`` whatever the step limit.
+
+    With ``steps_per_epoch`` (known once the data is), also in steps, as the trainer counts them: a warm-up of
+    ``round(optim.warmup_epochs x steps_per_epoch)`` steps must end before the ``train.epochs x steps_per_epoch``
+    steps do (``warmup_epochs=0.95`` of a 1-epoch run at 10 steps per epoch is 10 warm-up steps out of 10).
 
     A check of training alone, made where a run starts (:class:`directpred.train.loop.Trainer`, every cell of a
     sweep; on resume after ``--set``, so raising ``train.epochs`` there fixes it), not in :func:`validate`: a finished
@@ -691,20 +696,33 @@ def check_schedule(cfg: Config) -> None:
         directpred.config.ConfigError: optim.warmup_epochs=10.0 is not allowed: ...
     """
     o, t = cfg.optim, cfg.train
-    if o.warmup_epochs < t.epochs:
+    example = f"e.g. --set optim.warmup_epochs={t.epochs / 10:g}"
+    if o.warmup_epochs >= t.epochs:
+        peak = (
+            f"reaches optim.lr={o.lr:g} only in the last step"
+            if o.warmup_epochs == t.epochs
+            else f"never reaches optim.lr={o.lr:g} (at most {t.epochs / o.warmup_epochs:.3g} x it, in the last step)"
+        )
+        _check(
+            False,
+            "optim.warmup_epochs",
+            o.warmup_epochs,
+            f"the linear warm-up must end before train.epochs={t.epochs} ends, else the learning rate {peak}; set "
+            f"optim.warmup_epochs below {t.epochs} ({example}) or raise train.epochs",
+        )
+    if steps_per_epoch is None:
         return
-    peak = (
-        f"reaches optim.lr={o.lr:g} only in the last step"
-        if o.warmup_epochs == t.epochs
-        else f"never reaches optim.lr={o.lr:g} (at most {t.epochs / o.warmup_epochs:.3g} x it, in the last step)"
-    )
+    # The trainer's own step counts (train/loop.py): rounding can stretch a warm-up just short of the run to all of
+    # it, never beyond (that would need warmup_epochs > train.epochs, refused above).
+    warmup_steps, total_steps = round(o.warmup_epochs * steps_per_epoch), t.epochs * steps_per_epoch
     _check(
-        False,
+        warmup_steps == 0 or warmup_steps < total_steps,
         "optim.warmup_epochs",
         o.warmup_epochs,
-        f"the linear warm-up must end before train.epochs={t.epochs} ends, else the learning rate {peak}; set "
-        f"optim.warmup_epochs below {t.epochs} (e.g. --set optim.warmup_epochs={t.epochs / 10:g}) or raise "
-        "train.epochs",
+        f"the linear warm-up of {warmup_steps} steps (round({o.warmup_epochs:g} x {steps_per_epoch} steps per "
+        f"epoch)) must end before the run's {total_steps} steps (train.epochs={t.epochs}) end, else the learning "
+        f"rate reaches optim.lr={o.lr:g} only in the last step; set optim.warmup_epochs to at most "
+        f"{(total_steps - 1) / steps_per_epoch:g} ({total_steps - 1} steps; {example}) or raise train.epochs",
     )
 
 

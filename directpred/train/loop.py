@@ -186,6 +186,7 @@ class Trainer:
             )
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.last_step = self.total_steps if not cfg.train.max_steps else min(cfg.train.max_steps, self.total_steps)
+        check_schedule(cfg, steps_per_epoch=self.steps_per_epoch)  # the warm-up in steps: round() may stretch it
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.step = self.epoch = 0
         self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient (train.skip_nonfinite)

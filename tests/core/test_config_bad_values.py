@@ -195,6 +195,42 @@ def test_the_trainer_refuses_a_too_long_warmup_before_making_the_run_directory(t
     assert not (tmp_path / "run").exists()
 
 
+def test_a_warmup_that_rounds_to_the_whole_run_in_steps_is_refused():
+    """warmup_epochs=0.95 of a 1-epoch run passed the check in epochs, but at 10 steps per epoch the trainer's
+    round(0.95 x 10) = 10 warm-up steps are the whole run: the learning rate reached optim.lr only in its last step."""
+    from directpred.config import check_schedule
+    from directpred.train.optim import lr_factor
+
+    assert [lr_factor(s, 10, round(0.95 * 10), "warmup_cosine") for s in range(10)].index(1.0) == 9
+    cfg = load_config(None, ["optim.warmup_epochs=0.95", "train.epochs=1"])
+    check_schedule(cfg)  # in epochs: 0.95 < 1
+    with pytest.raises(ConfigError) as info:
+        check_schedule(cfg, steps_per_epoch=10)
+    assert str(info.value) == (
+        "optim.warmup_epochs=0.95 is not allowed: the linear warm-up of 10 steps (round(0.95 x 10 steps per epoch)) "
+        "must end before the run's 10 steps (train.epochs=1) end, else the learning rate reaches optim.lr=0.03 only "
+        "in the last step; set optim.warmup_epochs to at most 0.9 (9 steps; e.g. --set optim.warmup_epochs=0.1) or "
+        "raise train.epochs"
+    )
+    for ok, spe in (("0.9", 10), ("0.95", 100), ("0.04", 10), ("0", 1)):  # 9 of 10, 95 of 100, 0 steps: no warm-up
+        check_schedule(load_config(None, [f"optim.warmup_epochs={ok}", "train.epochs=1"]), steps_per_epoch=spe)
+
+
+def test_the_trainer_refuses_a_warmup_as_long_as_the_run_in_steps(tmp_path, tiny_overrides):
+    from directpred.train.loop import Trainer
+
+    cfg = load_config(None, [*tiny_overrides, "optim.warmup_epochs=0.95", "train.epochs=1"])  # 128 images / 16
+    with pytest.raises(ConfigError) as info:
+        Trainer(cfg, tmp_path / "run").setup()
+    assert str(info.value) == (
+        "optim.warmup_epochs=0.95 is not allowed: the linear warm-up of 8 steps (round(0.95 x 8 steps per epoch)) "
+        "must end before the run's 8 steps (train.epochs=1) end, else the learning rate reaches optim.lr=0.03 only "
+        "in the last step; set optim.warmup_epochs to at most 0.875 (7 steps; e.g. --set optim.warmup_epochs=0.1) or "
+        "raise train.epochs"
+    )
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
 def test_a_sweep_cell_with_a_too_long_warmup_is_refused_when_the_file_loads(tmp_path):
     from directpred.sweep import load_sweep
 
