@@ -131,7 +131,8 @@ def test_replay_of_the_committed_runs_matches_training_and_the_documented_flags(
     summary.json, and the dimensional rule flags exactly the runs docs/diagnostics.md names, at its steps (for the
     held-out runs, which logged the warning live, also the step training recorded)."""
     runs = _committed_runs()
-    assert len(runs) == 97  # 47 the levels were chosen on, 8 held out, 24 of the eps sweeps (§1e), 12 of c_j (§1f), 6 of alpha_p (§1g)
+    # 47 the levels were chosen on, 8 held out, 24 of the eps sweeps (§1e), 12 of c_j (§1f), 6 of alpha_p (§1g)
+    assert len(runs) == 97
     dim_flags = {}
     for run_dir in runs:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
