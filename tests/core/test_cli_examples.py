@@ -40,38 +40,19 @@ def test_every_file_an_example_names_is_in_the_repository():
     assert named and [arg for arg in named if not (REPO / arg).is_file()] == []
 
 
-def _tiny_run(run_dir: Path, tiny_folder: Path, cache: Path, *sets: str) -> None:
-    over = [
-        "data.dataset=folder",
-        f"data.path={tiny_folder}",
-        "data.local_copy=null",
-        f"data.cache_dir={cache}",
-        "backbone.width=4",
-        "projector.hidden_dim=32",
-        "projector.out_dim=16",
-        "predictor.hidden_dim=32",
-        "train.batch_size=16",
-        "train.progress=false",
-        "train.device=cpu",
-        "train.precision=fp32",
-        "eval.linear_epochs=1",
-        "eval.knn_k=5",
-        "diag.every=2",
-        "log.backends=[]",
-        *sets,
-    ]
+def _tiny_run(run_dir: Path, tiny_overrides: list[str], *sets: str) -> None:
+    # conftest's tiny run, with the linear probe and the diagnostics back on (what eval/plot/diagnose read)
+    over = [*tiny_overrides, "data.local_copy=null", "eval.linear=true", "eval.linear_epochs=1", "eval.knn_k=5"]
+    over += ["diag.every=2", "log.backends=[]", *sets]
     Trainer(load_config(REPO / "configs" / "cpu" / "quickstart.yaml", over), run_dir).fit()
 
 
-def test_the_examples_that_read_runs_work_as_printed(tiny_folder, tmp_path, monkeypatch, capsys):
+def test_the_examples_that_read_runs_work_as_printed(tiny_folder, tiny_overrides, tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")  # plot's example
     monkeypatch.chdir(tmp_path)
-    cache = tmp_path / "cache"
-    _tiny_run(tmp_path / "runs" / "qs", tiny_folder, cache)
-    _tiny_run(tmp_path / "runs" / "full" / "byol_directpred", tiny_folder, cache, "eval.linear=false")
-    _tiny_run(
-        tmp_path / "runs" / "full" / "byol_linear", tiny_folder, cache, "eval.linear=false", "predictor.name=linear"
-    )
+    _tiny_run(tmp_path / "runs" / "qs", tiny_overrides)
+    _tiny_run(tmp_path / "runs" / "full" / "byol_directpred", tiny_overrides, "eval.linear=false")
+    _tiny_run(tmp_path / "runs" / "full" / "byol_linear", tiny_overrides, "eval.linear=false", "predictor.name=linear")
     (tmp_path / "my_images").mkdir()  # embed's: a folder of the user's images, without class folders
     for i, image in enumerate(sorted((tiny_folder / "test").rglob("*.png"))[:5]):
         shutil.copy(image, tmp_path / "my_images" / f"{i}.png")
