@@ -767,6 +767,22 @@ def read_yaml(path: Path, what: str = "config file") -> Any:
         raise ConfigError(f"{path}: not a YAML text file ({exc})") from None
 
 
+def strict_json(obj: Any, **kw: Any) -> str:
+    """``json.dumps(obj, **kw)`` with NaN and infinities written as ``null``, so that the text is strict JSON (RFC
+    8259), which ``jq``, JavaScript and most non-Python readers require; Python's default writes bare ``NaN``."""
+
+    def finite(v: Any) -> Any:
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(obj), allow_nan=False, **kw)
+
+
 def read_json_object(path: Path, consequence: str) -> dict[str, Any] | None:
     """The JSON object in ``path`` (a run's ``summary.json``, a sweep's ``failed.json``); None, with a warning naming
     the file and ``consequence``, when it cannot be read or holds no object (e.g. edited by hand)."""

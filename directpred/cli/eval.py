@@ -14,10 +14,10 @@ from directpred.config import Config, ConfigError, EvalConfig
 def print_results(results: Mapping[str, object], header: str, eval_cfg: EvalConfig) -> None:
     """The accuracy lines of ``directpred train`` and ``directpred eval`` (``eval_cfg``: the kNN's k and T)."""
     print(header)
-    if results.get("knn_top1") is not None:
-        print(
-            f"  kNN top-1:           {results['knn_top1']:6.2f} %   (cosine, k={eval_cfg.knn_k}, T={eval_cfg.knn_t:g})"
-        )
+    if "knn_top1" in results:  # always evaluated; None: non-finite, as a summary.json read back writes it (null)
+        knn = results["knn_top1"]
+        knn = math.nan if knn is None else knn
+        print(f"  kNN top-1:           {knn:6.2f} %   (cosine, k={eval_cfg.knn_k}, T={eval_cfg.knn_t:g})")
     if results.get("linear_top1") is not None:
         print(f"  linear probe top-1:  {results['linear_top1']:6.2f} %   (final probe epoch)")
         print(
@@ -27,7 +27,7 @@ def print_results(results: Mapping[str, object], header: str, eval_cfg: EvalConf
     if results.get("linear_top5") is not None:
         print(f"  linear top-5:        {results['linear_top5']:6.2f} %   (BYOL's protocol, final epoch)")
     values = [results.get(k) for k in ("knn_top1", "linear_top1", "linear_top1_best", "linear_top5")]
-    if any(isinstance(v, float) and math.isnan(v) for v in values):
+    if any(isinstance(v, float) and math.isnan(v) for v in values) or "knn_top1" in results and values[0] is None:
         print("  nan: the features were non-finite (NaN or inf; a diverged model?), so no accuracy can be read")
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import warnings
 from pathlib import Path
 from typing import Any
 
-from directpred.config import read_json_object
+from directpred.config import read_json_object, strict_json
 from directpred.sweep.spec import Sweep
 
 METRICS = (("knn_top1", "kNN top-1"), ("linear_top1", "linear top-1"), ("linear_top1_best", "linear best"))
@@ -29,6 +28,11 @@ METRIC_NOTE = (
     "dimensional-collapse warning flagged. Both show – unless every finished seed recorded a verdict (runs from "
     "before a detector existed have none)."
 )
+
+
+def _finite(v: Any) -> bool:
+    """A number to average: not None (a non-finite value in a strict-JSON summary) nor NaN/inf (older summaries)."""
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -72,7 +76,7 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
     runs, cells, timing_cells, timing_runs = [], [], {}, []
     for cell in sweep.cells:
         done: list[dict[str, Any]] = []
-        curves, status_of = [], {}
+        curves, status_of, nonfinite = [], {}, []
         for seed in sweep.seeds:
             run_dir = out / "runs" / cell / f"seed{seed}"
             status = status_of[seed] = _run_status(run_dir)
@@ -86,6 +90,8 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
                 row.update(collapsed=s.get("collapsed"), dim_collapsed=s.get("dim_collapsed"))
                 row.update(epochs=s.get("epochs"), steps=s.get("steps"))
                 done.append(s)
+                if not _finite(s.get("knn_top1")):
+                    nonfinite.append(seed)
                 curves.append(_knn_curve(run_dir))
                 timing_runs.append({"cell": cell, "seed": seed, **{k: s.get(k) for k, _ in TIMING}})
             elif status == "failed":
@@ -97,7 +103,9 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "cell": cell,
             "n": len(done),
-            **{k: _stats([s[k] for s in done if s.get(k) is not None]) for k, _ in METRICS},
+            **{k: _stats([s[k] for s in done if _finite(s.get(k))]) for k, _ in METRICS},
+            # kNN is always evaluated at the end: no finite kNN accuracy means the features held NaN or inf
+            "nonfinite": nonfinite,
             # None where no run had the collapse detector on (diag.every=0): "no collapse seen" would mislead
             "collapsed": _flagged(done, "collapsed"),
             "dim_collapsed": _flagged(done, "dim_collapsed"),  # None too for runs before the warning existed
@@ -172,6 +180,10 @@ def markdown(res: dict[str, Any]) -> str:
             + (" (checkpoint, not finished)" if r["status"] == "incomplete" else "")
             for r in missing
         ]
+    nonfinite = [(c["cell"], seed) for c in res["cells"] for seed in c.get("nonfinite", [])]
+    if nonfinite:
+        lines += ["", "## Runs whose features held NaN or inf", ""]
+        lines += [f"- `runs/{cell}/seed{s}`: no accuracy can be read; left out of the means" for cell, s in nonfinite]
     failed = [r for r in runs if r["status"] == "failed"]
     if failed:
         lines += ["", "## Failed runs", ""] + [
@@ -250,7 +262,7 @@ def write_reports(sweep: Sweep, out: Path) -> dict[str, Any]:
 
     out.mkdir(parents=True, exist_ok=True)
     res = collect(sweep, out)
-    atomic_write_text(out / "results.json", json.dumps(res, indent=1) + "\n")
+    atomic_write_text(out / "results.json", strict_json(res, indent=1) + "\n")
     atomic_write_text(out / "results.md", markdown(res))
     atomic_write_text(out / "results.csv", csv_text(res))
     if figures_available():

@@ -139,6 +139,8 @@ def _finish_line(plan: Plan) -> str:
         for k, label in (("knn_top1", "kNN"), ("linear_top1", "linear"), ("linear_top1_best", "best"))
         if s.get(k) is not None
     ]
+    if "knn_top1" in s and s["knn_top1"] is None:  # always evaluated: null is NaN, from non-finite features
+        parts.insert(0, "kNN nan (non-finite features)")
     flags = [word for key, word in (("collapsed", "collapsed"), ("dim_collapsed", "dim. collapsed")) if s.get(key)]
     return ", ".join(parts) + "".join(f" [{word}]" for word in flags)
 

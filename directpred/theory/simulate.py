@@ -7,7 +7,6 @@ the trajectory, a summary and its figure.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from directpred.config import ConfigError, merge_into, parse_override, read_yaml
+from directpred.config import ConfigError, merge_into, parse_override, read_yaml, strict_json
 
 # ----------------------------------------------------------------------------------------------------
 # Config of `simulate`
@@ -250,7 +249,7 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
 def _write_summary(out: Path, summary: dict[str, Any]) -> None:
     from directpred.theory.dynamics import _jsonable
 
-    (out / "summary.json").write_text(json.dumps(_finite_json(_jsonable(summary)), indent=1) + "\n")
+    (out / "summary.json").write_text(strict_json(_jsonable(summary), indent=1) + "\n")
 
 
 def _stop_if_diverged(name: str, tr: Any, file: str, cfg: SimulateConfig, out: Path, summary: dict[str, Any]) -> None:
@@ -282,14 +281,3 @@ def _first_nonfinite(tr: Any) -> float | None:
             last_finite = np.flatnonzero(finite)
             first.append(int(last_finite[-1]) + 1 if last_finite.size else 0)
     return float(tr.t[min(first)]) if first else None
-
-
-def _finite_json(v: Any) -> Any:
-    """``v`` with NaN and infinities as None, so that the file is strict JSON."""
-    if isinstance(v, float):
-        return v if np.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: _finite_json(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_finite_json(x) for x in v]
-    return v

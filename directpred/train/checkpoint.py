@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import zipfile
@@ -12,7 +11,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from directpred.config import Config, ConfigError, config_from_dict
+from directpred.config import Config, ConfigError, config_from_dict, strict_json
 
 TMP_SUFFIX = ".tmp"  # temporaries are ".<name>.<random>.tmp" beside the file they replace
 
@@ -83,8 +82,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Atomically replace a JSON file."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Atomically replace a JSON file; NaN and infinities are written as ``null`` (strict JSON)."""
+    atomic_write_text(path, strict_json(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _assert_finite(state: dict[str, Any], where: str = "") -> None:

@@ -5,7 +5,6 @@ symmetric on degenerate inputs."""
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 
@@ -239,10 +238,16 @@ def test_nonfinite_features_give_nan_accuracies_and_the_run_finishes(tiny_overri
     assert main(["train", str(REPO / "configs/cpu/quickstart.yaml"), "--out", str(run), *sets]) == 0
     out, err = capsys.readouterr()
     assert "RuntimeWarning: kNN: 1 of the 128 rows of the training features are non-finite (NaN or inf)" in err
-    summary = json.loads((run / "summary.json").read_text())
+    # strict JSON: null, not a plausible percentage, and not Python's bare NaN (which jq and JavaScript refuse)
+    summary = json.loads((run / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert summary["steps"] == 16 and (run / "checkpoints" / "epoch_0001.pt").is_file()
     for key in ("knn_top1", "linear_top1", "linear_top1_best"):
-        assert summary[key] != summary[key], key  # NaN, not a plausible percentage
-    assert [h["epoch"] for h in summary["knn_history"]] == [1] and math.isnan(summary["knn_history"][0]["knn_top1"])
+        assert summary[key] is None, key
+    assert summary["knn_history"] == [{"epoch": 1, "knn_top1": None, "step": 8}]
     assert "kNN top-1:              nan %" in out
+    assert "nan: the features were non-finite (NaN or inf; a diverged model?), so no accuracy can be read" in out
+    # resuming the finished run prints its summary.json as read back (null): still nan and why, not a silent gap
+    assert main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "had already finished" in out and "kNN top-1:              nan %" in out
     assert "nan: the features were non-finite (NaN or inf; a diverged model?), so no accuracy can be read" in out

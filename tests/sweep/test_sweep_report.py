@@ -52,6 +52,22 @@ def _run(
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "ev')  # torn last line
 
 
+def _one_cell_sweep(tmp_path: Path, tiny_folder: Path, seeds: list[int]) -> Path:
+    """A sweep file of one cell ``a`` (DirectPred) over ``seeds``."""
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(REPO / "configs" / "cpu" / "quickstart.yaml"),
+                "set": {"data.path": str(tiny_folder)},
+                "variants": {"a": {"predictor.name": "directpred"}},
+                "seeds": seeds,
+            }
+        )
+    )
+    return sweep_file
+
+
 def test_report_statistics_and_layout(tmp_path, tiny_folder):
     sweep_file = tmp_path / "s.yaml"
     sweep_file.write_text(
@@ -133,17 +149,7 @@ def test_report_statistics_and_layout(tmp_path, tiny_folder):
 def test_an_unreadable_summary_is_a_failed_run_naming_the_file(tmp_path, tiny_folder):
     """A summary.json that is no JSON object (edited by hand, a bad copy) counts as failed, with the fix, instead
     of stopping the report with a JSONDecodeError."""
-    sweep_file = tmp_path / "s.yaml"
-    sweep_file.write_text(
-        yaml.safe_dump(
-            {
-                "base": str(REPO / "configs" / "cpu" / "quickstart.yaml"),
-                "set": {"data.path": str(tiny_folder)},
-                "variants": {"a": {"predictor.name": "directpred"}},
-                "seeds": [0, 1],
-            }
-        )
-    )
+    sweep_file = _one_cell_sweep(tmp_path, tiny_folder, [0, 1])
     out = tmp_path / "out"
     for seed in (0, 1):
         _run(out, "a", seed, knn=50.0 + seed, lin=40.0, best=41.0, curve=[(1, 30.0)], collapsed=False, ips=1.0)
@@ -200,3 +206,48 @@ def test_a_flag_count_needs_a_verdict_from_every_finished_seed():
     assert _flagged([new, {**new, "dim_collapsed": False}], "dim_collapsed") == 1
     assert _flagged([new, old], "dim_collapsed") is None and _flagged([new, old], "collapsed") == 0
     assert _flagged([], "collapsed") is None
+
+
+def _strict(text: str) -> object:
+    """Parse ``text`` as strict JSON: bare NaN/Infinity (Python's default output) raise."""
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"not strict JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_report_leaves_nonfinite_runs_out_of_the_means(tmp_path, tiny_folder):
+    """A run whose features held NaN (its summary: null in strict JSON, or bare NaN from an older version) is listed,
+    not averaged: one NaN would otherwise make the cell's mean NaN, and results.json would not be strict JSON."""
+    sweep_file = _one_cell_sweep(tmp_path, tiny_folder, [0, 1, 2])
+    out = tmp_path / "out"
+    _run(out, "a", 0, knn=50.0, lin=40.0, best=42.0, curve=[(1, 30.0)], collapsed=False, ips=10.0)
+    _run(out, "a", 1, knn=float("nan"), lin=float("nan"), best=float("nan"), curve=[], collapsed=True, ips=10.0)
+    _run(out, "a", 2, knn=54.0, lin=44.0, best=46.0, curve=[(1, 32.0)], collapsed=False, ips=10.0)
+    summary = out / "runs" / "a" / "seed2" / "summary.json"  # seed 2 as this version writes it: NaN as null
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "linear_top1": None}))
+    res = write_reports(load_sweep(sweep_file), out)
+
+    (a,) = res["cells"]
+    assert (a["n"], a["nonfinite"]) == (3, [1])
+    assert a["knn_top1"] == {"mean": 52.0, "std": round(statistics.stdev([50.0, 54.0]), 4), "n": 2}
+    assert a["linear_top1"] == {"mean": 40.0, "std": None, "n": 1}  # seed 2's null is left out, not counted as 0
+    assert _strict((out / "results.json").read_text())["cells"][0]["nonfinite"] == [1]
+    md = (out / "results.md").read_text()
+    assert "`runs/a/seed1`: no accuracy can be read; left out of the means" in md
+    assert "seed0`: no accuracy" not in md and "seed2`: no accuracy" not in md
+
+
+def test_atomic_write_json_is_strict(tmp_path):
+    """summary.json and the other JSON files a run writes hold null where Python would write bare NaN/Infinity."""
+    from directpred.train.checkpoint import atomic_write_json
+
+    obj = {"a": float("nan"), "b": [1.5, float("inf"), -float("inf")], "c": {"d": (2, float("nan"))}, "e": "NaN"}
+    atomic_write_json(tmp_path / "x.json", obj)
+    assert _strict((tmp_path / "x.json").read_text()) == {
+        "a": None,
+        "b": [1.5, None, None],
+        "c": {"d": [2, None]},
+        "e": "NaN",
+    }

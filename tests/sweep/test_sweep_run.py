@@ -181,3 +181,21 @@ def test_a_failing_run_is_recorded_and_the_others_run(tmp_path, tiny_overrides):
     assert [(c["cell"], c["n"], c["failed"]) for c in res["cells"]] == [("toobig", 0, [0]), ("directpred", 1, [])]
     md = (out / "results.md").read_text()
     assert "## Failed runs\n\n- `runs/toobig/seed0`: directpred: config error: train.batch_size=256" in md
+
+
+def test_finish_line_reads_strict_json_summaries(tmp_path):
+    """The sweep's "done" line from a summary.json as this version writes it: null accuracies (non-finite
+    features) are said to be nan, the linear probe's null (eval.linear=false) is left out, the flags are shown."""
+    from directpred.sweep.runner import Plan, _finish_line
+
+    def line(**summary: object) -> str:
+        (tmp_path / "summary.json").write_text(json.dumps(summary))
+        return _finish_line(Plan(run=None, run_dir=tmp_path, action="done"))  # type: ignore[arg-type]
+
+    assert line(knn_top1=36.154, linear_top1=35.7, linear_top1_best=35.73, dim_collapsed=True) == (
+        "kNN 36.15%, linear 35.70%, best 35.73% [dim. collapsed]"
+    )
+    assert line(knn_top1=40.0, linear_top1=None, linear_top1_best=None, collapsed=False) == "kNN 40.00%"
+    assert line(knn_top1=None, linear_top1=None, linear_top1_best=None, collapsed=True) == (
+        "kNN nan (non-finite features) [collapsed]"
+    )
