@@ -52,6 +52,10 @@ class MethodConfig:
     target_init: Literal["copy", "random"] = "copy"
     """`copy`: the target starts as a copy of the online network; `random`: independent initialisation, as in the
     authors' code (the paper configs use it)."""
+    isoloss: bool = False
+    """IsoLoss (Halvagal et al. 2023): the loss's gradient reaches the projection f as if W_p were the identity,
+    p = f + StopGrad(W_p f - f), so that every eigenmode learns at the same rate; the loss value is unchanged. Needs a
+    predictor set in closed form: directpred/directcopy/optimal with freq 1, or none."""
 
 
 @dataclass
@@ -572,6 +576,15 @@ def validate(cfg: Config) -> None:
         "method.stop_gradient",
         m.stop_gradient,
         "the no-stop-gradient ablation (Theorem 2) needs method.name=simsiam: BYOL's EMA target gets no gradient",
+    )
+    trained = p.name in ("linear", "mlp") or p.freq > 1 and p.partitions == 0 and p.name != "none"
+    _check(
+        not (m.isoloss and trained),
+        "method.isoloss",
+        m.isoloss,
+        f"IsoLoss passes no gradient to W_p, so it needs a predictor set in closed form, not one trained by SGD "
+        f"(predictor.name={p.name}, predictor.freq={p.freq}); use predictor.name=directpred, directcopy or optimal "
+        "with predictor.freq=1, or method.isoloss=false",
     )
     _check(b.width >= 1, "backbone.width", b.width, "base channel count must be >= 1 (64 is standard)")
     _check(cfg.projector.hidden_dim >= 1, "projector.hidden_dim", cfg.projector.hidden_dim, "must be >= 1")

@@ -40,6 +40,35 @@ def negative_cosine(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return 2.0 - 2.0 * F.cosine_similarity(p.to(dtype), t.to(dtype), dim=-1, eps=1e-8).mean()
 
 
+def isoloss_prediction(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``z + StopGrad(p - z)``: the prediction ``p = W_p z`` in value, the identity in gradient (IsoLoss).
+
+    Any loss of the result has the value of that loss of ``p``, and its gradient with respect to ``z`` is the loss's
+    gradient with respect to ``p``: the factor ``W_p^T`` that the chain rule through ``p = W_p z`` would apply, which
+    scales eigenmode j of the gradient by W_p's eigenvalue p_j, is left out, so that every mode learns at the same
+    rate (Halvagal, Laborieux and Zenke, NeurIPS 2023). For the negative cosine this is the gradient of their cosine
+    IsoLoss; for the squared distance that of their Euclidean one. ``W_p`` gets no gradient through the result.
+
+    Args:
+        p: predictions (B, d), ``W_p z``.
+        z: the predictor's inputs (B, d), row-aligned with ``p``.
+
+    Examples:
+        >>> z = torch.tensor([[1.0, 2.0]], requires_grad=True)
+        >>> p = z @ torch.diag(torch.tensor([0.5, 0.25]))
+        >>> q = isoloss_prediction(p, z)
+        >>> q.sum().backward()
+        >>> q.tolist(), z.grad.tolist()  # the value of p, the gradient of the identity
+        ([[0.5, 0.5]], [[1.0, 1.0]])
+    """
+    if p.shape != z.shape:
+        raise ValueError(
+            f"isoloss_prediction: predictions {tuple(p.shape)} and inputs {tuple(z.shape)} must have the same shape "
+            "(B, d): IsoLoss needs a square predictor W_p"
+        )
+    return z + (p - z).detach()
+
+
 def two_view_loss(
     p1: torch.Tensor,
     p2: torch.Tensor,

@@ -15,7 +15,7 @@ from torch import nn
 
 from directpred.config import Config
 from directpred.heads.base import Predictor
-from directpred.losses import two_view_loss
+from directpred.losses import isoloss_prediction, two_view_loss
 from directpred.methods.ema import ema_update
 
 
@@ -111,6 +111,9 @@ class Siamese(nn.Module):
         update_at: ``"forward"`` (update the predictor's statistics and W_p in the forward pass, before predicting)
             or ``"after_step"`` (the authors' order: the trainer calls :meth:`update_predictor` after the optimiser
             step, so step t predicts with W_p from F^ up to step t-1).
+        isoloss: the loss's gradient reaches the projections as if W_p were the identity (IsoLoss, see
+            :func:`directpred.losses.isoloss_prediction`); the loss value and the predictions are unchanged. Needs a
+            predictor without trainable parameters (set in closed form), since W_p gets no gradient.
     """
 
     def __init__(
@@ -124,10 +127,19 @@ class Siamese(nn.Module):
         stop_gradient: bool = True,
         make_encoder: Callable[[], Encoder] | None = None,
         update_at: str = "forward",
+        isoloss: bool = False,
     ) -> None:
         super().__init__()
         if target not in ("ema", "online"):
             raise ValueError(f"target={target!r} must be 'ema' (BYOL) or 'online' (SimSiam)")
+        trained = [name for name, q in predictor.named_parameters() if q.requires_grad]
+        if isoloss and trained:
+            raise ValueError(
+                f"isoloss=True passes no gradient to the predictor, but {type(predictor).__name__} trains "
+                f"{', '.join(trained)} by gradient descent; use a predictor set in closed form (DirectPred, "
+                "DirectCopy or the optimal predictor with freq=1) or isoloss=False"
+            )
+        self.isoloss = isoloss
         self.online = OnlineBranch(encoder, predictor, update_at=update_at)
         self.symmetric_loss, self.stop_gradient = symmetric_loss, stop_gradient
         self.target: Encoder | None = None
@@ -175,7 +187,8 @@ class Siamese(nn.Module):
             else:
                 with torch.no_grad():
                     t1, t2 = target(x1), target(x2)
-        loss = two_view_loss(p1, p2, t1, t2, symmetric=self.symmetric_loss, stop_gradient=self.stop_gradient)
+        q1, q2 = (isoloss_prediction(p1, z1), isoloss_prediction(p2, z2)) if self.isoloss else (p1, p2)
+        loss = two_view_loss(q1, q2, t1, t2, symmetric=self.symmetric_loss, stop_gradient=self.stop_gradient)
         return StepOutput(loss, h1, h2, z1, z2, p1, p2, t1, t2)
 
     @torch.no_grad()
@@ -218,4 +231,5 @@ def build_method(cfg: Config) -> Siamese:
         stop_gradient=cfg.method.stop_gradient,
         make_encoder=make_encoder,
         update_at=cfg.predictor.update_at,
+        isoloss=cfg.method.isoloss,
     )
