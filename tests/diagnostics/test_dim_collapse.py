@@ -131,8 +131,8 @@ def test_replay_of_the_committed_runs_matches_training_and_the_documented_flags(
     summary.json, and the dimensional rule flags exactly the runs docs/diagnostics.md names, at its steps (for the
     held-out runs, which logged the warning live, also the step training recorded)."""
     runs = _committed_runs()
-    # 47 the levels were chosen on, 8 held out, 24 of the eps sweeps (§1e), 12 of c_j (§1f), 6 of alpha_p (§1g)
-    assert len(runs) == 97
+    # 47 the levels were chosen on, 8 held out, 24 of the eps sweeps (§1e), 12 of c_j (§1f), 12 of alpha_p (§1g)
+    assert len(runs) == 103
     dim_flags = {}
     for run_dir in runs:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -156,11 +156,15 @@ def test_replay_of_the_committed_runs_matches_training_and_the_documented_flags(
         "dim_warning_heldout/runs/no_ema_linear_sym_4ep/seed3": 750,
         "dim_warning_heldout_4ep/runs/no_ema_linear_sym_4ep/seed4": 1450,  # seeds 4 and 5, predicted likewise
         "dim_warning_heldout_4ep/runs/no_ema_linear_sym_4ep/seed5": 1000,
-        # Fig. 6 at CPU scale (§1g, sweeps/cpu/cifar10_alpha_p.yaml): alpha_p <= 5 flagged, alpha_p = 10 not
+        # Fig. 6 at CPU scale (§1g, sweeps/cpu/cifar10_alpha_p.yaml): alpha_p = 2 flagged, alpha_p = 5 in three of
+        # four seeds (seed 5 spans 20.7 dimensions), alpha_p = 10 not
         "cpu_alpha_p/runs/alpha_p=2.0/seed0": 550,
         "cpu_alpha_p/runs/alpha_p=2.0/seed3": 400,
+        "cpu_alpha_p/runs/alpha_p=2.0/seed4": 800,
+        "cpu_alpha_p/runs/alpha_p=2.0/seed5": 700,
         "cpu_alpha_p/runs/alpha_p=5.0/seed0": 650,
         "cpu_alpha_p/runs/alpha_p=5.0/seed3": 1250,
+        "cpu_alpha_p/runs/alpha_p=5.0/seed4": 450,
     }
 
 
