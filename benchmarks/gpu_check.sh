@@ -73,6 +73,12 @@ t = json.loads((d / "throughput_d128.json").read_text())
 t2 = json.loads((d / "throughput_d256.json").read_text())
 s = json.loads((d / "knn_run" / "summary.json").read_text())
 step = t["steps"]["directpred_freq1"]
+
+
+def pct(v):  # an accuracy of summary.json / results.json: null (non-finite features, or no finite seed) is nan
+    return "nan" if v is None else f"{v:.2f}"
+
+
 print("\n== gpu_check summary ==")
 print(f"device: {t['device']}  precision: {t['precision']}  commit: {t['commit']}")
 print(f"bare fwd+bwd {t['limit']['images_per_s']:.0f} img/s; step (DirectPred freq 1) {step['step_images_per_s']:.0f} "
@@ -85,12 +91,12 @@ dec = d / f"decode_{t['device'].split(':')[0]}.json"
 if dec.is_file():
     print("batched JPEG decode + resize to 256 (img/s): " + ", ".join(
         f"{k.split('_')[2]} {v:.0f}" for k, v in json.loads(dec.read_text())["batched_decode"].items()))
-print(f"{s['epochs']:g}-epoch run: kNN top-1 {s['knn_top1']:.2f}%, {s['images_per_second']:.0f} img/s end to end, "
+print(f"{s['epochs']:g}-epoch run: kNN top-1 {pct(s['knn_top1'])}%, {s['images_per_second']:.0f} img/s end to end, "
       f"{s['wall_seconds']:.0f} s wall")
 r = json.loads((d / "sweep" / "results.json").read_text())
 for c in r["cells"]:
     t = r["timing"]["cells"][c["cell"]]
-    print(f"sweep {c['cell']:10s}: kNN {c['knn_top1']['mean']:.2f}%, linear {c['linear_top1']['mean']:.2f}% "
-          f"(best {c['linear_top1_best']['mean']:.2f}%), {t['images_per_second']['mean']:.0f} img/s, "
+    print(f"sweep {c['cell']:10s}: kNN {pct(c['knn_top1']['mean'])}%, linear {pct(c['linear_top1']['mean'])}% "
+          f"(best {pct(c['linear_top1_best']['mean'])}%), {t['images_per_second']['mean']:.0f} img/s, "
           f"{t['wall_seconds']['mean']:.0f} s wall")
 PY

@@ -54,8 +54,9 @@ class MethodConfig:
     authors' code (the paper configs use it)."""
     isoloss: bool = False
     """IsoLoss (Halvagal et al. 2023): the loss's gradient reaches the projection f as if W_p were the identity,
-    p = f + StopGrad(W_p f - f), so that every eigenmode learns at the same rate; the loss value is unchanged. Needs a
-    predictor set in closed form: directpred/directcopy/optimal with freq 1, or none."""
+    p = StopGrad(W_p f) + f - StopGrad(f), so that every eigenmode learns at the same rate; the loss value is
+    unchanged. Needs a predictor without trainable parameters: refused for linear, mlp, and
+    directpred/directcopy/optimal with freq > 1 (SGD steps between settings); partitioned directpred takes any freq."""
 
 
 @dataclass
@@ -582,9 +583,9 @@ def validate(cfg: Config) -> None:
         not (m.isoloss and trained),
         "method.isoloss",
         m.isoloss,
-        f"IsoLoss passes no gradient to W_p, so it needs a predictor set in closed form, not one trained by SGD "
-        f"(predictor.name={p.name}, predictor.freq={p.freq}); use predictor.name=directpred, directcopy or optimal "
-        "with predictor.freq=1, or method.isoloss=false",
+        f"IsoLoss passes no gradient to W_p, so it needs a predictor without trainable parameters, set in closed "
+        f"form; predictor.name={p.name}, predictor.freq={p.freq} has trainable ones; use predictor.name=directpred, "
+        "directcopy or optimal with predictor.freq=1, or method.isoloss=false",
     )
     _check(b.width >= 1, "backbone.width", b.width, "base channel count must be >= 1 (64 is standard)")
     _check(cfg.projector.hidden_dim >= 1, "projector.hidden_dim", cfg.projector.hidden_dim, "must be >= 1")

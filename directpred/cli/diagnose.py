@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 EPILOG = """examples:
@@ -13,14 +12,14 @@ EPILOG = """examples:
 
 
 def run(args: argparse.Namespace) -> int:
-    from directpred.config import ConfigError
+    from directpred.config import ConfigError, strict_json
     from directpred.diagnostics.report import diagnose
 
     if args.batches < 0:  # ran as --batches 0 (no batch metrics) before
         raise ConfigError(f"--batches {args.batches}: must be >= 0 (training batches to run; 0 or --no-data: none)")
     row, lines = diagnose(Path(args.target), batches=args.batches, use_data=not args.no_data)
     if args.json:
-        print(json.dumps(row))
+        print(strict_json(row))
     else:
         print("\n".join(lines))
     return 0

@@ -14,9 +14,12 @@ from directpred.config import Config, ConfigError, EvalConfig
 def print_results(results: Mapping[str, object], header: str, eval_cfg: EvalConfig) -> None:
     """The accuracy lines of ``directpred train`` and ``directpred eval`` (``eval_cfg``: the kNN's k and T)."""
     print(header)
-    if "knn_top1" in results:  # always evaluated; None: non-finite, as a summary.json read back writes it (null)
+    # A summary.json read back holds null where the accuracy was NaN (non-finite features): kNN is always evaluated,
+    # the linear probe when eval.linear is on, so there a null is a NaN, and is said as one.
+    evaluated = ["knn_top1"] + (["linear_top1", "linear_top1_best"] if eval_cfg.linear else [])
+    results = {**results, **{k: math.nan for k in evaluated if k in results and results[k] is None}}
+    if "knn_top1" in results:
         knn = results["knn_top1"]
-        knn = math.nan if knn is None else knn
         print(f"  kNN top-1:           {knn:6.2f} %   (cosine, k={eval_cfg.knn_k}, T={eval_cfg.knn_t:g})")
     if results.get("linear_top1") is not None:
         print(f"  linear probe top-1:  {results['linear_top1']:6.2f} %   (final probe epoch)")
@@ -27,7 +30,7 @@ def print_results(results: Mapping[str, object], header: str, eval_cfg: EvalConf
     if results.get("linear_top5") is not None:
         print(f"  linear top-5:        {results['linear_top5']:6.2f} %   (BYOL's protocol, final epoch)")
     values = [results.get(k) for k in ("knn_top1", "linear_top1", "linear_top1_best", "linear_top5")]
-    if any(isinstance(v, float) and math.isnan(v) for v in values) or "knn_top1" in results and values[0] is None:
+    if any(isinstance(v, float) and math.isnan(v) for v in values):
         print("  nan: the features were non-finite (NaN or inf; a diverged model?), so no accuracy can be read")
 
 
@@ -92,10 +95,11 @@ def run(args: argparse.Namespace) -> int:
     if summary_file.is_file() and not args.checkpoint:
         s = read_json_object(summary_file, "no comparison with the training run") or {}
         for key in ("knn_top1", "linear_top1", "linear_top1_best", "linear_top5"):  # top-5: BYOL's streamed probe
-            if s.get(key) is not None and results.get(key) is not None:
+            if key in s and results.get(key) is not None:
+                before = math.nan if s[key] is None else s[key]  # null: NaN at the end of training (non-finite)
                 print(
-                    f"  {key}: training run reported {s[key]:.2f} %, now {results[key]:.2f} % "
-                    f"(difference {results[key] - s[key]:+.2f})"
+                    f"  {key}: training run reported {before:.2f} %, now {results[key]:.2f} % "
+                    f"(difference {results[key] - before:+.2f})"
                 )
     return 0
 

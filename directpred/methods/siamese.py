@@ -135,9 +135,9 @@ class Siamese(nn.Module):
         trained = [name for name, q in predictor.named_parameters() if q.requires_grad]
         if isoloss and trained:
             raise ValueError(
-                f"isoloss=True passes no gradient to the predictor, but {type(predictor).__name__} trains "
-                f"{', '.join(trained)} by gradient descent; use a predictor set in closed form (DirectPred, "
-                "DirectCopy or the optimal predictor with freq=1) or isoloss=False"
+                f"isoloss=True passes no gradient to the predictor, but {type(predictor).__name__} has trainable "
+                f"parameters ({', '.join(trained)}); use a predictor set in closed form (DirectPred, DirectCopy or "
+                "the optimal predictor with freq=1) or isoloss=False"
             )
         self.isoloss = isoloss
         self.online = OnlineBranch(encoder, predictor, update_at=update_at)

@@ -90,9 +90,10 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
                 row.update(collapsed=s.get("collapsed"), dim_collapsed=s.get("dim_collapsed"))
                 row.update(epochs=s.get("epochs"), steps=s.get("steps"))
                 done.append(s)
-                if not _finite(s.get("knn_top1")):
+                if "knn_top1" in s and not _finite(s["knn_top1"]):  # always evaluated: null/NaN = non-finite
                     nonfinite.append(seed)
-                curves.append(_knn_curve(run_dir))
+                else:  # a diverged run's earlier, finite epochs are left out of the curve too
+                    curves.append(_knn_curve(run_dir))
                 timing_runs.append({"cell": cell, "seed": seed, **{k: s.get(k) for k, _ in TIMING}})
             elif status == "failed":
                 row["error"] = (read_json_object(run_dir / "failed.json", "its error is not shown") or {}).get(
@@ -183,7 +184,9 @@ def markdown(res: dict[str, Any]) -> str:
     nonfinite = [(c["cell"], seed) for c in res["cells"] for seed in c.get("nonfinite", [])]
     if nonfinite:
         lines += ["", "## Runs whose features held NaN or inf", ""]
-        lines += [f"- `runs/{cell}/seed{s}`: no accuracy can be read; left out of the means" for cell, s in nonfinite]
+        lines += [
+            f"- `runs/{cell}/seed{s}`: no accuracy; left out of the means and kNN curves" for cell, s in nonfinite
+        ]
     failed = [r for r in runs if r["status"] == "failed"]
     if failed:
         lines += ["", "## Failed runs", ""] + [
@@ -228,6 +231,7 @@ def csv_text(res: dict[str, Any]) -> str:
             "dim_collapsed",
             "failed",
             "missing",
+            "nonfinite",
             *time_cols,
         ]
     )
@@ -249,6 +253,7 @@ def csv_text(res: dict[str, Any]) -> str:
                 c["dim_collapsed"],
                 len(c["failed"]),
                 len(c["missing"]),
+                len(c.get("nonfinite", [])),
                 *[f(t[k][s]) for k, _ in TIMING for s in ("mean", "std")],
             ]
         )

@@ -22,7 +22,7 @@ BAD = [
     ("method.symmetric_loss=3", "method.symmetric_loss", ": 3 has the wrong type; expected bool"),
     ("method.stop_gradient=false", "method.stop_gradient", "needs method.name=simsiam"),
     ("method.target_init=zeros", "method.target_init", "expected one of 'copy', 'random'"),
-    ("method.isoloss=true predictor.name=linear", "method.isoloss", "needs a predictor set in closed form"),
+    ("method.isoloss=true predictor.name=linear", "method.isoloss", "needs a predictor without trainable parameters"),
     ("method.isoloss=2", "method.isoloss", ": 2 has the wrong type; expected bool"),
     ("predictor.name=mlp3", "predictor.name", "expected one of 'directpred', 'directcopy', 'optimal'"),
     ("predictor.bias=true", "predictor.bias", "predictor.name=directpred has none"),

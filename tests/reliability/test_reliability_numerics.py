@@ -250,4 +250,8 @@ def test_nonfinite_features_give_nan_accuracies_and_the_run_finishes(tiny_overri
     assert main(["train", "--resume", str(run)]) == 0
     out = capsys.readouterr().out
     assert "had already finished" in out and "kNN top-1:              nan %" in out
+    assert "linear probe top-1:     nan %" in out and "linear probe best:      nan %" in out
+    # `directpred eval` compares with the training run's null figures as nan, not silently not at all
+    assert main(["eval", str(run)]) == 0
+    assert "knn_top1: training run reported nan %, now nan %" in capsys.readouterr().out
     assert "nan: the features were non-finite (NaN or inf; a diverged model?), so no accuracy can be read" in out

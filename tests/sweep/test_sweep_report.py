@@ -223,7 +223,10 @@ def test_report_leaves_nonfinite_runs_out_of_the_means(tmp_path, tiny_folder):
     sweep_file = _one_cell_sweep(tmp_path, tiny_folder, [0, 1, 2])
     out = tmp_path / "out"
     _run(out, "a", 0, knn=50.0, lin=40.0, best=42.0, curve=[(1, 30.0)], collapsed=False, ips=10.0)
-    _run(out, "a", 1, knn=float("nan"), lin=float("nan"), best=float("nan"), curve=[], collapsed=True, ips=10.0)
+    # seed 1's first epoch was still finite: its curve is left out too, so that the curve's n is the means' n
+    _run(
+        out, "a", 1, knn=float("nan"), lin=float("nan"), best=float("nan"), curve=[(1, 90.0)], collapsed=True, ips=10.0
+    )
     _run(out, "a", 2, knn=54.0, lin=44.0, best=46.0, curve=[(1, 32.0)], collapsed=False, ips=10.0)
     summary = out / "runs" / "a" / "seed2" / "summary.json"  # seed 2 as this version writes it: NaN as null
     summary.write_text(json.dumps({**json.loads(summary.read_text()), "linear_top1": None}))
@@ -233,10 +236,13 @@ def test_report_leaves_nonfinite_runs_out_of_the_means(tmp_path, tiny_folder):
     assert (a["n"], a["nonfinite"]) == (3, [1])
     assert a["knn_top1"] == {"mean": 52.0, "std": round(statistics.stdev([50.0, 54.0]), 4), "n": 2}
     assert a["linear_top1"] == {"mean": 40.0, "std": None, "n": 1}  # seed 2's null is left out, not counted as 0
+    assert a["knn_curve"] == [[1, 31.0, 2]]
     assert _strict((out / "results.json").read_text())["cells"][0]["nonfinite"] == [1]
     md = (out / "results.md").read_text()
-    assert "`runs/a/seed1`: no accuracy can be read; left out of the means" in md
+    assert "`runs/a/seed1`: no accuracy; left out of the means and kNN curves" in md
     assert "seed0`: no accuracy" not in md and "seed2`: no accuracy" not in md
+    (row,) = csv.DictReader(io.StringIO((out / "results.csv").read_text()))
+    assert (row["n"], row["nonfinite"], row["knn_top1_mean"]) == ("3", "1", "52.0000")
 
 
 def test_atomic_write_json_is_strict(tmp_path):
