@@ -131,8 +131,9 @@ def test_replay_of_the_committed_runs_matches_training_and_the_documented_flags(
     summary.json, and the dimensional rule flags exactly the runs docs/diagnostics.md names, at its steps (for the
     held-out runs, which logged the warning live, also the step training recorded)."""
     runs = _committed_runs()
-    # 47 the levels were chosen on, 8 held out, 24 of the eps sweeps (§1e), 12 of c_j (§1f), 12 of alpha_p (§1g)
-    assert len(runs) == 103
+    # 47 the levels were chosen on, 8 held out, 24 of the eps sweeps (§1e), 12 of c_j (§1f), 12 of alpha_p (§1g),
+    # 12 of IsoLoss (§1h)
+    assert len(runs) == 115
     dim_flags = {}
     for run_dir in runs:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -165,6 +166,13 @@ def test_replay_of_the_committed_runs_matches_training_and_the_documented_flags(
         "cpu_alpha_p/runs/alpha_p=5.0/seed0": 650,
         "cpu_alpha_p/runs/alpha_p=5.0/seed3": 1250,
         "cpu_alpha_p/runs/alpha_p=5.0/seed4": 450,
+        # IsoLoss at CPU scale (§1h): both SimSiam cells, IsoLoss later
+        "cpu_isoloss/runs/simsiam/seed0": 100,
+        "cpu_isoloss/runs/simsiam/seed1": 100,
+        "cpu_isoloss/runs/simsiam/seed2": 100,
+        "cpu_isoloss/runs/simsiam_isoloss/seed0": 350,
+        "cpu_isoloss/runs/simsiam_isoloss/seed1": 390,
+        "cpu_isoloss/runs/simsiam_isoloss/seed2": 300,
     }
 
 
