@@ -52,36 +52,26 @@ def _run(
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "ev')  # torn last line
 
 
-def _one_cell_sweep(tmp_path: Path, tiny_folder: Path, seeds: list[int]) -> Path:
-    """A sweep file of one cell ``a`` (DirectPred) over ``seeds``."""
+def _sweep_file(
+    tmp_path: Path, tiny_folder: Path, seeds: list[int], variants: dict | None = None, paper: dict | None = None
+) -> Path:
+    """A sweep file over ``seeds``: ``variants`` (default: one cell ``a``, DirectPred) and optional ``paper``."""
+    spec = {
+        "base": str(REPO / "configs" / "cpu" / "quickstart.yaml"),
+        "set": {"data.path": str(tiny_folder)},
+        "variants": variants or {"a": {"predictor.name": "directpred"}},
+        "seeds": seeds,
+        **({"paper": paper} if paper else {}),
+    }
     sweep_file = tmp_path / "s.yaml"
-    sweep_file.write_text(
-        yaml.safe_dump(
-            {
-                "base": str(REPO / "configs" / "cpu" / "quickstart.yaml"),
-                "set": {"data.path": str(tiny_folder)},
-                "variants": {"a": {"predictor.name": "directpred"}},
-                "seeds": seeds,
-            }
-        )
-    )
+    sweep_file.write_text(yaml.safe_dump(spec, sort_keys=False))
     return sweep_file
 
 
 def test_report_statistics_and_layout(tmp_path, tiny_folder):
-    sweep_file = tmp_path / "s.yaml"
-    sweep_file.write_text(
-        yaml.safe_dump(
-            {
-                "base": str(REPO / "configs" / "cpu" / "quickstart.yaml"),
-                "set": {"data.path": str(tiny_folder)},
-                "variants": {"a": {"predictor.name": "directpred"}, "b": {"predictor.name": "linear"}},
-                "seeds": [0, 1, 2],
-                "paper": {"note": "Table X", "values": {"a": "80.5 +- 1.25"}},
-            },
-            sort_keys=False,
-        )
-    )
+    variants = {"a": {"predictor.name": "directpred"}, "b": {"predictor.name": "linear"}}
+    paper = {"note": "Table X", "values": {"a": "80.5 +- 1.25"}}
+    sweep_file = _sweep_file(tmp_path, tiny_folder, [0, 1, 2], variants, paper)
     sweep = load_sweep(sweep_file)
     out = tmp_path / "out"
     knn, lin, best = [50.0, 60.5, 58.25], [40.0, 41.0, 45.5], [42.0, 44.0, 47.0]
@@ -149,7 +139,7 @@ def test_report_statistics_and_layout(tmp_path, tiny_folder):
 def test_an_unreadable_summary_is_a_failed_run_naming_the_file(tmp_path, tiny_folder):
     """A summary.json that is no JSON object (edited by hand, a bad copy) counts as failed, with the fix, instead
     of stopping the report with a JSONDecodeError."""
-    sweep_file = _one_cell_sweep(tmp_path, tiny_folder, [0, 1])
+    sweep_file = _sweep_file(tmp_path, tiny_folder, [0, 1])
     out = tmp_path / "out"
     for seed in (0, 1):
         _run(out, "a", seed, knn=50.0 + seed, lin=40.0, best=41.0, curve=[(1, 30.0)], collapsed=False, ips=1.0)
@@ -220,7 +210,7 @@ def _strict(text: str) -> object:
 def test_report_leaves_nonfinite_runs_out_of_the_means(tmp_path, tiny_folder):
     """A run whose features held NaN (its summary: null in strict JSON, or bare NaN from an older version) is listed,
     not averaged: one NaN would otherwise make the cell's mean NaN, and results.json would not be strict JSON."""
-    sweep_file = _one_cell_sweep(tmp_path, tiny_folder, [0, 1, 2])
+    sweep_file = _sweep_file(tmp_path, tiny_folder, [0, 1, 2])
     out = tmp_path / "out"
     _run(out, "a", 0, knn=50.0, lin=40.0, best=42.0, curve=[(1, 30.0)], collapsed=False, ips=10.0)
     # seed 1's first epoch was still finite: its curve is left out too, so that the curve's n is the means' n
