@@ -323,7 +323,7 @@ def sweep_figures(res: dict[str, Any], out: Path) -> list[Path]:
                 [p[1] for p in c["knn_curve"]],
                 marker="o",
                 ms=3,
-                label=f"{c['cell']} (n={c['n'] - len(c.get('nonfinite', []))})",
+                label=f"{c['cell']} (n={c['n'] - len(c['nonfinite'])})",
             )
     ax.set_xlabel("epoch")
     ax.set_ylabel("kNN top-1 (%)")

@@ -105,8 +105,7 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
             "cell": cell,
             "n": len(done),
             **{k: _stats([s[k] for s in done if _finite(s.get(k))]) for k, _ in METRICS},
-            # kNN is always evaluated at the end: no finite kNN accuracy means the features held NaN or inf
-            "nonfinite": nonfinite,
+            "nonfinite": nonfinite,  # seeds whose features held NaN or inf
             # None where no run had the collapse detector on (diag.every=0): "no collapse seen" would mislead
             "collapsed": _flagged(done, "collapsed"),
             "dim_collapsed": _flagged(done, "dim_collapsed"),  # None too for runs before the warning existed
@@ -181,7 +180,7 @@ def markdown(res: dict[str, Any]) -> str:
             + (" (checkpoint, not finished)" if r["status"] == "incomplete" else "")
             for r in missing
         ]
-    nonfinite = [(c["cell"], seed) for c in res["cells"] for seed in c.get("nonfinite", [])]
+    nonfinite = [(c["cell"], seed) for c in res["cells"] for seed in c["nonfinite"]]
     if nonfinite:
         lines += ["", "## Runs whose features held NaN or inf", ""]
         lines += [
@@ -253,7 +252,7 @@ def csv_text(res: dict[str, Any]) -> str:
                 c["dim_collapsed"],
                 len(c["failed"]),
                 len(c["missing"]),
-                len(c.get("nonfinite", [])),
+                len(c["nonfinite"]),
                 *[f(t[k][s]) for k, _ in TIMING for s in ("mean", "std")],
             ]
         )
