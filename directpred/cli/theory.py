@@ -142,7 +142,8 @@ def _add_theory_commands(theory: argparse.ArgumentParser) -> None:
     por.set_defaults(func=_cmd_portrait)
     fig = sub.add_parser(
         "figures",
-        help="regenerate the paper's synthetic figures (3, 4, 5, 7, 8, 9, 10) and alpha_p (the theory behind Fig. 6)",
+        help="regenerate the paper's synthetic figures (3, 4, 5, 7, 8, 9, 10), alpha_p (the theory behind Fig. 6) and "
+        "isoloss (DirectPred, DirectCopy and IsoLoss in the decoupled dynamics)",
         description="Write figN.png/.npz/.json/.txt for each synthetic figure of the paper.",
     )
     fig.add_argument("--out", required=True, help="output directory")

@@ -4,7 +4,8 @@ Numerical and functional: pure right-hand sides ``rhs(t, y, params)`` on float64
 returning :class:`Trajectory` arrays; plotting lives only in :mod:`directpred.theory.plots`.
 
 Entry points:
-    * :func:`simulate_linear`: the full linear model, Eqs. 2-4, with the paper's ablations;
+    * :func:`simulate_linear`: the full linear model, Eqs. 2-4, with the paper's ablations, a closed-form W_p
+      (DirectPred's Eq. 18, DirectCopy: :func:`closed_form_predictor`) and IsoLoss's gradient;
     * :func:`simulate_sgd`: the same model trained by minibatch SGD on sampled data;
     * :func:`simulate_reduced`: the per-eigenmode dynamics, Eqs. 11-13;
     * :func:`simulate_matrix`: the (Wp, F) flow, Eq. 7 / Eq. 62;
@@ -15,6 +16,7 @@ Entry points:
 from directpred.theory.dynamics import (
     LinearParams,
     Trajectory,
+    closed_form_predictor,
     flow_params,
     integrate,
     linear_field,
@@ -35,14 +37,17 @@ from directpred.theory.invariants import (
 )
 from directpred.theory.reduced import (
     K_mode,
+    closed_form_modes,
     delta_mode,
     eta_threshold,
     fixed_points,
     integral_of_motion,
     invariant_parabola,
+    isoloss_fixed_point,
     jacobian_ps,
     p_star,
     parabola_constant,
+    rhs_closed_form,
     rhs_parabola,
     rhs_ps,
     rhs_reduced,
@@ -61,6 +66,8 @@ __all__ = [
     "alignment",
     "balance",
     "balance_prediction",
+    "closed_form_modes",
+    "closed_form_predictor",
     "commutator",
     "commutator_norm",
     "delta_mode",
@@ -72,11 +79,13 @@ __all__ = [
     "integral_of_motion",
     "integrate",
     "invariant_parabola",
+    "isoloss_fixed_point",
     "jacobian_ps",
     "linear_field",
     "make_data",
     "p_star",
     "parabola_constant",
+    "rhs_closed_form",
     "rhs_linear",
     "rhs_parabola",
     "rhs_ps",

@@ -29,6 +29,8 @@ Array = np.ndarray
 Rhs = Callable[[float, Array, Any], Array]
 Mode = Literal["byol", "simsiam"]
 Method = Literal["euler", "rk4"]
+PredictorRule = Literal["gradient", "directpred", "directcopy"]
+PREDICTOR_RULES = ("gradient", "directpred", "directcopy")
 
 
 def _mT(A: Array) -> Array:
@@ -177,6 +179,47 @@ def integrate(
 
 
 # ----------------------------------------------------------------------------------------------------
+# Closed-form predictors (paper §4, Eq. 18; DirectCopy)
+# ----------------------------------------------------------------------------------------------------
+
+
+def closed_form_predictor(F: Array, rule: PredictorRule, eps: float = 0.0) -> Array:
+    """The predictor set directly from the predictor-input correlation ``F = E[f fᵀ]`` (batched over leading axes).
+
+    * ``"directpred"``, Eq. 18 as the paper writes it: ``F = U diag(s) Uᵀ``, ``p_j = sqrt(s_j) + ε max_j s_j``,
+      ``W_p = U diag(p) Uᵀ``;
+    * ``"directcopy"`` (Wang, Chen, Du, Tian 2021; the authors' unnormalised ``directcopy`` branch):
+      ``W_p = F + ε I``.
+
+    No normalisation by ``s_max`` or ``‖F‖``: the linear model's loss (Eq. 1) is Euclidean, so the predictor's scale
+    sets the fixed points (the training code normalises because its cosine loss is scale-invariant). Eigenvalues of
+    F below 0 (rounding of a PSD matrix) count as 0.
+
+    Args:
+        F: Symmetric positive semi-definite (..., n2, n2).
+        rule: ``"directpred"`` or ``"directcopy"``.
+        eps: ε >= 0.
+
+    Returns:
+        The symmetric predictor ``W_p`` (..., n2, n2).
+
+    Examples:
+        >>> Wp = closed_form_predictor(np.diag([4.0, 1.0]), "directpred")
+        >>> np.diag(Wp).tolist()
+        [2.0, 1.0]
+    """
+    F = sym(np.asarray(F, dtype=np.float64))
+    if rule == "directcopy":
+        return F + eps * np.eye(F.shape[-1])
+    if rule != "directpred":
+        raise ValueError(f"rule must be 'directpred' or 'directcopy', got {rule!r}")
+    s, U = np.linalg.eigh(F)
+    s = np.clip(s, 0.0, None)
+    p = np.sqrt(s) + eps * s.max(axis=-1, keepdims=True)
+    return (U * p[..., None, :]) @ _mT(U)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The linear model's vector field (Eqs. 2-4 and the ablations)
 # ----------------------------------------------------------------------------------------------------
 
@@ -196,6 +239,10 @@ class LinearParams:
         stop_gradient: ``False`` lets the gradient through the target branch (Theorem 2; SimSiam only).
         predictor: ``False`` fixes ``Wp = I`` (the no-predictor ablation).
         symmetric: Symmetrise the Wp flow (Assumption 3).
+        predictor_rule: ``"gradient"`` trains Wp by Eq. 2; ``"directpred"`` / ``"directcopy"`` set it from the
+            predictor-input correlation ``F = W S11 Wᵀ`` at every instant (:func:`closed_form_predictor`).
+        eps: ε of the closed-form rules.
+        isoloss: IsoLoss (Halvagal, Laborieux, Zenke 2023): the gradient reaching W skips ``Wpᵀ``.
     """
 
     S11: Array
@@ -208,13 +255,16 @@ class LinearParams:
     stop_gradient: bool = True
     predictor: bool = True
     symmetric: bool = False
+    predictor_rule: PredictorRule = "gradient"
+    eps: float = 0.0
+    isoloss: bool = False
 
     @property
     def n1(self) -> int:
         return self.S11.shape[-1]
 
 
-def linear_field(W: Array, Wp: Array, Wa: Array, p: LinearParams) -> tuple[Array, Array, Array]:
+def linear_field(W: Array, Wp: Array, Wa: Array, p: LinearParams, F: Array | None = None) -> tuple[Array, Array, Array]:
     """Time derivatives ``(dW, dWp, dWa)`` of the linear model, Eqs. 2-4, with the paper's ablations.
 
     With ``R := Wp W S11 − Wa S21`` (the residual ``E[(Wp f1 − f2a) x1ᵀ]``):
@@ -223,24 +273,32 @@ def linear_field(W: Array, Wp: Array, Wa: Array, p: LinearParams) -> tuple[Array
     * Eq. 3: ``dW = −Wpᵀ R − η W``;
     * Eq. 4: ``dWa = β (W − Wa)`` (BYOL); SimSiam uses ``Wa = W`` so ``dWa = dW``;
     * no stop-gradient (Theorem 2, SimSiam): the target branch adds ``+ Wp W S21ᵀ − W S22`` to ``dW``,
-      which for the flow is ``dW = −(WpᵀWp + I) W X' − W̃pᵀW̃p W X − η W`` with ``W̃p = Wp − I``.
+      which for the flow is ``dW = −(WpᵀWp + I) W X' − W̃pᵀW̃p W X − η W`` with ``W̃p = Wp − I``;
+    * a closed-form predictor (``p.predictor_rule`` ``"directpred"`` or ``"directcopy"``, §4): the given ``Wp`` is
+      replaced by :func:`closed_form_predictor` of ``F`` (default: the predictor-input correlation ``W S11 Wᵀ``)
+      and ``dWp = 0``; no weight decay acts on it;
+    * IsoLoss (``p.isoloss``): ``dW = −R − η W``, the gradient with the factor ``Wpᵀ`` removed.
 
     Args:
         W: Online weights (..., n2, n1).
-        Wp: Predictor (..., n2, n2).
+        Wp: Predictor (..., n2, n2); unused with a closed-form rule.
         Wa: Target weights (..., n2, n1); ignored for SimSiam.
         p: Model parameters.
+        F: The correlation a closed-form rule reads (e.g. SGD's running estimate F̂); ``None``: ``W S11 Wᵀ``.
 
     Returns:
         ``(dW, dWp, dWa)`` with the shapes of the inputs.
     """
     if p.mode == "simsiam":
         Wa = W
+    closed = p.predictor_rule != "gradient"
+    if closed:
+        Wp = closed_form_predictor(W @ p.S11 @ _mT(W) if F is None else F, p.predictor_rule, p.eps)
     R = Wp @ W @ p.S11 - Wa @ p.S21
-    dW = -(_mT(Wp) @ R) - p.eta * W
+    dW = -(R if p.isoloss else _mT(Wp) @ R) - p.eta * W
     if not p.stop_gradient:
         dW = dW + Wp @ W @ _mT(p.S21) - W @ p.S22
-    if p.predictor:
+    if p.predictor and not closed:
         dWp = -p.alpha_p * (R @ _mT(W)) - p.eta * Wp
         if p.symmetric:
             dWp = sym(dWp)
@@ -291,6 +349,9 @@ def run_record(
     n2: int,
     X: np.ndarray,
     Xp: np.ndarray,
+    predictor_rule: str = "gradient",
+    eps: float = 0.0,
+    isoloss: bool = False,
     **extra: object,
 ) -> dict:
     """The parameters a linear-model :class:`Trajectory` records (gradient flow or minibatch SGD)."""
@@ -310,6 +371,9 @@ def run_record(
         n2=int(n2),
         X=X,
         Xp=Xp,
+        predictor_rule=predictor_rule,
+        eps=float(eps),
+        isoloss=bool(isoloss),
         **extra,
     )
 
@@ -325,6 +389,9 @@ def flow_params(
     stop_gradient: bool = True,
     predictor: bool = True,
     symmetric: bool = False,
+    predictor_rule: PredictorRule = "gradient",
+    eps: float = 0.0,
+    isoloss: bool = False,
 ) -> LinearParams:
     """:class:`LinearParams` of the gradient flow (Lemma 1) for data statistics ``X`` and ``X'``."""
     X = np.asarray(X, dtype=np.float64)
@@ -340,10 +407,24 @@ def flow_params(
         stop_gradient=stop_gradient,
         predictor=predictor,
         symmetric=symmetric,
+        predictor_rule=predictor_rule,
+        eps=float(eps),
+        isoloss=bool(isoloss),
     )
 
 
-def check_linear_args(alpha_p: float, eta: float, beta: float, mode: str, stop_gradient: bool) -> None:
+def check_linear_args(
+    alpha_p: float,
+    eta: float,
+    beta: float,
+    mode: str,
+    stop_gradient: bool,
+    *,
+    predictor: bool = True,
+    predictor_rule: str = "gradient",
+    eps: float = 0.0,
+    isoloss: bool = False,
+) -> None:
     """Raise ``ValueError`` for impossible model settings."""
     if mode not in ("byol", "simsiam"):
         raise ValueError(f"mode must be 'byol' or 'simsiam', got {mode!r}")
@@ -355,6 +436,23 @@ def check_linear_args(alpha_p: float, eta: float, beta: float, mode: str, stop_g
         raise ValueError(f"beta (EMA rate) must be >= 0, got {beta!r}")
     if not stop_gradient and mode != "simsiam":
         raise ValueError("stop_gradient=False is Theorem 2's setting and needs mode='simsiam' (W_a = W)")
+    if predictor_rule not in PREDICTOR_RULES:
+        raise ValueError(f"predictor_rule must be one of {', '.join(PREDICTOR_RULES)}, got {predictor_rule!r}")
+    if predictor_rule != "gradient" and not predictor:
+        raise ValueError(
+            f"predictor_rule={predictor_rule!r} sets W_p from F, but predictor=False fixes W_p = I; drop one of them"
+        )
+    if not (np.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if eps != 0 and predictor_rule == "gradient":
+        raise ValueError(
+            f"eps={eps} is the closed-form predictor's ε and a gradient-trained W_p has none; "
+            "set predictor_rule to 'directpred' or 'directcopy', or eps to 0"
+        )
+    if isoloss and not stop_gradient:
+        raise ValueError(
+            "isoloss=True is defined with a stop-gradient target; it cannot be combined with stop_gradient=False"
+        )
 
 
 def simulate_linear(
@@ -375,16 +473,24 @@ def simulate_linear(
     symmetric: bool = False,
     method: Method = "euler",
     record_every: int = 1,
+    predictor_rule: PredictorRule = "gradient",
+    eps: float = 0.0,
+    isoloss: bool = False,
 ) -> Trajectory:
     """Simulate the full linear model's gradient flow, paper Eqs. 2-4 (Lemma 1).
 
     ``method="euler"`` with step ``dt`` is gradient descent with learning rate α = dt (predictor rate α·α_p,
     EMA rate α·β = 1 − γ_a, weight decay η̄ = α·η); ``method="rk4"`` approximates the continuous flow.
 
+    ``predictor_rule="directpred"`` or ``"directcopy"`` replaces Eq. 2 by the predictor set from the
+    predictor-input correlation ``F = W (X + X') Wᵀ`` at every instant (paper §4, :func:`closed_form_predictor`):
+    the flow limit of DirectPred, where F̂ is the exact expectation. ``isoloss=True`` drops ``Wpᵀ`` from Eq. 3.
+
     Args:
         W: Initial online weights (..., n2, n1); leading axes run independent models in one call.
         Wp: Initial predictor (..., n2, n2). Replaced by ``I`` when ``predictor=False``; symmetrised when
-            ``symmetric=True`` (Assumption 3 initialises it symmetric).
+            ``symmetric=True`` (Assumption 3 initialises it symmetric); ignored (may be ``None``) with a
+            closed-form ``predictor_rule``.
         Wa: Initial target (..., n2, n1); ignored (set to ``W``) for SimSiam.
         X: ``E[x̄ x̄ᵀ]`` (n1, n1).
         Xp: ``X'``, the augmentation covariance (n1, n1).
@@ -399,9 +505,14 @@ def simulate_linear(
         symmetric: Symmetric predictor (Assumption 3).
         method: ``"euler"`` or ``"rk4"``.
         record_every: Record every k-th step.
+        predictor_rule: ``"gradient"`` (Eq. 2), ``"directpred"`` (Eq. 18) or ``"directcopy"``; ``alpha_p`` and
+            ``symmetric`` do not act on a closed-form W_p.
+        eps: ε of the closed-form rule (0 for ``"gradient"``).
+        isoloss: IsoLoss's gradient for W (``−R`` instead of ``−Wpᵀ R``).
 
     Returns:
-        Trajectory with states ``W`` (T, ..., n2, n1), ``Wp`` (T, ..., n2, n2), ``Wa`` (T, ..., n2, n1).
+        Trajectory with states ``W`` (T, ..., n2, n1), ``Wp`` (T, ..., n2, n2), ``Wa`` (T, ..., n2, n1); with a
+        closed-form rule, ``Wp`` is the predictor of each recorded ``W``.
 
     Examples:
         >>> rng = np.random.default_rng(0)
@@ -410,7 +521,17 @@ def simulate_linear(
         >>> traj.W.shape
         (101, 3, 4)
     """
-    check_linear_args(alpha_p, eta, beta, mode, stop_gradient)
+    check_linear_args(
+        alpha_p,
+        eta,
+        beta,
+        mode,
+        stop_gradient,
+        predictor=predictor,
+        predictor_rule=predictor_rule,
+        eps=eps,
+        isoloss=isoloss,
+    )
     check_run_args(dt, steps, record_every, method)
     W = np.array(W, dtype=np.float64)
     n2, n1 = W.shape[-2:]
@@ -418,7 +539,8 @@ def simulate_linear(
     Xp = np.asarray(Xp, dtype=np.float64)
     if X.shape != (n1, n1) or Xp.shape != (n1, n1):
         raise ValueError(f"X and Xp must be ({n1}, {n1}) for W of shape {W.shape}; got {X.shape}, {Xp.shape}")
-    if not predictor:
+    closed = predictor_rule != "gradient"
+    if not predictor or closed:  # a closed-form W_p is recomputed from W; this placeholder is never read
         Wp = np.broadcast_to(np.eye(n2), W.shape[:-2] + (n2, n2)).copy()
     elif Wp is None:
         raise ValueError("Wp is required when predictor=True")
@@ -442,9 +564,14 @@ def simulate_linear(
         stop_gradient=stop_gradient,
         predictor=predictor,
         symmetric=symmetric,
+        predictor_rule=predictor_rule,
+        eps=eps,
+        isoloss=isoloss,
     )
     t, ys = integrate(rhs_linear, pack(W, Wp, Wa), params, dt=dt, steps=steps, method=method, record_every=record_every)
     Ws, Wps, Was = unpack(ys, n1, n2)
+    if closed:
+        Wps = closed_form_predictor(Ws @ params.S11 @ _mT(Ws), predictor_rule, eps)
     record = run_record(
         "linear",
         alpha_p=alpha_p,
@@ -461,6 +588,9 @@ def simulate_linear(
         n2=n2,
         X=X,
         Xp=Xp,
+        predictor_rule=predictor_rule,
+        eps=eps,
+        isoloss=isoloss,
         method=method,
     )
     return Trajectory(t=t, states={"W": Ws, "Wp": Wps, "Wa": Was}, params=record)

@@ -131,10 +131,12 @@ def track(traj: Trajectory) -> dict[str, Array]:
 
 def theorem1_applies(params: dict) -> bool:
     """Whether a linear-model run (a :class:`Trajectory`'s ``params``) meets Theorem 1's assumptions: Eqs. 2-3 with
-    the stop-gradient and a predictor trained by gradient descent, not symmetrised. Otherwise the balance has no
-    ``e^{-2 eta t} C`` law."""
+    the stop-gradient and a predictor trained by gradient descent, not symmetrised, and W's gradient through
+    ``Wpᵀ`` (not IsoLoss's). Otherwise the balance has no ``e^{-2 eta t} C`` law."""
     return (
         bool(params.get("stop_gradient", True))
         and bool(params.get("predictor", True))
         and not bool(params.get("symmetric", False))
+        and params.get("predictor_rule", "gradient") == "gradient"
+        and not bool(params.get("isoloss", False))
     )

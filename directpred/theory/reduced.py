@@ -18,7 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-from directpred.theory.dynamics import Method, Trajectory, check_run_args, integrate, sym
+from directpred.theory.dynamics import (
+    PREDICTOR_RULES,
+    Method,
+    PredictorRule,
+    Trajectory,
+    check_run_args,
+    integrate,
+    sym,
+)
 
 Array = np.ndarray
 
@@ -40,6 +48,9 @@ class ReducedParams:
         ema: ``False`` is SimSiam: τ ≡ 1.
         d: Number of modes.
         shared_tau: One τ for all modes (Eq. 13 summed over modes), else one τ_j per mode.
+        predictor_rule: ``"gradient"`` (Eq. 11) or a closed-form rule, ``p_j`` from :func:`closed_form_modes`.
+        eps: ε of the closed-form rule.
+        isoloss: IsoLoss: Eq. 12 without its factor ``p_j``.
     """
 
     alpha_p: float
@@ -49,15 +60,68 @@ class ReducedParams:
     ema: bool
     d: int
     shared_tau: bool = True
+    predictor_rule: PredictorRule = "gradient"
+    eps: float = 0.0
+    isoloss: bool = False
 
 
-def rhs_ps(p: Array, s: Array, tau: Array | float, *, alpha_p: float, eta: float, sigma2: float) -> tuple[Array, Array]:
+def rhs_ps(
+    p: Array, s: Array, tau: Array | float, *, alpha_p: float, eta: float, sigma2: float, isoloss: bool = False
+) -> tuple[Array, Array]:
     """Eqs. 11-12 at given τ, elementwise (vectorised for phase portraits).
 
-    ``ṗ = α_p s [τ − (1+σ²) p] − η p`` (Eq. 11) and ``ṡ = 2 p s [τ − (1+σ²) p] − 2 η s`` (Eq. 12).
+    ``ṗ = α_p s [τ − (1+σ²) p] − η p`` (Eq. 11) and ``ṡ = 2 p s [τ − (1+σ²) p] − 2 η s`` (Eq. 12). With
+    ``isoloss=True`` the gradient reaching W skips ``Wpᵀ``, which removes Eq. 12's factor ``p``:
+    ``ṡ = 2 s [τ − (1+σ²) p] − 2 η s``; Eq. 11 is unchanged.
     """
     g = tau - (1.0 + sigma2) * p
-    return alpha_p * s * g - eta * p, 2.0 * p * s * g - 2.0 * eta * s
+    return alpha_p * s * g - eta * p, 2.0 * (1.0 if isoloss else p) * s * g - 2.0 * eta * s
+
+
+def closed_form_modes(s: Array, rule: PredictorRule, *, eps: float = 0.0, sigma2: float) -> Array:
+    """Predictor eigenvalues ``p_j`` of a closed-form rule on aligned modes, from the eigenvalues ``s_j`` of
+    ``F = W X Wᵀ`` (last axis: the modes).
+
+    The rule reads the predictor-input correlation ``W (X + X') Wᵀ``, whose eigenvalues are ``(1+σ²) s_j`` for
+    isotropic data, so (as :func:`directpred.theory.dynamics.closed_form_predictor`):
+    DirectPred (Eq. 18) ``p_j = sqrt((1+σ²) s_j) + ε (1+σ²) max_k s_k``; DirectCopy ``p_j = (1+σ²) s_j + ε``.
+    """
+    f = (1.0 + sigma2) * np.clip(np.asarray(s, dtype=np.float64), 0.0, None)
+    if rule == "directpred":
+        return np.sqrt(f) + eps * f.max(axis=-1, keepdims=True)
+    if rule == "directcopy":
+        return f + eps
+    raise ValueError(f"rule must be 'directpred' or 'directcopy', got {rule!r}")
+
+
+def rhs_closed_form(
+    p: Array, tau: Array | float, *, eta: float, sigma2: float, rule: PredictorRule, isoloss: bool = False
+) -> Array:
+    """``ṗ_j`` of a closed-form predictor with ε = 0: Eq. 12 seen through ``p_j = ((1+σ²) s_j)^α``.
+
+    DirectPred (α = ½) keeps every mode on a parabola ``(1+σ²) s_j = p_j²``, and Eq. 12 becomes
+    ``ṗ = p Δ`` with ``Δ = p[τ − (1+σ²)p] − η``: Eq. 16, the dynamics of the gradient-trained predictor on its
+    invariant parabola, whatever α_p. DirectCopy (α = 1) runs the same at twice the rate, ``ṗ = 2 p Δ``. With
+    IsoLoss, ``Δ`` becomes ``τ − (1+σ²)p − η``: every small mode grows at the same rate ``τ − η`` (instead of at
+    ``τ p − η``, which is negative below ``p*₋``), so for τ > η no mode collapses and all go to
+    ``p* = (τ − η)/(1+σ²)`` (:func:`isoloss_fixed_point`).
+    """
+    lam = 1.0 + sigma2
+    delta = (tau - lam * p - eta) if isoloss else p * (tau - lam * p) - eta
+    if rule == "directpred":
+        return p * delta
+    if rule == "directcopy":
+        return 2.0 * p * delta
+    raise ValueError(f"rule must be 'directpred' or 'directcopy', got {rule!r}")
+
+
+def isoloss_fixed_point(tau: float, eta: float, sigma2: float) -> float:
+    """The non-zero fixed point ``p* = (τ − η)/(1+σ²)`` of a closed-form predictor under IsoLoss (ε = 0).
+
+    It is stable and ``p = 0`` unstable when τ > η; when τ <= η it is not positive and every mode collapses.
+    """
+    _check_sigma2(sigma2, "isoloss_fixed_point")
+    return (tau - eta) / (1.0 + sigma2)
 
 
 def jacobian_ps(p: float, s: float, tau: float, *, alpha_p: float, eta: float, sigma2: float) -> Array:
@@ -90,7 +154,12 @@ def rhs_reduced(t: float, y: Array, params: ReducedParams) -> Array:
     d = params.d
     p, s, tau = y[:d], y[d : 2 * d], y[2 * d :]
     tau_eff = tau if params.ema else np.ones_like(tau)
-    dp, ds = rhs_ps(p, s, tau_eff, alpha_p=params.alpha_p, eta=params.eta, sigma2=params.sigma2)
+    closed = params.predictor_rule != "gradient"
+    if closed:  # the state's p is a placeholder; the rule sets p from s
+        p = closed_form_modes(s, params.predictor_rule, eps=params.eps, sigma2=params.sigma2)
+    dp, ds = rhs_ps(p, s, tau_eff, alpha_p=params.alpha_p, eta=params.eta, sigma2=params.sigma2, isoloss=params.isoloss)
+    if closed:
+        dp = np.zeros_like(dp)
     dtau = tau_rate(p, s, tau, ds, params.beta, params.shared_tau) if params.ema else np.zeros_like(tau)
     return np.concatenate([dp, ds, dtau])
 
@@ -106,7 +175,7 @@ def delta_mode(p: Array, tau: Array | float, *, eta: float, sigma2: float) -> Ar
 
 
 def simulate_reduced(
-    p0: ArrayLike,
+    p0: ArrayLike | None,
     s0: ArrayLike,
     tau0: ArrayLike,
     *,
@@ -119,6 +188,9 @@ def simulate_reduced(
     ema: bool = True,
     method: Method = "euler",
     record_every: int = 1,
+    predictor_rule: PredictorRule = "gradient",
+    eps: float = 0.0,
+    isoloss: bool = False,
 ) -> Trajectory:
     """Simulate the decoupled per-mode dynamics, paper Eqs. 11-13.
 
@@ -126,6 +198,9 @@ def simulate_reduced(
     ``tau0``. A scalar ``tau0`` means one τ shared by all modes (Eq. 13 summed over modes, see
     :func:`tau_rate`); an array ``tau0`` of length d gives each mode its own τ_j, which is what the full
     linear model with isotropic data and aligned initialisation obeys exactly.
+
+    A closed-form ``predictor_rule`` replaces Eq. 11 by ``p_j`` = :func:`closed_form_modes` of ``s`` (``p0`` is then
+    ignored, ``None`` is fine; the recorded ``p0`` is the rule's); ``isoloss=True`` drops Eq. 12's factor ``p_j``.
 
     Args:
         p0: Initial predictor eigenvalues p_j(0), shape (d,) or scalar.
@@ -140,10 +215,13 @@ def simulate_reduced(
         ema: ``False`` for SimSiam (τ ≡ 1).
         method: ``"euler"`` or ``"rk4"``.
         record_every: Record every k-th step.
+        predictor_rule: ``"gradient"`` (Eq. 11), ``"directpred"`` or ``"directcopy"``.
+        eps: ε of the closed-form rule (0 for ``"gradient"``).
+        isoloss: IsoLoss's gradient for W.
 
     Returns:
-        Trajectory with states ``p`` (T, d), ``s`` (T, d), ``tau`` (T, 1 or d) and ``K`` (T, d), Theorem 3's
-        per-mode eigenvalue.
+        Trajectory with states ``p`` (T, d), ``s`` (T, d), ``tau`` (T, 1 or d) and, for ``"gradient"`` only,
+        ``K`` (T, d), Theorem 3's per-mode eigenvalue (Theorem 3 is about the gradient-trained W_p).
 
     Examples:
         >>> traj = simulate_reduced([0.5, 0.1], [0.5, 0.1], 0.0, alpha_p=1, eta=0.04, beta=0.4, sigma2=0.1,
@@ -154,8 +232,17 @@ def simulate_reduced(
     check_run_args(dt, steps, record_every, method)
     if not alpha_p > 0 or not eta >= 0 or not beta >= 0 or not sigma2 >= 0:
         raise ValueError(f"need alpha_p > 0, eta >= 0, beta >= 0, sigma2 >= 0; got {alpha_p}, {eta}, {beta}, {sigma2}")
-    p0 = np.atleast_1d(np.asarray(p0, dtype=np.float64))
+    if predictor_rule not in PREDICTOR_RULES:
+        raise ValueError(f"predictor_rule must be one of {', '.join(PREDICTOR_RULES)}, got {predictor_rule!r}")
+    if not (np.isfinite(eps) and eps >= 0) or (eps != 0 and predictor_rule == "gradient"):
+        raise ValueError(f"eps must be a finite number >= 0, and 0 unless predictor_rule is closed-form; got {eps!r}")
+    closed = predictor_rule != "gradient"
     s0 = np.atleast_1d(np.asarray(s0, dtype=np.float64))
+    if closed:  # the rule sets p from s; p0 is not read
+        p0 = closed_form_modes(s0, predictor_rule, eps=eps, sigma2=sigma2)
+    elif p0 is None:
+        raise ValueError("p0 is required with predictor_rule='gradient' (it is only optional for a closed-form rule)")
+    p0 = np.atleast_1d(np.asarray(p0, dtype=np.float64))
     if p0.shape != s0.shape or p0.ndim != 1:
         raise ValueError(f"p0 and s0 must be 1-D of equal length, got {p0.shape} and {s0.shape}")
     if not (np.all(np.isfinite(p0)) and np.all(np.isfinite(s0)) and np.all(np.isfinite(tau0))):
@@ -167,7 +254,18 @@ def simulate_reduced(
     tau = np.ones(1 if shared else d) if not ema else np.atleast_1d(np.asarray(tau0, dtype=np.float64))
     if not shared and np.shape(tau0) != (d,):  # a (1, d) array passed a size check and failed in a concatenate
         raise ValueError(f"tau0 must be a scalar or have shape ({d},), got {np.shape(tau0)}")
-    params = ReducedParams(float(alpha_p), float(eta), float(beta), float(sigma2), bool(ema), d, bool(shared))
+    params = ReducedParams(
+        float(alpha_p),
+        float(eta),
+        float(beta),
+        float(sigma2),
+        bool(ema),
+        d,
+        bool(shared),
+        predictor_rule=predictor_rule,
+        eps=float(eps),
+        isoloss=bool(isoloss),
+    )
     t, ys = integrate(
         rhs_reduced,
         np.concatenate([p0, s0, tau]),
@@ -178,7 +276,11 @@ def simulate_reduced(
         record_every=record_every,
     )
     p, s, tau_t = ys[:, :d], ys[:, d : 2 * d], ys[:, 2 * d :]
-    K = K_mode(p, s, tau_t, alpha_p=alpha_p, eta=eta, sigma2=sigma2)
+    states = {"p": p, "s": s, "tau": tau_t}
+    if closed:
+        states["p"] = closed_form_modes(s, predictor_rule, eps=eps, sigma2=sigma2)
+    else:
+        states["K"] = K_mode(p, s, tau_t, alpha_p=alpha_p, eta=eta, sigma2=sigma2)
     record = dict(
         model="reduced",
         alpha_p=float(alpha_p),
@@ -194,8 +296,11 @@ def simulate_reduced(
         p0=p0,
         s0=s0,
         tau0=np.atleast_1d(tau0),
+        predictor_rule=predictor_rule,
+        eps=float(eps),
+        isoloss=bool(isoloss),
     )
-    return Trajectory(t=t, states={"p": p, "s": s, "tau": tau_t, "K": K}, params=record)
+    return Trajectory(t=t, states=states, params=record)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,9 +15,11 @@ import numpy as np
 from directpred.theory.dynamics import (
     Method,
     Mode,
+    PredictorRule,
     Trajectory,
     check_linear_args,
     check_run_args,
+    closed_form_predictor,
     flow_params,
     linear_field,
     run_record,
@@ -148,12 +150,20 @@ def simulate_sgd(
     predictor: bool = True,
     symmetric: bool = False,
     record_every: int = 1,
+    predictor_rule: PredictorRule = "gradient",
+    eps: float = 0.0,
+    isoloss: bool = False,
+    rho: float = 0.0,
 ) -> Trajectory:
     """Train the linear model by minibatch SGD on sampled view pairs (loss Eq. 1, weight decay, EMA target).
 
     Per step, with learning rate α = ``lr``: ``Wp -= α(α_p ∇_Wp J + η Wp)``, ``W -= α(∇_W J + η W)`` and
     ``Wa += αβ(W − Wa)``, i.e. an Euler step of Eqs. 2-4 with minibatch moments. Time is ``t = k·lr``,
     comparable with :func:`simulate_linear` at ``dt = lr``.
+
+    With a closed-form ``predictor_rule`` (DirectPred, paper §4), each step first folds the minibatch's
+    predictor-input correlation ``W (x1ᵀx1/B) Wᵀ`` into the running estimate ``F̂ ← ρ F̂ + (1−ρ)·(batch term)``
+    (Eq. 19; the first step takes the batch term as it is), then sets ``W_p`` from F̂ and takes the W step with it.
 
     Args:
         W: Initial online weights (n2, n1), as for :func:`simulate_linear`.
@@ -172,24 +182,45 @@ def simulate_sgd(
         predictor: False for W_p = I, as in :func:`simulate_linear`.
         symmetric: True to keep W_p symmetric (Assumption 3), as in :func:`simulate_linear`.
         record_every: Record every k-th step.
+        predictor_rule: ``"gradient"``, ``"directpred"`` or ``"directcopy"``, as in :func:`simulate_linear`.
+        eps: ε of the closed-form rule, as in :func:`simulate_linear`.
+        isoloss: IsoLoss's gradient for W, as in :func:`simulate_linear`.
+        rho: ρ of F̂'s moving average (Eq. 19), in [0, 1); 0 uses each minibatch's own estimate.
 
     Returns:
         Trajectory with states ``W``, ``Wp``, ``Wa`` and ``loss`` (minibatch loss before each recorded step's
-        update, NaN at t = 0); ``params['X']``/``params['Xp']`` hold the data model's exact statistics.
+        update, NaN at t = 0); ``params['X']``/``params['Xp']`` hold the data model's exact statistics. With a
+        closed-form rule, the recorded ``Wp`` is the one the step used (at t = 0: the predictor of the exact
+        ``F = W(0)(X + X')W(0)ᵀ``).
     """
-    check_linear_args(alpha_p, eta, beta, mode, stop_gradient)
+    check_linear_args(
+        alpha_p,
+        eta,
+        beta,
+        mode,
+        stop_gradient,
+        predictor=predictor,
+        predictor_rule=predictor_rule,
+        eps=eps,
+        isoloss=isoloss,
+    )
     check_run_args(lr, steps, record_every)
     if int(batch) != batch or batch < 1:
         raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+    if not 0.0 <= rho < 1.0:
+        raise ValueError(f"rho (F̂'s moving-average rate, Eq. 19) must lie in [0, 1), got {rho!r}")
+    if rho != 0 and predictor_rule == "gradient":
+        raise ValueError(f"rho={rho} is the closed-form predictor's F̂ rate; set predictor_rule or rho to 0")
     rng = np.random.default_rng(seed)
     W = np.array(W, dtype=np.float64)
     n2, n1 = W.shape
     n_data = np.shape(data.X)[0]
     if n1 != n_data:
         raise ValueError(f"W (n2, n1) must have n1 = {n_data} columns, the data model's dimension; got {W.shape}")
-    if predictor and Wp is None:
+    closed = predictor_rule != "gradient"
+    if predictor and not closed and Wp is None:
         raise ValueError("Wp is required when predictor=True")
-    Wp = np.eye(n2) if not predictor else np.array(Wp, dtype=np.float64)
+    Wp = np.eye(n2) if not predictor or closed else np.array(Wp, dtype=np.float64)
     if Wp.shape != (n2, n2):
         raise ValueError(f"Wp must have shape {(n2, n2)} for W of shape {W.shape}, got {Wp.shape}")
     if symmetric:
@@ -207,7 +238,13 @@ def simulate_sgd(
         stop_gradient=stop_gradient,
         predictor=predictor,
         symmetric=symmetric,
+        predictor_rule=predictor_rule,
+        eps=eps,
+        isoloss=isoloss,
     )
+    if closed:
+        Wp = closed_form_predictor(W @ base.S11 @ W.T, predictor_rule, eps)
+    F_hat: Array | None = None
     rec = sorted(set(range(0, steps + 1, record_every)) | {steps})
     out = {k: np.empty((len(rec),) + a.shape) for k, a in (("W", W), ("Wp", Wp), ("Wa", Wa))}
     loss = np.full(len(rec), np.nan)
@@ -216,7 +253,11 @@ def simulate_sgd(
     for k in range(1, steps + 1):
         x1, x2 = data.sample(rng, batch)
         p = replace(base, S11=x1.T @ x1 / batch, S21=x2.T @ x1 / batch, S22=x2.T @ x2 / batch)
-        dW, dWp, dWa = linear_field(W, Wp, Wa, p)
+        if closed:
+            F_batch = W @ p.S11 @ W.T
+            F_hat = F_batch if F_hat is None else rho * F_hat + (1.0 - rho) * F_batch
+            Wp = closed_form_predictor(F_hat, predictor_rule, eps)
+        dW, dWp, dWa = linear_field(W, Wp, Wa, p, F=F_hat)
         if i < len(rec) and k == rec[i]:
             target = x2 @ (W if mode == "simsiam" else Wa).T
             loss[i] = 0.5 * np.mean(np.sum((x1 @ W.T @ Wp.T - target) ** 2, axis=1))
@@ -240,7 +281,11 @@ def simulate_sgd(
         n2=n2,
         X=data.X,
         Xp=data.Xp,
+        predictor_rule=predictor_rule,
+        eps=eps,
+        isoloss=isoloss,
         batch=int(batch),
+        rho=float(rho),
         seed=int(seed),
         data=type(data).__name__,
     )

@@ -7,6 +7,7 @@ the trajectory, a summary and its figure.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ class SimulateConfig:
     """
 
     model: Literal["linear", "reduced"] = "linear"
+    predictor_rule: Literal["gradient", "directpred", "directcopy"] = "gradient"
+    eps: float = 0.0
+    isoloss: bool = False
     alpha_p: float = 1.0
     eta: float = 0.04
     beta: float = 0.4
@@ -51,6 +55,7 @@ class SimulateConfig:
     init_scale: float = 1.0
     wa_init: Literal["zero", "copy"] = "zero"
     sgd_batch: int = 0
+    rho: float = 0.0
     # reduced model
     p0: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4])
     s0: list[float] = field(default_factory=lambda: [0.0025, 0.01, 0.04, 0.16])
@@ -60,7 +65,20 @@ class SimulateConfig:
 
 # The keys each model reads: a key of the other model is an error rather than silently ignored (or, as p0 and s0 on
 # the linear model were, checked against each other for nothing).
-COMMON_KEYS = ("model", "alpha_p", "eta", "beta", "sigma2", "dt", "steps", "method", "record_every")
+COMMON_KEYS = (
+    "model",
+    "predictor_rule",
+    "eps",
+    "isoloss",
+    "alpha_p",
+    "eta",
+    "beta",
+    "sigma2",
+    "dt",
+    "steps",
+    "method",
+    "record_every",
+)
 MODEL_KEYS = {
     "linear": (
         "n1",
@@ -73,6 +91,7 @@ MODEL_KEYS = {
         "init_scale",
         "wa_init",
         "sgd_batch",
+        "rho",
         "seed",
     ),
     "reduced": ("p0", "s0", "tau0", "ema"),
@@ -124,6 +143,24 @@ def build_simulate_config(raw: dict[str, Any], overrides: Sequence[str] = ()) ->
         ),
         (0 <= cfg.seed < 2**32, f"seed must lie in [0, 2**32) (it seeds numpy and torch), got {cfg.seed}"),
         (cfg.stop_gradient or cfg.mode == "simsiam", "stop_gradient: false needs mode: simsiam (Theorem 2)"),
+        (
+            math.isfinite(cfg.eps) and cfg.eps >= 0 and (cfg.eps == 0 or cfg.predictor_rule != "gradient"),
+            f"eps must be >= 0, and 0 unless predictor_rule is directpred or directcopy (it is the closed-form "
+            f"predictor's ε); got eps: {cfg.eps} with predictor_rule: {cfg.predictor_rule}",
+        ),
+        (
+            cfg.predictor or cfg.predictor_rule == "gradient",
+            f"predictor_rule: {cfg.predictor_rule} sets W_p from F, but predictor: false fixes W_p = I; drop one",
+        ),
+        (
+            cfg.stop_gradient or not cfg.isoloss,
+            "isoloss: true needs the stop-gradient target it is defined with; drop stop_gradient: false",
+        ),
+        (
+            0 <= cfg.rho < 1 and (cfg.rho == 0 or (cfg.predictor_rule != "gradient" and cfg.sgd_batch > 0)),
+            f"rho (the SGD run's F̂ moving-average rate, Eq. 19) must lie in [0, 1) and is read only with a "
+            f"closed-form predictor_rule and sgd_batch > 0; got rho: {cfg.rho}",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
@@ -145,7 +182,7 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
     from directpred.theory import plots
     from directpred.theory.dynamics import simulate_linear
     from directpred.theory.invariants import theorem1_applies, track
-    from directpred.theory.reduced import p_star, simulate_reduced
+    from directpred.theory.reduced import isoloss_fixed_point, p_star, simulate_reduced
     from directpred.theory.sgd import make_data, simulate_sgd
 
     out.mkdir(parents=True, exist_ok=True)
@@ -165,23 +202,31 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
             alpha_p=cfg.alpha_p,
             eta=cfg.eta,
             beta=cfg.beta,
+            predictor_rule=cfg.predictor_rule,
+            eps=cfg.eps,
+            isoloss=cfg.isoloss,
         )
         _stop_if_diverged("simulation", tr, "trajectory.npz", cfg, out, summary)
         tr.save(out / "trajectory.npz")
-        fig, axes = plots.new_figure(1, 4)
-        for ax, key in zip(axes[0], ("p", "s", "tau", "K")):
+        keys = [k for k in ("p", "s", "tau", "K") if k in tr.states]  # no K for a closed-form W_p
+        fig, axes = plots.new_figure(1, len(keys))
+        for ax, key in zip(axes[0], keys):
             plots.lines(ax, tr.t, tr[key], color="C0")
             ax.set_title(key, fontsize=9)
             ax.set_xlabel("t")
-        axes[0, 3].axhline(0, color="k", lw=0.6)
+        if "K" in tr.states:
+            axes[0, 3].axhline(0, color="k", lw=0.6)
         plots.save(fig, str(out / "summary.png"))
         summary.update(
             p_final=tr.p[-1],
             s_final=tr.s[-1],
             tau_final=tr.tau[-1],
-            K_min=float(tr.K.min()),
             p_star_at_tau1=p_star(1.0, cfg.eta, cfg.sigma2),
         )
+        if cfg.predictor_rule == "gradient":  # Theorem 3's K is about the gradient-trained W_p
+            summary["K_min"] = float(tr.K.min())
+        if cfg.isoloss:
+            summary["p_star_isoloss_at_tau1"] = isoloss_fixed_point(1.0, cfg.eta, cfg.sigma2)
     else:
         rng = np.random.default_rng(cfg.seed)
         W = cfg.init_scale * rng.normal(size=(cfg.n2, cfg.n1)) / np.sqrt(cfg.n1)
@@ -205,6 +250,9 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
             stop_gradient=cfg.stop_gradient,
             predictor=cfg.predictor,
             symmetric=cfg.symmetric,
+            predictor_rule=cfg.predictor_rule,
+            eps=cfg.eps,
+            isoloss=cfg.isoloss,
         )
         _stop_if_diverged("gradient-flow simulation", tr, "trajectory.npz", cfg, out, summary)
         q = track(tr)
@@ -233,6 +281,10 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
                 stop_gradient=cfg.stop_gradient,
                 predictor=cfg.predictor,
                 symmetric=cfg.symmetric,
+                predictor_rule=cfg.predictor_rule,
+                eps=cfg.eps,
+                isoloss=cfg.isoloss,
+                rho=cfg.rho,
             )
             _stop_if_diverged("SGD simulation", sg, "sgd.npz", cfg, out, summary)
             qs = track(sg)

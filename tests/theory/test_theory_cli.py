@@ -11,7 +11,7 @@ from directpred.theory.simulate import build_simulate_config, load_simulate_conf
 
 
 def test_shipped_configs_load():
-    for name in ("linear", "reduced", "no_stop_gradient"):
+    for name in ("linear", "reduced", "no_stop_gradient", "isoloss"):
         cfg = load_simulate_config(f"configs/theory/{name}.yaml")
         assert cfg.dt > 0
 
@@ -36,6 +36,15 @@ def test_shipped_configs_load():
             r"must be >= 0, got -0.5$",
         ),
         ({"seed": -1}, r"^seed must lie in \[0, 2\*\*32\) \(it seeds numpy and torch\), got -1$"),
+        ({"predictor_rule": "eig"}, "predictor_rule: 'eig' is not allowed; expected one of 'gradient', 'directpred'"),
+        ({"eps": 0.1}, r"^eps must be >= 0, and 0 unless predictor_rule is directpred or directcopy .* got eps: 0.1 "),
+        ({"predictor_rule": "directpred", "eps": float("nan")}, "^eps: nan is not a finite number"),
+        ({"predictor_rule": "directpred", "eps": -0.1}, "^eps must be >= 0, and 0 unless"),
+        ({"predictor_rule": "directcopy", "predictor": False}, "predictor: false fixes W_p = I; drop one"),
+        ({"isoloss": True, "mode": "simsiam", "stop_gradient": False}, "isoloss: true needs the stop-gradient"),
+        ({"rho": 0.3}, r"rho .* is read only with a closed-form predictor_rule and sgd_batch > 0; got rho: 0.3"),
+        ({"predictor_rule": "directpred", "rho": 0.3}, "is read only with a closed-form predictor_rule and sgd_batch"),
+        ({"predictor_rule": "directpred", "sgd_batch": 8, "rho": 1.0}, r"rho .* must lie in \[0, 1\)"),
     ],
 )
 def test_config_rejects_bad_values(raw, msg):
@@ -58,15 +67,16 @@ def test_keys_of_the_other_model_are_errors_naming_the_model_and_its_keys():
         build_simulate_config({"model": "linear"}, ["p0=[0.1]"])
     assert str(info.value) == (
         "p0 does not apply to model: linear (only to model: reduced); remove it or set model: reduced. The linear "
-        "model reads: model, alpha_p, eta, beta, sigma2, dt, steps, method, record_every, n1, n2, mode, "
-        "stop_gradient, predictor, symmetric, data, init_scale, wa_init, sgd_batch, seed"
+        "model reads: model, predictor_rule, eps, isoloss, alpha_p, eta, beta, sigma2, dt, steps, method, "
+        "record_every, n1, n2, mode, stop_gradient, predictor, symmetric, data, init_scale, wa_init, sgd_batch, rho, "
+        "seed"
     )
     with pytest.raises(ValueError) as info:
         build_simulate_config({"model": "reduced", "n1": 4}, ["sgd_batch=8", "n1=5"])
     assert str(info.value) == (
         "n1, sgd_batch do not apply to model: reduced (only to model: linear); remove them or set model: linear. "
-        "The reduced model reads: model, alpha_p, eta, beta, sigma2, dt, steps, method, record_every, p0, s0, "
-        "tau0, ema"
+        "The reduced model reads: model, predictor_rule, eps, isoloss, alpha_p, eta, beta, sigma2, dt, steps, "
+        "method, record_every, p0, s0, tau0, ema"
     )
     # the two models' keys and the common ones are exactly the config's fields, each once
     from dataclasses import fields
@@ -118,6 +128,30 @@ def test_simulate_reduced_and_bad_config_exit_code(tmp_path, capsys):
     bad.write_text("model: linear\nlearning_rate: 0.1\n")
     assert main(["simulate", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert "unknown config key 'learning_rate'" in capsys.readouterr().err
+
+
+def test_simulate_isoloss_config_lifts_every_mode_and_directpred_alone_does_not(tmp_path):
+    """configs/theory/isoloss.yaml's stated outcome, and its isoloss=false contrast, read back from summary.json."""
+    from directpred.theory.reduced import isoloss_fixed_point, p_star
+
+    assert main(["simulate", "configs/theory/isoloss.yaml", "--out", str(tmp_path / "iso")]) == 0
+    assert (
+        main(["simulate", "configs/theory/isoloss.yaml", "--out", str(tmp_path / "dp"), "--set", "isoloss=false"]) == 0
+    )
+    iso = json.loads((tmp_path / "iso" / "summary.json").read_text())
+    dp = json.loads((tmp_path / "dp" / "summary.json").read_text())
+    np.testing.assert_allclose(iso["p_final"], isoloss_fixed_point(1.0, 0.04, 0.1), rtol=1e-6)
+    assert iso["p_star_isoloss_at_tau1"] == pytest.approx(isoloss_fixed_point(1.0, 0.04, 0.1))
+    assert "K_min" not in iso and "K_min" not in dp  # Theorem 3's K is about a gradient-trained W_p
+    assert max(dp["p_final"][:2]) < 0.01 and min(dp["p_final"][2:]) == pytest.approx(p_star(1.0, 0.04, 0.1)[1], 1e-3)
+    lin = tmp_path / "lin"
+    sets = ["predictor_rule=directpred", "isoloss=true", "sgd_batch=256", "rho=0.3", "steps=300", "method=rk4"]
+    assert (
+        main(["simulate", "configs/theory/linear.yaml", "--out", str(lin), *(a for s in sets for a in ("--set", s))])
+        == 0
+    )
+    summary = json.loads((lin / "summary.json").read_text())
+    assert summary["theorem1_applies"] is False and summary["sgd_vs_flow_rel_W"] < 0.05
 
 
 @pytest.mark.parametrize(
