@@ -222,7 +222,8 @@ class TrainConfig:
     compile: bool = False
     """`torch.compile` the online encoder."""
     sync_bn: bool = False
-    """SyncBatchNorm in multi-process runs (CUDA only)."""
+    """SyncBatchNorm in multi-process runs, in the online branch and BYOL's target (CUDA only; refused for CPU
+    processes)."""
     checkpoint_every: int = 10
     """Epochs between kept checkpoints/epoch_XXXX.pt (last.pt is written every epoch)."""
     checkpoint_every_steps: int = 0

@@ -95,6 +95,20 @@ def make_batch_source(cfg: Config, data: DataBundle | StreamData, device: torch.
     )
 
 
+def convert_sync_batchnorm(method: nn.Module) -> None:
+    """Swap every BatchNorm of ``method``'s online branch, and of its target if it has one, for a SyncBatchNorm, in
+    place (``train.sync_bn``).
+
+    BYOL's target runs in train mode, so its BatchNorms normalise with batch statistics too: global ones, as in one
+    process and in BYOL's cross-replica BN. It runs on every rank every step, so its collectives line up. Buffers
+    and ``state_dict`` keys are unchanged, so the EMA and checkpoints pair the modules as before.
+    """
+    # torch's hint returns a plain Module; the objects are the same OnlineBranch / Encoder with BatchNorms swapped
+    method.online = nn.SyncBatchNorm.convert_sync_batchnorm(method.online)
+    if getattr(method, "target", None) is not None:
+        method.target = nn.SyncBatchNorm.convert_sync_batchnorm(method.target)
+
+
 class Trainer:
     """Train a :class:`Config` into ``run_dir`` (or continue the run there with ``resume=True``).
 
@@ -254,9 +268,14 @@ class Trainer:
         if self.world > 1:
             online: nn.Module = self.method.online
             if cfg.train.sync_bn:
-                online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
-                # the same OnlineBranch, BatchNorms swapped in place (torch's hint returns a plain Module)
-                self.method.online = online  # type: ignore[assignment]
+                if self.device.type != "cuda":
+                    raise ConfigError(
+                        f"train.sync_bn=true needs CUDA devices (torch's SyncBatchNorm runs only on GPUs), but these "
+                        f"{self.world} processes train on {self.device.type}; set train.sync_bn=false (each process "
+                        "then normalises its own share of the batch)"
+                    )
+                convert_sync_batchnorm(self.method)
+                online = self.method.online
             if any(p.requires_grad for p in online.parameters()):
                 self.online_call = nn.parallel.DistributedDataParallel(
                     online, device_ids=[self.device.index] if self.device.type == "cuda" else None
