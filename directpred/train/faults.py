@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from directpred import distributed
+
 if TYPE_CHECKING:
     from directpred.methods import Siamese
 
@@ -72,15 +74,39 @@ class NonFiniteGuard:
 
     def fault(self, loss: torch.Tensor, *, check_grads: bool) -> str | None:
         """Why this step cannot be taken (after backward), or None. ``check_grads``: without a GradScaler (fp16
-        skips inf steps itself)."""
-        if not torch.isfinite(loss):
-            return f"non-finite loss ({loss.item()})"
-        if check_grads:
-            grads = [p.grad for p in self.method.online.parameters() if p.grad is not None]
-            # The max-norm is inf/NaN exactly when an entry is (a 2-norm could overflow on large finite gradients).
-            if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf")))):
+        skips inf steps itself).
+
+        With several processes the answer is agreed: one all-reduce of the two flags (loss, gradient) per step, so
+        every process skips or steps together. A process's own checks alone would split them: under a GradScaler a
+        NaN loss on one process skips the step there (no ``scaler.update``) while the others step, halve their
+        scale, update the EMA and (``update_at=after_step``) enter the predictor's all-reduce alone.
+        """
+        if not distributed.is_distributed():
+            if not torch.isfinite(loss):
+                return f"non-finite loss ({loss.item()})"
+            if check_grads and not bool(torch.isfinite(self._grad_max_norm())):
                 return "non-finite gradient (the loss was finite)"
+            return None
+        # The two flags summed over the processes: how many had a non-finite loss, a non-finite gradient.
+        flags = torch.zeros(2, device=loss.device)
+        flags[0] = (~torch.isfinite(loss.detach())).float()
+        if check_grads:
+            flags[1] = (~torch.isfinite(self._grad_max_norm())).float()
+        bad_loss, bad_grad = (int(n) for n in distributed.all_reduce_sum(flags).tolist())  # the step's one sync
+        world = distributed.world_size()
+        if bad_loss:
+            if not torch.isfinite(loss):
+                return f"non-finite loss ({loss.item()}) on {bad_loss} of {world} processes"
+            return f"non-finite loss on {bad_loss} of {world} processes (this one's was finite: {loss.item():.6g})"
+        if bad_grad:
+            return f"non-finite gradient on {bad_grad} of {world} processes (the loss was finite)"
         return None
+
+    def _grad_max_norm(self) -> torch.Tensor:
+        """The online branch's largest |gradient| entry: inf/NaN exactly when an entry is (a 2-norm could overflow
+        on large finite gradients); 0 without gradients."""
+        grads = [p.grad for p in self.method.online.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads, float("inf")) if grads else torch.zeros(())
 
     def undo(self, snapshot: dict[str, torch.Tensor] | None) -> None:
         """Restore the snapshot: undo the BatchNorm / F^ / W_p updates of the step."""

@@ -326,9 +326,10 @@ class Trainer:
         except FloatingPointError as exc:  # the predictor refused non-finite statistics (the same on every rank)
             return self._skip(str(exc), snapshot, lr, m)
         self.optimizer.zero_grad(set_to_none=True)
-        # Backward even for a non-finite loss: under DDP the all-reduced gradient then tells every rank.
+        # Backward even for a non-finite loss: DDP's gradient all-reduce is a collective every rank joins.
         self.scaler.scale(out.loss).backward()
-        fault = self.guard.fault(out.loss, check_grads=not self.scaler.is_enabled())  # fp16: the scaler skips infs
+        # fp16: the scaler skips infs. Agreed over the processes (one all-reduce), so all skip or step together.
+        fault = self.guard.fault(out.loss, check_grads=not self.scaler.is_enabled())
         if fault is not None:
             return self._skip(fault, snapshot, lr, m)
         self.scaler.step(self.optimizer)

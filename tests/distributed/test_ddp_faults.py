@@ -1,0 +1,105 @@
+"""Faults under two gloo processes: every process takes the same branch.
+
+A NaN image on rank 1 only, under a GradScaler (enabled on the CPU, as fp16 runs it on CUDA): the step is skipped
+on both ranks (the non-finite guard's answer is all-reduced), so the loss scale, the parameters, the EMA target,
+F^ and ``skipped_steps`` stay equal, and with ``update_at=after_step`` the predictor's all-reduce is not entered by
+one rank alone (which hung).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from directpred import distributed
+from directpred.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+WORLD = 2
+STEPS = 3
+NAN_STEP = 1  # rank 1's first view holds a NaN image at this step
+
+
+def _nan_step_worker(rank: int, store: str, out: str, overrides: list[str]) -> None:
+    from directpred.train.loop import Trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        cfg = load_config(REPO / "configs/cpu/quickstart.yaml", overrides)
+        trainer = Trainer(cfg, Path(out).parent / "run").setup()
+        trainer.scaler = torch.amp.GradScaler("cpu", enabled=True)  # what fp16 uses on CUDA
+        views = trainer.views
+
+        def poisoned(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x1, x2 = views(images)
+            if trainer.step == NAN_STEP and distributed.rank() == 1:
+                x1 = x1.clone()
+                x1[0] = float("nan")
+            return x1, x2
+
+        trainer.views = poisoned  # type: ignore[method-assign]
+        batches = trainer.source.labelled_batches(0, 0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            skipped = [trainer.train_step(next(batches)[0]).skipped for _ in range(STEPS)]
+        method = trainer.method
+        state = {
+            **{f"online.{k}": v for k, v in method.online.named_parameters()},
+            **{f"target.{k}": v for k, v in (method.target.named_parameters() if method.target else [])},
+            **{f"predictor.{k}": v for k, v in method.online.predictor.state_dict().items()},
+        }
+        torch.save(
+            {
+                "scale": trainer.scaler.get_scale(),
+                "skipped_steps": trainer.skipped_steps,
+                "step": trainer.step,
+                "skipped": skipped,
+                "state": {k: v.detach().clone() for k, v in state.items()},
+                "warnings": [str(w.message) for w in caught if "step skipped" in str(w.message)],
+            },
+            f"{out}.{rank}",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(worker, args: tuple, what: str) -> None:
+    procs = mp.spawn(worker, args=args, nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 150
+    while not procs.join(timeout=1):
+        if time.monotonic() > deadline:  # a collective entered by one rank alone hangs gloo rather than fails
+            for proc in procs.processes:
+                proc.kill()
+            pytest.fail(f"the processes did not finish: {what} hung")
+
+
+@pytest.mark.slow  # about 30 s each on a loaded 2-core machine (two processes start, decode, build)
+@pytest.mark.parametrize("predictor,update_at", [("linear", "forward"), ("directpred", "after_step")])
+def test_nan_loss_on_one_rank_skips_the_step_on_every_rank(predictor, update_at, tiny_overrides, tmp_path):
+    over = tiny_overrides + [
+        "train.batch_size=8",
+        "method.name=byol",
+        f"predictor.name={predictor}",
+        f"predictor.update_at={update_at}",
+        "train.skip_nonfinite=3",
+    ]
+    out = str(tmp_path / "result")
+    _spawn(_nan_step_worker, (str(tmp_path / "store"), out, over), "the step after the NaN")
+    ranks = [torch.load(f"{out}.{r}") for r in range(WORLD)]
+    for r in ranks:
+        # Skipped once, on both ranks; the scale neither halved (scaler.update on the skipping rank's peers) nor grew.
+        assert (r["skipped_steps"], r["step"], r["skipped"]) == (1, STEPS, [False, True, False])
+        assert r["scale"] == 2.0**16
+    assert ranks[0]["state"].keys() == ranks[1]["state"].keys()
+    differ = [k for k, v in ranks[0]["state"].items() if not torch.equal(v, ranks[1]["state"][k])]
+    assert not differ, f"the ranks' weights diverged: {differ[:5]}"
+    (own,), (other,) = ranks[1]["warnings"], ranks[0]["warnings"]
+    assert own.startswith(f"step {NAN_STEP}: non-finite loss (nan) on 1 of 2 processes; step skipped")
+    assert other.startswith(f"step {NAN_STEP}: non-finite loss on 1 of 2 processes (this one's was finite: ")
