@@ -10,7 +10,7 @@ import atexit
 import datetime
 import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -108,6 +108,15 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     if is_distributed():
         for buf in module.buffers():
             dist.broadcast(buf.data, src=src)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``src``'s picklable ``obj`` on every process (a collective; the identity in a single process)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def barrier() -> None:

@@ -41,7 +41,13 @@ from directpred.eval.protocol import evaluate
 from directpred.methods import build_method, ema_momentum
 from directpred.runtime import git_commit, resolve_device, resolve_precision
 from directpred.train.callbacks import Callback, DiagnosticsCallback, StepResult, default_callbacks
-from directpred.train.checkpoint import atomic_write_json, load_checkpoint, load_model_state, save_checkpoint
+from directpred.train.checkpoint import (
+    CheckpointError,
+    atomic_write_json,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+)
 from directpred.train.faults import (
     NonFiniteGuard,
     TrainingDiverged,
@@ -493,15 +499,24 @@ class Trainer:
 
     def save(self, *, keep: bool = False) -> None:
         """Write ``checkpoints/last.pt`` (and ``epoch_XXXX.pt`` with ``keep``) atomically, from rank 0 (every
-        process calls it)."""
+        process calls it). If rank 0 cannot (non-finite weights, a full disk), every process raises."""
         self._skipped_stream_total = self._streamed_skips()
+        error: Exception | None = None
         if distributed.is_main():
-            self.logger.flush()  # every event up to this step survives a later SIGKILL
-            state = self._state()
-            save_checkpoint(self.ckpt_dir / "last.pt", state)
-            if keep:
-                save_checkpoint(self.ckpt_dir / f"epoch_{state['epoch']:04d}.pt", state)
-        distributed.barrier()
+            try:
+                self.logger.flush()  # every event up to this step survives a later SIGKILL
+                state = self._state()
+                save_checkpoint(self.ckpt_dir / "last.pt", state)
+                if keep:
+                    save_checkpoint(self.ckpt_dir / f"epoch_{state['epoch']:04d}.pt", state)
+            except Exception as exc:  # raised below, once the other processes know (not left in a 30-min barrier)
+                error = exc
+        # Rank 0's outcome on every process, which also waits for it as a barrier would.
+        failed = distributed.broadcast_object(None if error is None else str(error))
+        if error is not None:
+            raise error
+        if failed is not None:
+            raise CheckpointError(f"process 0 could not write the checkpoint, so this process stops too: {failed}")
         self.last_checkpoint = (self.ckpt_dir / "last.pt", self.step)
 
     _resume_diag_state: dict[str, Any] | None = None

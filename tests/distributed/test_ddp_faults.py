@@ -3,7 +3,8 @@
 A NaN image on rank 1 only, under a GradScaler (enabled on the CPU, as fp16 runs it on CUDA): the step is skipped
 on both ranks (the non-finite guard's answer is all-reduced), so the loss scale, the parameters, the EMA target,
 F^ and ``skipped_steps`` stay equal, and with ``update_at=after_step`` the predictor's all-reduce is not entered by
-one rank alone (which hung).
+one rank alone (which hung). A checkpoint rank 0 refuses to write (non-finite weights) stops every rank with the
+reason, not rank 0 alone while the others wait in a barrier.
 """
 
 from __future__ import annotations
@@ -103,3 +104,40 @@ def test_nan_loss_on_one_rank_skips_the_step_on_every_rank(predictor, update_at,
     (own,), (other,) = ranks[1]["warnings"], ranks[0]["warnings"]
     assert own.startswith(f"step {NAN_STEP}: non-finite loss (nan) on 1 of 2 processes; step skipped")
     assert other.startswith(f"step {NAN_STEP}: non-finite loss on 1 of 2 processes (this one's was finite: ")
+
+
+def _inf_save_worker(rank: int, store: str, out: str, overrides: list[str]) -> None:
+    from directpred.train.checkpoint import CheckpointError
+    from directpred.train.loop import Trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        cfg = load_config(REPO / "configs/cpu/quickstart.yaml", overrides)
+        trainer = Trainer(cfg, Path(out).parent / "run").setup()
+        trainer.save()  # a good checkpoint first: it is kept
+        with torch.no_grad():
+            next(trainer.method.online.parameters()).fill_(float("inf"))
+        t0 = time.monotonic()
+        try:
+            trainer.save()
+            result = "no error"
+        except CheckpointError as exc:
+            result = str(exc)
+        torch.save({"error": result, "seconds": time.monotonic() - t0}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # about 20 s on a loaded 2-core machine (two processes start, decode, build)
+def test_a_checkpoint_rank_0_refuses_stops_every_rank(tiny_overrides, tmp_path):
+    out = str(tmp_path / "result")
+    _spawn(_inf_save_worker, (str(tmp_path / "store"), out, tiny_overrides), "the other rank's save")
+    (mine, seconds0), (theirs, seconds1) = (
+        (r["error"], r["seconds"]) for r in (torch.load(f"{out}.{k}") for k in (0, 1))
+    )
+    refused = "refusing to write a checkpoint holding NaN/inf in 'model.online.encoder.backbone.conv1.weight'"
+    assert mine.startswith(refused)
+    assert theirs == f"process 0 could not write the checkpoint, so this process stops too: {mine}"
+    assert max(seconds0, seconds1) < 30  # not the 30-minute barrier timeout
+    assert torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["step"] == 0  # the good one is kept
