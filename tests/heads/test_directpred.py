@@ -212,6 +212,27 @@ def test_degenerate_inputs_keep_weight_finite_and_symmetric():
         dp.update(torch.full((16, 8), float("nan")))
 
 
+def test_nonfinite_statistics_say_which_process_inputs_caused_them(monkeypatch):
+    est = CorrelationEstimator(4)
+    nan_row = torch.ones(8, 4).index_fill_(0, torch.tensor([3]), float("nan"))
+    with pytest.raises(FloatingPointError, match=r"^NaN/inf in the predictor's inputs f \(the network has diverged\)$"):
+        est.update(nan_row)
+    with pytest.raises(FloatingPointError, match=r"^the predictor's inputs f reach \|f\| = 1e\+20, whose squares "):
+        est.update(torch.full((8, 4), 1e20))  # 1e40 > float32's 3.4e38
+
+    def another_process_nan(stats: torch.Tensor) -> torch.Tensor:  # what the all-reduce adds from a NaN on rank 1
+        return stats.add_(float("nan"))
+
+    monkeypatch.setattr("directpred.heads.correlation.distributed.all_reduce_sum", another_process_nan)
+    with pytest.raises(FloatingPointError) as exc:
+        est.update(torch.full((8, 4), -1.5))
+    assert str(exc.value) == (
+        "NaN/inf or a float32 overflow in E_B[f f^T] from another process's predictor inputs f; this process's are "
+        "finite, |f| <= 1.5 (the network has diverged)"
+    )
+    assert int(est.count) == 0 and not est.corr.any()  # nothing folded in
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-5), (torch.float16, 2e-2)])
 @pytest.mark.parametrize("kind", ["directpred", "directcopy", "optimal", "partitioned"])
 def test_predictor_moved_to_another_dtype_updates_like_float32(kind, dtype, tol):
