@@ -81,7 +81,7 @@ def _spawn(worker, args: tuple, what: str) -> None:
             pytest.fail(f"the processes did not finish: {what} hung")
 
 
-@pytest.mark.slow  # about 30 s each on a loaded 2-core machine (two processes start, decode, build)
+@pytest.mark.slow  # 17-30 s each on the 2-core machine (two processes start, decode, build)
 @pytest.mark.parametrize("predictor,update_at", [("linear", "forward"), ("directpred", "after_step")])
 def test_nan_loss_on_one_rank_skips_the_step_on_every_rank(predictor, update_at, tiny_overrides, tmp_path):
     over = tiny_overrides + [
@@ -129,7 +129,7 @@ def _inf_save_worker(rank: int, store: str, out: str, overrides: list[str]) -> N
         dist.destroy_process_group()
 
 
-@pytest.mark.slow  # about 20 s on a loaded 2-core machine (two processes start, decode, build)
+@pytest.mark.slow  # 17-20 s on the 2-core machine (two processes start, decode, build)
 def test_a_checkpoint_rank_0_refuses_stops_every_rank(tiny_overrides, tmp_path):
     out = str(tmp_path / "result")
     _spawn(_inf_save_worker, (str(tmp_path / "store"), out, tiny_overrides), "the other rank's save")
