@@ -56,7 +56,7 @@ from directpred.train.faults import (
     fault_message,
 )
 from directpred.train.logger import RunLogger, check_backends
-from directpred.train.optim import build_optimizer, lr_factor, set_lr
+from directpred.train.optim import build_optimizer, load_optimizer_state, lr_factor, set_lr
 from directpred.train.rundir import RESUMABLE_CHANGES, check_resume_config, finished_summary, prepare_run_dir
 
 __all__ = [
@@ -533,7 +533,7 @@ class Trainer:
                 "with the same batch_size x number of processes so the data order is unchanged"
             )
         load_model_state(self.method, state["model"], path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])  # optim.* as configured: config.yaml says so
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))

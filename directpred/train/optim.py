@@ -119,6 +119,19 @@ def build_optimizer(cfg: OptimConfig, trunk: nn.Module, predictor: nn.Module) ->
     return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, trust_coefficient=cfg.lars_eta)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a checkpoint's per-parameter state (momentum buffers) into ``optimizer``, keeping its group settings.
+
+    ``Optimizer.load_state_dict`` also restores every group's settings (``lr_scale`` = alpha_p, ``weight_decay``,
+    ``momentum``, ...); a run resumed with other values (``--force``) would then silently train with the old ones
+    while its ``config.yaml`` records the new. Here the optimiser as built from the configuration keeps its settings.
+    """
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, configured in zip(optimizer.param_groups, settings):
+        group.update(configured)
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
     """Multiplier of the base learning rate at ``step``: constant (the paper's), or linear warmup then cosine."""
     if schedule == "constant":

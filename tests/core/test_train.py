@@ -114,6 +114,22 @@ def test_resume_refuses_changed_config_and_accepts_force(tiny_overrides, tmp_pat
     )
 
 
+def test_forced_resume_uses_the_new_optimiser_settings_and_the_saved_momentum(tiny_overrides, tmp_path):
+    """--force with other optim.* values: every param group takes the new configuration's settings (what the
+    rewritten config.yaml claims), and only the per-parameter state (momentum buffers) comes from the checkpoint."""
+    common = tiny_overrides + ["predictor.name=linear", "train.epochs=1"]
+    Trainer(load_config(None, common + ["train.max_steps=2"]), tmp_path / "r").fit()
+    saved = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)["optimizer"]
+    changed = ["optim.alpha_p=10", "optim.weight_decay=0", "optim.momentum=0.5", "train.max_steps=3"]
+    trainer = Trainer(load_config(None, common + changed), tmp_path / "r", resume=True).setup()
+    settings = {g["name"]: (g["lr_scale"], g["weight_decay"], g["momentum"]) for g in trainer.optimizer.param_groups}
+    assert settings == {"trunk": (1.0, 0.0, 0.5), "predictor": (10.0, 0.0, 0.5)}
+    state = trainer.optimizer.state_dict()["state"]
+    assert state.keys() == saved["state"].keys() and len(state) > 0
+    for i in state:
+        assert torch.equal(state[i]["momentum_buffer"], saved["state"][i]["momentum_buffer"]), i
+
+
 def test_new_run_refuses_existing_run_dir(tiny_overrides, tmp_path):
     cfg = load_config(None, tiny_overrides + ["train.max_steps=1"])
     Trainer(cfg, tmp_path / "r").fit()
