@@ -34,6 +34,7 @@ import torch
 from directpred import distributed
 from directpred.eval.protocol import evaluate
 from directpred.methods import StepOutput
+from directpred.train.optim import load_optimizer_state
 
 if TYPE_CHECKING:
     from directpred.train.loop import Trainer
@@ -272,7 +273,7 @@ class OnlineProbeCallback(Callback):
         self._build(self.trainer, int(weight.shape[1]))
         assert self.probe is not None and self.optimizer is not None
         self.probe.load_state_dict(state["probe"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])  # a resume may change eval.online_probe_lr
         self.correct, self.seen = int(state["counts"][0]), int(state["counts"][1])
         self.loss_sum = float(state["counts"][2])
 

@@ -81,3 +81,15 @@ def test_online_probe_resumes_bit_identically(tiny_overrides, tmp_path):
     rows_full = [r for r in _probe_rows(tmp_path / "full") if r["step"] != 12]
     rows_part = [r for r in _probe_rows(tmp_path / "part") if r["step"] != 12]
     assert rows_full == rows_part and len(rows_full) >= 6
+
+
+def test_a_resume_with_another_online_probe_lr_trains_the_probe_at_that_rate(tiny_overrides, tmp_path):
+    """eval.* may change on resume: the probe's optimiser goes on at the new eval.online_probe_lr (what config.yaml
+    records), not the checkpoint's (its momentum buffers are the checkpoint's: the resume test above)."""
+    common = tiny_overrides + ["train.epochs=1", "eval.online_probe=true"]
+    Trainer(load_config(None, common + ["train.max_steps=2"]), tmp_path / "r").fit()
+    assert _state(tmp_path / "r")["callbacks"]["online_probe"]["optimizer"]["param_groups"][0]["lr"] == 0.1
+    args = ["--set", "eval.online_probe_lr=0.01", "--set", "train.max_steps=3"]
+    assert main(["train", "--resume", str(tmp_path / "r"), *args]) == 0
+    state = _state(tmp_path / "r")
+    assert state["step"] == 3 and state["callbacks"]["online_probe"]["optimizer"]["param_groups"][0]["lr"] == 0.01
