@@ -11,7 +11,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from directpred.config import Config, ConfigError, config_from_dict, strict_json
+from directpred.config import Config, ConfigError, config_from_dict, flatten, strict_json
 
 TMP_SUFFIX = ".tmp"  # temporaries are ".<name>.<random>.tmp" beside the file they replace
 
@@ -257,6 +257,42 @@ def load_model_state(model: torch.nn.Module, weights: dict[str, Any], path: str 
             "written with another backbone/projector/predictor configuration; use the configuration of the run that "
             "wrote it (no --set or --force of backbone.*, projector.*, predictor.*)"
         ) from None
+
+
+# The settings that decide the optimiser's parameter groups (directpred.train.optim.param_groups): W_p trainable or
+# not (predictor.name, predictor.freq), its bias, and LARS's separate groups for biases and BatchNorm (optim.name).
+PARAM_GROUP_KEYS = ("predictor.name", "predictor.freq", "predictor.bias", "optim.name")
+
+
+def check_param_groups(
+    optimizer: torch.optim.Optimizer,
+    saved: dict[str, Any],
+    path: str | Path,
+    *,
+    saved_config: dict[str, Any] | None,
+    config: dict[str, Any],
+) -> None:
+    """Refuse the optimiser state ``saved`` (from the checkpoint ``path``, written with ``saved_config``) when its
+    parameter groups are not those of ``optimizer`` (built from ``config``): a :class:`CheckpointError` naming the
+    changed settings, where torch would raise a bare ValueError (another number of groups or of tensors in a group)."""
+
+    def layout(groups: list[dict[str, Any]]) -> list[tuple[str, int]]:
+        return [(str(g.get("name", "?")), len(g["params"])) for g in groups]
+
+    have, want = layout(saved["param_groups"]), layout(optimizer.param_groups)
+    if have == want:
+        return
+    old, new = flatten(saved_config or {}), flatten(config)
+    changed = "; ".join(
+        f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in PARAM_GROUP_KEYS if k in old and old[k] != new.get(k)
+    )
+    shown = ", ".join(f"{name} ({n})" for name, n in have), ", ".join(f"{name} ({n})" for name, n in want)
+    raise CheckpointError(
+        f"{path} does not fit the configured optimiser ({changed or 'its parameter groups differ'}): it holds the "
+        f"parameter groups (tensors) {shown[0]}, the configuration builds {shown[1]}. The optimiser's parameter "
+        f"groups are decided by {', '.join(PARAM_GROUP_KEYS[:-1])} and {PARAM_GROUP_KEYS[-1]}, which cannot change "
+        "on resume (not even with --force); start a new run with the new settings"
+    )
 
 
 def _unsafe_reason(message: str) -> str:

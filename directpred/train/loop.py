@@ -44,6 +44,7 @@ from directpred.train.callbacks import Callback, DiagnosticsCallback, StepResult
 from directpred.train.checkpoint import (
     CheckpointError,
     atomic_write_json,
+    check_param_groups,
     load_checkpoint,
     load_model_state,
     save_checkpoint,
@@ -533,6 +534,9 @@ class Trainer:
                 "with the same batch_size x number of processes so the data order is unchanged"
             )
         load_model_state(self.method, state["model"], path)
+        check_param_groups(
+            self.optimizer, state["optimizer"], path, saved_config=state.get("config"), config=self.cfg.to_dict()
+        )
         load_optimizer_state(self.optimizer, state["optimizer"])  # optim.* as configured: config.yaml says so
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import warnings
 from pathlib import Path
@@ -128,6 +129,40 @@ def test_forced_resume_uses_the_new_optimiser_settings_and_the_saved_momentum(ti
     assert state.keys() == saved["state"].keys() and len(state) > 0
     for i in state:
         assert torch.equal(state[i]["momentum_buffer"], saved["state"][i]["momentum_buffer"]), i
+
+
+@pytest.mark.parametrize(
+    "change,shown,groups",
+    [  # W_p becomes trainable between the eigh steps; LARS puts biases and BatchNorm parameters in their own group
+        (
+            "predictor.freq=2",
+            "predictor.freq: 1 -> 2",
+            r"trunk \((\d+)\), the configuration builds trunk \(\1\), predictor \(1\)",
+        ),
+        (
+            "optim.name=lars",
+            "optim.name: 'sgd' -> 'lars'",
+            r"trunk \(\d+\), the configuration builds trunk \(\d+\), trunk_bias_bn \(\d+\)",
+        ),
+    ],
+)
+def test_forced_resume_that_changes_the_param_groups_says_why(change, shown, groups, tiny_overrides, tmp_path, capsys):
+    """A forced change that regroups the optimiser's parameters is a one-line error naming the change, the groups and
+    the settings that decide them, not torch's 'different number of parameter groups'; config.yaml is kept."""
+    run = tmp_path / "r"
+    Trainer(load_config(None, tiny_overrides + ["train.epochs=1", "train.max_steps=2"]), run).fit()
+    before = (run / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--force", "--set", "train.max_steps=3", "--set", change]) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(
+        rf"directpred: error: {re.escape(str(run / 'checkpoints' / 'last.pt'))} does not fit the configured optimiser "
+        rf"\({re.escape(shown)}\): it holds the parameter groups \(tensors\) {groups}\. The optimiser's parameter "
+        r"groups are decided by predictor\.name, predictor\.freq, predictor\.bias and optim\.name, which cannot change "
+        r"on resume \(not even with --force\); start a new run with the new settings\n",
+        err,
+    ), err
+    assert (run / "config.yaml").read_text() == before
 
 
 def test_new_run_refuses_existing_run_dir(tiny_overrides, tmp_path):
