@@ -46,6 +46,9 @@ def atomic_write_bytes(path: str | Path, write: Callable[[BinaryIO], object]) ->
     except OSError as exc:  # the folder is missing, not a folder, read-only, or the disk is full
         raise CheckpointError(_write_failure(path, exc)) from exc
     try:
+        # mkstemp's 0600 would hide config.yaml, summary.json and the checkpoints from collaborators on a shared
+        # filesystem: the mode open() gives (as metrics.jsonl has), also to a file an older version wrote 0600.
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -60,6 +63,21 @@ def atomic_write_bytes(path: str | Path, write: Callable[[BinaryIO], object]) ->
         if isinstance(exc, OSError):
             raise CheckpointError(_write_failure(path, exc)) from exc
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``os.umask`` sets it to read it, which a
+    thread creating a file at that moment would see)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _write_failure(path: Path, exc: OSError) -> str:

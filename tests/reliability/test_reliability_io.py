@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
+import stat
 import tarfile
 
 import pytest
@@ -15,7 +17,7 @@ from conftest import png_bytes, synthetic_images, write_folder
 from directpred.cli import main
 from directpred.config import load_config
 from directpred.data.datasets import DataError, load_folder
-from directpred.train.checkpoint import CheckpointError, load_checkpoint
+from directpred.train.checkpoint import CheckpointError, atomic_write_text, load_checkpoint
 from directpred.train.loop import Trainer, TrainingError
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,6 +194,56 @@ def test_checkpoint_into_a_vanished_directory_is_a_checkpoint_error(tiny_overrid
     trainer.ckpt_dir = tmp_path / "run" / "config.yaml" / "checkpoints"  # a file stands where a folder should
     with pytest.raises(CheckpointError, match="cannot write .*last.pt"):
         trainer.save()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomically_written_files_get_the_mode_open_gives_under_the_umask(umask, tiny_overrides, tmp_path):
+    """config.yaml, summary.json and the checkpoints are readable by whom the umask allows, like metrics.jsonl (a
+    plain open()), not 0600 (mkstemp's mode); a file an older version wrote 0600 gets that mode when replaced."""
+    old = os.umask(umask)
+    try:
+        (tmp_path / "plain").write_text("x")
+        expected = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+        (tmp_path / "old.yaml").write_text("a: 1\n")
+        os.chmod(tmp_path / "old.yaml", 0o600)
+        atomic_write_text(tmp_path / "old.yaml", "a: 2\n")
+        run = tmp_path / "run"
+        Trainer(load_config(None, tiny_overrides + ["train.max_steps=1"]), run).fit()
+    finally:
+        os.umask(old)
+    assert expected == 0o666 & ~umask
+    files = ["config.yaml", "summary.json", "metrics.jsonl", "checkpoints/last.pt"]
+    modes = {f: stat.S_IMODE((run / f).stat().st_mode) for f in files}
+    modes["old.yaml"] = stat.S_IMODE((tmp_path / "old.yaml").stat().st_mode)
+    assert modes == dict.fromkeys([*files, "old.yaml"], expected)
+    assert (tmp_path / "old.yaml").read_text() == "a: 2\n"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_the_umask_is_read_also_where_proc_does_not_show_it(tmp_path, monkeypatch):
+    """Without /proc (macOS, a container hiding it) the umask is read through os.umask and left as it was."""
+    import builtins
+
+    from directpred.train import checkpoint
+
+    real_open = builtins.open
+
+    def no_proc(file, *args, **kwargs):
+        if str(file).startswith("/proc/"):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(file))
+        return real_open(file, *args, **kwargs)
+
+    old = os.umask(0o007)
+    try:
+        monkeypatch.setattr(builtins, "open", no_proc)
+        assert checkpoint._umask() == 0o007
+        atomic_write_text(tmp_path / "a.yaml", "a: 1\n")
+        monkeypatch.undo()
+        assert os.umask(0o007) == 0o007
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.yaml").stat().st_mode) == 0o660
 
 
 # ----------------------------------------------------------------------------------------------------------------
