@@ -28,6 +28,26 @@ def full_precision(device: torch.device) -> Iterator[None]:
         yield
 
 
+def nonfinite_input_error(z: torch.Tensor) -> FloatingPointError:
+    """The error for a batch whose all-reduced ``E_B[f f^T]`` is not finite, told from this process's own batch ``z``
+    (B, d): NaN/inf in ``z``, its squares overflowing float32, or (several processes) another process's inputs."""
+    if not torch.isfinite(z).all():
+        what = "NaN/inf in the predictor's inputs f"
+    elif not torch.isfinite(z.t() @ z).all():
+        what = (
+            f"the predictor's inputs f reach |f| = {z.abs().max().item():.3g}, whose squares overflow "
+            "float32 in E_B[f f^T]"
+        )
+    else:  # only with several processes: this one's inputs and their E_B[f f^T] are finite
+        what = (
+            "NaN/inf or a float32 overflow in E_B[f f^T] from another process's predictor inputs f; this "
+            f"process's are finite, |f| <= {z.abs().max().item():.3g}"
+        )
+    # What went wrong only: the trainer puts it in its own message (the step, the likely causes, the last good
+    # checkpoint and how to resume), which advice here would only repeat.
+    return FloatingPointError(f"{what} (the network has diverged)")
+
+
 class CorrelationEstimator(nn.Module):
     """Moving average F^ of ``E[f f^T]`` over training batches.
 
@@ -97,22 +117,7 @@ class CorrelationEstimator(nn.Module):
         if not torch.isfinite(batch_corr).all():
             if n == 0:  # 0/0 above; checked only here, so the normal path gains no device sync
                 raise ValueError(f"the predictor's update got an empty batch z of shape {tuple(z.shape)}")
-            # Told from this process's own batch: the sum above is over every process's.
-            if not torch.isfinite(z).all():
-                what = "NaN/inf in the predictor's inputs f"
-            elif not torch.isfinite(z.t() @ z).all():
-                what = (
-                    f"the predictor's inputs f reach |f| = {z.abs().max().item():.3g}, whose squares overflow "
-                    "float32 in E_B[f f^T]"
-                )
-            else:  # only with several processes: this one's inputs and their E_B[f f^T] are finite
-                what = (
-                    "NaN/inf or a float32 overflow in E_B[f f^T] from another process's predictor inputs f; this "
-                    f"process's are finite, |f| <= {z.abs().max().item():.3g}"
-                )
-            # What went wrong only: the trainer puts it in its own message (the step, the likely causes, the
-            # last good checkpoint and how to resume), which advice here would only repeat.
-            raise FloatingPointError(f"{what} (the network has diverged)")
+            raise nonfinite_input_error(z)
         w = self._weight_of_new_batch()
         self.corr.lerp_(batch_corr.to(self.corr.dtype), w)
         self.mean.lerp_(batch_mean.to(self.mean.dtype), w)

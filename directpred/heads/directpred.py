@@ -18,7 +18,7 @@ from torch import nn
 
 from directpred import distributed
 from directpred.heads.base import Predictor
-from directpred.heads.correlation import CorrelationEstimator, full_precision, symmetric_eigh
+from directpred.heads.correlation import CorrelationEstimator, full_precision, nonfinite_input_error, symmetric_eigh
 from directpred.linalg import symmetric_part
 
 
@@ -257,8 +257,8 @@ class PartitionedDirectPred(DirectPred):
 
     def _update_cells(self, z: torch.Tensor) -> None:
         # Two host reads (device syncs) per update: the step count, and all cells' sample counts and update counts at
-        # once, which also reveal an empty batch; nothing is written before that check, so a refused batch leaves
-        # the state as it was.
+        # once, which also reveal an empty batch and non-finite inputs; nothing is written before those checks, so a
+        # refused batch leaves the state as it was.
         count = int(self.count)
         set_now = count % self.freq == 0
         proj = torch.cat([(z @ self.planes.float()).sum(0), z.new_tensor([z.shape[0]])])  # any module dtype
@@ -277,10 +277,14 @@ class PartitionedDirectPred(DirectPred):
         n_pos, n = stats[2 * k * d * d : 2 * k * d * d + k], stats[-1]
         cell_sum = torch.stack([s_pos, s_all - s_pos], 1)  # (n, 2, d, d)
         cell_n = torch.stack([n_pos, n - n_pos], 1)  # (n, 2)
-        host = torch.stack([cell_n.double(), self.cell_count.double()]).tolist()  # the one read of the counts
+        # z^T z (global) and theta are finite unless the inputs hold NaN/inf or their squares overflow float32.
+        finite = (torch.isfinite(s_all[0]).all() & torch.isfinite(theta).all()).double()
+        host = torch.stack([cell_n.double(), self.cell_count.double(), finite.expand(k, 2)]).tolist()  # the one read
         cell_n_host, cell_count_host = host[0], [[int(c) for c in row] for row in host[1]]
         if sum(cell_n_host[0]) == 0:  # a hyperplane's two sides hold the whole global batch: it is empty
             raise ValueError(f"the predictor's update got an empty batch z of shape {tuple(z.shape)}")
+        if not host[2][0][0]:
+            raise nonfinite_input_error(z)  # this rank's z: the message names NaN/inf or the overflow
         self.theta.copy_(theta)
         for i in range(k):
             for side in range(2):

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from directpred.config import load_config
 from directpred.data.order import epoch_order
-from directpred.heads.directpred import DirectCopy, DirectPred
+from directpred.heads.directpred import DirectCopy, DirectPred, PartitionedDirectPred
 from directpred.train.checkpoint import load_checkpoint
 from directpred.train.loop import Trainer, TrainingError
 
@@ -199,7 +199,7 @@ def test_weight_stays_finite_and_symmetric_on_degenerate_batches(make, batches):
 
 @settings(max_examples=30, deadline=None)
 @given(
-    make=predictors,
+    make=st.one_of(predictors, st.sampled_from([lambda: PartitionedDirectPred(6, partitions=3)])),
     bad=st.sampled_from([NAN, float("inf"), -float("inf"), 1e30]),
     row=st.integers(0, 7),
     col=st.integers(0, 5),
