@@ -104,6 +104,20 @@ class PredictorConfig:
     step)."""
 
 
+# The predictor options each predictor.name reads, besides update_at (Siamese reads it for every predictor: with a
+# trained one there is nothing to fold, so both orders give the same run, and the paper sweeps set the authors'
+# order for all their cells). Any other option must keep its default: a value the run ignores would be recorded in
+# config.yaml as if it had been used. A test checks this table against what directpred.heads' builders read.
+PREDICTOR_OPTIONS: dict[str, tuple[str, ...]] = {
+    "directpred": ("rho", "eps", "freq", "eps_mode", "c", "zero_mean", "average", "partitions"),
+    "directcopy": ("rho", "eps", "freq", "zero_mean", "average"),
+    "optimal": ("rho", "freq", "ridge", "average"),
+    "linear": ("bias", "symmetric"),
+    "mlp": ("hidden_dim", "mlp_bias", "symmetric"),
+    "none": (),
+}
+
+
 @dataclass
 class BackboneConfig:
     """A torchvision ResNet without its classifier."""
@@ -572,6 +586,18 @@ def validate(cfg: Config) -> None:
         "predictor.partitions",
     )
     _check(p.ridge >= 0.0, "predictor.ridge", p.ridge, "must be >= 0 (relative to the mean eigenvalue tr(F^)/d)")
+    for f in dataclasses.fields(PredictorConfig):  # after the checks above, whose messages say more (bias, partitions)
+        if f.name in ("name", "update_at") or f.name in PREDICTOR_OPTIONS[p.name]:
+            continue
+        users = [n for n, keys in PREDICTOR_OPTIONS.items() if f.name in keys]
+        default = str(f.default).lower() if isinstance(f.default, bool) else f.default  # as --set writes it
+        _check(
+            getattr(p, f.name) == f.default,
+            f"predictor.{f.name}",
+            getattr(p, f.name),
+            f"predictor.name={p.name} does not use it (only {', '.join(users)} do{'es' if len(users) == 1 else ''}); "
+            f"leave it at its default (predictor.{f.name}={default})",
+        )
     _check(0.0 <= m.ema <= 1.0, "method.ema", m.ema, "the target momentum must lie in [0, 1]")
     _check(
         m.stop_gradient or m.name == "simsiam",

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from directpred.config import Config
+from directpred.config import PREDICTOR_OPTIONS, Config
 
 START = "<!-- config-reference:start -->"
 END = "<!-- config-reference:end -->"
@@ -45,18 +45,30 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository root of a source
 README = ROOT / "README.md"
 DOCS_PAGE = ROOT / "docs" / "configuration.md"
 
-_INTRO = """\
+# Which predictor reads which predictor.* option, from the table validate() enforces, e.g. "`linear`: bias,
+# symmetric"; wrapped below with the rest of the intro.
+_PREDICTOR_READS = "; ".join(f"`{name}`: {', '.join(keys)}" for name, keys in PREDICTOR_OPTIONS.items() if keys)
+_INTRO = (
+    textwrap.fill(
+        """\
 Configs are YAML files that override the defaults below; `--set section.key=value` overrides one key (the value is
 parsed as YAML). Unknown keys, wrong types and impossible values fail before any work with the key's name and what
-is allowed. On `--resume`, only the run's length (`train.epochs`, `train.max_steps`), its logging
-(`train.progress`, `train.log_every`, `log.*`), checkpoint cadence (`train.checkpoint_every`,
-`train.checkpoint_every_steps`), `train.skip_nonfinite`, `train.device`, where the data is read (`data.path`,
-`data.local_copy`, `data.root`, `data.download`, `data.cache_dir`, `data.workers`), `eval.*` and
-`diag.stop_on_collapse` may change; anything else is refused with the difference shown, unless `--force`. A finished
-run resumed with nothing changed is reported as it is (nothing evaluated or written again). A run's
-`config.yaml` holds every key below with its resolved value. These tables are generated from the field docstrings
-in `directpred/config.py` by `python -m directpred.config_doc`.
-"""
+is allowed; so does a `predictor.*` option other than its default that the chosen `predictor.name` does not read
+({PREDICTOR_READS}; `update_at` is for all). On `--resume`, only the run's length (`train.epochs`,
+`train.max_steps`), its logging (`train.progress`, `train.log_every`, `log.*`), checkpoint cadence
+(`train.checkpoint_every`, `train.checkpoint_every_steps`), `train.skip_nonfinite`, `train.device`, where the data
+is read (`data.path`, `data.local_copy`, `data.root`, `data.download`, `data.cache_dir`, `data.workers`), `eval.*`
+and `diag.stop_on_collapse` may change; anything else is refused with the difference shown, unless `--force`. A
+finished run resumed with nothing changed is reported as it is (nothing evaluated or written again). A run's
+`config.yaml` holds every key below with its resolved value. These tables are generated from the field docstrings in
+`directpred/config.py` by `python -m directpred.config_doc`.
+""".replace("{PREDICTOR_READS}", _PREDICTOR_READS),
+        width=117,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+    + "\n"
+)
 
 
 @dataclass(frozen=True)

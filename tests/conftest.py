@@ -104,7 +104,6 @@ def tiny_overrides(tiny_folder, tmp_path) -> list[str]:
         "backbone.width=4",
         "projector.hidden_dim=32",
         "projector.out_dim=16",
-        "predictor.hidden_dim=32",
         "train.batch_size=16",
         "train.progress=false",
         "train.log_every=1",

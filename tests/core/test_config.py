@@ -23,7 +23,7 @@ def test_defaults_are_the_paper_recipe():
 def test_overrides_are_parsed_as_yaml_and_typed():
     cfg = load_config(
         None,
-        ["predictor.rho=0.5", "train.epochs=3", "method.symmetric_loss=false", "predictor.name=linear", "optim.lr=1"],
+        ["predictor.rho=0.5", "train.epochs=3", "method.symmetric_loss=false", "predictor.name=optimal", "optim.lr=1"],
     )
     assert cfg.predictor.rho == 0.5 and cfg.train.epochs == 3 and cfg.method.symmetric_loss is False
     assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1.0

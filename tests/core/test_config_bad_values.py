@@ -3,11 +3,13 @@ what is allowed: one table, one row (or more) per key, and a check that no key o
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from directpred.config import Config, ConfigError, flatten, load_config
+from directpred.config import PREDICTOR_OPTIONS, Config, ConfigError, PredictorConfig, flatten, load_config
+from directpred.heads import PREDICTORS, build_predictor
 
 REPO_DIR = str(Path(__file__).resolve().parents[2])  # a path that exists (data.path checks)
 STREAM = f"data.stream=true data.dataset=folder data.path={REPO_DIR} data.image_size=32"
@@ -45,6 +47,33 @@ BAD = [
     ("predictor.partitions=2 predictor.average=cumulative", "predictor.partitions", "use the ema average"),
     ("predictor.ridge=-1", "predictor.ridge", "must be >= 0"),
     ("predictor.update_at=backward", "predictor.update_at", "expected one of 'forward', 'after_step'"),
+    # options the chosen predictor does not read: refused, so config.yaml never records a setting that did nothing
+    (
+        "predictor.name=optimal predictor.zero_mean=true",
+        "predictor.zero_mean",
+        "=True is not allowed: predictor.name=optimal does not use it (only directpred, directcopy do); leave it at "
+        "its default (predictor.zero_mean=false)",
+    ),
+    (
+        "predictor.name=directcopy predictor.c=0.1",
+        "predictor.c",
+        "=0.1 is not allowed: predictor.name=directcopy does not use it (only directpred does); leave it at its "
+        "default (predictor.c=0.0)",
+    ),
+    (
+        "predictor.name=directcopy predictor.eps_mode=paper",
+        "predictor.eps_mode",
+        "='paper' is not allowed: predictor.name=directcopy does not use it (only directpred does); leave it at its "
+        "default (predictor.eps_mode=code)",
+    ),
+    ("predictor.name=optimal predictor.eps=0.2", "predictor.eps", "only directpred, directcopy do"),
+    ("predictor.name=linear predictor.rho=0.5", "predictor.rho", "only directpred, directcopy, optimal do"),
+    ("predictor.name=none predictor.freq=4", "predictor.freq", "predictor.name=none does not use it"),
+    ("predictor.name=linear predictor.average=cumulative", "predictor.average", "predictor.name=linear does not"),
+    ("predictor.name=directpred predictor.ridge=0.01", "predictor.ridge", "(only optimal does)"),
+    ("predictor.hidden_dim=64", "predictor.hidden_dim", "predictor.name=directpred does not use it (only mlp does)"),
+    ("predictor.name=linear predictor.mlp_bias=false", "predictor.mlp_bias", "default (predictor.mlp_bias=true)"),
+    ("predictor.name=directcopy predictor.symmetric=true", "predictor.symmetric", "(only linear, mlp do)"),
     ("backbone.name=resnet101", "backbone.name", "expected one of 'resnet18', 'resnet34', 'resnet50'"),
     ("backbone.width=0", "backbone.width", "base channel count must be >= 1"),
     ("backbone.cifar_stem=maybe", "backbone.cifar_stem", "has the wrong type; expected bool"),
@@ -138,6 +167,63 @@ def test_the_table_covers_every_key_of_the_schema():
     """A new config key must get its impossible values (at least a wrong type) into BAD."""
     named = {key.split("[")[0] for _, key, _ in BAD}
     assert set(flatten(Config().to_dict())) - named == set()
+
+
+# A valid value other than the default for every predictor option.
+OTHER_VALUE = dict(
+    bias="true",
+    mlp_bias="false",
+    symmetric="true",
+    hidden_dim="64",
+    rho="0.5",
+    eps="0.2",
+    freq="2",
+    eps_mode="paper",
+    c="0.1",
+    zero_mean="true",
+    average="cumulative",
+    partitions="2",
+    ridge="0.01",
+    update_at="after_step",
+)
+
+
+@pytest.mark.parametrize("name", sorted(PREDICTOR_OPTIONS))
+def test_each_predictor_takes_exactly_the_options_it_reads(name):
+    """Every option other than its default is accepted with a predictor that reads it (update_at: all of them) and
+    refused, naming the option, with any other."""
+    assert set(OTHER_VALUE) == {f.name for f in dataclasses.fields(PredictorConfig)} - {"name"}
+    for key, value in OTHER_VALUE.items():
+        overrides = [f"predictor.name={name}", f"predictor.{key}={value}"]
+        if key in PREDICTOR_OPTIONS[name] or key == "update_at":
+            assert str(getattr(load_config(None, overrides).predictor, key)).lower() == value
+        else:
+            with pytest.raises(ConfigError, match=rf"^predictor\.{key}=.* is not allowed: ") as info:
+                load_config(None, overrides)
+            named = {"partitions": "predictor.name=directpred only", "bias": f"predictor.name={name} has none"}
+            assert named.get(key, f"predictor.name={name} does not use it") in str(info.value)
+
+
+def test_the_predictor_options_table_is_what_the_builders_read():
+    """PREDICTOR_OPTIONS against directpred.heads: the PredictorConfig fields each registered builder reads (the
+    partitioned DirectPred included), recorded on a proxy, are the table's row for that name."""
+
+    class Recording:
+        def __init__(self, cfg: PredictorConfig) -> None:
+            self.cfg, self.read = cfg, set()
+
+        def __getattr__(self, key: str):
+            self.read.add(key)
+            return getattr(self.cfg, key)
+
+    assert set(PREDICTORS) == set(PREDICTOR_OPTIONS)
+    for name in PREDICTORS:
+        read = set()
+        for partitions in (0, 2) if name == "directpred" else (0,):
+            cfg = Recording(PredictorConfig(name=name, partitions=partitions))
+            build_predictor(8, cfg)  # type: ignore[arg-type]
+            read |= cfg.read
+        assert read - {"name"} == set(PREDICTOR_OPTIONS[name]), name
 
 
 def test_a_single_tracker_name_is_a_one_element_list():

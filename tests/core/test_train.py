@@ -54,7 +54,8 @@ def _final_state(run: Path) -> dict[str, torch.Tensor]:
 def test_resume_at_epoch_boundary_equals_uninterrupted(predictor, schedules, how, tiny_overrides, tmp_path):
     """A run stopped after epoch 1 (or extended from 1 to 3 epochs, with constant schedules) and resumed ends
     bit-identical to one that never stopped: weights, target, F^ and counters, optimiser and kNN figure."""
-    common = tiny_overrides + [f"predictor.name={predictor}", "predictor.freq=2"] + schedules
+    freq = ["predictor.freq=2"] if predictor == "directpred" else []  # the linear predictor has no freq
+    common = tiny_overrides + [f"predictor.name={predictor}", *freq] + schedules
     full = Trainer(load_config(None, common + ["train.epochs=3"]), tmp_path / "full").fit()
     if how == "stopped":
         Trainer(load_config(None, common + ["train.epochs=3", "train.max_steps=8"]), tmp_path / "part").fit()

@@ -64,7 +64,11 @@ def test_cells_runs_and_resolved_configs(tmp_path, tiny_folder):
 
 def test_axis_names_use_full_keys_when_last_parts_clash(tmp_path, tiny_folder):
     path = write_sweep(
-        tmp_path, tiny_folder, variants=None, axes={"projector.hidden_dim": [32], "predictor.hidden_dim": [16, 64]}
+        tmp_path,
+        tiny_folder,
+        set={"data.dataset": "folder", "data.path": str(tiny_folder), "predictor.name": "mlp"},  # mlp: hidden_dim
+        variants=None,
+        axes={"projector.hidden_dim": [32], "predictor.hidden_dim": [16, 64]},
     )
     assert list(load_sweep(path).cells) == [
         "projector.hidden_dim=32,predictor.hidden_dim=16",
@@ -203,11 +207,11 @@ def test_run_directory_states(tmp_path, tiny_folder):
     longer = load_sweep(sweep.path, ["train.epochs=3", "eval.knn_k=7"])
     plan = plan_run(longer, longer.runs()[0], out)
     assert (plan.action, plan.sets) == ("resume", ["train.epochs=3", "eval.knn_k=7"])
-    changed = load_sweep(sweep.path, ["predictor.eps=0.2", "optim.lr=0.1"])
+    changed = load_sweep(sweep.path, ["method.ema=0.99", "optim.lr=0.1"])
     with pytest.raises(
         ConfigError,
-        match=r"was made with a different configuration \(predictor.eps: 0.1 in the run, "
-        r"0.2 in the sweep; optim.lr: 0.03 in the run, 0.1 in the sweep\)",
+        match=r"was made with a different configuration \(method.ema: 0.996 in the run, "
+        r"0.99 in the sweep; optim.lr: 0.03 in the run, 0.1 in the sweep\)",
     ):
         plan_run(changed, changed.runs()[0], out)
 
