@@ -106,8 +106,8 @@ class PredictorConfig:
 
 # The predictor options each predictor.name reads, besides update_at (Siamese reads it for every predictor: with a
 # trained one there is nothing to fold, so both orders give the same run, and the paper sweeps set the authors'
-# order for all their cells). Any other option must keep its default: a value the run ignores would be recorded in
-# config.yaml as if it had been used. A test checks this table against what directpred.heads' builders read.
+# order for all their cells). Another option at a value other than its default draws a warning: the run ignores it,
+# though config.yaml records it. A test checks this table against what directpred.heads' builders read.
 PREDICTOR_OPTIONS: dict[str, tuple[str, ...]] = {
     "directpred": ("rho", "eps", "freq", "eps_mode", "c", "zero_mean", "average", "partitions"),
     "directcopy": ("rho", "eps", "freq", "zero_mean", "average"),
@@ -586,17 +586,20 @@ def validate(cfg: Config) -> None:
         "predictor.partitions",
     )
     _check(p.ridge >= 0.0, "predictor.ridge", p.ridge, "must be >= 0 (relative to the mean eigenvalue tr(F^)/d)")
-    for f in dataclasses.fields(PredictorConfig):  # after the checks above, whose messages say more (bias, partitions)
-        if f.name in ("name", "update_at") or f.name in PREDICTOR_OPTIONS[p.name]:
+    for f in dataclasses.fields(PredictorConfig):  # after the checks above, whose refusals say more (bias, partitions)
+        value = getattr(p, f.name)
+        if f.name in ("name", "update_at") or f.name in PREDICTOR_OPTIONS[p.name] or value == f.default:
             continue
+        # A warning, not a refusal: a sweep-wide --set predictor.rho=0.5 over mixed predictors, or a run directory
+        # written before this check, is legitimate; the run just must not look as if the value had been used.
         users = [n for n, keys in PREDICTOR_OPTIONS.items() if f.name in keys]
         default = str(f.default).lower() if isinstance(f.default, bool) else f.default  # as --set writes it
-        _check(
-            getattr(p, f.name) == f.default,
-            f"predictor.{f.name}",
-            getattr(p, f.name),
-            f"predictor.name={p.name} does not use it (only {', '.join(users)} do{'es' if len(users) == 1 else ''}); "
-            f"leave it at its default (predictor.{f.name}={default})",
+        warnings.warn(
+            f"predictor.{f.name}={value!r} has no effect: predictor.name={p.name} does not use it (only "
+            f"{', '.join(users)} do{'es' if len(users) == 1 else ''}); config.yaml records it as given (its default "
+            f"is predictor.{f.name}={default})",
+            UserWarning,
+            stacklevel=2,
         )
     _check(0.0 <= m.ema <= 1.0, "method.ema", m.ema, "the target momentum must lie in [0, 1]")
     _check(

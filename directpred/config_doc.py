@@ -53,8 +53,9 @@ _INTRO = (
         """\
 Configs are YAML files that override the defaults below; `--set section.key=value` overrides one key (the value is
 parsed as YAML). Unknown keys, wrong types and impossible values fail before any work with the key's name and what
-is allowed; so does a `predictor.*` option other than its default that the chosen `predictor.name` does not read
-({PREDICTOR_READS}; `update_at` is for all). On `--resume`, only the run's length (`train.epochs`,
+is allowed. A `predictor.*` option other than its default that the chosen `predictor.name` does not read
+({PREDICTOR_READS}; `update_at` is for all) draws a warning: the run ignores it, though `config.yaml` records it
+(a sweep may set one for cells of several predictors). On `--resume`, only the run's length (`train.epochs`,
 `train.max_steps`), its logging (`train.progress`, `train.log_every`, `log.*`), checkpoint cadence
 (`train.checkpoint_every`, `train.checkpoint_every_steps`), `train.skip_nonfinite`, `train.device`, where the data
 is read (`data.path`, `data.local_copy`, `data.root`, `data.download`, `data.cache_dir`, `data.workers`), `eval.*`

@@ -4,6 +4,8 @@ what is allowed: one table, one row (or more) per key, and a check that no key o
 from __future__ import annotations
 
 import dataclasses
+import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -47,33 +49,6 @@ BAD = [
     ("predictor.partitions=2 predictor.average=cumulative", "predictor.partitions", "use the ema average"),
     ("predictor.ridge=-1", "predictor.ridge", "must be >= 0"),
     ("predictor.update_at=backward", "predictor.update_at", "expected one of 'forward', 'after_step'"),
-    # options the chosen predictor does not read: refused, so config.yaml never records a setting that did nothing
-    (
-        "predictor.name=optimal predictor.zero_mean=true",
-        "predictor.zero_mean",
-        "=True is not allowed: predictor.name=optimal does not use it (only directpred, directcopy do); leave it at "
-        "its default (predictor.zero_mean=false)",
-    ),
-    (
-        "predictor.name=directcopy predictor.c=0.1",
-        "predictor.c",
-        "=0.1 is not allowed: predictor.name=directcopy does not use it (only directpred does); leave it at its "
-        "default (predictor.c=0.0)",
-    ),
-    (
-        "predictor.name=directcopy predictor.eps_mode=paper",
-        "predictor.eps_mode",
-        "='paper' is not allowed: predictor.name=directcopy does not use it (only directpred does); leave it at its "
-        "default (predictor.eps_mode=code)",
-    ),
-    ("predictor.name=optimal predictor.eps=0.2", "predictor.eps", "only directpred, directcopy do"),
-    ("predictor.name=linear predictor.rho=0.5", "predictor.rho", "only directpred, directcopy, optimal do"),
-    ("predictor.name=none predictor.freq=4", "predictor.freq", "predictor.name=none does not use it"),
-    ("predictor.name=linear predictor.average=cumulative", "predictor.average", "predictor.name=linear does not"),
-    ("predictor.name=directpred predictor.ridge=0.01", "predictor.ridge", "(only optimal does)"),
-    ("predictor.hidden_dim=64", "predictor.hidden_dim", "predictor.name=directpred does not use it (only mlp does)"),
-    ("predictor.name=linear predictor.mlp_bias=false", "predictor.mlp_bias", "default (predictor.mlp_bias=true)"),
-    ("predictor.name=directcopy predictor.symmetric=true", "predictor.symmetric", "(only linear, mlp do)"),
     ("backbone.name=resnet101", "backbone.name", "expected one of 'resnet18', 'resnet34', 'resnet50'"),
     ("backbone.width=0", "backbone.width", "base channel count must be >= 1"),
     ("backbone.cifar_stem=maybe", "backbone.cifar_stem", "has the wrong type; expected bool"),
@@ -169,6 +144,48 @@ def test_the_table_covers_every_key_of_the_schema():
     assert set(flatten(Config().to_dict())) - named == set()
 
 
+# Options the chosen predictor does not read: a warning naming the option, the predictor and who reads it (not a
+# refusal: a sweep-wide --set over mixed predictors is legitimate), so config.yaml never silently records a setting
+# that did nothing.
+UNUSED = [
+    (
+        "predictor.name=optimal predictor.zero_mean=true",
+        re.escape(
+            "predictor.zero_mean=True has no effect: predictor.name=optimal does not use it (only directpred, "
+            "directcopy do); config.yaml records it as given (its default is predictor.zero_mean=false)"
+        ),
+    ),
+    (
+        "predictor.name=directcopy predictor.c=0.1",
+        re.escape(
+            "predictor.c=0.1 has no effect: predictor.name=directcopy does not use it (only directpred does); "
+            "config.yaml records it as given (its default is predictor.c=0.0)"
+        ),
+    ),
+    (
+        "predictor.name=directcopy predictor.eps_mode=paper",
+        re.escape(
+            "predictor.eps_mode='paper' has no effect: predictor.name=directcopy does not use it (only directpred does)"
+        ),
+    ),
+    ("predictor.name=optimal predictor.eps=0.2", "predictor.eps=0.2 has no effect: .*only directpred, directcopy do"),
+    ("predictor.name=linear predictor.rho=0.5", "predictor.rho=0.5 has no effect: .*directpred, directcopy, optimal"),
+    ("predictor.name=none predictor.freq=4", "predictor.freq=4 has no effect: predictor.name=none does not use it"),
+    ("predictor.name=linear predictor.average=cumulative", "predictor.average='cumulative' has no effect"),
+    ("predictor.name=directpred predictor.ridge=0.01", r"predictor.ridge=0.01 has no effect: .*\(only optimal does\)"),
+    ("predictor.hidden_dim=64", r"predictor.name=directpred does not use it \(only mlp does\)"),
+    ("predictor.name=linear predictor.mlp_bias=false", r"its default is predictor.mlp_bias=true\)"),
+    ("predictor.name=directcopy predictor.symmetric=true", r"\(only linear, mlp do\)"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", UNUSED, ids=[row[0] for row in UNUSED])
+def test_an_option_the_predictor_does_not_read_draws_a_warning(overrides, message):
+    with pytest.warns(UserWarning, match=message) as record:
+        load_config(None, overrides.split())
+    assert len([w for w in record if "has no effect" in str(w.message)]) == 1  # the one option, once
+
+
 # A valid value other than the default for every predictor option.
 OTHER_VALUE = dict(
     bias="true",
@@ -190,18 +207,23 @@ OTHER_VALUE = dict(
 
 @pytest.mark.parametrize("name", sorted(PREDICTOR_OPTIONS))
 def test_each_predictor_takes_exactly_the_options_it_reads(name):
-    """Every option other than its default is accepted with a predictor that reads it (update_at: all of them) and
-    refused, naming the option, with any other."""
+    """Every option other than its default is accepted silently with a predictor that reads it (update_at: all of
+    them) and with a warning naming the option with any other; the refusals of bias and partitions say more."""
     assert set(OTHER_VALUE) == {f.name for f in dataclasses.fields(PredictorConfig)} - {"name"}
     for key, value in OTHER_VALUE.items():
         overrides = [f"predictor.name={name}", f"predictor.{key}={value}"]
+        refused = {"partitions": "predictor.name=directpred only", "bias": f"predictor.name={name} has none"}
         if key in PREDICTOR_OPTIONS[name] or key == "update_at":
-            assert str(getattr(load_config(None, overrides).predictor, key)).lower() == value
-        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no warning for an option the predictor reads
+                assert str(getattr(load_config(None, overrides).predictor, key)).lower() == value
+        elif key in refused:
             with pytest.raises(ConfigError, match=rf"^predictor\.{key}=.* is not allowed: ") as info:
                 load_config(None, overrides)
-            named = {"partitions": "predictor.name=directpred only", "bias": f"predictor.name={name} has none"}
-            assert named.get(key, f"predictor.name={name} does not use it") in str(info.value)
+            assert refused[key] in str(info.value)
+        else:
+            with pytest.warns(UserWarning, match=rf"^predictor\.{key}=.* has no effect: predictor.name={name} "):
+                assert str(getattr(load_config(None, overrides).predictor, key)).lower() == value
 
 
 def test_the_predictor_options_table_is_what_the_builders_read():
