@@ -83,8 +83,12 @@ class LinearProbe:
         )
         g = torch.Generator().manual_seed(self.seed)
         self.mean_ = x_train.float().mean(0)
-        # StandardScaler: the population std (one training sample gives 0, not NaN); constant features stay finite
-        self.std_ = x_train.float().std(0, correction=0).clamp(min=1e-6)
+        # StandardScaler: the population std (one training sample gives 0, not NaN). A feature constant on the
+        # training set (a dead ReLU channel) gets scale 1, as in scikit-learn; scaled by a clamped 1e-6 instead, a
+        # weak test-time activation of it became 1e6 times larger and took over the logits.
+        x32 = x_train.float()
+        constant = x32.amax(0) == x32.amin(0)
+        self.std_ = x32.std(0, correction=0).clamp(min=1e-6).masked_fill(constant, 1.0)
         xs = self._standardise(x_train)
         y = y_train.long()
         n_classes = int(y.max()) + 1

@@ -79,6 +79,25 @@ def test_linear_probe_standardises_like_standard_scaler_also_one_sample():
     assert one.predict(x).tolist() == [0] * 7 and one.history_ == pytest.approx([3 / 7] * 3)
 
 
+def test_a_feature_constant_on_the_training_set_gets_scale_one_and_cannot_take_over_at_test_time():
+    """scikit-learn's StandardScaler sets scale 1 for a zero-variance feature. Clamped to 1e-6 instead, a ReLU channel
+    dead on every training image but firing weakly (0.05) on test images became 5e4 after scaling: test accuracy
+    fell from 0.42 to 0.26 in this set-up. Now the firing channel moves the accuracy by less than 2 points."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 2
+    y, yt = torch.randint(0, 4, (400,), generator=g), torch.randint(0, 4, (400,), generator=g)
+    x = (centers[y] + torch.randn(400, 16, generator=g)).relu()
+    xt = (centers[yt] + torch.randn(400, 16, generator=g)).relu()
+    x[:, 0], x[:, 1] = 0.0, 2.5  # dead on every training image; constant non-zero
+    probe = LinearProbe(epochs=50).fit(x, y)
+    assert probe.std_[0] == 1.0 and probe.std_[1] == 1.0
+    torch.testing.assert_close(probe.std_[2:], torch.from_numpy(x[:, 2:].numpy().std(0)))  # the others unchanged
+    silent, firing = xt.clone(), xt.clone()
+    silent[:, 0], firing[:, 0] = 0.0, 0.05
+    assert probe.score(silent, yt) > 0.3  # learned (4 classes: chance 0.25)
+    assert abs(probe.score(firing, yt) - probe.score(silent, yt)) < 0.02
+
+
 @pytest.mark.parametrize("t", [0.01, 0.003])
 def test_knn_with_a_small_temperature_matches_brute_force(t):
     # exp(cos / T) overflows float32 below T ~ 0.012: every vote became inf and the prediction arbitrary.
