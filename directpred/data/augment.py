@@ -3,9 +3,13 @@
 The recipes follow the authors' code (paper.md §6) and BYOL's ImageNet recipe. What is ours is the draw: every
 random parameter (crop box, flip, jitter factors and their order, grayscale, blur sigma, solarisation) is drawn
 independently for every sample from an explicit ``torch.Generator`` (:func:`draw_view_params`), the same under any
-sharding of the batch. The image operations that apply them are library code: ``torchvision.ops.roi_align`` crops
-and resizes the whole batch in one call (bilinear with adaptive sampling, i.e. antialiased when shrinking), and
-kornia's colour, blur and solarisation ops take one factor per sample (:func:`apply_view_params`). Tests compare
+sharding of the batch, and kept on the CPU: which samples get which operation is decided there, and only the index
+and factor tensors go to the batch's device, copied without waiting for it. (A device mask read on the host, by
+``nonzero()`` or ``if mask.any()``, or a blocking copy, stalls the host until the device has finished all queued
+work: 54 to 61 times per two-view call before, none now; ``benchmarks/augment_syncs.py`` counts them.) The image
+operations that apply them are library code: ``torchvision.ops.roi_align`` crops and resizes the whole batch in one
+call (bilinear with adaptive sampling, i.e. antialiased when shrinking), and kornia's colour, blur and solarisation
+ops take one factor per sample (:func:`apply_view_params`). Tests compare
 everything after the crop, sample by sample, with ``torchvision.transforms.v2.functional`` applied with the same
 parameters. The crop itself resamples differently from torchvision's ``resized_crop`` (see :func:`resized_crop`).
 
@@ -15,7 +19,7 @@ Over 300 lines: the recipes, their parameter draw and its application belong tog
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import kornia.color as KC
 import kornia.enhance as KE
@@ -101,6 +105,13 @@ JITTER_OPS = (
 )
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, copied from the host without waiting for the device: a blocking copy ends in a stream
+    synchronisation. CUDA stages a pageable source before the call returns, so ``t`` may be freed at once. A copy
+    from a device stays blocking (the host could read a non-blocking one before it lands)."""
+    return t.to(device, non_blocking=t.device.type == "cpu")
+
+
 def color_jitter(
     x: torch.Tensor,
     factors: torch.Tensor,
@@ -112,13 +123,17 @@ def color_jitter(
     Args:
         x: float images (B, 3, H, W) in [0, 1].
         factors: (B, 4) brightness, contrast, saturation and hue factors (hue in turns, [-0.5, 0.5]).
-        order: (B, 4) a permutation of 0..3 per sample: the operations in the order that sample gets them.
+        order: (B, 4) a permutation of 0..3 per sample: the operations in the order that sample gets them. Keep it on
+            the CPU: the samples of each (stage, operation) pair are selected where ``order`` lives, and on a GPU
+            each of the 16 selections would make the host wait for the device.
         active: which operations the recipe uses (a strength of 0 skips one, as torchvision does).
     """
+    factors = to_device(factors, x.device)
     for stage in range(4):
         for op_id, op in enumerate(JITTER_OPS):
             sel = (order[:, stage] == op_id).nonzero().flatten() if active[op_id] else order.new_empty(0)
             if len(sel):
+                sel = to_device(sel, x.device)
                 x[sel] = op(x[sel], factors[sel, op_id])
     return x
 
@@ -134,12 +149,13 @@ def crop_boxes(
     scale: tuple[float, float],
     ratio: tuple[float, float],
     generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Per-sample RandomResizedCrop boxes ``(x0, y0, x1, y1)`` in pixels (n, 4), torchvision's algorithm.
 
     Ten attempts per sample of area fraction ~ U(scale) and log-aspect ~ U(log ratio); the first that fits wins;
-    samples with no fit fall back to the central crop clamped to the ratio range.
+    samples with no fit fall back to the central crop clamped to the ratio range. Drawn on the CPU and moved to
+    ``device`` if one is given.
     """
     attempts = 10
     area = height * width
@@ -171,7 +187,8 @@ def crop_boxes(
     h_sel = torch.where(fail, torch.full_like(h_sel, fh), h_sel)
     x0 = torch.where(fail, torch.full_like(x0, (width - fw) // 2), x0)
     y0 = torch.where(fail, torch.full_like(y0, (height - fh) // 2), y0)
-    return torch.stack([x0, y0, x0 + w_sel, y0 + h_sel], 1).to(device)
+    boxes = torch.stack([x0, y0, x0 + w_sel, y0 + h_sel], 1)
+    return boxes if device is None else boxes.to(device)
 
 
 def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
@@ -185,7 +202,7 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tenso
     is equal inside but differs by up to 0.34 in the outer ring of pixels. The box draw is torchvision's.
     """
     idx = torch.arange(x.shape[0], device=x.device, dtype=x.dtype).view(-1, 1)
-    rois = torch.cat([idx, boxes.to(x.dtype)], 1)
+    rois = torch.cat([idx, to_device(boxes.to(x.dtype), x.device)], 1)
     return roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
@@ -194,7 +211,11 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tenso
 
 @dataclass(frozen=True)
 class ViewParams:
-    """The random parameters of one view, one row per sample (drawn by :func:`draw_view_params`)."""
+    """The random parameters of one view, one row per sample (drawn by :func:`draw_view_params`, on the CPU).
+
+    :func:`apply_view_params` reads the flags and orders where they live and moves only index and factor tensors
+    to the images' device: kept on the CPU (the default) they cost the device no synchronisation.
+    """
 
     boxes: torch.Tensor  #: (B, 4) crop boxes ``(x0, y0, x1, y1)`` in pixels
     flip: torch.Tensor  #: (B,) bool, horizontal flip
@@ -215,27 +236,28 @@ def draw_view_params(
     generator: torch.Generator | None = None,
     *,
     shard: tuple[int, int] = (0, 1),
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
 ) -> ViewParams:
     """Draw one view's parameters for ``batch`` images of ``height`` x ``width`` from ``generator`` (on the CPU).
 
     With ``shard=(rank, world)`` the batch is rank's slice of a global batch of ``batch * world`` images: the
     draws are made for the whole global batch and sliced, so N processes draw exactly what one process draws.
+    ``device`` moves the parameters there (the same values); leave it at ``None`` (the CPU):
+    :func:`apply_view_params` reads flags and orders where they live, and on a GPU that waits for it about 20
+    times per view.
     """
     g = generator
     rank, world = shard
     n, lo = batch * world, batch * rank
 
     def draw(*shape: int) -> torch.Tensor:  # uniform draws for the global batch, this shard's rows
-        return torch.rand(n, *shape, generator=g)[lo : lo + batch].to(device)
+        return torch.rand(n, *shape, generator=g)[lo : lo + batch]
 
-    boxes = crop_boxes(n, height, width, r.crop_scale, r.crop_ratio, g, device)[lo : lo + batch]
+    boxes = crop_boxes(n, height, width, r.crop_scale, r.crop_ratio, g)[lo : lo + batch]
     u, unit_factors, order_keys, sigma_u = draw(8), draw(4), draw(4), draw(1).flatten()
-    lows = torch.tensor(
-        [max(0.0, 1 - r.brightness), max(0.0, 1 - r.contrast), max(0.0, 1 - r.saturation), -r.hue], device=device
-    )
-    highs = torch.tensor([1 + r.brightness, 1 + r.contrast, 1 + r.saturation, r.hue], device=device)
-    return ViewParams(
+    lows = torch.tensor([max(0.0, 1 - r.brightness), max(0.0, 1 - r.contrast), max(0.0, 1 - r.saturation), -r.hue])
+    highs = torch.tensor([1 + r.brightness, 1 + r.contrast, 1 + r.saturation, r.hue])
+    p = ViewParams(
         boxes=boxes,
         flip=u[:, 0] < r.flip_p,
         jitter=u[:, 1] < r.jitter_p,
@@ -246,6 +268,9 @@ def draw_view_params(
         sigma=r.blur_sigma[0] + (r.blur_sigma[1] - r.blur_sigma[0]) * sigma_u,
         solarize=u[:, 4] < r.solarize_p,
     )
+    if device is None:
+        return p
+    return ViewParams(**{f.name: getattr(p, f.name).to(device) for f in fields(ViewParams)})
 
 
 def blur_kernel_size(r: ViewRecipe) -> int:
@@ -256,26 +281,46 @@ def blur_kernel_size(r: ViewRecipe) -> int:
 
 def apply_view_params(x: torch.Tensor, p: ViewParams, r: ViewRecipe) -> torch.Tensor:
     """Apply drawn parameters to float images (B, 3, H, W) in [0, 1]: crop-resize, flip, jitter, grayscale, blur,
-    solarise, normalise (the torchvision pipeline's order). Returns float (B, 3, size, size)."""
+    solarise, normalise (the torchvision pipeline's order). Returns float (B, 3, size, size).
+
+    Which samples get an operation is read from ``p`` where it lives: with ``p`` on the CPU (as drawn) and ``x`` on
+    a GPU nothing here waits for the GPU; the index, mask and factor tensors are copied without blocking.
+    """
+    device = x.device
     x = resized_crop(x, p.boxes, r.size).clamp_(0, 1)
-    x = torch.where(p.flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    x = torch.where(to_device(p.flip, device).view(-1, 1, 1, 1), x.flip(-1), x)
     jitter = p.jitter.nonzero().flatten()
     if len(jitter):
         active = (r.brightness != 0, r.contrast != 0, r.saturation != 0, r.hue != 0)
-        x[jitter] = color_jitter(x[jitter], p.factors[jitter], p.order[jitter], active)
+        sel = to_device(jitter, device)
+        x[sel] = color_jitter(x[sel], p.factors[jitter], p.order[jitter], active)
     if p.gray.any():
-        x = torch.where(p.gray.view(-1, 1, 1, 1), KC.rgb_to_grayscale(x).expand_as(x), x)
+        gray = to_device(p.gray, device).view(-1, 1, 1, 1)
+        x = torch.where(gray, KC.rgb_to_grayscale(x).expand_as(x), x)
     kernel = blur_kernel_size(r)
     blur = p.blur.nonzero().flatten()
     if len(blur) and kernel > 1:
+        # sigma stays where it is: kornia checks a CPU sigma on the host and moves it without blocking
         sigma = p.sigma[blur].to(x.dtype).view(-1, 1).expand(-1, 2)
-        x[blur] = KF.gaussian_blur2d(x[blur], (kernel, kernel), sigma, border_type="reflect")
+        sel = to_device(blur, device)
+        x[sel] = KF.gaussian_blur2d(x[sel], (kernel, kernel), sigma, border_type="reflect")
     solarize = p.solarize.nonzero().flatten()
     if len(solarize):
-        x[solarize] = KE.solarize(x[solarize], thresholds=0.5)
+        sel = to_device(solarize, device)
+        # a 0-dim CPU threshold is a scalar to a GPU kernel; kornia copies a float one to the device, blocking
+        x[sel] = KE.solarize(x[sel], thresholds=torch.tensor(0.5, dtype=x.dtype))
     if r.mean is not None and r.std is not None:
-        x = TF.normalize(x, list(r.mean), list(r.std))
+        x = normalize(x, r.mean, r.std)
     return x
+
+
+def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """``torchvision.transforms.v2.functional.normalize`` (the same operations, so the same bits), with mean and std
+    moved to ``x``'s device without blocking: torchvision builds them with ``torch.as_tensor(..., device=...)``,
+    a blocking copy from the host."""
+    m = to_device(torch.as_tensor(mean, dtype=x.dtype), x.device).view(-1, 1, 1)
+    s = to_device(torch.as_tensor(std, dtype=x.dtype), x.device).view(-1, 1, 1)
+    return x.sub(m).div_(s)
 
 
 def augment_view(
@@ -283,10 +328,10 @@ def augment_view(
 ) -> torch.Tensor:
     """One augmented view of a uint8 batch (B, H, W, 3) or (B, 3, H, W): float (B, 3, size, size), normalised.
 
-    Random draws come from ``generator`` on the CPU (so results do not depend on the device) and are moved to the
-    batch's device; the image maths runs there. With ``shard=(rank, world)`` the batch is rank's slice of a global
-    batch of ``B * world`` images: draws are made for the whole global batch and sliced, so N processes augment
-    exactly as one process does on the global batch.
+    Random draws come from ``generator`` on the CPU (so results do not depend on the device) and stay there; the
+    image maths runs on the batch's device, which the augmentation never waits for. With ``shard=(rank, world)``
+    the batch is rank's slice of a global batch of ``B * world`` images: draws are made for the whole global batch
+    and sliced, so N processes augment exactly as one process does on the global batch.
     """
     if images.ndim != 4:
         raise ValueError(f"expected a batch of images (B, H, W, 3), got shape {tuple(images.shape)}")
@@ -294,7 +339,7 @@ def augment_view(
         images = images.permute(0, 3, 1, 2)
     x = images.float().div_(255.0)
     B, _, H, W = x.shape
-    return apply_view_params(x, draw_view_params(B, H, W, r, generator, shard=shard, device=x.device), r)
+    return apply_view_params(x, draw_view_params(B, H, W, r, generator, shard=shard), r)
 
 
 def eval_transform(images: torch.Tensor, r: ViewRecipe) -> torch.Tensor:
