@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import kornia.color as KC
+import kornia.enhance as KE
+import kornia.filters as KF
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -12,6 +15,7 @@ import torchvision.transforms.v2.functional as TF
 from directpred.data.augment import (
     CIFAR_MEAN,
     CIFAR_STD,
+    JITTER_OPS,
     TwoViewAugment,
     ViewRecipe,
     apply_view_params,
@@ -87,6 +91,53 @@ def test_view_equals_torchvision_pipeline_per_sample(name, view):
     scale = 1.0 if r.std is None else 1.0 / min(r.std)
     for i in range(len(x)):
         torch.testing.assert_close(out[i], _torchvision_view(x, p, r, i), atol=3 * LUMA_ATOL * scale, rtol=0)
+
+
+def _per_sample_view(x: torch.Tensor, p, r: ViewRecipe) -> torch.Tensor:
+    """The view evaluated one sample at a time on the CPU, with the same kornia ops and parameters, branching on the
+    flags as Python booleans: no masks, index tensors or device copies. Bit-identical to the batched path before
+    ``augsync`` (host-side indices) too: checked at 82fba07 with this function."""
+    active = (r.brightness != 0, r.contrast != 0, r.saturation != 0, r.hue != 0)
+    k = blur_kernel_size(r)
+    out = []
+    for i in range(len(x)):
+        y = resized_crop(x[i : i + 1], p.boxes[i : i + 1], r.size).clamp_(0, 1)
+        if p.flip[i]:
+            y = y.flip(-1)
+        if p.jitter[i]:
+            for op_id in p.order[i].tolist():
+                if active[op_id]:
+                    y = JITTER_OPS[op_id](y, p.factors[i : i + 1, op_id])
+        if p.gray[i]:
+            y = KC.rgb_to_grayscale(y).expand_as(y)
+        if p.blur[i] and k > 1:
+            y = KF.gaussian_blur2d(y, (k, k), p.sigma[i : i + 1, None].expand(-1, 2), border_type="reflect")
+        if p.solarize[i]:
+            y = KE.solarize(y, thresholds=0.5)
+        out.append(TF.normalize(y, list(r.mean), list(r.std)) if r.mean is not None and r.std is not None else y)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("name", ["cifar", "stl10", "imagenet"])
+def test_two_views_are_bit_identical_to_a_per_sample_cpu_evaluation(name):
+    """Every recipe, both views, several seeds and a shard: the batched views (flags read on the host, indices and
+    factors moved to the batch's device) equal, bit for bit, the sample-by-sample evaluation of the same parameters
+    with torchvision's normalize and kornia's float solarize threshold."""
+    size = 32
+    imgs = torch.randint(0, 256, (32, 40, 36, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
+    x = imgs.permute(0, 3, 1, 2).float() / 255
+    views = recipe(name, size)
+    used = {"flip": 0, "jitter": 0, "gray": 0, "blur": 0, "solarize": 0}
+    for seed, shard in [(0, (0, 1)), (1, (0, 1)), (2, (0, 1)), (3, (1, 2))]:
+        x1, x2 = TwoViewAugment(*views)(imgs, torch.Generator().manual_seed(seed), shard=shard)
+        g = torch.Generator().manual_seed(seed)
+        for got, r in zip((x1, x2), views, strict=True):
+            p = draw_view_params(32, 40, 36, r, g, shard=shard)
+            assert torch.equal(got, _per_sample_view(x, p, r)), (name, seed, shard)
+            for flag in used:
+                used[flag] += int(getattr(p, flag).sum())
+    assert used["flip"] and used["jitter"] and used["gray"]  # every branch the recipe has ran
+    assert bool(used["blur"]) == (name != "cifar") and bool(used["solarize"]) == (name == "imagenet")
 
 
 def test_augment_view_is_draw_then_apply():
