@@ -109,3 +109,18 @@ def test_proxy_check_kill_and_resume_from_shards_equals_the_folder_run(tmp_path)
     same = ("knn_top1", "linear_top1", "linear_top5")
     assert {k: res["folder"][k] for k in same} == {k: res["shards"][k] for k in same}
     assert res["shards_train_rows_unique"]
+
+
+def test_augment_syncs_benchmark_counts_no_host_device_sync_per_two_view_call(tmp_path):
+    """benchmarks/augment_syncs.py at 32 px: no host-device synchronisation in a two-view call of any recipe (54 to 61
+    before ``augsync``), and none of the ops mixes host and device tensors (it would raise on a GPU). The counter is
+    not blind: the parameters placed on the device, as before, give at least the 2 x 19 ``nonzero`` selections."""
+    out = tmp_path / "syncs.json"
+    proc = _benchmark("augment_syncs.py", "--small", "--batch", "16", "--repeats", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recipes = json.loads(out.read_text())["recipes"]
+    assert sorted(recipes) == ["cifar", "imagenet", "stl10"]
+    for name, m in recipes.items():
+        assert m["syncs"] == 0 and m["mixed_device_ops"] == {}, (name, m["syncs_by_call"], m["mixed_device_ops"])
+        assert m["params_on_device_syncs_by_call"]["nonzero"] >= 38, (name, m["params_on_device_syncs_by_call"])
+        assert m["params_on_device_syncs"] > 40
