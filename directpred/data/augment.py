@@ -6,7 +6,7 @@ independently for every sample from an explicit ``torch.Generator`` (:func:`draw
 sharding of the batch, and kept on the CPU: which samples get which operation is decided there, and only the index
 and factor tensors go to the batch's device, copied without waiting for it. (A device mask read on the host, by
 ``nonzero()`` or ``if mask.any()``, or a blocking copy, stalls the host until the device has finished all queued
-work: 54 to 61 times per two-view call before, none now; ``benchmarks/augment_syncs.py`` counts them.) The image
+work: 56 to 61 times per two-view call before, none now; ``benchmarks/augment_syncs.py`` counts them.) The image
 operations that apply them are library code: ``torchvision.ops.roi_align`` crops and resizes the whole batch in one
 call (bilinear with adaptive sampling, i.e. antialiased when shrinking), and kornia's colour, blur and solarisation
 ops take one factor per sample (:func:`apply_view_params`). Tests compare

@@ -112,7 +112,7 @@ def test_proxy_check_kill_and_resume_from_shards_equals_the_folder_run(tmp_path)
 
 
 def test_augment_syncs_benchmark_counts_no_host_device_sync_per_two_view_call(tmp_path):
-    """benchmarks/augment_syncs.py at 32 px: no host-device synchronisation in a two-view call of any recipe (54 to 61
+    """benchmarks/augment_syncs.py at 32 px: no host-device synchronisation in a two-view call of any recipe (56 to 61
     before ``augsync``), and none of the ops mixes host and device tensors (it would raise on a GPU). The counter is
     not blind: the parameters placed on the device, as before, give at least the 2 x 19 ``nonzero`` selections."""
     out = tmp_path / "syncs.json"
