@@ -269,7 +269,8 @@ class EvalConfig:
     linear_epochs: int = 50
     """Epochs of the authors' probe: standardised features, logistic regression, Adam."""
     linear_lr: float = 3e-4
-    """Adam learning rate of the probe."""
+    """Adam learning rate of the probe; with `eval.linear_protocol=byol` SGD's, which must then be set (the default
+    is refused there; the ImageNet configs use BYOL's 0.2, weight decay 0, batch 128 per process, 80 epochs)."""
     linear_weight_decay: float = 1e-3
     """Adam weight decay of the probe."""
     linear_batch_size: int = 128
@@ -681,6 +682,16 @@ def validate(cfg: Config) -> None:
         "eval.linear_protocol",
         e.linear_protocol,
         "the byol protocol streams augmented images: it needs data.stream=true",
+    )
+    # The eval.linear_* defaults are the authors' Adam probe's; BYOL's SGD probe under them (lr 3e-4) barely moves.
+    _check(
+        e.linear_protocol != "byol" or e.linear_lr != EvalConfig.linear_lr,
+        "eval.linear_lr",
+        e.linear_lr,
+        "it is the default of the authors' Adam probe, not a learning rate for eval.linear_protocol=byol (SGD with "
+        "Nesterov momentum); set BYOL's values, as configs/imagenet/*.yaml do: --set eval.linear_lr=0.2 --set "
+        "eval.linear_weight_decay=0 --set eval.linear_batch_size=128 --set eval.linear_epochs=80 (the batch is per "
+        "process: 1024 on 8 GPUs)",
     )
     _check(0.0 <= e.linear_momentum < 1.0, "eval.linear_momentum", e.linear_momentum, "must lie in [0, 1)")
     _check(

@@ -112,6 +112,14 @@ BAD = [
     ("eval.linear_weight_decay=-1", "eval.linear_weight_decay", "must be >= 0"),
     ("eval.linear_batch_size=0", "eval.linear_batch_size", "=0 is not allowed: must be >= 1"),
     ("eval.linear_protocol=byol", "eval.linear_protocol", "it needs data.stream=true"),
+    (
+        f"{STREAM} eval.linear_protocol=byol",
+        "eval.linear_lr",
+        "=0.0003 is not allowed: it is the default of the authors' Adam probe, not a learning rate for "
+        "eval.linear_protocol=byol (SGD with Nesterov momentum); set BYOL's values, as configs/imagenet/*.yaml do: "
+        "--set eval.linear_lr=0.2 --set eval.linear_weight_decay=0 --set eval.linear_batch_size=128 --set "
+        "eval.linear_epochs=80 (the batch is per process: 1024 on 8 GPUs)",
+    ),
     ("eval.linear_protocol=simclr", "eval.linear_protocol", "expected one of 'authors', 'byol'"),
     ("eval.linear_momentum=1", "eval.linear_momentum", "must lie in [0, 1)"),
     ("eval.batch_size=0", "eval.batch_size", "=0 is not allowed: must be >= 1"),
@@ -350,3 +358,27 @@ def test_a_sweep_cell_with_a_too_long_warmup_is_refused_when_the_file_loads(tmp_
     with pytest.raises(ConfigError) as info:
         load_sweep(sweep)
     assert str(info.value).startswith(f"{sweep}: cell 'warmup_epochs=5' (seed 0): optim.warmup_epochs=5.0 is not")
+
+
+def test_the_byol_probe_values_the_refusal_names_are_the_imagenet_configs_and_load():
+    """eval.linear_protocol=byol under the Adam probe's eval.linear_lr default is refused (row in BAD); the values its
+    message gives are those of the six paper configs (configs/imagenet/byol_*.yaml), and they load as --set."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*STREAM.split(), "eval.linear_protocol=byol"])
+    fix = re.findall(r"--set (eval\.\w+)=(\S+)", str(info.value))
+    assert [k for k, _ in fix] == [
+        "eval.linear_lr",
+        "eval.linear_weight_decay",
+        "eval.linear_batch_size",
+        "eval.linear_epochs",
+    ]
+    configs = sorted((Path(REPO_DIR) / "configs" / "imagenet").glob("byol_*.yaml"))
+    assert len(configs) == 6
+    for path in configs:
+        cfg = load_config(path, ["data.path=/"])
+        assert cfg.eval.linear_protocol == "byol"
+        assert {k: float(v) for k, v in fix} == {k: float(getattr(cfg.eval, k[5:])) for k, _ in fix}, path
+    cfg = load_config(None, [*STREAM.split(), "eval.linear_protocol=byol", *(f"{k}={v}" for k, v in fix)])
+    assert (cfg.eval.linear_lr, cfg.eval.linear_epochs) == (0.2, 80)
+    load_config(None, [*STREAM.split(), "eval.linear_protocol=byol", "eval.linear_lr=3e-3"])  # any other lr is taken
+    assert load_config(None, ["eval.linear_protocol=authors"]).eval.linear_lr == 3e-4  # the authors' probe: untouched
