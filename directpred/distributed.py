@@ -102,6 +102,31 @@ def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
+def interleave_strided(blocks: torch.Tensor, world: int) -> torch.Tensor:
+    """The N rows of a split sharded by stride (rank r held rows ``r, r + world, ...``) and concatenated in rank
+    order, as :func:`gather_cat` returns them, put back in the split's order 0..N-1.
+
+    >>> interleave_strided(torch.tensor([0, 2, 4, 1, 3]), world=2).tolist()
+    [0, 1, 2, 3, 4]
+    """
+    out = torch.empty_like(blocks)
+    start = 0
+    for r in range(world):
+        size = len(range(r, len(blocks), world))
+        out[r::world] = blocks[start : start + size]
+        start += size
+    return out
+
+
+def gather_strided(tensor: torch.Tensor) -> torch.Tensor:
+    """All N rows of a split of which this rank holds rows ``rank, rank + world, ...`` (``tensor``), in the split's
+    order on every rank, so that what follows (a seeded shuffle, a probe) does not depend on the number of
+    processes. The identity in one process."""
+    if not is_distributed():
+        return tensor
+    return interleave_strided(gather_cat(tensor), world_size())
+
+
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Give every rank ``src``'s buffers (e.g. BatchNorm running statistics, which DDP only syncs at the start of
     a forward pass, so after the last training step each rank holds statistics of its own batch)."""

@@ -43,13 +43,4 @@ def extract_features(
             chunks.append(backbone(x).float())
     feats = torch.cat(chunks)
     backbone.train(was_training)
-    if w > 1:
-        gathered = distributed.gather_cat(feats)
-        # Rank r holds rows r, r+w, ...: interleave back into the original order.
-        sizes = [len(torch.arange(k, len(images), w)) for k in range(w)]
-        parts = torch.split(gathered, sizes)
-        out = torch.empty(len(images), gathered.shape[1], device=gathered.device)
-        for k, part in enumerate(parts):
-            out[k::w] = part
-        return out
-    return feats
+    return distributed.gather_strided(feats)  # rank r holds rows r, r+w, ...: all rows in the original order

@@ -77,6 +77,8 @@ def stream_features(
 
 
 def _gather(t: torch.Tensor) -> torch.Tensor:
+    """Every process's ``t`` concatenated in rank blocks (the per-process top-k lists of :func:`knn_stream`); rows a
+    process streamed by stride are gathered with :func:`~directpred.distributed.gather_strided` instead."""
     return distributed.gather_cat(t) if distributed.world_size() > 1 else t
 
 
@@ -345,9 +347,11 @@ def evaluate_stream(
             skip_corrupt=cfg.data.skip_corrupt,
         )
 
+    # Each process streams rows rank, rank+world, ...: gathered in data-set order, so that the authors' probe (its
+    # seeded shuffle) sees the same rows in the same order whatever the number of processes.
     test = list(features(data.test.reader))
-    f_test = _gather(torch.cat([f for f, _ in test]))
-    y_test = _gather(torch.cat([y for _, y in test]))
+    f_test = distributed.gather_strided(torch.cat([f for f, _ in test]))
+    y_test = distributed.gather_strided(torch.cat([y for _, y in test]))
     out: dict[str, float] = {}
     train_batches = features(data.train.reader)
     if linear and e.linear_protocol == "authors":  # the features are needed twice: keep them
@@ -355,8 +359,8 @@ def evaluate_stream(
         out["knn_top1"] = 100.0 * knn_stream(
             f_test, y_test, iter(train), num_classes=data.num_classes, k=e.knn_k, temperature=e.knn_t
         )
-        f_train = _gather(torch.cat([f for f, _ in train]))
-        y_train = _gather(torch.cat([y for _, y in train]))
+        f_train = distributed.gather_strided(torch.cat([f for f, _ in train]))
+        y_train = distributed.gather_strided(torch.cat([y for _, y in train]))
         with torch.enable_grad():
             probe = LinearProbe(
                 epochs=e.linear_epochs,
