@@ -3,6 +3,7 @@ array-likes (numpy arrays, lists), as scikit-learn estimators take them."""
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Any
 
@@ -19,6 +20,15 @@ def check_fitted(estimator: object, attribute: str) -> None:
     if not hasattr(estimator, attribute):
         name = type(estimator).__name__
         raise NotFittedError(f"this {name} is not fitted yet: call fit() first, then predict() or score()")
+
+
+def check_count(value: Any, name: str, who: str, key: str = "") -> None:
+    """Refuse a hyperparameter that is not an integer >= 1 (``epochs``, ``batch_size``, ``k``, ``chunk``): a
+    ValueError naming ``who``, ``name`` and the config ``key`` that sets it. A bool is refused, and so is an
+    integral float (``2.0``), which passed a value check before and then broke ``range`` or ``topk`` with a
+    TypeError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{who}: {name}={value!r} must be an integer >= 1" + (f" ({key})" if key else ""))
 
 
 def nonfinite_rows(x: torch.Tensor, name: str, who: str, consequence: str) -> int:

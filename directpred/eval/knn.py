@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from directpred.eval.inputs import as_features, as_labels, check_fitted, nonfinite_rows
+from directpred.eval.inputs import as_features, as_labels, check_count, check_fitted, nonfinite_rows
 
 
 def vote_weights(sim: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -56,15 +56,13 @@ class KNNClassifier:
         an array-like (numpy, list). Returns ``self``.
 
         Raises:
-            ValueError: a hyperparameter out of range (``k >= 1``, ``temperature > 0``, ``chunk >= 1``), no
-                training rows, or features and labels that do not match.
+            ValueError: a hyperparameter out of range (``k`` and ``chunk`` integers >= 1, ``temperature > 0``),
+                no training rows, or features and labels that do not match.
         """
-        if isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1:
-            raise ValueError(f"kNN: k={self.k!r} must be an integer >= 1 (eval.knn_k)")
+        check_count(self.k, "k", "kNN", "eval.knn_k")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"kNN: temperature={self.temperature!r} must be > 0 (eval.knn_t)")
-        if int(self.chunk) != self.chunk or self.chunk < 1:
-            raise ValueError(f"kNN: chunk={self.chunk!r} must be an integer >= 1")
+        check_count(self.chunk, "chunk", "kNN")
         features = as_features(features)
         if len(features) == 0:
             raise ValueError("kNN: fit got no training rows")

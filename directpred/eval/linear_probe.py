@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from directpred.eval.inputs import as_features, as_labels, check_fitted, nonfinite_rows
+from directpred.eval.inputs import as_features, as_labels, check_count, check_fitted, nonfinite_rows
 
 
 class LinearProbe:
@@ -60,13 +60,11 @@ class LinearProbe:
         in ``history_``. Returns ``self``.
 
         Raises:
-            ValueError: ``epochs`` or ``batch_size`` below 1, no training rows, features and labels that do not
-                match, or only one of ``x_test`` and ``y_test``.
+            ValueError: ``epochs`` or ``batch_size`` not an integer >= 1 (``2.0`` included), no training rows,
+                features and labels that do not match, or only one of ``x_test`` and ``y_test``.
         """
         for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or int(v) != v or v < 1:
-                raise ValueError(f"LinearProbe: {name}={v!r} must be an integer >= 1 (eval.linear_{name})")
+            check_count(getattr(self, name), name, "LinearProbe", f"eval.linear_{name}")
         if (x_test is None) != (y_test is None):
             raise ValueError("LinearProbe.fit: give both x_test and y_test (for history_), or neither")
         x_train = as_features(x_train, "x_train")

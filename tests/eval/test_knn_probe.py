@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,6 +138,9 @@ def test_knn_and_probe_take_numpy_and_list_inputs_like_tensors():
         ({"temperature": 0.0}, r"kNN: temperature=0.0 must be > 0 \(eval.knn_t\)"),
         ({"temperature": -0.1}, r"kNN: temperature=-0.1 must be > 0"),
         ({"chunk": 0}, r"kNN: chunk=0 must be an integer >= 1"),
+        ({"k": 5.0}, r"kNN: k=5.0 must be an integer >= 1 \(eval.knn_k\)"),  # passed, then a TypeError in topk
+        ({"k": True}, r"kNN: k=True must be an integer >= 1"),
+        ({"chunk": 8.0}, r"^kNN: chunk=8.0 must be an integer >= 1$"),  # a TypeError in range()
     ],
 )
 def test_knn_rejects_hyperparameters_that_gave_a_silent_wrong_accuracy(kw, match):
@@ -171,6 +175,32 @@ def test_knn_and_probe_reject_labels_that_do_not_match_the_features():
         LinearProbe(epochs=1).fit(x, y, x)
     with pytest.raises(ValueError, match=r"LinearProbe: batch_size=0 must be an integer >= 1"):
         LinearProbe(batch_size=0).fit(x, y)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"epochs": 2.0}, r"^LinearProbe: epochs=2.0 must be an integer >= 1 \(eval.linear_epochs\)$"),
+        ({"batch_size": 16.0}, r"^LinearProbe: batch_size=16.0 must be an integer >= 1 \(eval.linear_batch_size\)$"),
+        ({"epochs": True}, r"^LinearProbe: epochs=True must be an integer >= 1"),
+    ],
+)
+def test_probe_refuses_counts_that_are_not_integers(kw, match):
+    """An integral float passed the old value check (2.0 == 2) and then broke range() with a TypeError."""
+    x, y = torch.randn(20, 4), torch.arange(20) % 2
+    with pytest.raises(ValueError, match=match):
+        LinearProbe(**kw).fit(x, y)
+
+
+def test_probe_and_knn_take_numpy_integers():
+    """Integers of any kind (numpy's included, as a sweep or array code may hand them) are counts: the same fit."""
+    x, y = _blobs()
+    a = LinearProbe(epochs=2, batch_size=16).fit(x, y)
+    b = LinearProbe(epochs=np.int64(2), batch_size=np.int32(16)).fit(x, y)
+    assert torch.equal(a.linear_.weight, b.linear_.weight)
+    assert torch.equal(
+        KNNClassifier(k=np.int64(5), chunk=np.int64(7)).fit(x, y).predict(x), KNNClassifier(k=5).fit(x, y).predict(x)
+    )
 
 
 def _blobs(seed: int = 3):
