@@ -54,9 +54,9 @@ def as_features(x: Any, name: str = "features") -> torch.Tensor:
     return t if t.is_floating_point() else t.float()
 
 
-def as_labels(y: Any, n: int, name: str = "labels", *, training: bool = True) -> torch.Tensor:
-    """``y`` as a long tensor (n,) of class indices; ``training``: they must also be >= 0 (the classes are
-    0 .. max(labels); drop unlabelled rows, -1, before fitting)."""
+def as_labels(y: Any, n: int, name: str = "labels") -> torch.Tensor:
+    """``y`` as a long tensor (n,) of class indices >= 0 (the classes are 0 .. max(labels)). Unlabelled rows (-1)
+    are refused, for training and test labels alike: drop them first (in a test set they would count as misses)."""
     t = torch.as_tensor(y)
     if t.ndim != 1 or len(t) != n:
         raise ValueError(
@@ -70,6 +70,10 @@ def as_labels(y: Any, n: int, name: str = "labels", *, training: bool = True) ->
     elif t.dtype == torch.bool or t.is_complex():
         raise ValueError(f"{name} must be integer class indices, got dtype {t.dtype}")
     t = t.long()
-    if training and n and int(t.min()) < 0:
-        raise ValueError(f"{name} must be class indices >= 0, got {int(t.min())} (drop unlabelled rows first)")
+    negative = int((t < 0).sum())
+    if negative:
+        raise ValueError(
+            f"{name} must be class indices >= 0, got {int(t.min())} in {negative} of {n} rows (drop unlabelled rows "
+            "first)"
+        )
     return t

@@ -113,10 +113,15 @@ class KNNClassifier:
 
     def score(self, features: torch.Tensor | Any, labels: torch.Tensor | Any) -> float:
         """Top-1 accuracy in [0, 1] of ``features`` (N, D) against ``labels`` (N,); NaN when these features or the
-        training ones hold a non-finite row (with a warning), as no accuracy can be read from them."""
+        training ones hold a non-finite row (with a warning), as no accuracy can be read from them.
+
+        Raises:
+            ValueError: ``labels`` that are not class indices >= 0 (an unlabelled -1 would count as a miss), or
+                that do not match the features.
+        """
         check_fitted(self, "features_")
         features = as_features(features)
         bad = nonfinite_rows(features, "the features", "kNN.score", "the score is NaN")
         pred = self.predict_scores(features).argmax(1).cpu()
-        hits = pred == as_labels(labels, len(pred), training=False).cpu()
+        hits = pred == as_labels(labels, len(pred)).cpu()
         return math.nan if bad or self.nonfinite_rows_ else float(hits.float().mean())

@@ -56,8 +56,8 @@ class LinearProbe:
         y_test: torch.Tensor | Any | None = None,
     ) -> LinearProbe:
         """Train the probe on ``x_train`` (N, D) and ``y_train`` (N,) (class indices >= 0; tensors or array-likes
-        such as numpy arrays or lists); with ``x_test`` and ``y_test``, record the test accuracy after every epoch
-        in ``history_``. Returns ``self``.
+        such as numpy arrays or lists); with ``x_test`` and ``y_test`` (class indices >= 0 too), record the test
+        accuracy after every epoch in ``history_``. Returns ``self``.
 
         Raises:
             ValueError: ``epochs`` or ``batch_size`` not an integer >= 1 (``2.0`` included), no training rows,
@@ -74,7 +74,7 @@ class LinearProbe:
         test_bad = 0
         if x_test is not None:
             x_test = as_features(x_test, "x_test")
-            y_test = as_labels(y_test, len(x_test), "y_test", training=False)
+            y_test = as_labels(y_test, len(x_test), "y_test")
             test_bad = nonfinite_rows(x_test, "x_test", "LinearProbe.fit", "history_ holds NaN")
         self.nonfinite_rows_ = nonfinite_rows(
             x_train, "x_train", "LinearProbe.fit", "the probe is meaningless; score() and history_ give NaN"
@@ -137,10 +137,11 @@ class LinearProbe:
 
         Raises:
             NotFittedError: called before :meth:`fit`.
+            ValueError: ``y`` not class indices >= 0 (an unlabelled -1 would count as a miss).
         """
         check_fitted(self, "linear_")
         x = as_features(x, "x")
         bad = nonfinite_rows(x, "x", "LinearProbe.score", "the score is NaN")
         pred = self._predict(x).cpu()
-        hits = pred == as_labels(y, len(pred), "y", training=False).cpu()
+        hits = pred == as_labels(y, len(pred), "y").cpu()
         return math.nan if bad or self.nonfinite_rows_ else float(hits.float().mean())

@@ -156,7 +156,7 @@ def test_knn_and_probe_reject_labels_that_do_not_match_the_features():
     cases = [
         (y[:10], r"labels must be a 1-D array of 20 class indices \(one per feature row\), got shape \(10,\)"),
         (y.view(-1, 1), r"got shape \(20, 1\)"),
-        (y - 1, r"labels must be class indices >= 0, got -1 \(drop unlabelled rows first\)"),
+        (y - 1, r"labels must be class indices >= 0, got -1 in 7 of 20 rows \(drop unlabelled rows first\)"),
         (y.float() + 0.5, "labels must be integer class indices, got non-integer values such as 0.5"),
     ]
     for labels, match in cases:
@@ -175,6 +175,25 @@ def test_knn_and_probe_reject_labels_that_do_not_match_the_features():
         LinearProbe(epochs=1).fit(x, y, x)
     with pytest.raises(ValueError, match=r"LinearProbe: batch_size=0 must be an integer >= 1"):
         LinearProbe(batch_size=0).fit(x, y)
+
+
+def test_unlabelled_test_rows_are_refused_not_counted_as_misses():
+    """A -1 (unlabelled) test label never equals a prediction: kNN scored 0.5 on a set half of which was -1 and
+    the rest all right. Refused now, naming the argument and the count, as for the training labels."""
+    x, y = _blobs()
+    y_test = y.clone()
+    y_test[:30] = -1
+    knn, probe = KNNClassifier(k=1).fit(x, y), LinearProbe(epochs=1).fit(x, y)
+    assert knn.score(x[30:], y[30:]) == 1.0  # each row its own nearest neighbour: the labelled rows are all right
+    msg = r"must be class indices >= 0, got -1 in 30 of 90 rows \(drop unlabelled rows first\)$"
+    with pytest.raises(ValueError, match="^labels " + msg):
+        knn.score(x, y_test)
+    with pytest.raises(ValueError, match="^y " + msg):
+        probe.score(x, y_test)
+    with pytest.raises(ValueError, match="^y_test " + msg):
+        LinearProbe(epochs=1).fit(x, y, x, y_test)
+    with pytest.raises(ValueError, match=r"^labels must be class indices >= 0, got -3 in 1 of 90 rows"):
+        knn.score(x, torch.cat([y[:89], torch.tensor([-3])]))
 
 
 @pytest.mark.parametrize(
