@@ -29,7 +29,9 @@ from directpred.linalg import symmetric_part
 
 
 def eigen_spectrum(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (descending) and eigenvectors (columns) of the symmetric part of ``M`` (d, d), in float64.
+    """Eigenvalues (descending) and eigenvectors (columns) of the symmetric part of ``M`` (d, d), in float64; all
+    NaN when ``M`` holds a NaN or an infinity (a diverged run: ``eigh`` would raise), so that every metric built on
+    them is NaN, the module's "no value" (a null in the log), instead of an exception that loses the run's report.
 
     Examples:
         >>> s, U = eigen_spectrum(torch.diag(torch.tensor([1.0, 3.0])))
@@ -37,6 +39,8 @@ def eigen_spectrum(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         [3.0, 1.0]
     """
     A = symmetric_part(M.detach().double())
+    if not bool(torch.isfinite(A).all()):
+        return A.new_full(A.shape[:1], math.nan), A.new_full(A.shape, math.nan)
     s, U = torch.linalg.eigh(A)
     return s.flip(0), U.flip(1)
 
@@ -72,9 +76,12 @@ def alignment_summary(cos: torch.Tensor, s: torch.Tensor) -> dict[str, float]:
 
 
 def asymmetry(W_p: torch.Tensor) -> float:
-    """``||W_p - W_p^T||_F / ||W_p||_F``: 0 for a symmetric predictor, 2 for an antisymmetric one."""
+    """``||W_p - W_p^T||_F / ||W_p||_F``: 0 for a symmetric predictor, 2 for an antisymmetric one; NaN for a
+    non-finite W_p."""
     W = W_p.detach().double()
     n = float(W.norm())
+    if not math.isfinite(n):
+        return math.nan
     return float((W - W.t()).norm()) / n if n > 0 else 0.0
 
 
@@ -123,13 +130,17 @@ def rankme(Z: torch.Tensor, eps: float = 1e-7) -> float:
     """RankMe effective rank of an embedding matrix ``Z`` (N, d) (Garrido et al. 2023, Eq. 1).
 
     ``exp(-sum_k q_k log q_k)`` with ``q_k = sigma_k / ||sigma||_1 + eps``; k for a rank-k embedding with
-    equal singular values, at most ``min(N, d)``. Not centred, as in the RankMe paper.
+    equal singular values, at most ``min(N, d)``. Not centred, as in the RankMe paper. NaN when ``Z`` holds a NaN
+    or an infinity (``svdvals`` would raise).
 
     Examples:
         >>> round(rankme(torch.eye(8)[:, :3] @ torch.randn(3, 16)), 0) <= 3
         True
     """
-    sigma = torch.linalg.svdvals(Z.detach().double())
+    Z = Z.detach().double()
+    if not bool(torch.isfinite(Z).all()):
+        return math.nan
+    sigma = torch.linalg.svdvals(Z)
     total = float(sigma.sum())
     if total <= 0:
         return 0.0

@@ -156,3 +156,51 @@ def test_predictor_matrix_kinds():
     W, kind = spectrum.predictor_matrix(MLP(4, 8, 4), torch.randn(16, 4))
     assert kind == "jacobian" and W.shape == (4, 4)
     assert spectrum.predictor_matrix(MLP(4, 8, 4))[1] == "none"
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nonfinite_inputs_give_no_value_instead_of_a_linalg_error(bad):
+    """A diverged run's F^, W_p or batch (NaN or inf) made eigh and svdvals raise torch.linalg.LinAlgError and lost
+    the report: now the metrics built on the non-finite input are NaN (null in the log, as for other undefined
+    values) and those that do not read it are unchanged."""
+    import json
+    import warnings
+
+    from directpred.diagnostics.hook import diagnostic_row
+
+    d = 6
+    U = random_orthogonal(d, seed=2)
+    F = ((U * torch.linspace(3, 0.2, d, dtype=torch.float64)) @ U.T).float()
+    W = ((U * torch.linspace(3, 0.2, d, dtype=torch.float64).sqrt()) @ U.T).float()
+    z = torch.randn(32, d, generator=torch.Generator().manual_seed(0))
+    clean = diagnostic_row(F, W, h=z, z=z)
+    assert clean["rankme_z"] is not None and clean["alignment"] == pytest.approx(1.0)
+
+    def poisoned(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[1, 2] = bad
+        return x
+
+    W_keys = ("alignment", "alignment_weighted", "asymmetry", "commutator", "p_s_slope", "p_sqrt_s_corr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning either
+        bad_F = diagnostic_row(poisoned(F), W, h=z, z=z)
+        bad_W = diagnostic_row(F, poisoned(W), h=z, z=z)
+        bad_z = diagnostic_row(F, W, h=poisoned(z), z=poisoned(z))
+        assert math.isnan(spectrum.rankme(poisoned(z)))
+        s, U_hat = spectrum.eigen_spectrum(poisoned(F))
+        assert s.shape == (d,) and U_hat.shape == (d, d) and bool(s.isnan().all() and U_hat.isnan().all())
+        assert math.isnan(spectrum.asymmetry(poisoned(W)))
+    for row in (bad_F, bad_W, bad_z):
+        json.dumps(row, allow_nan=False)  # strict JSON: the non-finite values are nulls
+    # F^ non-finite: its spectrum and everything paired with it is missing; the batch signals are untouched
+    assert bad_F["s"] == [None] * d and bad_F["s_max"] is None and bad_F["F_rank"] is None
+    assert bad_F["asymmetry"] == clean["asymmetry"]  # W_p alone
+    assert all(bad_F[k] is None for k in W_keys if k != "asymmetry")
+    assert (bad_F["rankme_z"], bad_F["z_std_ratio"]) == (clean["rankme_z"], clean["z_std_ratio"])
+    # W_p non-finite: F^'s spectrum stays, everything of W_p is missing
+    assert (bad_W["s"], bad_W["F_rank"]) == (clean["s"], clean["F_rank"])
+    assert bad_W["wp_eig"] == [None] * d and all(bad_W[k] is None for k in W_keys)
+    # one non-finite row of the batch: RankMe and the std are missing, F^ and W_p's metrics are not
+    assert all(bad_z[k] is None for k in ("rankme_h", "rankme_z", "h_std", "z_std", "z_std_ratio"))
+    assert {k: bad_z[k] for k in W_keys} == {k: clean[k] for k in W_keys}
