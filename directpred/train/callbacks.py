@@ -187,8 +187,10 @@ class OnlineProbeCallback(Callback):
     def __init__(self) -> None:
         self.probe: torch.nn.Linear | None = None
         self.optimizer: torch.optim.SGD | None = None
-        self.correct = self.seen = 0
-        self.loss_sum = 0.0
+        # (correct, labelled, loss sum) since the last logged row, float64 on the probe's device: summed there every
+        # step and read on the host only when a row is logged or a checkpoint written (a per-step .tolist() would
+        # wait for the device every step). float64 holds the counts exactly and adds the losses as Python floats do.
+        self.counts: torch.Tensor | None = None
 
     def _build(self, trainer: Trainer, dim: int) -> None:
         self.probe = torch.nn.Linear(dim, trainer.data.num_classes).to(trainer.device)
@@ -196,6 +198,14 @@ class OnlineProbeCallback(Callback):
             self.probe.weight.zero_()
             self.probe.bias.zero_()
         self.optimizer = torch.optim.SGD(self.probe.parameters(), lr=trainer.cfg.eval.online_probe_lr, momentum=0.9)
+        self.counts = torch.zeros(3, dtype=torch.float64, device=trainer.device)
+
+    def _read_counts(self) -> tuple[int, int, float]:
+        """(correct, labelled, loss sum) on the host: a device sync."""
+        if self.counts is None:
+            return 0, 0, 0.0
+        correct, seen, loss_sum = self.counts.tolist()
+        return int(correct), int(seen), loss_sum
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self.trainer = trainer
@@ -228,12 +238,10 @@ class OnlineProbeCallback(Callback):
                 g.copy_((flat[offset : offset + g.numel()] / n).view_as(g))
                 offset += g.numel()
             self.optimizer.step()
-            correct_b, seen_b, loss_b = step_counts.tolist()
-            self.correct += int(correct_b)
-            self.seen += int(seen_b)
-            self.loss_sum += loss_b
+            assert self.counts is not None
+            self.counts += step_counts
         if trainer.step % trainer.cfg.train.log_every == 0 or trainer.step == trainer.last_step:
-            correct, seen, loss_sum = self.correct, self.seen, self.loss_sum
+            correct, seen, loss_sum = self._read_counts()
             if seen:
                 trainer.logger.log(
                     {
@@ -244,9 +252,8 @@ class OnlineProbeCallback(Callback):
                     },
                     group="probe",
                 )
-            if trainer.step % trainer.cfg.train.log_every == 0:  # not at a max_steps stop: a resume goes on counting
-                self.correct = self.seen = 0
-                self.loss_sum = 0.0
+            if trainer.step % trainer.cfg.train.log_every == 0 and self.counts is not None:  # not at a max_steps
+                self.counts.zero_()  # stop: a resume goes on counting
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         feats = trainer.eval_features
@@ -263,7 +270,7 @@ class OnlineProbeCallback(Callback):
         return {
             "probe": self.probe.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "counts": [self.correct, self.seen, self.loss_sum],
+            "counts": list(self._read_counts()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -274,8 +281,9 @@ class OnlineProbeCallback(Callback):
         assert self.probe is not None and self.optimizer is not None
         self.probe.load_state_dict(state["probe"])
         load_optimizer_state(self.optimizer, state["optimizer"])  # a resume may change eval.online_probe_lr
-        self.correct, self.seen = int(state["counts"][0]), int(state["counts"][1])
-        self.loss_sum = float(state["counts"][2])
+        assert self.counts is not None
+        correct, seen, loss_sum = state["counts"]
+        self.counts.copy_(torch.tensor([int(correct), int(seen), float(loss_sum)], dtype=torch.float64))
 
 
 class ProgressCallback(Callback):

@@ -3,13 +3,19 @@ state survives a resume exactly."""
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
+import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from directpred.cli import main
 from directpred.config import load_config
 from directpred.data.augment import eval_transform
 from directpred.data.datasets import load_data
 from directpred.data.views import view_recipes
+from directpred.train.callbacks import OnlineProbeCallback, StepResult
 from directpred.train.logger import read_metrics
 from directpred.train.loop import Trainer
 
@@ -93,3 +99,73 @@ def test_a_resume_with_another_online_probe_lr_trains_the_probe_at_that_rate(tin
     assert main(["train", "--resume", str(tmp_path / "r"), *args]) == 0
     state = _state(tmp_path / "r")
     assert state["step"] == 3 and state["callbacks"]["online_probe"]["optimizer"]["param_groups"][0]["lr"] == 0.01
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts the tensor calls that copy a value to the host (a device sync on a GPU)."""
+
+    READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_online_probe_reads_its_counts_on_the_host_only_when_it_logs():
+    """The probe summed each step's (correct, labelled, loss) with a .tolist(): a device sync every step. They stay
+    on the device now and are read when a row is logged (every train.log_every steps, and the last step) or a
+    checkpoint written; the rows are the running sums, which an independent count over the same logits gives."""
+    cb = OnlineProbeCallback()
+    rows: list[dict] = []
+    trainer = SimpleNamespace(
+        cfg=SimpleNamespace(
+            eval=SimpleNamespace(online_probe=True, online_probe_lr=0.1), train=SimpleNamespace(log_every=4)
+        ),
+        data=SimpleNamespace(num_classes=3),
+        device=torch.device("cpu"),
+        world=1,
+        epoch=1,
+        last_step=10,
+        logger=SimpleNamespace(log=lambda row, group: rows.append(row)),
+    )
+    g = torch.Generator().manual_seed(0)
+    expected: list[tuple[int, int, float]] = []
+    correct = seen = 0
+    loss_sum = 0.0
+    for step in range(1, 11):
+        h = torch.randn(8, 5, generator=g)
+        y = torch.randint(-1, 3, (8,), generator=g)  # -1: unlabelled, left out
+        if cb.probe is not None:  # an independent count of this step, with the probe as it is before the step
+            with torch.no_grad():
+                logits = cb.probe(h)
+            keep = y >= 0
+            correct += int(((logits.argmax(1) == y) & keep).sum())
+            seen += int(keep.sum())
+            loss_sum += float(
+                (torch.nn.functional.cross_entropy(logits, y.clamp(min=0), reduction="none") * keep).sum()
+            )
+        else:  # zero-initialised: every logit 0, argmax 0, loss log 3 per labelled image
+            keep = y >= 0
+            correct += int(((y == 0) & keep).sum())
+            seen += int(keep.sum())
+            loss_sum += float(keep.sum()) * math.log(3)
+        trainer.step = step
+        with _HostReads() as reads:
+            cb.on_step_end(trainer, StepResult(torch.tensor(0.0), 0.1, 0.99, SimpleNamespace(h1=h), labels=y))
+        logs = step % 4 == 0 or step == 10
+        assert (reads.count > 0) == logs, (step, reads.count)
+        if logs:
+            expected.append((step, 100.0 * correct / seen, loss_sum / seen))
+            if step % 4 == 0:
+                correct = seen = 0
+                loss_sum = 0.0
+    assert [r["step"] for r in rows] == [4, 8, 10]
+    for row, (step, top1, loss) in zip(rows, expected):
+        assert row["step"] == step and row["probe_train_top1"] == pytest.approx(top1, abs=1e-9)
+        assert row["probe_loss"] == pytest.approx(loss, rel=1e-6)
+    state = cb.state_dict()  # step 10 was a last-step row, not a log_every one: its counts carry on in a resume
+    assert state["counts"][:2] == [correct, seen] and state["counts"][2] == pytest.approx(loss_sum, rel=1e-6)
