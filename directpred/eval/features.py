@@ -32,15 +32,17 @@ def extract_features(
     r, w = distributed.rank(), distributed.world_size()
     index = torch.arange(r, len(images), w)
     chunks = []
-    # At least one (maybe empty) batch: a rank with no images (fewer images than processes) still knows the feature
-    # width for the gather.
-    for start in range(0, max(len(index), 1), batch_size):
-        batch = images[index[start : start + batch_size].to(images.device)].to(device, non_blocking=True)
-        x = eval_transform(batch, recipe)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            chunks.append(backbone(x).float())
+    try:  # the caller's mode comes back also when a batch fails (out of memory, an interrupt)
+        # At least one (maybe empty) batch: a rank with no images (fewer images than processes) still knows the
+        # feature width for the gather.
+        for start in range(0, max(len(index), 1), batch_size):
+            batch = images[index[start : start + batch_size].to(images.device)].to(device, non_blocking=True)
+            x = eval_transform(batch, recipe)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                chunks.append(backbone(x).float())
+    finally:
+        backbone.train(was_training)
     feats = torch.cat(chunks)
-    backbone.train(was_training)
     return distributed.gather_strided(feats)  # rank r holds rows r, r+w, ...: all rows in the original order

@@ -215,47 +215,53 @@ class ByolLinearEval:
         aug = probe_recipe(test_recipe)
         was_training = backbone.training
         backbone.eval()
-        self.history_: list[tuple[float, float]] = []
-        step = 0
-        for epoch in range(self.epochs):
-            # the labels of the images decoded: a corrupt file replaced under skip_corrupt brings its replacement's
-            for images, labels in source.labelled_batches(epoch):
-                for group in opt.param_groups:
-                    group["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * step / total))
-                x = augment_view(
-                    images.to(device, non_blocking=True), aug, step_generator(self.seed + 1, step), shard=(rank, world)
+        try:  # the caller's mode comes back also when an epoch fails (out of memory, an interrupt)
+            self.history_: list[tuple[float, float]] = []
+            step = 0
+            for epoch in range(self.epochs):
+                # the labels of the images decoded: a corrupt file replaced under skip_corrupt brings its
+                # replacement's
+                for images, labels in source.labelled_batches(epoch):
+                    for group in opt.param_groups:
+                        group["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                    x = augment_view(
+                        images.to(device, non_blocking=True),
+                        aug,
+                        step_generator(self.seed + 1, step),
+                        shard=(rank, world),
+                    )
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with (
+                        torch.no_grad(),
+                        torch.autocast(
+                            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+                        ),
+                    ):
+                        feats = backbone(x).float()
+                    loss = F.cross_entropy(self.linear_(feats), labels.to(device))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if world > 1:
+                        for p in self.linear_.parameters():
+                            assert p.grad is not None  # every weight of the linear layer is in the loss
+                            p.grad = distributed.all_reduce_mean(p.grad)
+                    opt.step()
+                    step += 1
+                self.history_.append(
+                    self.score(
+                        backbone,
+                        test,
+                        test_recipe,
+                        decode_size=decode_size,
+                        device=device,
+                        autocast_dtype=autocast_dtype,
+                        channels_last=channels_last,
+                        skip_corrupt=skip_corrupt,
+                    )
                 )
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with (
-                    torch.no_grad(),
-                    torch.autocast(
-                        device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-                    ),
-                ):
-                    feats = backbone(x).float()
-                loss = F.cross_entropy(self.linear_(feats), labels.to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if world > 1:
-                    for p in self.linear_.parameters():
-                        assert p.grad is not None  # every weight of the linear layer is in the loss
-                        p.grad = distributed.all_reduce_mean(p.grad)
-                opt.step()
-                step += 1
-            self.history_.append(
-                self.score(
-                    backbone,
-                    test,
-                    test_recipe,
-                    decode_size=decode_size,
-                    device=device,
-                    autocast_dtype=autocast_dtype,
-                    channels_last=channels_last,
-                    skip_corrupt=skip_corrupt,
-                )
-            )
-        backbone.train(was_training)
+        finally:
+            backbone.train(was_training)
         self.top1_, self.top5_ = self.history_[-1]
         self.best_top1_ = max(h[0] for h in self.history_)
         return self

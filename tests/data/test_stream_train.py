@@ -199,6 +199,47 @@ def test_byol_linear_evaluation_of_nonfinite_features_is_nan(jpegs):
     assert all(math.isnan(a) for h in ev.history_ for a in h) and math.isnan(ev.top1_) and math.isnan(ev.best_top1_)
 
 
+class _FailsAtCall(torch.nn.Module):
+    """A backbone (conv + pooling, 8 features) whose forward pass number ``n`` raises, as an out-of-memory would."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.calls = n, 0
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 5, stride=2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("out of memory (simulated)")
+        return self.net(x)
+
+
+def test_a_failed_feature_pass_gives_the_backbone_back_in_the_callers_mode(jpegs):
+    """extract_features and ByolLinearEval.fit switched the backbone to eval mode and back only on success: after an
+    exception (a CUDA out-of-memory caught by the caller, an interrupt) a training caller went on with frozen
+    BatchNorm statistics. stream_features already restored it; all three do now."""
+    from directpred.eval.features import extract_features
+
+    train = FolderReader(jpegs, "train")
+    test = FolderReader(jpegs, "test", classes=train.classes)
+    images = torch.randint(0, 256, (10, 24, 24, 3), dtype=torch.uint8)
+    passes = [
+        lambda net: extract_features(net, images, recipe("imagenet", 24)[1], batch_size=4),  # fails in batch 2
+        lambda net: list(stream_features(net, train, recipe("imagenet", 24)[1], decode_size=28, batch_size=4)),
+        lambda net: ByolLinearEval(epochs=1, batch_size=4).fit(
+            net, train, test, recipe("imagenet", 24)[1], decode_size=28, num_classes=3, feature_dim=8
+        ),
+    ]
+    for run in passes:
+        for mode in (True, False):
+            net = _FailsAtCall(2).train(mode)
+            with pytest.raises(RuntimeError, match="out of memory"):
+                run(net)
+            assert net.calls == 2 and net.training is mode and net.net[0].training is mode
+
+
 @pytest.mark.parametrize(
     "overrides,needle",
     [
