@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from directpred import distributed
-from directpred.config import Config
+from directpred.config import Config, ConfigError
 from directpred.data.augment import ViewRecipe, augment_view, eval_transform
 from directpred.data.stream import Reader, StreamData, StreamSource, iterate_split
 from directpred.eval.inputs import nonfinite_rows
@@ -185,6 +185,12 @@ class ByolLinearEval:
         channels_last: bool = False,
         skip_corrupt: bool = False,
     ) -> ByolLinearEval:
+        """Train the linear layer on ``train``'s augmented images through the frozen ``backbone`` (its mode is
+        restored afterwards), scoring ``test`` after every epoch. Returns ``self``.
+
+        Raises:
+            ConfigError: (a ValueError) ``batch_size`` times the number of processes exceeds the training images.
+        """
         from directpred.data.order import step_generator
 
         device = torch.device(device)
@@ -207,9 +213,17 @@ class ByolLinearEval:
             workers=self.workers,
             skip_corrupt=skip_corrupt,
         )
-        if source.steps_per_epoch < 1:
-            raise ValueError(
-                f"the linear evaluation's batch {self.batch_size} x {world} exceeds the {len(train)} training images"
+        if source.steps_per_epoch < 1:  # a ConfigError is a ValueError: the library contract holds
+            most = len(train) // world
+            fix = (
+                f"set it to at most {most} (e.g. --set eval.linear_batch_size={most})"
+                if most
+                else "run the evaluation with fewer processes"
+            )
+            raise ConfigError(
+                f"eval.linear_batch_size={self.batch_size} is not allowed: BYOL's linear evaluation takes "
+                f"{self.batch_size} images per process x {world} process(es) per step, more than the {len(train)} "
+                f"training images, so an epoch would have no step; {fix}"
             )
         total = self.epochs * source.steps_per_epoch
         aug = probe_recipe(test_recipe)

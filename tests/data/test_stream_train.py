@@ -4,6 +4,7 @@ in-memory path, shards as folders, mid-epoch resume is exact, kNN and BYOL's lin
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -238,6 +239,46 @@ def test_a_failed_feature_pass_gives_the_backbone_back_in_the_callers_mode(jpegs
             with pytest.raises(RuntimeError, match="out of memory"):
                 run(net)
             assert net.calls == 2 and net.training is mode and net.net[0].training is mode
+
+
+def test_a_byol_evaluation_batch_larger_than_the_training_set_names_the_key_and_the_fix(jpegs):
+    train = FolderReader(jpegs, "train")
+    test = FolderReader(jpegs, "test", classes=train.classes)
+    n = len(train)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with pytest.raises(ConfigError) as info:
+        ByolLinearEval(epochs=1, batch_size=n + 1).fit(
+            net, train, test, recipe("imagenet", 24)[1], decode_size=28, num_classes=3, feature_dim=8
+        )
+    assert str(info.value) == (
+        f"eval.linear_batch_size={n + 1} is not allowed: BYOL's linear evaluation takes {n + 1} images per process x "
+        f"1 process(es) per step, more than the {n} training images, so an epoch would have no step; set it to at "
+        f"most {n} (e.g. --set eval.linear_batch_size={n})"
+    )
+    assert isinstance(info.value, ValueError)
+    ev = ByolLinearEval(epochs=1, batch_size=n).fit(  # the suggested value: one step per epoch
+        net, train, test, recipe("imagenet", 24)[1], decode_size=28, num_classes=3, feature_dim=8
+    )
+    assert len(ev.history_) == 1
+
+
+def test_the_batch_error_counts_the_processes(jpegs, monkeypatch):
+    """Under N processes the per-process batch may be at most images // N; with more processes than images no batch
+    fits. (The check runs before any collective, so a faked world size reaches it.)"""
+    from directpred import distributed
+
+    train = FolderReader(jpegs, "train")
+    n = len(train)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    for world, batch, fix in (
+        (2, n, f"set it to at most {n // 2} (e.g. --set eval.linear_batch_size={n // 2})"),
+        (n + 1, 1, "run the evaluation with fewer processes"),
+    ):
+        monkeypatch.setattr(distributed, "world_size", lambda w=world: w)
+        with pytest.raises(ConfigError, match=rf"x {world} process\(es\) per step, .*no step; {re.escape(fix)}$"):
+            ByolLinearEval(epochs=1, batch_size=batch).fit(
+                net, train, train, recipe("imagenet", 24)[1], decode_size=28, num_classes=3, feature_dim=8
+            )
 
 
 @pytest.mark.parametrize(
