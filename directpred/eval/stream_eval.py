@@ -102,23 +102,32 @@ def knn_stream(
     q = F.normalize(test_features.float(), dim=1)
     best_sim = torch.full((len(q), k), -math.inf, device=q.device)
     best_lab = torch.zeros((len(q), k), dtype=torch.long, device=q.device)
+    n_train = 0
     for feats, labels in train_batches:
+        n_train += len(labels)
         bad_train += (~torch.isfinite(feats)).any(1).sum()
         sim = q @ F.normalize(feats.float(), dim=1).t()
         lab = labels.long().to(q.device).expand(len(q), -1)
         best_sim, pos = torch.cat([best_sim, sim], 1).topk(k, dim=1)
         best_lab = torch.cat([best_lab, lab], 1).gather(1, pos)
     world = distributed.world_size()
+    counts = torch.stack([bad_train, torch.tensor(n_train, device=bad_train.device)])
     if world > 1:
-        bad_train = distributed.all_reduce_sum(bad_train)  # every process returns the same verdict
-    if bad_train:
+        counts = distributed.all_reduce_sum(counts)  # every process returns the same verdict
+    n_bad, n_seen = (int(c) for c in counts.tolist())
+    if n_seen < k:  # as KNNClassifier: the missing neighbours' similarity -inf gives them no vote
         warnings.warn(
-            f"kNN: {int(bad_train)} training feature rows are non-finite (NaN or inf): the score is NaN "
+            f"kNN: k={k} is more than the {n_seen} labelled training images; k={n_seen} is used (eval.knn_k)",
+            stacklevel=2,
+        )
+    if n_bad:
+        warnings.warn(
+            f"kNN: {n_bad} training feature rows are non-finite (NaN or inf): the score is NaN "
             "(features of a diverged model?)",
             RuntimeWarning,
             stacklevel=2,
         )
-    if bad_test or bad_train:
+    if bad_test or n_bad:
         return math.nan
     if world > 1:  # each process holds the top-k of its part: merge them
         all_sim = _gather(best_sim).view(world, len(q), k).permute(1, 0, 2).reshape(len(q), world * k)

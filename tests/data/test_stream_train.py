@@ -129,7 +129,10 @@ def test_knn_stream_equals_the_in_memory_classifier():
             ["kNN: k=400 is more than the 300 labelled training images; k=300 is used (eval.knn_k)"] if k > 300 else []
         )
         chunks = ((f_train[s : s + 32], y_train[s : s + 32]) for s in range(0, 300, 32))
-        assert knn_stream(f_test, y_test, chunks, num_classes=5, k=k, temperature=0.1) == pytest.approx(ref)
+        with warnings.catch_warnings(record=True) as streamed:  # the same warning as the in-memory classifier's
+            warnings.simplefilter("always")
+            assert knn_stream(f_test, y_test, chunks, num_classes=5, k=k, temperature=0.1) == pytest.approx(ref)
+        assert [str(w.message) for w in streamed] == [str(w.message) for w in caught]
 
 
 class CountingReader:
