@@ -61,8 +61,15 @@ def recipe(name: str, size: int) -> tuple[ViewRecipe, ViewRecipe]:
       grayscale p=0.2, CIFAR normalisation, no blur.
     * ``stl10``: the authors' STL-10 recipe: RandomResizedCrop, flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.8,
       grayscale p=0.2, Gaussian blur (kernel 10% of the size, sigma in [0.1, 2]) always, no normalisation.
-    * ``imagenet``: BYOL's recipe: ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2, blur p=1.0 / 0.1,
-      solarisation p=0 / 0.2, ImageNet normalisation.
+    * ``imagenet``: BYOL's distributions (BYOL paper, Appendix B): colour jitter of strengths (0.4, 0.4, 0.2,
+      0.1) p=0.8 with the four operations in a random order per sample, grayscale p=0.2, blur p=1.0 / 0.1
+      (kernel 10 % of the size made odd, 23 px at 224; sigma in [0.1, 2]), solarisation at 0.5 p=0 / 0.2,
+      ImageNet normalisation. The operations that apply them follow torchvision's ``ColorJitter`` and
+      ``GaussianBlur`` conventions, not BYOL's code: brightness multiplies by a factor in [0.6, 1.4] (BYOL adds
+      a delta in [-0.4, 0.4]); contrast scales around the mean of the grayscale image (BYOL: around each
+      channel's own mean); saturation blends with the grayscale image (BYOL: scales S in HSV); the blur pads by
+      reflection (BYOL: zero padding, 'SAME'). The hue shift (in HSV) and the solarisation are as BYOL's. So this
+      is BYOL's recipe in its parameters and probabilities, not pixel for pixel.
     """
     if name == "cifar":
         v = ViewRecipe(size=size)
