@@ -18,7 +18,8 @@ DATA=${1:-../shared/data/cifar10-jpeg.tar.gz}
 DEST=${2:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$DEST"
 export PYTHONUNBUFFERED=1
-if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+# (gc.freeze: the exit skips its collection over what importing torch made, 1-2 s of each one-liner on 2 cores)
+if python -c "import gc, sys, torch; gc.freeze(); sys.exit(0 if torch.cuda.is_available() else 1)"; then
   DEV=cuda; PREC=bf16; DECODE_IMAGES=512; STEPS=30; EPOCHS=2; DIMS=128,256,512,1024,2048,4096
   SIZE=(--set backbone.width=64)
   SWEEP=(--set train.epochs=2 --devices auto)
@@ -36,10 +37,10 @@ CFG=configs/cifar10/byol_directpred.yaml
 echo "== 0. batched decode path (nvJPEG where CUDA exists) against Pillow, with each JPEG decoder =="
 # The device machine reaches no package index: TorchCodec comes from a wheel carried in .gpu_data/ (pip download
 # torchcodec --no-deps -d .gpu_data), else only torchvision's decoder is checked.
-if ! python -c "import torchcodec.decoders" 2>/dev/null; then
+if ! python -c "import gc, torchcodec.decoders; gc.freeze()" 2>/dev/null; then
   wheel=$(ls .gpu_data/torchcodec-*.whl 2>/dev/null | head -1 || true)
   if [[ -n "$wheel" ]]; then python -m pip install -q --no-deps "$wheel" || true; fi
-  python -c "import torchcodec.decoders" 2>/dev/null || echo "gpu_check: TorchCodec cannot be imported; its cases skip"
+  python -c "import gc, torchcodec.decoders; gc.freeze()" 2>/dev/null || echo "gpu_check: TorchCodec cannot be imported; its cases skip"
 fi
 if python -c "import pytest" 2>/dev/null; then
   python -m pytest -q -p no:cacheprovider tests/data/test_stream.py -k "batched or jpeg_backend" \

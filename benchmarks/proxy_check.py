@@ -11,6 +11,7 @@ order, and a resume equals an uninterrupted run). Writes the wall times, the fig
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -104,3 +105,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    gc.freeze()  # skip the exit's collection over torch's import-time objects (1-2 s; see directpred/__main__.py)

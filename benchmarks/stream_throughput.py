@@ -26,6 +26,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -248,4 +249,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    gc.freeze()  # skip the exit's collection over torch's import-time objects (1-2 s; see directpred/__main__.py)
+    raise SystemExit(code)
