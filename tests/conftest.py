@@ -98,13 +98,13 @@ def tiny_archive(tmp_path_factory, tiny_folder) -> Path:
     return write_tar(tiny_folder, tmp_path_factory.mktemp("tar") / "tiny.tar.gz")
 
 
-@pytest.fixture
-def tiny_overrides(tiny_folder, tmp_path) -> list[str]:
-    """``--set`` overrides that make any config run a few steps in seconds on the CPU."""
+def tiny_override_list(folder: Path, cache_dir: Path) -> list[str]:
+    """The ``--set`` overrides of :func:`tiny_overrides` for data in ``folder``, decoded into ``cache_dir`` (for
+    fixtures wider than one test, which cannot take the function-scoped fixture)."""
     return [
         "data.dataset=folder",
-        f"data.path={tiny_folder}",
-        f"data.cache_dir={tmp_path / 'cache'}",
+        f"data.path={folder}",
+        f"data.cache_dir={cache_dir}",
         "data.image_size=0",
         "data.train_subset=0",
         "data.test_subset=0",
@@ -121,6 +121,12 @@ def tiny_overrides(tiny_folder, tmp_path) -> list[str]:
         "eval.knn_k=10",
         "diag.every=0",
     ]
+
+
+@pytest.fixture
+def tiny_overrides(tiny_folder, tmp_path) -> list[str]:
+    """``--set`` overrides that make any config run a few steps in seconds on the CPU."""
+    return tiny_override_list(tiny_folder, tmp_path / "cache")
 
 
 def png_bytes(img: np.ndarray) -> bytes:

@@ -9,6 +9,7 @@ reason, not rank 0 alone while the others wait in a barrier.
 
 from __future__ import annotations
 
+import gc
 import time
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import tiny_override_list
 
 from directpred import distributed
 from directpred.config import load_config
@@ -27,72 +29,52 @@ STEPS = 3
 NAN_STEP = 1  # rank 1's first view holds a NaN image at this step
 
 
-def _nan_step_worker(rank: int, store: str, out: str, overrides: list[str]) -> None:
+def _nan_step(out: str, overrides: list[str]) -> None:
     from directpred.train.loop import Trainer
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        cfg = load_config(REPO / "configs/cpu/quickstart.yaml", overrides)
-        trainer = Trainer(cfg, Path(out).parent / "run").setup()
-        trainer.scaler = torch.amp.GradScaler("cpu", enabled=True)  # what fp16 uses on CUDA
-        views = trainer.views
+    cfg = load_config(REPO / "configs/cpu/quickstart.yaml", overrides)
+    trainer = Trainer(cfg, Path(out).parent / "run").setup()
+    trainer.scaler = torch.amp.GradScaler("cpu", enabled=True)  # what fp16 uses on CUDA
+    views = trainer.views
 
-        def poisoned(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            x1, x2 = views(images)
-            if trainer.step == NAN_STEP and distributed.rank() == 1:
-                x1 = x1.clone()
-                x1[0] = float("nan")
-            return x1, x2
+    def poisoned(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x1, x2 = views(images)
+        if trainer.step == NAN_STEP and distributed.rank() == 1:
+            x1 = x1.clone()
+            x1[0] = float("nan")
+        return x1, x2
 
-        trainer.views = poisoned  # type: ignore[method-assign]
-        batches = trainer.source.labelled_batches(0, 0)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            skipped = [trainer.train_step(next(batches)[0]).skipped for _ in range(STEPS)]
-        method = trainer.method
-        state = {
-            **{f"online.{k}": v for k, v in method.online.named_parameters()},
-            **{f"target.{k}": v for k, v in (method.target.named_parameters() if method.target else [])},
-            **{f"predictor.{k}": v for k, v in method.online.predictor.state_dict().items()},
-        }
-        torch.save(
-            {
-                "scale": trainer.scaler.get_scale(),
-                "skipped_steps": trainer.skipped_steps,
-                "step": trainer.step,
-                "skipped": skipped,
-                "state": {k: v.detach().clone() for k, v in state.items()},
-                "warnings": [str(w.message) for w in caught if "step skipped" in str(w.message)],
-            },
-            f"{out}.{rank}",
-        )
-    finally:
-        dist.destroy_process_group()
+    trainer.views = poisoned  # type: ignore[method-assign]
+    batches = trainer.source.labelled_batches(0, 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        skipped = [trainer.train_step(next(batches)[0]).skipped for _ in range(STEPS)]
+    method = trainer.method
+    state = {
+        **{f"online.{k}": v for k, v in method.online.named_parameters()},
+        **{f"target.{k}": v for k, v in (method.target.named_parameters() if method.target else [])},
+        **{f"predictor.{k}": v for k, v in method.online.predictor.state_dict().items()},
+    }
+    torch.save(
+        {
+            "scale": trainer.scaler.get_scale(),
+            "skipped_steps": trainer.skipped_steps,
+            "step": trainer.step,
+            "skipped": skipped,
+            "state": {k: v.detach().clone() for k, v in state.items()},
+            "warnings": [str(w.message) for w in caught if "step skipped" in str(w.message)],
+        },
+        f"{out}.{distributed.rank()}",
+    )
 
 
-def _spawn(worker, args: tuple, what: str) -> None:
-    procs = mp.spawn(worker, args=args, nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 150
-    while not procs.join(timeout=1):
-        if time.monotonic() > deadline:  # a collective entered by one rank alone hangs gloo rather than fails
-            for proc in procs.processes:
-                proc.kill()
-            pytest.fail(f"the processes did not finish: {what} hung")
+NAN_CASES = [("linear", "forward"), ("directpred", "after_step")]
 
 
-@pytest.mark.slow  # 17-30 s each on the 2-core machine (two processes start, decode, build)
-@pytest.mark.parametrize("predictor,update_at", [("linear", "forward"), ("directpred", "after_step")])
-def test_nan_loss_on_one_rank_skips_the_step_on_every_rank(predictor, update_at, tiny_overrides, tmp_path):
-    over = tiny_overrides + [
-        "train.batch_size=8",
-        "method.name=byol",
-        f"predictor.name={predictor}",
-        f"predictor.update_at={update_at}",
-        "train.skip_nonfinite=3",
-    ]
-    out = str(tmp_path / "result")
-    _spawn(_nan_step_worker, (str(tmp_path / "store"), out, over), "the step after the NaN")
+@pytest.mark.slow  # the first test of the file pays fault_runs: 16-19 s on the loaded 2-core machine
+@pytest.mark.parametrize("predictor,update_at", NAN_CASES)
+def test_nan_loss_on_one_rank_skips_the_step_on_every_rank(predictor, update_at, fault_runs):
+    out = str(fault_runs / f"nan_{predictor}_{update_at}" / "result")
     ranks = [torch.load(f"{out}.{r}") for r in range(WORLD)]
     for r in ranks:
         # Skipped once, on both ranks; the scale neither halved (scaler.update on the skipping rank's peers) nor grew.
@@ -106,33 +88,77 @@ def test_nan_loss_on_one_rank_skips_the_step_on_every_rank(predictor, update_at,
     assert other.startswith(f"step {NAN_STEP}: non-finite loss on 1 of 2 processes (this one's was finite: ")
 
 
-def _inf_save_worker(rank: int, store: str, out: str, overrides: list[str]) -> None:
+def _inf_save(out: str, overrides: list[str]) -> None:
     from directpred.train.checkpoint import CheckpointError
     from directpred.train.loop import Trainer
 
+    cfg = load_config(REPO / "configs/cpu/quickstart.yaml", overrides)
+    trainer = Trainer(cfg, Path(out).parent / "run").setup()
+    trainer.save()  # a good checkpoint first: it is kept
+    with torch.no_grad():
+        next(trainer.method.online.parameters()).fill_(float("inf"))
+    t0 = time.monotonic()
+    try:
+        trainer.save()
+        result = "no error"
+    except CheckpointError as exc:
+        result = str(exc)
+    torch.save({"error": result, "seconds": time.monotonic() - t0}, f"{out}.{distributed.rank()}")
+
+
+SCENARIOS = {"nan": (_nan_step, "the step after the NaN"), "inf": (_inf_save, "the other rank's save")}
+
+
+def _faults_worker(rank: int, store: str, jobs: list[tuple[str, str, list[str]]]) -> None:
+    """Every scenario in turn, in one gloo group of :data:`WORLD` processes; each writes ``{out}.{rank}``."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        cfg = load_config(REPO / "configs/cpu/quickstart.yaml", overrides)
-        trainer = Trainer(cfg, Path(out).parent / "run").setup()
-        trainer.save()  # a good checkpoint first: it is kept
-        with torch.no_grad():
-            next(trainer.method.online.parameters()).fill_(float("inf"))
-        t0 = time.monotonic()
-        try:
-            trainer.save()
-            result = "no error"
-        except CheckpointError as exc:
-            result = str(exc)
-        torch.save({"error": result, "seconds": time.monotonic() - t0}, f"{out}.{rank}")
+        for kind, out, overrides in jobs:
+            SCENARIOS[kind][0](out, overrides)
     finally:
         dist.destroy_process_group()
+        gc.freeze()  # the exit need not collect torch's import-time objects (1-2 s; see directpred/__main__.py)
 
 
-@pytest.mark.slow  # 17-20 s on the 2-core machine (two processes start, decode, build)
-def test_a_checkpoint_rank_0_refuses_stops_every_rank(tiny_overrides, tmp_path):
-    out = str(tmp_path / "result")
-    _spawn(_inf_save_worker, (str(tmp_path / "store"), out, tiny_overrides), "the other rank's save")
+@pytest.fixture(scope="module")
+def fault_runs(tiny_folder, tmp_path_factory) -> Path:
+    """The scenarios of this file, run one after the other by one launch of the two processes: each launch costs two
+    interpreter start-ups, torch imports and data decodes (10-17 s on the 2-core machine), the scenarios under a
+    second. The checkpoint rank 0 refuses comes last (it stops every rank with an error each catches)."""
+    root = tmp_path_factory.mktemp("faults")
+    common = tiny_override_list(tiny_folder, root / "cache")
+    jobs = [
+        (
+            "nan",
+            str(root / f"nan_{predictor}_{update_at}" / "result"),
+            common
+            + [
+                "train.batch_size=8",
+                "method.name=byol",
+                f"predictor.name={predictor}",
+                f"predictor.update_at={update_at}",
+                "train.skip_nonfinite=3",
+            ],
+        )
+        for predictor, update_at in NAN_CASES
+    ]
+    jobs.append(("inf", str(root / "inf" / "result"), common))
+    procs = mp.spawn(_faults_worker, args=(str(root / "store"), jobs), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 150 * len(jobs)
+    while not procs.join(timeout=1):
+        if time.monotonic() > deadline:  # a collective entered by one rank alone hangs gloo rather than fails
+            for proc in procs.processes:
+                proc.kill()
+            kind, out, _ = next(j for j in jobs if not all(Path(f"{j[1]}.{r}").is_file() for r in range(WORLD)))
+            pytest.fail(f"the processes did not finish: {SCENARIOS[kind][1]} ({Path(out).parent.name}) hung")
+    return root
+
+
+@pytest.mark.slow  # fault_runs: 16-19 s on the loaded 2-core machine, once for the file
+def test_a_checkpoint_rank_0_refuses_stops_every_rank(fault_runs):
+    out = str(fault_runs / "inf" / "result")
+    tmp_path = fault_runs / "inf"
     (mine, seconds0), (theirs, seconds1) = (
         (r["error"], r["seconds"]) for r in (torch.load(f"{out}.{k}") for k in (0, 1))
     )
