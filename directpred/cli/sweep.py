@@ -28,10 +28,11 @@ def run(args: argparse.Namespace) -> int:
         print((out / "results.md").read_text(), end="")
         return 1 if any(r["status"] == "failed" for r in res["runs"]) else 0
     slots = parse_devices(args.devices, torchrun=args.torchrun or 0, jobs=args.jobs)
-    if not args.dry_run:  # a dry run may plan for another machine
+    gpus = sorted({int(i) for slot in slots if slot for i in slot.split(",")})
+    if gpus and not args.dry_run:  # a dry run may plan for another machine; CPU slots need no check (nor torch)
         from directpred.runtime import check_gpu_indices
 
-        check_gpu_indices(sorted({int(i) for slot in slots if slot for i in slot.split(",")}), "--devices")
+        check_gpu_indices(gpus, "--devices")
     plans = [plan_run(sweep, run, out) for run in runs]  # refuses mismatched run directories before any run
     todo = [p for p in plans if p.action != "done"]
     print(

@@ -71,12 +71,14 @@ class Plan:
 
 def plan_run(sweep: Sweep, run: Run, out: Path) -> Plan:
     """Decide from the run directory whether ``run`` is done, to be resumed or to be (re)started."""
-    from directpred.train.rundir import fixed_changes
-
     run_dir = out / run.rel_dir
     cfg_file, ckpt = run_dir / "config.yaml", run_dir / "checkpoints" / "last.pt"
     if not cfg_file.is_file() or not ckpt.is_file() and not (run_dir / "summary.json").is_file():
         return Plan(run, run_dir, "new")
+    # Only here: it imports torch and torchvision (4-8 s on 2 loaded cores), which a sweep of new runs does not need
+    # before its first run starts.
+    from directpred.train.rundir import fixed_changes
+
     try:
         saved = read_run_config(run_dir)
     except ConfigError as exc:
