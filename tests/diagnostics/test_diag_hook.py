@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from pathlib import Path
@@ -199,6 +200,7 @@ def _two_rank_worker(rank: int, init_file: str, results: str) -> None:
         f"{results}.{rank}",
     )
     dist.destroy_process_group()
+    gc.freeze()  # the exit need not collect torch's import-time objects (1-2 s; see directpred/__main__.py)
 
 
 def test_two_processes_decide_alike(tmp_path):

@@ -4,6 +4,7 @@ in memory and streamed (the gathers of :func:`directpred.eval.stream_eval.evalua
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def _worker(rank: int, store: str, out: str, folders: list[str]) -> None:
         torch.save(_probe_inputs(net, folders[1]), f"{out}.probe.{rank}")
     finally:
         dist.destroy_process_group()
+        gc.freeze()  # the exit need not collect torch's import-time objects (1-2 s; see directpred/__main__.py)
 
 
 def test_fewer_images_than_processes_gathers_every_row(tmp_path: Path) -> None:

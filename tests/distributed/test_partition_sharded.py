@@ -4,6 +4,7 @@ not the mean of the per-rank means)."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ def _worker(rank: int, store: str, out: str) -> None:
         torch.save({k: getattr(head, k).detach().clone() for k in KEYS}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
+        gc.freeze()  # the exit need not collect torch's import-time objects (1-2 s; see directpred/__main__.py)
 
 
 def test_partitions_under_unequal_shards_equal_one_process(tmp_path: Path) -> None:
