@@ -183,6 +183,31 @@ def integrate(
 # ----------------------------------------------------------------------------------------------------
 
 
+def closed_form_eigenvalues(s: Array, rule: PredictorRule, eps: float = 0.0) -> Array:
+    """The eigenvalues ``p_j`` a closed-form rule gives W_p from the eigenvalues ``s_j`` of F (last axis), negative
+    ones (rounding of a PSD matrix) counted as 0: DirectPred (Eq. 18) ``sqrt(s_j) + ε max_k s_k``, DirectCopy
+    ``s_j + ε``."""
+    s = np.clip(np.asarray(s, dtype=np.float64), 0.0, None)
+    if rule == "directpred":
+        return np.sqrt(s) + eps * s.max(axis=-1, keepdims=True)
+    if rule == "directcopy":
+        return s + eps
+    raise ValueError(f"rule must be 'directpred' or 'directcopy', got {rule!r}")
+
+
+def check_predictor_rule(predictor_rule: str, eps: float) -> None:
+    """Raise ``ValueError`` for an unknown ``predictor_rule`` or an ε it cannot take (ε only for a closed form)."""
+    if predictor_rule not in PREDICTOR_RULES:
+        raise ValueError(f"predictor_rule must be one of {', '.join(PREDICTOR_RULES)}, got {predictor_rule!r}")
+    if not (np.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if eps != 0 and predictor_rule == "gradient":
+        raise ValueError(
+            f"eps={eps} is the closed-form predictor's ε and a gradient-trained W_p has none; "
+            "set predictor_rule to 'directpred' or 'directcopy', or eps to 0"
+        )
+
+
 def closed_form_predictor(F: Array, rule: PredictorRule, eps: float = 0.0) -> Array:
     """The predictor set directly from the predictor-input correlation ``F = E[f fᵀ]`` (batched over leading axes).
 
@@ -209,13 +234,10 @@ def closed_form_predictor(F: Array, rule: PredictorRule, eps: float = 0.0) -> Ar
         [2.0, 1.0]
     """
     F = sym(np.asarray(F, dtype=np.float64))
-    if rule == "directcopy":
+    if rule == "directcopy":  # the eigenvalue rule below, without the eigendecomposition
         return F + eps * np.eye(F.shape[-1])
-    if rule != "directpred":
-        raise ValueError(f"rule must be 'directpred' or 'directcopy', got {rule!r}")
     s, U = np.linalg.eigh(F)
-    s = np.clip(s, 0.0, None)
-    p = np.sqrt(s) + eps * s.max(axis=-1, keepdims=True)
+    p = closed_form_eigenvalues(s, rule, eps)
     return (U * p[..., None, :]) @ _mT(U)
 
 
@@ -436,18 +458,10 @@ def check_linear_args(
         raise ValueError(f"beta (EMA rate) must be >= 0, got {beta!r}")
     if not stop_gradient and mode != "simsiam":
         raise ValueError("stop_gradient=False is Theorem 2's setting and needs mode='simsiam' (W_a = W)")
-    if predictor_rule not in PREDICTOR_RULES:
-        raise ValueError(f"predictor_rule must be one of {', '.join(PREDICTOR_RULES)}, got {predictor_rule!r}")
+    check_predictor_rule(predictor_rule, eps)
     if predictor_rule != "gradient" and not predictor:
         raise ValueError(
             f"predictor_rule={predictor_rule!r} sets W_p from F, but predictor=False fixes W_p = I; drop one of them"
-        )
-    if not (np.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if eps != 0 and predictor_rule == "gradient":
-        raise ValueError(
-            f"eps={eps} is the closed-form predictor's ε and a gradient-trained W_p has none; "
-            "set predictor_rule to 'directpred' or 'directcopy', or eps to 0"
         )
     if isoloss and not stop_gradient:
         raise ValueError(

@@ -19,11 +19,12 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from directpred.theory.dynamics import (
-    PREDICTOR_RULES,
     Method,
     PredictorRule,
     Trajectory,
+    check_predictor_rule,
     check_run_args,
+    closed_form_eigenvalues,
     integrate,
     sym,
 )
@@ -86,12 +87,7 @@ def closed_form_modes(s: Array, rule: PredictorRule, *, eps: float = 0.0, sigma2
     isotropic data, so (as :func:`directpred.theory.dynamics.closed_form_predictor`):
     DirectPred (Eq. 18) ``p_j = sqrt((1+σ²) s_j) + ε (1+σ²) max_k s_k``; DirectCopy ``p_j = (1+σ²) s_j + ε``.
     """
-    f = (1.0 + sigma2) * np.clip(np.asarray(s, dtype=np.float64), 0.0, None)
-    if rule == "directpred":
-        return np.sqrt(f) + eps * f.max(axis=-1, keepdims=True)
-    if rule == "directcopy":
-        return f + eps
-    raise ValueError(f"rule must be 'directpred' or 'directcopy', got {rule!r}")
+    return closed_form_eigenvalues((1.0 + sigma2) * np.asarray(s, dtype=np.float64), rule, eps)
 
 
 def rhs_closed_form(
@@ -232,10 +228,7 @@ def simulate_reduced(
     check_run_args(dt, steps, record_every, method)
     if not alpha_p > 0 or not eta >= 0 or not beta >= 0 or not sigma2 >= 0:
         raise ValueError(f"need alpha_p > 0, eta >= 0, beta >= 0, sigma2 >= 0; got {alpha_p}, {eta}, {beta}, {sigma2}")
-    if predictor_rule not in PREDICTOR_RULES:
-        raise ValueError(f"predictor_rule must be one of {', '.join(PREDICTOR_RULES)}, got {predictor_rule!r}")
-    if not (np.isfinite(eps) and eps >= 0) or (eps != 0 and predictor_rule == "gradient"):
-        raise ValueError(f"eps must be a finite number >= 0, and 0 unless predictor_rule is closed-form; got {eps!r}")
+    check_predictor_rule(predictor_rule, eps)
     closed = predictor_rule != "gradient"
     s0 = np.atleast_1d(np.asarray(s0, dtype=np.float64))
     if closed:  # the rule sets p from s; p0 is not read

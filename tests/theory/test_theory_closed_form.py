@@ -217,7 +217,7 @@ def test_impossible_settings_are_refused(kw, msg):
     data = GaussianViews(np.eye(3), np.eye(3))
     with pytest.raises(ValueError, match="rho=0.5 is the closed-form predictor's F̂ rate"):
         simulate_sgd(W, np.eye(2), None, data, alpha_p=1, eta=0, beta=0, lr=0.1, steps=1, batch=4, rho=0.5)
-    with pytest.raises(ValueError, match="eps must be a finite number >= 0, and 0 unless predictor_rule"):
+    with pytest.raises(ValueError, match="eps=0.1 is the closed-form predictor's ε and a gradient-trained"):
         simulate_reduced([0.1], [0.1], 0.0, alpha_p=1, eta=0, beta=0, sigma2=0.1, dt=0.1, steps=1, eps=0.1)
     with pytest.raises(ValueError, match="p0 is required with predictor_rule='gradient'"):
         simulate_reduced(None, [0.1], 0.0, alpha_p=1, eta=0, beta=0, sigma2=0.1, dt=0.1, steps=1)
