@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,27 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     import gc
 
     gc.freeze()
+
+
+@contextlib.contextmanager
+def gloo_process(rank: int, world_size: int, store: str) -> Iterator[None]:
+    """One process of a gloo group that ``torch.multiprocessing.spawn`` started, around the body of its work.
+
+    On success the processes leave the group together and end as the CLI ends them
+    (:func:`directpred.distributed.shutdown`, then :func:`~directpred.distributed.exit_process`): without the
+    interpreter's finalisation, which aborts a gloo process now and then (SIGABRT) when a group is still referenced,
+    e.g. by a DistributedDataParallel module in a reference cycle, whose threads then race the exit. An exception
+    propagates, for ``spawn`` to report with its traceback.
+    """
+    import torch.distributed as dist
+
+    from directpred import distributed
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    yield
+    distributed.shutdown()
+    distributed.exit_process(0)
 
 
 def synthetic_images(n_per_class: int, n_classes: int = 4, size: int = 32, seed: int = 0):

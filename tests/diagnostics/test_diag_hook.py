@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import gloo_process
 from torch import nn
 
 from directpred.config import Config
@@ -176,31 +176,28 @@ def test_rule_fires_exactly_below_all_three_thresholds_documented_in_the_docs():
 def _two_rank_worker(rank: int, init_file: str, results: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    diag = Diagnostics(make_cfg(), FakeMethod(LinearPredictor(D)))
-    g = torch.Generator().manual_seed(rank)
-    flags, ranks = [], []
-    for step in range(1, 9):
-        # rank 0 sees collapsed projections, rank 1 healthy ones: the averaged signals decide for both
-        collapsed = rank == 0 or step > 4
-        row = diag.observe(step, step_output(g, collapsed=collapsed, loss=0.001))
-        if row is not None:
-            flags.append(row["collapsed"])
-            ranks.append(row["rankme_h"])  # per-rank batches differ: averaged, the rows agree
-    corr = diag.own_estimator.corr.clone()
-    dist.all_reduce(corr)
-    torch.save(
-        {
-            "flags": flags,
-            "ranks": ranks,
-            "step": diag.collapse_step,
-            "corr_equal": bool(torch.allclose(corr / 2, diag.own_estimator.corr, atol=1e-5)),
-        },
-        f"{results}.{rank}",
-    )
-    dist.destroy_process_group()
-    gc.freeze()  # the exit need not collect torch's import-time objects (1-2 s; see directpred/__main__.py)
+    with gloo_process(rank, 2, init_file):
+        diag = Diagnostics(make_cfg(), FakeMethod(LinearPredictor(D)))
+        g = torch.Generator().manual_seed(rank)
+        flags, ranks = [], []
+        for step in range(1, 9):
+            # rank 0 sees collapsed projections, rank 1 healthy ones: the averaged signals decide for both
+            collapsed = rank == 0 or step > 4
+            row = diag.observe(step, step_output(g, collapsed=collapsed, loss=0.001))
+            if row is not None:
+                flags.append(row["collapsed"])
+                ranks.append(row["rankme_h"])  # per-rank batches differ: averaged, the rows agree
+        corr = diag.own_estimator.corr.clone()
+        dist.all_reduce(corr)
+        torch.save(
+            {
+                "flags": flags,
+                "ranks": ranks,
+                "step": diag.collapse_step,
+                "corr_equal": bool(torch.allclose(corr / 2, diag.own_estimator.corr, atol=1e-5)),
+            },
+            f"{results}.{rank}",
+        )
 
 
 def test_two_processes_decide_alike(tmp_path):

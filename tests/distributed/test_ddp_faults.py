@@ -9,16 +9,14 @@ reason, not rank 0 alone while the others wait in a barrier.
 
 from __future__ import annotations
 
-import gc
 import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import tiny_override_list
+from conftest import gloo_process, tiny_override_list
 
 from directpred import distributed
 from directpred.config import load_config
@@ -111,14 +109,9 @@ SCENARIOS = {"nan": (_nan_step, "the step after the NaN"), "inf": (_inf_save, "t
 
 def _faults_worker(rank: int, store: str, jobs: list[tuple[str, str, list[str]]]) -> None:
     """Every scenario in turn, in one gloo group of :data:`WORLD` processes; each writes ``{out}.{rank}``."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_process(rank, WORLD, store):
         for kind, out, overrides in jobs:
             SCENARIOS[kind][0](out, overrides)
-    finally:
-        dist.destroy_process_group()
-        gc.freeze()  # the exit need not collect torch's import-time objects (1-2 s; see directpred/__main__.py)
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,13 @@ in memory and streamed (the gathers of :func:`directpred.eval.stream_eval.evalua
 
 from __future__ import annotations
 
-import gc
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import write_folder
+from conftest import gloo_process, write_folder
 
 from directpred.config import load_config
 from directpred.data.augment import recipe
@@ -62,9 +60,7 @@ def _probe_inputs(net: torch.nn.Module, folder: str) -> tuple[torch.Tensor, ...]
 
 
 def _worker(rank: int, store: str, out: str, folders: list[str]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_process(rank, WORLD, store):
         net = _backbone()
         net(torch.zeros(2, 3, 8, 8))  # materialise the lazy layer (same seed: same weights on every rank)
         for n in SIZES:
@@ -73,9 +69,6 @@ def _worker(rank: int, store: str, out: str, folders: list[str]) -> None:
         for i, folder in enumerate(folders):
             torch.save(_streamed(net, folder), f"{out}.stream{i}.{rank}")
         torch.save(_probe_inputs(net, folders[1]), f"{out}.probe.{rank}")
-    finally:
-        dist.destroy_process_group()
-        gc.freeze()  # the exit need not collect torch's import-time objects (1-2 s; see directpred/__main__.py)
 
 
 def test_fewer_images_than_processes_gathers_every_row(tmp_path: Path) -> None:

@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import gc
 import types
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import gloo_process
 
 from directpred.train.callbacks import OnlineProbeCallback, StepResult
 
@@ -53,13 +52,8 @@ def _run(rows: slice, world: int) -> tuple[dict, list]:
 
 
 def _worker(rank: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
+    with gloo_process(rank, 2, store):
         torch.save(_run(slice(0, SPLIT) if rank == 0 else slice(SPLIT, B), 2), f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
-        gc.freeze()  # the exit need not collect torch's import-time objects (1-2 s; see directpred/__main__.py)
 
 
 def test_probe_under_unequal_labelled_shares_equals_one_process(tmp_path: Path) -> None:

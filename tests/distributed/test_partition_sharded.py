@@ -4,12 +4,11 @@ not the mean of the per-rank means)."""
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import gloo_process
 
 from directpred.heads.directpred import PartitionedDirectPred
 
@@ -23,17 +22,12 @@ def _batches() -> list[torch.Tensor]:
 
 
 def _worker(rank: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=len(SIZES))
-    try:
+    with gloo_process(rank, len(SIZES), store):
         head = PartitionedDirectPred(6, partitions=3, rho=0.5, seed=1)
         lo = sum(SIZES[:rank])
         for z in _batches():
             head.update(z[lo : lo + SIZES[rank]])
         torch.save({k: getattr(head, k).detach().clone() for k in KEYS}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
-        gc.freeze()  # the exit need not collect torch's import-time objects (1-2 s; see directpred/__main__.py)
 
 
 def test_partitions_under_unequal_shards_equal_one_process(tmp_path: Path) -> None:
