@@ -6,8 +6,10 @@ Pure look-ups of the process's environment, shared by training, evaluation and t
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -79,15 +81,48 @@ def check_gpu_indices(indices: list[int], option: str) -> None:
 
 
 def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (where oneDNN's bf16 convolutions are several times faster than fp32).
+    """Whether this CPU has AMX tiles (where oneDNN's bf16 convolutions beat fp32).
 
-    AVX512-BF16 alone is not enough: measured on such a machine, bf16 autocast made the ResNet-18 (width 16)
-    forward+backward slower than fp32 channels-last (see benchmarks/README.md), so ``auto`` keeps fp32 there.
+    Measured (benchmarks/README.md): with AMX, bf16 autocast made the DirectPred step of ResNet-18 1.6x faster at
+    width 16 and 2.6x at full width; with AVX512-BF16 alone it was slower than fp32 (width 16), so ``auto`` keeps
+    fp32 there. An ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) below AMX, e.g. ``AVX2``, keeps oneDNN off the
+    tiles, so this is False under it whatever the CPU has.
     """
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    if cap != "ALL" and "AMX" not in cap:
+        return False
     try:
         return bool(torch._C._cpu._init_amx())
     except (AttributeError, RuntimeError):
         return False
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what :mod:`platform` knows (often only ``x86_64``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_hardware(device: torch.device) -> dict[str, Any]:
+    """What a run's speed depends on, for its ``summary.json`` and the benchmarks: the CPU model, the vector code
+    path ATen dispatches to (``AVX2`` where ``ATEN_CPU_CAPABILITY=avx2`` forces it), AMX tiles, the CPU count and
+    the intra-op threads, and the GPU's name on CUDA."""
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "amx": cpu_has_amx(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:

@@ -70,6 +70,16 @@ def _flagged(done: list[dict[str, Any]], key: str) -> int | None:
     return sum(bool(s[key]) for s in done) if done and all(key in s for s in done) else None
 
 
+def _machine(summary: dict[str, Any]) -> str | None:
+    """One line for the hardware a run recorded (``summary.json``'s ``hardware``; None for runs from before it)."""
+    hw = summary.get("hardware")
+    if not isinstance(hw, dict):
+        return None
+    cpu = f"{hw.get('cpu')} ({hw.get('cpu_capability')}{', AMX' if hw.get('amx') else ', no AMX'})"
+    threads = f"{hw.get('threads')} of {hw.get('cpus')} CPU threads"
+    return f"{hw['gpu']}, {cpu}" if hw.get("gpu") else f"{cpu}, {threads}"
+
+
 def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
     """Everything the reports show, as a JSON-ready dict (accuracies under ``cells``/``runs``, times under
     ``timing``)."""
@@ -94,7 +104,9 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
                     nonfinite.append(seed)
                 else:  # a diverged run's earlier, finite epochs are left out of the curve too
                     curves.append(_knn_curve(run_dir))
-                timing_runs.append({"cell": cell, "seed": seed, **{k: s.get(k) for k, _ in TIMING}})
+                timing_runs.append(
+                    {"cell": cell, "seed": seed, **{k: s.get(k) for k, _ in TIMING}, "hardware": _machine(s)}
+                )
             elif status == "failed":
                 row["error"] = (read_json_object(run_dir / "failed.json", "its error is not shown") or {}).get(
                     "last_line", ""
@@ -210,6 +222,13 @@ def markdown(res: dict[str, Any]) -> str:
             + " | ".join(_pm(t[k], 0 if k == "images_per_second" else 1) for k, _ in TIMING)
             + " |"
         )
+    machines: dict[str, int] = {}
+    for r in res["timing"]["runs"]:
+        name = r.get("hardware") or "not recorded (runs from before summary.json named the hardware)"
+        machines[name] = machines.get(name, 0) + 1
+    if machines:
+        lines += ["", "Hardware of the finished runs:", ""]
+        lines += [f"- {name}: {n} run{'s' * (n != 1)}" for name, n in machines.items()]
     return "\n".join(lines) + "\n"
 
 

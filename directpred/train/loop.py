@@ -39,7 +39,7 @@ from directpred.data.views import view_recipes
 from directpred.diagnostics.hook import Diagnostics
 from directpred.eval.protocol import evaluate
 from directpred.methods import build_method, ema_momentum
-from directpred.runtime import git_commit, resolve_device, resolve_precision
+from directpred.runtime import describe_hardware, git_commit, resolve_device, resolve_precision
 from directpred.train.callbacks import Callback, DiagnosticsCallback, StepResult, default_callbacks
 from directpred.train.checkpoint import (
     CheckpointError,
@@ -615,6 +615,7 @@ class Trainer:
             "git_commit": self.commit,
             "world_size": self.world,
             "device": str(self.device),
+            "hardware": describe_hardware(self.device),  # of the process that finished the run (rank 0)
             "precision": str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else "fp32",
             "method": cfg.method.name,
             "predictor": cfg.predictor.name,

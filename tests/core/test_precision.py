@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from directpred.config import ConfigError, load_config
 from directpred.data.order import epoch_order
+from directpred.runtime import resolve_precision
 from directpred.train import Trainer
 
 
@@ -34,3 +41,46 @@ def test_bf16_training_step_on_cpu(tiny_overrides, tmp_path):
 def test_fp16_on_cpu_is_refused(tiny_overrides, tmp_path):
     with pytest.raises(ConfigError, match="train.precision=fp16 needs a CUDA device"):
         Trainer(load_config(None, tiny_overrides + ["train.precision=fp16"]), tmp_path / "r").setup()
+
+
+@pytest.mark.parametrize(
+    "amx,cap,expected",
+    [
+        (True, None, torch.bfloat16),
+        (False, None, None),  # AVX512-BF16 without tiles: fp32 (bf16 measured slower there)
+        (True, "AVX2", None),  # oneDNN capped below AMX cannot use the tiles
+        (True, "avx512_core_bf16", None),
+        (True, "AVX512_CORE_AMX", torch.bfloat16),
+        (True, "ALL", torch.bfloat16),
+    ],
+)
+def test_auto_precision_on_the_cpu_follows_amx_and_the_onednn_cap(monkeypatch, amx, cap, expected):
+    monkeypatch.setattr(torch._C._cpu, "_init_amx", lambda: amx)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    if cap is not None:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    if cap is not None:  # oneDNN's older name caps it the same way
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+        monkeypatch.setenv("DNNL_MAX_CPU_ISA", cap)
+        assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert resolve_precision("fp32", torch.device("cpu")) is None  # explicit settings are taken as given
+    assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_hardware_names_the_code_path_the_process_runs():
+    """A forced AVX2 code path (as on the AVX2-only machines) is what a run records, not the CPU's best."""
+    code = (
+        "import json, torch; from directpred.runtime import describe_hardware; "
+        "print(json.dumps(describe_hardware(torch.device('cpu'))))"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    hw = json.loads(out.stdout)
+    assert hw["cpu_capability"] == "AVX2" and hw["amx"] is False
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    models = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+    if models:  # Linux: the model name, read here independently
+        assert hw["cpu"] == models[0]

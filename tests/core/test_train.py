@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import warnings
@@ -201,6 +202,8 @@ def test_run_directory_contents_and_eval_reproduces(tiny_overrides, tmp_path, ca
     ):
         assert summary[key] is not None, key
     assert summary["epochs"] == 2 and summary["linear_top1_best"] >= summary["linear_top1"]
+    hw = summary["hardware"]  # the machine that produced the figures
+    assert hw["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and hw["cpus"] == os.cpu_count()
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 2
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["kind"] == "train"]

@@ -29,6 +29,7 @@ def _run(
     collapsed: bool,
     ips: float,
     dim_collapsed: bool | None = None,
+    hardware: dict | None = None,
 ) -> None:
     d = out / "runs" / cell / f"seed{seed}"
     d.mkdir(parents=True)
@@ -45,6 +46,7 @@ def _run(
                 "wall_seconds": ips / 10,
                 # None: a run from before the dimensional-collapse warning, whose summary has no such key
                 **({} if dim_collapsed is None else {"dim_collapsed": dim_collapsed}),
+                **({} if hardware is None else {"hardware": hardware}),  # None: a run from before it was recorded
             }
         )
     )
@@ -68,6 +70,10 @@ def _sweep_file(
     return sweep_file
 
 
+XEON = {"cpu": "Intel(R) Xeon(R) Processor", "cpu_capability": "AVX512", "amx": True, "cpus": 2, "threads": 1}
+H200 = {**XEON, "threads": 8, "gpu": "NVIDIA H200"}
+
+
 def test_report_statistics_and_layout(tmp_path, tiny_folder):
     variants = {"a": {"predictor.name": "directpred"}, "b": {"predictor.name": "linear"}}
     paper = {"note": "Table X", "values": {"a": "80.5 +- 1.25"}}
@@ -89,6 +95,7 @@ def test_report_statistics_and_layout(tmp_path, tiny_folder):
             collapsed=seed == 2,
             ips=100.0 * (seed + 1),
             dim_collapsed=seed != 2,
+            hardware=XEON if seed < 2 else H200,
         )
     _run(out, "b", 0, knn=20.0, lin=21.0, best=22.0, curve=[(1, 20.0)], collapsed=False, ips=50.0)
     (out / "runs" / "b" / "seed1" / "checkpoints").mkdir(parents=True)
@@ -114,6 +121,16 @@ def test_report_statistics_and_layout(tmp_path, tiny_folder):
     assert "## Missing runs\n\n- `runs/b/seed2`\n" in md
     assert "## Failed runs\n\n- `runs/b/seed1`: boom (log: `runs/b/seed1/sweep.log`)" in md
     assert md.index("## Timing") > md.index("## Failed runs") and "| `a` | 200 ± 100 | 20.0 ± 10.0 |" in md
+    assert md.endswith(  # each finished run's machine, counted, after the timing table
+        "Hardware of the finished runs:\n\n"
+        "- Intel(R) Xeon(R) Processor (AVX512, AMX), 1 of 2 CPU threads: 2 runs\n"
+        "- NVIDIA H200, Intel(R) Xeon(R) Processor (AVX512, AMX): 1 run\n"
+        "- not recorded (runs from before summary.json named the hardware): 1 run\n"
+    )
+    assert [r["hardware"] for r in res["timing"]["runs"]][2:] == [
+        "NVIDIA H200, Intel(R) Xeon(R) Processor (AVX512, AMX)",
+        None,
+    ]
     rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
     assert [r["cell"] for r in rows] == ["a", "b"] and rows[0]["paper_mean"] == "80.5000"
     assert [(r["collapsed"], r["dim_collapsed"]) for r in rows] == [("1", "2"), ("0", "")]
