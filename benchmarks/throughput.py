@@ -31,7 +31,7 @@ from directpred.config import load_config
 from directpred.data.datasets import DataBundle, ImageArrays, load_data
 from directpred.data.order import epoch_order
 from directpred.heads.correlation import symmetric_eigh
-from directpred.runtime import git_commit
+from directpred.runtime import describe_hardware, git_commit
 from directpred.train.loop import Trainer
 
 PREDICTORS = [
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             dev = tr.device
             results["device"] = str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
             results["precision"] = str(tr.autocast_dtype or "fp32").replace("torch.", "")
+            results["hardware"] = describe_hardware(dev)  # CPU model, ATen code path, AMX, threads; the GPU
             order = epoch_order(len(data.pretrain), 0, 0)
             images = tr._batch(order, 0)
             x1, x2 = tr.views(images)

@@ -38,6 +38,7 @@ def test_gpu_check_cpu_fallback(tiny_archive, tmp_path):
     assert t["limit"]["images_per_s"] > 0 and step["step_images_per_s"] > 0 and t["pipeline"]["images_per_s"] > 0
     assert 0 < step["predictor_update_share_of_step"] < 1
     assert set(t["eigh_s"]) == {"128", "256"}
+    assert t["hardware"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # the machine is named
     s = json.loads((tmp_path / "out" / "knn_run" / "summary.json").read_text())
     assert s["epochs"] == 1 and 0 <= s["knn_top1"] <= 100
     r = json.loads((tmp_path / "out" / "sweep" / "results.json").read_text())  # step 4: the sweep and its table
