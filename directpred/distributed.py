@@ -144,6 +144,18 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def share_main_outcome(error: Exception | None, what: str, error_type: type[Exception]) -> None:
+    """After work that process 0 alone did (``error``: what it raised, or None), every process learns the outcome
+    and stops together: process 0 raises its ``error``, the others ``error_type`` naming ``what`` process 0 could not
+    do. A collective that waits as a barrier would, so no process is left in a barrier (30 minutes) for a peer that
+    has failed. Every process calls it; in a single process it raises ``error`` if any."""
+    failed = broadcast_object(None if error is None else f"{error}")
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise error_type(f"process 0 could not {what}, so this process stops too: {failed}")
+
+
 def barrier() -> None:
     """Wait for every process (no-op in a single process)."""
     if is_distributed():

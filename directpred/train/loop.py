@@ -32,7 +32,7 @@ from directpred import distributed
 from directpred.backbones import resolve_channels_last
 from directpred.config import Config, ConfigError, check_schedule
 from directpred.data.augment import TwoViewAugment
-from directpred.data.datasets import DataBundle, load_data
+from directpred.data.datasets import DataBundle, DataError, load_data
 from directpred.data.order import step_generator
 from directpred.data.stream import BatchSource, InMemorySource, StreamData, StreamSource, load_stream_data
 from directpred.data.views import view_recipes
@@ -184,12 +184,16 @@ class Trainer:
         data = self._given_data
         if data is None and cfg.data.stream:
             data = load_stream_data(cfg.data)  # lists the files (or reads the shards' headers); decodes nothing
-        if data is None:
-            if not distributed.is_main():
-                distributed.barrier()  # rank 0 decodes and caches first
-            data = load_data(cfg.data, seed=cfg.train.seed)
+        if data is None:  # rank 0 decodes and caches first; the others read its cache, or stop if it failed
+            error: Exception | None = None
             if distributed.is_main():
-                distributed.barrier()
+                try:
+                    data = load_data(cfg.data, seed=cfg.train.seed)
+                except Exception as exc:
+                    error = exc
+            distributed.share_main_outcome(error, "load the data", DataError)
+            if data is None:
+                data = load_data(cfg.data, seed=cfg.train.seed)
         if isinstance(data, DataBundle) and self.device.type == "cuda" and data.pretrain.images.numel() < 8 * 2**30:
             # Keep the decoded uint8 images on the GPU: batches are gathered and augmented there.
             data.pretrain.images = data.pretrain.images.to(self.device)
@@ -512,12 +516,7 @@ class Trainer:
                     save_checkpoint(self.ckpt_dir / f"epoch_{state['epoch']:04d}.pt", state)
             except Exception as exc:  # raised below, once the other processes know (not left in a 30-min barrier)
                 error = exc
-        # Rank 0's outcome on every process, which also waits for it as a barrier would.
-        failed = distributed.broadcast_object(None if error is None else str(error))
-        if error is not None:
-            raise error
-        if failed is not None:
-            raise CheckpointError(f"process 0 could not write the checkpoint, so this process stops too: {failed}")
+        distributed.share_main_outcome(error, "write the checkpoint", CheckpointError)
         self.last_checkpoint = (self.ckpt_dir / "last.pt", self.step)
 
     _resume_diag_state: dict[str, Any] | None = None

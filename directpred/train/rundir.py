@@ -37,46 +37,56 @@ RESUMABLE_CHANGES = (
 
 def prepare_run_dir(run_dir: Path, cfg: Config, *, resume: bool, command: str) -> None:
     """Check that ``run_dir`` holds a run to resume (or none to overwrite) and is writable; write ``config.yaml``
-    (new runs) and append the command line to ``command.txt``. Rank 0 does it, every rank waits."""
+    (new runs) and append the command line to ``command.txt``. Rank 0 does it; every rank waits for it and stops with
+    an error if it failed."""
     ckpt_dir = run_dir / "checkpoints"
+    error: Exception | None = None
     if distributed.is_main():
-        # Kept checkpoints without last.pt: last.pt was lost (it is written before every epoch_XXXX.pt), not a run
-        # that stopped before its first checkpoint; a new run there would overwrite the run's metrics and summary.
-        kept = sorted(ckpt_dir.glob("epoch_*.pt")) if not (ckpt_dir / "last.pt").is_file() else []
-        if kept:
-            raise TrainingError(
-                f"{run_dir} holds a run's kept checkpoints (the latest: {kept[-1]}) but no checkpoints/last.pt; "
-                f"to continue from the latest, copy it to {ckpt_dir / 'last.pt'} and run "
-                f"`directpred train --resume {run_dir}`" + ("" if resume else ", or choose another --out")
-            )
-        if resume:
-            if not (ckpt_dir / "last.pt").is_file():
-                raise TrainingError(
-                    f"nothing to resume in {run_dir}: no checkpoints/last.pt (the run stopped before its first "
-                    f"checkpoint); start it again with `directpred train {run_dir / 'config.yaml'} --out {run_dir}`"
-                )
-        elif (ckpt_dir / "last.pt").is_file():
-            raise TrainingError(
-                f"{run_dir} already holds a run; continue it with "
-                f"`directpred train --resume {run_dir}` or choose another --out"
-            )
-        # Fail before any work rather than at the first checkpoint (also on resume: the disk may be full now).
         try:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            probe = ckpt_dir / ".write_test"
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError as exc:
+            _prepare(run_dir, ckpt_dir, cfg, resume=resume, command=command)
+        except Exception as exc:  # raised below, once the other processes know
+            error = exc
+    distributed.share_main_outcome(error, "prepare the run directory", TrainingError)
+
+
+def _prepare(run_dir: Path, ckpt_dir: Path, cfg: Config, *, resume: bool, command: str) -> None:
+    """Rank 0's part of :func:`prepare_run_dir`."""
+    # Kept checkpoints without last.pt: last.pt was lost (it is written before every epoch_XXXX.pt), not a run
+    # that stopped before its first checkpoint; a new run there would overwrite the run's metrics and summary.
+    kept = sorted(ckpt_dir.glob("epoch_*.pt")) if not (ckpt_dir / "last.pt").is_file() else []
+    if kept:
+        raise TrainingError(
+            f"{run_dir} holds a run's kept checkpoints (the latest: {kept[-1]}) but no checkpoints/last.pt; "
+            f"to continue from the latest, copy it to {ckpt_dir / 'last.pt'} and run "
+            f"`directpred train --resume {run_dir}`" + ("" if resume else ", or choose another --out")
+        )
+    if resume:
+        if not (ckpt_dir / "last.pt").is_file():
             raise TrainingError(
-                f"cannot write to the run directory {run_dir}: {exc.strerror or exc}; "
-                + ("free disk space or fix permissions, then resume" if resume else "choose a writable --out")
-            ) from None
-        remove_stale_temporaries(ckpt_dir)  # left by a writer killed mid-write; never loaded
-        if not resume:
-            atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-        with open(run_dir / "command.txt", "a") as f:
-            f.write((command or " ".join(sys.argv)) + "\n")
-    distributed.barrier()
+                f"nothing to resume in {run_dir}: no checkpoints/last.pt (the run stopped before its first "
+                f"checkpoint); start it again with `directpred train {run_dir / 'config.yaml'} --out {run_dir}`"
+            )
+    elif (ckpt_dir / "last.pt").is_file():
+        raise TrainingError(
+            f"{run_dir} already holds a run; continue it with "
+            f"`directpred train --resume {run_dir}` or choose another --out"
+        )
+    # Fail before any work rather than at the first checkpoint (also on resume: the disk may be full now).
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        probe = ckpt_dir / ".write_test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise TrainingError(
+            f"cannot write to the run directory {run_dir}: {exc.strerror or exc}; "
+            + ("free disk space or fix permissions, then resume" if resume else "choose a writable --out")
+        ) from None
+    remove_stale_temporaries(ckpt_dir)  # left by a writer killed mid-write; never loaded
+    if not resume:
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    with open(run_dir / "command.txt", "a") as f:
+        f.write((command or " ".join(sys.argv)) + "\n")
 
 
 def fixed_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:

@@ -3,8 +3,9 @@
 A NaN image on rank 1 only, under a GradScaler (enabled on the CPU, as fp16 runs it on CUDA): the step is skipped
 on both ranks (the non-finite guard's answer is all-reduced), so the loss scale, the parameters, the EMA target,
 F^ and ``skipped_steps`` stay equal, and with ``update_at=after_step`` the predictor's all-reduce is not entered by
-one rank alone (which hung). A checkpoint rank 0 refuses to write (non-finite weights) stops every rank with the
-reason, not rank 0 alone while the others wait in a barrier.
+one rank alone (which hung). A checkpoint rank 0 refuses to write (non-finite weights), a run directory it refuses
+(it holds a run) and data it cannot decode stop every rank with the reason, not rank 0 alone while the others wait
+in a barrier.
 """
 
 from __future__ import annotations
@@ -104,7 +105,25 @@ def _inf_save(out: str, overrides: list[str]) -> None:
     torch.save({"error": result, "seconds": time.monotonic() - t0}, f"{out}.{distributed.rank()}")
 
 
-SCENARIOS = {"nan": (_nan_step, "the step after the NaN"), "inf": (_inf_save, "the other rank's save")}
+def _refused_setup(out: str, overrides: list[str]) -> None:
+    """Trainer.setup where rank 0 alone fails (its run directory check, or decoding the data first)."""
+    from directpred.train.loop import Trainer
+
+    cfg = load_config(REPO / "configs/cpu/quickstart.yaml", overrides)
+    t0 = time.monotonic()
+    try:
+        Trainer(cfg, Path(out).parent / "run").setup()
+        result = "no error"
+    except Exception as exc:
+        result = f"{type(exc).__name__}: {exc}"
+    torch.save({"error": result, "seconds": time.monotonic() - t0}, f"{out}.{distributed.rank()}")
+
+
+SCENARIOS = {
+    "nan": (_nan_step, "the step after the NaN"),
+    "setup": (_refused_setup, "the other rank's setup"),
+    "inf": (_inf_save, "the other rank's save"),
+}
 
 
 def _faults_worker(rank: int, store: str, jobs: list[tuple[str, str, list[str]]]) -> None:
@@ -136,6 +155,12 @@ def fault_runs(tiny_folder, tmp_path_factory) -> Path:
         )
         for predictor, update_at in NAN_CASES
     ]
+    # rank 0 refuses the run directory (it holds a run), or cannot decode the data (not an archive)
+    (root / "rundir" / "run" / "checkpoints").mkdir(parents=True)
+    (root / "rundir" / "run" / "checkpoints" / "last.pt").write_bytes(b"")
+    (root / "bad.tar.gz").write_bytes(b"\x1f\x8b not a gzip stream")
+    jobs.append(("setup", str(root / "rundir" / "result"), common))
+    jobs.append(("setup", str(root / "data" / "result"), [*common, f"data.path={root / 'bad.tar.gz'}"]))
     jobs.append(("inf", str(root / "inf" / "result"), common))
     procs = mp.spawn(_faults_worker, args=(str(root / "store"), jobs), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 150 * len(jobs)
@@ -160,3 +185,28 @@ def test_a_checkpoint_rank_0_refuses_stops_every_rank(fault_runs):
     assert theirs == f"process 0 could not write the checkpoint, so this process stops too: {mine}"
     assert max(seconds0, seconds1) < 30  # not the 30-minute barrier timeout
     assert torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["step"] == 0  # the good one is kept
+
+
+@pytest.mark.slow  # fault_runs: once for the file
+@pytest.mark.parametrize(
+    "case,refused,what",
+    [
+        (
+            "rundir",
+            "TrainingError: {root}/rundir/run already holds a run; continue it with",
+            "prepare the run directory",
+        ),
+        ("data", "DataError: {root}/bad.tar.gz is neither a directory nor a tar archive", "load the data"),
+    ],
+)
+def test_a_setup_rank_0_fails_stops_every_rank_with_its_reason(fault_runs, case, refused, what):
+    """Before: the other processes waited in a barrier (30 minutes, or until a launcher killed them) for rank 0."""
+    out = str(fault_runs / case / "result")
+    (mine, seconds0), (theirs, seconds1) = (
+        (r["error"], r["seconds"]) for r in (torch.load(f"{out}.{k}") for k in (0, 1))
+    )
+    assert mine.startswith(refused.format(root=fault_runs)), mine
+    kind = mine.split(":")[0]
+    other = "TrainingError" if case == "rundir" else "DataError"
+    assert theirs == f"{other}: process 0 could not {what}, so this process stops too: {mine[len(kind) + 2 :]}"
+    assert max(seconds0, seconds1) < 30
