@@ -24,12 +24,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from directpred.config import ConfigError, diff_configs, read_run_config
+from directpred.config import Config, ConfigError, diff_configs, read_json_object, read_run_config
 from directpred.sweep.spec import Run, Sweep, yaml_value
 
 LENGTH_KEYS = ("train.epochs", "train.max_steps")  # a finished run asked for more of these is resumed
@@ -91,12 +92,35 @@ def plan_run(sweep: Sweep, run: Run, out: Path) -> Plan:
             f"{run_dir} was made with a different configuration ({shown}); remove that directory to "
             "rerun it, or write this sweep to another --out"
         )
-    longer = any(k in LENGTH_KEYS for k in diffs)
-    if (run_dir / "summary.json").is_file() and not longer:
-        return Plan(run, run_dir, "done")
+    length_changed = any(k in LENGTH_KEYS for k in diffs)
+    if (run_dir / "summary.json").is_file():
+        if not length_changed:
+            return Plan(run, run_dir, "done")
+        wanted, trained = _steps_wanted(sweep.config(run), run_dir / "summary.json")
+        if wanted is not None and wanted < trained:  # resuming evaluates the longer run, reported as this cell
+            raise ConfigError(
+                f"{run_dir} trained {trained} steps and this sweep asks for {wanted} "
+                f"({', '.join(f'{k}={yaml_value(b)}' for k, (_, b) in diffs.items() if k in LENGTH_KEYS)}): "
+                "a shorter run cannot be made from it; write this sweep to another --out, or remove that directory"
+            )
+        if wanted == trained:
+            return Plan(run, run_dir, "done")
     if not ckpt.is_file():
         return Plan(run, run_dir, "new")
     return Plan(run, run_dir, "resume", [f"{k}={yaml_value(b)}" for k, (_, b) in diffs.items()])
+
+
+def _steps_wanted(cfg: Config, summary_file: Path) -> tuple[int | None, int]:
+    """The steps ``cfg`` asks for and those the finished run trained (its ``summary.json``); None when the summary
+    does not say how many steps an epoch has (then the run is resumed, as before)."""
+    summary = read_json_object(summary_file, "the run is resumed") or {}
+    trained, epochs = summary.get("steps"), summary.get("epochs")
+    if not isinstance(trained, int) or not isinstance(epochs, (int, float)) or epochs <= 0:
+        return None, 0
+    wanted = round(cfg.train.epochs * trained / epochs)  # steps per epoch from the run itself
+    if cfg.train.max_steps:
+        wanted = min(wanted, cfg.train.max_steps)
+    return wanted, trained
 
 
 def _death_signal() -> Callable[[], None] | None:
@@ -226,7 +250,12 @@ def execute(
         index = 0
         while todo or active:
             while todo and free:
-                plan, slot = todo.pop(0), free.pop(0)
+                # The free slot of the device with the fewest runs (then the lowest): with --devices 0,1 --jobs 2
+                # two runs go to GPUs 0 and 1, not both to GPU 0 (the slots are grouped by device).
+                busy = Counter(slots[a.slot] for a in active)
+                slot = min(free, key=lambda k: (busy[slots[k]], k))
+                plan = todo.pop(0)
+                free.remove(slot)
                 index += 1
                 _prepare_dir(plan)
                 env = {

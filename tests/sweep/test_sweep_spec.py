@@ -207,6 +207,20 @@ def test_run_directory_states(tmp_path, tiny_folder):
     longer = load_sweep(sweep.path, ["train.epochs=3", "eval.knn_k=7"])
     plan = plan_run(longer, longer.runs()[0], out)
     assert (plan.action, plan.sets) == ("resume", ["train.epochs=3", "eval.knn_k=7"])
+    # a finished run that recorded its length (1 epoch of 8 steps) decides by steps: fewer is refused (resuming
+    # would evaluate the longer run as this cell), as many is done, more is resumed
+    (run_dir / "summary.json").write_text(json.dumps({"knn_top1": 50.0, "steps": 8, "epochs": 1.0}))
+    for sets, action in (
+        (["train.max_steps=6"], None),
+        (["train.max_steps=8"], "done"),
+        (["train.epochs=2"], "resume"),
+    ):
+        other = load_sweep(sweep.path, sets)
+        if action is None:
+            with pytest.raises(ConfigError, match=r"trained 8 steps and this sweep asks for 6 \(train.max_steps=6\): "):
+                plan_run(other, other.runs()[0], out)
+        else:
+            assert plan_run(other, other.runs()[0], out).action == action, sets
     changed = load_sweep(sweep.path, ["method.ema=0.99", "optim.lr=0.1"])
     with pytest.raises(
         ConfigError,
@@ -313,6 +327,46 @@ def test_devices_count_the_visible_gpus_and_runs_get_the_parents_mask_entries(
     runner.execute(sweep, plans, slots=slots, torchrun=torchrun, echo=open(os.devnull, "w"))
     assert sorted(env for env, _ in started) == sorted(expected[: len(plans)])
     assert all(("--nproc_per_node=2" in cmd) == (torchrun == 2) for _, cmd in started)
+
+
+class _RunningProcess:
+    """A child that keeps running (the sweep is stopped by the test before any finishes)."""
+
+    returncode = None
+
+    def poll(self) -> None:
+        return None
+
+    def send_signal(self, signum: int) -> None:
+        self.returncode = -signum
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.returncode
+
+
+def test_concurrent_runs_spread_over_the_gpus_before_sharing_one(tmp_path, tiny_folder, monkeypatch):
+    """--devices 0,1 --jobs 2 (slots 0, 0, 1, 1): the second run goes to GPU 1, not beside the first on GPU 0."""
+    import torch
+
+    from directpred.sweep import runner
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    started: list[str] = []
+
+    def popen(cmd, **kw):
+        started.append(kw["env"]["CUDA_VISIBLE_DEVICES"])
+        if len(started) == 3:  # all three have started: stop the sweep as Ctrl-C would
+            raise runner.SweepInterrupted("SIGINT")
+        return _RunningProcess()
+
+    monkeypatch.setattr(runner.subprocess, "Popen", popen)
+    sweep = load_sweep(write_sweep(tmp_path, tiny_folder, seeds=[0, 1]))  # 4 runs
+    plans = [plan_run(sweep, run, tmp_path / "out") for run in sweep.runs()]
+    with pytest.raises(runner.SweepInterrupted):
+        runner.execute(sweep, plans, slots=parse_devices("0,1", jobs=2), echo=open(os.devnull, "w"))
+    assert started == ["0", "1", "0"]
 
 
 def test_a_devices_index_beyond_the_parents_mask_is_refused_naming_it(tmp_path, tiny_folder, monkeypatch):
