@@ -288,8 +288,15 @@ def execute(
                 a.log.close()
                 took = time.time() - a.start
                 head = f"[{a.index}/{total}] {{}} {a.plan.run.cell} seed {a.plan.run.seed} in {took:.1f} s"
-                if a.proc.returncode == 0 and (a.plan.run_dir / "summary.json").is_file():
-                    print(head.format("done  ") + ": " + _finish_line(a.plan), file=echo, flush=True)
+                if (a.plan.run_dir / "summary.json").is_file():  # trained, evaluated, written: done (as the report
+                    # and the next sweep judge it), even if something after the summary failed (a tracker's close)
+                    line = head.format("done  ") + ": " + _finish_line(a.plan)
+                    if a.proc.returncode != 0:
+                        line += (
+                            f" (its summary was written, then it exited with {a.proc.returncode}: "
+                            f"{_last_line(a.plan.run_dir / 'sweep.log')})"
+                        )
+                    print(line, file=echo, flush=True)
                     continue
                 failed.append(a.plan)
                 log_path = a.plan.run_dir / "sweep.log"

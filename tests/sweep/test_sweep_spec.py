@@ -329,6 +329,41 @@ def test_devices_count_the_visible_gpus_and_runs_get_the_parents_mask_entries(
     assert all(("--nproc_per_node=2" in cmd) == (torchrun == 2) for _, cmd in started)
 
 
+def test_a_run_that_wrote_its_summary_then_exited_non_zero_is_done_everywhere(tmp_path, tiny_folder, monkeypatch):
+    """The console said FAILED (and wrote failed.json) while the report and the next sweep counted the run done."""
+    import io
+
+    from directpred.sweep import runner
+
+    class Exited3:
+        returncode = 3
+
+        def poll(self) -> int:
+            return 3
+
+    def popen(cmd, stdout, **kw):
+        run_dir = Path(cmd[cmd.index("--out") + 1])
+        (run_dir / "config.yaml").write_text(dump_config(sweep.config(sweep.runs()[0])))  # as the run writes them
+        (run_dir / "summary.json").write_text(json.dumps({"knn_top1": 40.0, "steps": 8, "epochs": 1.0}))
+        stdout.write("RuntimeError: the tracker could not close\n")
+        stdout.flush()
+        return Exited3()
+
+    monkeypatch.setattr(runner.subprocess, "Popen", popen)
+    sweep = load_sweep(write_sweep(tmp_path, tiny_folder, seeds=[0], variants={"dp": {}}))
+    out = tmp_path / "out"
+    plans = [plan_run(sweep, run, out) for run in sweep.runs()]
+    echo = io.StringIO()
+    assert runner.execute(sweep, plans, slots=parse_devices("cpu"), echo=echo) == []
+    assert "done   dp seed 0" in echo.getvalue()
+    assert "(its summary was written, then it exited with 3: RuntimeError: the tracker could not close)" in (
+        echo.getvalue()
+    )
+    run_dir = out / sweep.runs()[0].rel_dir
+    assert not (run_dir / "failed.json").exists()
+    assert plan_run(sweep, sweep.runs()[0], out).action == "done"
+
+
 class _RunningProcess:
     """A child that keeps running (the sweep is stopped by the test before any finishes)."""
 
