@@ -7,7 +7,8 @@ reads::
      "state_dict": {...},          # the online backbone, keys of a torchvision ResNet (conv1, bn1, layer1..4; no fc)
      "arch": "resnet18", "width": 16, "cifar_stem": True, "out_dim": 128,
      "image_size": 32, "mean": [...] or None, "std": [...] or None,   # the test-time transform of the run
-     "step": 390, "config": {...}}                                      # provenance
+     "step": 390, "config": {...},                                      # provenance
+     "decode_size": 0}   # streamed runs: test images resized to it, centre-cropped to image_size (0: image_size)
 
 ``state_dict`` loads strictly into ``directpred.backbones.resnet(arch, width=..., cifar_stem=...)`` (a torchvision
 ``ResNet`` whose ``fc`` is the identity); with ``width=64, cifar_stem=False`` that is exactly
@@ -29,6 +30,7 @@ from directpred.backbones import resnet
 from directpred.config import Config, ConfigError
 from directpred.data.augment import ViewRecipe, eval_transform
 from directpred.data.datasets import IMAGE_EXTENSIONS, DataError, ImageArrays, decode_images, list_members
+from directpred.data.stream import crop_offset
 from directpred.data.views import eval_recipe
 from directpred.train.checkpoint import CheckpointError, load_checkpoint, stored_config
 
@@ -50,11 +52,18 @@ class BackboneExport:
     std: list[float] | None
     step: int
     config: dict[str, Any]
+    decode_size: int = 0  # 0: image_size (in-memory runs, and files exported before it was recorded)
 
     @property
     def recipe(self) -> ViewRecipe:
         """The test-time transform of the run (what :func:`directpred.data.augment.eval_transform` applies)."""
         return ViewRecipe(size=self.image_size, mean=_rgb(self.mean), std=_rgb(self.std))
+
+    @property
+    def decode_side(self) -> int:
+        """The side the run's test images were decoded to (shorter side resized) before their centre
+        ``image_size`` crop: ``data.decode_size`` of a streamed run (ImageNet's 256 for 224), else ``image_size``."""
+        return self.decode_size or self.image_size
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, **{k: getattr(self, k) for k in self.__dataclass_fields__}}
@@ -134,6 +143,8 @@ def _from_checkpoint(state: dict[str, Any], cfg: Config, source_hint: str = "") 
         list(r.std) if r.std else None,
         int(state.get("step", 0)),
         cfg.to_dict(),
+        # the streamed path decodes test images at decode_size and crops (eval/stream_eval.py); in memory, at size
+        int(cfg.data.decode_size) if cfg.data.stream and cfg.data.decode_size != size else 0,
     )
 
 
@@ -178,10 +189,11 @@ def read_backbone(
                 f"{source} is an exported backbone of format version {state.get('version')!r}; this directpred "
                 f"reads version {VERSION} (export it again with this version, or use the directpred that wrote it)"
             )
-        missing = [k for k in BackboneExport.__dataclass_fields__ if k not in state]
+        optional = ("decode_size",)  # recorded since version 1 files were first written
+        missing = [k for k in BackboneExport.__dataclass_fields__ if k not in state and k not in optional]
         if missing:
             raise CheckpointError(f"{source} is an exported backbone without {missing}; export the run again")
-        fields = {k: state[k] for k in BackboneExport.__dataclass_fields__}
+        fields = {k: state[k] for k in BackboneExport.__dataclass_fields__ if k in state}
         return BackboneExport(**fields)
     if "model" in state and "config" in state:
         cfg = load_config(None, overrides, base=stored_config(state, source).to_dict())
@@ -193,8 +205,10 @@ def load_backbone(source: str | Path, *, device: str | torch.device = "cpu") -> 
     """A ready feature extractor from a run directory, a checkpoint or an exported file: the online backbone in
     eval mode, images (B, 3, S, S) normalised as ``backbone.recipe`` says -> features (B, D).
 
-    The returned module carries ``recipe`` (a :class:`~directpred.data.augment.ViewRecipe`: size, mean, std), so
-    ``backbone(eval_transform(uint8_images, backbone.recipe))`` gives the run's evaluation features.
+    The returned module carries ``recipe`` (a :class:`~directpred.data.augment.ViewRecipe`: size, mean, std) and
+    ``decode_size``, so ``backbone(eval_transform(uint8_images, backbone.recipe))`` gives the run's evaluation
+    features of images decoded as the run decoded its test images: shorter side resized to ``decode_size``, the
+    centre ``recipe.size`` square kept (:func:`read_image_folder` with ``decode_size`` does that).
 
     Examples:
         >>> net = directpred.load_backbone("runs/qs")  # doctest: +SKIP
@@ -203,6 +217,7 @@ def load_backbone(source: str | Path, *, device: str | torch.device = "cpu") -> 
     exp = read_backbone(source)
     net = exp.build().to(device)
     net.recipe = exp.recipe  # type: ignore[assignment]  # Module.__setattr__ takes any value; torch's hint: tensors
+    net.decode_size = exp.decode_side  # type: ignore[assignment]
     return net
 
 
@@ -256,13 +271,15 @@ def read_image_folder(
     path: str | Path,
     *,
     image_size: int,
+    decode_size: int = 0,
     split: str | None = None,
     skip_corrupt: bool = False,
     skip_hint: str = "pass skip_corrupt=True",
 ) -> tuple[ImageArrays, list[str]]:
-    """Decode the images of a directory or .tar/.tar.gz to ``image_size`` (shorter side resized, centre crop).
-    Returns the images and the member names, in sorted order. ``skip_hint``: how to skip corrupt images, as the
-    error about them says.
+    """Decode the images of a directory or .tar/.tar.gz to ``image_size`` (shorter side resized, centre crop); with
+    ``decode_size`` > ``image_size``, resized to ``decode_size`` first and the centre ``image_size`` square kept, as
+    a streamed run's evaluation does (:attr:`BackboneExport.decode_side`). Returns the images and the member names,
+    in sorted order. ``skip_hint``: how to skip corrupt images, as the error about them says.
 
     Layouts: an ImageFolder (``<class>/<image>``: labels by class folder); a flat folder of images (no class folders:
     every label -1, no classes); either inside split folders (``train/``, ``val/``, ``test/``), of which ``split``
@@ -329,7 +346,11 @@ def read_image_folder(
         labelled = [(n, classes.index(n[len(prefix) :].split("/", 1)[0])) for n in items]
     else:  # a flat folder of images: unlabelled, as STL-10's unlabeled split
         classes, labelled = [], [(n, -1) for n in loose]
-    decoded, labels, skipped, kept = decode_images(path, labelled, image_size, skip_corrupt, skip_hint)
+    side = max(decode_size, image_size)
+    decoded, labels, skipped, kept = decode_images(path, labelled, side, skip_corrupt, skip_hint)
+    if side != image_size:  # the streamed path's test crop (directpred.data.stream.decode_to_tensor)
+        o = crop_offset(side, image_size)
+        decoded = np.ascontiguousarray(decoded[:, o : o + image_size, o : o + image_size])
     return ImageArrays(torch.from_numpy(decoded), torch.from_numpy(labels), classes, skipped), kept
 
 

@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     data, names = read_image_folder(
         args.data,
         image_size=exp.image_size,
+        decode_size=exp.decode_side,  # a streamed run's test images: resized to decode_size, centre crop
         split=args.split,
         skip_corrupt=args.skip_corrupt,
         skip_hint="pass --skip-corrupt",

@@ -358,6 +358,12 @@ def write_shards(
 # Decoding in workers
 
 
+def crop_offset(size: int, crop: int) -> int:
+    """Where the centre ``crop`` square of a ``size`` square starts (rows and columns): the one convention of the
+    test-time centre crop, here and in :func:`directpred.export.read_image_folder`."""
+    return (size - crop) // 2
+
+
 def decode_to_tensor(blob: bytes, size: int, crop: int = 0) -> torch.Tensor:
     """Decode (Pillow) and resize the shorter side to ``size`` + centre-crop a square of ``crop or size``: uint8
     (3, c, c). The same pixels as the in-memory path's decoding at ``size`` (``directpred.data.datasets``)."""
@@ -366,7 +372,7 @@ def decode_to_tensor(blob: bytes, size: int, crop: int = 0) -> torch.Tensor:
         raise ValueError(f"decoded to shape {a.shape}")
     t = torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1)
     if crop and crop != size:
-        o = (size - crop) // 2
+        o = crop_offset(size, crop)
         t = t[:, o : o + crop, o : o + crop]
     return t.contiguous()
 
@@ -603,7 +609,7 @@ def decode_jpeg_cuda(
             top, left = (nh - size) // 2, (nw - size) // 2
             x = x[..., top : top + size, left : left + size]
             if crop and crop != size:
-                o = (size - crop) // 2
+                o = crop_offset(size, crop)
                 x = x[..., o : o + crop, o : o + crop]
             out[k] = x.round().clamp(0, 255).to(torch.uint8)[0]
     skipped = skipped if skipped is not None else []

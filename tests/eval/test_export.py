@@ -29,6 +29,7 @@ from directpred.train.checkpoint import load_checkpoint, save_checkpoint
 from directpred.train.loop import Trainer
 
 TOL = dict(rtol=1e-4, atol=1e-5)
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -368,3 +369,42 @@ def test_a_checkpoint_without_its_image_size_says_how_to_give_it(run, tmp_path):
     with pytest.raises(ConfigError, match=r"read_backbone\(\.\.\., overrides=\['data\.image_size=N'\]\) in Python"):
         read_backbone(tmp_path / "old.pt")
     assert read_backbone(tmp_path / "old.pt", overrides=["data.image_size=24"]).image_size == 24
+
+
+def test_embed_of_a_streamed_run_decodes_and_crops_as_its_evaluation(tmp_path, capsys):
+    """A streamed run evaluates test images resized to data.decode_size and centre-cropped to data.image_size;
+    embed (and load_backbone's recorded decode_size) gave features of the whole image resized to image_size
+    instead (max |diff| 6 against the run's own features)."""
+    from conftest import tiny_override_list, write_folder
+
+    from directpred.data.stream import open_reader
+    from directpred.eval.stream_eval import stream_features
+    from directpred.export import read_backbone
+
+    folder = write_folder(tmp_path / "data", n_train=16, n_test=8, size=48)
+    sets = tiny_override_list(folder, tmp_path / "cache") + [
+        "data.stream=true",
+        "data.image_size=32",
+        "data.decode_size=40",
+        "train.max_steps=1",
+        "train.batch_size=8",
+    ]
+    run_dir = tmp_path / "run"
+    assert (
+        main(
+            ["train", str(REPO / "configs/cpu/quickstart.yaml"), "--out", str(run_dir)]
+            + [a for s in sets for a in ("--set", s)]
+        )
+        == 0
+    )
+    exp = read_backbone(run_dir)
+    assert (exp.image_size, exp.decode_size, exp.decode_side) == (32, 40, 40)
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "b.pt")]) == 0
+    exported = read_backbone(tmp_path / "b.pt")
+    assert exported.decode_side == 40 and directpred.load_backbone(tmp_path / "b.pt").decode_size == 40
+    net = exp.build()
+    reader = open_reader(str(folder), "test")
+    with torch.no_grad():
+        own = torch.cat([f for f, _ in stream_features(net, reader, exp.recipe, decode_size=40)])
+    assert main(["embed", str(tmp_path / "b.pt"), "--data", str(folder), "--out", str(tmp_path / "f.npz")]) == 0
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "f.npz")["features"]), own, **TOL)
