@@ -540,12 +540,15 @@ def isoloss(out: Path) -> dict[str, Any]:
     ``ṗ = p Δ``, so a mode below ``p*₋`` collapses and a mode just above it crawls (``ṗ ≈ p(τ p − η)``). IsoLoss
     drops Eq. 12's factor ``p_j``: every small mode grows at the rate ``τ − η`` and all reach
     ``(τ − η)/(1+σ²)``. Eight modes from ``p_j(0)`` = 0.01 ... 0.5 (``s_j(0) = p_j(0)²/(1+σ²)``, on DirectPred's
-    parabola), without EMA (τ ≡ 1) and with it (β = 0.4, τ(0) = 0, one τ_j per mode).
+    parabola), without EMA (τ ≡ 1) and with it (β = 0.4, τ(0) = 0, one τ_j per mode). The gradient-trained W_p
+    (Eq. 11) is drawn without IsoLoss only: IsoLoss gives W_p no gradient, so the two do not combine
+    (:func:`directpred.theory.dynamics.check_isoloss`).
     """
     sigma2, eta, beta, dt, steps, d = 0.1, 0.04, 0.4, 0.01, 10000, 8
     p0 = np.geomspace(0.01, 0.5, d)
     s0 = p0**2 / (1.0 + sigma2)
-    runs = [(r, iso) for r in ("gradient", "directpred", "directcopy") for iso in (False, True)]
+    # IsoLoss passes no gradient to W_p: it comes only with a closed-form rule (simulate_reduced refuses the gradient)
+    runs = [("gradient", False)] + [(r, iso) for r in ("directpred", "directcopy") for iso in (False, True)]
     colors = {"gradient": "C0", "directpred": "C3", "directcopy": "C2"}
     pm, pp = p_star(1.0, eta, sigma2)
     p_iso = isoloss_fixed_point(1.0, eta, sigma2)
@@ -624,7 +627,8 @@ def isoloss(out: Path) -> dict[str, Any]:
             ),
             chosen=["all values"],
             why="neither the paper nor IsoLoss's draws this; Fig. 5's sigma2, eta and beta, modes spread over the "
-            "collapse threshold p*_- (0.042); a mode counts as collapsed when p_j ends below 0.01",
+            "collapse threshold p*_- (0.042); a mode counts as collapsed when p_j ends below 0.01; the gradient "
+            "rule appears without IsoLoss only, since IsoLoss passes no gradient to W_p",
             summary=summary,
         ),
     )

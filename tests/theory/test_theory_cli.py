@@ -2,12 +2,19 @@
 
 import argparse
 import json
+import re
 
 import numpy as np
 import pytest
 
 from directpred.cli.theory import main, register
 from directpred.theory.simulate import build_simulate_config, load_simulate_config
+
+ISOLOSS_REFUSAL = "^" + re.escape(
+    "isoloss: true passes no gradient to the predictor (IsoLoss is p.detach() + z - z.detach()), but "
+    "predictor_rule: gradient trains W_p by Eq. 2's gradient; set predictor_rule: directpred or directcopy "
+    "(W_p set in closed form), or isoloss: false"
+)
 
 
 def test_shipped_configs_load():
@@ -42,6 +49,9 @@ def test_shipped_configs_load():
         ({"predictor_rule": "directpred", "eps": -0.1}, "^eps must be >= 0, and 0 unless"),
         ({"predictor_rule": "directcopy", "predictor": False}, "predictor: false fixes W_p = I; drop one"),
         ({"isoloss": True, "mode": "simsiam", "stop_gradient": False}, "isoloss: true needs the stop-gradient"),
+        # IsoLoss gives W_p no gradient (the trainer refuses it with a trained predictor); it used to train W_p anyway
+        ({"isoloss": True}, ISOLOSS_REFUSAL),
+        ({"model": "reduced", "isoloss": True}, ISOLOSS_REFUSAL),
         ({"rho": 0.3}, r"rho .* is read only with a closed-form predictor_rule and sgd_batch > 0; got rho: 0.3"),
         ({"predictor_rule": "directpred", "rho": 0.3}, "is read only with a closed-form predictor_rule and sgd_batch"),
         ({"predictor_rule": "directpred", "sgd_batch": 8, "rho": 1.0}, r"rho .* must lie in \[0, 1\)"),
@@ -50,6 +60,12 @@ def test_shipped_configs_load():
 def test_config_rejects_bad_values(raw, msg):
     with pytest.raises(ValueError, match=msg):
         build_simulate_config(raw)
+
+
+def test_config_accepts_isoloss_with_a_closed_form_or_identity_predictor():
+    assert build_simulate_config({"isoloss": True, "predictor_rule": "directcopy"}).isoloss
+    assert build_simulate_config({"model": "reduced", "isoloss": True, "predictor_rule": "directpred"}).isoloss
+    assert build_simulate_config({"isoloss": True, "predictor": False}).isoloss  # W_p = I: nothing to train
 
 
 def test_set_overrides_parse_yaml_and_are_strict():
