@@ -432,6 +432,11 @@ def rhs_matrix(t: float, y: Array, params: MatrixParams) -> Array:
     return np.concatenate([dWp.ravel(), dF.ravel()])
 
 
+def _is_symmetric(A: Array) -> bool:
+    """``A`` equals its transpose up to rounding (relative to its largest entry)."""
+    return bool(np.allclose(A, A.T, rtol=1e-7, atol=1e-12 * max(1.0, float(np.abs(A).max(initial=0.0)))))
+
+
 def simulate_matrix(
     Wp0: Array,
     F0: Array,
@@ -449,7 +454,9 @@ def simulate_matrix(
     """Simulate the reduced matrix flow of ``(Wp, F)`` at fixed τ: Eq. 7 or, with ``symmetric=False``, Eq. 62.
 
     Args:
-        Wp0: Initial predictor (n, n).
+        Wp0: Initial predictor (n, n); symmetric with ``symmetric=True`` (Assumption 3: Eq. 7 is the flow of a
+            symmetric W_p and keeps it symmetric; from a non-symmetric one it would integrate neither Eq. 7 nor
+            Eq. 62).
         F0: Initial correlation F = W X Wᵀ (n, n), symmetric.
         tau: The fixed EMA ratio τ.
         alpha_p: Predictor learning-rate ratio α_p (> 0).
@@ -463,6 +470,9 @@ def simulate_matrix(
 
     Returns:
         Trajectory with states ``Wp`` (T, n, n) and ``F`` (T, n, n).
+
+    Raises:
+        ValueError: bad settings, a non-symmetric ``F0``, or a non-symmetric ``Wp0`` with ``symmetric=True``.
     """
     check_run_args(dt, steps, record_every, method)
     if not alpha_p > 0 or not eta >= 0 or not sigma2 >= 0 or not np.isfinite(tau):
@@ -471,8 +481,14 @@ def simulate_matrix(
     F0 = np.asarray(F0, dtype=np.float64)
     if Wp0.ndim != 2 or Wp0.shape[0] != Wp0.shape[1] or F0.shape != Wp0.shape:
         raise ValueError(f"Wp0 and F0 must be square matrices of one shape (n, n), got {Wp0.shape} and {F0.shape}")
-    if not np.allclose(F0, F0.T, rtol=1e-7, atol=1e-12 * max(1.0, float(np.abs(F0).max(initial=0.0)))):
+    if not _is_symmetric(F0):
         raise ValueError("F0 is a correlation F = W X Wᵀ and must be symmetric")
+    if symmetric and not _is_symmetric(Wp0):
+        # Eq. 7 keeps a symmetric W_p symmetric; from a non-symmetric one, F = W X Wᵀ would become non-symmetric too
+        raise ValueError(
+            "Wp0 is not symmetric, but symmetric=True integrates Eq. 7, the flow of a symmetric W_p (Assumption 3); "
+            "pass a symmetric Wp0 (e.g. (Wp0 + Wp0.T) / 2) or symmetric=False for the asymmetric flow, Eq. 62"
+        )
     n = Wp0.shape[0]
     params = MatrixParams(float(alpha_p), float(eta), float(sigma2), float(tau), n, bool(symmetric))
     t, ys = integrate(
