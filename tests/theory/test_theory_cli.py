@@ -146,6 +146,21 @@ def test_simulate_reduced_and_bad_config_exit_code(tmp_path, capsys):
     assert "unknown config key 'learning_rate'" in capsys.readouterr().err
 
 
+def test_simulate_reduced_config_weakest_mode_is_delayed_not_trapped(tmp_path):
+    """configs/theory/reduced.yaml's stated outcome: at its end (t = 60) the weakest mode is still just above
+    p*₋ (it used to say "ends stuck at p*₋"), and run 10x longer it reaches p*₊ like the others."""
+    from directpred.theory.reduced import p_star
+
+    pm, pp = p_star(1.0, 0.04, 0.1)
+    finals = []
+    for steps in ("6000", "60000"):
+        out = tmp_path / steps
+        assert main(["simulate", "configs/theory/reduced.yaml", "--out", str(out), "--set", f"steps={steps}"]) == 0
+        finals.append(json.loads((out / "summary.json").read_text())["p_final"])
+    assert pm < finals[0][0] < 0.044 and finals[0][1:] == pytest.approx([pp] * 3, rel=1e-3)
+    assert finals[1] == pytest.approx([pp] * 4, rel=1e-3)
+
+
 def test_simulate_isoloss_config_lifts_every_mode_and_directpred_alone_does_not(tmp_path):
     """configs/theory/isoloss.yaml's stated outcome, and its isoloss=false contrast, read back from summary.json."""
     from directpred.theory.reduced import isoloss_fixed_point, p_star
