@@ -208,6 +208,22 @@ def check_predictor_rule(predictor_rule: str, eps: float) -> None:
         )
 
 
+def check_isoloss(isoloss: bool, predictor_rule: str, *, predictor: bool = True) -> None:
+    """Raise ``ValueError`` for IsoLoss with a gradient-trained ``W_p``.
+
+    IsoLoss (the training code's :func:`directpred.losses.isoloss_prediction`, ``p.detach() + z − z.detach()``)
+    removes ``W_pᵀ`` from W's gradient and gives ``W_p`` no gradient at all, so Eq. 2 does not act; the trainer
+    (:class:`directpred.methods.siamese.Siamese`) refuses it with a trained predictor for the same reason. A W_p set
+    in closed form, or fixed to ``I`` (``predictor=False``, where IsoLoss changes nothing), is fine.
+    """
+    if isoloss and predictor and predictor_rule == "gradient":
+        raise ValueError(
+            "isoloss=True passes no gradient to the predictor (IsoLoss is p.detach() + z - z.detach()), but "
+            "predictor_rule='gradient' trains W_p by Eq. 2's gradient; use a predictor set in closed form "
+            "(predictor_rule='directpred' or 'directcopy') or isoloss=False"
+        )
+
+
 def closed_form_predictor(F: Array, rule: PredictorRule, eps: float = 0.0) -> Array:
     """The predictor set directly from the predictor-input correlation ``F = E[f fᵀ]`` (batched over leading axes).
 
@@ -264,7 +280,8 @@ class LinearParams:
         predictor_rule: ``"gradient"`` trains Wp by Eq. 2; ``"directpred"`` / ``"directcopy"`` set it from the
             predictor-input correlation ``F = W S11 Wᵀ`` at every instant (:func:`closed_form_predictor`).
         eps: ε of the closed-form rules.
-        isoloss: IsoLoss (Halvagal, Laborieux, Zenke 2023): the gradient reaching W skips ``Wpᵀ``.
+        isoloss: IsoLoss (Halvagal, Laborieux, Zenke 2023): the gradient reaching W skips ``Wpᵀ`` and W_p gets
+            none, so it needs a closed-form ``predictor_rule`` (or ``predictor=False``); :func:`check_isoloss`.
     """
 
     S11: Array
@@ -280,6 +297,9 @@ class LinearParams:
     predictor_rule: PredictorRule = "gradient"
     eps: float = 0.0
     isoloss: bool = False
+
+    def __post_init__(self) -> None:
+        check_isoloss(self.isoloss, self.predictor_rule, predictor=self.predictor)
 
     @property
     def n1(self) -> int:
@@ -299,7 +319,8 @@ def linear_field(W: Array, Wp: Array, Wa: Array, p: LinearParams, F: Array | Non
     * a closed-form predictor (``p.predictor_rule`` ``"directpred"`` or ``"directcopy"``, §4): the given ``Wp`` is
       replaced by :func:`closed_form_predictor` of ``F`` (default: the predictor-input correlation ``W S11 Wᵀ``)
       and ``dWp = 0``; no weight decay acts on it;
-    * IsoLoss (``p.isoloss``): ``dW = −R − η W``, the gradient with the factor ``Wpᵀ`` removed.
+    * IsoLoss (``p.isoloss``): ``dW = −R − η W``, the gradient with the factor ``Wpᵀ`` removed; W_p gets no
+      gradient, so IsoLoss comes with a closed-form rule (:class:`LinearParams` refuses it with the gradient rule).
 
     Args:
         W: Online weights (..., n2, n1).
@@ -467,6 +488,7 @@ def check_linear_args(
         raise ValueError(
             "isoloss=True is defined with a stop-gradient target; it cannot be combined with stop_gradient=False"
         )
+    check_isoloss(isoloss, predictor_rule, predictor=predictor)
 
 
 def simulate_linear(
@@ -498,7 +520,8 @@ def simulate_linear(
 
     ``predictor_rule="directpred"`` or ``"directcopy"`` replaces Eq. 2 by the predictor set from the
     predictor-input correlation ``F = W (X + X') Wᵀ`` at every instant (paper §4, :func:`closed_form_predictor`):
-    the flow limit of DirectPred, where F̂ is the exact expectation. ``isoloss=True`` drops ``Wpᵀ`` from Eq. 3.
+    the flow limit of DirectPred, where F̂ is the exact expectation. ``isoloss=True`` drops ``Wpᵀ`` from Eq. 3; as
+    IsoLoss gives W_p no gradient, it needs a closed-form ``predictor_rule`` (or ``predictor=False``).
 
     Args:
         W: Initial online weights (..., n2, n1); leading axes run independent models in one call.
@@ -522,7 +545,8 @@ def simulate_linear(
         predictor_rule: ``"gradient"`` (Eq. 2), ``"directpred"`` (Eq. 18) or ``"directcopy"``; ``alpha_p`` and
             ``symmetric`` do not act on a closed-form W_p.
         eps: ε of the closed-form rule (0 for ``"gradient"``).
-        isoloss: IsoLoss's gradient for W (``−R`` instead of ``−Wpᵀ R``).
+        isoloss: IsoLoss's gradient for W (``−R`` instead of ``−Wpᵀ R``); refused with ``predictor_rule="gradient"``
+            (IsoLoss trains no W_p).
 
     Returns:
         Trajectory with states ``W`` (T, ..., n2, n1), ``Wp`` (T, ..., n2, n2), ``Wa`` (T, ..., n2, n1); with a

@@ -191,7 +191,8 @@ def fig5(out: Path) -> dict[str, Any]:
             ],
             why="dt=0.01, β=0.4 and η=0.04 are the paper's; four modes of different strength on the "
             "invariant parabola show which fall below p*₋ and get trapped; "
-            "τ0=0 matches W_a(0)=0 of Fig. 7; t=60 lets β=0.4 runs settle",
+            "τ0=0 matches W_a(0)=0 of Fig. 7; t=60 lets the β=0.4 runs settle except the weakest mode at η=0.04, "
+            "which lingers just above p*₋ (0.043 at t=60) and reaches p*₊ only by t≈200",
             summary=summary,
         ),
     )
@@ -381,9 +382,11 @@ def fig9(out: Path) -> dict[str, Any]:
         arrays,
         dict(
             title="Commutator norm of the symmetrised dynamics (Theorem 3)",
-            shows="with zero/small η or large τ, K is indefinite early (small F) and ‖[F,Wp]‖ shoots up; "
-            "larger η and "
-            "smaller τ keep K positive definite and the commutator decays (eigenspaces align)",
+            shows="K is indefinite early (small F) in every run but tau=0.5, eta=0.1; ‖[F,Wp]‖ grows at tau=2 "
+            "(every eta) and at tau=1 with eta <= 0.01, not at tau=1, eta=0.1 nor at tau=0.5 (indefinite K is "
+            "necessary for growth, not sufficient); at tau=0.5, eta <= 0.01 it aligns slowly and incompletely; "
+            "only tau=0.5, eta=0.1 keeps K positive definite (Theorem 3's sufficient condition) and decays from "
+            "the start",
             params=dict(tau=list(taus), eta=list(etas), sigma2=sigma2, alpha_p=alpha_p, n=n, dt=dt, steps=steps),
             chosen=["all values"],
             why="the paper gives none; F(0) small (‖F‖≈0.005) and Wp(0)≈0.3·I make K's −τWp term matter "
@@ -540,12 +543,15 @@ def isoloss(out: Path) -> dict[str, Any]:
     ``ṗ = p Δ``, so a mode below ``p*₋`` collapses and a mode just above it crawls (``ṗ ≈ p(τ p − η)``). IsoLoss
     drops Eq. 12's factor ``p_j``: every small mode grows at the rate ``τ − η`` and all reach
     ``(τ − η)/(1+σ²)``. Eight modes from ``p_j(0)`` = 0.01 ... 0.5 (``s_j(0) = p_j(0)²/(1+σ²)``, on DirectPred's
-    parabola), without EMA (τ ≡ 1) and with it (β = 0.4, τ(0) = 0, one τ_j per mode).
+    parabola), without EMA (τ ≡ 1) and with it (β = 0.4, τ(0) = 0, one τ_j per mode). The gradient-trained W_p
+    (Eq. 11) is drawn without IsoLoss only: IsoLoss gives W_p no gradient, so the two do not combine
+    (:func:`directpred.theory.dynamics.check_isoloss`).
     """
     sigma2, eta, beta, dt, steps, d = 0.1, 0.04, 0.4, 0.01, 10000, 8
     p0 = np.geomspace(0.01, 0.5, d)
     s0 = p0**2 / (1.0 + sigma2)
-    runs = [(r, iso) for r in ("gradient", "directpred", "directcopy") for iso in (False, True)]
+    # IsoLoss passes no gradient to W_p: it comes only with a closed-form rule (simulate_reduced refuses the gradient)
+    runs = [("gradient", False)] + [(r, iso) for r in ("directpred", "directcopy") for iso in (False, True)]
     colors = {"gradient": "C0", "directpred": "C3", "directcopy": "C2"}
     pm, pp = p_star(1.0, eta, sigma2)
     p_iso = isoloss_fixed_point(1.0, eta, sigma2)
@@ -624,7 +630,8 @@ def isoloss(out: Path) -> dict[str, Any]:
             ),
             chosen=["all values"],
             why="neither the paper nor IsoLoss's draws this; Fig. 5's sigma2, eta and beta, modes spread over the "
-            "collapse threshold p*_- (0.042); a mode counts as collapsed when p_j ends below 0.01",
+            "collapse threshold p*_- (0.042); a mode counts as collapsed when p_j ends below 0.01; the gradient "
+            "rule appears without IsoLoss only, since IsoLoss passes no gradient to W_p",
             summary=summary,
         ),
     )

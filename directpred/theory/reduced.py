@@ -22,6 +22,7 @@ from directpred.theory.dynamics import (
     Method,
     PredictorRule,
     Trajectory,
+    check_isoloss,
     check_predictor_rule,
     check_run_args,
     closed_form_eigenvalues,
@@ -51,7 +52,8 @@ class ReducedParams:
         shared_tau: One τ for all modes (Eq. 13 summed over modes), else one τ_j per mode.
         predictor_rule: ``"gradient"`` (Eq. 11) or a closed-form rule, ``p_j`` from :func:`closed_form_modes`.
         eps: ε of the closed-form rule.
-        isoloss: IsoLoss: Eq. 12 without its factor ``p_j``.
+        isoloss: IsoLoss: Eq. 12 without its factor ``p_j``; only with a closed-form ``predictor_rule`` (IsoLoss
+            gives W_p no gradient, so Eq. 11 does not act; :func:`directpred.theory.dynamics.check_isoloss`).
     """
 
     alpha_p: float
@@ -65,6 +67,9 @@ class ReducedParams:
     eps: float = 0.0
     isoloss: bool = False
 
+    def __post_init__(self) -> None:
+        check_isoloss(self.isoloss, self.predictor_rule)
+
 
 def rhs_ps(
     p: Array, s: Array, tau: Array | float, *, alpha_p: float, eta: float, sigma2: float, isoloss: bool = False
@@ -73,7 +78,10 @@ def rhs_ps(
 
     ``ṗ = α_p s [τ − (1+σ²) p] − η p`` (Eq. 11) and ``ṡ = 2 p s [τ − (1+σ²) p] − 2 η s`` (Eq. 12). With
     ``isoloss=True`` the gradient reaching W skips ``Wpᵀ``, which removes Eq. 12's factor ``p``:
-    ``ṡ = 2 s [τ − (1+σ²) p] − 2 η s``; Eq. 11 is unchanged.
+    ``ṡ = 2 s [τ − (1+σ²) p] − 2 η s``. The ``ṗ`` returned is always Eq. 11, the gradient-trained predictor's
+    rate; IsoLoss gives W_p no gradient, so with ``isoloss=True`` it is not a predictor's rate: the only caller
+    that sets it, :func:`rhs_reduced`, has a closed-form rule then and discards ``ṗ`` (``p`` follows ``s``), and
+    :func:`simulate_reduced` refuses IsoLoss with ``predictor_rule="gradient"``.
     """
     g = tau - (1.0 + sigma2) * p
     return alpha_p * s * g - eta * p, 2.0 * (1.0 if isoloss else p) * s * g - 2.0 * eta * s
@@ -196,7 +204,9 @@ def simulate_reduced(
     linear model with isotropic data and aligned initialisation obeys exactly.
 
     A closed-form ``predictor_rule`` replaces Eq. 11 by ``p_j`` = :func:`closed_form_modes` of ``s`` (``p0`` is then
-    ignored, ``None`` is fine; the recorded ``p0`` is the rule's); ``isoloss=True`` drops Eq. 12's factor ``p_j``.
+    ignored, ``None`` is fine; the recorded ``p0`` is the rule's); ``isoloss=True`` drops Eq. 12's factor ``p_j``
+    and needs a closed-form rule (IsoLoss gives W_p no gradient, so Eq. 11 does not act; refused with
+    ``"gradient"``).
 
     Args:
         p0: Initial predictor eigenvalues p_j(0), shape (d,) or scalar.
@@ -213,7 +223,7 @@ def simulate_reduced(
         record_every: Record every k-th step.
         predictor_rule: ``"gradient"`` (Eq. 11), ``"directpred"`` or ``"directcopy"``.
         eps: ε of the closed-form rule (0 for ``"gradient"``).
-        isoloss: IsoLoss's gradient for W.
+        isoloss: IsoLoss's gradient for W; needs a closed-form ``predictor_rule``.
 
     Returns:
         Trajectory with states ``p`` (T, d), ``s`` (T, d), ``tau`` (T, 1 or d) and, for ``"gradient"`` only,
@@ -229,6 +239,7 @@ def simulate_reduced(
     if not alpha_p > 0 or not eta >= 0 or not beta >= 0 or not sigma2 >= 0:
         raise ValueError(f"need alpha_p > 0, eta >= 0, beta >= 0, sigma2 >= 0; got {alpha_p}, {eta}, {beta}, {sigma2}")
     check_predictor_rule(predictor_rule, eps)
+    check_isoloss(isoloss, predictor_rule)
     closed = predictor_rule != "gradient"
     s0 = np.atleast_1d(np.asarray(s0, dtype=np.float64))
     if closed:  # the rule sets p from s; p0 is not read
@@ -421,6 +432,11 @@ def rhs_matrix(t: float, y: Array, params: MatrixParams) -> Array:
     return np.concatenate([dWp.ravel(), dF.ravel()])
 
 
+def _is_symmetric(A: Array) -> bool:
+    """``A`` equals its transpose up to rounding (relative to its largest entry)."""
+    return bool(np.allclose(A, A.T, rtol=1e-7, atol=1e-12 * max(1.0, float(np.abs(A).max(initial=0.0)))))
+
+
 def simulate_matrix(
     Wp0: Array,
     F0: Array,
@@ -438,7 +454,9 @@ def simulate_matrix(
     """Simulate the reduced matrix flow of ``(Wp, F)`` at fixed τ: Eq. 7 or, with ``symmetric=False``, Eq. 62.
 
     Args:
-        Wp0: Initial predictor (n, n).
+        Wp0: Initial predictor (n, n); symmetric with ``symmetric=True`` (Assumption 3: Eq. 7 is the flow of a
+            symmetric W_p and keeps it symmetric; from a non-symmetric one it would integrate neither Eq. 7 nor
+            Eq. 62).
         F0: Initial correlation F = W X Wᵀ (n, n), symmetric.
         tau: The fixed EMA ratio τ.
         alpha_p: Predictor learning-rate ratio α_p (> 0).
@@ -452,6 +470,9 @@ def simulate_matrix(
 
     Returns:
         Trajectory with states ``Wp`` (T, n, n) and ``F`` (T, n, n).
+
+    Raises:
+        ValueError: bad settings, a non-symmetric ``F0``, or a non-symmetric ``Wp0`` with ``symmetric=True``.
     """
     check_run_args(dt, steps, record_every, method)
     if not alpha_p > 0 or not eta >= 0 or not sigma2 >= 0 or not np.isfinite(tau):
@@ -460,8 +481,14 @@ def simulate_matrix(
     F0 = np.asarray(F0, dtype=np.float64)
     if Wp0.ndim != 2 or Wp0.shape[0] != Wp0.shape[1] or F0.shape != Wp0.shape:
         raise ValueError(f"Wp0 and F0 must be square matrices of one shape (n, n), got {Wp0.shape} and {F0.shape}")
-    if not np.allclose(F0, F0.T, rtol=1e-7, atol=1e-12 * max(1.0, float(np.abs(F0).max(initial=0.0)))):
+    if not _is_symmetric(F0):
         raise ValueError("F0 is a correlation F = W X Wᵀ and must be symmetric")
+    if symmetric and not _is_symmetric(Wp0):
+        # Eq. 7 keeps a symmetric W_p symmetric; from a non-symmetric one, F = W X Wᵀ would become non-symmetric too
+        raise ValueError(
+            "Wp0 is not symmetric, but symmetric=True integrates Eq. 7, the flow of a symmetric W_p (Assumption 3); "
+            "pass a symmetric Wp0 (e.g. (Wp0 + Wp0.T) / 2) or symmetric=False for the asymmetric flow, Eq. 62"
+        )
     n = Wp0.shape[0]
     params = MatrixParams(float(alpha_p), float(eta), float(sigma2), float(tau), n, bool(symmetric))
     t, ys = integrate(

@@ -157,6 +157,14 @@ def build_simulate_config(raw: dict[str, Any], overrides: Sequence[str] = ()) ->
             "isoloss: true needs the stop-gradient target it is defined with; drop stop_gradient: false",
         ),
         (
+            # IsoLoss gives W_p no gradient (as the trainer, which refuses it with a trained predictor); W_p = I
+            # (linear model, predictor: false) has nothing to train
+            not (cfg.isoloss and cfg.predictor_rule == "gradient" and (cfg.model == "reduced" or cfg.predictor)),
+            "isoloss: true passes no gradient to the predictor (IsoLoss is p.detach() + z - z.detach()), but "
+            "predictor_rule: gradient trains W_p by Eq. 2's gradient; set predictor_rule: directpred or directcopy "
+            "(W_p set in closed form), or isoloss: false",
+        ),
+        (
             0 <= cfg.rho < 1 and (cfg.rho == 0 or (cfg.predictor_rule != "gradient" and cfg.sgd_batch > 0)),
             f"rho (the SGD run's F̂ moving-average rate, Eq. 19) must lie in [0, 1) and is read only with a "
             f"closed-form predictor_rule and sgd_batch > 0; got rho: {cfg.rho}",

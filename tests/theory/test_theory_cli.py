@@ -2,12 +2,19 @@
 
 import argparse
 import json
+import re
 
 import numpy as np
 import pytest
 
 from directpred.cli.theory import main, register
 from directpred.theory.simulate import build_simulate_config, load_simulate_config
+
+ISOLOSS_REFUSAL = "^" + re.escape(
+    "isoloss: true passes no gradient to the predictor (IsoLoss is p.detach() + z - z.detach()), but "
+    "predictor_rule: gradient trains W_p by Eq. 2's gradient; set predictor_rule: directpred or directcopy "
+    "(W_p set in closed form), or isoloss: false"
+)
 
 
 def test_shipped_configs_load():
@@ -42,6 +49,9 @@ def test_shipped_configs_load():
         ({"predictor_rule": "directpred", "eps": -0.1}, "^eps must be >= 0, and 0 unless"),
         ({"predictor_rule": "directcopy", "predictor": False}, "predictor: false fixes W_p = I; drop one"),
         ({"isoloss": True, "mode": "simsiam", "stop_gradient": False}, "isoloss: true needs the stop-gradient"),
+        # IsoLoss gives W_p no gradient (the trainer refuses it with a trained predictor); it used to train W_p anyway
+        ({"isoloss": True}, ISOLOSS_REFUSAL),
+        ({"model": "reduced", "isoloss": True}, ISOLOSS_REFUSAL),
         ({"rho": 0.3}, r"rho .* is read only with a closed-form predictor_rule and sgd_batch > 0; got rho: 0.3"),
         ({"predictor_rule": "directpred", "rho": 0.3}, "is read only with a closed-form predictor_rule and sgd_batch"),
         ({"predictor_rule": "directpred", "sgd_batch": 8, "rho": 1.0}, r"rho .* must lie in \[0, 1\)"),
@@ -50,6 +60,12 @@ def test_shipped_configs_load():
 def test_config_rejects_bad_values(raw, msg):
     with pytest.raises(ValueError, match=msg):
         build_simulate_config(raw)
+
+
+def test_config_accepts_isoloss_with_a_closed_form_or_identity_predictor():
+    assert build_simulate_config({"isoloss": True, "predictor_rule": "directcopy"}).isoloss
+    assert build_simulate_config({"model": "reduced", "isoloss": True, "predictor_rule": "directpred"}).isoloss
+    assert build_simulate_config({"isoloss": True, "predictor": False}).isoloss  # W_p = I: nothing to train
 
 
 def test_set_overrides_parse_yaml_and_are_strict():
@@ -128,6 +144,21 @@ def test_simulate_reduced_and_bad_config_exit_code(tmp_path, capsys):
     bad.write_text("model: linear\nlearning_rate: 0.1\n")
     assert main(["simulate", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert "unknown config key 'learning_rate'" in capsys.readouterr().err
+
+
+def test_simulate_reduced_config_weakest_mode_is_delayed_not_trapped(tmp_path):
+    """configs/theory/reduced.yaml's stated outcome: at its end (t = 60) the weakest mode is still just above
+    p*₋ (it used to say "ends stuck at p*₋"), and run 10x longer it reaches p*₊ like the others."""
+    from directpred.theory.reduced import p_star
+
+    pm, pp = p_star(1.0, 0.04, 0.1)
+    finals = []
+    for steps in ("6000", "60000"):
+        out = tmp_path / steps
+        assert main(["simulate", "configs/theory/reduced.yaml", "--out", str(out), "--set", f"steps={steps}"]) == 0
+        finals.append(json.loads((out / "summary.json").read_text())["p_final"])
+    assert pm < finals[0][0] < 0.044 and finals[0][1:] == pytest.approx([pp] * 3, rel=1e-3)
+    assert finals[1] == pytest.approx([pp] * 4, rel=1e-3)
 
 
 def test_simulate_isoloss_config_lifts_every_mode_and_directpred_alone_does_not(tmp_path):

@@ -2,6 +2,8 @@
 computations: scipy's matrix square root, the 1-D ODE the rules reduce to, the reduced model, autograd through the
 training code's ``isoloss_prediction``, and minibatch SGD."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -19,9 +21,20 @@ from directpred.theory import (
     simulate_sgd,
 )
 from directpred.theory.invariants import balance, theorem1_applies, track
-from directpred.theory.reduced import closed_form_modes, isoloss_fixed_point, p_star, rhs_closed_form
+from directpred.theory.reduced import (
+    ReducedParams,
+    closed_form_modes,
+    isoloss_fixed_point,
+    p_star,
+    rhs_closed_form,
+)
 
 SIGMA2, ETA = 0.1, 0.02
+ISOLOSS_REFUSAL = re.escape(
+    "isoloss=True passes no gradient to the predictor (IsoLoss is p.detach() + z - z.detach()), but "
+    "predictor_rule='gradient' trains W_p by Eq. 2's gradient; use a predictor set in closed form "
+    "(predictor_rule='directpred' or 'directcopy') or isoloss=False"
+)
 RULES = ["directpred", "directcopy"]
 
 
@@ -119,36 +132,52 @@ def test_isoloss_removes_the_collapse_basin_and_the_slow_start():
     assert t90_iso < 0.5 * t90_dp
 
 
-def test_isoloss_field_is_autograd_through_the_training_codes_isoloss_prediction():
-    """The theory's IsoLoss field is the exact minibatch gradient of J = ½ E‖p − SG(W_a x2)‖² with p computed by
-    ``directpred.losses.isoloss_prediction`` (the training code), and without it the chain rule's W_pᵀ comes back."""
+@pytest.mark.parametrize("rule", ["directpred", "gradient"])
+def test_isoloss_field_is_autograd_through_the_training_codes_isoloss_prediction(rule):
+    """The theory's field is the exact minibatch gradient of J = ½ E‖p − SG(W_a x2)‖² with p computed by
+    ``directpred.losses.isoloss_prediction`` (the training code), for W and for W_p, and without it the chain rule's
+    W_pᵀ comes back. A gradient-trained W_p is a leaf of the graph: without IsoLoss dW_p is autograd's −∂J/∂W_p
+    (Eq. 2); through ``isoloss_prediction`` W_p gets no gradient, so a field that still trained it by Eq. 2 would be
+    another model: the theory refuses that combination, and any combination it accepts must match autograd."""
     rng = np.random.default_rng(3)
     n1, n2, B = 6, 4, 64
     W, Wa = rng.normal(size=(n2, n1)), rng.normal(size=(n2, n1))
     x1, x2 = rng.normal(size=(B, n1)), rng.normal(size=(B, n1))
-    Wp = closed_form_predictor(W @ (x1.T @ x1 / B) @ W.T, "directpred", eps=0.1)
+    S11 = x1.T @ x1 / B
+    eps = 0.1 if rule != "gradient" else 0.0
+    Wp = closed_form_predictor(W @ S11 @ W.T, rule, eps=eps) if rule != "gradient" else rng.normal(size=(n2, n2))
     base = flow_params(np.eye(n1), np.zeros((n1, n1)), alpha_p=1.0, eta=0.0, beta=0.0)
     for iso in (False, True):
         Wt = torch.tensor(W, requires_grad=True)
+        Wpt = torch.tensor(Wp, requires_grad=rule == "gradient")
         z = torch.tensor(x1) @ Wt.T
-        pred = torch.tensor(Wp) @ z.T
+        pred = Wpt @ z.T
         p = isoloss_prediction(pred.T, z) if iso else pred.T
         loss = 0.5 * ((p - torch.tensor(x2 @ Wa.T)) ** 2).sum(dim=1).mean()
         loss.backward()
-        params = base.__class__(
-            **{
-                **base.__dict__,
-                "S11": x1.T @ x1 / B,
-                "S21": x2.T @ x1 / B,
-                "S22": x2.T @ x2 / B,
-                "predictor_rule": "directpred",
-                "eps": 0.1,
-                "isoloss": iso,
-            }
-        )
-        dW, dWp, _ = linear_field(W, np.eye(n2), Wa, params)
+        grad_Wp = np.zeros_like(Wp) if Wpt.grad is None else Wpt.grad.numpy()
+        if rule == "gradient":
+            assert (Wpt.grad is None) is iso  # IsoLoss passes W_p no gradient at all
+        fields = {
+            **base.__dict__,
+            "S11": S11,
+            "S21": x2.T @ x1 / B,
+            "S22": x2.T @ x2 / B,
+            "predictor_rule": rule,
+            "eps": eps,
+            "isoloss": iso,
+        }
+        try:
+            params = base.__class__(**fields)
+        except ValueError as e:  # refused: only IsoLoss with a gradient-trained W_p, for the reason above
+            assert re.fullmatch(ISOLOSS_REFUSAL, str(e)) and rule == "gradient" and iso
+            continue
+        # accepted: the field must be autograd's (before the refusal, this failed for the gradient rule with IsoLoss,
+        # whose dW_p = −R Wᵀ is not the zero autograd gives)
+        dW, dWp, _ = linear_field(W, Wp if rule == "gradient" else np.eye(n2), Wa, params)
         np.testing.assert_allclose(-dW, Wt.grad.numpy(), atol=1e-12)
-        assert not dWp.any()
+        np.testing.assert_allclose(-dWp, grad_Wp, atol=1e-12)  # a closed-form W_p: both zero
+        assert bool(dWp.any()) is (rule == "gradient")
 
 
 def test_sgd_with_a_closed_form_predictor_approaches_the_flow_as_the_batch_grows():
@@ -167,22 +196,51 @@ def test_sgd_with_a_closed_form_predictor_approaches_the_flow_as_the_batch_grows
     assert sgd.params["rho"] == 0.3 and sgd.params["predictor_rule"] == "directpred"
 
 
-def test_theorem1_does_not_hold_under_isoloss_and_is_not_claimed():
-    """Theorem 1's balance W_pᵀW_p − α_p WWᵀ = e^{−2ηt}C needs W's gradient through W_pᵀ: under IsoLoss (gradient
-    W_p) it drifts, and ``theorem1_applies`` says so, as it does for a closed-form W_p."""
+def test_theorem1_is_claimed_only_for_a_gradient_trained_predictor():
+    """Theorem 1's balance W_pᵀW_p − α_p WWᵀ = e^{−2ηt}C holds along a gradient-trained W_p (W's gradient through
+    W_pᵀ) and ``theorem1_applies`` says so; with a closed-form W_p, with or without IsoLoss (which comes only with a
+    closed-form W_p, as it gives W_p no gradient), it is not claimed, and a record with ``isoloss`` is not either."""
     rng = np.random.default_rng(5)
     W, Wp, Wa = 0.5 * rng.normal(size=(3, 5)), 0.5 * rng.normal(size=(3, 3)), 0.5 * rng.normal(size=(3, 5))
     kw = dict(alpha_p=1.0, eta=0.0, beta=0.5, dt=0.01, steps=500, method="rk4", record_every=500)
-    errors = {}
+    tr = simulate_linear(W, Wp, Wa, np.eye(5), 0.2 * np.eye(5), **kw)
+    B = balance(tr.W, tr.Wp, 1.0)
+    assert np.linalg.norm(B[-1] - B[0]) < 1e-6 and theorem1_applies(tr.params)
     for iso in (False, True):
-        tr = simulate_linear(W, Wp, Wa, np.eye(5), 0.2 * np.eye(5), isoloss=iso, **kw)
-        B = balance(tr.W, tr.Wp, 1.0)
-        errors[iso] = np.linalg.norm(B[-1] - B[0])
-        assert theorem1_applies(tr.params) is not iso
-    assert errors[False] < 1e-6 < 0.01 < errors[True]
-    closed = simulate_linear(W, None, None, np.eye(5), 0.2 * np.eye(5), predictor_rule="directcopy", **kw)
-    assert not theorem1_applies(closed.params)
-    assert np.isfinite(track(closed)["commutator"]).all()
+        closed = simulate_linear(
+            W, None, None, np.eye(5), 0.2 * np.eye(5), predictor_rule="directcopy", isoloss=iso, **kw
+        )
+        assert not theorem1_applies(closed.params)
+        assert np.isfinite(track(closed)["commutator"]).all()
+    assert not theorem1_applies({**tr.params, "isoloss": True})
+
+
+def test_isoloss_with_a_gradient_trained_predictor_is_refused():
+    """IsoLoss (the training code's ``isoloss_prediction``) gives W_p no gradient, and the trainer refuses it with a
+    trained predictor; the theory refuses ``isoloss=True`` with ``predictor_rule="gradient"`` in the full model,
+    SGD, the reduced model and their parameter records (it trained W_p by Eq. 2 anyway). A W_p fixed to I
+    (``predictor=False``), where IsoLoss changes nothing, and closed-form rules are accepted."""
+    W, X = np.ones((2, 3)), np.eye(3)
+    kw = dict(alpha_p=1, eta=0, beta=0)
+    with pytest.raises(ValueError, match=ISOLOSS_REFUSAL):
+        simulate_linear(W, np.eye(2), None, X, X, dt=0.1, steps=1, isoloss=True, **kw)
+    with pytest.raises(ValueError, match=ISOLOSS_REFUSAL):
+        simulate_sgd(W, np.eye(2), None, GaussianViews(X, X), lr=0.1, steps=1, batch=4, isoloss=True, **kw)
+    with pytest.raises(ValueError, match=ISOLOSS_REFUSAL):
+        simulate_reduced([0.1], [0.01], 0.0, sigma2=0.1, dt=0.1, steps=1, isoloss=True, **kw)
+    with pytest.raises(ValueError, match=ISOLOSS_REFUSAL):
+        flow_params(X, X, isoloss=True, **kw)
+    with pytest.raises(ValueError, match=ISOLOSS_REFUSAL):
+        ReducedParams(1.0, 0.0, 0.0, 0.1, True, 1, isoloss=True)
+    rng = np.random.default_rng(6)
+    W = rng.normal(size=(2, 3))
+    run = dict(dt=0.01, steps=50, predictor=False, mode="simsiam", **kw)
+    same = [simulate_linear(W, None, None, X, 0.1 * X, isoloss=iso, **run).W for iso in (False, True)]
+    np.testing.assert_array_equal(*same)  # W_p = I: IsoLoss's gradient is the usual one
+    red = simulate_reduced(
+        None, [0.01], 0.0, sigma2=0.1, dt=0.1, steps=1, predictor_rule="directpred", isoloss=True, **kw
+    )
+    assert red.params["isoloss"] is True
 
 
 @pytest.mark.parametrize(

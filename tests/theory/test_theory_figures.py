@@ -25,6 +25,10 @@ def test_all_files_written(figs):
 
 
 def test_fig5_weight_decay_drags_weak_modes_and_raises_K(figs):
+    """The alive counts (p_j > 0.5) are read at the figure's end, t = 60: [4, 4, 3, 2, 0] for η = 0 ... 0.2. The
+    η = 0.04 run's 3 holds only at this length: its weakest mode (p0 = 0.05) sits just above p*₋ at t = 60 and
+    reaches p*₊ by t ≈ 200 (4 alive). What is asserted holds at t = 600 too ([4, 4, 4, 2, 0]): the counts do not
+    grow with η, all four modes live at η = 0, and none at η = 0.2 (all below p*₋ for good)."""
     s = json.loads((figs / "fig5.json").read_text())["summary"]
     alive = [sum(p > 0.5 for p in s[f"eta: $\\eta$={e}"]["p_final"]) for e in ("0", "0.01", "0.04", "0.1", "0.2")]
     assert alive == sorted(alive, reverse=True) and alive[0] == 4 and alive[-1] == 0
@@ -42,10 +46,19 @@ def test_fig8_skew_part_vanishes(figs):
     assert s["tau=0.3, eta=0.05"]["A_final"] < 0.05 < s["tau=1, eta=0.05"]["A_final"]
 
 
-def test_fig9_commutator_shoots_up_only_without_enough_decay(figs):
+def test_fig9_commutator_grows_only_with_an_indefinite_K_and_not_always_then(figs):
+    """docs/theory.md's Fig. 9 text: growth at τ = 2 and at τ = 1 with η <= 0.01; an indefinite K without growth at
+    τ = 1, η = 0.1 and τ = 0.5, η <= 0.01 (slow, incomplete alignment there); K positive definite and decay only at
+    τ = 0.5, η = 0.1."""
     s = json.loads((figs / "fig9.json").read_text())["summary"]
-    assert s["tau=2, eta=0"]["max_ratio"] > 5
+    grows = [f"tau=2, eta={e}" for e in ("0", "0.01", "0.1")] + ["tau=1, eta=0", "tau=1, eta=0.01"]
+    assert all(s[k]["max_ratio"] > 5 and s[k]["minK"] < 0 for k in grows)
+    for k in ("tau=1, eta=0.1", "tau=0.5, eta=0", "tau=0.5, eta=0.01"):  # indefinite K, no growth
+        assert s[k]["minK"] < 0 and s[k]["max_ratio"] == pytest.approx(1.0)
+    assert s["tau=1, eta=0.1"]["final_ratio"] < 0.01
+    assert 0.3 < s["tau=0.5, eta=0.01"]["final_ratio"] < s["tau=0.5, eta=0"]["final_ratio"] < 0.9
     assert s["tau=0.5, eta=0.1"]["max_ratio"] == pytest.approx(1.0) and s["tau=0.5, eta=0.1"]["minK"] > 0
+    assert s["tau=0.5, eta=0.1"]["final_ratio"] < 1e-3
 
 
 def test_fig10_fixed_points(figs):

@@ -199,6 +199,31 @@ def test_matrix_flow_rejects_bad_input():
     assert simulate_matrix(np.eye(3), F0, **kw).F.shape == (3, 3, 3)
 
 
+def test_symmetric_matrix_flow_rejects_a_non_symmetric_predictor():
+    """Eq. 7 (``symmetric=True``) is the flow of a symmetric W_p. From a non-symmetric Wp0 it integrated neither
+    Eq. 7 nor Eq. 62: W_p's skew part only decayed by η, and F = W X Wᵀ turned non-symmetric (35 % of ‖F‖ at t = 10
+    with the start below). Refused, naming the argument and both fixes; Eq. 62 still takes it."""
+    from directpred.theory import simulate_matrix
+
+    rng = np.random.default_rng(0)
+    Wp0, H = 0.3 * rng.normal(size=(4, 4)), rng.normal(size=(4, 4))
+    F0 = 0.1 * H @ H.T / 4
+    kw = dict(tau=1.0, alpha_p=1.0, eta=0.01, sigma2=0.1, dt=0.01, steps=10)
+    msg = (
+        r"^Wp0 is not symmetric, but symmetric=True integrates Eq\. 7, the flow of a symmetric W_p \(Assumption 3\); "
+        r"pass a symmetric Wp0 \(e\.g\. \(Wp0 \+ Wp0\.T\) / 2\) or symmetric=False for the asymmetric flow, Eq\. 62$"
+    )
+    with pytest.raises(ValueError, match=msg):
+        simulate_matrix(Wp0, F0, **kw)
+    sym = simulate_matrix((Wp0 + Wp0.T) / 2, F0, **kw)  # the suggested fix: stays symmetric, as Eq. 7 promises
+    np.testing.assert_allclose(sym.F, np.swapaxes(sym.F, 1, 2), rtol=0, atol=1e-15)  # up to rounding
+    np.testing.assert_allclose(sym.Wp, np.swapaxes(sym.Wp, 1, 2), rtol=0, atol=1e-15)
+    assert simulate_matrix(Wp0, F0, symmetric=False, **kw).Wp.shape == (11, 4, 4)
+    # a symmetric W_p computed in floating point (symmetric up to rounding) is accepted
+    A = rng.normal(size=(4, 3))
+    assert simulate_matrix(A @ np.diag([1.0, 2.0, 3.0]) @ A.T, F0, **kw).Wp.shape == (11, 4, 4)
+
+
 def test_reduced_rejects_a_tau0_of_another_shape_and_non_finite_starts():
     # A (1, d) tau0 failed inside numpy's concatenate; a NaN p0 ran and returned a NaN trajectory.
     kw = dict(alpha_p=1, eta=0.0, beta=0.1, sigma2=0.0, dt=0.1, steps=2)
