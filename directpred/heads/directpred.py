@@ -228,6 +228,8 @@ class PartitionedDirectPred(DirectPred):
         )
         if isinstance(partitions, bool) or int(partitions) != partitions or partitions < 1:  # 0: NaN predictions
             raise ValueError(f"partitions={partitions!r} must be an integer >= 1 (use DirectPred for one global F^)")
+        if average != "ema":  # the cells and their thresholds are moving averages with rho, as in the authors' code
+            raise ValueError(f"average={average!r}: the partitions' cells are moving averages; use average='ema'")
         self.weight.requires_grad_(False)
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("planes", torch.randn(dim, partitions, generator=g))  # (d, n)

@@ -333,6 +333,8 @@ def test_partitioned_update_reads_the_host_twice_beyond_its_eigendecompositions(
         (lambda: DirectPred(8, eigh_dtype=torch.float16), "eigh_dtype=torch.float16 must be torch.float32 or"),
         (lambda: DirectPred(0), r"dim=0 \(the feature dimension d\) must be an integer >= 1"),
         (lambda: PartitionedDirectPred(8, partitions=0), "partitions=0 must be an integer >= 1"),  # NaN output
+        # the cells ignored it: moving averages with rho whatever average said
+        (lambda: PartitionedDirectPred(8, partitions=1, average="cumulative"), "average='cumulative': the partitions"),
     ],
 )
 def test_predictor_constructors_reject_arguments_that_gave_silent_nonsense(make, match):
