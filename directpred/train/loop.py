@@ -492,7 +492,12 @@ class Trainer:
             "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks if cb.state_key},
             "config": self.cfg.to_dict(),
             "git_commit": self.commit,
+            "precision": self._precision_name(),  # as resolved here: train.precision=auto depends on the hardware
+            "hardware": describe_hardware(self.device),
         }
+
+    def _precision_name(self) -> str:
+        return str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else "fp32"
 
     def _streamed_skips(self) -> int:
         """Corrupt files the streamed source replaced in this run so far, over all processes and resumes (every
@@ -556,6 +561,19 @@ class Trainer:
         self._resume_callback_state = dict(state.get("callbacks", {}))
         saved_train = (state.get("config") or {}).get("train") or {}
         self._warn_if_rescheduled(saved_train.get("epochs"))
+        before, now = state.get("precision"), self._precision_name()
+        if before is not None and before != now and self.step < self.last_step and distributed.is_main():
+            hw = state.get("hardware") or {}
+            where = f" on {hw.get('cpu')}{' with AMX' if hw.get('amx') else ''}" if hw.get("cpu") else ""
+            setting = {"bfloat16": "bf16", "float16": "fp16"}.get(before, before)
+            warnings.warn(
+                f"{path} was trained in {before} up to step {self.step}{where}; train.precision="
+                f"{self.cfg.train.precision} runs {now} here, so the steps to come differ in precision from those "
+                f"taken (auto picks bf16 on CPUs with AMX and on GPUs, fp32 on other CPUs). To continue as the run "
+                f"began: --set train.precision={setting}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _warn_if_rescheduled(self, epochs_before: int | None) -> None:
         """Warn when a resume with another ``train.epochs`` stretches or shrinks a cosine schedule under the steps
@@ -615,7 +633,7 @@ class Trainer:
             "world_size": self.world,
             "device": str(self.device),
             "hardware": describe_hardware(self.device),  # of the process that finished the run (rank 0)
-            "precision": str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else "fp32",
+            "precision": self._precision_name(),
             "method": cfg.method.name,
             "predictor": cfg.predictor.name,
             "knn_history": self.knn_history,

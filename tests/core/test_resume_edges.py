@@ -229,3 +229,28 @@ def test_extending_a_cosine_schedule_on_resume_says_what_changes(tiny_overrides,
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message="train.epochs .* on resume")
             Trainer(load_config(None, tiny_overrides + then), run, resume=True).fit()
+
+
+def test_a_resume_where_auto_precision_resolves_otherwise_says_so(tiny_overrides, tmp_path, monkeypatch):
+    """train.precision=auto is fp32 on a CPU without AMX and bf16 on one with it: a run resumed on the other kind of
+    machine (as this project's machines vary) would change precision mid-run without a word."""
+    from directpred import runtime
+
+    over = tiny_overrides + ["train.precision=auto", "train.epochs=2"]
+    run = tmp_path / "run"
+    monkeypatch.setattr(runtime, "cpu_has_amx", lambda: False)
+    Trainer(load_config(None, over + ["train.max_steps=3"]), run).fit()  # fp32, stopped at step 3
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["precision"] == "fp32" and state["hardware"]["amx"] is False
+    monkeypatch.setattr(runtime, "cpu_has_amx", lambda: True)  # the other machine: auto is bf16 there
+    expected = (
+        r"was trained in fp32 up to step 3 on .*; train.precision=auto runs bfloat16 here, "
+        r".* --set train.precision=fp32$"
+    )
+    with pytest.warns(RuntimeWarning, match=expected):
+        resumed = Trainer(load_config(None, over), run, resume=True)
+        resumed.fit()
+    assert resumed.autocast_dtype == torch.bfloat16
+    with warnings.catch_warnings():  # the same machine again: nothing to say
+        warnings.filterwarnings("error", message=".*was trained in")
+        Trainer(load_config(None, over + ["train.epochs=3"]), run, resume=True).fit()
