@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from directpred.train.checkpoint import atomic_write_text
     from directpred.train.faults import TrainingInterrupted
     from directpred.train.loop import Trainer
-    from directpred.train.rundir import check_resume_config
+    from directpred.train.rundir import check_checkpoint_config, check_resume_config
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             )
         saved = read_run_config(run_dir)
         cfg = load_config(None, args.set, base=saved.to_dict())
+        check_checkpoint_config(run_dir, saved, force=args.force)  # config.yaml edited by hand
         check_resume_config(saved, cfg, force=args.force)
         trainer = Trainer(cfg, run_dir, resume=True, command=command_line(sys.argv))
     else:

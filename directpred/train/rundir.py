@@ -111,6 +111,34 @@ def check_resume_config(saved: Config, new: Config, *, force: bool = False) -> N
         )
 
 
+def check_checkpoint_config(run_dir: Path, saved: Config, *, force: bool = False) -> None:
+    """Refuse a ``config.yaml`` that differs from the configuration the checkpoint was trained with beyond
+    :data:`RESUMABLE_CHANGES`: a hand edit of it would otherwise pass :func:`check_resume_config` (which compares
+    it with itself plus ``--set``), and the run would continue with settings its earlier steps never had while
+    ``config.yaml`` claims them throughout. The checkpoint is memory-mapped, not read; a missing or unreadable one
+    is left to the resume to report."""
+    try:
+        state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # missing, torn, foreign or refused (weights_only): the resume's own loading says which
+        return
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        return
+    from directpred.train.checkpoint import stored_config
+
+    try:
+        trained = stored_config(state, run_dir / "checkpoints" / "last.pt")
+    except ConfigError:  # written by another version: the resume itself says what to do
+        return
+    changes = fixed_changes(trained, saved)
+    if changes and not force:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        raise TrainingError(
+            f"{run_dir / 'config.yaml'} differs from the configuration its checkpoint was trained with ({shown}); "
+            "config.yaml records what the run trained with: undo the edit and change allowed settings with --set, "
+            "start a new run with the new settings, or pass --force to resume anyway"
+        )
+
+
 def finished_summary(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
     """The ``summary.json`` of the run in ``run_dir`` if it finished with exactly ``cfg``, so that resuming it would
     train and evaluate nothing new; None otherwise. Reads three small files and touches nothing.
@@ -127,7 +155,7 @@ def finished_summary(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
         if read_run_config(run_dir) != cfg:
             return None
         state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True, mmap=True)
-    except (ConfigError, OSError, RuntimeError, TypeError):  # torn or foreign: the resume reports what is wrong
+    except Exception:  # torn, foreign or refused (weights_only): the resume reports what is wrong
         return None
     summary = read_json_object(summary_file, "the run is resumed as unfinished")
     training_checkpoint = isinstance(state, dict) and all(k in state for k in ("model", "optimizer", "step"))

@@ -221,6 +221,28 @@ def test_a_failed_resume_leaves_the_run_config_as_it_was(trained, tmp_path, caps
     assert "last.pt is empty (0 bytes)" in capsys.readouterr().err
 
 
+def test_a_hand_edited_run_config_is_refused_on_resume_as_its_set_would_be(trained, tmp_path, capsys):
+    """config.yaml was compared only with itself plus --set: an edit of it (method.ema 0.996 -> 0.5) passed, and the
+    run continued with settings its earlier steps never had while config.yaml claimed them throughout."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    edited = (run / "config.yaml").read_text().replace("  ema: 0.996\n", "  ema: 0.5\n", 1)
+    assert edited != (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(edited)
+    assert main(["-q", "train", "--resume", str(run), "--set", "train.max_steps=3"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"directpred: error: {run / 'config.yaml'} differs from the configuration its checkpoint was trained with "
+        "(method.ema: 0.996 -> 0.5); config.yaml records what the run trained with: undo the edit and change "
+        "allowed settings with --set, start a new run with the new settings, or pass --force to resume anyway"
+    )
+    from directpred.train.checkpoint import load_checkpoint
+
+    assert load_checkpoint(run / CKPT)["step"] == 2  # nothing trained
+    assert main(["-q", "train", "--resume", str(run), "--force", "--set", "train.max_steps=3"]) == 0
+    assert load_checkpoint(run / CKPT)["step"] == 3
+
+
 def test_the_hint_for_a_run_without_checkpoint_works(trained, tmp_path, capsys):
     """`nothing to resume` suggests starting the run again from its own config.yaml, into the same directory."""
     run = tmp_path / "run"

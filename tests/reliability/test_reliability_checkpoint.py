@@ -86,8 +86,9 @@ def test_cli_refuses_a_malicious_checkpoint_in_eval_resume_and_export(tiny_overr
     assert main(["export", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "b.pt")]) == 1
     shutil.copy(tmp_path / "evil.pt", run / "checkpoints" / "last.pt")
     assert main(["train", "--resume", str(run), "--set", "train.max_steps=4"]) == 1
+    assert main(["train", "--resume", str(run)]) == 1  # unchanged: the finished-run check reads it first
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 3 and all(line.startswith("directpred: error: refusing to load ") for line in err), err
+    assert len(err) == 4 and all(line.startswith("directpred: error: refusing to load ") for line in err), err
     assert not marker.exists()
 
 
