@@ -93,18 +93,23 @@ def plan_run(sweep: Sweep, run: Run, out: Path) -> Plan:
             "rerun it, or write this sweep to another --out"
         )
     length_changed = any(k in LENGTH_KEYS for k in diffs)
+    # another evaluation protocol (eval.*): resumed, which evaluates again, so the report shows what the sweep says
+    evaluated_otherwise = any(k.startswith("eval.") for k in diffs)
     if (run_dir / "summary.json").is_file():
         if not length_changed:
-            return Plan(run, run_dir, "done")
-        wanted, trained = _steps_wanted(sweep.config(run), run_dir / "summary.json")
-        if wanted is not None and wanted < trained:  # resuming evaluates the longer run, reported as this cell
-            raise ConfigError(
-                f"{run_dir} trained {trained} steps and this sweep asks for {wanted} "
-                f"({', '.join(f'{k}={yaml_value(b)}' for k, (_, b) in diffs.items() if k in LENGTH_KEYS)}): "
-                "a shorter run cannot be made from it; write this sweep to another --out, or remove that directory"
-            )
-        if wanted == trained:
-            return Plan(run, run_dir, "done")
+            if not evaluated_otherwise:  # e.g. train.progress, data.path, log.*: the results stand
+                return Plan(run, run_dir, "done")
+        else:
+            wanted, trained = _steps_wanted(sweep.config(run), run_dir / "summary.json")
+            if wanted is not None and wanted < trained:  # resuming evaluates the longer run, reported as this cell
+                raise ConfigError(
+                    f"{run_dir} trained {trained} steps and this sweep asks for {wanted} "
+                    f"({', '.join(f'{k}={yaml_value(b)}' for k, (_, b) in diffs.items() if k in LENGTH_KEYS)}): "
+                    "a shorter run cannot be made from it; write this sweep to another --out, or remove that "
+                    "directory"
+                )
+            if wanted == trained and not evaluated_otherwise:
+                return Plan(run, run_dir, "done")
     if not ckpt.is_file():
         return Plan(run, run_dir, "new")
     return Plan(run, run_dir, "resume", [f"{k}={yaml_value(b)}" for k, (_, b) in diffs.items()])

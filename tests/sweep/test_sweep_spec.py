@@ -221,6 +221,12 @@ def test_run_directory_states(tmp_path, tiny_folder):
                 plan_run(other, other.runs()[0], out)
         else:
             assert plan_run(other, other.runs()[0], out).action == action, sets
+    # another evaluation protocol re-evaluates (a resume of a finished run with changes does); other resumable
+    # settings leave the results as they are
+    for sets, action in ((["eval.knn_k=7"], "resume"), (["train.log_every=5", "data.workers=1"], "done")):
+        other = load_sweep(sweep.path, sets)
+        plan = plan_run(other, other.runs()[0], out)
+        assert (plan.action, plan.sets) == (action, sets if action == "resume" else []), sets
     changed = load_sweep(sweep.path, ["method.ema=0.99", "optim.lr=0.1"])
     with pytest.raises(
         ConfigError,
