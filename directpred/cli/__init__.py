@@ -156,11 +156,18 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, (DataError, CheckpointError, TrainingError, FloatingPointError)):
             print(f"directpred: error: {worker_message(exc)}", file=sys.stderr)
             return 1
-        if isinstance(exc, OSError):  # e.g. a full disk while logging: checkpoints are written atomically
+        if isinstance(exc, OSError) and args.command == "train":  # a full disk while logging: checkpoints are atomic
             print(
                 f"directpred: error: {exc.strerror or exc} ({exc.filename or 'output'}); the last checkpoint, "
                 "if the run has one, is intact: free space or fix permissions, then resume with `directpred train "
                 "--resume RUN_DIR` (before the first checkpoint: run the same command again)",
+                file=sys.stderr,
+            )
+            return 1
+        if isinstance(exc, OSError):  # another command's input or output path (an --out that is a directory, ...)
+            print(
+                f"directpred {args.command}: error: {exc.strerror or exc} ({exc.filename or 'output'}): give "
+                "another path there, or fix its permissions or free space, and run the command again",
                 file=sys.stderr,
             )
             return 1

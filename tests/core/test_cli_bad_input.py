@@ -454,3 +454,16 @@ def test_a_cut_short_checkpoint_of_either_torch_format_is_still_a_damaged_checkp
         with pytest.raises(CheckpointError, match=r"is a damaged checkpoint, cut short or with changed bytes \("):
             load_checkpoint(torn)
         assert torch.equal(load_checkpoint(whole)["model"]["w"], torch.arange(4000.0))
+
+
+def test_an_output_path_error_outside_training_names_the_path_not_checkpoints(trained, tiny_folder, tmp_path, capsys):
+    """The OSError line told every command to resume a training run from its checkpoint."""
+    (tmp_path / "afile.txt").write_text("x")
+    (tmp_path / "adir.npy").mkdir()
+    theory = ["theory", "simulate", str(REPO / "configs/theory/linear.yaml"), "--out", str(tmp_path / "afile.txt")]
+    embed = ["embed", str(trained), "--data", str(tiny_folder), "--out", str(tmp_path / "adir.npy")]
+    for argv, command in ((theory + ["--set", "steps=10"], "theory"), (embed, "embed")):
+        assert main(["-q", *argv]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"directpred {command}: error: "), err
+        assert "checkpoint" not in err[-1] and "give another path there" in err[-1], err[-1]
