@@ -20,7 +20,8 @@ def print_results(results: Mapping[str, object], header: str, eval_cfg: EvalConf
     results = {**results, **{k: math.nan for k in evaluated if k in results and results[k] is None}}
     if "knn_top1" in results:
         knn = results["knn_top1"]
-        print(f"  kNN top-1:           {knn:6.2f} %   (cosine, k={eval_cfg.knn_k}, T={eval_cfg.knn_t:g})")
+        k = results.get("knn_k_used") or eval_cfg.knn_k  # the k that voted (a summary from before: the k asked)
+        print(f"  kNN top-1:           {knn:6.2f} %   (cosine, k={k}, T={eval_cfg.knn_t:g})")
     if results.get("linear_top1") is not None:
         print(f"  linear probe top-1:  {results['linear_top1']:6.2f} %   (final probe epoch)")
         print(

@@ -68,6 +68,7 @@ def evaluate(
     out: dict[str, float] = {}
     knn = KNNClassifier(k=cfg.eval.knn_k, temperature=cfg.eval.knn_t).fit(f_train, y_train.to(f_train.device))
     out["knn_top1"] = 100.0 * knn.score(f_test, data.test.labels)
+    out["knn_k_used"] = min(cfg.eval.knn_k, len(y_train))  # fewer labelled images than k: all of them vote
     if features is not None:
         features.update(test=f_test, test_labels=data.test.labels)
     if linear:

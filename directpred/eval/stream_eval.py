@@ -381,7 +381,7 @@ def evaluate_stream(
     test = list(features(data.test.reader))
     f_test = distributed.gather_strided(torch.cat([f for f, _ in test]))
     y_test = distributed.gather_strided(torch.cat([y for _, y in test]))
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"knn_k_used": min(e.knn_k, len(data.train.reader))}  # fewer images than k: all vote
     train_batches = features(data.train.reader)
     if linear and e.linear_protocol == "authors":  # the features are needed twice: keep them
         train = list(train_batches)

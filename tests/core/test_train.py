@@ -332,3 +332,17 @@ def test_compiled_encoder_trains_and_checkpoints_like_eager(tiny_overrides, tmp_
     assert compiled["steps"] == eager["steps"] == 2
     losses = [[r["loss"] for r in read_metrics(tmp_path / n) if r["kind"] == "train"] for n in ("eager", "compiled")]
     assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_the_knn_line_and_summary_give_the_k_that_voted(tiny_overrides, tmp_path, capsys):
+    """k larger than the labelled training set: every image votes (with a warning), and the result line said the k
+    asked for, a protocol that was not run."""
+    run = tmp_path / "run"
+    args = ["train", str(REPO / "configs" / "cpu" / "quickstart.yaml"), "--out", str(run)]
+    for o in tiny_overrides + ["train.max_steps=1", "eval.knn_k=500"]:
+        args += ["--set", o]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "k=500 is more than the 128 labelled training images; k=128 is used" in captured.err
+    assert "(cosine, k=128, T=0.1)" in captured.out
+    assert json.loads((run / "summary.json").read_text())["knn_k_used"] == 128
