@@ -123,6 +123,18 @@ def test_invalid_sweep_files_name_the_key(tmp_path, tiny_folder, entries, messag
     assert message in str(info.value)
 
 
+def test_a_key_given_twice_in_a_sweep_file_is_refused(tmp_path, tiny_folder):
+    # PyYAML keeps the last of two entries without a word: the axis [0.1, 0.2] would vanish.
+    path = tmp_path / "s.yaml"
+    path.write_text(f"base: {QUICKSTART}\naxes:\n  predictor.rho: [0.1, 0.2]\n  predictor.rho: [0.5]\nseeds: [0]\n")
+    with pytest.raises(ConfigError) as info:
+        load_sweep(path)
+    assert str(info.value) == f"{path} line 4: key 'predictor.rho' appears twice (first at line 3); keep one of them"
+    path.write_text(f"base: {QUICKSTART}\nvariants:\n  a: {{predictor.rho: 0.1}}\n  a: {{predictor.rho: 0.2}}\n")
+    with pytest.raises(ConfigError, match="line 4: key 'a' appears twice .*; merge the two blocks"):
+        load_sweep(path)
+
+
 def test_cli_rejects_a_bad_sweep_before_any_run(tmp_path, tiny_folder, capsys):
     path = write_sweep(tmp_path, tiny_folder, variants={"ok": {}, "bad": {"train.batch_size": 1}})
     assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--devices", "cpu"]) == 2
