@@ -34,7 +34,7 @@ from PIL import Image
 from directpred.config import DataConfig, path_exists
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-_CACHE_VERSION = 2  # 2: the folder key holds every file's relative path
+_CACHE_VERSION = 3  # 2: the folder key holds every file's relative path; 3: 16-bit images rescaled
 
 
 class DataError(RuntimeError):
@@ -205,9 +205,41 @@ def _list_source(path: Path) -> dict[str, list[tuple[str, int]]]:
     return splits
 
 
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit RGB. Pillow's ``convert("RGB")`` clips the single-channel modes of more than 8 bits to
+    0..255 (a 16-bit grey image turns almost all white), so these are rescaled first:
+
+    * ``I;16`` (a 16-bit grey PNG or TIFF, any byte order): the top 8 bits, ``value >> 8`` (0..65535 -> 0..255).
+    * ``I`` (32-bit integers; older Pillow opens 16-bit grey PNGs so): values within 0..65535 as 16 bits, the same
+      ``>> 8``; an image with values outside that range is stretched from its own minimum to its maximum.
+    * ``F`` (32-bit floats): values within 0..1 (the usual convention for float images) times 255, rounded; an
+      image with values outside that range is stretched from its own minimum to its maximum (NaN as the minimum).
+
+    A constant image that has to be stretched becomes black. Other modes (RGB, RGBA, L, P, CMYK, ...) are left
+    to Pillow's conversion.
+    """
+    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
+        return im.convert("RGB")
+    a = np.asarray(im)
+    if a.dtype.kind == "u":  # I;16, I;16B, I;16L, I;16N
+        grey = (a.astype(np.uint16) >> 8).astype(np.uint8)
+    else:  # I, F (and a signed 16-bit mode: as I)
+        a = np.nan_to_num(a.astype(np.float64), nan=-np.inf)
+        finite = a[np.isfinite(a)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        top = 1.0 if im.mode == "F" else 65535.0
+        if 0.0 <= lo and hi <= top and finite.size == a.size:
+            scaled = np.round(a * 255.0) if im.mode == "F" else np.floor(a / 256.0)
+        else:
+            a = np.clip(a, lo, hi)
+            scaled = np.round((a - lo) * (255.0 / (hi - lo))) if hi > lo else np.zeros_like(a)
+        grey = scaled.astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(grey)).convert("RGB")
+
+
 def _decode(blob: bytes, size: int) -> np.ndarray:
     with Image.open(io.BytesIO(blob)) as im:
-        im = im.convert("RGB")
+        im = _to_rgb(im)
         if size and (im.width != size or im.height != size):
             scale = size / min(im.width, im.height)
             im = im.resize(
