@@ -477,6 +477,23 @@ def _torchvision_split(name: str, root: str, split: str, download: bool, local_c
     return ImageArrays(images, torch.as_tensor(ds.labels).long(), list(ds.classes))
 
 
+def require_two_classes(labels: torch.Tensor | np.ndarray, classes: list[str], where: str, fix: str) -> None:
+    """:class:`DataError` when the labelled images (label >= 0) of a split, ``where`` (e.g. ``data/train/``), span
+    fewer than two classes: kNN and the linear probe would report a meaningless 100 %. ``fix``: what to add where.
+
+    Examples:
+        >>> require_two_classes(np.array([0, 0, -1]), ["cat"], "d/train/", "add a folder of another class")
+        Traceback (most recent call last):
+        ...
+        directpred.data.datasets.DataError: d/train/ holds one class (cat): accuracies against labels need ... two; ...
+    """
+    present = sorted({int(y) for y in np.unique(np.asarray(labels)) if y >= 0})
+    if len(present) >= 2:
+        return
+    what = f"one class ({classes[present[0]] if present[0] < len(classes) else present[0]})" if present else "no class"
+    raise DataError(f"{where} holds {what}: accuracies against labels need at least two; {fix}")
+
+
 def resolve_source(cfg: DataConfig) -> tuple[str, str | None]:
     """Where :func:`load_data` reads ``cfg`` from: ``("folder", path)`` for an ImageFolder directory or archive,
     ``("torchvision", None)`` for torchvision's copy under ``data.root`` (downloaded with ``data.download``).
@@ -501,7 +518,8 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
 
     Raises:
         DownloadError: a needed download failed for a network reason.
-        DataError: the data is missing, corrupt or mis-arranged (the message names the files and the fix).
+        DataError: the data is missing, corrupt or mis-arranged, or a labelled split holds fewer than two classes
+            (the message names the files and the fix).
     """
     _, path = resolve_source(cfg)
     if path is not None:  # ("folder", path)
@@ -509,6 +527,14 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
             path, cache_dir=cfg.cache_dir, image_size=cfg.image_size, skip_corrupt=cfg.skip_corrupt
         )
         train, test = splits["train"], splits["test"]
+        for part, arrays in (("train", train), ("test", test)):
+            require_two_classes(
+                arrays.labels,
+                arrays.classes,
+                f"{path}: {part}/",
+                "add a folder of images of another class to train/ and test/ (`directpred embed` takes a folder of "
+                "any classes, or none)",
+            )
         pretrain = train
         if "unlabeled" in splits:  # pre-training on train + unlabeled, as torchvision's STL-10 "train+unlabeled"
             u = splits["unlabeled"]

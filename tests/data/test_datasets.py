@@ -167,3 +167,30 @@ def test_16_bit_and_float_images_decode_to_the_expected_8_bit_values(tmp_path):
     assert np.array_equal(_decode(_image_bytes(expected.astype(np.int32) * 1000 - 7, "TIFF"), 0), want)
     # 8-bit images are untouched.
     assert np.array_equal(_decode(_image_bytes(expected, "PNG"), 0), want)
+
+
+def test_a_data_set_of_one_class_is_refused_but_embed_still_takes_it(tmp_path):
+    """kNN against one class is 100 % whatever the network learnt: the tester's run reported exactly that."""
+    from directpred.config import load_config
+    from directpred.data.datasets import load_data
+    from directpred.export import read_image_folder
+
+    one = write_folder(tmp_path / "one", n_train=4, n_test=2, n_classes=1, size=8)
+    cfg = load_config(None, ["data.dataset=folder", f"data.path={one}", f"data.cache_dir={tmp_path / 'c'}"])
+    with pytest.raises(DataError) as info:
+        load_data(cfg.data)
+    message = str(info.value)
+    assert message.startswith(f"{one}: train/ holds one class (class0): accuracies against labels need at least two; ")
+    assert "\n" not in message and "add a folder of images of another class to train/ and test/" in message
+    two = write_folder(tmp_path / "two", n_train=4, n_test=2, n_classes=2, size=8)
+    cfg = load_config(None, ["data.dataset=folder", f"data.path={two}", f"data.cache_dir={tmp_path / 'c'}"])
+    assert load_data(cfg.data).train.classes == ["class0", "class1"]
+    # `directpred embed` reads a folder of one class, or a flat folder of unlabelled images, as before.
+    arrays, _ = read_image_folder(one, image_size=8)
+    assert arrays.classes == ["class0"] and len(arrays) == 2
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in (one / "train" / "class0").iterdir():
+        (flat / f.name).write_bytes(f.read_bytes())
+    arrays, _ = read_image_folder(flat, image_size=8)
+    assert arrays.classes == [] and arrays.labels.tolist() == [-1] * 4
