@@ -126,12 +126,12 @@ CASES = [
     ("none", "sweep {tmp}/list.yaml --out {tmp}/sweep", 2, "the top level must be a mapping with keys base, set"),
     # damaged checkpoints: corrupt, not "crafted to run code" (random bytes were called that before); a file that no
     # torch.save wrote (not a zip, not a pickle) is "not a checkpoint file", not a damaged checkpoint
-    ("empty_checkpoint", "train --resume {run}", 1, "last.pt is empty (0 bytes), not a checkpoint; use an earlier"),
+    ("empty_checkpoint", "train --resume {run}", 1, "last.pt is empty (0 bytes), not a checkpoint; the run keeps"),
     ("empty_checkpoint", "export {run} --out {tmp}/b.pt", 1, "last.pt is empty (0 bytes)"),
     ("random_checkpoint", "eval {run} --no-linear", 1, f"last.pt is not a checkpoint file ({RANDOM}); expected a .pt"),
     ("random_checkpoint", "diagnose {run} --no-data", 1, f"last.pt is not a checkpoint file ({RANDOM})"),
     ("random_checkpoint", "embed {run} --data {data} --out {tmp}/f.npy", 1, "last.pt is not a checkpoint file"),
-    ("random_checkpoint", "train --resume {run}", 1, "overwrote a run's checkpoint, use an earlier checkpoint from"),
+    ("random_checkpoint", "train --resume {run}", 1, "overwrote a run's checkpoint, the run keeps"),
     ("pickle_checkpoint", "eval {run} --no-linear", 1, "last.pt is a damaged checkpoint, cut short or with changed "),
     ("truncated_checkpoint", "train --resume {run}", 1, "last.pt is a damaged checkpoint, cut short or with changed "),
     (
