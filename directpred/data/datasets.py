@@ -314,6 +314,9 @@ def _decode_split(
     return images, labels, len(bad), kept
 
 
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
 def list_members(path: str | Path) -> list[str]:
     """The files of a directory or tar archive, as '/'-separated names relative to it (a leading './' removed)."""
     path = Path(path)
@@ -323,7 +326,13 @@ def list_members(path: str | Path) -> list[str]:
         with tarfile.open(path) as tf:
             return sorted(m.name.lstrip("./") for m in tf.getmembers() if m.isfile())
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise DataError(f"{path} is neither a directory nor a readable tar archive ({exc})") from None
+        if path.is_file() and not path.name.lower().endswith(TAR_SUFFIXES):  # an image, a .zip, a text file
+            raise DataError(
+                f"{path} is a file, not a folder or .tar/.tar.gz archive; give the folder that holds the images"
+            ) from None
+        # tarfile lists each decompressor's complaint on a line of its own
+        reason = " ".join(str(exc).split())
+        raise DataError(f"{path} is neither a directory nor a readable tar archive ({reason})") from None
 
 
 def decode_images(

@@ -156,6 +156,14 @@ CASES = [
     # embed's own flags (a traceback of range() or torch.device before)
     ("none", "embed {run} --data {data} --out {tmp}/f.npy --batch-size 0", 2, "--batch-size 0: must be >= 1"),
     ("none", "embed {run} --data {data} --out {tmp}/f.npy --device cudafoo", 2, "--device 'cudafoo': use auto, cpu"),
+    # --data naming a file that is no archive (tarfile's four-line complaint before)
+    (
+        "none",
+        "embed {run} --data {data}/test/class0/0000.png --out {tmp}/f.npy",
+        1,
+        "0000.png is a file, not a folder or .tar/.tar.gz archive; give the folder that holds the images",
+    ),
+    ("none", "embed {run} --data {quickstart} --out {tmp}/f.npy", 1, "quickstart.yaml is a file, not a folder or"),
     # resume: nothing to resume, or a change that cannot be resumed (the difference in the same line)
     ("no_checkpoint", "train --resume {run}", 1, "first checkpoint); start it again with `directpred train"),
     ("none", "train --resume {run} --set backbone.width=8", 1, "configuration (backbone.width: 4 -> 8). Only these"),

@@ -194,3 +194,19 @@ def test_a_data_set_of_one_class_is_refused_but_embed_still_takes_it(tmp_path):
         (flat / f.name).write_bytes(f.read_bytes())
     arrays, _ = read_image_folder(flat, image_size=8)
     assert arrays.classes == [] and arrays.labels.tolist() == [-1] * 4
+
+
+def test_a_file_that_is_no_archive_is_named_in_one_line(tmp_path):
+    from directpred.data.datasets import list_members
+
+    image = write_folder(tmp_path / "d", n_train=1, n_test=1, n_classes=1, size=8) / "test" / "class0" / "0000.png"
+    with pytest.raises(DataError) as info:
+        list_members(image)
+    assert str(info.value) == (
+        f"{image} is a file, not a folder or .tar/.tar.gz archive; give the folder that holds the images"
+    )
+    broken = tmp_path / "images.tar.gz"  # meant as an archive: the archive's problem, on one line
+    broken.write_bytes(b"not an archive at all")
+    with pytest.raises(DataError, match=r"images.tar.gz is neither a directory nor a readable tar archive \(") as info:
+        list_members(broken)
+    assert "\n" not in str(info.value)
