@@ -453,7 +453,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml_text(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: cannot parse the value ({yaml_error(exc)})") from None
     return key, value
@@ -805,6 +805,51 @@ def yaml_error(exc: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping names one key twice, which PyYAML would resolve silently by keeping the last value."""
+
+    def __init__(self, key: Any, line: int, first_line: int, blocks: bool) -> None:
+        self.key, self.line, self.first_line = key, line, first_line
+        fix = "merge the two blocks" if blocks else "keep one of them"
+        super().__init__(f"line {line}: key {key!r} appears twice (first at line {first_line}); {fix}")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """:class:`yaml.SafeLoader` that raises :class:`DuplicateKeyError` where a mapping repeats a key (two
+    ``predictor:`` blocks: PyYAML keeps only the last, silently). A key given by a merge (``<<: *anchor``) may be
+    overridden, as YAML intends.
+
+    Examples:
+        >>> yaml.load("predictor: {rho: 0.5}\\ntrain: {epochs: 1}\\npredictor: {freq: 5}", UniqueKeyLoader)
+        Traceback (most recent call last):
+        ...
+        directpred.config.DuplicateKeyError: line 3: key 'predictor' appears twice (first at line 1); merge ...
+    """
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Called on every mapping before its merge keys are expanded (once by construct_mapping, or earlier by the
+        # flattening of a mapping that merges it); checked once, while it holds only the keys written in it.
+        checked = self.__dict__.setdefault("_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            seen: dict[Any, tuple[yaml.Node, yaml.Node]] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                if key in seen:
+                    first_key, first_value = seen[key]
+                    blocks = isinstance(value_node, yaml.MappingNode) and isinstance(first_value, yaml.MappingNode)
+                    raise DuplicateKeyError(key, key_node.start_mark.line + 1, first_key.start_mark.line + 1, blocks)
+                seen[key] = (key_node, value_node)
+        super().flatten_mapping(node)
+
+
+def load_yaml_text(text: str) -> Any:
+    """``yaml.safe_load(text)``, refusing a mapping that repeats a key (:class:`DuplicateKeyError`)."""
+    return yaml.load(text, UniqueKeyLoader)  # a SafeLoader subclass: plain data only
+
+
 def read_yaml(path: Path, what: str = "config file") -> Any:
     """The parsed content of a YAML file; :class:`ConfigError` naming it when it is missing, a folder (a run
     directory: the ``--resume`` hint), not text (e.g. a checkpoint) or not YAML."""
@@ -815,7 +860,9 @@ def read_yaml(path: Path, what: str = "config file") -> Any:
     if not path.is_file():
         raise ConfigError(f"{what} {str(path)!r} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
+        return load_yaml_text(path.read_text())
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path} {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({yaml_error(exc)})") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -34,7 +34,7 @@ from PIL import Image
 from directpred.config import DataConfig, path_exists
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-_CACHE_VERSION = 2  # 2: the folder key holds every file's relative path
+_CACHE_VERSION = 3  # 2: the folder key holds every file's relative path; 3: 16-bit images rescaled
 
 
 class DataError(RuntimeError):
@@ -205,9 +205,41 @@ def _list_source(path: Path) -> dict[str, list[tuple[str, int]]]:
     return splits
 
 
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit RGB. Pillow's ``convert("RGB")`` clips the single-channel modes of more than 8 bits to
+    0..255 (a 16-bit grey image turns almost all white), so these are rescaled first:
+
+    * ``I;16`` (a 16-bit grey PNG or TIFF, any byte order): the top 8 bits, ``value >> 8`` (0..65535 -> 0..255).
+    * ``I`` (32-bit integers; older Pillow opens 16-bit grey PNGs so): values within 0..65535 as 16 bits, the same
+      ``>> 8``; an image with values outside that range is stretched from its own minimum to its maximum.
+    * ``F`` (32-bit floats): values within 0..1 (the usual convention for float images) times 255, rounded; an
+      image with values outside that range is stretched from its own minimum to its maximum (NaN as the minimum).
+
+    A constant image that has to be stretched becomes black. Other modes (RGB, RGBA, L, P, CMYK, ...) are left
+    to Pillow's conversion.
+    """
+    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
+        return im.convert("RGB")
+    a = np.asarray(im)
+    if a.dtype.kind == "u":  # I;16, I;16B, I;16L, I;16N
+        grey = (a.astype(np.uint16) >> 8).astype(np.uint8)
+    else:  # I, F (and a signed 16-bit mode: as I)
+        a = np.nan_to_num(a.astype(np.float64), nan=-np.inf)
+        finite = a[np.isfinite(a)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        top = 1.0 if im.mode == "F" else 65535.0
+        if 0.0 <= lo and hi <= top and finite.size == a.size:
+            scaled = np.round(a * 255.0) if im.mode == "F" else np.floor(a / 256.0)
+        else:
+            a = np.clip(a, lo, hi)
+            scaled = np.round((a - lo) * (255.0 / (hi - lo))) if hi > lo else np.zeros_like(a)
+        grey = scaled.astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(grey)).convert("RGB")
+
+
 def _decode(blob: bytes, size: int) -> np.ndarray:
     with Image.open(io.BytesIO(blob)) as im:
-        im = im.convert("RGB")
+        im = _to_rgb(im)
         if size and (im.width != size or im.height != size):
             scale = size / min(im.width, im.height)
             im = im.resize(
@@ -282,6 +314,9 @@ def _decode_split(
     return images, labels, len(bad), kept
 
 
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
 def list_members(path: str | Path) -> list[str]:
     """The files of a directory or tar archive, as '/'-separated names relative to it (a leading './' removed)."""
     path = Path(path)
@@ -291,7 +326,13 @@ def list_members(path: str | Path) -> list[str]:
         with tarfile.open(path) as tf:
             return sorted(m.name.lstrip("./") for m in tf.getmembers() if m.isfile())
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise DataError(f"{path} is neither a directory nor a readable tar archive ({exc})") from None
+        if path.is_file() and not path.name.lower().endswith(TAR_SUFFIXES):  # an image, a .zip, a text file
+            raise DataError(
+                f"{path} is a file, not a folder or .tar/.tar.gz archive; give the folder that holds the images"
+            ) from None
+        # tarfile lists each decompressor's complaint on a line of its own
+        reason = " ".join(str(exc).split())
+        raise DataError(f"{path} is neither a directory nor a readable tar archive ({reason})") from None
 
 
 def decode_images(
@@ -445,6 +486,23 @@ def _torchvision_split(name: str, root: str, split: str, download: bool, local_c
     return ImageArrays(images, torch.as_tensor(ds.labels).long(), list(ds.classes))
 
 
+def require_two_classes(labels: torch.Tensor | np.ndarray, classes: list[str], where: str, fix: str) -> None:
+    """:class:`DataError` when the labelled images (label >= 0) of a split, ``where`` (e.g. ``data/train/``), span
+    fewer than two classes: kNN and the linear probe would report a meaningless 100 %. ``fix``: what to add where.
+
+    Examples:
+        >>> require_two_classes(np.array([0, 0, -1]), ["cat"], "d/train/", "add a folder of another class")
+        Traceback (most recent call last):
+        ...
+        directpred.data.datasets.DataError: d/train/ holds one class (cat): accuracies against labels need ... two; ...
+    """
+    present = sorted({int(y) for y in np.unique(np.asarray(labels)) if y >= 0})
+    if len(present) >= 2:
+        return
+    what = f"one class ({classes[present[0]] if present[0] < len(classes) else present[0]})" if present else "no class"
+    raise DataError(f"{where} holds {what}: accuracies against labels need at least two; {fix}")
+
+
 def resolve_source(cfg: DataConfig) -> tuple[str, str | None]:
     """Where :func:`load_data` reads ``cfg`` from: ``("folder", path)`` for an ImageFolder directory or archive,
     ``("torchvision", None)`` for torchvision's copy under ``data.root`` (downloaded with ``data.download``).
@@ -469,7 +527,8 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
 
     Raises:
         DownloadError: a needed download failed for a network reason.
-        DataError: the data is missing, corrupt or mis-arranged (the message names the files and the fix).
+        DataError: the data is missing, corrupt or mis-arranged, or a labelled split holds fewer than two classes
+            (the message names the files and the fix).
     """
     _, path = resolve_source(cfg)
     if path is not None:  # ("folder", path)
@@ -477,6 +536,14 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
             path, cache_dir=cfg.cache_dir, image_size=cfg.image_size, skip_corrupt=cfg.skip_corrupt
         )
         train, test = splits["train"], splits["test"]
+        for part, arrays in (("train", train), ("test", test)):
+            require_two_classes(
+                arrays.labels,
+                arrays.classes,
+                f"{path}: {part}/",
+                "add a folder of images of another class to train/ and test/ (`directpred embed` takes a folder of "
+                "any classes, or none)",
+            )
         pretrain = train
         if "unlabeled" in splits:  # pre-training on train + unlabeled, as torchvision's STL-10 "train+unlabeled"
             u = splits["unlabeled"]

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from directpred.config import DataConfig
-from directpred.data.datasets import IMAGE_EXTENSIONS, DataError, _decode
+from directpred.data.datasets import IMAGE_EXTENSIONS, DataError, _decode, require_two_classes
 
 # The held-out split: val/ (ImageNet's labelled validation set) first, test/ when there is no val/ (CIFAR-style
 # layouts); a folder without class folders (ImageNet's unlabelled test images) is passed over.
@@ -822,7 +822,8 @@ def load_stream_data(cfg: DataConfig) -> StreamData:
     """The :class:`StreamData` of a :class:`directpred.config.DataConfig` with ``stream: true``.
 
     Raises:
-        DataError: no such folder, a missing split, empty class folders, missing or corrupt shards.
+        DataError: no such folder, a missing split, empty class folders, missing or corrupt shards, a split of
+            fewer than two classes.
     """
     if not cfg.path or not Path(cfg.path).expanduser().is_dir():
         raise DataError(
@@ -833,4 +834,14 @@ def load_stream_data(cfg: DataConfig) -> StreamData:
     test = StreamSplit(open_reader(cfg.path, "test"))
     if test.classes != train.classes:
         raise DataError(f"{cfg.path}: the held-out split's classes differ from train's")
+    fix = "add a folder of images of another class to train/ and val/"
+    for reader in (train.reader, test.reader):
+        if isinstance(reader, ShardReader):
+            where = f"{cfg.path}: {reader.shards[0].name.rsplit('-', 1)[0]}-*.tar"
+            fix = "add images of another class to the folder they were written from and write the shards again"
+        else:
+            where = f"{getattr(reader, 'dir', cfg.path)}/"
+        require_two_classes(
+            reader.labels, reader.classes, where, f"{fix} (`directpred embed` takes a folder of any classes, or none)"
+        )
     return StreamData(train, train, test, Path(cfg.path).name, cfg.image_size, cfg.decode_size or cfg.image_size)

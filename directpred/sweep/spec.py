@@ -38,6 +38,7 @@ from directpred.config import (
     ConfigError,
     absolute_data_path,
     check_schedule,
+    dump_config,
     load_config,
     parse_override,
     read_yaml,
@@ -172,13 +173,23 @@ def _cells(data: dict[str, Any], where: str) -> dict[str, list[tuple[str, Any]]]
         if key == "train.seed":
             raise ConfigError(f"{where}: axes.train.seed: use the sweep's `seeds` list for seeds")
     names = _axis_names(list(axes))
+    flat = {
+        vname: _flatten(overrides or {}, f"{where}: variants.{vname}")
+        for vname, overrides in (variants.items() if variants else [(None, {})])
+    }
+    for key in axes:  # the axis's value comes last on the command line: the variant's would be dropped unseen
+        setters = [str(v) for v, pairs in flat.items() if any(k == key for k, _ in pairs)]
+        if setters:
+            raise ConfigError(
+                f"{where}: {key} is set both by axes.{key} and by variant(s) {', '.join(setters)}, whose value the "
+                f"axis would override; set {key} in one place: remove it from the variants or drop the axis"
+            )
     cells: dict[str, list[tuple[str, Any]]] = {}
-    for vname, overrides in variants.items() if variants else [(None, {})]:
+    for vname, pairs in flat.items():
         if vname is not None and not re.fullmatch(r"[A-Za-z0-9._+=,-]+", str(vname)):
             raise ConfigError(f"{where}: variant name {vname!r} may use only letters, digits and . _ + = , -")
         if str(vname) in (".", ".."):  # the run directory OUT/runs/<cell>/ would be OUT/runs/ or OUT/
             raise ConfigError(f"{where}: variant name {vname!r} names a directory of its own; choose another name")
-        pairs = _flatten(overrides or {}, f"{where}: variants.{vname}")
         for combo in itertools.product(*axes.values()):
             parts = ([str(vname)] if vname is not None else []) + [
                 f"{names[k]}={_label(v)}" for k, v in zip(axes, combo)
@@ -235,11 +246,20 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         cli.append(text)
     cells = {name: common + _sets(pairs, path.parent) + cli for name, pairs in _cells(data, str(path)).items()}
     sweep = Sweep(path=path, base=base, cells=cells, seeds=list(seeds))
+    resolved: dict[str, str] = {}  # a cell's resolved config (its first seed's) -> the cell
     for run in sweep.runs():
         try:
-            sweep.config(run)
+            cfg = sweep.config(run)
         except ConfigError as exc:
             raise ConfigError(f"{path}: cell '{run.cell}' (seed {run.seed}): {exc}") from None
+        if run.seed == sweep.seeds[0]:
+            text = dump_config(cfg)
+            if text in resolved:  # e.g. an axis [0, 0.0]: the same runs twice, reported as two cells
+                raise ConfigError(
+                    f"{path}: cells '{resolved[text]}' and '{run.cell}' resolve to the same configuration, so "
+                    "they would train the same runs twice; remove one or make their values differ"
+                )
+            resolved[text] = run.cell
     # After the cells' configs: a misspelt axis key also misnames the cells, and its own error is the one to show.
     sweep.paper, sweep.paper_note = _paper(data.get("paper"), cells, str(path))
     return sweep

@@ -136,6 +136,32 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 
+def recovery_hint(path: Path) -> str:
+    """What to do about ``path``, a checkpoint found empty or damaged: for a run's ``checkpoints/last.pt``, copy the
+    latest kept ``epoch_XXXX.pt`` that exists over it and resume, or (none kept) start the run again, each with its
+    command; for another checkpoint of a run, the run's other checkpoints."""
+    folder = path.parent
+    if folder.name != "checkpoints":
+        return "replace it with an intact copy"
+    run = folder.parent
+    kept = sorted(p for p in folder.glob("epoch_*.pt") if p.name != path.name and p.is_file())
+    if path.name != "last.pt":
+        others = kept + ([folder / "last.pt"] if (folder / "last.pt").is_file() else [])
+        if not others:
+            return "the run keeps no other checkpoint; replace it with an intact copy"
+        return f"use another checkpoint of the run: {', '.join(str(p) for p in others[-5:])}"
+    if not kept:
+        return (
+            f"the run keeps no earlier checkpoint (checkpoints/epoch_*.pt), so it must start again: `rm {path} && "
+            f"directpred train {run / 'config.yaml'} --out {run}`"
+        )
+    shown = ", ".join(p.name for p in kept[-5:]) + (f" ({len(kept)} in all)" if len(kept) > 5 else "")
+    return (
+        f"the run keeps earlier checkpoints ({shown}); copy the latest to checkpoints/last.pt and resume: "
+        f"`cp {kept[-1]} {path} && directpred train --resume {run}`"
+    )
+
+
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu", *, require: tuple[str, ...] = ()
 ) -> dict[str, Any]:
@@ -154,7 +180,7 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
-    earlier = "use an earlier checkpoint from the same folder (checkpoints/epoch_XXXX.pt)"
+    earlier = recovery_hint(path)
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes), not a checkpoint; {earlier}")
     foreign = foreign_file_kind(path)

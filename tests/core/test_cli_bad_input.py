@@ -126,12 +126,12 @@ CASES = [
     ("none", "sweep {tmp}/list.yaml --out {tmp}/sweep", 2, "the top level must be a mapping with keys base, set"),
     # damaged checkpoints: corrupt, not "crafted to run code" (random bytes were called that before); a file that no
     # torch.save wrote (not a zip, not a pickle) is "not a checkpoint file", not a damaged checkpoint
-    ("empty_checkpoint", "train --resume {run}", 1, "last.pt is empty (0 bytes), not a checkpoint; use an earlier"),
+    ("empty_checkpoint", "train --resume {run}", 1, "last.pt is empty (0 bytes), not a checkpoint; the run keeps"),
     ("empty_checkpoint", "export {run} --out {tmp}/b.pt", 1, "last.pt is empty (0 bytes)"),
     ("random_checkpoint", "eval {run} --no-linear", 1, f"last.pt is not a checkpoint file ({RANDOM}); expected a .pt"),
     ("random_checkpoint", "diagnose {run} --no-data", 1, f"last.pt is not a checkpoint file ({RANDOM})"),
     ("random_checkpoint", "embed {run} --data {data} --out {tmp}/f.npy", 1, "last.pt is not a checkpoint file"),
-    ("random_checkpoint", "train --resume {run}", 1, "overwrote a run's checkpoint, use an earlier checkpoint from"),
+    ("random_checkpoint", "train --resume {run}", 1, "overwrote a run's checkpoint, the run keeps"),
     ("pickle_checkpoint", "eval {run} --no-linear", 1, "last.pt is a damaged checkpoint, cut short or with changed "),
     ("truncated_checkpoint", "train --resume {run}", 1, "last.pt is a damaged checkpoint, cut short or with changed "),
     (
@@ -156,6 +156,14 @@ CASES = [
     # embed's own flags (a traceback of range() or torch.device before)
     ("none", "embed {run} --data {data} --out {tmp}/f.npy --batch-size 0", 2, "--batch-size 0: must be >= 1"),
     ("none", "embed {run} --data {data} --out {tmp}/f.npy --device cudafoo", 2, "--device 'cudafoo': use auto, cpu"),
+    # --data naming a file that is no archive (tarfile's four-line complaint before)
+    (
+        "none",
+        "embed {run} --data {data}/test/class0/0000.png --out {tmp}/f.npy",
+        1,
+        "0000.png is a file, not a folder or .tar/.tar.gz archive; give the folder that holds the images",
+    ),
+    ("none", "embed {run} --data {quickstart} --out {tmp}/f.npy", 1, "quickstart.yaml is a file, not a folder or"),
     # resume: nothing to resume, or a change that cannot be resumed (the difference in the same line)
     ("no_checkpoint", "train --resume {run}", 1, "first checkpoint); start it again with `directpred train"),
     ("none", "train --resume {run} --set backbone.width=8", 1, "configuration (backbone.width: 4 -> 8). Only these"),

@@ -135,3 +135,30 @@ def test_every_shipped_config_loads():
             load_config(f)
         except ConfigError as exc:
             assert "data.path" in str(exc), f"{f}: {exc}"  # only a missing data folder is acceptable here
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused_naming_its_line(tmp_path):
+    # PyYAML keeps the last of two `predictor:` blocks without a word: rho=0.5 would be dropped.
+    f = tmp_path / "c.yaml"
+    f.write_text("predictor:\n  name: directpred\n  rho: 0.5\ntrain:\n  epochs: 1\npredictor:\n  freq: 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(f)
+    assert str(info.value) == f"{f} line 6: key 'predictor' appears twice (first at line 1); merge the two blocks"
+    f.write_text("train:\n  epochs: 1\n  epochs: 2\n")  # a repeated setting inside a block
+    with pytest.raises(ConfigError, match="line 3: key 'epochs' appears twice .*; keep one of them"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="key 'rho' appears twice"):  # in a --set value too
+        load_config(None, ["predictor={rho: 0.5, rho: 0.9}"])
+    from directpred.theory.simulate import load_simulate_config  # the theory configs are read the same way
+
+    f.write_text("rho: 0.3\nrho: 0.5\n")
+    with pytest.raises(ConfigError, match="line 2: key 'rho' appears twice"):
+        load_simulate_config(f)
+    # A key a merge (<<: *anchor) brings may be overridden: that is what merges are for.
+    f.write_text("train: {epochs: 1}\npredictor:\n  <<: {name: directpred, rho: 0.5}\n  rho: 0.9\n")
+    assert load_config(f).predictor.rho == 0.9
+    # A mapping checked before a merge copies its keys into another (x: 1 then x: 2 inside `a`) stays valid.
+    from directpred.config import UniqueKeyLoader
+
+    text = "a: &a {<<: {x: 1}, x: 2}\nb: {<<: *a, y: 3}\n"
+    assert yaml.load(text, UniqueKeyLoader) == {"a": {"x": 2}, "b": {"x": 2, "y": 3}} == yaml.safe_load(text)

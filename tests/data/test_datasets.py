@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_folder
+from PIL import Image
 
-from directpred.data.datasets import DataError, balanced_subset, load_folder
+from directpred.data.datasets import DataError, _decode, balanced_subset, load_folder
+from directpred.data.stream import decode_to_tensor
 
 
 def test_folder_and_archive_decode_identically(tiny_folder, tiny_archive, tmp_path):
@@ -127,3 +131,82 @@ def test_a_subset_larger_than_the_split_says_that_all_images_are_used(tiny_overr
     ]
     assert len(data.pretrain) == 128 and torch.equal(data.pretrain.labels, full.pretrain.labels)
     assert len(data.test) == 20
+
+
+def _image_bytes(array: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_16_bit_and_float_images_decode_to_the_expected_8_bit_values(tmp_path):
+    """Pillow's convert("RGB") clips I;16/I/F to 0..255: a 16-bit gradient came out almost all white."""
+    expected = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    grey16 = expected.astype(np.uint16) * 256 + np.uint16(100)  # 0..255 in the top byte, 100 in the low one
+    grey16[0, 0] = 0
+    png16 = _image_bytes(grey16, "PNG")
+    with Image.open(io.BytesIO(png16)) as im:
+        assert im.mode == "I;16"
+    want = np.repeat(expected[:, :, None], 3, axis=2)
+    assert np.array_equal(_decode(png16, 0), want)
+    # The same through a data folder (the in-memory path) and the streamed decoder.
+    root = tmp_path / "d"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            (root / split / c / "x.png").write_bytes(png16)
+    train, _ = load_folder(root, cache_dir=tmp_path / "c")
+    assert np.array_equal(train.images[0].numpy(), want)
+    assert np.array_equal(decode_to_tensor(png16, 16).permute(1, 2, 0).numpy(), want)
+    # 32-bit integers within the 16-bit range: the same >> 8; floats within 0..1: times 255.
+    assert np.array_equal(_decode(_image_bytes(grey16.astype(np.int32), "TIFF"), 0), want)
+    floats = expected.astype(np.float32) / 255
+    assert np.array_equal(_decode(_image_bytes(floats, "TIFF"), 0), want)
+    # Beyond those ranges: stretched from the image's minimum to its maximum.
+    assert np.array_equal(_decode(_image_bytes(floats * 1000 - 3, "TIFF"), 0), want)
+    assert np.array_equal(_decode(_image_bytes(expected.astype(np.int32) * 1000 - 7, "TIFF"), 0), want)
+    # 8-bit images are untouched.
+    assert np.array_equal(_decode(_image_bytes(expected, "PNG"), 0), want)
+
+
+def test_a_data_set_of_one_class_is_refused_but_embed_still_takes_it(tmp_path):
+    """kNN against one class is 100 % whatever the network learnt: the tester's run reported exactly that."""
+    from directpred.config import load_config
+    from directpred.data.datasets import load_data
+    from directpred.export import read_image_folder
+
+    one = write_folder(tmp_path / "one", n_train=4, n_test=2, n_classes=1, size=8)
+    cfg = load_config(None, ["data.dataset=folder", f"data.path={one}", f"data.cache_dir={tmp_path / 'c'}"])
+    with pytest.raises(DataError) as info:
+        load_data(cfg.data)
+    message = str(info.value)
+    assert message.startswith(f"{one}: train/ holds one class (class0): accuracies against labels need at least two; ")
+    assert "\n" not in message and "add a folder of images of another class to train/ and test/" in message
+    two = write_folder(tmp_path / "two", n_train=4, n_test=2, n_classes=2, size=8)
+    cfg = load_config(None, ["data.dataset=folder", f"data.path={two}", f"data.cache_dir={tmp_path / 'c'}"])
+    assert load_data(cfg.data).train.classes == ["class0", "class1"]
+    # `directpred embed` reads a folder of one class, or a flat folder of unlabelled images, as before.
+    arrays, _ = read_image_folder(one, image_size=8)
+    assert arrays.classes == ["class0"] and len(arrays) == 2
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in (one / "train" / "class0").iterdir():
+        (flat / f.name).write_bytes(f.read_bytes())
+    arrays, _ = read_image_folder(flat, image_size=8)
+    assert arrays.classes == [] and arrays.labels.tolist() == [-1] * 4
+
+
+def test_a_file_that_is_no_archive_is_named_in_one_line(tmp_path):
+    from directpred.data.datasets import list_members
+
+    image = write_folder(tmp_path / "d", n_train=1, n_test=1, n_classes=1, size=8) / "test" / "class0" / "0000.png"
+    with pytest.raises(DataError) as info:
+        list_members(image)
+    assert str(info.value) == (
+        f"{image} is a file, not a folder or .tar/.tar.gz archive; give the folder that holds the images"
+    )
+    broken = tmp_path / "images.tar.gz"  # meant as an archive: the archive's problem, on one line
+    broken.write_bytes(b"not an archive at all")
+    with pytest.raises(DataError, match=r"images.tar.gz is neither a directory nor a readable tar archive \(") as info:
+        list_members(broken)
+    assert "\n" not in str(info.value)

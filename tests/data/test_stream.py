@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -453,3 +454,27 @@ def test_rewriting_shards_removes_the_stale_shards_of_an_earlier_write(tmp_path,
     assert sorted(p.name for p in out.glob("*.tar")) == ["test-000000.tar", "train-000000.tar"]
     folder, tar = FolderReader(mixed, "train"), ShardReader(out, "train")
     assert len(tar) == len(folder) and tar.labels.tolist() == folder.labels.tolist()
+
+
+def test_a_streamed_data_set_of_one_class_is_refused(tmp_path):
+    from conftest import write_folder
+
+    from directpred.config import load_config
+    from directpred.data.stream import load_stream_data
+
+    one = write_folder(tmp_path / "one", n_train=4, n_test=2, n_classes=1, size=8)
+    data_cfg = load_config(
+        None, ["data.dataset=folder", "data.stream=true", f"data.path={one}", "data.image_size=8"]
+    ).data
+    with pytest.raises(DataError) as info:
+        load_stream_data(data_cfg)
+    assert str(info.value).startswith(
+        f"{one / 'train'}/ holds one class (class0): accuracies against labels need at least two; add a folder of "
+        "images of another class to train/ and val/"
+    )
+    shards = tmp_path / "shards"
+    write_shards(one, shards, shard_size=4, splits=("train", "test"))
+    with pytest.raises(DataError, match=r"train-\*\.tar holds one class \(class0\): .*write the shards again"):
+        load_stream_data(dataclasses.replace(data_cfg, path=str(shards)))
+    two = write_folder(tmp_path / "two", n_train=4, n_test=2, n_classes=2, size=8)
+    assert load_stream_data(dataclasses.replace(data_cfg, path=str(two))).num_classes == 2

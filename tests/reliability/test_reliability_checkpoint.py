@@ -98,3 +98,34 @@ def test_non_dict_file_is_not_a_checkpoint(tmp_path):
     torch.save([torch.ones(1)], tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match="is not a directpred checkpoint"):
         load_checkpoint(tmp_path / "list.pt")
+
+
+def test_a_damaged_last_pt_names_the_kept_checkpoints_that_exist_or_the_command_to_start_again(tmp_path):
+    """The message pointed at checkpoints/epoch_XXXX.pt whether or not the run kept any, and not how to use one."""
+    run = tmp_path / "run"
+    folder = run / "checkpoints"
+    folder.mkdir(parents=True)
+    save_checkpoint(folder / "last.pt", {"model": {"w": torch.zeros(2)}, "step": 1})
+    (folder / "last.pt").write_bytes((folder / "last.pt").read_bytes()[:300])  # cut short
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(folder / "last.pt")
+    message = str(info.value)
+    assert "\n" not in message and "epoch_XXXX" not in message
+    assert message.endswith(
+        "; the run keeps no earlier checkpoint (checkpoints/epoch_*.pt), so it must start again: "
+        f"`rm {folder / 'last.pt'} && directpred train {run / 'config.yaml'} --out {run}`"
+    )
+    for epoch in (10, 20):
+        save_checkpoint(folder / f"epoch_{epoch:04d}.pt", {"model": {"w": torch.zeros(2)}, "step": epoch})
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(folder / "last.pt")
+    assert str(info.value).endswith(
+        "; the run keeps earlier checkpoints (epoch_0010.pt, epoch_0020.pt); copy the latest to checkpoints/last.pt "
+        f"and resume: `cp {folder / 'epoch_0020.pt'} {folder / 'last.pt'} && directpred train --resume {run}`"
+    )
+    (folder / "last.pt").write_bytes(b"")  # empty: the same advice
+    with pytest.raises(CheckpointError, match=r"is empty \(0 bytes\), not a checkpoint; the run keeps earlier"):
+        load_checkpoint(folder / "last.pt")
+    # What the message says works: the kept checkpoint copied over last.pt loads.
+    shutil.copy(folder / "epoch_0020.pt", folder / "last.pt")
+    assert load_checkpoint(folder / "last.pt")["step"] == 20

@@ -123,6 +123,52 @@ def test_invalid_sweep_files_name_the_key(tmp_path, tiny_folder, entries, messag
     assert message in str(info.value)
 
 
+def test_a_key_given_twice_in_a_sweep_file_is_refused(tmp_path, tiny_folder):
+    # PyYAML keeps the last of two entries without a word: the axis [0.1, 0.2] would vanish.
+    path = tmp_path / "s.yaml"
+    path.write_text(f"base: {QUICKSTART}\naxes:\n  predictor.rho: [0.1, 0.2]\n  predictor.rho: [0.5]\nseeds: [0]\n")
+    with pytest.raises(ConfigError) as info:
+        load_sweep(path)
+    assert str(info.value) == f"{path} line 4: key 'predictor.rho' appears twice (first at line 3); keep one of them"
+    path.write_text(f"base: {QUICKSTART}\nvariants:\n  a: {{predictor.rho: 0.1}}\n  a: {{predictor.rho: 0.2}}\n")
+    with pytest.raises(ConfigError, match="line 4: key 'a' appears twice .*; merge the two blocks"):
+        load_sweep(path)
+
+
+def test_a_key_set_by_a_variant_and_an_axis_is_refused(tmp_path, tiny_folder):
+    # The axis's --set came last: both cells ran rho=0.3, named a,rho=0.3 and b,rho=0.3, the variants' 0.5/0.9 lost.
+    path = write_sweep(
+        tmp_path,
+        tiny_folder,
+        variants={"a": {"predictor.rho": 0.5}, "b": {"predictor": {"rho": 0.9}}, "c": {"predictor.eps": 0.2}},
+        axes={"predictor.rho": [0.3]},
+    )
+    with pytest.raises(ConfigError) as info:
+        load_sweep(path)
+    assert str(info.value) == (
+        f"{path}: predictor.rho is set both by axes.predictor.rho and by variant(s) a, b, whose value the axis "
+        "would override; set predictor.rho in one place: remove it from the variants or drop the axis"
+    )
+
+
+@pytest.mark.parametrize(
+    "entries,pair",
+    [
+        ({"variants": None, "axes": {"predictor.rho": [0, 0.0]}}, "'rho=0' and 'rho=0.0'"),
+        ({"variants": {"x": {}, "y": {"predictor.rho": 0.3}}}, "'x' and 'y'"),  # 0.3: the base config's value
+        ({"variants": {"p": {}, "q": {}}, "axes": {"predictor.eps": [0.1, 0.2]}}, "'p,eps=0.1' and 'q,eps=0.1'"),
+    ],
+)
+def test_two_cells_with_the_same_resolved_configuration_are_refused(tmp_path, tiny_folder, entries, pair):
+    path = write_sweep(tmp_path, tiny_folder, **entries)
+    with pytest.raises(ConfigError) as info:
+        load_sweep(path)
+    assert str(info.value) == (
+        f"{path}: cells {pair} resolve to the same configuration, so they would train the same runs twice; "
+        "remove one or make their values differ"
+    )
+
+
 def test_cli_rejects_a_bad_sweep_before_any_run(tmp_path, tiny_folder, capsys):
     path = write_sweep(tmp_path, tiny_folder, variants={"ok": {}, "bad": {"train.batch_size": 1}})
     assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--devices", "cpu"]) == 2
