@@ -105,7 +105,8 @@ def test_report_statistics_and_layout(tmp_path, tiny_folder):
 
     a, b = res["cells"]
     for key, vals in (("knn_top1", knn), ("linear_top1", lin), ("linear_top1_best", best)):
-        assert a[key] == {"mean": round(statistics.mean(vals), 4), "std": round(statistics.stdev(vals), 4), "n": 3}
+        mean, std = statistics.mean(vals), statistics.stdev(vals)
+        assert a[key] == {"mean": pytest.approx(mean), "std": pytest.approx(std), "n": 3}
     assert a["knn_curve"] == [[1, 31.0, 3], [2, round((40 + 42 + 42) / 3, 4), 3]]
     assert (a["collapsed"], a["failed"], a["missing"], a["paper"]) == (1, [], [], {"mean": 80.5, "std": 1.25})
     assert (a["dim_collapsed"], b["dim_collapsed"]) == (2, None)  # b's run predates the warning: not "0 seen"
@@ -204,6 +205,13 @@ def test_sweep_without_matplotlib_lists_only_the_files_it_wrote(tmp_path, tiny_f
     assert (out / "results.csv").is_file() and (out / "results.json").is_file()
 
 
+def test_tables_round_once():
+    """37.3450004 is 37.35: rounded to 4 decimals first (37.3450) it was printed 37.34."""
+    from directpred.sweep.report import _pm, _stats
+
+    assert _pm(_stats([37.3450004, 37.3450004])) == "37.35 ± 0.00"
+
+
 def test_a_flag_count_needs_a_verdict_from_every_finished_seed():
     """A cell mixing runs from before the dimensional-collapse warning with newer ones shows "–", not a count that
     reads the old runs as "not flagged"."""
@@ -241,7 +249,7 @@ def test_report_leaves_nonfinite_runs_out_of_the_means(tmp_path, tiny_folder):
 
     (a,) = res["cells"]
     assert (a["n"], a["nonfinite"]) == (3, [1])
-    assert a["knn_top1"] == {"mean": 52.0, "std": round(statistics.stdev([50.0, 54.0]), 4), "n": 2}
+    assert a["knn_top1"] == {"mean": 52.0, "std": pytest.approx(statistics.stdev([50.0, 54.0])), "n": 2}
     assert a["linear_top1"] == {"mean": 40.0, "std": None, "n": 1}  # seed 2's null is left out, not counted as 0
     assert a["knn_curve"] == [[1, 31.0, 2]]
     assert _strict((out / "results.json").read_text())["cells"][0]["nonfinite"] == [1]
