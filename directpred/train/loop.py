@@ -644,6 +644,11 @@ class Trainer:
             "eigh_fallbacks": int(getattr(self.method.predictor, "eigh_fallbacks", torch.zeros(())).item()),
         }
         summary.update(self.diagnostics.summary())
+        error: Exception | None = None
         if distributed.is_main():
-            atomic_write_json(self.run_dir / "summary.json", summary)
+            try:
+                atomic_write_json(self.run_dir / "summary.json", summary)
+            except Exception as exc:  # a full disk: every process stops with the reason (not in shutdown's barrier)
+                error = exc
+        distributed.share_main_outcome(error, "write summary.json", TrainingError)
         return summary

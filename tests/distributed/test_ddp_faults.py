@@ -4,8 +4,8 @@ A NaN image on rank 1 only, under a GradScaler (enabled on the CPU, as fp16 runs
 on both ranks (the non-finite guard's answer is all-reduced), so the loss scale, the parameters, the EMA target,
 F^ and ``skipped_steps`` stay equal, and with ``update_at=after_step`` the predictor's all-reduce is not entered by
 one rank alone (which hung). A checkpoint rank 0 refuses to write (non-finite weights), a run directory it refuses
-(it holds a run) and data it cannot decode stop every rank with the reason, not rank 0 alone while the others wait
-in a barrier.
+(it holds a run), data it cannot decode and a summary.json it cannot write (a full disk) stop every rank with the
+reason, not rank 0 alone while the others wait in a barrier.
 """
 
 from __future__ import annotations
@@ -119,9 +119,32 @@ def _refused_setup(out: str, overrides: list[str]) -> None:
     torch.save({"error": result, "seconds": time.monotonic() - t0}, f"{out}.{distributed.rank()}")
 
 
+def _full_disk_summary(out: str, overrides: list[str]) -> None:
+    """A run to its end whose summary.json rank 0 cannot write (a full disk)."""
+    from directpred.train import loop
+
+    def no_space(path, obj):
+        raise OSError(28, "No space left on device", str(path))
+
+    write = loop.atomic_write_json
+    if distributed.rank() == 0:
+        loop.atomic_write_json = no_space
+    cfg = load_config(REPO / "configs/cpu/quickstart.yaml", [*overrides, "train.max_steps=1"])
+    t0 = time.monotonic()
+    try:
+        loop.Trainer(cfg, Path(out).parent / "run").fit()
+        result = "no error"
+    except Exception as exc:
+        result = f"{type(exc).__name__}: {exc}"
+    finally:
+        loop.atomic_write_json = write
+    torch.save({"error": result, "seconds": time.monotonic() - t0}, f"{out}.{distributed.rank()}")
+
+
 SCENARIOS = {
     "nan": (_nan_step, "the step after the NaN"),
     "setup": (_refused_setup, "the other rank's setup"),
+    "summary": (_full_disk_summary, "the other rank's summary"),
     "inf": (_inf_save, "the other rank's save"),
 }
 
@@ -161,6 +184,7 @@ def fault_runs(tiny_folder, tmp_path_factory) -> Path:
     (root / "bad.tar.gz").write_bytes(b"\x1f\x8b not a gzip stream")
     jobs.append(("setup", str(root / "rundir" / "result"), common))
     jobs.append(("setup", str(root / "data" / "result"), [*common, f"data.path={root / 'bad.tar.gz'}"]))
+    jobs.append(("summary", str(root / "summary" / "result"), common))
     jobs.append(("inf", str(root / "inf" / "result"), common))
     procs = mp.spawn(_faults_worker, args=(str(root / "store"), jobs), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 150 * len(jobs)
@@ -210,3 +234,14 @@ def test_a_setup_rank_0_fails_stops_every_rank_with_its_reason(fault_runs, case,
     other = "TrainingError" if case == "rundir" else "DataError"
     assert theirs == f"{other}: process 0 could not {what}, so this process stops too: {mine[len(kind) + 2 :]}"
     assert max(seconds0, seconds1) < 30
+
+
+@pytest.mark.slow  # fault_runs: once for the file
+def test_a_summary_rank_0_cannot_write_stops_every_rank_with_its_reason(fault_runs):
+    out = str(fault_runs / "summary" / "result")
+    (mine, seconds0), (theirs, seconds1) = (
+        (r["error"], r["seconds"]) for r in (torch.load(f"{out}.{k}") for k in (0, 1))
+    )
+    assert mine.startswith("OSError: [Errno 28] No space left on device: "), mine
+    assert theirs == f"TrainingError: process 0 could not write summary.json, so this process stops too: {mine[9:]}"
+    assert max(seconds0, seconds1) < 60
