@@ -57,9 +57,10 @@ is allowed. A `predictor.*` option other than its default that the chosen `predi
 ({PREDICTOR_READS}; `update_at` is for all) draws a warning: the run ignores it, though `config.yaml` records it
 (a sweep may set one for cells of several predictors). On `--resume`, only the run's length (`train.epochs`,
 `train.max_steps`), its logging (`train.progress`, `train.log_every`, `log.*`), checkpoint cadence
-(`train.checkpoint_every`, `train.checkpoint_every_steps`), `train.skip_nonfinite`, `train.device`, where the data
-is read (`data.path`, `data.local_copy`, `data.root`, `data.download`, `data.cache_dir`, `data.workers`), `eval.*`
-and `diag.stop_on_collapse` may change; anything else is refused with the difference shown, unless `--force`. A
+(`train.checkpoint_every`, `train.checkpoint_every_steps`), `train.skip_nonfinite`, `train.device`,
+`train.precision` (a resume warns when the precision the run continues in differs from the checkpoint's), where
+the data is read (`data.path`, `data.local_copy`, `data.root`, `data.download`, `data.cache_dir`, `data.workers`),
+`eval.*` and `diag.stop_on_collapse` may change; anything else is refused with the difference shown, unless `--force`. A
 finished run resumed with nothing changed is reported as it is (nothing evaluated or written again). A run's
 `config.yaml` holds every key below with its resolved value. These tables are generated from the field docstrings in
 `directpred/config.py` by `python -m directpred.config_doc`.

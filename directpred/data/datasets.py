@@ -224,7 +224,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if a.dtype.kind == "u":  # I;16, I;16B, I;16L, I;16N
         grey = (a.astype(np.uint16) >> 8).astype(np.uint8)
     else:  # I, F (and a signed 16-bit mode: as I)
-        a = np.nan_to_num(a.astype(np.float64), nan=-np.inf)
+        a = np.where(np.isnan(a), -np.inf, a.astype(np.float64))  # NaN as the minimum; +-inf clipped below
         finite = a[np.isfinite(a)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
         top = 1.0 if im.mode == "F" else 65535.0

@@ -389,13 +389,16 @@ class Trainer:
         self._t_start = time.time()
         if self._resume_diag_state:
             self.diagnostics.load_state_dict(self._resume_diag_state)
+            # A run stopped on collapse, resumed with the stop still on (e.g. to evaluate it otherwise): not one
+            # step more (the stop acted only at the next diagnostics report, up to diag.every steps later).
+            self.collapse_stop = self.diagnostics.collapsed and self.cfg.diag.stop_on_collapse
         self.method.train()
         for cb in self.callbacks:
             cb.on_fit_start(self)
             if cb.state_key and cb.state_key in self._resume_callback_state:
                 cb.load_state_dict(self._resume_callback_state[cb.state_key])
         try:
-            stopped = self._loop()
+            stopped = self.collapse_stop or self._loop()
         except BaseException:
             self.logger.close()  # the trackers' runs end (W&B, MLflow) with the failed run
             raise

@@ -23,6 +23,7 @@ RESUMABLE_CHANGES = (
     "train.checkpoint_every_steps",
     "train.skip_nonfinite",
     "train.device",
+    "train.precision",  # as train.device: the steps to come (a resume warns when it differs from the checkpoint's)
     "data.workers",
     "data.cache_dir",
     "data.root",
@@ -135,7 +136,8 @@ def check_checkpoint_config(run_dir: Path, saved: Config, *, force: bool = False
         raise TrainingError(
             f"{run_dir / 'config.yaml'} differs from the configuration its checkpoint was trained with ({shown}); "
             "config.yaml records what the run trained with: undo the edit and change allowed settings with --set, "
-            "start a new run with the new settings, or pass --force to resume anyway"
+            "start a new run with the new settings, or pass --force to resume anyway (as needed again after a "
+            "--force resume that stopped before its first checkpoint)"
         )
 
 

@@ -242,7 +242,8 @@ def test_a_hand_edited_run_config_is_refused_on_resume_as_its_set_would_be(train
     assert err[-1] == (
         f"directpred: error: {run / 'config.yaml'} differs from the configuration its checkpoint was trained with "
         "(method.ema: 0.996 -> 0.5); config.yaml records what the run trained with: undo the edit and change "
-        "allowed settings with --set, start a new run with the new settings, or pass --force to resume anyway"
+        "allowed settings with --set, start a new run with the new settings, or pass --force to resume anyway (as "
+        "needed again after a --force resume that stopped before its first checkpoint)"
     )
     from directpred.train.checkpoint import load_checkpoint
 

@@ -175,6 +175,12 @@ def test_a_run_stopped_on_collapse_resumed_unchanged_is_left_as_it_is(tiny_overr
     assert "it was stopped on collapse; train on with --set diag.stop_on_collapse=false" in out
     assert (run / "metrics.jsonl").read_bytes() == rows
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == first["steps"]
+    # evaluated otherwise (as a sweep re-run with another eval.* does): evaluated again, still no step more (it
+    # trained up to diag.every steps before the restored verdict stopped it again)
+    assert main(["train", "--resume", str(run), "--set", "eval.knn_k=5"]) == 0
+    again = json.loads((run / "summary.json").read_text())
+    assert (again["steps"], again["stopped_early"], again["knn_k_used"]) == (first["steps"], True, 5)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == first["steps"]
 
 
 class _StopAt(Callback):
@@ -254,3 +260,7 @@ def test_a_resume_where_auto_precision_resolves_otherwise_says_so(tiny_overrides
     with warnings.catch_warnings():  # the same machine again: nothing to say
         warnings.filterwarnings("error", message=".*was trained in")
         Trainer(load_config(None, over + ["train.epochs=3"]), run, resume=True).fit()
+    # the advice works: the command line takes the precision change on resume (as it takes train.device)
+    monkeypatch.setattr(runtime, "cpu_has_amx", lambda: False)
+    assert main(["train", "--resume", str(run), "--set", "train.epochs=4", "--set", "train.precision=bf16"]) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["precision"] == "bfloat16"

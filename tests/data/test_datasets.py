@@ -165,6 +165,11 @@ def test_16_bit_and_float_images_decode_to_the_expected_8_bit_values(tmp_path):
     # Beyond those ranges: stretched from the image's minimum to its maximum.
     assert np.array_equal(_decode(_image_bytes(floats * 1000 - 3, "TIFF"), 0), want)
     assert np.array_equal(_decode(_image_bytes(expected.astype(np.int32) * 1000 - 7, "TIFF"), 0), want)
+    # Non-finite pixels: NaN as the minimum, +-inf clipped to the finite range (+inf made the rest black before).
+    odd = np.array([[0, 0.5, 1, np.inf], [0, 0.5, 1, np.nan], [0, 0.5, 1, -np.inf]], dtype=np.float32)
+    assert _decode(_image_bytes(odd, "TIFF"), 0)[:, :, 0].tolist() == [[0, 128, 255, 255], [0, 128, 255, 0]] + [
+        [0, 128, 255, 0]
+    ]
     # 8-bit images are untouched.
     assert np.array_equal(_decode(_image_bytes(expected, "PNG"), 0), want)
 
