@@ -132,8 +132,8 @@ def test_replay_of_the_committed_runs_matches_training_and_the_documented_flags(
     held-out runs, which logged the warning live, also the step training recorded)."""
     runs = _committed_runs()
     # 47 the levels were chosen on, 8 held out, 24 of the eps sweeps (§1e), 12 of c_j (§1f), 12 of alpha_p (§1g),
-    # 12 of IsoLoss (§1h), 12 of c_j at freq 2 (§1i), 6 of fp32/bf16 on the AMX Xeon (§1j)
-    assert len(runs) == 133
+    # 12 of IsoLoss (§1h), 12 of c_j at freq 2 (§1i), 6 of fp32/bf16 on the AMX Xeon (§1j), 12 of weight decay (§1k)
+    assert len(runs) == 145
     dim_flags = {}
     for run_dir in runs:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -173,6 +173,11 @@ def test_replay_of_the_committed_runs_matches_training_and_the_documented_flags(
         "cpu_isoloss/runs/simsiam_isoloss/seed0": 350,
         "cpu_isoloss/runs/simsiam_isoloss/seed1": 390,
         "cpu_isoloss/runs/simsiam_isoloss/seed2": 300,
+        # Table 5 at CPU scale (§1k): the symmetric predictor without EMA, with decay on W_p only or none
+        "cpu_weight_decay/runs/pred_wd,sym/seed0": 800,
+        "cpu_weight_decay/runs/pred_wd,sym/seed3": 750,
+        "cpu_weight_decay/runs/no_wd,sym/seed0": 1300,
+        "cpu_weight_decay/runs/no_wd,sym/seed3": 800,
     }
 
 
