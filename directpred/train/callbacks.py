@@ -162,6 +162,7 @@ class EvalCallback(Callback):
                 features=features,
             )
             trainer.eval_features = features
+            res.pop("knn_k_used", None)  # the same every epoch: summary.json gives it once
             trainer.knn_history.append({"epoch": epoch, "step": trainer.step, **res})
             trainer.logger.log({"step": trainer.step, "epoch": epoch, **res}, group="eval")
             trainer.method.train()
