@@ -10,10 +10,13 @@ import atexit
 import datetime
 import os
 import sys
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -144,16 +147,24 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def share_main_outcome(error: Exception | None, what: str, error_type: type[Exception]) -> None:
-    """After work that process 0 alone did (``error``: what it raised, or None), every process learns the outcome
-    and stops together: process 0 raises its ``error``, the others ``error_type`` naming ``what`` process 0 could not
-    do. A collective that waits as a barrier would, so no process is left in a barrier (30 minutes) for a peer that
-    has failed. Every process calls it; in a single process it raises ``error`` if any."""
+def on_main(work: Callable[[], T], what: str, error_type: type[Exception]) -> T | None:
+    """Run ``work`` on process 0 alone; every process then learns its outcome and stops together if it failed:
+    process 0 raises its own error, the others ``error_type`` naming ``what`` process 0 could not do. A collective
+    that waits as a barrier would, so no process is left in a barrier (30 minutes) for a peer that has failed. Every
+    process calls it; returns ``work``'s result on process 0, None on the others (in a single process: ``work()``).
+    """
+    result, error = None, None
+    if is_main():
+        try:
+            result = work()
+        except Exception as exc:  # raised below, once the other processes know
+            error = exc
     failed = broadcast_object(None if error is None else f"{error}")
     if error is not None:
         raise error
     if failed is not None:
         raise error_type(f"process 0 could not {what}, so this process stops too: {failed}")
+    return result
 
 
 def barrier() -> None:

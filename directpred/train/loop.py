@@ -185,13 +185,7 @@ class Trainer:
         if data is None and cfg.data.stream:
             data = load_stream_data(cfg.data)  # lists the files (or reads the shards' headers); decodes nothing
         if data is None:  # rank 0 decodes and caches first; the others read its cache, or stop if it failed
-            error: Exception | None = None
-            if distributed.is_main():
-                try:
-                    data = load_data(cfg.data, seed=cfg.train.seed)
-                except Exception as exc:
-                    error = exc
-            distributed.share_main_outcome(error, "load the data", DataError)
+            data = distributed.on_main(lambda: load_data(cfg.data, seed=cfg.train.seed), "load the data", DataError)
             if data is None:
                 data = load_data(cfg.data, seed=cfg.train.seed)
         if isinstance(data, DataBundle) and self.device.type == "cuda" and data.pretrain.images.numel() < 8 * 2**30:
@@ -514,17 +508,15 @@ class Trainer:
         """Write ``checkpoints/last.pt`` (and ``epoch_XXXX.pt`` with ``keep``) atomically, from rank 0 (every
         process calls it). If rank 0 cannot (non-finite weights, a full disk), every process raises."""
         self._skipped_stream_total = self._streamed_skips()
-        error: Exception | None = None
-        if distributed.is_main():
-            try:
-                self.logger.flush()  # every event up to this step survives a later SIGKILL
-                state = self._state()
-                save_checkpoint(self.ckpt_dir / "last.pt", state)
-                if keep:
-                    save_checkpoint(self.ckpt_dir / f"epoch_{state['epoch']:04d}.pt", state)
-            except Exception as exc:  # raised below, once the other processes know (not left in a 30-min barrier)
-                error = exc
-        distributed.share_main_outcome(error, "write the checkpoint", CheckpointError)
+
+        def write() -> None:
+            self.logger.flush()  # every event up to this step survives a later SIGKILL
+            state = self._state()
+            save_checkpoint(self.ckpt_dir / "last.pt", state)
+            if keep:
+                save_checkpoint(self.ckpt_dir / f"epoch_{state['epoch']:04d}.pt", state)
+
+        distributed.on_main(write, "write the checkpoint", CheckpointError)  # not left in a 30-min barrier
         self.last_checkpoint = (self.ckpt_dir / "last.pt", self.step)
 
     _resume_diag_state: dict[str, Any] | None = None
@@ -647,11 +639,8 @@ class Trainer:
             "eigh_fallbacks": int(getattr(self.method.predictor, "eigh_fallbacks", torch.zeros(())).item()),
         }
         summary.update(self.diagnostics.summary())
-        error: Exception | None = None
-        if distributed.is_main():
-            try:
-                atomic_write_json(self.run_dir / "summary.json", summary)
-            except Exception as exc:  # a full disk: every process stops with the reason (not in shutdown's barrier)
-                error = exc
-        distributed.share_main_outcome(error, "write summary.json", TrainingError)
+        # a full disk: every process stops with the reason (not in shutdown's barrier)
+        distributed.on_main(
+            lambda: atomic_write_json(self.run_dir / "summary.json", summary), "write summary.json", TrainingError
+        )
         return summary

@@ -41,13 +41,11 @@ def prepare_run_dir(run_dir: Path, cfg: Config, *, resume: bool, command: str) -
     (new runs) and append the command line to ``command.txt``. Rank 0 does it; every rank waits for it and stops with
     an error if it failed."""
     ckpt_dir = run_dir / "checkpoints"
-    error: Exception | None = None
-    if distributed.is_main():
-        try:
-            _prepare(run_dir, ckpt_dir, cfg, resume=resume, command=command)
-        except Exception as exc:  # raised below, once the other processes know
-            error = exc
-    distributed.share_main_outcome(error, "prepare the run directory", TrainingError)
+    distributed.on_main(
+        lambda: _prepare(run_dir, ckpt_dir, cfg, resume=resume, command=command),
+        "prepare the run directory",
+        TrainingError,
+    )
 
 
 def _prepare(run_dir: Path, ckpt_dir: Path, cfg: Config, *, resume: bool, command: str) -> None:
