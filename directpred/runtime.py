@@ -125,6 +125,14 @@ def describe_hardware(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def hardware_text(hw: dict[str, Any]) -> str:
+    """One line for a :func:`describe_hardware` record: ``CPU (code path, AMX), T of N CPU threads``, or the GPU
+    first."""
+    cpu = f"{hw.get('cpu')} ({hw.get('cpu_capability')}{', AMX' if hw.get('amx') else ', no AMX'})"
+    threads = f"{hw.get('threads')} of {hw.get('cpus')} CPU threads"
+    return f"{hw['gpu']}, {cpu}" if hw.get("gpu") else f"{cpu}, {threads}"
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for ``train.precision`` (None = fp32). ``auto``: bf16 on CUDA GPUs that support it (else fp16)
     and on CPUs with AMX; fp32 elsewhere."""

@@ -74,12 +74,10 @@ def _flagged(done: list[dict[str, Any]], key: str) -> int | None:
 
 def _machine(summary: dict[str, Any]) -> str | None:
     """One line for the hardware a run recorded (``summary.json``'s ``hardware``; None for runs from before it)."""
+    from directpred.runtime import hardware_text  # here: runtime imports torch, which a sweep's start avoids
+
     hw = summary.get("hardware")
-    if not isinstance(hw, dict):
-        return None
-    cpu = f"{hw.get('cpu')} ({hw.get('cpu_capability')}{', AMX' if hw.get('amx') else ', no AMX'})"
-    threads = f"{hw.get('threads')} of {hw.get('cpus')} CPU threads"
-    return f"{hw['gpu']}, {cpu}" if hw.get("gpu") else f"{cpu}, {threads}"
+    return hardware_text(hw) if isinstance(hw, dict) else None
 
 
 def collect(sweep: Sweep, out: Path) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from directpred.data.views import view_recipes
 from directpred.diagnostics.hook import Diagnostics
 from directpred.eval.protocol import evaluate
 from directpred.methods import build_method, ema_momentum
-from directpred.runtime import describe_hardware, git_commit, resolve_device, resolve_precision
+from directpred.runtime import describe_hardware, git_commit, hardware_text, resolve_device, resolve_precision
 from directpred.train.callbacks import Callback, DiagnosticsCallback, StepResult, default_callbacks
 from directpred.train.checkpoint import (
     CheckpointError,
@@ -558,8 +558,8 @@ class Trainer:
         self._warn_if_rescheduled(saved_train.get("epochs"))
         before, now = state.get("precision"), self._precision_name()
         if before is not None and before != now and self.step < self.last_step and distributed.is_main():
-            hw = state.get("hardware") or {}
-            where = f" on {hw.get('cpu')}{' with AMX' if hw.get('amx') else ''}" if hw.get("cpu") else ""
+            hw = state.get("hardware")
+            where = f" on {hardware_text(hw)}" if isinstance(hw, dict) else ""
             setting = {"bfloat16": "bf16", "float16": "fp16"}.get(before, before)
             warnings.warn(
                 f"{path} was trained in {before} up to step {self.step}{where}; train.precision="
