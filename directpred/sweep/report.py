@@ -72,6 +72,15 @@ def _flagged(done: list[dict[str, Any]], key: str) -> int | None:
     return sum(bool(s[key]) for s in done) if done and all(key in s for s in done) else None
 
 
+def shown_path(path: Path) -> str:
+    """``path`` relative to the working directory where it lies under it (``configs/cpu/quickstart.yaml``, the
+    same on every clone), else as given: a report names files the way its reader can find them."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _machine(summary: dict[str, Any]) -> str | None:
     """One line for the hardware a run recorded (``summary.json``'s ``hardware``; None for runs from before it)."""
     from directpred.runtime import hardware_text  # here: runtime imports torch, which a sweep's start avoids
@@ -135,8 +144,8 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
         timing_cells[cell] = {k: _stats([s[k] for s in done if s.get(k) is not None]) for k, _ in TIMING}
     return {
         "sweep": sweep.name,
-        "file": str(sweep.path),
-        "base": str(sweep.base),
+        "file": shown_path(sweep.path),
+        "base": shown_path(sweep.base),
         "seeds": sweep.seeds,
         "metric_note": METRIC_NOTE,
         "paper_note": sweep.paper_note,

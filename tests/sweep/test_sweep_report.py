@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from directpred.sweep import load_sweep, write_reports
+from directpred.sweep.report import collect
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -272,3 +273,16 @@ def test_atomic_write_json_is_strict(tmp_path):
         "c": {"d": [2, None]},
         "e": "NaN",
     }
+
+
+def test_report_names_files_relative_to_the_working_directory(tmp_path, tiny_folder, monkeypatch):
+    """A committed report names ``configs/cpu/quickstart.yaml``, not the absolute path of the clone it ran in; a file
+    outside the working directory keeps its path."""
+    sweep_file = _sweep_file(tmp_path, tiny_folder, [0])
+    monkeypatch.chdir(REPO)
+    res = collect(load_sweep(sweep_file), tmp_path / "out")
+    assert res["base"] == "configs/cpu/quickstart.yaml"
+    assert res["file"] == str(sweep_file)  # tmp_path lies outside the repository
+    monkeypatch.chdir(tmp_path)
+    assert collect(load_sweep(Path("s.yaml")), tmp_path / "out")["file"] == "s.yaml"
+    assert collect(load_sweep(sweep_file), tmp_path / "out")["file"] == "s.yaml"
