@@ -355,7 +355,7 @@ class Trainer:
         self.guard.undo(snapshot)
         self.skipped_steps += 1
         warnings.warn(
-            f"step {self.step}: {fault}; step skipped ({self.skipped_steps} of at most "
+            f"step {self.step + 1}: {fault}; step skipped ({self.skipped_steps} of at most "
             f"{self.cfg.train.skip_nonfinite}, train.skip_nonfinite)",
             RuntimeWarning,
             stacklevel=3,
@@ -364,7 +364,8 @@ class Trainer:
         return StepResult(torch.tensor(float("nan")), lr, m, None, skipped=True)
 
     def _fault_message(self, fault: str) -> str:
-        return fault_message(fault, self.step, self.cfg.optim.lr, self.run_dir, self.last_checkpoint)
+        # The step being taken, numbered as metrics.jsonl and TensorBoard number it (self.step steps are done).
+        return fault_message(fault, self.step + 1, self.cfg.optim.lr, self.run_dir, self.last_checkpoint)
 
     # ------------------------------------------------------------------------------------------------------------
     # The loop

@@ -83,8 +83,8 @@ def test_nan_loss_on_one_rank_skips_the_step_on_every_rank(predictor, update_at,
     differ = [k for k, v in ranks[0]["state"].items() if not torch.equal(v, ranks[1]["state"][k])]
     assert not differ, f"the ranks' weights diverged: {differ[:5]}"
     (own,), (other,) = ranks[1]["warnings"], ranks[0]["warnings"]
-    assert own.startswith(f"step {NAN_STEP}: non-finite loss (nan) on 1 of 2 processes; step skipped")
-    assert other.startswith(f"step {NAN_STEP}: non-finite loss on 1 of 2 processes (this one's was finite: ")
+    assert own.startswith(f"step {NAN_STEP + 1}: non-finite loss (nan) on 1 of 2 processes; step skipped")
+    assert other.startswith(f"step {NAN_STEP + 1}: non-finite loss on 1 of 2 processes (this one's was finite: ")
 
 
 def _inf_save(out: str, overrides: list[str]) -> None:

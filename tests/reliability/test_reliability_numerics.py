@@ -65,9 +65,10 @@ def test_nonfinite_step_stops_with_step_cause_and_last_good_checkpoint(fault, ti
     with pytest.raises(TrainingError) as info:
         trainer.fit()
     msg = str(info.value)
-    assert expected in msg and "at step 5" in msg and "optim.lr" in msg
+    # the step being taken, as metrics.jsonl numbers it: the 6th (index 5), after the checkpoint of step 4
+    assert expected in msg and "at step 6;" in msg and "optim.lr" in msg
     if fault == "predictor input":  # the fault, then the trainer's advice once (not the head's own advice before it)
-        assert msg.startswith("NaN/inf in the predictor's inputs f (the network has diverged) at step 5; training")
+        assert msg.startswith("NaN/inf in the predictor's inputs f (the network has diverged) at step 6; training")
         assert msg.count("resume from") == 1
     assert f"last good checkpoint is {last} (step 4)" in msg and "--resume" in msg
     state = load_checkpoint(last)  # the checkpoint of step 4 is intact and finite
@@ -78,7 +79,7 @@ def test_nonfinite_step_stops_with_step_cause_and_last_good_checkpoint(fault, ti
 def test_nonfinite_before_any_checkpoint_says_so(tiny_overrides, tmp_path):
     trainer = _trainer(tiny_overrides, tmp_path)
     _poison_loss_at(trainer, {0})
-    with pytest.raises(TrainingError, match="at step 0.*No checkpoint was written yet"):
+    with pytest.raises(TrainingError, match="at step 1;.*No checkpoint was written yet"):
         trainer.fit()
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
@@ -91,7 +92,7 @@ def test_skipped_step_changes_nothing_but_the_step_counter(update_at, tiny_overr
     trainer.train_step(trainer._batch(order, 0))
     before = {k: v.clone() for k, v in trainer.method.state_dict().items()}
     momentum = [s["momentum_buffer"].clone() for s in trainer.optimizer.state.values()]
-    with pytest.warns(RuntimeWarning, match=r"step 1: non-finite gradient.*skipped \(1 of at most 1"):
+    with pytest.warns(RuntimeWarning, match=r"^step 2: non-finite gradient.*skipped \(1 of at most 1"):
         res = trainer.train_step(trainer._batch(order, 1))
     assert res.skipped and trainer.step == 2 and trainer.skipped_steps == 1
     after = trainer.method.state_dict()
@@ -103,17 +104,20 @@ def test_skipped_step_changes_nothing_but_the_step_counter(update_at, tiny_overr
 def test_skip_policy_finishes_counts_and_stops_past_its_limit(tiny_overrides, tmp_path):
     trainer = _trainer(tiny_overrides, tmp_path, "train.skip_nonfinite=2")
     _poison_loss_at(trainer, {2, 5})
-    with pytest.warns(RuntimeWarning, match="skipped"):
+    with pytest.warns(RuntimeWarning, match="skipped") as caught:
         summary = trainer.fit()
     assert summary["skipped_steps"] == 2 and summary["steps"] == 8
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_steps"] == 2
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["skipped_steps"] == 2
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] is None for r in rows if r["kind"] == "train"] == [s in (3, 6) for s in range(1, 9)]
+    # the warnings name the skipped steps as metrics.jsonl does
+    warned = [str(w.message).split(":")[0] for w in caught if "step skipped" in str(w.message)]
+    assert warned == [f"step {r['step']}" for r in rows if r["kind"] == "train" and r["loss"] is None]
 
     limited = _trainer(tiny_overrides, tmp_path / "b", "train.skip_nonfinite=1")
     _poison_loss_at(limited, {2, 5})
-    with pytest.warns(RuntimeWarning), pytest.raises(TrainingError, match="non-finite loss.*at step 5"):
+    with pytest.warns(RuntimeWarning), pytest.raises(TrainingError, match="non-finite loss.*at step 6;"):
         limited.fit()
 
 
