@@ -212,6 +212,14 @@ class RunLogger:
         for backend in self.backends:
             backend.log(row, group, step)
 
+    def redo_end_rows(self, step: int) -> None:
+        """Drop the final evaluation's rows logged at ``step`` from ``metrics.jsonl``: a resume that trains no step
+        evaluates again and logs its own, so each ``final`` row has its own step (TensorBoard purged them already, as
+        every event from ``start_step`` on). The ``diag_final`` row stays: such a resume has no step output to
+        report on again."""
+        if self.enabled and self.path.is_file():
+            truncate_metrics(self.path, step, end_rows=True)
+
     def flush(self) -> None:
         """Put the trackers' buffered events on disk (called with each checkpoint, so a SIGKILL loses none of the
         events before it)."""
@@ -224,16 +232,24 @@ class RunLogger:
         self.backends = []
 
 
-def truncate_metrics(path: str | Path, step: int) -> int:
-    """Atomically drop the rows of a ``metrics.jsonl`` logged after ``step`` (and a torn last line); returns how many
-    rows were dropped."""
+END_KINDS = ("final",)  # the final evaluation's rows (a resume that trains no step has no new final report)
+
+
+def truncate_metrics(path: str | Path, step: int, *, end_rows: bool = False) -> int:
+    """Atomically drop the rows of a ``metrics.jsonl`` logged after ``step`` (and a torn last line), and with
+    ``end_rows`` also the final evaluation's rows at ``step`` (:data:`END_KINDS`: a resume that trains nothing
+    evaluates that step again); returns how many rows were dropped."""
     from directpred.train.checkpoint import atomic_write_text
 
     path = Path(path)
     keep, dropped = [], 0
     for line in path.read_text(errors="replace").splitlines():
         row = _metrics_row(line)
-        if row is None or row.get("step", 0) > step:
+        if (
+            row is None
+            or row.get("step", 0) > step
+            or (end_rows and row.get("step", 0) == step and row.get("kind") in END_KINDS)
+        ):
             dropped += 1
         else:
             keep.append(line + "\n")

@@ -228,16 +228,17 @@ class Trainer:
         self._t_start = time.time()
         if self.resume:
             self._load(self.ckpt_dir / "last.pt")
-            if self.step > self.last_step and distributed.is_main():
-                limit, fix = f"train.epochs={cfg.train.epochs} ({self.total_steps} steps)", "a larger train.epochs"
+            if self.step > self.last_step:  # refused on every process (each loaded the same step)
+                limit, fix = f"train.epochs={cfg.train.epochs} ({self.total_steps} steps)", "train.epochs"
                 if cfg.train.max_steps and cfg.train.max_steps < self.total_steps:
-                    limit, fix = f"train.max_steps={cfg.train.max_steps}", "a larger train.max_steps (0: no limit)"
-                warnings.warn(
-                    f"the checkpoint is at step {self.step} (epoch {self.step / self.steps_per_epoch:g}), past "
-                    f"{limit}: nothing is trained or undone, and the final evaluation is of the checkpoint as it "
-                    f"is; to train on, resume with {fix}",
-                    RuntimeWarning,
-                    stacklevel=2,
+                    limit, fix = f"train.max_steps={cfg.train.max_steps}", "train.max_steps"
+                # Evaluating the longer checkpoint under the shorter length would leave a run whose config.yaml
+                # and summary.json disagree (as the sweep refuses to report such a run as a shorter cell).
+                raise ConfigError(
+                    f"{self.run_dir}: the checkpoint is at step {self.step} (epoch "
+                    f"{self.step / self.steps_per_epoch:g}), past {limit}: a run cannot be made shorter. Resume "
+                    f"without changing {fix} to keep it as it is (or with a larger value to train on); evaluate it "
+                    f"with `directpred eval {self.run_dir}`; for a shorter run, start a new one"
                 )
             elif (
                 self.step == self.last_step < self.total_steps
@@ -387,6 +388,8 @@ class Trainer:
             # A run stopped on collapse, resumed with the stop still on (e.g. to evaluate it otherwise): not one
             # step more (the stop acted only at the next diagnostics report, up to diag.every steps later).
             self.collapse_stop = self.diagnostics.collapsed and self.cfg.diag.stop_on_collapse
+        if self.resume and (self.collapse_stop or self.step >= self.last_step):
+            self.logger.redo_end_rows(self.step)  # nothing to train: this step's final evaluation is done again
         self.method.train()
         for cb in self.callbacks:
             cb.on_fit_start(self)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from directpred.cli import main
-from directpred.config import load_config
+from directpred.config import ConfigError, load_config
 from directpred.train import Callback, TrainingInterrupted
 from directpred.train.checkpoint import load_checkpoint
 from directpred.train.logger import read_metrics
@@ -95,26 +95,40 @@ def test_extended_run_forgets_the_first_runs_final_report(tiny_overrides, tmp_pa
             assert da[k] == db[k], k
 
 
-def test_resume_below_the_checkpoint_says_so_and_leaves_the_run_as_it_is(tiny_overrides, tmp_path):
-    """Resuming a finished run with the same train.epochs reports it as it is; with train.epochs below the
-    checkpoint's epoch it warns (naming the step, the key and the fix) and trains or undoes nothing."""
+def test_resume_below_the_checkpoint_is_refused_and_leaves_the_run_as_it_is(tiny_overrides, tmp_path, capsys):
+    """Resuming a finished run with the same train.epochs reports it as it is; with train.epochs (or max_steps) below
+    the checkpoint's step it is refused (naming the step, the key and the ways on), and no file of the run changes:
+    evaluating the longer checkpoint under the shorter length would leave config.yaml and summary.json disagreeing,
+    and every later plain resume evaluating again."""
     run = tmp_path / "r"
     first = Trainer(load_config(None, tiny_overrides + ["train.epochs=2"]), run).fit()
-    before = load_checkpoint(run / "checkpoints" / "last.pt")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="the checkpoint is at step")
-        assert main(["train", "--resume", str(run)]) == 0  # the same epochs: a no-op that reports
+
+    def files() -> dict[str, bytes]:
+        return {str(f.relative_to(run)): f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file()}
+
+    assert main(["train", "--resume", str(run)]) == 0  # the same epochs: a no-op that reports
+    before = files()
     again = json.loads((run / "summary.json").read_text())
     assert again["steps"] == first["steps"] == 16 and again["knn_top1"] == first["knn_top1"]
     expected = (
-        "the checkpoint is at step 16 (epoch 2), past train.epochs=1 (8 steps): nothing is trained or undone, and "
-        "the final evaluation is of the checkpoint as it is; to train on, resume with a larger train.epochs"
+        f"{run}: the checkpoint is at step 16 (epoch 2), past train.epochs=1 (8 steps): a run cannot be made shorter. "
+        "Resume without changing train.epochs to keep it as it is (or with a larger value to train on); evaluate it "
+        f"with `directpred eval {run}`; for a shorter run, start a new one"
     )
-    with pytest.warns(RuntimeWarning, match=re.escape(expected)):  # (the CLI's warning handler would hide it here)
-        reduced = Trainer(load_config(None, tiny_overrides + ["train.epochs=1"]), run, resume=True).fit()
-    assert reduced["steps"] == 16 and reduced["epochs"] == 2 and reduced["knn_top1"] == first["knn_top1"]
-    after = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert after["step"] == 16 and all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        Trainer(load_config(None, tiny_overrides + ["train.epochs=1"]), run, resume=True).fit()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--set", "train.epochs=1"]) == 2
+    assert "past train.epochs=1 (8 steps): a run cannot be made shorter" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--set", "train.max_steps=10", "--force"]) == 2
+    assert "past train.max_steps=10: a run cannot be made shorter" in capsys.readouterr().err
+    # command.txt logs each command given; nothing else of the run changed
+    after = files()
+    assert {k: v for k, v in after.items() if k != "command.txt"} == {
+        k: v for k, v in before.items() if k != "command.txt"
+    }
+    assert main(["train", "--resume", str(run)]) == 0  # still finished as it was
+    assert "had already finished with this configuration" in capsys.readouterr().out
 
 
 def test_a_finished_run_resumed_unchanged_is_left_as_it_is(tiny_overrides, tmp_path, monkeypatch, capsys):
@@ -146,9 +160,13 @@ def test_a_finished_run_resumed_unchanged_is_left_as_it_is(tiny_overrides, tmp_p
     assert evaluated == [] and files() == before and len(finals()) == 1
 
     assert main(["train", "--resume", str(run), "--set", "eval.knn_k=3"]) == 0
-    assert evaluated == [16] and len(finals()) == 2 and "already finished" not in capsys.readouterr().out
+    assert evaluated == [16] and "already finished" not in capsys.readouterr().out
+    # the new evaluation's row replaces the old one at that step (the final report stays: no step was taken)
+    summary = json.loads((run / "summary.json").read_text())
+    assert len(finals()) == 1 and finals()[0]["knn_top1"] == summary["knn_top1"] and summary["knn_k_used"] == 3
+    assert [r["step"] for r in read_metrics(run) if r["kind"] == "diag_final"] == [16]
     assert main(["train", "--resume", str(run)]) == 0  # finished with k=3 now: nothing again
-    assert evaluated == [16] and len(finals()) == 2
+    assert evaluated == [16] and len(finals()) == 1
 
     def killed_finish(self, **kwargs):
         raise KeyboardInterrupt
@@ -180,6 +198,8 @@ def test_a_run_stopped_on_collapse_resumed_unchanged_is_left_as_it_is(tiny_overr
     assert main(["train", "--resume", str(run), "--set", "eval.knn_k=5"]) == 0
     again = json.loads((run / "summary.json").read_text())
     assert (again["steps"], again["stopped_early"], again["knn_k_used"]) == (first["steps"], True, 5)
+    ends = [(r["kind"], r["step"]) for r in read_metrics(run) if r["kind"] in ("final", "diag_final")]
+    assert sorted(ends) == [("diag_final", first["steps"]), ("final", first["steps"])]  # replaced, not added to
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == first["steps"]
 
 
@@ -262,5 +282,7 @@ def test_a_resume_where_auto_precision_resolves_otherwise_says_so(tiny_overrides
         Trainer(load_config(None, over + ["train.epochs=3"]), run, resume=True).fit()
     # the advice works: the command line takes the precision change on resume (as it takes train.device)
     monkeypatch.setattr(runtime, "cpu_has_amx", lambda: False)
-    assert main(["train", "--resume", str(run), "--set", "train.epochs=4", "--set", "train.precision=bf16"]) == 0
+    # (config.yaml still holds the first run's max_steps=3: the Trainer API above does not rewrite it, the CLI does)
+    changes = ["--set", "train.epochs=4", "--set", "train.max_steps=0", "--set", "train.precision=bf16"]
+    assert main(["train", "--resume", str(run), *changes]) == 0
     assert load_checkpoint(run / "checkpoints" / "last.pt")["precision"] == "bfloat16"
