@@ -30,6 +30,21 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+# The optional extras of pyproject.toml and the packages each installs (a test keeps the two in step).
+EXTRAS = {
+    "plot": "matplotlib",
+    "onnx": "onnx onnxscript",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "torchcodec": "torchcodec",
+}
+
+
+def install_hint(extra: str) -> str:
+    """How to install an optional extra: its packages by name, or the extra from a clone of this repository
+    (``pip install 'directpred[plot]'`` would look for directpred on PyPI)."""
+    return f"pip install {EXTRAS[extra]} (or, in a clone of directpred, pip install -e '.[{extra}]')"
+
 
 class ConfigError(ValueError):
     """A configuration key is unknown, has the wrong type, or an impossible value."""
@@ -184,8 +199,8 @@ class DataConfig:
     """Streamed: `cuda` decodes JPEGs on the GPU (nvJPEG) in batches and workers only read files; `auto`: cuda on
     CUDA runs."""
     jpeg_decoder: Literal["auto", "torchcodec", "torchvision"] = "auto"
-    """Streamed with `data.decode=cuda`: the batched JPEG decoder, TorchCodec (`pip install 'directpred[torchcodec]'`,
-    the successor of torchvision's image decoders, which torchvision 0.29 deprecates) or `torchvision.io`; `auto`:
+    """Streamed with `data.decode=cuda`: the batched JPEG decoder, TorchCodec (`pip install torchcodec`, the
+    successor of torchvision's image decoders, which torchvision 0.29 deprecates) or `torchvision.io`; `auto`:
     TorchCodec when it imports. Either gives the same images up to rounding."""
 
 
@@ -312,8 +327,8 @@ class LogConfig:
 
     backends: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
     """Experiment trackers, from rank 0: `tensorboard` (in the run directory), `wandb` (pip install
-    'directpred[wandb]'; online or offline as wandb is set up, e.g. `WANDB_MODE=offline`), `mlflow` (pip install
-    'directpred[mlflow]'; the store of `MLFLOW_TRACKING_URI`, else MLflow's default in the working directory:
+    wandb; online or offline as wandb is set up, e.g. `WANDB_MODE=offline`), `mlflow` (pip install
+    mlflow; the store of `MLFLOW_TRACKING_URI`, else MLflow's default in the working directory:
     `./mlruns` before MLflow 3, `sqlite:///mlflow.db` from 3.0); `[]`: metrics.jsonl only. Each
     gets the rows of metrics.jsonl under `kind/key` (spectra as histograms where the tracker has them), the resolved
     config as run parameters and the run directory's name as the run name; a resumed run continues the same tracker

@@ -13,7 +13,7 @@ import logging
 import sys
 import warnings
 
-from directpred.config import ConfigError
+from directpred.config import ConfigError, install_hint
 
 EPILOG = """examples:
   directpred train configs/cpu/quickstart.yaml --out runs/qs
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = OPTIONAL_PACKAGES[exc.name.split(".")[0]]
             print(
                 f"directpred: error: `directpred {args.command}` needs {exc.name.split('.')[0]}, which is not "
-                f"installed: pip install 'directpred[{extra}]'",
+                f"installed: {install_hint(extra)}",
                 file=sys.stderr,
             )
             return 1

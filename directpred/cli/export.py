@@ -8,13 +8,14 @@ import sys
 
 def run(args: argparse.Namespace) -> int:
     """``directpred export``."""
+    from directpred.config import install_hint
     from directpred.export import export_backbone
 
     if args.onnx:
         try:
             import onnx  # noqa: F401
         except ImportError:
-            print("directpred: error: --onnx needs the onnx package: pip install 'directpred[onnx]'", file=sys.stderr)
+            print(f"directpred: error: --onnx needs the onnx package: {install_hint('onnx')}", file=sys.stderr)
             return 1
     exp = export_backbone(
         args.source, args.out, checkpoint=args.checkpoint, torchscript=args.torchscript, onnx=args.onnx

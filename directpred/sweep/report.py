@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from directpred.config import read_json_object, strict_json
+from directpred.config import install_hint, read_json_object, strict_json
 from directpred.sweep.spec import Sweep
 
 METRICS = (("knn_top1", "kNN top-1"), ("linear_top1", "linear top-1"), ("linear_top1_best", "linear best"))
@@ -302,7 +302,7 @@ def write_reports(sweep: Sweep, out: Path) -> dict[str, Any]:
 
         sweep_figures(res, out)
     else:  # matplotlib is the `plot` extra: the tables do not need it
-        warnings.warn("sweep figures skipped: they need matplotlib (pip install 'directpred[plot]')", stacklevel=2)
+        warnings.warn(f"sweep figures skipped: they need matplotlib ({install_hint('plot')})", stacklevel=2)
     return res
 
 

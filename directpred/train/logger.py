@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 
 from directpred import distributed
-from directpred.config import ConfigError, flatten
+from directpred.config import ConfigError, flatten, install_hint
 
 #: The pip package (and this project's extra) of each tracker.
-BACKEND_PACKAGES = {
-    "tensorboard": ("tensorboard", "tensorboard"),
+BACKEND_PACKAGES = {  # tracker -> (package, extra of pyproject.toml; None: a dependency of directpred itself)
+    "tensorboard": ("tensorboard", None),
     "wandb": ("wandb", "wandb"),
     "mlflow": ("mlflow", "mlflow"),
 }
@@ -36,7 +36,7 @@ def _import_backend(name: str) -> Any:
         package, extra = BACKEND_PACKAGES[name]
         raise ConfigError(
             f"log.backends includes {name!r}, but {package} cannot be imported ({exc}); install it "
-            f"with `pip install 'directpred[{extra}]'` (or `pip install {package}`), or remove "
+            f"with `{install_hint(extra) if extra else f'pip install {package}'}`, or remove "
             f"{name!r} from log.backends"
         ) from None
 

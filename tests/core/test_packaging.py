@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 
 from directpred.cli import OPTIONAL_PACKAGES, main
+from directpred.config import EXTRAS, install_hint
 
 tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 
@@ -71,5 +72,21 @@ def test_missing_optional_package_names_the_extra(tmp_path, monkeypatch, capsys)
     (tmp_path / "run" / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 1.0}\n')
     assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "figs")]) == 1
     assert capsys.readouterr().err.strip() == (
-        "directpred: error: `directpred plot` needs matplotlib, which is not installed: pip install 'directpred[plot]'"
+        "directpred: error: `directpred plot` needs matplotlib, which is not installed: pip install matplotlib (or, "
+        "in a clone of directpred, pip install -e '.[plot]')"
     )
+
+
+def test_install_hints_name_the_extras_of_pyproject():
+    """Every hint names an extra pyproject.toml declares, with exactly the packages it installs (directpred is not on
+    PyPI: ``pip install 'directpred[plot]'`` would fetch another project or nothing)."""
+    _, extras = _requirements()
+    for extra, packages in EXTRAS.items():
+        assert set(packages.split()) == extras[extra], extra
+        assert (
+            install_hint(extra) == f"pip install {packages} (or, in a clone of directpred, pip install -e '.[{extra}]')"
+        )
+    assert set(OPTIONAL_PACKAGES.values()) <= set(EXTRAS)
+    for path in [*(REPO / "directpred").rglob("*.py"), REPO / "README.md", *(REPO / "docs").glob("*.md")]:
+        text = path.read_text()
+        assert "'directpred[" not in text.replace("``pip install 'directpred[plot]'`` would", ""), path

@@ -191,11 +191,12 @@ def test_missing_tracker_package_is_a_clear_error_before_any_work(
     cfg = load_config(None, tiny_overrides + [f"log.backends=[tensorboard, {backend}]"])
     with pytest.raises(ConfigError) as info:
         Trainer(cfg, tmp_path / "run").fit()
-    assert f"pip install 'directpred[{extra}]'" in str(info.value) and "log.backends" in str(info.value)
+    assert f"pip install {backend} (or, in a clone of directpred, pip install -e '.[{extra}]')" in str(info.value)
+    assert "log.backends" in str(info.value)
     assert not (tmp_path / "run").exists()  # nothing was done
     sets = [a for o in tiny_overrides + [f"log.backends=[{backend}]"] for a in ("--set", o)]
     code = main(["train", str(QUICKSTART), "--out", str(tmp_path / "run2"), *sets])
-    assert code == 2 and f"pip install 'directpred[{extra}]'" in capsys.readouterr().err
+    assert code == 2 and f"pip install -e '.[{extra}]'" in capsys.readouterr().err
     assert not (tmp_path / "run2").exists()
 
 
