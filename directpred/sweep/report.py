@@ -218,8 +218,9 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         "## Timing",
         "",
-        "Mean ± std over finished seeds; images/s of the training steps, wall time of the "
-        "whole run (evaluation included).",
+        "Mean ± std over finished seeds; images/s of the training steps; wall s: `summary.json`'s `wall_seconds`, "
+        "from the first step to the end of the evaluation, over all of a run's resumes (start-up not counted: "
+        "imports, data decoding, building the model).",
         "",
         "| cell | " + " | ".join(t for _, t in TIMING) + " |",
         "|---|" + "---|" * len(TIMING),

@@ -176,9 +176,10 @@ class OnlineProbeCallback(Callback):
     Nothing flows back into the model (the features are detached, the classifier starts at zero and draws no random
     numbers), so a run trains the same weights with the probe on or off. A ``probe`` row holds its train top-1
     (percent, over the steps since the previous ``train.log_every`` row) and mean loss every ``train.log_every``
-    steps and at the last step, and its test top-1 on the test features of each periodic kNN evaluation (in-memory
-    data sets). Its weights, optimiser and running counts are in the checkpoint (``state_key``), so a resumed run
-    continues it exactly. In multi-process runs the probe's loss is the mean over the global batch's labelled
+    steps and at the last step, and its test top-1 on the test features of each periodic kNN evaluation and of the
+    final evaluation (in-memory data sets; the final one also in ``summary.json``: ``online_probe_test_top1``). Its
+    weights, optimiser and running counts are in the checkpoint (``state_key``), so a resumed run continues it
+    exactly. In multi-process runs the probe's loss is the mean over the global batch's labelled
     images (the processes' labelled counts may differ) and its counts are summed every step (every process holds the
     global counts, which the checkpoint keeps).
     """
@@ -257,13 +258,19 @@ class OnlineProbeCallback(Callback):
                 self.counts.zero_()  # stop: a resume goes on counting
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+        self.test(trainer, epoch)
+
+    def test(self, trainer: Trainer, epoch: int) -> float | None:
+        """The probe's test top-1 on the test features an evaluation of this step computed
+        (``trainer.eval_features``), logged as a ``probe`` row; None (nothing logged) without a probe or features."""
         feats = trainer.eval_features
-        if self.probe is None or feats is None or feats.get("step") != trainer.step:
-            return
+        if self.probe is None or feats is None or feats.get("step") != trainer.step or "test" not in feats:
+            return None
         with torch.no_grad():
             pred = self.probe(feats["test"].float()).argmax(1).cpu()
         top1 = 100.0 * float((pred == feats["test_labels"].cpu()).float().mean())
         trainer.logger.log({"step": trainer.step, "epoch": epoch, "probe_test_top1": top1}, group="probe")
+        return top1
 
     def state_dict(self) -> dict[str, Any]:
         if self.probe is None or self.optimizer is None:

@@ -11,7 +11,7 @@ import importlib
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -212,13 +212,13 @@ class RunLogger:
         for backend in self.backends:
             backend.log(row, group, step)
 
-    def redo_end_rows(self, step: int) -> None:
-        """Drop the final evaluation's rows logged at ``step`` from ``metrics.jsonl``: a resume that trains no step
-        evaluates again and logs its own, so each ``final`` row has its own step (TensorBoard purged them already, as
-        every event from ``start_step`` on). The ``diag_final`` row stays: such a resume has no step output to
-        report on again."""
+    def drop_rows_at(self, step: int, which: Callable[[dict[str, Any]], bool]) -> None:
+        """Drop the rows at ``step`` for which ``which`` is true from ``metrics.jsonl``, as they will be logged again
+        (:func:`final_evaluation_row`: a resume that trains no step evaluates again; :func:`probe_test_row`: a run
+        extended from an epoch boundary runs that epoch's end again). So each row appears once; TensorBoard purged
+        them already, as every event from ``start_step`` on."""
         if self.enabled and self.path.is_file():
-            truncate_metrics(self.path, step, end_rows=True)
+            truncate_metrics(self.path, step, at_step=which)
 
     def flush(self) -> None:
         """Put the trackers' buffered events on disk (called with each checkpoint, so a SIGKILL loses none of the
@@ -232,13 +232,20 @@ class RunLogger:
         self.backends = []
 
 
-END_KINDS = ("final",)  # the final evaluation's rows (a resume that trains no step has no new final report)
+def probe_test_row(row: dict[str, Any]) -> bool:
+    """The online probe's test top-1 on the features of an evaluation."""
+    return row.get("kind") == "probe" and "probe_test_top1" in row
 
 
-def truncate_metrics(path: str | Path, step: int, *, end_rows: bool = False) -> int:
-    """Atomically drop the rows of a ``metrics.jsonl`` logged after ``step`` (and a torn last line), and with
-    ``end_rows`` also the final evaluation's rows at ``step`` (:data:`END_KINDS`: a resume that trains nothing
-    evaluates that step again); returns how many rows were dropped."""
+def final_evaluation_row(row: dict[str, Any]) -> bool:
+    """A row of the final evaluation: ``final``, and the online probe's test top-1 on its features (a resume that
+    trains no step has no new final report, so ``diag_final`` is not one)."""
+    return row.get("kind") == "final" or probe_test_row(row)
+
+
+def truncate_metrics(path: str | Path, step: int, *, at_step: Callable[[dict[str, Any]], bool] | None = None) -> int:
+    """Atomically drop the rows of a ``metrics.jsonl`` logged after ``step`` (and a torn last line), and the rows at
+    ``step`` for which ``at_step`` is true (rows that will be logged again); returns how many rows were dropped."""
     from directpred.train.checkpoint import atomic_write_text
 
     path = Path(path)
@@ -248,7 +255,7 @@ def truncate_metrics(path: str | Path, step: int, *, end_rows: bool = False) -> 
         if (
             row is None
             or row.get("step", 0) > step
-            or (end_rows and row.get("step", 0) == step and row.get("kind") in END_KINDS)
+            or (at_step is not None and row.get("step", 0) == step and at_step(row))
         ):
             dropped += 1
         else:

@@ -40,7 +40,13 @@ from directpred.diagnostics.hook import Diagnostics
 from directpred.eval.protocol import evaluate
 from directpred.methods import build_method, ema_momentum
 from directpred.runtime import describe_hardware, git_commit, hardware_text, resolve_device, resolve_precision
-from directpred.train.callbacks import Callback, DiagnosticsCallback, StepResult, default_callbacks
+from directpred.train.callbacks import (
+    Callback,
+    DiagnosticsCallback,
+    OnlineProbeCallback,
+    StepResult,
+    default_callbacks,
+)
 from directpred.train.checkpoint import (
     CheckpointError,
     atomic_write_json,
@@ -56,7 +62,7 @@ from directpred.train.faults import (
     TrainingInterrupted,
     fault_message,
 )
-from directpred.train.logger import RunLogger, check_backends
+from directpred.train.logger import RunLogger, check_backends, final_evaluation_row, probe_test_row
 from directpred.train.optim import build_optimizer, load_optimizer_state, lr_factor, set_lr
 from directpred.train.rundir import RESUMABLE_CHANGES, check_resume_config, finished_summary, prepare_run_dir
 
@@ -389,7 +395,7 @@ class Trainer:
             # step more (the stop acted only at the next diagnostics report, up to diag.every steps later).
             self.collapse_stop = self.diagnostics.collapsed and self.cfg.diag.stop_on_collapse
         if self.resume and (self.collapse_stop or self.step >= self.last_step):
-            self.logger.redo_end_rows(self.step)  # nothing to train: this step's final evaluation is done again
+            self.logger.drop_rows_at(self.step, final_evaluation_row)  # nothing to train: evaluated again
         self.method.train()
         for cb in self.callbacks:
             cb.on_fit_start(self)
@@ -428,6 +434,8 @@ class Trainer:
             # Resumed from a stop on an epoch's last step (that epoch's end comes first), or a run that ended on an
             # epoch boundary is extended: its epoch end is run again as an uninterrupted run would have run it
             # (periodic kNN, online probe test, the kept checkpoint with them).
+            if not self.epoch_end_pending:  # the final evaluation's probe test row gives way to the epoch end's
+                self.logger.drop_rows_at(self.step, probe_test_row)
             self.epoch_end_pending = False
             self._end_epoch(self.step // self.steps_per_epoch)
         while self.step < self.last_step:
@@ -614,11 +622,24 @@ class Trainer:
     def finish(self, *, stopped_early: bool = False) -> dict[str, Any]:
         """Final kNN + linear probe; writes ``summary.json`` (rank 0) and returns it."""
         cfg = self.cfg
+        probe = next((cb for cb in self.callbacks if isinstance(cb, OnlineProbeCallback)), None)
+        features: dict[str, Any] | None = {"step": self.step} if cfg.eval.online_probe and probe else None
         results = evaluate(
-            self.method, self.data, cfg, self.device, linear=cfg.eval.linear, autocast_dtype=self.autocast_dtype
+            self.method,
+            self.data,
+            cfg,
+            self.device,
+            linear=cfg.eval.linear,
+            autocast_dtype=self.autocast_dtype,
+            features=features,
         )
         epochs_done = self.step / self.steps_per_epoch
         self.logger.log({"step": self.step, "epoch": math.floor(epochs_done), **results}, group="final")
+        if features is not None and probe is not None:  # the online probe on the final test features
+            self.eval_features = features
+            top1 = probe.test(self, math.floor(epochs_done))
+            if top1 is not None:
+                results["online_probe_test_top1"] = top1
         images = self.step * self.global_batch
         summary: dict[str, Any] = {
             **{k: None for k in ("knn_top1", "linear_top1", "linear_top1_best")},

@@ -3,6 +3,7 @@ state survives a resume exactly."""
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -46,7 +47,11 @@ def test_online_probe_changes_no_weight_and_learns_above_chance(tiny_overrides, 
     train_rows = [r for r in rows if "probe_train_top1" in r]
     test_rows = [r for r in rows if "probe_test_top1" in r]
     assert [r["step"] for r in train_rows] == [8, 16, 24, 32]
-    assert [(r["epoch"], r["step"]) for r in test_rows] == [(1, 8), (2, 16), (3, 24)]
+    # epochs 1-3 on the periodic kNN's features, epoch 4 on the final evaluation's (also in summary.json)
+    assert [(r["epoch"], r["step"]) for r in test_rows] == [(1, 8), (2, 16), (3, 24), (4, 32)]
+    summary = json.loads((tmp_path / "on" / "summary.json").read_text())
+    assert summary["online_probe_test_top1"] == test_rows[-1]["probe_test_top1"]
+    assert "online_probe_test_top1" not in json.loads((tmp_path / "off" / "summary.json").read_text())
     for r in test_rows:  # a share of the 32 test images
         assert abs(r["probe_test_top1"] * 32 / 100 - round(r["probe_test_top1"] * 32 / 100)) < 1e-9
     # 4 classes: chance is 25 %, and a probe at chance over the epoch's 128 images has std 3.8 points, so 33 is two
@@ -65,6 +70,14 @@ def test_online_probe_changes_no_weight_and_learns_above_chance(tiny_overrides, 
     probe = on["callbacks"]["online_probe"]["probe"]
     pred = (feats @ probe["weight"].T + probe["bias"]).argmax(1)
     assert (pred == data.test.labels).float().mean() > 0.4
+    # and it is the final row's figure (up to one of the 32 test images: here the features come in one batch)
+    assert abs(100.0 * float((pred == data.test.labels).float().mean()) - summary["online_probe_test_top1"]) <= 3.2
+
+    # evaluated again on resume (another kNN k): the final evaluation's rows are replaced, not added to
+    assert main(["train", "--resume", str(tmp_path / "on"), "--set", "eval.knn_k=3"]) == 0
+    again = [r for r in _probe_rows(tmp_path / "on") if "probe_test_top1" in r]
+    assert [r["step"] for r in again] == [8, 16, 24, 32] and again[-1] == test_rows[-1]
+    assert [r["step"] for r in read_metrics(tmp_path / "on") if r["kind"] == "final"] == [32]
 
 
 def test_online_probe_resumes_bit_identically(tiny_overrides, tmp_path):
