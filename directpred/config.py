@@ -631,7 +631,8 @@ def validate(cfg: Config) -> None:
         m.isoloss,
         f"IsoLoss passes no gradient to W_p, so it needs a predictor without trainable parameters, set in closed "
         f"form; predictor.name={p.name}, predictor.freq={p.freq} has trainable ones; use predictor.name=directpred, "
-        "directcopy or optimal with predictor.freq=1, or method.isoloss=false",
+        "directcopy or optimal with predictor.freq=1, predictor.name=directpred with predictor.partitions > 0 (any "
+        "freq), predictor.name=none, or method.isoloss=false",
     )
     _check(b.width >= 1, "backbone.width", b.width, "base channel count must be >= 1 (64 is standard)")
     _check(cfg.projector.hidden_dim >= 1, "projector.hidden_dim", cfg.projector.hidden_dim, "must be >= 1")
