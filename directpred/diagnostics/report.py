@@ -135,9 +135,10 @@ def diagnose(target: Path, *, batches: int = 2, use_data: bool = True) -> tuple[
             f"s-weighted = {f('alignment_weighted')}; asymmetry ||W-W^T||/||W|| = {f('asymmetry')}; "
             f"commutator ||[F,W]||/(||F|| ||W||) = {f('commutator', '.3g')}"
         )
+        eps_note = "; DirectPred's eps lowers it" if cfg.predictor.name == "directpred" else ""
         lines.append(
             f"p_j vs s_j (paper: p_j ∝ sqrt(s_j)): log-log slope = {f('p_s_slope')} "
-            "(0.5 for the law; DirectPred's eps lowers it), "
+            f"(0.5 for the law{eps_note}), "
             f"corr(p_j, sqrt(s_j)) = {f('p_sqrt_s_corr')}"
         )
         lines.append("   j       s_j/s_max      p_j   cos(W_p u_j, u_j)")

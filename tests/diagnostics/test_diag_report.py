@@ -85,3 +85,14 @@ def test_checkpoint_whose_config_has_an_unknown_key_names_the_file_and_the_fix(t
         "); it was written by another version of directpred (git commit 0123456789ab): run the command with that "
         "version"
     )
+
+
+@pytest.mark.parametrize("predictor", ["directpred", "linear"])
+def test_the_eps_note_comes_with_directpred_only(predictor, tiny_overrides, tmp_path):
+    """The p_j line says that DirectPred's eps lowers the slope only where W_p is DirectPred's."""
+    over = tiny_overrides + ["train.max_steps=2", f"predictor.name={predictor}"]
+    Trainer(load_config(None, over), tmp_path / "run").fit()
+    _, lines = report.diagnose(tmp_path / "run", batches=1)
+    (line,) = [x for x in lines if x.startswith("p_j vs s_j")]
+    assert ("DirectPred's eps lowers it" in line) == (predictor == "directpred")
+    assert "(0.5 for the law" in line
