@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     saved = read_run_config(run_dir)
     cfg = load_config(None, args.set, base=saved.to_dict())
+    _check_eval_overrides(saved, cfg)
     # The probe runs unless --no-linear, whatever the run's own eval.linear; `--set eval.linear=false` asks the
     # same as --no-linear (it was ignored before). Read against a base with it on, so only the override counts.
     base_on = saved.to_dict()
@@ -105,6 +106,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `directpred eval --set` may change: how the evaluation runs and where it reads the data. The rest describes
+# how the run was trained: changing it would either not load (another backbone) or change nothing (optim.lr) while
+# eval.json records it as if it had.
+EVAL_CHANGES = ("eval.", "data.", "train.device", "train.precision", "train.channels_last", "train.seed")
+
+
+def _check_eval_overrides(saved: Config, cfg: Config) -> None:
+    from directpred.config import diff_configs
+
+    other = [
+        k
+        for k in diff_configs(saved, cfg)
+        if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in EVAL_CHANGES)
+    ]
+    if other:
+        raise ConfigError(
+            f"directpred eval --set {', '.join(other)}: these describe how the run was trained, not how it is "
+            f"evaluated; eval may change {', '.join(a + '*' if a.endswith('.') else a for a in EVAL_CHANGES)} "
+            "(to train otherwise, start a new run)"
+        )
+
+
 def _check_checkpoint_config(ckpt: Path, state: dict, saved: Config, run_dir: Path) -> None:
     """Refuse a ``--checkpoint`` trained with another configuration than ``run_dir``'s (another run's, of the same
     shape, would be evaluated with this run's recipe and written into its ``eval.json``)."""
@@ -144,6 +167,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override evaluation settings, e.g. --set eval.linear_epochs=100",
+        help="override evaluation settings (eval.*, data.*, train.device/precision/channels_last/seed), e.g. "
+        "--set eval.linear_epochs=100",
     )
     p.set_defaults(func=run)

@@ -476,3 +476,18 @@ def test_an_output_path_error_outside_training_names_the_path_not_checkpoints(tr
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith(f"directpred {command}: error: "), err
         assert "checkpoint" not in err[-1] and "give another path there" in err[-1], err[-1]
+
+
+def test_eval_refuses_overrides_of_how_the_run_was_trained(trained, tmp_path, capsys):
+    """`directpred eval --set optim.lr=0.5` evaluated the run unchanged and wrote the override into eval.json as if
+    it had counted; evaluation settings (eval.*, data.*, the device and precision) still change."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    for key in ("optim.lr=0.5", "predictor.name=linear", "backbone.width=8"):
+        assert main(["-q", "eval", str(run), "--no-linear", "--set", key]) == 2
+        err = capsys.readouterr().err
+        assert f"directpred eval --set {key.split('=')[0]}: these describe how the run was trained" in err, err
+        assert "eval may change eval.*, data.*, train.device, train.precision" in err
+    assert not (run / "eval.json").exists()
+    assert main(["-q", "eval", str(run), "--no-linear", "--set", "eval.knn_k=3", "--set", "train.precision=fp32"]) == 0
+    assert json.loads((run / "eval.json").read_text())["overrides"] == ["eval.knn_k=3", "train.precision=fp32"]
