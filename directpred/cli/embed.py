@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 from directpred.config import ConfigError
 
@@ -17,6 +18,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1 (images per forward pass, e.g. 256)")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         raise ConfigError(f"--device {args.device!r}: use auto, cpu, cuda or cuda:N")
+    suffix = Path(args.out).suffix
+    if suffix not in ("", ".npy", ".npz"):  # checked before the work: it wrote X.txt.npy before
+        raise ConfigError(
+            f"--out {args.out}: give a .npy file (the features, with the labels in X.labels.npy beside it) or a .npz "
+            f"file (features, labels, classes, paths); {suffix} is neither"
+        )
     device = resolve_device(args.device, option="--device")  # before any reading: a wrong device fails at once
     exp = read_backbone(args.source, checkpoint=args.checkpoint)
     data, names = read_image_folder(

@@ -195,6 +195,18 @@ def test_embed_refuses_a_split_the_data_does_not_have(layout, split, message, ru
     assert not (tmp_path / "f.npy").exists()
 
 
+def test_embed_refuses_an_output_that_is_neither_npy_nor_npz(run, tmp_path, tiny_folder, capsys):
+    """--out feats.txt wrote feats.txt.npy and feats.txt.labels.npy after the work; now it is refused before it (an
+    extensionless --out still gets .npy)."""
+    argv = ["embed", str(run), "--data", str(tiny_folder), "--split", "train", "--out"]
+    assert main([*argv, str(tmp_path / "feats.txt")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'feats.txt'}: give a .npy file" in err and ".txt is neither" in err
+    assert list(tmp_path.glob("feats*")) == []
+    assert main([*argv, str(tmp_path / "feats")]) == 0
+    assert sorted(p.name for p in tmp_path.glob("feats*")) == ["feats.labels.npy", "feats.npy"]
+
+
 def test_embed_warns_about_images_beside_the_class_folders(run, tmp_path, tiny_folder, capsys):
     data = _layouts(tiny_folder, tmp_path)["loose"]
     assert main(["embed", str(run), "--data", str(data), "--out", str(tmp_path / "f.npz")]) == 0
