@@ -237,6 +237,9 @@ def export_backbone(
     """
     from directpred.train.checkpoint import atomic_write_bytes
 
+    for option, path in (("--out", out), ("--torchscript", torchscript), ("--onnx", onnx)):
+        if path:
+            _check_export_target(Path(path), option)
     exp = read_backbone(source, checkpoint=checkpoint)
     atomic_write_bytes(out, lambda f: torch.save(exp.to_dict(), f))
     example = torch.zeros(2, 3, exp.image_size, exp.image_size)
@@ -258,6 +261,27 @@ def export_backbone(
             dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
         )
     return exp
+
+
+def _is_training_checkpoint(path: Path) -> bool:
+    """Whether ``path`` holds a training checkpoint (a run's state: model, optimiser, step), read lazily (mmap)."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # not a torch file, or one weights_only cannot read: not a training checkpoint of ours
+        return False
+    return isinstance(state, dict) and {"model", "optimizer", "step"} <= state.keys()
+
+
+def _check_export_target(path: Path, option: str) -> None:
+    """Refuse an export target that would overwrite a run's training state: a file in a run's ``checkpoints/``
+    folder, or any file holding a training checkpoint (the run could no longer resume)."""
+    in_run = path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file()
+    if in_run or (path.is_file() and _is_training_checkpoint(path)):
+        what = f"a file in the run {path.parent.parent}'s checkpoints/" if in_run else "a training checkpoint"
+        raise CheckpointError(
+            f"{option} {path} is {what}: the export would overwrite the state the run resumes from; write the export "
+            "elsewhere (e.g. RUN_DIR/backbone.pt)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

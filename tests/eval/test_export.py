@@ -4,6 +4,7 @@ evaluation features."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -420,3 +421,26 @@ def test_embed_of_a_streamed_run_decodes_and_crops_as_its_evaluation(tmp_path, c
         own = torch.cat([f for f, _ in stream_features(net, reader, exp.recipe, decode_size=40)])
     assert main(["embed", str(tmp_path / "b.pt"), "--data", str(folder), "--out", str(tmp_path / "f.npz")]) == 0
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "f.npz")["features"]), own, **TOL)
+
+
+def test_export_refuses_to_overwrite_a_runs_training_state(run, tmp_path, capsys):
+    """`export RUN --out RUN/checkpoints/last.pt` replaced the run's training checkpoint with the export (the run
+    could no longer resume); so did --torchscript onto another run's checkpoint. Refused before any work, naming the
+    file; a copied training checkpoint elsewhere is recognised by its content. An earlier export is overwritten."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    last = copy / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    for option in ("--out", "--torchscript"):
+        out = str(last) if option == "--out" else str(tmp_path / "b.pt")
+        extra = [option, str(last)] if option != "--out" else []
+        assert main(["export", str(run), "--out", out, *extra]) == 1
+        err = capsys.readouterr().err
+        assert f"{option} {last} is a file in the run {copy}'s checkpoints/" in err, err
+    stray = tmp_path / "saved_state.pt"
+    shutil.copy(last, stray)
+    assert main(["export", str(run), "--out", str(stray)]) == 1
+    assert f"--out {stray} is a training checkpoint" in capsys.readouterr().err
+    assert last.read_bytes() == before and stray.read_bytes() == before
+    assert main(["export", str(run), "--out", str(tmp_path / "b.pt")]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "b.pt")]) == 0  # an export is not training state
