@@ -151,7 +151,7 @@ CASES = [
     ("none", "train {tmp}/sweep.yaml --out {tmp}/x", 2, "sweep.yaml is a sweep file (base, variants/axes, seeds), n"),
     ("none", "sweep {quickstart} --out {tmp}/x", 2, "quickstart.yaml is a training config, not a sweep file; train"),
     # a checkpoint that does not fit the configured model (a traceback of load_state_dict before)
-    ("none", "eval {run} --no-linear --set backbone.width=8", 1, "does not fit the configured model (size mismatch"),
+    ("none", "eval {run} --no-linear --set backbone.width=8", 2, "--set backbone.width: these describe how the run"),
     ("none", "train --resume {run} --force --set predictor.name=linear", 1, "does not fit the configured model (Missi"),
     # embed's own flags (a traceback of range() or torch.device before)
     ("none", "embed {run} --data {data} --out {tmp}/f.npy --batch-size 0", 2, "--batch-size 0: must be >= 1"),
@@ -491,3 +491,29 @@ def test_eval_refuses_overrides_of_how_the_run_was_trained(trained, tmp_path, ca
     assert not (run / "eval.json").exists()
     assert main(["-q", "eval", str(run), "--no-linear", "--set", "eval.knn_k=3", "--set", "train.precision=fp32"]) == 0
     assert json.loads((run / "eval.json").read_text())["overrides"] == ["eval.knn_k=3", "train.precision=fp32"]
+
+
+def test_a_run_directory_another_process_writes_is_refused(trained, tmp_path, capsys):
+    """Two `directpred train` into one directory (or a resume beside a running one) both appended to metrics.jsonl
+    and wrote last.pt; the directory is locked while a command writes it, and the second is refused untouched."""
+    import fcntl
+    import os
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "summary.json").unlink()  # not finished: a resume would train and evaluate
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "command.txt"}
+    fd = os.open(run, os.O_RDONLY)  # as a running `directpred train` holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["-q", "train", "--resume", str(run), "--set", "train.max_steps=3"]) == 2
+        assert f"{run} is being written by another directpred process" in capsys.readouterr().err
+        config = str(run / "config.yaml")
+        assert main(["-q", "train", config, "--out", str(run), "--set", "train.max_steps=3"]) == 2
+        assert "is being written by another directpred process" in capsys.readouterr().err
+        after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "command.txt"}
+        assert after == before
+    finally:
+        os.close(fd)
+    assert main(["-q", "train", "--resume", str(run), "--set", "train.max_steps=3"]) == 0  # the lock went with it
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
