@@ -59,13 +59,13 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         failed = execute(sweep, plans, slots=slots, torchrun=args.torchrun or 0)
-    except SweepInterrupted:
+    except SweepInterrupted as exc:
         write_reports(sweep, out)
         print(
             f"sweep interrupted; run the same command again to finish the missing runs ({out / 'results.md'})",
             file=sys.stderr,
         )
-        return 130
+        return 128 + exc.signum  # 130 for SIGINT, 143 for SIGTERM, as directpred train
     finally:
         lock.close()
     write_reports(sweep, out)

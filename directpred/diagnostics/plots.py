@@ -311,7 +311,8 @@ def sweep_figures(res: dict[str, Any], out: Path) -> list[Path]:
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(f"{res['sweep']}: mean ± std over seeds")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no finished run and no paper value: nothing to label
+        ax.legend(fontsize=8)
     paths = [save_figure(fig, out / "results.png")]
 
     fig, axes = new_figure(width=6.0, height=4.2)

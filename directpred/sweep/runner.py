@@ -38,7 +38,12 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 class SweepInterrupted(Exception):
-    """The sweep was asked to stop (SIGINT/SIGTERM); the children were stopped at a checkpoint."""
+    """The sweep was asked to stop (SIGINT/SIGTERM); the children were stopped at a checkpoint. ``signum``: the
+    signal (the command exits with 128 + it, as ``directpred train`` does)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @dataclass
@@ -248,7 +253,7 @@ def execute(
     t_sweep = time.time()
 
     def stop(signum: int, frame: object) -> None:
-        raise SweepInterrupted(signal.Signals(signum).name)
+        raise SweepInterrupted(signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

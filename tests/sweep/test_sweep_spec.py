@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import textwrap
 from pathlib import Path
 
@@ -445,7 +446,7 @@ def test_concurrent_runs_spread_over_the_gpus_before_sharing_one(tmp_path, tiny_
     def popen(cmd, **kw):
         started.append(kw["env"]["CUDA_VISIBLE_DEVICES"])
         if len(started) == 3:  # all three have started: stop the sweep as Ctrl-C would
-            raise runner.SweepInterrupted("SIGINT")
+            raise runner.SweepInterrupted(signal.SIGINT)
         return _RunningProcess()
 
     monkeypatch.setattr(runner.subprocess, "Popen", popen)
@@ -469,3 +470,22 @@ def test_a_devices_index_beyond_the_parents_mask_is_refused_naming_it(tmp_path, 
         "--devices 2: this process sees 2 GPU(s) (CUDA_VISIBLE_DEVICES=4,5); --devices counts the GPUs this process "
         "sees (under CUDA_VISIBLE_DEVICES, its entries): use indices 0 to 1"
     )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_sweep_exits_as_directpred_train_does(signum, tmp_path, tiny_folder, monkeypatch, capsys):
+    """128 + the signal (130 for Ctrl-C, 143 for SIGTERM from Slurm or kill), not 130 for both: a job script can tell
+    them apart as it does for `directpred train`; the report is written and the message says how to go on."""
+    from directpred.cli import sweep as sweep_cli
+
+    def interrupted(*args, **kwargs):
+        raise sweep_cli.SweepInterrupted(signum)
+
+    monkeypatch.setattr(sweep_cli, "execute", interrupted)
+    out = tmp_path / "out"
+    sweep_file = write_sweep(tmp_path, tiny_folder, seeds=[0])
+    assert main(["sweep", str(sweep_file), "--out", str(out), "--devices", "cpu"]) == 128 + signum
+    err = capsys.readouterr().err
+    assert "sweep interrupted; run the same command again" in err
+    assert (out / "results.md").is_file()
+    assert "No artists with labels" not in err  # no run finished: no empty legend (matplotlib warned)
