@@ -150,6 +150,16 @@ def main(argv: list[str] | None = None) -> int:
         from directpred.train.checkpoint import CheckpointError
         from directpred.train.faults import TrainingError
 
+        # numpy's and the CPU's allocation failures (MemoryError; a simulation's n1 = n2 = 100000, say) and CUDA's
+        # (torch.OutOfMemoryError, a RuntimeError)
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+            print(
+                f"directpred: error: out of memory in `directpred {args.command}` ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); use smaller sizes (a smaller batch, data subset "
+                "or simulated n), or a machine with more memory",
+                file=sys.stderr,
+            )
+            return 1
         if isinstance(exc, (DownloadError, urllib.error.URLError)):  # a network failure, never a disk problem
             print(f"directpred: network error: {exc}", file=sys.stderr)
             return 1

@@ -12,6 +12,7 @@ Examples:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -148,8 +149,22 @@ def _rows(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _number(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
 def _series(rows: list[dict[str, Any]], kind: str, key: str, x: str = "step") -> tuple[list, list]:
+    """(x, value) of the ``kind`` rows that have ``key``; a value that is not a number (a hand-edited line) is left
+    out with a warning instead of stopping the figure."""
     pts = [(r[x], r.get(key)) for r in rows if r.get("kind") == kind and key in r and x in r]
+    bad = [p for p in pts if not (_number(p[0]) and _number(p[1]))]
+    if bad:
+        warnings.warn(
+            f"metrics.jsonl: {len(bad)} {kind} row(s) with a {key} or {x} that is not a number (first: {bad[0]!r}) "
+            "left out of the plots",
+            stacklevel=2,
+        )
+        pts = [p for p in pts if _number(p[0]) and _number(p[1])]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -237,7 +252,11 @@ def make_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     written.append(save_figure(fig, out_dir / "overview.png"))
 
     for label, (_, r, _) in runs.items():
-        diag = [row for row in r if row.get("kind") == "diag" and row.get("s")]
+        diag = [
+            row
+            for row in r
+            if row.get("kind") == "diag" and isinstance(row.get("s"), list) and all(map(_number, row["s"]))
+        ]
         fig, axes = new_figure(1, 2, width=5.5, height=3.8)
         if diag:
             steps = [row["step"] for row in diag]

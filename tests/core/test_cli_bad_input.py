@@ -517,3 +517,35 @@ def test_a_run_directory_another_process_writes_is_refused(trained, tmp_path, ca
         os.close(fd)
     assert main(["-q", "train", "--resume", str(run), "--set", "train.max_steps=3"]) == 0  # the lock went with it
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
+
+
+def test_plot_leaves_out_a_hand_edited_non_number_and_memory_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    """A metrics.jsonl value that is not a number stopped `plot` with a ValueError traceback; it is left out with a
+    warning. An allocation failure (numpy's MemoryError, CUDA's OutOfMemoryError) is one line saying what to do."""
+    pytest.importorskip("matplotlib")
+    import torch
+
+    from directpred.diagnostics import plots
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"kind": "train", "step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    rows[1]["loss"] = "abc"
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["plot", str(run), "--out", str(tmp_path / "figs")]) == 0
+    err = capsys.readouterr().err
+    assert "metrics.jsonl: 1 train row(s) with a loss or step that is not a number (first: (2, 'abc'))" in err
+    assert (tmp_path / "figs" / "overview.png").is_file()
+
+    for exc in (MemoryError("Unable to allocate 74.5 GiB"), torch.OutOfMemoryError("CUDA out of memory.\nmore")):
+
+        def fail(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(plots, "make_plots", fail)
+        assert main(["plot", str(run), "--out", str(tmp_path / "figs")]) == 1
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"directpred: error: out of memory in `directpred plot` ({type(exc).__name__}: ")
+        assert line.endswith(
+            "use smaller sizes (a smaller batch, data subset or simulated n), or a machine with more memory"
+        )
