@@ -59,7 +59,8 @@ is allowed. A `predictor.*` option other than its default that the chosen `predi
 `train.max_steps`), its logging (`train.progress`, `train.log_every`, `log.*`), checkpoint cadence
 (`train.checkpoint_every`, `train.checkpoint_every_steps`), `train.skip_nonfinite`, `train.device`,
 `train.precision` (a resume warns when the precision the run continues in differs from the checkpoint's), where
-the data is read (`data.path`, `data.local_copy`, `data.root`, `data.download`, `data.cache_dir`, `data.workers`),
+the data is read (`data.path`, `data.local_copy`, `data.root`, `data.download`, `data.cache_dir`, `data.workers`:
+the same data moved; other data, with another image count, class list, image size or steps per epoch, is refused),
 `eval.*` and `diag.stop_on_collapse` may change; anything else is refused with the difference shown, unless `--force`. A
 finished run resumed with nothing changed is reported as it is (nothing evaluated or written again); one resumed
 with another `eval.*` is evaluated again (its new `final` row in `metrics.jsonl` replaces the old one); the length

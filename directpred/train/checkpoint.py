@@ -151,9 +151,11 @@ def recovery_hint(path: Path) -> str:
             return "the run keeps no other checkpoint; replace it with an intact copy"
         return f"use another checkpoint of the run: {', '.join(str(p) for p in others[-5:])}"
     if not kept:
+        # a finished run's summary.json goes too: a new run is refused where one is (it would overwrite it)
+        summary = f" {run / 'summary.json'}" if (run / "summary.json").is_file() else ""
         return (
-            f"the run keeps no earlier checkpoint (checkpoints/epoch_*.pt), so it must start again: `rm {path} && "
-            f"directpred train {run / 'config.yaml'} --out {run}`"
+            "the run keeps no earlier checkpoint (checkpoints/epoch_*.pt), so it must start again: "
+            f"`rm {path}{summary} && directpred train {run / 'config.yaml'} --out {run}`"
         )
     shown = ", ".join(p.name for p in kept[-5:]) + (f" ({len(kept)} in all)" if len(kept) > 5 else "")
     return (

@@ -493,6 +493,7 @@ class Trainer:
             "global_batch": self.global_batch,
             "world_size": self.world,
             "image_size": self.data.image_size,  # rebuilds the test-time transform (directpred export/embed)
+            "data": self._data_record(),  # what the data order and the probe depend on: a resume checks it
             "train_seconds": self.train_seconds,
             "wall_seconds": self.wall_before + (time.time() - self._t_start),
             "knn_history": self.knn_history,
@@ -531,6 +532,47 @@ class Trainer:
         distributed.on_main(write, "write the checkpoint", CheckpointError)  # not left in a 30-min barrier
         self.last_checkpoint = (self.ckpt_dir / "last.pt", self.step)
 
+    def _data_record(self) -> dict[str, Any]:
+        """What the run's data order (and the online probe's shape) depends on, beyond the global batch: recorded in
+        the checkpoint, so that a resume on other data (``data.path`` may change, to a moved copy) is refused."""
+        return {
+            "train_images": len(self.data.pretrain),
+            "classes": list(self.data.train.classes),
+            "image_size": self.data.image_size,
+            "steps_per_epoch": self.steps_per_epoch,
+        }
+
+    def _check_same_data(self, saved: Any, path: Path) -> None:
+        """Refuse to resume the checkpoint ``path`` on data other than it was trained on (its ``data`` record):
+        steps would be reinterpreted inside epochs of another size, and the online probe would not fit. A checkpoint
+        written before the record is not checked."""
+        if not isinstance(saved, dict):
+            return
+        now = self._data_record()
+        changed = [
+            f"{what} {saved[key]} -> {now[key]}"
+            for key, what in (
+                ("train_images", "training images"),
+                ("image_size", "image size"),
+                ("steps_per_epoch", "steps per epoch"),
+            )
+            if key in saved and saved[key] != now[key]
+        ]
+        before = saved.get("classes")
+        if isinstance(before, list) and before != now["classes"]:
+            if len(before) != len(now["classes"]):
+                changed.append(f"classes {len(before)} -> {len(now['classes'])}")
+            else:
+                names = [f"{a!r} -> {b!r}" for a, b in zip(before, now["classes"]) if a != b]
+                changed.append("class names " + ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""))
+        if changed:
+            d = self.cfg.data
+            source = f"data.path={d.path}" if d.path else f"data.dataset={d.dataset} in data.root={d.root}"
+            raise TrainingError(
+                f"{path} was trained on other data than {source} holds ({'; '.join(changed)}); resume with the "
+                "run's own data (data.path may change only to a moved copy of it), or start a new run on this data"
+            )
+
     _resume_diag_state: dict[str, Any] | None = None
     _resume_callback_state: dict[str, Any] = {}
 
@@ -544,6 +586,7 @@ class Trainer:
                 f"({state['world_size']} process(es)); now it would be {self.global_batch}. Resume "
                 "with the same batch_size x number of processes so the data order is unchanged"
             )
+        self._check_same_data(state.get("data"), path)
         load_model_state(self.method, state["model"], path)
         check_param_groups(
             self.optimizer, state["optimizer"], path, saved_config=state.get("config"), config=self.cfg.to_dict()

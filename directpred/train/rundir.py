@@ -37,9 +37,10 @@ RESUMABLE_CHANGES = (
 
 
 def prepare_run_dir(run_dir: Path, cfg: Config, *, resume: bool, command: str) -> None:
-    """Check that ``run_dir`` holds a run to resume (or none to overwrite) and is writable; write ``config.yaml``
-    (new runs) and append the command line to ``command.txt``. Rank 0 does it; every rank waits for it and stops with
-    an error if it failed."""
+    """Check that ``run_dir`` holds a run to resume (or, for a new run, none: at most one killed before its first
+    checkpoint, which is started over; never a finished run's ``summary.json`` or a ``config.yaml`` no run wrote) and
+    is writable; write ``config.yaml`` (new runs) and append the command line to ``command.txt``. Rank 0 does it;
+    every rank waits for it and stops with an error if it failed."""
     ckpt_dir = run_dir / "checkpoints"
     distributed.on_main(
         lambda: _prepare(run_dir, ckpt_dir, cfg, resume=resume, command=command),
@@ -59,8 +60,15 @@ def _prepare(run_dir: Path, ckpt_dir: Path, cfg: Config, *, resume: bool, comman
             f"to continue from the latest, copy it to {ckpt_dir / 'last.pt'} and run "
             f"`directpred train --resume {run_dir}`" + ("" if resume else ", or choose another --out")
         )
+    summary = run_dir / "summary.json"
     if resume:
         if not (ckpt_dir / "last.pt").is_file():
+            if summary.is_file():  # finished, then its checkpoints were removed: starting it again would lose it
+                raise TrainingError(
+                    f"nothing to resume in {run_dir}: it holds a finished run ({summary}) whose checkpoints/last.pt "
+                    f"is gone; to train it again, start a new run with `directpred train {run_dir / 'config.yaml'} "
+                    "--out OTHER_DIR` (or remove the directory first)"
+                )
             raise TrainingError(
                 f"nothing to resume in {run_dir}: no checkpoints/last.pt (the run stopped before its first "
                 f"checkpoint); start it again with `directpred train {run_dir / 'config.yaml'} --out {run_dir}`"
@@ -69,6 +77,17 @@ def _prepare(run_dir: Path, ckpt_dir: Path, cfg: Config, *, resume: bool, comman
         raise TrainingError(
             f"{run_dir} already holds a run; continue it with "
             f"`directpred train --resume {run_dir}` or choose another --out"
+        )
+    elif summary.is_file():  # a run killed before its first checkpoint has none: it may be started over
+        raise TrainingError(
+            f"{run_dir} already holds a finished run ({summary}; its checkpoints/last.pt is gone) that a new run "
+            f"would overwrite; choose another --out, or remove {run_dir} to start over there"
+        )
+    elif (run_dir / "config.yaml").is_file() and not (run_dir / "command.txt").is_file():
+        # every run writes both: this config.yaml is someone's file, not a run's
+        raise TrainingError(
+            f"{run_dir} holds a config.yaml that no run wrote (no command.txt beside it) and a new run would "
+            "overwrite it; choose another --out (an empty or new directory)"
         )
     # Fail before any work rather than at the first checkpoint (also on resume: the disk may be full now).
     try:

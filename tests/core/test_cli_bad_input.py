@@ -80,6 +80,8 @@ DAMAGE = {
     "missing": lambda run: shutil.rmtree(run),
     "no_config": lambda run: (run / "config.yaml").unlink(),
     "no_checkpoint": lambda run: shutil.rmtree(run / "checkpoints"),
+    # killed before its first checkpoint: no summary.json either
+    "not_started": lambda run: (shutil.rmtree(run / "checkpoints"), (run / "summary.json").unlink()),
     "empty_checkpoint": lambda run: (run / CKPT).write_bytes(b""),
     "random_checkpoint": lambda run: (run / CKPT).write_bytes(np.random.default_rng(0).bytes(4096)),
     # bytes that start like torch.save's legacy pickle format and then go wrong
@@ -165,7 +167,9 @@ CASES = [
     ),
     ("none", "embed {run} --data {quickstart} --out {tmp}/f.npy", 1, "quickstart.yaml is a file, not a folder or"),
     # resume: nothing to resume, or a change that cannot be resumed (the difference in the same line)
-    ("no_checkpoint", "train --resume {run}", 1, "first checkpoint); start it again with `directpred train"),
+    ("not_started", "train --resume {run}", 1, "first checkpoint); start it again with `directpred train"),
+    ("no_checkpoint", "train --resume {run}", 1, "a finished run ({tmp}/run/summary.json) whose checkpoints"),
+    ("no_checkpoint", "train {run}/config.yaml --out {run}", 1, "holds a finished run ({tmp}/run/summary.json;"),
     ("none", "train --resume {run} --set backbone.width=8", 1, "configuration (backbone.width: 4 -> 8). Only these"),
     # flags that a new run or a resume would silently ignore
     ("none", "train --resume {run} --out {tmp}/other", 2, "with --resume: a resumed run continues in its own"),
@@ -257,11 +261,54 @@ def test_the_hint_for_a_run_without_checkpoint_works(trained, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     shutil.rmtree(run / "checkpoints")
+    (run / "summary.json").unlink()  # killed before its first checkpoint: no summary either
     assert main(["-q", "train", "--resume", str(run)]) == 1
     hint = capsys.readouterr().err.strip().splitlines()[-1].split("start it again with `")[1].rstrip("`")
     assert hint == f"directpred train {run / 'config.yaml'} --out {run}"
     assert main(["-q", *hint.split()[1:]]) == 0
     assert (run / CKPT).is_file()
+
+
+def test_a_new_run_over_a_finished_run_or_a_foreign_config_is_refused(trained, tmp_path, capsys):
+    """A finished run whose checkpoints/ was removed, and a directory holding someone's config.yaml: a new run into
+    either overwrote config.yaml (and metrics.jsonl, summary.json) without a word. Both are refused before any file
+    changes, naming what is there and the ways on; --resume of the finished run says it cannot be resumed, and its
+    hint (another directory) works."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    shutil.rmtree(run / "checkpoints")
+
+    def files(d: Path) -> dict[str, bytes]:
+        return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
+
+    before = files(run)
+    config = run / "config.yaml"
+    assert main(["-q", "train", str(config), "--out", str(run), "--set", "train.max_steps=1"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"directpred: error: {run} already holds a finished run ({run / 'summary.json'}; its checkpoints/last.pt is "
+        f"gone) that a new run would overwrite; choose another --out, or remove {run} to start over there"
+    )
+    assert main(["-q", "train", "--resume", str(run)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        f"directpred: error: nothing to resume in {run}: it holds a finished run ({run / 'summary.json'}) whose "
+        f"checkpoints/last.pt is gone; to train it again, start a new run with `directpred train {config} --out "
+        "OTHER_DIR` (or remove the directory first)"
+    )
+    assert files(run) == before  # command.txt included: refused before it is written
+    hint = err.split("start a new run with `")[1].split("`")[0].replace("OTHER_DIR", str(tmp_path / "again"))
+    assert main(["-q", *hint.split()[1:], "--set", "train.max_steps=1"]) == 0
+    assert (tmp_path / "again" / CKPT).is_file() and files(run) == before
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "config.yaml").write_text("# my settings\n")
+    assert main(["-q", "train", str(config), "--out", str(foreign)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"directpred: error: {foreign} holds a config.yaml that no run wrote (no command.txt beside it) and a new "
+        "run would overwrite it; choose another --out (an empty or new directory)"
+    )
+    assert files(foreign) == {"config.yaml": b"# my settings\n"}
 
 
 def _damage_metrics(run: Path) -> list[str]:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_folder
 
 from directpred.cli import main
 from directpred.config import ConfigError, load_config
@@ -75,6 +77,57 @@ def test_run_extended_from_an_epoch_boundary_equals_uninterrupted(how, tiny_over
     assert _epoch_rows(tmp_path / "part") == rows
     for name in ("epoch_0001.pt", "epoch_0002.pt", "epoch_0003.pt", "last.pt"):
         _assert_same_checkpoint(tmp_path / "full" / "checkpoints" / name, tmp_path / "part" / "checkpoints" / name)
+
+
+@pytest.mark.parametrize("record", ["written", "absent"])
+def test_a_resume_on_moved_data_equals_uninterrupted_and_on_other_data_is_refused(
+    record, tiny_overrides, tiny_folder, tmp_path, capsys
+):
+    """data.path may change on resume, for a moved copy of the data: the run then ends as the uninterrupted one. Other
+    data (48 images in 3 classes instead of 128 in 4) was taken before, its steps reinterpreted inside epochs of
+    another size (or, with the online probe, a size-mismatch traceback): the checkpoint records what the data order
+    depends on and the resume is refused, naming the change and the ways on, with no file of the run changed. A
+    checkpoint written before the record (``absent``) still resumes."""
+    common = tiny_overrides + ["eval.online_probe=true", "train.epochs=2"]  # 128 images, batch 16: 8 steps an epoch
+    Trainer(load_config(None, common), tmp_path / "full").fit()
+    run = tmp_path / "part"
+    Trainer(load_config(None, common + ["train.max_steps=5"]), run).fit()  # stopped mid-epoch 1
+    ckpt = run / "checkpoints" / "last.pt"
+    if record == "absent":  # as written by an earlier version
+        state = torch.load(ckpt, weights_only=True)
+        assert state.pop("data") == {
+            "train_images": 128,
+            "classes": ["class0", "class1", "class2", "class3"],
+            "image_size": 32,
+            "steps_per_epoch": 8,
+        }
+        torch.save(state, ckpt)
+    else:
+        other = write_folder(tmp_path / "other", n_train=16, n_test=4, n_classes=3)
+
+        def files() -> dict[str, bytes]:
+            return {str(f.relative_to(run)): f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file()}
+
+        before = files()
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run), "--set", "train.max_steps=0", "--set", f"data.path={other}"]) == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"directpred: error: {ckpt} was trained on other data than data.path={other} holds (training images "
+            "128 -> 48; steps per epoch 8 -> 3; classes 4 -> 3); resume with the run's own data (data.path may "
+            "change only to a moved copy of it), or start a new run on this data"
+        )
+        after = files()  # command.txt logs each command given
+        assert {k: v for k, v in after.items() if k != "command.txt"} == {
+            k: v for k, v in before.items() if k != "command.txt"
+        }
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_folder, moved)
+    assert main(["train", "--resume", str(run), "--set", "train.max_steps=0", "--set", f"data.path={moved}"]) == 0
+    assert f"path: {moved}" in (run / "config.yaml").read_text()
+    _assert_same_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt", ckpt)
+    full, resumed = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("full", "part"))
+    assert resumed["steps"] == full["steps"] == 16 and resumed["knn_top1"] == full["knn_top1"]
+    assert resumed["online_probe_test_top1"] == full["online_probe_test_top1"]
 
 
 def test_extended_run_forgets_the_first_runs_final_report(tiny_overrides, tmp_path):

@@ -117,6 +117,34 @@ def test_shards_train_as_the_folder_and_mid_epoch_resume_is_exact(tiny_overrides
     _same(tmp_path / "folder", tmp_path / "part")
 
 
+def test_a_streamed_resume_on_other_data_is_refused_and_on_a_moved_copy_is_exact(
+    tiny_overrides, jpegs, tmp_path, capsys
+):
+    """Streamed data records the same as in-memory data in the checkpoint: a resume reading other files (16 images in
+    4 classes instead of 30 in 3) is refused before a step, naming the change; a moved copy resumes exactly."""
+    base = stream_overrides(tiny_overrides, jpegs) + ["train.epochs=2"]  # 30 images, batch 8: 3 steps an epoch
+    Trainer(load_config(None, base), tmp_path / "full").fit()
+    run = tmp_path / "part"
+    Trainer(load_config(None, base + ["train.max_steps=4"]), run).fit()  # stops mid-epoch 2
+    other = write_mixed_folder(tmp_path / "other", n_per_class=4, classes=4)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--set", "train.max_steps=0", "--set", f"data.path={other}"]) == 1
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"directpred: error: {run / 'checkpoints' / 'last.pt'} was trained on other data than data.path={other} "
+            "holds (training images 30 -> 16; steps per epoch 3 -> 2; classes 3 -> 4); resume with the run's own data"
+        )
+    )
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+    shutil.copytree(jpegs, tmp_path / "moved")
+    args = ["--set", "train.max_steps=0", "--set", f"data.path={tmp_path / 'moved'}"]
+    assert main(["train", "--resume", str(run), *args]) == 0
+    _same(tmp_path / "full", run)
+
+
 def test_knn_stream_equals_the_in_memory_classifier():
     g = torch.Generator().manual_seed(0)
     f_train, y_train = torch.randn(300, 16, generator=g), torch.randint(0, 5, (300,), generator=g)

@@ -115,6 +115,13 @@ def test_a_damaged_last_pt_names_the_kept_checkpoints_that_exist_or_the_command_
         "; the run keeps no earlier checkpoint (checkpoints/epoch_*.pt), so it must start again: "
         f"`rm {folder / 'last.pt'} && directpred train {run / 'config.yaml'} --out {run}`"
     )
+    (run / "summary.json").write_text("{}")  # a finished run: a new run is refused while its summary is there
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(folder / "last.pt")
+    assert str(info.value).endswith(
+        f"so it must start again: `rm {folder / 'last.pt'} {run / 'summary.json'} && directpred train "
+        f"{run / 'config.yaml'} --out {run}`"
+    )
     for epoch in (10, 20):
         save_checkpoint(folder / f"epoch_{epoch:04d}.pt", {"model": {"w": torch.zeros(2)}, "step": epoch})
     with pytest.raises(CheckpointError) as info:
