@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -191,6 +192,9 @@ def load_checkpoint(
             "checkpoints/last.pt or epoch_XXXX.pt) or `directpred export`"
             + (f"; if something overwrote a run's checkpoint, {earlier}" if in_run else "")
         )
+    changed = _zip_crc_failure(path)  # torch.load never checks the members' CRC-32: changed tensor bytes load
+    if changed is not None:
+        raise CheckpointError(f"{path} is a damaged checkpoint, cut short or with changed bytes ({changed}); {earlier}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt or foreign file
@@ -218,6 +222,26 @@ def load_checkpoint(
         )
         raise CheckpointError(f"{path} is {what}; give a training run's checkpoints/last.pt or epoch_XXXX.pt")
     return state
+
+
+def _zip_crc_failure(path: Path) -> str | None:
+    """Why the zip archive ``path`` (torch.save's format) fails its own checksums: the member whose bytes no longer
+    match the CRC-32 recorded when it was written, or the member header found damaged while reading them all; None
+    when every member matches, or when ``path`` is no zip archive, or one too damaged to list (cut short), which
+    :func:`torch.load` then refuses with its own reason. Reads the whole file once."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return None  # torch.save's legacy pickle format: no checksums to check
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return None
+    with archive:
+        try:
+            bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as exc:
+            return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    return None if bad is None else f"the bytes of {bad} do not match the CRC-32 recorded when it was written"
 
 
 _MAGIC = (
