@@ -151,7 +151,7 @@ CASES = [
     ("none", "train {tmp}/sweep.yaml --out {tmp}/x", 2, "sweep.yaml is a sweep file (base, variants/axes, seeds), n"),
     ("none", "sweep {quickstart} --out {tmp}/x", 2, "quickstart.yaml is a training config, not a sweep file; train"),
     # a checkpoint that does not fit the configured model (a traceback of load_state_dict before)
-    ("none", "eval {run} --no-linear --set backbone.width=8", 1, "does not fit the configured model (size mismatch"),
+    ("none", "eval {run} --no-linear --set backbone.width=8", 2, "--set backbone.width: these describe how the run"),
     ("none", "train --resume {run} --force --set predictor.name=linear", 1, "does not fit the configured model (Missi"),
     # embed's own flags (a traceback of range() or torch.device before)
     ("none", "embed {run} --data {data} --out {tmp}/f.npy --batch-size 0", 2, "--batch-size 0: must be >= 1"),
