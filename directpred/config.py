@@ -915,6 +915,15 @@ def read_json_object(path: Path, consequence: str) -> dict[str, Any] | None:
     return data
 
 
+def run_holding(file: str | Path) -> Path | None:
+    """The run directory (one with a ``config.yaml``) that holds ``file`` in it or in a folder of it (a checkpoint
+    under ``RUN/checkpoints/``); None when neither its folder nor that folder's parent is one."""
+    for folder in list(Path(file).parents)[:2]:
+        if (folder / "config.yaml").is_file():
+            return folder
+    return None
+
+
 def read_run_config(run_dir: str | Path) -> Config:
     """The validated configuration of a run directory: its ``config.yaml``, written by ``directpred train``.
 
@@ -923,6 +932,12 @@ def read_run_config(run_dir: str | Path) -> Config:
             refuses; the message names the file and the fix.
     """
     cfg_file = Path(run_dir) / "config.yaml"
+    if Path(run_dir).is_file():  # e.g. RUN/checkpoints/last.pt: "no such directory" said it did not exist
+        run = run_holding(run_dir)
+        raise ConfigError(
+            f"{run_dir} is a file, not a run directory; give the run directory made by `directpred train`"
+            + (f" that holds it ({run})" if run is not None else "")
+        )
     if not Path(run_dir).is_dir():
         raise ConfigError(f"{run_dir}: no such directory; give a run directory made by `directpred train`")
     if not cfg_file.is_file():

@@ -241,14 +241,14 @@ def export_backbone(
         if path:
             _check_export_target(Path(path), option)
     exp = read_backbone(source, checkpoint=checkpoint)
-    atomic_write_bytes(out, lambda f: torch.save(exp.to_dict(), f))
+    atomic_write_bytes(out, lambda f: torch.save(exp.to_dict(), f), retry="run the command again")
     example = torch.zeros(2, 3, exp.image_size, exp.image_size)
     if torchscript:
         net = exp.build()
         with warnings.catch_warnings():  # torch.jit is deprecated upstream but still the portable C++/mobile format
             warnings.simplefilter("ignore", FutureWarning)
             traced = torch.jit.trace(net, example)
-            atomic_write_bytes(torchscript, lambda f: torch.jit.save(traced, f))
+            atomic_write_bytes(torchscript, lambda f: torch.jit.save(traced, f), retry="run the command again")
     if onnx:
         import onnx as _onnx  # noqa: F401 - fail early with ImportError when the exporter cannot run
 

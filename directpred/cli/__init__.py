@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         import urllib.error
 
         from directpred.data.datasets import DataError, DownloadError
-        from directpred.train.checkpoint import CheckpointError
+        from directpred.train.checkpoint import CheckpointError, file_in_the_way
         from directpred.train.faults import TrainingError
 
         # numpy's and the CPU's allocation failures (MemoryError; a simulation's n1 = n2 = 100000, say) and CUDA's
@@ -165,6 +165,15 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if isinstance(exc, (DataError, CheckpointError, TrainingError, FloatingPointError)):
             print(f"directpred: error: {worker_message(exc)}", file=sys.stderr)
+            return 1
+        # an --out inside a file: "File exists (afile)" named neither the file nor the fix
+        if isinstance(exc, (FileExistsError, NotADirectoryError)) and (in_the_way := file_in_the_way(exc)):
+            inside = f" ({exc.filename} would be inside it)" if str(in_the_way) != str(exc.filename) else ""
+            print(
+                f"directpred {args.command}: error: {in_the_way} is a file, not a directory{inside}: give another "
+                "path (a directory, or one to create), or move the file away, and run the command again",
+                file=sys.stderr,
+            )
             return 1
         if isinstance(exc, OSError) and args.command == "train":  # a full disk while logging: checkpoints are atomic
             print(

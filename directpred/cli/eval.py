@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     from directpred.backbones import resolve_channels_last
     from directpred.cli.train import command_line
-    from directpred.config import load_config, read_json_object, read_run_config
+    from directpred.config import load_config, read_json_object, read_run_config, run_holding
     from directpred.data.datasets import DataBundle, load_data
     from directpred.data.stream import StreamData, load_stream_data
     from directpred.eval.protocol import evaluate
@@ -51,6 +51,12 @@ def run(args: argparse.Namespace) -> int:
     from directpred.train.checkpoint import atomic_write_json, load_checkpoint, load_model_state
 
     run_dir = Path(args.run_dir)
+    if run_dir.is_file():  # a checkpoint given where its run goes
+        run = run_holding(run_dir)
+        raise ConfigError(
+            f"{run_dir} is a file, not a run directory; give the run directory made by `directpred train`, and the "
+            f"checkpoint with --checkpoint: `directpred eval {run or 'RUN_DIR'} --checkpoint {run_dir}`"
+        )
     saved = read_run_config(run_dir)
     cfg = load_config(None, args.set, base=saved.to_dict())
     _check_eval_overrides(saved, cfg)
@@ -91,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
             "overrides": list(args.set),  # what differs from the run's config.yaml
             "command": command_line(sys.argv),
         },
+        retry="run the command again",
     )
     print_results(results, f"{run_dir} (checkpoint {ckpt.name}, step {state['step']}):", cfg.eval)
     summary_file = run_dir / "summary.json"

@@ -382,42 +382,166 @@ def load_folder_splits(
     folders), and ``unlabeled`` when the source has an ``unlabeled/`` folder (images at any depth, label -1: STL-10's
     unlabelled images, for pre-training).
 
+    The cache is a folder ``cache_dir/arrays/<name>-<key>/`` (a ``.npy`` of images and one of labels per split and
+    a ``meta.json``), its files fsynced before one rename publishes it. A cache folder that cannot be read (a file
+    missing, cut short or malformed) is rebuilt from the source, with a warning naming it.
+
     Raises:
         DataError: missing layout, empty class folders, mismatched classes, corrupt images (listing up to five
-            and the count), or images of different sizes without ``image_size``.
+            and the count), or images of different sizes without ``image_size``; or a cache that cannot be read
+            nor rebuilt (naming the folder to delete).
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"data.path {str(path)!r} does not exist")
     cache = Path(cache_dir).expanduser() / "arrays" / f"{path.name}-{_cache_key(path, image_size, skip_corrupt)}"
-    if not (cache / "meta.json").is_file():
-        splits = _list_source(path)
-        classes = [c for c, _ in splits["__classes__"]]
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    if cache.exists():
+        try:
+            return _read_cache(cache)
+        except _CacheUnreadable as exc:
+            warnings.warn(
+                f"the decoded-data cache {cache} cannot be read ({exc}); rebuilding it from {path}", stacklevel=2
+            )
+            damaged: str | None = str(exc)
+    else:
+        damaged = None
+    try:
+        _build_cache(path, cache, image_size, skip_corrupt, replace_damaged=damaged is not None)
+        return _read_cache(cache)
+    except (OSError, _CacheUnreadable) as exc:
+        if damaged is None and isinstance(exc, OSError):
+            raise  # no cache before: a failure to write the first one is the disk's (the CLI says so)
+        if isinstance(exc, OSError):
+            reason = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+        else:
+            reason = str(exc)
+        what = (
+            f"cannot be read ({damaged}), and rebuilding it failed ({reason})"
+            if damaged
+            else f"cannot be read ({reason})"
+        )
+        raise DataError(
+            f"the decoded-data cache {cache} {what}; delete that folder (`rm -r {cache}`), free disk space or fix "
+            "permissions there if need be, and run the command again"
+        ) from None
+
+
+class _CacheUnreadable(Exception):
+    """A decoded-data cache folder that cannot be read: a file missing, cut short or not what it should be."""
+
+
+def _read_cache(cache: Path) -> dict[str, ImageArrays]:
+    """The splits stored in the decoded-data cache folder ``cache``, memory-mapped.
+
+    Raises:
+        _CacheUnreadable: a file of it is missing, cut short or malformed (the message names which and why).
+    """
+    try:
+        saved = json.loads((cache / "meta.json").read_text())
+        splits, classes = saved["skipped"], saved["classes"]
+        if not isinstance(splits, dict) or not splits or not isinstance(classes, list):
+            raise ValueError("meta.json lacks its splits or classes")
+    except FileNotFoundError:
+        raise _CacheUnreadable("no meta.json") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError: ValueErrors
+        raise _CacheUnreadable(f"meta.json: {' '.join(str(exc).split())}") from None
+    out: dict[str, ImageArrays] = {}
+    for split in splits:
+        name = f"{split}_images.npy"
+        try:
+            # Memory-mapped copy-on-write: pages are read when a batch touches them; the file is never written.
+            images = np.load(cache / name, mmap_mode="c")
+            name = f"{split}_labels.npy"
+            labels = np.load(cache / name)
+        except FileNotFoundError:
+            raise _CacheUnreadable(f"no {name}") from None
+        except (OSError, ValueError, EOFError) as exc:  # cut short: "mmap length is greater than file size"
+            raise _CacheUnreadable(f"{name}: {' '.join(str(exc).split())}") from None
+        if images.dtype != np.uint8 or images.ndim != 4 or labels.ndim != 1 or len(labels) != len(images):
+            raise _CacheUnreadable(
+                f"{split}_images.npy and {split}_labels.npy hold {images.dtype} {images.shape} and {labels.dtype} "
+                f"{labels.shape}, not N uint8 images and their N labels"
+            )
+        try:
+            skipped = int(splits[split])
+        except (TypeError, ValueError):
+            raise _CacheUnreadable(f"meta.json: the skipped count of {split} is {splits[split]!r}") from None
+        out[split] = ImageArrays(torch.from_numpy(images), torch.from_numpy(labels), list(classes), skipped)
+    if "train" not in out or "test" not in out:
+        raise _CacheUnreadable(f"meta.json names the splits {sorted(out)}, not train and test")
+    return out
+
+
+def _write_synced(file: Path, content: np.ndarray | bytes) -> None:
+    """Write ``content`` (an array, as ``.npy``, or bytes) to ``file`` and fsync it, so that the rename publishing
+    it later never publishes data still in the page cache (lost, or cut short, in a crash)."""
+    with open(file, "wb") as f:
+        if isinstance(content, np.ndarray):
+            np.save(f, content)
+        else:
+            f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    """fsync a folder, making the names created or renamed in it durable (where the system allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _build_cache(path: Path, cache: Path, image_size: int, skip_corrupt: bool, *, replace_damaged: bool) -> None:
+    """Decode the splits of ``path`` into a temporary folder beside ``cache``, fsync its files, and publish it as
+    ``cache`` by one rename; ``replace_damaged``: ``cache`` exists and cannot be read, and is moved aside first.
+    Another process that published ``cache`` first wins (its copy is the same)."""
+    splits = _list_source(path)
+    classes = [c for c, _ in splits["__classes__"]]
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
         skipped_per_split: dict[str, int] = {}
         meta = {"source": str(path.resolve()), "classes": classes, "skipped": skipped_per_split}
         for split in [s for s in ("train", "test", "unlabeled") if s in splits]:
             items = splits[split]
             blobs = _read_blobs(path, [n for n, _ in items])
             images, labels, skipped, _ = _decode_split(path, items, image_size, skip_corrupt, blobs)
-            np.save(tmp / f"{split}_images.npy", images)
-            np.save(tmp / f"{split}_labels.npy", labels)
+            _write_synced(tmp / f"{split}_images.npy", images)
+            _write_synced(tmp / f"{split}_labels.npy", labels)
             skipped_per_split[split] = skipped
-        (tmp / "meta.json").write_text(json.dumps(meta))
+        _write_synced(tmp / "meta.json", json.dumps(meta).encode())
+        _fsync_folder(tmp)
+        if replace_damaged:
+            try:
+                _read_cache(cache)
+                return  # another process rebuilt it meanwhile: moving its copy aside would pull it from under it
+            except _CacheUnreadable:
+                pass
+            aside = cache.with_name(cache.name + f".damaged{os.getpid()}")
+            try:
+                os.replace(cache, aside)
+            except FileNotFoundError:  # another process moved it aside first
+                pass
+            if aside.is_dir() and not aside.is_symlink():
+                shutil.rmtree(aside)
+            elif aside.exists() or aside.is_symlink():  # a file where the folder should be
+                aside.unlink()
         try:
             os.replace(tmp, cache)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    saved = json.loads((cache / "meta.json").read_text())
-    out: dict[str, ImageArrays] = {}
-    for split in saved["skipped"]:
-        # Memory-mapped copy-on-write: pages are read when a batch touches them; the file is never written.
-        split_images = torch.from_numpy(np.load(cache / f"{split}_images.npy", mmap_mode="c"))
-        split_labels = torch.from_numpy(np.load(cache / f"{split}_labels.npy"))
-        out[split] = ImageArrays(split_images, split_labels, list(saved["classes"]), int(saved["skipped"][split]))
-    return out
+        except OSError:  # another process finished first: its cache is read, and must be readable
+            if not (cache / "meta.json").is_file():
+                raise
+        _fsync_folder(cache.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

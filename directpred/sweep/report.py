@@ -295,9 +295,9 @@ def write_reports(sweep: Sweep, out: Path) -> dict[str, Any]:
 
     out.mkdir(parents=True, exist_ok=True)
     res = collect(sweep, out)
-    atomic_write_text(out / "results.json", strict_json(res, indent=1) + "\n")
-    atomic_write_text(out / "results.md", markdown(res))
-    atomic_write_text(out / "results.csv", csv_text(res))
+    atomic_write_text(out / "results.json", strict_json(res, indent=1) + "\n", retry="run the command again")
+    atomic_write_text(out / "results.md", markdown(res), retry="run the command again")
+    atomic_write_text(out / "results.csv", csv_text(res), retry="run the command again")
     if figures_available():
         from directpred.diagnostics.plots import sweep_figures
 

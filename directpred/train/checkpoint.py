@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -33,18 +34,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+def atomic_write_bytes(path: str | Path, write: Callable[[BinaryIO], object], *, retry: str | None = None) -> None:
     """Write through a temporary file in the same folder, fsync, then rename over ``path``.
 
     If anything fails (disk full, permissions, an exception in ``write``), ``path`` keeps its previous content
-    and the temporary file is removed.
+    and the temporary file is removed. ``retry``: what the error tells the user to do once the disk or permissions
+    are fixed, e.g. ``"run the command again"``; None for a training run's file (resume the run).
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     except OSError as exc:  # the folder is missing, not a folder, read-only, or the disk is full
-        raise CheckpointError(_write_failure(path, exc)) from exc
+        raise CheckpointError(_write_failure(path, exc, retry)) from exc
     try:
         # mkstemp's 0600 would hide config.yaml, summary.json and the checkpoints from collaborators on a shared
         # filesystem: the mode open() gives (as metrics.jsonl has), also to a file an older version wrote 0600.
@@ -61,7 +63,7 @@ def atomic_write_bytes(path: str | Path, write: Callable[[BinaryIO], object]) ->
         except OSError:
             pass
         if isinstance(exc, OSError):
-            raise CheckpointError(_write_failure(path, exc)) from exc
+            raise CheckpointError(_write_failure(path, exc, retry)) from exc
         raise
 
 
@@ -80,9 +82,34 @@ def _umask() -> int:
     return mask
 
 
-def _write_failure(path: Path, exc: OSError) -> str:
-    """The message of a failed atomic write of ``path``: with a previous file, it is kept and the run can resume
-    from it; without one (e.g. a run's first checkpoint), there is nothing to resume and the command is rerun."""
+def file_in_the_way(exc: OSError) -> Path | None:
+    """The regular file that made ``exc`` (a FileExistsError or NotADirectoryError) fail: ``exc.filename`` itself or
+    the nearest of its parent folders that is a file, where a directory was to be made or looked in; None when there
+    is none (e.g. a mkdir without ``exist_ok`` of a directory that exists)."""
+    if not exc.filename:
+        return None
+    path = Path(os.fsdecode(exc.filename))
+    return next((p for p in (path, *path.parents) if p.is_file()), None)
+
+
+def _write_failure(path: Path, exc: OSError, retry: str | None = None) -> str:
+    """The message of a failed atomic write of ``path``: a directory there is named as such; with a previous file,
+    it is kept and the run can resume from it; without one (e.g. a run's first checkpoint), there is nothing to
+    resume and the command is rerun. ``retry``: the caller's own advice instead (a command that is no run)."""
+    if isinstance(exc, IsADirectoryError) or path.is_dir():
+        return (
+            f"cannot write {path}: it is a directory, not a file; give the path of a file to write (or remove "
+            "the directory), then run the command again"
+        )
+    in_the_way = file_in_the_way(exc) if isinstance(exc, (FileExistsError, NotADirectoryError)) else None
+    if in_the_way is not None:
+        return (
+            f"cannot write {path}: {in_the_way} is a file, not a directory; give another path (or move the file "
+            "away), then run the command again"
+        )
+    if retry is not None:
+        kept = "the previous file is kept" if os.path.exists(path) else "nothing was written"
+        return f"cannot write {path}: {exc.strerror or exc}; {kept}. Free disk space or fix permissions, then {retry}."
     if os.path.exists(path):
         return (
             f"cannot write {path}: {exc.strerror or exc}; the previous file is kept. "
@@ -94,14 +121,15 @@ def _write_failure(path: Path, exc: OSError) -> str:
     )
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Atomically replace a text file."""
-    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+def atomic_write_text(path: str | Path, text: str, *, retry: str | None = None) -> None:
+    """Atomically replace a text file (``retry``: as :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, lambda f: f.write(text.encode()), retry=retry)
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Atomically replace a JSON file; NaN and infinities are written as ``null`` (strict JSON)."""
-    atomic_write_text(path, strict_json(obj, indent=2, sort_keys=True) + "\n")
+def atomic_write_json(path: str | Path, obj: Any, *, retry: str | None = None) -> None:
+    """Atomically replace a JSON file; NaN and infinities are written as ``null`` (strict JSON). ``retry``: as
+    :func:`atomic_write_bytes`."""
+    atomic_write_text(path, strict_json(obj, indent=2, sort_keys=True) + "\n", retry=retry)
 
 
 def _assert_finite(state: dict[str, Any], where: str = "") -> None:
@@ -193,6 +221,9 @@ def load_checkpoint(
             "checkpoints/last.pt or epoch_XXXX.pt) or `directpred export`"
             + (f"; if something overwrote a run's checkpoint, {earlier}" if in_run else "")
         )
+    changed = _zip_crc_failure(path)  # torch.load never checks the members' CRC-32: changed tensor bytes load
+    if changed is not None:
+        raise CheckpointError(f"{path} is a damaged checkpoint, cut short or with changed bytes ({changed}); {earlier}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt or foreign file
@@ -220,6 +251,26 @@ def load_checkpoint(
         )
         raise CheckpointError(f"{path} is {what}; give a training run's checkpoints/last.pt or epoch_XXXX.pt")
     return state
+
+
+def _zip_crc_failure(path: Path) -> str | None:
+    """Why the zip archive ``path`` (torch.save's format) fails its own checksums: the member whose bytes no longer
+    match the CRC-32 recorded when it was written, or the member header found damaged while reading them all; None
+    when every member matches, or when ``path`` is no zip archive, or one too damaged to list (cut short), which
+    :func:`torch.load` then refuses with its own reason. Reads the whole file once."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return None  # torch.save's legacy pickle format: no checksums to check
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return None
+    with archive:
+        try:
+            bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as exc:
+            return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    return None if bad is None else f"the bytes of {bad} do not match the CRC-32 recorded when it was written"
 
 
 _MAGIC = (

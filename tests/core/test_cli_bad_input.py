@@ -191,12 +191,57 @@ CASES = [
     ("no_checkpoint", "eval {run} --no-linear", 1, "no checkpoint at "),
     ("no_checkpoint", "export {run} --out {tmp}/b.pt", 1, "no checkpoint at "),
     ("truncated_checkpoint", "eval {run} --no-linear", 1, "last.pt is a damaged checkpoint"),
+    # a directory where a file goes, a file where a directory goes: "Is a directory; ... then resume" (export), "File
+    # exists (afile)" (plot, theory), "no such directory" (a checkpoint given to eval or resume) before
+    (
+        "none",
+        "export {run} --out {tmp}",
+        1,
+        "error: cannot write {tmp}: it is a directory, not a file; give the path of a file to write (or remove the "
+        "directory), then run the command again",
+    ),
+    (
+        "none",
+        "export {run} --out {tmp}/list.yaml/b.pt",
+        1,
+        "cannot write {tmp}/list.yaml/b.pt: {tmp}/list.yaml is a file, not a directory; give another path (or move",
+    ),
+    (
+        "none",
+        "plot {run} --out {tmp}/list.yaml",
+        1,
+        "directpred plot: error: {tmp}/list.yaml is a file, not a directory: give another path (a directory, or one "
+        "to create), or move the file away, and run the command again",
+    ),
+    (
+        "none",
+        "theory simulate {theory} --out {tmp}/list.yaml/sim --set steps=10",
+        1,
+        "directpred theory: error: {tmp}/list.yaml is a file, not a directory ({tmp}/list.yaml/sim would be inside "
+        "it): give another path",
+    ),
+    (
+        "none",
+        "eval {run}/checkpoints/last.pt --no-linear",
+        2,
+        "{run}/checkpoints/last.pt is a file, not a run directory; give the run directory made by `directpred "
+        "train`, and the checkpoint with --checkpoint: `directpred eval {run} --checkpoint {run}/checkpoints/last.pt`",
+    ),
+    (
+        "none",
+        "train --resume {run}/checkpoints/last.pt",
+        2,
+        "{run}/checkpoints/last.pt is a file, not a run directory; give the run directory made by `directpred train` "
+        "that holds it ({run})",
+    ),
+    ("none", "train --resume {tmp}/list.yaml", 2, "list.yaml is a file, not a run directory; give the run directo"),
 ]
 
 
 def _argv(command: str, run: Path, tmp: Path, data: Path) -> list[str]:
     quickstart = REPO / "configs" / "cpu" / "quickstart.yaml"
-    return command.format(run=run, tmp=tmp, data=data, quickstart=quickstart).split()
+    theory = REPO / "configs" / "theory" / "linear.yaml"
+    return command.format(run=run, tmp=tmp, data=data, quickstart=quickstart, theory=theory).split()
 
 
 @pytest.mark.parametrize(
@@ -215,7 +260,7 @@ def test_misuse_ends_in_one_error_line(damage, command, code, message, trained, 
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     errors = [line for line in err if line.startswith("directpred")]
     assert len(errors) == 1 and errors[0] == err[-1], err  # the error is one line, the last
-    assert message.replace("{tmp}", str(tmp_path)) in errors[0], errors[0]
+    assert message.replace("{tmp}", str(tmp_path)).replace("{run}", str(run)) in errors[0], errors[0]
     assert "Traceback" not in "\n".join(err)
 
 
@@ -518,11 +563,40 @@ def test_an_output_path_error_outside_training_names_the_path_not_checkpoints(tr
     (tmp_path / "adir.npy").mkdir()
     theory = ["theory", "simulate", str(REPO / "configs/theory/linear.yaml"), "--out", str(tmp_path / "afile.txt")]
     embed = ["embed", str(trained), "--data", str(tiny_folder), "--out", str(tmp_path / "adir.npy")]
-    for argv, command in ((theory + ["--set", "steps=10"], "theory"), (embed, "embed")):
+    for argv, command, advice in (
+        (theory + ["--set", "steps=10"], "theory", "is a file, not a directory: give another path"),
+        (embed, "embed", "give another path there"),
+    ):
         assert main(["-q", *argv]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith(f"directpred {command}: error: "), err
-        assert "checkpoint" not in err[-1] and "give another path there" in err[-1], err[-1]
+        assert "checkpoint" not in err[-1] and advice in err[-1], err[-1]
+
+
+def test_a_failed_export_write_says_to_run_the_command_again_not_to_resume(trained, tmp_path, monkeypatch, capsys):
+    """`directpred export` is no run: "Free disk space or fix permissions, then resume" made no sense for it."""
+    import errno
+
+    import torch
+
+    def full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "b.pt"
+    assert main(["-q", "export", str(trained), "--out", str(out)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"directpred: error: cannot write {out}: No space left on device; nothing was written. Free disk space or "
+        "fix permissions, then run the command again."
+    )
+    out.write_bytes(b"previous")
+    assert main(["-q", "export", str(trained), "--out", str(out)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith(
+        "No space left on device; the previous file is kept. Free disk space or fix permissions, then run the "
+        "command again."
+    )
+    assert out.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["b.pt"]
 
 
 def test_eval_refuses_overrides_of_how_the_run_was_trained(trained, tmp_path, capsys):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import json
 import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -12,8 +15,12 @@ import torch
 from conftest import write_folder
 from PIL import Image
 
+from directpred.cli import main
+from directpred.config import load_config
+from directpred.data import datasets
 from directpred.data.datasets import DataError, _decode, balanced_subset, load_folder
 from directpred.data.stream import decode_to_tensor
+from directpred.train.loop import Trainer
 
 
 def test_folder_and_archive_decode_identically(tiny_folder, tiny_archive, tmp_path):
@@ -51,6 +58,107 @@ def test_a_moved_image_is_decoded_again_not_read_from_the_cache(tmp_path):
     assert torch.equal(test.labels, fresh_test.labels)
     assert train.labels.bincount()[1] == train0.labels.bincount()[1] + 1
     assert len(list((tmp_path / "c" / "arrays").iterdir())) == 2  # a second cache, for the new contents
+
+
+def _cut_short(path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+CACHE_DAMAGE = {
+    "truncated images": (lambda c: _cut_short(c / "train_images.npy"), "train_images.npy: mmap length is greater"),
+    "truncated labels": (lambda c: _cut_short(c / "test_labels.npy"), "test_labels.npy: "),
+    "invalid meta.json": (lambda c: (c / "meta.json").write_text('{"classes": ['), "meta.json: Expecting value"),
+    "missing meta.json": (lambda c: (c / "meta.json").unlink(), "no meta.json"),
+    "missing labels": (lambda c: (c / "train_labels.npy").unlink(), "no train_labels.npy"),
+    "empty folder": (lambda c: [f.unlink() for f in c.iterdir()], "no meta.json"),
+}
+
+
+@pytest.mark.parametrize("damage", list(CACHE_DAMAGE))
+def test_a_damaged_cache_is_rebuilt_from_the_source_with_a_warning_naming_it(tiny_folder, tmp_path, damage):
+    """A truncated .npy was a bare 'mmap length is greater than file size', an invalid meta.json a bare
+    JSONDecodeError, a missing one 'No such file or directory ... then resume'."""
+    train0, test0 = load_folder(tiny_folder, cache_dir=tmp_path / "c")
+    train0.images, test0.images = train0.images.clone(), test0.images.clone()  # not mapped from the file cut below
+    (cache,) = (tmp_path / "c" / "arrays").iterdir()
+    original = {f.name: f.read_bytes() for f in cache.iterdir()}
+    hurt, reason = CACHE_DAMAGE[damage]
+    hurt(cache)
+    with pytest.warns(UserWarning) as caught:
+        train, test = load_folder(tiny_folder, cache_dir=tmp_path / "c")
+    (message,) = [str(w.message) for w in caught]
+    assert message.startswith(f"the decoded-data cache {cache} cannot be read ({reason}")
+    assert message.endswith(f"; rebuilding it from {tiny_folder}")
+    assert torch.equal(train.images, train0.images) and torch.equal(train.labels, train0.labels)
+    assert torch.equal(test.images, test0.images) and torch.equal(test.labels, test0.labels)
+    assert train.classes == train0.classes and (train.skipped, test.skipped) == (0, 0)
+    assert {f.name: f.read_bytes() for f in cache.iterdir()} == original  # the same files, byte for byte
+    assert sorted(p.name for p in cache.parent.iterdir()) == [cache.name]  # no temporary or damaged copy left
+    load_folder(tiny_folder, cache_dir=tmp_path / "c")  # read again, silently: no warning
+
+
+def test_a_damaged_cache_that_cannot_be_rebuilt_names_the_folder_to_delete(tiny_folder, tmp_path, monkeypatch):
+    load_folder(tiny_folder, cache_dir=tmp_path / "c")
+    (cache,) = (tmp_path / "c" / "arrays").iterdir()
+    (cache / "meta.json").write_text("not json")
+
+    def full(file, content):
+        raise OSError(errno.ENOSPC, "No space left on device", str(file))
+
+    monkeypatch.setattr(datasets, "_write_synced", full)
+    with pytest.warns(UserWarning), pytest.raises(DataError) as info:
+        load_folder(tiny_folder, cache_dir=tmp_path / "c")
+    assert str(info.value) == (
+        f"the decoded-data cache {cache} cannot be read (meta.json: Expecting value: line 1 column 1 (char 0)), and "
+        f"rebuilding it failed (No space left on device: {cache}.tmp{os.getpid()}/train_images.npy); delete that "
+        f"folder (`rm -r {cache}`), free disk space or fix permissions there if need be, and run the command again"
+    )
+    assert sorted(p.name for p in cache.parent.iterdir()) == [cache.name]  # the temporary folder is removed
+    monkeypatch.undo()
+    shutil.rmtree(cache)  # what the message says to do works
+    train, _ = load_folder(tiny_folder, cache_dir=tmp_path / "c")
+    assert len(train) == 128 and json.loads((cache / "meta.json").read_text())["skipped"] == {"train": 0, "test": 0}
+
+
+def test_the_cache_files_are_fsynced_before_the_rename_that_publishes_them(tiny_folder, tmp_path, monkeypatch):
+    """A crash after the rename must not leave a published cache whose files were still in the page cache."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    load_folder(tiny_folder, cache_dir=tmp_path / "c")
+    (cache,) = (tmp_path / "c" / "arrays").iterdir()
+    tmp = f"{cache}.tmp{os.getpid()}"
+    published = events.index(("replace", tmp))
+    synced = {path for kind, path in events[:published] if kind == "fsync"}
+    files = {f"{tmp}/{f.name}" for f in cache.iterdir()}
+    assert len(files) == 5 and files | {tmp} <= synced, (files, synced)
+    assert ("fsync", str(cache.parent)) in events[published:]  # the rename itself made durable
+
+
+def test_a_run_and_its_eval_work_on_with_a_damaged_cache(tiny_overrides, tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(load_config(None, tiny_overrides + ["train.max_steps=1"]), run).fit()
+    (cache,) = (tmp_path / "cache" / "arrays").iterdir()
+    original = {f.name: f.read_bytes() for f in cache.iterdir()}
+    _cut_short(cache / "train_images.npy")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--no-linear"]) == 0
+    assert f"the decoded-data cache {cache} cannot be read (train_images.npy: " in capsys.readouterr().err
+    assert json.loads((run / "eval.json").read_text())["knn_top1"] is not None
+    (cache / "meta.json").unlink()
+    assert main(["train", "--resume", str(run), "--set", "train.max_steps=2"]) == 0
+    assert "cannot be read (no meta.json); rebuilding it from" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in cache.iterdir()} == original
 
 
 def test_balanced_subset():

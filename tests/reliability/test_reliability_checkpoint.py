@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
+import zipfile
 
 import pytest
 import torch
@@ -136,3 +138,47 @@ def test_a_damaged_last_pt_names_the_kept_checkpoints_that_exist_or_the_command_
     # What the message says works: the kept checkpoint copied over last.pt loads.
     shutil.copy(folder / "epoch_0020.pt", folder / "last.pt")
     assert load_checkpoint(folder / "last.pt")["step"] == 20
+
+
+def _flip_tensor_bytes(path, count: int = 200) -> str:
+    """XOR ``count`` bytes in the middle of the largest tensor's data in the torch.save zip ``path``; returns the
+    member's name. The archive's structure (headers, central directory, data.pkl) stays intact."""
+    with zipfile.ZipFile(path) as archive:
+        member = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[member.header_offset + 26 : member.header_offset + 30])
+    middle = member.header_offset + 30 + name_len + extra_len + member.file_size // 2 - count // 2
+    for i in range(middle, middle + count):
+        data[i] ^= 0xA5
+    path.write_bytes(bytes(data))
+    return member.filename
+
+
+def test_changed_bytes_inside_a_tensor_are_detected_by_the_zip_crc(tiny_overrides, tmp_path, capsys):
+    """torch.load never checks the zip members' CRC-32: a checkpoint whose tensor bytes changed loaded silently,
+    with a changed weight, in train --resume, eval and diagnose."""
+    run = tmp_path / "run"
+    Trainer(load_config(None, tiny_overrides + ["train.max_steps=2"]), run).fit()
+    last = run / "checkpoints" / "last.pt"
+    intact = load_checkpoint(last)
+    shutil.copy(last, tmp_path / "intact.pt")
+    member = _flip_tensor_bytes(last)
+    # The control: torch itself loads the damaged file, with a weight changed.
+    loaded = torch.load(last, weights_only=True)
+    assert any(not torch.equal(intact["model"][k], loaded["model"][k]) for k in intact["model"])
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(last)
+    assert str(info.value) == (
+        f"{last} is a damaged checkpoint, cut short or with changed bytes (the bytes of {member} do not match the "
+        "CRC-32 recorded when it was written); the run keeps no earlier checkpoint (checkpoints/epoch_*.pt), so it "
+        f"must start again: `rm {last} && directpred train {run / 'config.yaml'} --out {run}`"
+    )
+    capsys.readouterr()
+    assert main(["eval", str(run), "--no-linear"]) == 1
+    assert main(["diagnose", str(run), "--no-data"]) == 1
+    assert main(["train", "--resume", str(run), "--set", "train.max_steps=4"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(f"{last} is a damaged checkpoint" in line for line in err), err
+    # The intact file still loads, and equals what was written.
+    state = load_checkpoint(tmp_path / "intact.pt")
+    assert all(torch.equal(intact["model"][k], state["model"][k]) for k in intact["model"])
