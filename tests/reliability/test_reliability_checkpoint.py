@@ -171,7 +171,7 @@ def test_changed_bytes_inside_a_tensor_are_detected_by_the_zip_crc(tiny_override
     assert str(info.value) == (
         f"{last} is a damaged checkpoint, cut short or with changed bytes (the bytes of {member} do not match the "
         "CRC-32 recorded when it was written); the run keeps no earlier checkpoint (checkpoints/epoch_*.pt), so it "
-        f"must start again: `rm {last} && directpred train {run / 'config.yaml'} --out {run}`"
+        f"must start again: `rm {last} {run / 'summary.json'} && directpred train {run / 'config.yaml'} --out {run}`"
     )
     capsys.readouterr()
     assert main(["eval", str(run), "--no-linear"]) == 1
