@@ -156,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
             )
         if args.force:  # --force only relaxes the resume check: it was ignored before
             raise ConfigError("--force applies only with --resume RUN_DIR (to accept config changes on resume)")
+        if args.out is not None and not args.out.strip():  # an unset shell variable: not the timestamped default
+            raise ConfigError("--out is empty; give the run directory (or leave --out out for runs/<config>-<time>)")
         cfg = load_config(args.config, args.set)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{stamp}"

@@ -17,6 +17,7 @@ import http.client
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import tarfile
@@ -250,6 +251,12 @@ def _decode(blob: bytes, size: int) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
 
 
+def decode_failure(exc: Exception) -> str:
+    """A decoder's exception as the message about the file: without the in-memory buffer PIL names for it
+    (``cannot identify image file <_io.BytesIO object at 0x7f...>``), since the caller names the file."""
+    return f"{type(exc).__name__}: " + re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc))
+
+
 def _decode_chunk(args: tuple[list[bytes], int]) -> list[np.ndarray | str]:
     blobs, size = args
     out: list[np.ndarray | str] = []
@@ -257,7 +264,7 @@ def _decode_chunk(args: tuple[list[bytes], int]) -> list[np.ndarray | str]:
         try:
             out.append(_decode(b, size))
         except Exception as exc:  # noqa: BLE001 - any decoder failure means a corrupt file
-            out.append(f"{type(exc).__name__}: {exc}")
+            out.append(decode_failure(exc))
     return out
 
 

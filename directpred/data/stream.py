@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from directpred.config import DataConfig
-from directpred.data.datasets import IMAGE_EXTENSIONS, DataError, _decode, require_two_classes
+from directpred.data.datasets import IMAGE_EXTENSIONS, DataError, _decode, decode_failure, require_two_classes
 
 # The held-out split: val/ (ImageNet's labelled validation set) first, test/ when there is no val/ (CIFAR-style
 # layouts); a folder without class folders (ImageNet's unlabelled test images) is passed over.
@@ -429,7 +429,7 @@ class BatchDataset(torch.utils.data.Dataset):
             except Exception as exc:  # noqa: BLE001 - any decoder failure means a corrupt file
                 if not self.skip_corrupt:
                     raise DataError(
-                        f"{self.reader.name(j)} cannot be decoded ({type(exc).__name__}: {exc}); "
+                        f"{self.reader.name(j)} cannot be decoded ({decode_failure(exc)}); "
                         "replace it and resume (removing it would change which image each index is), or set "
                         "data.skip_corrupt=true to replace it by the next image with a warning"
                     ) from None

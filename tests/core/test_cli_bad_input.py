@@ -670,3 +670,14 @@ def test_plot_leaves_out_a_hand_edited_non_number_and_memory_errors_are_one_line
         assert line.endswith(
             "use smaller sizes (a smaller batch, data subset or simulated n), or a machine with more memory"
         )
+
+
+def test_an_empty_out_is_refused_not_replaced_by_the_default(tmp_path, monkeypatch, capsys):
+    """`--out "$RUN"` with RUN unset trained into runs/<config>-<time>, somewhere the user did not ask for."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(REPO / "configs" / "cpu" / "quickstart.yaml"), "--out", ""]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "directpred: config error: --out is empty; give the run directory (or leave --out out for "
+        "runs/<config>-<time>)"
+    )
+    assert list(tmp_path.iterdir()) == []

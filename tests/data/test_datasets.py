@@ -181,6 +181,17 @@ def test_corrupt_images_are_named_or_skipped(tmp_path):
     assert len(train) == 15 and train.skipped == 1
 
 
+def test_a_file_that_is_no_image_is_named_without_pils_buffer(tmp_path):
+    """PIL says `cannot identify image file <_io.BytesIO object at 0x7f...>` of the buffer it was given; the message
+    names the file instead."""
+    root = write_folder(tmp_path / "d", n_train=4, n_test=2)
+    (root / "train" / "class1" / "0005.png").write_bytes(b"no image at all")
+    with pytest.raises(DataError) as info:
+        load_folder(root, cache_dir=tmp_path / "c")
+    assert "0005.png (UnidentifiedImageError: cannot identify image file)" in str(info.value), str(info.value)
+    assert "BytesIO" not in str(info.value)
+
+
 def test_layout_errors_name_the_problem(tmp_path):
     root = write_folder(tmp_path / "d", n_train=2, n_test=1)
     (root / "train" / "class9").mkdir()
