@@ -677,7 +677,6 @@ def test_an_empty_out_is_refused_not_replaced_by_the_default(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     assert main(["train", str(REPO / "configs" / "cpu" / "quickstart.yaml"), "--out", ""]) == 2
     assert capsys.readouterr().err.strip() == (
-        "directpred: config error: --out is empty; give the run directory (or leave --out out for "
-        "runs/<config>-<time>)"
+        "directpred: config error: --out is empty; give the run directory (or leave --out out for runs/<config>-<time>)"
     )
     assert list(tmp_path.iterdir()) == []
