@@ -491,24 +491,12 @@ def _write_synced(file: Path, content: np.ndarray | bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_folder(folder: Path) -> None:
-    """fsync a folder, making the names created or renamed in it durable (where the system allows it)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _build_cache(path: Path, cache: Path, image_size: int, skip_corrupt: bool, *, replace_damaged: bool) -> None:
     """Decode the splits of ``path`` into a temporary folder beside ``cache``, fsync its files, and publish it as
     ``cache`` by one rename; ``replace_damaged``: ``cache`` exists and cannot be read, and is moved aside first.
     Another process that published ``cache`` first wins (its copy is the same)."""
+    from directpred.train.checkpoint import fsync_dir  # not at the top: directpred.train imports this module
+
     splits = _list_source(path)
     classes = [c for c, _ in splits["__classes__"]]
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
@@ -525,7 +513,7 @@ def _build_cache(path: Path, cache: Path, image_size: int, skip_corrupt: bool, *
             _write_synced(tmp / f"{split}_labels.npy", labels)
             skipped_per_split[split] = skipped
         _write_synced(tmp / "meta.json", json.dumps(meta).encode())
-        _fsync_folder(tmp)
+        fsync_dir(tmp)
         if replace_damaged:
             try:
                 _read_cache(cache)
@@ -546,7 +534,7 @@ def _build_cache(path: Path, cache: Path, image_size: int, skip_corrupt: bool, *
         except OSError:  # another process finished first: its cache is read, and must be readable
             if not (cache / "meta.json").is_file():
                 raise
-        _fsync_folder(cache.parent)
+        fsync_dir(cache.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

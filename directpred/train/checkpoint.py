@@ -21,7 +21,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message says which file and why."""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a folder, making the names created or renamed in it durable (where the system allows it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -56,7 +57,7 @@ def atomic_write_bytes(path: str | Path, write: Callable[[BinaryIO], object], *,
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException as exc:
         try:
             os.unlink(tmp)
