@@ -182,3 +182,14 @@ def test_changed_bytes_inside_a_tensor_are_detected_by_the_zip_crc(tiny_override
     # The intact file still loads, and equals what was written.
     state = load_checkpoint(tmp_path / "intact.pt")
     assert all(torch.equal(intact["model"][k], state["model"][k]) for k in intact["model"])
+    # A file written without checksums (CRC-32 0 in every member) has nothing to check: it loads.
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(intact, tmp_path / "no_crc.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    import zipfile
+
+    assert {i.CRC for i in zipfile.ZipFile(tmp_path / "no_crc.pt").infolist() if i.file_size} == {0}
+    state = load_checkpoint(tmp_path / "no_crc.pt")
+    assert all(torch.equal(intact["model"][k], state["model"][k]) for k in intact["model"])
