@@ -72,47 +72,6 @@ def stop_on_signals(trainer: Trainer) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-@contextlib.contextmanager
-def run_dir_lock(run_dir: Path, *, create: bool) -> Iterator[None]:
-    """Hold an exclusive lock (``flock``) on ``run_dir`` while this command writes it: a second ``directpred train``
-    into it, or ``--resume`` of it, started while the first still runs, is refused instead of both appending to
-    ``metrics.jsonl`` and writing ``last.pt``. Process 0 of a torchrun job holds it (the others write nothing there);
-    ``create`` makes a new run's directory first (removed again if the command ends with it empty). The lock goes
-    with the process, however it ends.
-
-    Raises:
-        ConfigError: another process holds the lock.
-    """
-    import fcntl
-    import os
-
-    fd, made = None, False
-    if int(os.environ.get("RANK", "0")) == 0:
-        try:
-            if create and not run_dir.exists():
-                run_dir.mkdir(parents=True)
-                made = True
-            fd = os.open(run_dir, os.O_RDONLY)
-        except OSError:  # not a directory, or not there to resume: the run directory's own checks say so
-            fd = None
-    try:
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise ConfigError(
-                    f"{run_dir} is being written by another directpred process (a run or a resume of it); wait for "
-                    "it to end or stop it, or give another --out"
-                ) from None
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
-        if made:  # a run refused before it wrote anything (a bad device, say) leaves no empty directory behind
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()
-
-
 def command_line(argv: list[str]) -> str:
     """The command as the user can type it again (``command.txt``): ``python -m directpred`` rather than the path of
     ``directpred/__main__.py`` that ``sys.argv[0]`` holds then (also under ``torchrun -m`` and in sweeps), and
@@ -125,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     """``directpred train``: a new run, or ``--resume``; SIGINT/SIGTERM stop it after a step (exit 128+signal)."""
     from directpred import distributed
     from directpred.config import dump_config, load_config, read_run_config
+    from directpred.locks import run_dir_lock
     from directpred.train.checkpoint import atomic_write_text
     from directpred.train.faults import TrainingInterrupted
     from directpred.train.loop import Trainer

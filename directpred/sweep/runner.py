@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO
 
 from directpred.config import Config, ConfigError, diff_configs, read_json_object, read_run_config
+from directpred.locks import run_dir_busy
 from directpred.sweep.spec import Run, Sweep, yaml_value
 
 LENGTH_KEYS = ("train.epochs", "train.max_steps")  # a finished run asked for more of these is resumed
@@ -265,8 +266,17 @@ def execute(
                 busy = Counter(slots[a.slot] for a in active)
                 slot = min(free, key=lambda k: (busy[slots[k]], k))
                 plan = todo.pop(0)
-                free.remove(slot)
                 index += 1
+                busy_why = run_dir_busy(plan.run_dir)
+                if busy_why:  # a `directpred train` of it runs beside the sweep: not cleared, not started
+                    failed.append(plan)
+                    print(
+                        f"[{index}/{total}] FAILED {plan.run.cell} seed {plan.run.seed}: not started: {busy_why}",
+                        file=echo,
+                        flush=True,
+                    )
+                    continue
+                free.remove(slot)
                 _prepare_dir(plan)
                 env = {
                     **os.environ,

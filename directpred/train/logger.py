@@ -215,8 +215,9 @@ class RunLogger:
     def drop_rows_at(self, step: int, which: Callable[[dict[str, Any]], bool]) -> None:
         """Drop the rows at ``step`` for which ``which`` is true from ``metrics.jsonl``, as they will be logged again
         (:func:`final_evaluation_row`: a resume that trains no step evaluates again; :func:`probe_test_row`: a run
-        extended from an epoch boundary runs that epoch's end again). So each row appears once; TensorBoard purged
-        them already, as every event from ``start_step`` on."""
+        extended from an epoch boundary runs that epoch's end again). So each row appears once in ``metrics.jsonl``;
+        TensorBoard purges only the events after ``start_step`` (the checkpoint's own step keeps its train row), so
+        it shows both evaluations of that step, the later one last."""
         if self.enabled and self.path.is_file():
             truncate_metrics(self.path, step, at_step=which)
 

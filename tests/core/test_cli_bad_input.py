@@ -680,3 +680,22 @@ def test_an_empty_out_is_refused_not_replaced_by_the_default(tmp_path, monkeypat
         "directpred: config error: --out is empty; give the run directory (or leave --out out for runs/<config>-<time>)"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_system_without_flock_is_not_taken_for_another_process(trained, tmp_path, monkeypatch, capsys):
+    """NFS and Lustre without -o flock cannot lock a directory (ENOLCK, ENOSYS): every train was refused as if another
+    process wrote the run. Only a lock held elsewhere (EWOULDBLOCK) refuses; otherwise the run goes on unlocked."""
+    import errno
+
+    from directpred import locks
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(locks.fcntl, "flock", no_flock)
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "summary.json").unlink()
+    assert main(["-q", "train", "--resume", str(run), "--set", "train.max_steps=3"]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    assert locks.run_dir_busy(run) is None

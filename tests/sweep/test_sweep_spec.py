@@ -3,6 +3,7 @@ device slots. No training here (see test_sweep_run.py)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -489,3 +490,36 @@ def test_an_interrupted_sweep_exits_as_directpred_train_does(signum, tmp_path, t
     assert "sweep interrupted; run the same command again" in err
     assert (out / "results.md").is_file()
     assert "No artists with labels" not in err  # no run finished: no empty legend (matplotlib warned)
+
+
+def test_a_run_directory_another_process_writes_is_not_cleared_by_the_sweep(tmp_path, tiny_folder, monkeypatch):
+    """The sweep cleared a run directory for its child (all files of a new plan) before the child met the run's
+    lock: a `directpred train` of that directory running beside the sweep lost its files. Now the sweep asks first
+    and leaves such a run alone, reported as failed; the other runs start."""
+    import fcntl
+
+    from directpred.sweep import runner
+
+    started: list[str] = []
+
+    def popen(cmd, **kw):
+        started.append(cmd[cmd.index("--out") + 1])
+        return _FinishedProcess()
+
+    monkeypatch.setattr(runner.subprocess, "Popen", popen)
+    sweep = load_sweep(write_sweep(tmp_path, tiny_folder, seeds=[0]))
+    out = tmp_path / "out"
+    plans = [plan_run(sweep, run, out) for run in sweep.runs()]
+    held = plans[0].run_dir
+    held.mkdir(parents=True)
+    (held / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    fd = os.open(held, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lines = io.StringIO()
+        failed = runner.execute(sweep, plans, slots=parse_devices("cpu"), echo=lines)
+    finally:
+        os.close(fd)
+    assert failed[0] == plans[0] and started == [str(p.run_dir) for p in plans[1:]]  # (the fakes write no summary)
+    assert f"not started: {held} is being written by another directpred process" in lines.getvalue()
+    assert (held / "metrics.jsonl").read_text() == '{"kind": "train", "step": 1}\n'
