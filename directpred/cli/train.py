@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     """``directpred train``: a new run, or ``--resume``; SIGINT/SIGTERM stop it after a step (exit 128+signal)."""
     from directpred import distributed
     from directpred.config import dump_config, load_config, read_run_config
-    from directpred.locks import run_dir_lock
+    from directpred.files import run_dir_lock
     from directpred.train.checkpoint import atomic_write_text
     from directpred.train.faults import TrainingInterrupted
     from directpred.train.loop import Trainer

@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from directpred.config import DataConfig, path_exists
+from directpred.files import fsync_dir
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _CACHE_VERSION = 3  # 2: the folder key holds every file's relative path; 3: 16-bit images rescaled
@@ -495,8 +496,6 @@ def _build_cache(path: Path, cache: Path, image_size: int, skip_corrupt: bool, *
     """Decode the splits of ``path`` into a temporary folder beside ``cache``, fsync its files, and publish it as
     ``cache`` by one rename; ``replace_damaged``: ``cache`` exists and cannot be read, and is moved aside first.
     Another process that published ``cache`` first wins (its copy is the same)."""
-    from directpred.train.checkpoint import fsync_dir  # not at the top: directpred.train imports this module
-
     splits = _list_source(path)
     classes = [c for c, _ in splits["__classes__"]]
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")

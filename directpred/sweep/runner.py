@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO
 
 from directpred.config import Config, ConfigError, diff_configs, read_json_object, read_run_config
-from directpred.locks import run_dir_busy
+from directpred.files import run_dir_busy
 from directpred.sweep.spec import Run, Sweep, yaml_value
 
 LENGTH_KEYS = ("train.epochs", "train.max_steps")  # a finished run asked for more of these is resumed

@@ -13,26 +13,13 @@ from typing import Any, BinaryIO
 import torch
 
 from directpred.config import Config, ConfigError, config_from_dict, flatten, strict_json
+from directpred.files import fsync_dir
 
 TMP_SUFFIX = ".tmp"  # temporaries are ".<name>.<random>.tmp" beside the file they replace
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message says which file and why."""
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a folder, making the names created or renamed in it durable (where the system allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_write_bytes(path: str | Path, write: Callable[[BinaryIO], object], *, retry: str | None = None) -> None:

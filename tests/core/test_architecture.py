@@ -12,6 +12,7 @@ LAYERS = {
     "directpred.linalg": 0,
     "directpred.distributed": 0,
     "directpred.runtime": 0,
+    "directpred.files": 0,
     "directpred.data": 1,
     "directpred.backbones": 1,
     "directpred.heads": 1,

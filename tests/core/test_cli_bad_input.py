@@ -687,7 +687,7 @@ def test_a_file_system_without_flock_is_not_taken_for_another_process(trained, t
     process wrote the run. Only a lock held elsewhere (EWOULDBLOCK) refuses; otherwise the run goes on unlocked."""
     import errno
 
-    from directpred import locks
+    from directpred import files as locks
 
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -699,3 +699,32 @@ def test_a_file_system_without_flock_is_not_taken_for_another_process(trained, t
     assert main(["-q", "train", "--resume", str(run), "--set", "train.max_steps=3"]) == 0
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
     assert locks.run_dir_busy(run) is None
+
+
+def test_a_forked_child_does_not_keep_the_run_directory_locked(tmp_path):
+    """DataLoader workers are forked while a run holds its directory's lock; a flock belongs to the open file
+    description, which they shared, so a resume right after the run was killed was refused as long as they lived.
+    The child closes its copy at once: the lock goes with the process that took it."""
+    import os
+    import time
+
+    from directpred.files import run_dir_busy, run_dir_lock
+
+    run = tmp_path / "run"
+    with run_dir_lock(run, create=True):
+        (run / "x").write_text("keep the directory")
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child (its at-fork hooks have run): say so, then outlive the parent's lock a while
+            os.write(ready_w, b"1")
+            time.sleep(3)
+            os._exit(0)
+        assert os.read(ready_r, 1) == b"1"
+        os.close(ready_r)
+        os.close(ready_w)
+        assert run_dir_busy(run) is not None  # held (by this process)
+    try:
+        assert run_dir_busy(run) is None  # released, though the child still runs
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)

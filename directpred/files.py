@@ -1,6 +1,7 @@
-"""Locks on run directories (``flock`` on the directory itself), so that two processes never write one run.
+"""File-system helpers below every other layer: durable folder entries (:func:`fsync_dir`) and the lock on a run
+directory (``flock`` on the directory itself: :func:`run_dir_lock`), so that two processes never write one run.
 
-Torch-free, for the sweep runner as well as ``directpred train``.
+Torch-free, for the data cache, the checkpoints, the sweep runner and ``directpred train``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,35 @@ from pathlib import Path
 from directpred.config import ConfigError
 
 logger = logging.getLogger(__name__)
+
+# The descriptors of the run-directory locks this process holds. A forked child (a DataLoader worker) shares their
+# open file description, so it would hold the lock as long as it lives, after this process ends or releases it (a
+# resume right after a kill was refused); the child closes its copies at once.
+_HELD: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a folder, making the names created or renamed in it durable (where the system allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _busy_message(run_dir: Path) -> str:
@@ -53,9 +83,11 @@ def run_dir_lock(run_dir: Path, *, create: bool) -> Iterator[None]:
                 raise ConfigError(_busy_message(run_dir)) from None
             except OSError as exc:  # no flock on this file system: not "another process"
                 logger.debug("%s: cannot lock the run directory (%s); going on without the lock", run_dir, exc)
+            _HELD.add(fd)
         yield
     finally:
         if fd is not None:
+            _HELD.discard(fd)
             os.close(fd)
         if made:  # a run refused before it wrote anything (a bad device, say) leaves no empty directory behind
             with contextlib.suppress(OSError):
