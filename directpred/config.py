@@ -988,7 +988,12 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def diff_configs(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
-    """Keys whose values differ, as ``{'a.b': (old, new)}``."""
+def diff_configs(old: Config, new: Config, *, beyond: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+    """Keys whose values differ, as ``{'a.b': (old, new)}``; with ``beyond``, only those it does not name (a key
+    itself, or a section as ``'eval.'``)."""
     a, b = flatten(old.to_dict()), flatten(new.to_dict())
-    return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+    return {
+        k: (a[k], b[k])
+        for k in a
+        if a[k] != b[k] and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in beyond)
+    }

@@ -47,6 +47,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _flock(fd: int, run_dir: Path) -> bool:
+    """Take the exclusive lock on ``fd`` (``run_dir`` opened): False when another process holds it. A file system
+    without flock (NFS, Lustre without ``-o flock``) is no other process: True, noted in the debug log."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        logger.debug("%s: cannot lock the run directory (%s); going on without the lock", run_dir, exc)
+    return True
+
+
 def _busy_message(run_dir: Path) -> str:
     return (
         f"{run_dir} is being written by another directpred process (a run or a resume of it); wait for it to end or "
@@ -77,12 +89,8 @@ def run_dir_lock(run_dir: Path, *, create: bool) -> Iterator[None]:
             fd = None
     try:
         if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ConfigError(_busy_message(run_dir)) from None
-            except OSError as exc:  # no flock on this file system: not "another process"
-                logger.debug("%s: cannot lock the run directory (%s); going on without the lock", run_dir, exc)
+            if not _flock(fd, run_dir):
+                raise ConfigError(_busy_message(run_dir))
             _HELD.add(fd)
         yield
     finally:
@@ -102,11 +110,6 @@ def run_dir_busy(run_dir: Path) -> str | None:
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _busy_message(run_dir)
-    except OSError:
-        return None
+        return None if _flock(fd, run_dir) else _busy_message(run_dir)
     finally:
         os.close(fd)  # closing releases a lock taken here
-    return None

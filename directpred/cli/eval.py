@@ -122,11 +122,7 @@ EVAL_CHANGES = ("eval.", "data.", "train.device", "train.precision", "train.chan
 def _check_eval_overrides(saved: Config, cfg: Config) -> None:
     from directpred.config import diff_configs
 
-    other = [
-        k
-        for k in diff_configs(saved, cfg)
-        if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in EVAL_CHANGES)
-    ]
+    other = list(diff_configs(saved, cfg, beyond=EVAL_CHANGES))
     if other:
         raise ConfigError(
             f"directpred eval --set {', '.join(other)}: these describe how the run was trained, not how it is "

@@ -110,11 +110,7 @@ def _prepare(run_dir: Path, ckpt_dir: Path, cfg: Config, *, resume: bool, comman
 def fixed_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     """The keys that differ between ``old`` and ``new`` beyond :data:`RESUMABLE_CHANGES`, as ``{key: (old, new)}``:
     what makes them different runs, not one run continued."""
-    return {
-        k: v
-        for k, v in diff_configs(old, new).items()
-        if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUMABLE_CHANGES)
-    }
+    return diff_configs(old, new, beyond=RESUMABLE_CHANGES)
 
 
 def check_resume_config(saved: Config, new: Config, *, force: bool = False) -> None:
