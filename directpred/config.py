@@ -98,7 +98,8 @@ class PredictorConfig:
     eps: float = 0.1
     """Boost of small eigenvalues (Eq. 18); DirectCopy: the eps of F^/||F^|| + eps I."""
     freq: int = 1
-    """Set W_p every `freq` steps; >1: SGD steps on W_p in between (the hybrid, Table 8)."""
+    """Set W_p every `freq` steps; >1: SGD steps on W_p in between (the hybrid, Table 8); with `partitions` the cells'
+    W_p are held in between (no trainable weight)."""
     eps_mode: Literal["code", "paper"] = "code"
     """`code` (the authors' code): p_j = sqrt(s_j/s_max) + eps; `paper` (Eq. 18): p_j = sqrt(s_j) + eps s_max."""
     c: float = 0.0
