@@ -101,8 +101,8 @@ def attribute_docstrings(cls: type) -> dict[str, str]:
 
     Examples:
         >>> from directpred.config import PredictorConfig
-        >>> attribute_docstrings(PredictorConfig)["freq"]
-        'Set W_p every `freq` steps; >1: SGD steps on W_p in between (the hybrid, Table 8).'
+        >>> attribute_docstrings(PredictorConfig)["rho"]
+        'Moving-average rate of F^ (Eq. 19), in [0, 1): F^ <- rho F^ + (1 - rho) z^T z / B.'
     """
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     (node,) = [n for n in tree.body if isinstance(n, ast.ClassDef)]
