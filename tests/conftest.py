@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +18,53 @@ REPO = Path(__file__).resolve().parents[1]
 MIRROR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 # Tiny test networks gain nothing from a second thread, and a single thread is immune to OpenMP spin-waiting
-# when other processes share the two cores.
+# when other processes share the two cores (the pytest-xdist workers among them). torch.compile's test: one compile
+# worker, not one per CPU beside the other workers.
 torch.set_num_threads(1)
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _same_start_whatever_ran_before() -> Iterator[None]:
+    """Every test starts from the same process state, whatever ran before it in this process: pytest-xdist workers
+    run different subsets of the tests in different orders. The global RNGs (Python, NumPy, torch) are seeded, and
+    the ``directpred`` logger's handlers and level are put back afterwards (a CLI ``main()`` call adds a stderr
+    handler, which would show a later test's library warnings on its captured stderr)."""
+    import logging
+    import random
+
+    logger = logging.getLogger("directpred")
+    handlers, level = list(logger.handlers), logger.level
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (the README's test command): one pytest-xdist worker per CPU this process may run on.
+
+    pytest-xdist's own count is psutil's *physical* cores where psutil is installed (1 on a 2-vCPU machine with
+    hyper-threads, which would run the suite serially) or the host's CPUs in a container whose cgroup quota allows
+    fewer. Here: the CPUs in this process's affinity mask, capped by a cgroup v2 quota (``cpu.max``) and by memory at
+    one worker per 3 GiB (a worker starts subprocesses: the CLI tests' runs, the DDP tests' two processes).
+    ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still overrides, as in pytest-xdist.
+    """
+    import math
+
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "").strip().isdigit():
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        n = min(n, max(1, memory // (3 << 30)))
+    return max(1, n)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -16,14 +16,6 @@ from directpred.diagnostics import hook
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "cpu" / "quickstart.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _restore_directpred_logger():
-    logger = logging.getLogger("directpred")
-    handlers, level = list(logger.handlers), logger.level
-    yield
-    logger.handlers[:], logger.level = handlers, level
-
-
 @pytest.mark.parametrize(
     "verbosity,shown", [(-1, ["WARNING: w"]), (0, ["i", "WARNING: w"]), (1, ["d", "i", "WARNING: w"])]
 )
