@@ -132,9 +132,9 @@ def test_replay_of_the_committed_runs_matches_training_and_the_documented_flags(
     held-out runs, which logged the warning live, also the step training recorded)."""
     runs = _committed_runs()
     # 47 the levels were chosen on, 8 held out, 24 of the eps sweeps (§1e), 12 of c_j (§1f), 12 of alpha_p (§1g),
-    # 12 of IsoLoss (§1h), 12 of c_j at freq 2 (§1i), 6 of fp32/bf16 on the AMX Xeon (§1j), 12 of weight decay (§1k),
+    # 12 of IsoLoss (§1h), 12 of c_j at freq 2 (§1i), 6 of fp32/bf16 on the AMX Xeon (§1j), 16 of weight decay (§1k),
     # 18 of the optimal predictor (§1l)
-    assert len(runs) == 163
+    assert len(runs) == 167
     dim_flags = {}
     for run_dir in runs:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -179,6 +179,7 @@ def test_replay_of_the_committed_runs_matches_training_and_the_documented_flags(
         "cpu_weight_decay/runs/pred_wd,sym/seed3": 750,
         "cpu_weight_decay/runs/no_wd,sym/seed0": 1300,
         "cpu_weight_decay/runs/no_wd,sym/seed3": 800,
+        "cpu_weight_decay/runs/no_wd,sym/seed5": 1150,  # and the collapse rule by the final report (step 1560)
         # Table 1 at CPU scale (§1l): the optimal plug-in, every cell and seed, at the second report
         **{
             f"cpu_optimal/runs/{row},freq={freq}/seed{seed}": 100
