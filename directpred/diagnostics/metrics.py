@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from directpred.heads.base import Predictor
+from directpred.heads.directpred import PartitionedDirectPred
 from directpred.heads.mlp import MLP
 from directpred.linalg import symmetric_part
 
@@ -202,8 +203,16 @@ def predictor_matrix(predictor: Predictor, *views: torch.Tensor) -> tuple[torch.
         ``(W_p, kind)``: ``weight`` for linear predictors (DirectPred, DirectCopy, linear, identity) with kind
         ``"weight"``; for the two-layer MLP, the mean over ``views`` of each view's batch-mean Jacobian
         (:func:`mlp_mean_jacobian`: each view has its own BatchNorm batch, as in training) with kind
-        ``"jacobian"``; ``(None, "none")`` otherwise.
+        ``"jacobian"``; for the feature-dependent DirectPred, the mean over ``views`` of the batch mean of the
+        per-sample matrices (:meth:`~directpred.heads.directpred.PartitionedDirectPred.mean_weight`, also its mean
+        Jacobian), with kind ``"partitions"``; ``(None, "none")`` otherwise (the MLP and the partitions without
+        ``views``).
     """
+    if isinstance(predictor, PartitionedDirectPred):  # its global ``weight`` predicts nothing
+        if not views:
+            return None, "none"
+        mean = torch.stack([predictor.mean_weight(z.detach()) for z in views]).sum(0) / len(views)
+        return mean, "partitions"
     W = getattr(predictor, "weight", None)
     if isinstance(W, torch.Tensor) and W.ndim == 2 and W.shape[0] == W.shape[1]:
         return W.detach(), "weight"

@@ -129,7 +129,11 @@ def diagnose(target: Path, *, batches: int = 2, use_data: bool = True) -> tuple[
     if W_p is None:
         lines.append("W_p: none for this predictor (alignment not defined)")
     else:
-        what = "weight" if kind == "weight" else "batch-mean Jacobian of the two-layer predictor"
+        what = {
+            "weight": "weight",
+            "jacobian": "batch-mean Jacobian of the two-layer predictor",
+            "partitions": "batch mean of the partitioned predictor's per-sample W_p(f)",
+        }[kind]
         lines.append(
             f"W_p ({what}): alignment mean_j cos(W_p u_j, u_j) = {f('alignment')}, "
             f"s-weighted = {f('alignment_weighted')}; asymmetry ||W-W^T||/||W|| = {f('asymmetry')}; "

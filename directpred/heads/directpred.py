@@ -193,8 +193,9 @@ class PartitionedDirectPred(DirectPred):
     weighs ``1 - rho`` in theta (with ``update_at: forward``). And the hyperplanes are drawn from ``seed``
     (``train.seed``), not the global torch seed. The cells hold correlations (no ``zero_mean``, as in the code's
     partition mode). Every cell's F^ is updated every step; with ``freq > 1`` the cells' W_p are set every ``freq``
-    steps and held in between (the code sets them every step). The global F^ and its W_p (``weight``) are kept too,
-    for diagnostics. No gradient steps on W_p.
+    steps and held in between (the code sets them every step). The global F^ and its W_p (``weight``, which makes
+    no prediction) are kept too: the diagnostics compare F^ with the batch mean of the per-sample matrices
+    (:meth:`mean_weight`). No gradient steps on W_p.
     """
 
     planes: torch.Tensor  # (d, n) the hyperplanes' normals w_i
@@ -244,6 +245,17 @@ class PartitionedDirectPred(DirectPred):
     def _sides(self, z: torch.Tensor, theta: torch.Tensor | None = None) -> torch.Tensor:  # (B, n) True = positive
         with full_precision(z.device):  # the same float32 sides in forward (under autocast) as in update
             return (z.float() @ self.planes.float()) >= (self.theta if theta is None else theta)
+
+    def mean_weight(self, z: torch.Tensor) -> torch.Tensor:
+        """The batch mean of the matrix each sample is predicted with, ``mean_b W_p(f_b)``, in float32.
+
+        ``W_p(f)`` is constant within a cell, so this is also the predictor's input-output Jacobian averaged over the
+        batch: ``(1/n) sum_i (q_i W_{i,+} + (1 - q_i) W_{i,-})`` with ``q_i`` the share of ``z`` on the positive side
+        of hyperplane ``i``. The diagnostics read it as this predictor's W_p.
+        """
+        q = self._sides(z).float().mean(0)[:, None, None]  # (n, 1, 1)
+        W = self.cell_weight.float()
+        return (q * W[:, 0] + (1 - q) * W[:, 1]).mean(0)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         W = self.cell_weight.to(z.dtype)  # (n, 2, d, d)

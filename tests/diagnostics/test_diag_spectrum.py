@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from directpred.diagnostics import metrics as spectrum
-from directpred.heads import MLP, DirectPred, LinearPredictor
+from directpred.heads import MLP, DirectPred, LinearPredictor, PartitionedDirectPred
 
 
 def random_orthogonal(d: int, seed: int = 0) -> torch.Tensor:
@@ -147,6 +147,27 @@ def test_mlp_mean_jacobian_matches_autograd(tied):
 
     J = torch.stack([torch.autograd.functional.jacobian(per_sample, z[b]) for b in range(B)]).mean(0)
     assert torch.allclose(spectrum.mlp_mean_jacobian(mlp, z), J, atol=1e-10)
+
+
+def test_partitioned_predictor_is_read_as_its_batch_mean_jacobian_not_the_global_weight():
+    d = 6
+    pdp = PartitionedDirectPred(d, partitions=3, rho=0.3, seed=4)
+    for _ in range(3):
+        pdp.update(torch.randn(64, d) + torch.linspace(-1, 1, d))
+    pdp.eval()
+    z1, z2 = torch.randn(32, d), torch.randn(32, d) + 0.5
+
+    def mean_jacobian(z: torch.Tensor) -> torch.Tensor:  # autograd, sample by sample
+        return torch.stack(
+            [torch.autograd.functional.jacobian(pdp, z[b : b + 1]).reshape(d, d) for b in range(32)]
+        ).mean(0)
+
+    torch.testing.assert_close(pdp.mean_weight(z1), mean_jacobian(z1), rtol=1e-5, atol=1e-6)
+    W, kind = spectrum.predictor_matrix(pdp, z1, z2)
+    assert kind == "partitions"
+    torch.testing.assert_close(W, (mean_jacobian(z1) + mean_jacobian(z2)) / 2, rtol=1e-5, atol=1e-6)
+    assert (W - pdp.weight).abs().max() > 1e-3  # the global F^'s own matrix, which predicts nothing, is not it
+    assert spectrum.predictor_matrix(pdp) == (None, "none")  # no batch, no mean
 
 
 def test_predictor_matrix_kinds():
