@@ -43,27 +43,80 @@ def _same_start_whatever_ran_before() -> Iterator[None]:
     logger.setLevel(level)
 
 
+def _cgroup_limits() -> tuple[float | None, int | None]:
+    """This process's cgroup CPU quota (in CPUs) and memory limit (bytes), the tightest over its cgroup and the
+    cgroup's ancestors, in cgroup v2 (``cpu.max``, ``memory.max``) or v1 (``cpu.cfs_quota_us`` / ``cfs_period_us``,
+    ``memory.limit_in_bytes``); None where there is none or it cannot be read."""
+    cpus: list[float] = []
+    memory: list[int] = []
+
+    def read(path: Path) -> str | None:
+        try:
+            return path.read_text().strip()
+        except OSError:
+            return None
+
+    try:
+        entries = [line.split(":", 2) for line in Path("/proc/self/cgroup").read_text().splitlines()]
+    except OSError:
+        entries = []
+    for _, controllers, path in (e for e in entries if len(e) == 3):
+        rel = Path(path.lstrip("/"))
+        v1 = controllers.split(",") if controllers else []
+        roots = [Path("/sys/fs/cgroup")] if not v1 else [Path("/sys/fs/cgroup") / c for c in (controllers, *v1)]
+        for root in roots:
+            for d in {root / part for part in [rel, *rel.parents]}:  # the cgroup, its ancestors, the mount root
+                if not v1:
+                    quota = (read(d / "cpu.max") or "max").split()
+                    if quota[0] != "max" and len(quota) == 2 and int(quota[1]) > 0:
+                        cpus.append(int(quota[0]) / int(quota[1]))
+                    limit = read(d / "memory.max")
+                    if limit and limit.isdigit():
+                        memory.append(int(limit))
+                if "cpu" in v1:
+                    quota_us, period_us = read(d / "cpu.cfs_quota_us"), read(d / "cpu.cfs_period_us")
+                    if quota_us and period_us and int(quota_us) > 0 and int(period_us) > 0:
+                        cpus.append(int(quota_us) / int(period_us))
+                if "memory" in v1:
+                    limit = read(d / "memory.limit_in_bytes")
+                    if limit and limit.isdigit():
+                        memory.append(int(limit))  # "no limit" reads as a huge number: the RAM cap below wins
+    return (min(cpus) if cpus else None), (min(memory) if memory else None)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it (-p no:xdist), pytest must not refuse it
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto`` (the README's test command): one pytest-xdist worker per CPU this process may run on.
 
     pytest-xdist's own count is psutil's *physical* cores where psutil is installed (1 on a 2-vCPU machine with
     hyper-threads, which would run the suite serially) or the host's CPUs in a container whose cgroup quota allows
-    fewer. Here: the CPUs in this process's affinity mask, capped by a cgroup v2 quota (``cpu.max``) and by memory at
-    one worker per 3 GiB (a worker starts subprocesses: the CLI tests' runs, the DDP tests' two processes).
-    ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still overrides, as in pytest-xdist.
+    fewer. Here: the CPUs in this process's affinity mask, capped by its cgroup's CPU quota (v1 or v2, rounded up)
+    and by memory (the RAM, or the cgroup's limit if lower) at one worker per 3 GiB: a worker starts subprocesses
+    (the CLI tests' runs, the DDP tests' two processes). ``PYTEST_XDIST_AUTO_NUM_WORKERS=N`` overrides, as in
+    pytest-xdist.
     """
     import math
+    import warnings
 
-    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "").strip().isdigit():
-        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    given = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "").strip()
+    if given:
+        if given.isdigit():
+            return int(given)
+        warnings.warn(f"PYTEST_XDIST_AUTO_NUM_WORKERS={given!r} is not a number >= 0; ignoring it", stacklevel=1)
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    with contextlib.suppress(OSError, ValueError):
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    try:
+        quota, limit = _cgroup_limits()
+    except (OSError, ValueError):  # an unexpected cgroup file: go by the CPUs and the RAM
+        quota, limit = None, None
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota)))
+    memory = [limit] if limit is not None else []
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        n = min(n, max(1, memory // (3 << 30)))
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if ram > 0:
+            memory.append(ram)
+    if memory:
+        n = min(n, max(1, min(memory) // (3 << 30)))
     return max(1, n)
 
 
