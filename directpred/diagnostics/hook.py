@@ -103,7 +103,8 @@ def diagnostic_row(
 
     Args:
         F_hat: running correlation of the predictor's inputs (d, d).
-        W_p: the predictor matrix (d, d) (``weight``, or the MLP's mean Jacobian), or None.
+        W_p: the predictor matrix (d, d) (``weight``, or the batch-mean Jacobian of the MLP or the partitioned
+            DirectPred: :func:`~directpred.diagnostics.metrics.predictor_matrix`), or None.
         h: representations (backbone features) of a batch (N, D), for ``rankme_h`` / ``h_std_ratio``.
         z: projections (the predictor's input) of a batch (N, d), for ``rankme_z`` / ``z_std_ratio``.
 

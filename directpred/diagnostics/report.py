@@ -16,7 +16,7 @@ from directpred.data.stream import BatchDataset, StreamData, load_stream_data
 from directpred.data.views import view_recipes
 from directpred.diagnostics import metrics as spectrum
 from directpred.diagnostics.hook import diagnostic_row, looks_collapsed, looks_dim_collapsed, single_thread
-from directpred.heads import CorrelationEstimator
+from directpred.heads import MLP, CorrelationEstimator, PartitionedDirectPred
 from directpred.methods import build_method
 from directpred.train.checkpoint import load_checkpoint, stored_config
 
@@ -39,8 +39,8 @@ def diagnose(target: Path, *, batches: int = 2, use_data: bool = True) -> tuple[
 
     Loads the checkpoint's model, reads F^ (the predictor's own, or the one the training diagnostics kept)
     and W_p, and, with ``use_data``, runs ``batches`` training batches (two augmented views, the model in eval
-    mode: nothing is updated) for the representation, projection and loss metrics. The MLP predictor's mean
-    Jacobian needs these batches.
+    mode: nothing is updated) for the representation, projection and loss metrics. The W_p of the MLP predictor
+    and of the partitioned DirectPred (batch means) needs these batches.
     """
     ckpt, _ = resolve_checkpoint(target)
     state = load_checkpoint(ckpt, map_location="cpu", require=("model", "config"))
@@ -127,7 +127,11 @@ def diagnose(target: Path, *, batches: int = 2, use_data: bool = True) -> tuple[
         f"{f('F_rank', '.1f')} of {len(s)}"
     )
     if W_p is None:
-        lines.append("W_p: none for this predictor (alignment not defined)")
+        lines.append(
+            "W_p: this predictor's is a mean over a batch; run with data (without --no-data, --batches >= 1) for it"
+            if z is None and isinstance(predictor, (MLP, PartitionedDirectPred))
+            else "W_p: none for this predictor (alignment not defined)"
+        )
     else:
         what = {
             "weight": "weight",

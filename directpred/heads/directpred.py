@@ -186,14 +186,15 @@ class PartitionedDirectPred(DirectPred):
     DirectPred matrix, and the predictor applied to f is the average over hyperplanes of the matrix of the cell f
     falls in: ``W_p(f) = (1/n) sum_i W_{i, side_i(f)}``. This follows the authors' code (``n_corr`` hyperplanes,
     averaged per-cell predictors), and reads the paper's "6 random partitions" as ``n = 6`` hyperplanes; the paper's
-    text says the cell correlations are summed, which the code does not do. Two deviations from the code: the
+    text says the cell correlations are summed, which the code does not do. Where it differs from the code: the
     threshold theta_i is a moving average (the same rho) of the mean of ``f . w_i`` over both views and the global
     batch, where the code takes each view's current batch mean; so in evaluation a sample's prediction does not
     depend on the rest of its batch (and is defined for one image), while in training the current batch still
     weighs ``1 - rho`` in theta (with ``update_at: forward``). And the hyperplanes are drawn from ``seed``
     (``train.seed``), not the global torch seed. The cells hold correlations (no ``zero_mean``, as in the code's
     partition mode). Every cell's F^ is updated every step; with ``freq > 1`` the cells' W_p are set every ``freq``
-    steps and held in between (the code sets them every step). The global F^ and its W_p (``weight``, which makes
+    steps and held in between (the code sets them every step); a cell no sample falls in keeps its estimate (the
+    code folds in a zero matrix). The global F^ and its W_p (``weight``, which makes
     no prediction) are kept too: the diagnostics compare F^ with the batch mean of the per-sample matrices
     (:meth:`mean_weight`). No gradient steps on W_p.
     """

@@ -96,3 +96,16 @@ def test_the_eps_note_comes_with_directpred_only(predictor, tiny_overrides, tmp_
     (line,) = [x for x in lines if x.startswith("p_j vs s_j")]
     assert ("DirectPred's eps lowers it" in line) == (predictor == "directpred")
     assert "(0.5 for the law" in line
+
+
+def test_a_partitioned_run_is_diagnosed_with_the_matrices_that_predict(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    Trainer(load_config(None, [*tiny_overrides, "train.max_steps=2", "predictor.partitions=2"]), run).fit()
+    row, lines = report.diagnose(run, batches=1)
+    assert any(line.startswith("W_p (batch mean of the partitioned predictor's per-sample W_p(f))") for line in lines)
+    assert row["alignment"] is not None and row["alignment"] < 1 - 1e-4  # not the global F^'s own matrix (1 exactly)
+    _, lines = report.diagnose(run, use_data=False)  # a mean over a batch: without data, said so
+    assert (
+        "W_p: this predictor's is a mean over a batch; run with data (without --no-data, --batches >= 1) for it"
+        in lines
+    )
