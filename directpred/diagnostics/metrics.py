@@ -19,6 +19,7 @@ eigenvalues s_j sorted in *descending* order, and W_p is the (linear) predictor.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +193,22 @@ def mlp_mean_jacobian(mlp: MLP, z: torch.Tensor) -> torch.Tensor:
     return (W2 * gate) @ W1
 
 
+def _batch_mean_matrix(predictor: Predictor) -> tuple[Callable[[torch.Tensor], torch.Tensor], str] | None:
+    """For a predictor whose W_p is a mean over a batch (one view's matrix, and its kind), None for the others. The
+    partitioned DirectPred comes first: its global ``weight`` predicts nothing."""
+    if isinstance(predictor, PartitionedDirectPred):
+        return predictor.mean_weight, "partitions"
+    if isinstance(predictor, MLP):
+        return (lambda z: mlp_mean_jacobian(predictor, z.float())), "jacobian"
+    return None
+
+
+def needs_batch(predictor: Predictor) -> bool:
+    """Whether :func:`predictor_matrix` needs the predictor's inputs (the MLP's and the partitioned DirectPred's W_p
+    are means over a batch)."""
+    return _batch_mean_matrix(predictor) is not None
+
+
 def predictor_matrix(predictor: Predictor, *views: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     """The matrix that plays W_p for any predictor of :mod:`directpred.heads`.
 
@@ -208,15 +225,13 @@ def predictor_matrix(predictor: Predictor, *views: torch.Tensor) -> tuple[torch.
         Jacobian), with kind ``"partitions"``; ``(None, "none")`` otherwise (the MLP and the partitions without
         ``views``).
     """
-    if isinstance(predictor, PartitionedDirectPred):  # its global ``weight`` predicts nothing
+    batch_mean = _batch_mean_matrix(predictor)
+    if batch_mean is not None:
         if not views:
             return None, "none"
-        mean = torch.stack([predictor.mean_weight(z.detach()) for z in views]).sum(0) / len(views)
-        return mean, "partitions"
+        per_view, kind = batch_mean
+        return torch.stack([per_view(z.detach()) for z in views]).sum(0) / len(views), kind
     W = getattr(predictor, "weight", None)
     if isinstance(W, torch.Tensor) and W.ndim == 2 and W.shape[0] == W.shape[1]:
         return W.detach(), "weight"
-    if isinstance(predictor, MLP) and views:
-        J = torch.stack([mlp_mean_jacobian(predictor, z.detach().float()) for z in views]).sum(0) / len(views)
-        return J, "jacobian"
     return None, "none"

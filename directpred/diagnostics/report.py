@@ -16,7 +16,7 @@ from directpred.data.stream import BatchDataset, StreamData, load_stream_data
 from directpred.data.views import view_recipes
 from directpred.diagnostics import metrics as spectrum
 from directpred.diagnostics.hook import diagnostic_row, looks_collapsed, looks_dim_collapsed, single_thread
-from directpred.heads import MLP, CorrelationEstimator, PartitionedDirectPred
+from directpred.heads import CorrelationEstimator
 from directpred.methods import build_method
 from directpred.train.checkpoint import load_checkpoint, stored_config
 
@@ -129,7 +129,7 @@ def diagnose(target: Path, *, batches: int = 2, use_data: bool = True) -> tuple[
     if W_p is None:
         lines.append(
             "W_p: this predictor's is a mean over a batch; run with data (without --no-data, --batches >= 1) for it"
-            if z is None and isinstance(predictor, (MLP, PartitionedDirectPred))
+            if z is None and spectrum.needs_batch(predictor)
             else "W_p: none for this predictor (alignment not defined)"
         )
     else:
