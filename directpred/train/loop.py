@@ -30,7 +30,7 @@ from torch import nn
 
 from directpred import distributed
 from directpred.backbones import resolve_channels_last
-from directpred.config import Config, ConfigError, check_schedule
+from directpred.config import Config, ConfigError, check_schedule, read_run_config
 from directpred.data.augment import TwoViewAugment
 from directpred.data.datasets import DataBundle, DataError, load_data
 from directpred.data.order import step_generator
@@ -64,7 +64,14 @@ from directpred.train.faults import (
 )
 from directpred.train.logger import RunLogger, check_backends, final_evaluation_row, probe_test_row
 from directpred.train.optim import build_optimizer, load_optimizer_state, lr_factor, set_lr
-from directpred.train.rundir import RESUMABLE_CHANGES, check_resume_config, finished_summary, prepare_run_dir
+from directpred.train.rundir import (
+    RESUMABLE_CHANGES,
+    check_resume_config,
+    finished_summary,
+    fixed_changes,
+    prepare_run_dir,
+    record_command,
+)
 
 __all__ = [
     "Trainer",
@@ -183,7 +190,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.autocast_dtype = resolve_precision(cfg.train.precision, self.device)
-        prepare_run_dir(self.run_dir, cfg, resume=self.resume, command=self.command)
+        prepare_run_dir(self.run_dir, resume=self.resume)
         self.commit = git_commit()  # once per run
 
         torch.manual_seed(cfg.train.seed)  # the same initialisation on every rank
@@ -258,12 +265,45 @@ class Trainer:
                     RuntimeWarning,
                     stacklevel=2,
                 )
+            self._check_forced_changes()
+        # Set up: the command is one that trains or evaluates here (a refused one is not recorded).
+        record_command(self.run_dir, cfg, resume=self.resume, command=self.command)
         # After the load: rows a killed process logged past the checkpoint are dropped, as they will be redone.
         self.logger = RunLogger(
             self.run_dir, start_step=self.step, backends=cfg.log.backends, config=cfg.to_dict(), project=cfg.log.project
         )
         self._ready = True
         return self
+
+    def _check_forced_changes(self) -> None:
+        """Refuse a resume whose changes beyond :data:`RESUMABLE_CHANGES` (accepted with ``--force``) no step would
+        train with: the run has trained all its steps (or was stopped on collapse, and stays stopped), so its
+        ``config.yaml`` would claim settings that not one step used, and its final evaluation, run again, would be
+        filed under them."""
+        collapse_stopped = bool((self._resume_diag_state or {}).get("collapsed")) and self.cfg.diag.stop_on_collapse
+        if self.step < self.last_step and not collapse_stopped:
+            return
+        try:
+            saved = read_run_config(self.run_dir)
+        except ConfigError:  # no readable config.yaml to compare with: the resume goes on as before
+            return
+        forced = fixed_changes(saved, self.cfg)
+        if forced:
+            why = (
+                f"was stopped on collapse at step {self.step} and diag.stop_on_collapse=true keeps it stopped"
+                if collapse_stopped and self.step < self.last_step
+                else f"has trained all its {self.last_step} steps"
+            )
+            more = (
+                "--set diag.stop_on_collapse=false"
+                if collapse_stopped and self.step < self.last_step
+                else "--set train.epochs=N or train.max_steps=N"
+            )
+            raise ConfigError(
+                f"resume with changes to {', '.join(forced)} (--force): the run in {self.run_dir} {why}, so no step "
+                f"would train with them and its config.yaml would claim them; to train on with them, resume with "
+                f"{more} as well, or start a new run from {self.run_dir / 'config.yaml'} with --out"
+            )
 
     def _build_model(self) -> None:
         cfg = self.cfg

@@ -36,20 +36,30 @@ RESUMABLE_CHANGES = (
 )
 
 
-def prepare_run_dir(run_dir: Path, cfg: Config, *, resume: bool, command: str) -> None:
+def prepare_run_dir(run_dir: Path, *, resume: bool) -> None:
     """Check that ``run_dir`` holds a run to resume (or, for a new run, none: at most one killed before its first
     checkpoint, which is started over; never a finished run's ``summary.json`` or a ``config.yaml`` no run wrote) and
-    is writable; write ``config.yaml`` (new runs) and append the command line to ``command.txt``. Rank 0 does it;
+    is writable. Writes nothing there yet (:func:`record_command` does, once the run is set up). Rank 0 does it;
     every rank waits for it and stops with an error if it failed."""
     ckpt_dir = run_dir / "checkpoints"
-    distributed.on_main(
-        lambda: _prepare(run_dir, ckpt_dir, cfg, resume=resume, command=command),
-        "prepare the run directory",
-        TrainingError,
-    )
+    distributed.on_main(lambda: _prepare(run_dir, ckpt_dir, resume=resume), "prepare the run directory", TrainingError)
 
 
-def _prepare(run_dir: Path, ckpt_dir: Path, cfg: Config, *, resume: bool, command: str) -> None:
+def record_command(run_dir: Path, cfg: Config, *, resume: bool, command: str) -> None:
+    """Write ``config.yaml`` (new runs) and append the command line to ``command.txt``: called once the run is set
+    up (data loaded, model built, checkpoint loaded and checked), so ``command.txt`` lists the commands that trained
+    or evaluated in the run directory, not those refused before any work. Rank 0 does it; every rank waits."""
+
+    def write() -> None:
+        if not resume:
+            atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        with open(run_dir / "command.txt", "a") as f:
+            f.write((command or " ".join(sys.argv)) + "\n")
+
+    distributed.on_main(write, "record the run's command", TrainingError)
+
+
+def _prepare(run_dir: Path, ckpt_dir: Path, *, resume: bool) -> None:
     """Rank 0's part of :func:`prepare_run_dir`."""
     # Kept checkpoints without last.pt: last.pt was lost (it is written before every epoch_XXXX.pt), not a run
     # that stopped before its first checkpoint; a new run there would overwrite the run's metrics and summary.
@@ -101,10 +111,6 @@ def _prepare(run_dir: Path, ckpt_dir: Path, cfg: Config, *, resume: bool, comman
             + ("free disk space or fix permissions, then resume" if resume else "choose a writable --out")
         ) from None
     remove_stale_temporaries(ckpt_dir)  # left by a writer killed mid-write; never loaded
-    if not resume:
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    with open(run_dir / "command.txt", "a") as f:
-        f.write((command or " ".join(sys.argv)) + "\n")
 
 
 def fixed_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:

@@ -116,10 +116,7 @@ def test_a_resume_on_moved_data_equals_uninterrupted_and_on_other_data_is_refuse
             "128 -> 48; steps per epoch 8 -> 3; classes 4 -> 3); resume with the run's own data (data.path may "
             "change only to a moved copy of it), or start a new run on this data"
         )
-        after = files()  # command.txt logs each command given
-        assert {k: v for k, v in after.items() if k != "command.txt"} == {
-            k: v for k, v in before.items() if k != "command.txt"
-        }
+        assert files() == before  # command.txt too: a refused command is not recorded
     moved = tmp_path / "moved"
     shutil.copytree(tiny_folder, moved)
     assert main(["train", "--resume", str(run), "--set", "train.max_steps=0", "--set", f"data.path={moved}"]) == 0
@@ -182,11 +179,7 @@ def test_resume_below_the_checkpoint_is_refused_and_leaves_the_run_as_it_is(tiny
     assert "past train.epochs=1 (8 steps): a run cannot be made shorter" in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--set", "train.max_steps=10", "--force"]) == 2
     assert "past train.max_steps=10: a run cannot be made shorter" in capsys.readouterr().err
-    # command.txt logs each command given; nothing else of the run changed
-    after = files()
-    assert {k: v for k, v in after.items() if k != "command.txt"} == {
-        k: v for k, v in before.items() if k != "command.txt"
-    }
+    assert files() == before  # nothing of the run changed, command.txt included: refused commands are not recorded
     assert main(["train", "--resume", str(run)]) == 0  # still finished as it was
     assert "had already finished with this configuration" in capsys.readouterr().out
 
@@ -346,3 +339,77 @@ def test_a_resume_where_auto_precision_resolves_otherwise_says_so(tiny_overrides
     changes = ["--set", "train.epochs=4", "--set", "train.max_steps=0", "--set", "train.precision=bf16"]
     assert main(["train", "--resume", str(run), *changes]) == 0
     assert load_checkpoint(run / "checkpoints" / "last.pt")["precision"] == "bfloat16"
+
+
+def test_a_forced_change_that_no_step_would_train_with_is_refused(tiny_overrides, tmp_path, capsys):
+    """`--force` with a change beyond the resumable settings on a run that has trained all its steps rewrote
+    config.yaml (and evaluated again under it) though not one step trained with the change; it is refused, nothing
+    of the run changes (command.txt included), and with more steps the same change is taken."""
+    run = tmp_path / "r"
+    Trainer(load_config(None, tiny_overrides + ["train.epochs=1"]), run).fit()
+
+    def files() -> dict[str, bytes]:
+        return {str(f.relative_to(run)): f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file()}
+
+    before = files()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--force", "--set", "predictor.rho=0.5"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"directpred: config error: resume with changes to predictor.rho (--force): the run in {run} has trained all "
+        "its 8 steps, so no step would train with them and its config.yaml would claim them; to train on with them, "
+        f"resume with --set train.epochs=N or train.max_steps=N as well, or start a new run from {run / 'config.yaml'}"
+        " with --out"
+    )
+    assert files() == before
+    command = ["train", "--resume", str(run), "--force", "--set", "predictor.rho=0.5", "--set", "train.epochs=2"]
+    assert main(command) == 0
+    cfg = load_config(run / "config.yaml")
+    assert (cfg.predictor.rho, cfg.train.epochs) == (0.5, 2)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 16
+    recorded = (run / "command.txt").read_text().splitlines()
+    assert len(recorded) == len(before["command.txt"].decode().splitlines()) + 1  # the refused one is not there
+
+
+def test_a_forced_change_on_a_run_stopped_on_collapse_is_refused_while_it_stays_stopped(tiny_overrides, tmp_path):
+    """A run stopped on collapse, resumed with diag.stop_on_collapse still on, trains no step: a --force change is
+    refused as for a finished run; with the stop off, the steps to come train with it."""
+    run = tmp_path / "r"
+    Trainer(load_config(None, tiny_overrides + ["train.epochs=1", "train.max_steps=3"]), run).fit()
+    ckpt = run / "checkpoints" / "last.pt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    for key in ("diagnostics", "diagnostics_before_final"):  # as the collapse rule leaves them, in training
+        state[key]["collapsed"] = True
+    torch.save(state, ckpt)
+    forced = ["--force", "--set", "predictor.rho=0.5", "--set", "train.max_steps=0"]
+    forced += ["--set", "diag.stop_on_collapse=true"]
+    with pytest.raises(ConfigError, match=r"was stopped on collapse at step 3 and diag\.stop_on_collapse=true keeps"):
+        _resume_forced(run, forced)
+    assert load_config(run / "config.yaml").predictor.rho == 0.3
+    assert main(["train", "--resume", str(run), *forced[:-1], "diag.stop_on_collapse=false"]) == 0
+    assert load_config(run / "config.yaml").predictor.rho == 0.5
+    assert load_checkpoint(ckpt)["step"] == 8
+
+
+def _resume_forced(run: Path, forced: list[str]) -> None:
+    """`directpred train --resume RUN FORCED...` as the CLI runs it, raising its error rather than printing it."""
+    from directpred.config import read_run_config
+
+    sets = [forced[i + 1] for i, a in enumerate(forced) if a == "--set"]
+    cfg = load_config(None, sets, base=read_run_config(run).to_dict())
+    Trainer(cfg, run, resume=True).setup()
+
+
+def test_a_new_run_refused_after_its_checks_leaves_no_record(tiny_overrides, tmp_path, capsys):
+    """A new run that fails while it is set up (here: no images where data.path points) writes neither config.yaml
+    nor command.txt, so the same command, once the data is there, starts the run with one line in command.txt."""
+    run, data = tmp_path / "r", tmp_path / "later"
+    (data / "train").mkdir(parents=True)
+    sets = [s for s in tiny_overrides if not s.startswith("data.path=")] + [f"data.path={data}", "train.max_steps=2"]
+    command = ["train", str(Path(__file__).parents[2] / "configs" / "cpu" / "quickstart.yaml"), "--out", str(run)]
+    for s in sets:
+        command += ["--set", s]
+    assert main(command) == 1
+    assert not (run / "config.yaml").exists() and not (run / "command.txt").exists()
+    write_folder(data, n_train=32, n_test=8)
+    assert main(command) == 0
+    assert len((run / "command.txt").read_text().splitlines()) == 1
