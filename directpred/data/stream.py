@@ -48,7 +48,14 @@ import numpy as np
 import torch
 
 from directpred.config import DataConfig
-from directpred.data.datasets import IMAGE_EXTENSIONS, DataError, _decode, decode_failure, require_two_classes
+from directpred.data.datasets import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    ImageArrays,
+    _decode,
+    decode_failure,
+    require_two_classes,
+)
 
 # The held-out split: val/ (ImageNet's labelled validation set) first, test/ when there is no val/ (CIFAR-style
 # layouts); a folder without class folders (ImageNet's unlabelled test images) is passed over.
@@ -794,6 +801,33 @@ class StreamSplit:
     @property
     def classes(self) -> list[str]:
         return self.reader.classes
+
+
+def content_fingerprint(split: ImageArrays | StreamSplit, samples: int = 32) -> str:
+    """A digest of the labels of ``split`` and of ``samples`` of its images, evenly spaced in its order: their
+    decoded pixels when in memory, their files' bytes when streamed (which ``directpred shards`` keeps unchanged).
+    The same for a moved copy, a ``.tar.gz`` of the folder, or (streamed) the folder's shards; different, bar a
+    collision, for other images of the same count and classes. Reads ``samples`` files when streamed."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    n = len(split)
+    digest.update(f"{n}:".encode())
+    picks: list[int] = np.unique(np.linspace(0, n - 1, min(samples, n)).round()).astype(int).tolist() if n else []
+    if isinstance(split, StreamSplit):
+        digest.update(np.ascontiguousarray(split.reader.labels, dtype=np.int64).tobytes())
+        for i in picks:
+            try:
+                digest.update(hashlib.blake2b(split.reader.read(i), digest_size=16).digest())
+            except OSError as exc:
+                raise DataError(
+                    f"{split.reader.name(i)}: cannot read it ({exc.strerror or exc}); fix its permissions or restore it"
+                ) from None
+    else:
+        digest.update(split.labels.cpu().numpy().astype(np.int64).tobytes())
+        for i in picks:
+            digest.update(split.images[i].cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass

@@ -34,7 +34,14 @@ from directpred.config import Config, ConfigError, check_schedule, read_run_conf
 from directpred.data.augment import TwoViewAugment
 from directpred.data.datasets import DataBundle, DataError, load_data
 from directpred.data.order import step_generator
-from directpred.data.stream import BatchSource, InMemorySource, StreamData, StreamSource, load_stream_data
+from directpred.data.stream import (
+    BatchSource,
+    InMemorySource,
+    StreamData,
+    StreamSource,
+    content_fingerprint,
+    load_stream_data,
+)
 from directpred.data.views import view_recipes
 from directpred.diagnostics.hook import Diagnostics
 from directpred.eval.protocol import evaluate
@@ -575,11 +582,14 @@ class Trainer:
     def _data_record(self) -> dict[str, Any]:
         """What the run's data order (and the online probe's shape) depends on, beyond the global batch: recorded in
         the checkpoint, so that a resume on other data (``data.path`` may change, to a moved copy) is refused."""
+        if self._content is None:  # once per run: reads a few files when streamed
+            self._content = content_fingerprint(self.data.pretrain)
         return {
             "train_images": len(self.data.pretrain),
             "classes": list(self.data.train.classes),
             "image_size": self.data.image_size,
             "steps_per_epoch": self.steps_per_epoch,
+            "content": self._content,
         }
 
     def _check_same_data(self, saved: Any, path: Path) -> None:
@@ -605,6 +615,10 @@ class Trainer:
             else:
                 names = [f"{a!r} -> {b!r}" for a, b in zip(before, now["classes"]) if a != b]
                 changed.append("class names " + ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""))
+        if not changed and "content" in saved and saved["content"] != now["content"]:
+            changed.append(
+                "other images: the same count, classes and size, but a digest of their labels and of 32 of them differs"
+            )
         if changed:
             d = self.cfg.data
             source = f"data.path={d.path}" if d.path else f"data.dataset={d.dataset} in data.root={d.root}"
@@ -614,6 +628,7 @@ class Trainer:
             )
 
     _resume_diag_state: dict[str, Any] | None = None
+    _content: str | None = None  # the data's content_fingerprint (see _data_record)
     _resume_callback_state: dict[str, Any] = {}
 
     def _load(self, path: Path) -> None:

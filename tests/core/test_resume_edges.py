@@ -16,7 +16,7 @@ from conftest import write_folder
 
 from directpred.cli import main
 from directpred.config import ConfigError, load_config
-from directpred.train import Callback, TrainingInterrupted
+from directpred.train import Callback, TrainingError, TrainingInterrupted
 from directpred.train.checkpoint import load_checkpoint
 from directpred.train.logger import read_metrics
 from directpred.train.loop import Trainer
@@ -95,7 +95,9 @@ def test_a_resume_on_moved_data_equals_uninterrupted_and_on_other_data_is_refuse
     ckpt = run / "checkpoints" / "last.pt"
     if record == "absent":  # as written by an earlier version
         state = torch.load(ckpt, weights_only=True)
-        assert state.pop("data") == {
+        record = state.pop("data")
+        assert re.fullmatch("[0-9a-f]{32}", record.pop("content"))  # content_fingerprint's digest
+        assert record == {
             "train_images": 128,
             "classes": ["class0", "class1", "class2", "class3"],
             "image_size": 32,
@@ -413,3 +415,34 @@ def test_a_new_run_refused_after_its_checks_leaves_no_record(tiny_overrides, tmp
     write_folder(data, n_train=32, n_test=8)
     assert main(command) == 0
     assert len((run / "command.txt").read_text().splitlines()) == 1
+
+
+def test_a_resume_on_other_images_of_the_same_count_and_classes_is_refused(tiny_overrides, tiny_folder, tmp_path):
+    """Other images with the same count, classes and size (the training images mirrored) passed the data check
+    before, and the run continued on them; the checkpoint now holds a digest of the labels and of 32 of the images,
+    so the resume is refused, and nothing of the run changes."""
+    from PIL import Image
+
+    mirrored = tmp_path / "mirrored"
+    shutil.copytree(tiny_folder, mirrored)
+    for f in sorted((mirrored / "train").rglob("*.png")):
+        Image.open(f).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(f)
+    run = tmp_path / "r"
+    Trainer(load_config(None, tiny_overrides + ["train.epochs=2", "train.max_steps=5"]), run).fit()
+
+    def files() -> dict[str, bytes]:
+        return {str(f.relative_to(run)): f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file()}
+
+    before = files()
+    cache = f"data.cache_dir={tmp_path / 'cache2'}"
+    expected = (
+        f"{run / 'checkpoints' / 'last.pt'} was trained on other data than data.path={mirrored} holds (other images: "
+        "the same count, classes and size, but a digest of their labels and of 32 of them differs); resume with the "
+        "run's own data"
+    )
+    with pytest.raises(TrainingError, match=re.escape(expected)):
+        cfg = load_config(
+            None, tiny_overrides + ["train.epochs=2", "train.max_steps=0", f"data.path={mirrored}", cache]
+        )
+        Trainer(cfg, run, resume=True).fit()
+    assert files() == before

@@ -32,6 +32,25 @@ def test_folder_and_archive_decode_identically(tiny_folder, tiny_archive, tmp_pa
     assert torch.equal(a_train.labels.bincount(), torch.tensor([32, 32, 32, 32]))
 
 
+def test_the_content_fingerprint_follows_the_sampled_pixels_and_the_labels(tiny_folder, tiny_archive, tmp_path):
+    """The digest a resume compares (content_fingerprint): the same for the folder and its archive; another for one
+    pixel of a sampled image changed by one level, or two labels swapped; blind, by design, to an image it does not
+    sample (32 of 128, evenly spaced: 0, 4, 8, ..., 127)."""
+    from directpred.data.stream import content_fingerprint
+
+    train, _ = load_folder(tiny_folder, cache_dir=tmp_path / "c1")
+    ref = content_fingerprint(train)
+    assert content_fingerprint(load_folder(tiny_archive, cache_dir=tmp_path / "c2")[0]) == ref
+    pixel = train.subset(torch.arange(128))
+    pixel.images[4, 10, 10, 1] ^= 1
+    labels = train.subset(torch.arange(128))
+    labels.labels[[0, 127]] = labels.labels[[127, 0]]
+    unsampled = train.subset(torch.arange(128))
+    unsampled.images[5] = 255 - unsampled.images[5]
+    assert content_fingerprint(pixel) != ref and content_fingerprint(labels) != ref
+    assert content_fingerprint(unsampled) == ref
+
+
 def test_cache_is_reused_and_never_written_beside_the_archive(tiny_archive, tmp_path):
     before = sorted(os.listdir(tiny_archive.parent))
     load_folder(tiny_archive, cache_dir=tmp_path / "c")

@@ -368,3 +368,32 @@ def test_corrupt_count_survives_a_resume(tiny_overrides, jpegs, tmp_path):
     with pytest.warns(RuntimeWarning, match="corrupt"):
         resumed = Trainer(load_config(None, over), tmp_path / "run", resume=True).fit()
     assert resumed["skipped_corrupt"] == 2
+
+
+def test_a_streamed_run_resumes_from_its_folder_onto_its_shards_but_not_onto_reencoded_images(
+    tiny_overrides, jpegs, tmp_path
+):
+    """The shards `directpred shards` writes hold the folder's files unchanged, so a run stopped on the folder
+    resumes on its shards (data.path moved) and ends as the uninterrupted run; the same images encoded again (same
+    count, classes and sizes, other bytes) are refused by the data check's digest of 32 files."""
+    from PIL import Image
+
+    from directpred.train import TrainingError
+
+    base = stream_overrides(tiny_overrides, jpegs) + ["train.epochs=2"]  # 30 images, batch 8: 3 steps an epoch
+    Trainer(load_config(None, base), tmp_path / "full").fit()
+    run = tmp_path / "part"
+    Trainer(load_config(None, base + ["train.max_steps=4"]), run).fit()  # stops mid-epoch 2
+    reencoded = tmp_path / "reencoded"
+    shutil.copytree(jpegs, reencoded)
+    for f in sorted((reencoded / "train").rglob("*.JPEG")):
+        with Image.open(f) as im:
+            im.load()
+        im.save(f, quality=60)
+    with pytest.raises(TrainingError, match=re.escape("(other images: the same count, classes and size, but a")):
+        Trainer(load_config(None, base + [f"data.path={reencoded}"]), run, resume=True).fit()
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+    shards = tmp_path / "shards"
+    assert main(["shards", str(jpegs), "--out", str(shards), "--shard-size", "7", "--splits", "train", "test"]) == 0
+    assert main(["train", "--resume", str(run), "--set", "train.max_steps=0", "--set", f"data.path={shards}"]) == 0
+    _same(tmp_path / "full", run)
