@@ -44,6 +44,8 @@ def test_fig8_skew_part_vanishes(figs):
     s = json.loads((figs / "fig8.json").read_text())["summary"]
     assert all(v["B_final"] < 0.1 * v["B_initial"] for v in s.values())
     assert s["tau=0.3, eta=0.05"]["A_final"] < 0.05 < s["tau=1, eta=0.05"]["A_final"]
+    # small τ *and* large η: at τ = 0.3 the weight decays below Eq. 16's threshold τ²/4(1+σ²) ≈ 0.02 keep A
+    assert min(s[f"tau=0.3, eta={e}"]["A_final"] for e in ("0.001", "0.01")) > 0.3
 
 
 def test_fig9_commutator_grows_only_with_an_indefinite_K_and_not_always_then(figs):
@@ -81,6 +83,9 @@ def test_alpha_p_faster_predictor_without_ema(figs):
     assert s["eta=0.1, alpha_p=10"]["modes_alive_mean"] > s["eta=0.1, alpha_p=1"]["modes_alive_mean"]
     scaled = [a * s[f"eta=0.1, alpha_p={a}"]["s_top_final_mean"] for a in (1, 2, 5, 10)]
     np.testing.assert_allclose(scaled, scaled[0], rtol=0.02)
+    for eta in ("0", "0.01"):  # less decay: the memory of the start stays, and α_p s_top grows with α_p
+        scaled = [a * s[f"eta={eta}, alpha_p={a}"]["s_top_final_mean"] for a in (1, 2, 5, 10)]
+        assert scaled == sorted(scaled) and scaled[-1] > 1.05 * scaled[0], scaled
 
 
 @pytest.mark.parametrize(
