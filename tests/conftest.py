@@ -29,16 +29,21 @@ def _same_start_whatever_ran_before() -> Iterator[None]:
     """Every test starts from the same process state, whatever ran before it in this process: pytest-xdist workers
     run different subsets of the tests in different orders. The global RNGs (Python, NumPy, torch) are seeded, and
     the ``directpred`` logger's handlers and level are put back afterwards (a CLI ``main()`` call adds a stderr
-    handler, which would show a later test's library warnings on its captured stderr)."""
+    handler, which would show a later test's library warnings on its captured stderr). Each test runs in the
+    repository root (the README's commands, and many tests, name ``configs/...`` relative to it), wherever pytest was
+    started from (``pytest /path/to/directpred/tests``)."""
     import logging
     import random
 
     logger = logging.getLogger("directpred")
     handlers, level = list(logger.handlers), logger.level
+    cwd = os.getcwd()
+    os.chdir(REPO)
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+    os.chdir(cwd)
     logger.handlers[:] = handlers
     logger.setLevel(level)
 
