@@ -803,11 +803,17 @@ class StreamSplit:
         return self.reader.classes
 
 
-def content_fingerprint(split: ImageArrays | StreamSplit, samples: int = 32) -> str:
-    """A digest of the labels of ``split`` and of ``samples`` of its images, evenly spaced in its order: their
-    decoded pixels when in memory, their files' bytes when streamed (which ``directpred shards`` keeps unchanged).
-    The same for a moved copy, a ``.tar.gz`` of the folder, or (streamed) the folder's shards; different, bar a
-    collision, for other images of the same count and classes. Reads ``samples`` files when streamed."""
+def content_fingerprint(split: ImageArrays | StreamSplit, samples: int = 32, *, skip_corrupt: bool = False) -> str:
+    """A digest of the labels of ``split`` and of ``samples`` of its images, evenly spaced in its order, prefixed by
+    what it hashed: ``pixels:`` (decoded, in memory) or ``bytes:`` (the files, when streamed; ``directpred shards``
+    keeps them unchanged). The same for a moved copy, a ``.tar.gz`` of the folder, or (streamed) the folder's shards;
+    different, bar a collision, for other images of the same count and classes. Digests of different kinds are not
+    comparable (the same images in memory and streamed). Reads ``samples`` files when streamed.
+
+    Raises:
+        DataError: a sampled file cannot be read (under ``skip_corrupt`` it is hashed as unreadable instead, as the
+            stream replaces it).
+    """
     import hashlib
 
     digest = hashlib.blake2b(digest_size=16)
@@ -820,14 +826,17 @@ def content_fingerprint(split: ImageArrays | StreamSplit, samples: int = 32) -> 
             try:
                 digest.update(hashlib.blake2b(split.reader.read(i), digest_size=16).digest())
             except OSError as exc:
-                raise DataError(
-                    f"{split.reader.name(i)}: cannot read it ({exc.strerror or exc}); fix its permissions or restore it"
-                ) from None
-    else:
-        digest.update(split.labels.cpu().numpy().astype(np.int64).tobytes())
-        for i in picks:
-            digest.update(split.images[i].cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+                if not skip_corrupt:
+                    raise DataError(
+                        f"{split.reader.name(i)}: cannot read it ({exc.strerror or exc}); fix its permissions or "
+                        "restore it, or set data.skip_corrupt=true to train on without it"
+                    ) from None
+                digest.update(f"unreadable:{i}".encode())
+        return "bytes:" + digest.hexdigest()
+    digest.update(split.labels.cpu().numpy().astype(np.int64).tobytes())
+    for i in picks:
+        digest.update(split.images[i].cpu().contiguous().numpy().tobytes())
+    return "pixels:" + digest.hexdigest()
 
 
 @dataclass

@@ -18,6 +18,7 @@ object; the step itself (``optimize``) is 30 lines and everything around it is a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -61,6 +62,7 @@ from directpred.train.checkpoint import (
     load_checkpoint,
     load_model_state,
     save_checkpoint,
+    stored_config,
 )
 from directpred.train.faults import (
     NonFiniteGuard,
@@ -223,6 +225,7 @@ class Trainer:
                 f"train.batch_size={cfg.train.batch_size} x {self.world} process(es) is larger than "
                 f"the {len(data.pretrain)} training images; lower the batch size"
             )
+        self._data_record()  # its digest reads a few files when streamed: one that cannot be read fails here
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.last_step = self.total_steps if not cfg.train.max_steps else min(cfg.train.max_steps, self.total_steps)
         check_schedule(cfg, steps_per_epoch=self.steps_per_epoch)  # the warm-up in steps: round() may stretch it
@@ -290,22 +293,27 @@ class Trainer:
         collapse_stopped = bool((self._resume_diag_state or {}).get("collapsed")) and self.cfg.diag.stop_on_collapse
         if self.step < self.last_step and not collapse_stopped:
             return
-        try:
-            saved = read_run_config(self.run_dir)
-        except ConfigError:  # no readable config.yaml to compare with: the resume goes on as before
-            return
-        forced = fixed_changes(saved, self.cfg)
+        # What the steps trained with: the checkpoint's configuration (config.yaml may have been edited, or rewritten
+        # by a --force resume killed before its first checkpoint); config.yaml for a checkpoint without one.
+        trained = self._trained_config
+        if trained is None:
+            try:
+                trained = read_run_config(self.run_dir)
+            except ConfigError:  # nothing readable to compare with: the resume goes on as before
+                return
+        forced = fixed_changes(trained, self.cfg)
         if forced:
-            why = (
-                f"was stopped on collapse at step {self.step} and diag.stop_on_collapse=true keeps it stopped"
-                if collapse_stopped and self.step < self.last_step
-                else f"has trained all its {self.last_step} steps"
-            )
-            more = (
-                "--set diag.stop_on_collapse=false"
-                if collapse_stopped and self.step < self.last_step
-                else "--set train.epochs=N or train.max_steps=N"
-            )
+            still_stopped = collapse_stopped and self.step < self.last_step
+            max_steps = self.cfg.train.max_steps
+            if still_stopped:
+                why = f"was stopped on collapse at step {self.step} and diag.stop_on_collapse=true keeps it stopped"
+                more = "--set diag.stop_on_collapse=false"
+            elif 0 < max_steps < self.total_steps:
+                why = f"has trained all its {self.last_step} steps (train.max_steps={max_steps})"
+                more = f"--set train.max_steps=N (N > {self.step}, or 0 to train to train.epochs)"
+            else:
+                why = f"has trained all its {self.last_step} steps (train.epochs={self.cfg.train.epochs})"
+                more = f"--set train.epochs=N (N > {self.cfg.train.epochs})"
             raise ConfigError(
                 f"resume with changes to {', '.join(forced)} (--force): the run in {self.run_dir} {why}, so no step "
                 f"would train with them and its config.yaml would claim them; to train on with them, resume with "
@@ -582,8 +590,8 @@ class Trainer:
     def _data_record(self) -> dict[str, Any]:
         """What the run's data order (and the online probe's shape) depends on, beyond the global batch: recorded in
         the checkpoint, so that a resume on other data (``data.path`` may change, to a moved copy) is refused."""
-        if self._content is None:  # once per run: reads a few files when streamed
-            self._content = content_fingerprint(self.data.pretrain)
+        if self._content is None:  # once per run (setup): reads a few files when streamed
+            self._content = content_fingerprint(self.data.pretrain, skip_corrupt=self.cfg.data.skip_corrupt)
         return {
             "train_images": len(self.data.pretrain),
             "classes": list(self.data.train.classes),
@@ -615,7 +623,8 @@ class Trainer:
             else:
                 names = [f"{a!r} -> {b!r}" for a, b in zip(before, now["classes"]) if a != b]
                 changed.append("class names " + ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""))
-        if not changed and "content" in saved and saved["content"] != now["content"]:
+        kinds = [str(record.get("content", "")).partition(":")[0] for record in (saved, now)]
+        if not changed and kinds[0] == kinds[1] and saved.get("content") != now["content"]:
             changed.append(
                 "other images: the same count, classes and size, but a digest of their labels and of 32 of them differs"
             )
@@ -629,6 +638,7 @@ class Trainer:
 
     _resume_diag_state: dict[str, Any] | None = None
     _content: str | None = None  # the data's content_fingerprint (see _data_record)
+    _trained_config: Config | None = None  # the configuration the resumed checkpoint was trained with
     _resume_callback_state: dict[str, Any] = {}
 
     def _load(self, path: Path) -> None:
@@ -658,6 +668,9 @@ class Trainer:
         self.wall_before = float(state["wall_seconds"])
         self.knn_history = list(state.get("knn_history", []))
         self._resume_diag_state = state.get("diagnostics")
+        if isinstance(state.get("config"), dict):
+            with contextlib.suppress(ConfigError):  # written by another version: config.yaml stands in
+                self._trained_config = stored_config(state, path)
         before_final = state.get("diagnostics_before_final")
         if before_final is not None and self.step < self.last_step:  # a finished run extended: drop its final report
             self._resume_diag_state = before_final

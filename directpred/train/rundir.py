@@ -48,7 +48,8 @@ def prepare_run_dir(run_dir: Path, *, resume: bool) -> None:
 def record_command(run_dir: Path, cfg: Config, *, resume: bool, command: str) -> None:
     """Write ``config.yaml`` (new runs) and append the command line to ``command.txt``: called once the run is set
     up (data loaded, model built, checkpoint loaded and checked), so ``command.txt`` lists the commands that trained
-    or evaluated in the run directory, not those refused before any work. Rank 0 does it; every rank waits."""
+    or evaluated in the run directory, not those refused before any work. Every rank first waits for all the others
+    to get here (a rank whose setup failed never does, and torchrun ends the group), then rank 0 writes."""
 
     def write() -> None:
         if not resume:
@@ -56,6 +57,7 @@ def record_command(run_dir: Path, cfg: Config, *, resume: bool, command: str) ->
         with open(run_dir / "command.txt", "a") as f:
             f.write((command or " ".join(sys.argv)) + "\n")
 
+    distributed.barrier()  # every rank is set up: the command will train
     distributed.on_main(write, "record the run's command", TrainingError)
 
 

@@ -96,7 +96,7 @@ def test_a_resume_on_moved_data_equals_uninterrupted_and_on_other_data_is_refuse
     if record == "absent":  # as written by an earlier version
         state = torch.load(ckpt, weights_only=True)
         record = state.pop("data")
-        assert re.fullmatch("[0-9a-f]{32}", record.pop("content"))  # content_fingerprint's digest
+        assert re.fullmatch("pixels:[0-9a-f]{32}", record.pop("content"))  # content_fingerprint's digest
         assert record == {
             "train_images": 128,
             "classes": ["class0", "class1", "class2", "class3"],
@@ -358,10 +358,22 @@ def test_a_forced_change_that_no_step_would_train_with_is_refused(tiny_overrides
     assert main(["train", "--resume", str(run), "--force", "--set", "predictor.rho=0.5"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"directpred: config error: resume with changes to predictor.rho (--force): the run in {run} has trained all "
-        "its 8 steps, so no step would train with them and its config.yaml would claim them; to train on with them, "
-        f"resume with --set train.epochs=N or train.max_steps=N as well, or start a new run from {run / 'config.yaml'}"
-        " with --out"
+        "its 8 steps (train.epochs=1), so no step would train with them and its config.yaml would claim them; to "
+        "train on with them, resume with --set train.epochs=N (N > 1) as well, or start a new run from "
+        f"{run / 'config.yaml'} with --out"
     )
+    assert files() == before
+    # more steps that train.epochs caps: still none to train; the advice names the limit that binds
+    assert main(["train", "--resume", str(run), "--force", "--set", "predictor.rho=0.5", "--set", "train.max_steps=20"])
+    assert "resume with --set train.epochs=N (N > 1) as well" in capsys.readouterr().err
+    # config.yaml edited by hand (or rewritten by a --force resume killed before its first checkpoint): the change
+    # is judged against what the checkpoint trained with, not against config.yaml
+    edited = before["config.yaml"].decode().replace("  rho: 0.3\n", "  rho: 0.5\n", 1)
+    assert edited != before["config.yaml"].decode()
+    (run / "config.yaml").write_text(edited)
+    assert main(["train", "--resume", str(run), "--force", "--set", "eval.knn_k=5"]) == 2
+    assert "resume with changes to predictor.rho (--force)" in capsys.readouterr().err
+    (run / "config.yaml").write_bytes(before["config.yaml"])
     assert files() == before
     command = ["train", "--resume", str(run), "--force", "--set", "predictor.rho=0.5", "--set", "train.epochs=2"]
     assert main(command) == 0

@@ -397,3 +397,43 @@ def test_a_streamed_run_resumes_from_its_folder_onto_its_shards_but_not_onto_ree
     assert main(["shards", str(jpegs), "--out", str(shards), "--shard-size", "7", "--splits", "train", "test"]) == 0
     assert main(["train", "--resume", str(run), "--set", "train.max_steps=0", "--set", f"data.path={shards}"]) == 0
     _same(tmp_path / "full", run)
+
+
+def test_a_run_resumes_from_memory_onto_the_stream_of_the_same_folder(tiny_overrides, jpegs, tmp_path):
+    """In memory and streamed, the same folder gives the same pixels and order (the runs are bit-identical), but the
+    data check's digests differ in kind (decoded pixels, file bytes): they are not compared, so a --force resume
+    that switches to streaming goes on, and ends as the uninterrupted in-memory run."""
+    common = tiny_overrides + [
+        f"data.path={jpegs}",
+        "data.image_size=24",
+        "data.augment=imagenet",
+        "train.batch_size=8",
+        "train.epochs=2",
+    ]
+    Trainer(load_config(None, common), tmp_path / "full").fit()
+    run = tmp_path / "part"
+    Trainer(load_config(None, common + ["train.max_steps=4"]), run).fit()
+    switch = ["--force", "--set", "data.stream=true", "--set", "data.workers=0", "--set", "train.max_steps=0"]
+    assert main(["train", "--resume", str(run), *switch]) == 0
+    _same(tmp_path / "full", run)
+
+
+def test_an_unreadable_sampled_file_fails_the_digest_or_is_hashed_as_replaced(jpegs):
+    """content_fingerprint reads 32 files of a streamed split: one that cannot be read is named (before any step:
+    the trainer takes the digest in setup) unless data.skip_corrupt replaces it, as the stream does."""
+    from directpred.data.stream import StreamSplit, content_fingerprint
+
+    reader = FolderReader(jpegs)
+    ref = content_fingerprint(StreamSplit(reader))
+    assert ref.startswith("bytes:") and content_fingerprint(StreamSplit(reader), skip_corrupt=True) == ref
+
+    class Unreadable(FolderReader):
+        def read(self, i: int) -> bytes:
+            if i == 0:
+                raise PermissionError(13, "Permission denied")
+            return super().read(i)
+
+    broken = StreamSplit(Unreadable(jpegs))
+    with pytest.raises(DataError, match=re.escape(f"{reader.name(0)}: cannot read it (Permission denied); fix its")):
+        content_fingerprint(broken)
+    assert content_fingerprint(broken, skip_corrupt=True) not in (ref, None)
