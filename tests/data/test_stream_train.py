@@ -90,15 +90,21 @@ def _same(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), k
 
 
-def test_streamed_training_equals_in_memory_training(tiny_overrides, jpegs, tmp_path):
-    """Same pixels, same order, same draws: the streamed run ends bit-identical to the in-memory one."""
-    common = tiny_overrides + [
+def in_memory_overrides(tiny_overrides: list[str], jpegs: Path) -> list[str]:
+    """The JPEG folder decoded into memory at 24 px, ImageNet-style views, batch 8, 2 epochs (the streamed runs'
+    counterpart with ``data.stream=true``)."""
+    return tiny_overrides + [
         f"data.path={jpegs}",
         "data.image_size=24",
         "data.augment=imagenet",
         "train.batch_size=8",
         "train.epochs=2",
     ]
+
+
+def test_streamed_training_equals_in_memory_training(tiny_overrides, jpegs, tmp_path):
+    """Same pixels, same order, same draws: the streamed run ends bit-identical to the in-memory one."""
+    common = in_memory_overrides(tiny_overrides, jpegs)
     mem = Trainer(load_config(None, common), tmp_path / "mem").fit()
     lazy = Trainer(load_config(None, common + ["data.stream=true", "data.workers=1"]), tmp_path / "lazy").fit()
     assert mem["steps"] == lazy["steps"] == 6
@@ -403,13 +409,7 @@ def test_a_run_resumes_from_memory_onto_the_stream_of_the_same_folder(tiny_overr
     """In memory and streamed, the same folder gives the same pixels and order (the runs are bit-identical), but the
     data check's digests differ in kind (decoded pixels, file bytes): they are not compared, so a --force resume
     that switches to streaming goes on, and ends as the uninterrupted in-memory run."""
-    common = tiny_overrides + [
-        f"data.path={jpegs}",
-        "data.image_size=24",
-        "data.augment=imagenet",
-        "train.batch_size=8",
-        "train.epochs=2",
-    ]
+    common = in_memory_overrides(tiny_overrides, jpegs)
     Trainer(load_config(None, common), tmp_path / "full").fit()
     run = tmp_path / "part"
     Trainer(load_config(None, common + ["train.max_steps=4"]), run).fit()
