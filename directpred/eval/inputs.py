@@ -46,6 +46,16 @@ def nonfinite_rows(x: torch.Tensor, name: str, who: str, consequence: str) -> in
     return bad
 
 
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """The rows of ``x`` (N, D) in float32 scaled to unit L2 norm, as ``F.normalize`` does, but also where their norm
+    overflows float32 (finite features beyond about 1e18, which a diverging run passes through before it reaches
+    inf: ``F.normalize`` turned every such row into zeros, and kNN into a silent chance-level score): each row is
+    first divided by its largest magnitude. A zero row stays zero; a non-finite row stays non-finite."""
+    x = x.float()
+    peak = x.abs().amax(dim=1, keepdim=True) if x.numel() else x.new_ones(len(x), 1)
+    return torch.nn.functional.normalize(x / torch.where(peak > 0, peak, torch.ones_like(peak)), dim=1)
+
+
 def as_features(x: Any, name: str = "features") -> torch.Tensor:
     """``x`` as a floating tensor (N, D) (a tensor is kept on its device and in its floating dtype)."""
     t = torch.as_tensor(x)

@@ -7,9 +7,8 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from directpred.eval.inputs import as_features, as_labels, check_count, check_fitted, nonfinite_rows
+from directpred.eval.inputs import as_features, as_labels, check_count, check_fitted, nonfinite_rows, unit_rows
 
 
 def vote_weights(sim: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -69,7 +68,7 @@ class KNNClassifier:
         self.nonfinite_rows_ = nonfinite_rows(
             features, "the training features", "kNN", "every prediction is meaningless and score() returns NaN"
         )
-        self.features_ = F.normalize(features.float(), dim=1)
+        self.features_ = unit_rows(features)
         self.labels_ = as_labels(labels, len(features)).to(features.device)
         self.num_classes_ = int(self.labels_.max()) + 1
         if self.k > len(self.labels_):  # every training image votes: say so rather than print the k asked for
@@ -91,7 +90,7 @@ class KNNClassifier:
         q = as_features(features).to(self.features_.device)
         if q.shape[1] != self.features_.shape[1]:
             raise ValueError(f"kNN: features have {q.shape[1]} columns, the training ones {self.features_.shape[1]}")
-        q = F.normalize(q.float(), dim=1)
+        q = unit_rows(q)
         k = min(self.k, self.features_.shape[0])
         out = []
         for start in range(0, q.shape[0], self.chunk):

@@ -28,7 +28,7 @@ from directpred import distributed
 from directpred.config import Config, ConfigError
 from directpred.data.augment import ViewRecipe, augment_view, eval_transform
 from directpred.data.stream import Reader, StreamData, StreamSource, iterate_split
-from directpred.eval.inputs import nonfinite_rows
+from directpred.eval.inputs import nonfinite_rows, unit_rows
 from directpred.eval.knn import vote_weights
 
 
@@ -99,14 +99,18 @@ def knn_stream(
     as :meth:`KNNClassifier.score <directpred.eval.knn.KNNClassifier.score>`)."""
     bad_test = nonfinite_rows(test_features, "the test features", "kNN", "the score is NaN")
     bad_train = torch.zeros((), dtype=torch.long, device=test_features.device)
-    q = F.normalize(test_features.float(), dim=1)
+    q = unit_rows(test_features)
     best_sim = torch.full((len(q), k), -math.inf, device=q.device)
     best_lab = torch.zeros((len(q), k), dtype=torch.long, device=q.device)
     n_train = 0
     for feats, labels in train_batches:
         n_train += len(labels)
+        if len(labels) and int(labels.min()) < 0:  # as KNNClassifier.fit (an index error in scatter_add_ before)
+            raise ValueError(
+                f"kNN: {int((labels < 0).sum())} training labels are -1 (unlabelled); drop those images first"
+            )
         bad_train += (~torch.isfinite(feats)).any(1).sum()
-        sim = q @ F.normalize(feats.float(), dim=1).t()
+        sim = q @ unit_rows(feats).t()
         lab = labels.long().to(q.device).expand(len(q), -1)
         best_sim, pos = torch.cat([best_sim, sim], 1).topk(k, dim=1)
         best_lab = torch.cat([best_lab, lab], 1).gather(1, pos)

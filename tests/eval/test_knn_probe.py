@@ -49,6 +49,29 @@ def test_knn_is_scale_invariant_and_perfect_on_its_training_points():
     assert knn.score(3.0 * train, labels) == 1.0
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1e20, 1e36])
+def test_knn_on_huge_or_tiny_finite_features_is_the_knn_of_the_features(scale):
+    """Finite features beyond about 1e18 (a diverging run on its way to inf) overflowed F.normalize's norm and became
+    zero vectors: every similarity 0, a silent chance-level score. Scaled by any finite factor, the features give
+    the unscaled predictions, in memory and streamed; a zero row stays a zero row (no NaN)."""
+    x, y = _blobs()
+    ref = KNNClassifier(k=5).fit(x[:60], y[:60]).predict(x[60:])
+    assert (ref == y[60:]).float().mean() > 0.9
+    assert torch.equal(KNNClassifier(k=5).fit(scale * x[:60], y[:60]).predict(scale * x[60:]), ref)
+    batches = [(scale * x[:30], y[:30]), (scale * x[30:60], y[30:60])]
+    assert knn_stream(scale * x[60:], y[60:], iter(batches), num_classes=3, k=5) == (ref == y[60:]).float().mean()
+    zero = torch.zeros(1, x.shape[1])
+    assert torch.isfinite(KNNClassifier(k=5).fit(x[:60], y[:60]).predict_scores(zero)).all()
+
+
+def test_streamed_knn_refuses_unlabelled_training_rows_as_the_in_memory_knn_does():
+    x, y = _blobs()
+    unlabelled = y[:30].clone()
+    unlabelled[4] = -1
+    with pytest.raises(ValueError, match=r"kNN: 1 training labels are -1 \(unlabelled\); drop those images first"):
+        knn_stream(x[60:], y[60:], iter([(x[:30], unlabelled)]), num_classes=3, k=5)
+
+
 def test_linear_probe_separable_data_and_history():
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(3, 10, generator=g) * 5 + 100  # far from zero: standardisation matters
