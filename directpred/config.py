@@ -285,8 +285,9 @@ class EvalConfig:
     linear_epochs: int = 50
     """Epochs of the authors' probe: standardised features, logistic regression, Adam."""
     linear_lr: float = 3e-4
-    """Adam learning rate of the probe; with `eval.linear_protocol=byol` SGD's, which must then be set (the default
-    is refused there; the ImageNet configs use BYOL's 0.2, weight decay 0, batch 128 per process, 80 epochs)."""
+    """Adam learning rate of the probe; with `eval.linear_protocol=byol` SGD's base rate, which must then be set (the
+    default is refused there): the rate applied is it x the global probe batch / 256, as BYOL's code scales it (the
+    ImageNet configs use BYOL's 0.2, so 0.8 at 128 per process x 8; weight decay 0, 80 epochs)."""
     linear_weight_decay: float = 1e-3
     """Adam weight decay of the probe."""
     linear_batch_size: int = 128

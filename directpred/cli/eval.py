@@ -25,8 +25,8 @@ def print_results(results: Mapping[str, object], header: str, eval_cfg: EvalConf
     if results.get("linear_top1") is not None:
         print(f"  linear probe top-1:  {results['linear_top1']:6.2f} %   (final probe epoch)")
         print(
-            f"  linear probe best:   {results['linear_top1_best']:6.2f} %   (best over probe epochs, as the "
-            "authors' code reports)"
+            f"  linear probe best:   {results['linear_top1_best']:6.2f} %   (best over probe epochs, picked on the "
+            "test set as the authors' code does: optimistic)"
         )
     if results.get("linear_top5") is not None:
         print(f"  linear top-5:        {results['linear_top5']:6.2f} %   (BYOL's protocol, final epoch)")

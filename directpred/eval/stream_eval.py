@@ -156,7 +156,9 @@ class ByolLinearEval:
 
     Args:
         epochs: passes over the training split (BYOL: 80 on ImageNet).
-        lr: base learning rate, decayed by a cosine schedule to 0 over all steps.
+        lr: base learning rate (BYOL's ``base_learning_rate``): the rate applied is ``lr`` x the global batch
+            (``batch_size`` x processes) / 256, as BYOL's code scales it (0.2 -> 0.8 at 1024), decayed by a
+            cosine schedule to 0 over all steps.
         momentum: Nesterov momentum (0.9).
         weight_decay: SGD weight decay (BYOL uses none).
         batch_size: per process.
@@ -166,7 +168,8 @@ class ByolLinearEval:
     Attributes (after ``fit``):
         history_: (top-1, top-5) on the test split after each epoch, in [0, 1].
         top1_, top5_: the final epoch's.
-        best_top1_: the best top-1 over epochs.
+        best_top1_: the best top-1 over epochs (selected on the test split: optimistic).
+        peak_lr_: the learning rate applied at the first step (``lr`` scaled by the global batch).
     """
 
     def __init__(
@@ -239,6 +242,7 @@ class ByolLinearEval:
                 f"training images, so an epoch would have no step; {fix}"
             )
         total = self.epochs * source.steps_per_epoch
+        self.peak_lr_ = self.lr * self.batch_size * world / 256  # BYOL's linear scaling of the base rate
         aug = probe_recipe(test_recipe)
         was_training = backbone.training
         backbone.eval()
@@ -250,7 +254,7 @@ class ByolLinearEval:
                 # replacement's
                 for images, labels in source.labelled_batches(epoch):
                     for group in opt.param_groups:
-                        group["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                        group["lr"] = self.peak_lr_ * 0.5 * (1 + math.cos(math.pi * step / total))
                     x = augment_view(
                         images.to(device, non_blocking=True),
                         aug,

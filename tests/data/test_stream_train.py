@@ -216,6 +216,30 @@ def test_byol_linear_evaluation_streams_and_scores_top1_top5(jpegs):
     assert torch.equal(crop, full[:, :, 2:26, 2:26])
 
 
+def test_byol_linear_evaluation_scales_its_base_rate_by_the_global_batch_as_byol_does(jpegs, monkeypatch):
+    """BYOL's code applies base_learning_rate x global batch / 256 (utils/schedules.py), then a cosine decay to 0;
+    the rate was applied unscaled (0.2 at 1024 images a step, a quarter of BYOL's 0.8)."""
+    rates: list[float] = []
+    step = torch.optim.SGD.step
+
+    def recording(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording)
+    backbone = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 5, stride=2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    )
+    train = FolderReader(jpegs, "train")
+    test = FolderReader(jpegs, "test", classes=train.classes)
+    ev = ByolLinearEval(epochs=2, lr=0.4, batch_size=6, seed=1).fit(
+        backbone, train, test, recipe("imagenet", 24)[1], decode_size=28, num_classes=3, feature_dim=8
+    )
+    total = 2 * (len(train) // 6)
+    assert ev.peak_lr_ == pytest.approx(0.4 * 6 / 256)
+    assert rates == pytest.approx([0.4 * 6 / 256 * 0.5 * (1 + math.cos(math.pi * s / total)) for s in range(total)])
+
+
 class _NaNFirstRow(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([torch.full_like(x[:1], float("nan")), x[1:]])
