@@ -943,6 +943,13 @@ def read_run_config(run_dir: str | Path) -> Config:
     if not Path(run_dir).is_dir():
         raise ConfigError(f"{run_dir}: no such directory; give a run directory made by `directpred train`")
     if not cfg_file.is_file():
+        ckpt_dir = Path(run_dir) / "checkpoints"
+        if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):  # made by a run that stopped while it was set up
+            raise ConfigError(
+                f"{run_dir}: no config.yaml there: the run started in it stopped before it was set up (config.yaml "
+                "is written once the data is loaded and the model built), so there is nothing to resume or read; "
+                f"start it again with `directpred train CONFIG --out {run_dir}`"
+            )
         raise ConfigError(f"{run_dir}: no config.yaml there; give a run directory made by `directpred train`")
     damaged = "restore it (the checkpoint holds a copy under 'config') or start a new run"
     try:

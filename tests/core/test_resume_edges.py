@@ -424,6 +424,11 @@ def test_a_new_run_refused_after_its_checks_leaves_no_record(tiny_overrides, tmp
         command += ["--set", s]
     assert main(command) == 1
     assert not (run / "config.yaml").exists() and not (run / "command.txt").exists()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the run started in it stopped before it was set up (config.yaml is written once the data" in err
+    assert err.endswith(f"nothing to resume or read; start it again with `directpred train CONFIG --out {run}`")
     write_folder(data, n_train=32, n_test=8)
     assert main(command) == 0
     assert len((run / "command.txt").read_text().splitlines()) == 1
