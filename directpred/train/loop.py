@@ -225,7 +225,9 @@ class Trainer:
                 f"train.batch_size={cfg.train.batch_size} x {self.world} process(es) is larger than "
                 f"the {len(data.pretrain)} training images; lower the batch size"
             )
-        self._data_record()  # its digest reads a few files when streamed: one that cannot be read fails here
+        # The data's digest for the checkpoint's data record: it reads a few files when streamed, so one that cannot
+        # be read fails here, before any step.
+        self._content = content_fingerprint(data.pretrain, skip_corrupt=cfg.data.skip_corrupt)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.last_step = self.total_steps if not cfg.train.max_steps else min(cfg.train.max_steps, self.total_steps)
         check_schedule(cfg, steps_per_epoch=self.steps_per_epoch)  # the warm-up in steps: round() may stretch it
@@ -590,8 +592,6 @@ class Trainer:
     def _data_record(self) -> dict[str, Any]:
         """What the run's data order (and the online probe's shape) depends on, beyond the global batch: recorded in
         the checkpoint, so that a resume on other data (``data.path`` may change, to a moved copy) is refused."""
-        if self._content is None:  # once per run (setup): reads a few files when streamed
-            self._content = content_fingerprint(self.data.pretrain, skip_corrupt=self.cfg.data.skip_corrupt)
         return {
             "train_images": len(self.data.pretrain),
             "classes": list(self.data.train.classes),
@@ -637,7 +637,7 @@ class Trainer:
             )
 
     _resume_diag_state: dict[str, Any] | None = None
-    _content: str | None = None  # the data's content_fingerprint (see _data_record)
+    _content = ""  # the data's content_fingerprint, taken in setup (see _data_record)
     _trained_config: Config | None = None  # the configuration the resumed checkpoint was trained with
     _resume_callback_state: dict[str, Any] = {}
 
