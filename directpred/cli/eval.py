@@ -37,7 +37,8 @@ def print_results(results: Mapping[str, object], header: str, eval_cfg: EvalConf
 
 def run(args: argparse.Namespace) -> int:
     """``directpred eval``: kNN + linear probe of a run's checkpoint, into ``RUN_DIR/eval.json`` (with the ``--set``
-    overrides and the command line)."""
+    overrides and the command line); with ``--untrained``, of the network at the initialisation training starts from
+    (a run directory's or a config file's), into ``RUN_DIR/eval_untrained.json``."""
     import torch
 
     from directpred.backbones import resolve_channels_last
@@ -50,31 +51,59 @@ def run(args: argparse.Namespace) -> int:
     from directpred.runtime import resolve_device, resolve_precision
     from directpred.train.checkpoint import atomic_write_json, load_checkpoint, load_model_state
 
-    run_dir = Path(args.run_dir)
-    if run_dir.is_file():  # a checkpoint given where its run goes
-        run = run_holding(run_dir)
+    target = Path(args.run_dir)
+    untrained = args.untrained
+    if untrained and args.checkpoint:
         raise ConfigError(
-            f"{run_dir} is a file, not a run directory; give the run directory made by `directpred train`, and the "
-            f"checkpoint with --checkpoint: `directpred eval {run or 'RUN_DIR'} --checkpoint {run_dir}`"
+            "--untrained evaluates the network at its initialisation, not a checkpoint; give one of --untrained and "
+            "--checkpoint"
         )
-    saved = read_run_config(run_dir)
-    cfg = load_config(None, args.set, base=saved.to_dict())
-    _check_eval_overrides(saved, cfg)
-    # The probe runs unless --no-linear, whatever the run's own eval.linear; `--set eval.linear=false` asks the
-    # same as --no-linear (it was ignored before). Read against a base with it on, so only the override counts.
-    base_on = saved.to_dict()
-    base_on["eval"]["linear"] = True
-    linear = not args.no_linear and load_config(None, args.set, base=base_on).eval.linear
-    ckpt = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "last.pt"
+    run_dir: Path | None = target
+    if untrained and target.is_file() and target.suffix in (".yaml", ".yml"):  # a recipe, before any run of it
+        run_dir = None
+        cfg = load_config(target, args.set)
+        # As for a run: the probe runs unless --no-linear or --set eval.linear=false, whatever the file says.
+        base_on = load_config(target).to_dict()
+        base_on["eval"]["linear"] = True
+        linear = not args.no_linear and load_config(None, args.set, base=base_on).eval.linear
+    else:
+        if target.is_file():  # a checkpoint (or a config without --untrained) given where its run goes
+            run = run_holding(target)
+            config_hint = (
+                f"; to evaluate the untrained network of the recipe {target}, add --untrained"
+                if target.suffix in (".yaml", ".yml")
+                else ""
+            )
+            raise ConfigError(
+                f"{target} is a file, not a run directory; give the run directory made by `directpred train`, and "
+                f"the checkpoint with --checkpoint: `directpred eval {run or 'RUN_DIR'} --checkpoint {target}`"
+                + config_hint
+            )
+        saved = read_run_config(target)
+        cfg = load_config(None, args.set, base=saved.to_dict())
+        _check_eval_overrides(saved, cfg)
+        # The probe runs unless --no-linear, whatever the run's own eval.linear; `--set eval.linear=false` asks the
+        # same as --no-linear (it was ignored before). Read against a base with it on, so only the override counts.
+        base_on = saved.to_dict()
+        base_on["eval"]["linear"] = True
+        linear = not args.no_linear and load_config(None, args.set, base=base_on).eval.linear
     device = resolve_device(cfg.train.device)
-    state = load_checkpoint(ckpt, map_location=device, require=("model", "step"))
-    if args.checkpoint:
-        _check_checkpoint_config(ckpt, state, saved, run_dir)
+    ckpt: Path | None = None
+    step = 0
+    if not untrained:
+        ckpt = Path(args.checkpoint) if args.checkpoint else target / "checkpoints" / "last.pt"
+        state = load_checkpoint(ckpt, map_location=device, require=("model", "step"))
+        step = int(state["step"])
+        if args.checkpoint:
+            _check_checkpoint_config(ckpt, state, saved, target)
+    # The initialisation `directpred train` starts from (Trainer.setup seeds the same way and draws nothing else
+    # from the global generator before it builds the method): with --untrained, the network evaluated.
     torch.manual_seed(cfg.train.seed)
     method = build_method(cfg).to(device)
     if resolve_channels_last(cfg.train.channels_last, method, device, training=False):
         method = method.to(memory_format=torch.channels_last)
-    load_model_state(method, state["model"], ckpt)
+    if ckpt is not None:
+        load_model_state(method, state["model"], ckpt)
     data: DataBundle | StreamData
     if cfg.data.stream:
         data = load_stream_data(cfg.data)
@@ -88,28 +117,46 @@ def run(args: argparse.Namespace) -> int:
         linear=linear,
         autocast_dtype=resolve_precision(cfg.train.precision, device),
     )
-    atomic_write_json(
-        run_dir / "eval.json",
-        {
-            **results,
-            "checkpoint": str(ckpt),
-            "step": int(state["step"]),
-            "overrides": list(args.set),  # what differs from the run's config.yaml
-            "command": command_line(sys.argv),
-        },
-        retry="run the command again",
-    )
-    print_results(results, f"{run_dir} (checkpoint {ckpt.name}, step {state['step']}):", cfg.eval)
-    summary_file = run_dir / "summary.json"
-    if summary_file.is_file() and not args.checkpoint:
+    record = {
+        **results,
+        "checkpoint": None if ckpt is None else str(ckpt),
+        "step": step,
+        "overrides": list(args.set),  # what differs from the run's config.yaml (or the config file)
+        "command": command_line(sys.argv),
+    }
+    if untrained:
+        record |= {"untrained": True, "seed": cfg.train.seed}
+    out = Path(args.json) if args.json else None
+    if out is None and run_dir is not None:
+        out = run_dir / ("eval_untrained.json" if untrained else "eval.json")
+    if out is not None:
+        atomic_write_json(out, record, retry="run the command again")
+    if untrained:
+        where = f"{run_dir}: the network" if run_dir is not None else f"{target}: the network"
+        print_results(results, f"{where} at its initialisation (train.seed={cfg.train.seed}), untrained:", cfg.eval)
+    else:
+        assert ckpt is not None
+        print_results(results, f"{target} (checkpoint {ckpt.name}, step {step}):", cfg.eval)
+    if out is not None:
+        print(f"  written to {out}")
+    summary_file = None if run_dir is None else run_dir / "summary.json"
+    if summary_file is not None and summary_file.is_file() and not args.checkpoint:
         s = read_json_object(summary_file, "no comparison with the training run") or {}
+        if untrained and saved.train.seed != cfg.train.seed:
+            s = {}  # another seed's initialisation than the run trained from: no gain to read
         for key in ("knn_top1", "linear_top1", "linear_top1_best", "linear_top5"):  # top-5: BYOL's streamed probe
             if key in s and results.get(key) is not None:
-                before = math.nan if s[key] is None else s[key]  # null: NaN at the end of training (non-finite)
-                print(
-                    f"  {key}: training run reported {before:.2f} %, now {results[key]:.2f} % "
-                    f"(difference {results[key] - before:+.2f})"
-                )
+                trained = math.nan if s[key] is None else s[key]  # null: NaN at the end of training (non-finite)
+                if untrained:
+                    print(
+                        f"  {key}: the trained run reported {trained:.2f} %, {trained - results[key]:+.2f} over its "
+                        f"untrained network ({results[key]:.2f} %)"
+                    )
+                else:
+                    print(
+                        f"  {key}: training run reported {trained:.2f} %, now {results[key]:.2f} % "
+                        f"(difference {results[key] - trained:+.2f})"
+                    )
     return 0
 
 
@@ -158,10 +205,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="kNN + linear probe of a run's checkpoint",
         description="Evaluate the online backbone of a run: kNN (cosine, weighted votes) and the "
-        "run's linear probe (eval.linear_protocol: the authors' or BYOL's). Writes RUN_DIR/eval.json.",
+        "run's linear probe (eval.linear_protocol: the authors' or BYOL's). Writes RUN_DIR/eval.json. With "
+        "--untrained: the same network at its random initialisation (of a run directory or a config file), the "
+        "baseline that shows what training added.",
     )
-    p.add_argument("run_dir", help="a run directory made by `directpred train`")
+    p.add_argument(
+        "run_dir", help="a run directory made by `directpred train` (with --untrained, a config file will do too)"
+    )
     p.add_argument("--checkpoint", help="checkpoint file (default: RUN_DIR/checkpoints/last.pt)")
+    p.add_argument(
+        "--untrained",
+        action="store_true",
+        help="evaluate the network at the initialisation `directpred train` starts from (train.seed; --set "
+        "train.seed=S for another): the baseline a trained run is judged against. Writes RUN_DIR/eval_untrained.json",
+    )
+    p.add_argument("--json", metavar="FILE", help="write the results here (default: RUN_DIR/eval.json)")
     p.add_argument(
         "--no-linear", action="store_true", help="skip the linear probe (kNN only; same as --set eval.linear=false)"
     )

@@ -310,6 +310,92 @@ def test_eval_refuses_a_checkpoint_of_another_configuration(tiny_overrides, tmp_
     assert json.loads((run / "eval.json").read_text())["step"] == 2
 
 
+def _evaluated_states(monkeypatch) -> list[dict[str, torch.Tensor]]:
+    """Replace the protocol's evaluate by one that records the state of the method it is given."""
+    import directpred.eval.protocol as protocol
+
+    states: list[dict[str, torch.Tensor]] = []
+
+    def record(method, data, cfg, device, **kw):
+        states.append({k: v.detach().clone() for k, v in method.state_dict().items()})
+        return {"knn_top1": 30.0 + len(states), "linear_top1": 40.0, "linear_top1_best": 41.0}
+
+    monkeypatch.setattr(protocol, "evaluate", record)
+    return states
+
+
+def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_untrained_evaluates_the_network_training_starts_from(tiny_overrides, tmp_path, monkeypatch, capsys):
+    """`directpred eval RUN --untrained` (and `eval CONFIG --untrained`) evaluate the very network `directpred train`
+    starts from, parameters and BatchNorm buffers, for the run's seed or another one given with --set train.seed;
+    the run's eval_untrained.json records it, and the trained run's gain over it is printed."""
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides + ["train.max_steps=2"])
+    start = {k: v.detach().clone() for k, v in Trainer(cfg, tmp_path / "start").setup().method.state_dict().items()}
+    Trainer(cfg, run).fit()
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "knn_top1": 50.0, "linear_top1": 45.0}))
+    states = _evaluated_states(monkeypatch)
+    capsys.readouterr()
+
+    assert main(["eval", str(run), "--untrained"]) == 0
+    assert _same_state(states[0], start)
+    trained = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert not _same_state(states[0], {k: v for k, v in trained.items() if k in start})  # training moved it
+    record = json.loads((run / "eval_untrained.json").read_text())
+    assert record["untrained"] is True and record["step"] == 0 and record["checkpoint"] is None
+    assert record["seed"] == cfg.train.seed and record["knn_top1"] == 31.0
+    assert not (run / "eval.json").exists()  # the trained network's record is another file
+    out = capsys.readouterr().out
+    assert "at its initialisation (train.seed=0), untrained:" in out
+    assert "knn_top1: the trained run reported 50.00 %, +19.00 over its untrained network (31.00 %)" in out
+    assert "linear_top1: the trained run reported 45.00 %, +5.00 over its untrained network (40.00 %)" in out
+
+    # Another seed: that seed's initialisation (as training with it starts), and no gain read against this run.
+    assert main(["eval", str(run), "--untrained", "--set", "train.seed=1", "--no-linear"]) == 0
+    seed1 = load_config(None, tiny_overrides + ["train.max_steps=2", "train.seed=1"])
+    assert _same_state(states[1], Trainer(seed1, tmp_path / "seed1").setup().method.state_dict())
+    assert not _same_state(states[1], start)
+    assert "over its untrained network" not in capsys.readouterr().out
+
+    # A config file, before any run: the same network as the run's, written only where --json says.
+    config = tmp_path / "recipe.yaml"
+    config.write_text((run / "config.yaml").read_text())
+    out_json = tmp_path / "baseline.json"
+    assert main(["eval", str(config), "--untrained", "--no-linear", "--json", str(out_json)]) == 0
+    assert _same_state(states[2], start)
+    assert json.loads(out_json.read_text())["knn_top1"] == 33.0
+
+
+def test_eval_untrained_figures_are_those_of_the_initial_network(tiny_overrides, tmp_path):
+    """Unmocked: the kNN and probe figures `eval --untrained` writes are the protocol's figures for the network
+    Trainer.setup builds (computed here independently of the CLI)."""
+    cfg = load_config(None, tiny_overrides + ["train.max_steps=1", "eval.linear_epochs=2"])
+    trainer = Trainer(cfg, tmp_path / "r").setup()
+    expected = evaluate(trainer.method, trainer.data, cfg, trainer.device, linear=True)
+    trainer.logger.close()
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["eval", str(config), "--untrained", "--json", str(tmp_path / "u.json")]) == 0
+    got = json.loads((tmp_path / "u.json").read_text())
+    for key in ("knn_top1", "linear_top1", "linear_top1_best"):
+        assert got[key] == pytest.approx(expected[key], abs=1e-6), key
+
+
+def test_eval_untrained_refuses_a_checkpoint_and_a_config_without_it(tiny_overrides, tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(load_config(None, tiny_overrides + ["train.max_steps=1"]), run).fit()
+    ckpt = run / "checkpoints" / "last.pt"
+    assert main(["eval", str(run), "--untrained", "--checkpoint", str(ckpt)]) == 2
+    assert "give one of --untrained and --checkpoint" in capsys.readouterr().err
+    assert main(["eval", str(run / "config.yaml")]) == 2
+    assert "add --untrained" in capsys.readouterr().err
+    assert not (run / "eval.json").exists() and not (run / "eval_untrained.json").exists()
+
+
 def test_tiny_run_learns_beyond_its_random_initialisation(tiny_overrides, tmp_path):
     """Random features already separate the coloured blobs (69-81 % kNN measured over seeds); four epochs of BYOL +
     DirectPred must do better than the same network at its initialisation (100 % measured)."""
