@@ -10,7 +10,8 @@ from pathlib import Path
 from directpred.config import ConfigError
 from directpred.sweep import load_sweep, parse_devices, write_reports
 from directpred.sweep.report import report_names
-from directpred.sweep.runner import SweepInterrupted, execute, plan_run
+from directpred.sweep.runner import Plan, SweepInterrupted, execute, plan_run
+from directpred.sweep.spec import Sweep
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,31 +34,23 @@ def run(args: argparse.Namespace) -> int:
         from directpred.runtime import check_gpu_indices
 
         check_gpu_indices(gpus, "--devices")
-    plans = [plan_run(sweep, run, out) for run in runs]  # refuses mismatched run directories before any run
-    todo = [p for p in plans if p.action != "done"]
-    print(
-        f"sweep {sweep.name}: {len(sweep.cells)} cells x {len(sweep.seeds)} seeds = {len(runs)} runs; "
-        f"{len(runs) - len(todo)} done, {sum(p.action == 'resume' for p in todo)} to resume, "
-        f"{sum(p.action == 'new' for p in todo)} to start; {len(slots)} at a time"
-    )
     if args.dry_run:
-        for p in plans:
-            print(
-                f"  {p.action:6s} {p.run_dir}"
-                + ("" if p.action == "done" else "\n         " + " ".join(p.command(sweep, args.torchrun or 0)))
-            )
+        _print_plans(sweep, [plan_run(sweep, run, out) for run in runs], len(slots), args.torchrun or 0)
         return 0
     out.mkdir(parents=True, exist_ok=True)
     lock = open(out / ".sweep.lock", "w")  # noqa: SIM115 (held for the whole sweep)
-    try:
+    try:  # before planning: a sweep finishing in the meantime would leave this one a stale plan
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
+        lock.close()
         print(
             f"directpred: error: another sweep is running in {out}; wait for it or choose another --out",
             file=sys.stderr,
         )
         return 1
     try:
+        plans = [plan_run(sweep, run, out) for run in runs]  # refuses mismatched run directories before any run
+        _print_plans(sweep, plans, len(slots), None)
         failed = execute(sweep, plans, slots=slots, torchrun=args.torchrun or 0)
     except SweepInterrupted as exc:
         write_reports(sweep, out)
@@ -73,6 +66,25 @@ def run(args: argparse.Namespace) -> int:
     print((out / "results.md").read_text(), end="")
     print(f"\nreports: {', '.join(report_names(out))}")
     return 1 if failed else 0
+
+
+def _print_plans(sweep: Sweep, plans: list[Plan], slots: int, torchrun: int | None) -> None:
+    """The sweep's opening line; with ``torchrun`` (a dry run: 0 or N), each run's state and command."""
+    todo = [p for p in plans if p.action != "done"]
+    print(
+        f"sweep {sweep.name}: {len(sweep.cells)} cells x {len(sweep.seeds)} seeds = {len(plans)} runs; "
+        f"{len(plans) - len(todo)} done, {sum(p.action == 'resume' for p in todo)} to resume, "
+        f"{sum(p.action == 'new' for p in todo)} to start; {slots} at a time"
+    )
+    if torchrun is None:
+        return
+    for p in plans:
+        leftovers = p.action == "new" and p.run_dir.is_dir() and any(f.name != "sweep.log" for f in p.run_dir.iterdir())
+        print(
+            f"  {p.action:6s} {p.run_dir}"
+            + (" (a start killed before its first checkpoint: what its directory holds is cleared)" * leftovers)
+            + ("" if p.action == "done" else "\n         " + " ".join(p.command(sweep, torchrun)))
+        )
 
 
 def register(sub: argparse._SubParsersAction) -> None:

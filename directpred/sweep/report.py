@@ -1,7 +1,8 @@
 """The sweep's tables and figures, rebuilt from what the run directories hold (also for a partial sweep).
 
-``results.json`` keeps accuracies (``cells``, ``runs``) apart from wall-clock figures (``timing``); ``results.md`` puts
-its timing table last, under ``## Timing``; ``results.csv`` has its timing columns last. Two sweeps whose runs give
+``results.json`` keeps accuracies (``cells``, ``runs``) apart from wall-clock figures and provenance (``timing``: each
+run's hardware and commit); ``results.md`` puts its timing table last, under ``## Timing``, with the hardware and
+code of the runs; ``results.csv`` has its timing columns last. Two sweeps whose runs give
 equal results therefore write equal reports once the timing parts are cut off. Ordering follows the sweep file.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from directpred.config import install_hint, read_json_object, strict_json
-from directpred.sweep.spec import Sweep
+from directpred.sweep.spec import Run, Sweep
 
 METRICS = (("knn_top1", "kNN top-1"), ("linear_top1", "linear top-1"), ("linear_top1_best", "linear best"))
 TIMING = (("images_per_second", "images/s"), ("wall_seconds", "wall s"))
@@ -89,10 +90,36 @@ def _machine(summary: dict[str, Any]) -> str | None:
     return hardware_text(hw) if isinstance(hw, dict) else None
 
 
+def _out_of_date(sweep: Sweep, run: Run, run_dir: Path) -> str | None:
+    """Why the finished run in ``run_dir`` does not stand for ``run`` as the sweep file and ``--set`` now describe
+    it (the sweep would resume it, or refuses it), or None. A run directory without a ``config.yaml`` (fabricated,
+    or from before runs recorded one) is not judged."""
+    from directpred.config import ConfigError, read_run_config
+    from directpred.sweep.runner import finished_run_todo
+
+    if not (run_dir / "config.yaml").is_file():
+        return None
+    try:
+        return finished_run_todo(run_dir, read_run_config(run_dir), sweep.config(run))
+    except ConfigError as exc:
+        return str(exc)
+
+
+def _short_commit(commit: Any) -> str | None:
+    """``git_commit`` of a summary as the report shows it: 7 hex digits, ``+dirty`` kept (None: not recorded)."""
+    if not isinstance(commit, str) or not commit:
+        return None
+    sha, dirty, _ = commit.partition("+dirty")
+    return sha[:7] + ("+dirty" if dirty else "")
+
+
 def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
     """Everything the reports show, as a JSON-ready dict (accuracies under ``cells``/``runs``, times under
-    ``timing``)."""
+    ``timing``). A finished run that no longer matches the sweep (another length, evaluation, precision or
+    configuration than the sweep file and ``--set`` give its cell) is ``stale``: listed with the reason, left out of
+    the means."""
     runs, cells, timing_cells, timing_runs = [], [], {}, []
+    run_of = {(r.cell, r.seed): r for r in sweep.runs()}
     for cell in sweep.cells:
         done: list[dict[str, Any]] = []
         curves, status_of, nonfinite = [], {}, []
@@ -101,10 +128,14 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
             status = status_of[seed] = _run_status(run_dir)
             row: dict[str, Any] = {"cell": cell, "seed": seed, "status": status}
             s = read_json_object(run_dir / "summary.json", "that run counts as failed") if status == "done" else None
+            stale = _out_of_date(sweep, run_of[cell, seed], run_dir) if s is not None else None
             if status == "done" and s is None:
                 status = status_of[seed] = row["status"] = "failed"
                 row["error"] = f"{run_dir / 'summary.json'} is unreadable; remove it and run the sweep again"
-            elif s is not None:  # done and readable
+            elif stale is not None:
+                status = status_of[seed] = row["status"] = "stale"
+                row["reason"] = stale
+            elif s is not None:  # done, readable, and the cell's run
                 row.update({k: s.get(k) for k, _ in METRICS})
                 row.update(collapsed=s.get("collapsed"), dim_collapsed=s.get("dim_collapsed"))
                 row.update(epochs=s.get("epochs"), steps=s.get("steps"))
@@ -114,7 +145,13 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
                 else:  # a diverged run's earlier, finite epochs are left out of the curve too
                     curves.append(_knn_curve(run_dir))
                 timing_runs.append(
-                    {"cell": cell, "seed": seed, **{k: s.get(k) for k, _ in TIMING}, "hardware": _machine(s)}
+                    {
+                        "cell": cell,
+                        "seed": seed,
+                        **{k: s.get(k) for k, _ in TIMING},
+                        "hardware": _machine(s),
+                        "commit": _short_commit(s.get("git_commit")),
+                    }
                 )
             elif status == "failed":
                 row["error"] = (read_json_object(run_dir / "failed.json", "its error is not shown") or {}).get(
@@ -132,6 +169,7 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
             "dim_collapsed": _flagged(done, "dim_collapsed"),  # None too for runs before the warning existed
             "failed": [s for s, st in status_of.items() if st == "failed"],
             "missing": [s for s, st in status_of.items() if st in ("missing", "incomplete")],
+            "stale": [s for s, st in status_of.items() if st == "stale"],  # finished, but not as the sweep asks
             "paper": None,
             "knn_curve": [],
         }
@@ -147,6 +185,7 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
         "file": shown_path(sweep.path),
         "base": shown_path(sweep.base),
         "seeds": sweep.seeds,
+        "overrides": list(sweep.overrides),  # the command line's --set, applied to every cell
         "metric_note": METRIC_NOTE,
         "paper_note": sweep.paper_note,
         "cells": cells,
@@ -164,13 +203,17 @@ def _pm(stat: dict[str, Any] | None, digits: int = 2) -> str:
 def markdown(res: dict[str, Any]) -> str:
     """``results.md``: accuracy table, missing and failed runs, then (last) the timing table."""
     runs = res["runs"]
-    count = {s: sum(r["status"] == s for r in runs) for s in ("done", "failed", "incomplete", "missing")}
+    count = {s: sum(r["status"] == s for r in runs) for s in ("done", "failed", "incomplete", "missing", "stale")}
+    overrides = res.get("overrides") or []
     lines = [
         f"# Sweep `{res['sweep']}`",
         "",
         f"Sweep file `{res['file']}`, base config `{res['base']}`, seeds {res['seeds']}: {len(res['cells'])} "
         f"cells, {len(runs)} runs ({count['done']} done, {count['failed']} failed, "
-        f"{count['incomplete'] + count['missing']} missing).",
+        f"{count['incomplete'] + count['missing']} missing"
+        + (f", {count['stale']} out of date" if count["stale"] else "")
+        + ")."
+        + (" Every cell with `--set` " + ", ".join(f"`{o}`" for o in overrides) + "." if overrides else ""),
         "",
         res["metric_note"],
     ]
@@ -201,6 +244,11 @@ def markdown(res: dict[str, Any]) -> str:
             + (" (checkpoint, not finished)" if r["status"] == "incomplete" else "")
             for r in missing
         ]
+    stale = [r for r in runs if r["status"] == "stale"]
+    if stale:
+        lines += ["", "## Runs out of date", ""]
+        lines += ["Finished, but not as the sweep file and `--set` now ask; left out of the means.", ""]
+        lines += [f"- `runs/{r['cell']}/seed{r['seed']}`: {r['reason']}" for r in stale]
     nonfinite = [(c["cell"], seed) for c in res["cells"] for seed in c["nonfinite"]]
     if nonfinite:
         lines += ["", "## Runs whose features held NaN or inf", ""]
@@ -239,6 +287,13 @@ def markdown(res: dict[str, Any]) -> str:
     if machines:
         lines += ["", "Hardware of the finished runs:", ""]
         lines += [f"- {name}: {n} run{'s' * (n != 1)}" for name, n in machines.items()]
+    commits: dict[str, int] = {}
+    for r in res["timing"]["runs"]:
+        name = f"`{r['commit']}`" if r.get("commit") else "not recorded"
+        commits[name] = commits.get(name, 0) + 1
+    if len(commits) > 1 or any(c != "not recorded" for c in commits):
+        lines += ["", "Code of the finished runs (`git_commit`):", ""]
+        lines += [f"- {name}: {n} run{'s' * (n != 1)}" for name, n in commits.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -260,6 +315,7 @@ def csv_text(res: dict[str, Any]) -> str:
             "failed",
             "missing",
             "nonfinite",
+            "stale",
             *time_cols,
         ]
     )
@@ -282,6 +338,7 @@ def csv_text(res: dict[str, Any]) -> str:
                 len(c["failed"]),
                 len(c["missing"]),
                 len(c["nonfinite"]),
+                len(c["stale"]),
                 *[f(t[k][s]) for k, _ in TIMING for s in ("mean", "std")],
             ]
         )

@@ -76,55 +76,99 @@ class Plan:
         return head + ["train"] + tail
 
 
+# train.precision as asked -> as summary.json records it (the autocast dtype the run resolved; ``auto`` is either)
+PRECISION_RECORDED = {"fp32": "fp32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 def plan_run(sweep: Sweep, run: Run, out: Path) -> Plan:
-    """Decide from the run directory whether ``run`` is done, to be resumed or to be (re)started."""
+    """Decide from the run directory whether ``run`` is done, to be resumed or to be (re)started.
+
+    Raises:
+        ConfigError: the directory holds a run this sweep cannot continue (another configuration, a longer run, a
+            finished run in another precision, or a finished run to continue whose checkpoint is gone); the message
+            names the directory and the fix.
+    """
     run_dir = out / run.rel_dir
     cfg_file, ckpt = run_dir / "config.yaml", run_dir / "checkpoints" / "last.pt"
     if not cfg_file.is_file() or not ckpt.is_file() and not (run_dir / "summary.json").is_file():
         return Plan(run, run_dir, "new")
-    # Only here: it imports torch and torchvision (4-8 s on 2 loaded cores), which a sweep of new runs does not need
-    # before its first run starts.
-    from directpred.train.rundir import fixed_changes
-
     try:
         saved = read_run_config(run_dir)
     except ConfigError as exc:
         raise ConfigError(f"{exc}; in this sweep, removing {run_dir} restarts that run") from None
-    diffs = diff_configs(saved, sweep.config(run))
-    fixed = fixed_changes(saved, sweep.config(run))
+    wanted = sweep.config(run)
+    diffs = diff_configs(saved, wanted)
+    if (run_dir / "summary.json").is_file():
+        todo = finished_run_todo(run_dir, saved, wanted)  # raises for a run this sweep cannot use
+        if todo is None:
+            return Plan(run, run_dir, "done")
+        if not ckpt.is_file():  # clearing the directory would delete a finished run's results
+            raise ConfigError(
+                f"{run_dir} has finished, but {todo}, and its checkpoint {ckpt} is gone, so it can be neither "
+                "trained on nor evaluated again; remove that directory to rerun it from scratch, or write this "
+                "sweep to another --out"
+            )
+    else:
+        _refuse_fixed_changes(run_dir, saved, wanted)
+    return Plan(run, run_dir, "resume", [f"{k}={yaml_value(b)}" for k, (_, b) in diffs.items()])
+
+
+def _refuse_fixed_changes(run_dir: Path, saved: Config, wanted: Config) -> None:
+    # Only here: it imports torch and torchvision (4-8 s on 2 loaded cores), which a sweep of new runs does not need
+    # before its first run starts.
+    from directpred.train.rundir import fixed_changes
+
+    fixed = fixed_changes(saved, wanted)
     if fixed:
         shown = "; ".join(f"{k}: {a!r} in the run, {b!r} in the sweep" for k, (a, b) in fixed.items())
         raise ConfigError(
             f"{run_dir} was made with a different configuration ({shown}); remove that directory to "
             "rerun it, or write this sweep to another --out"
         )
-    length_changed = any(k in LENGTH_KEYS for k in diffs)
-    # another evaluation protocol (eval.*): resumed, which evaluates again, so the report shows what the sweep says
-    evaluated_otherwise = any(k.startswith("eval.") for k in diffs)
-    if (run_dir / "summary.json").is_file():
-        if not length_changed:
-            if not evaluated_otherwise:  # e.g. train.progress, data.path, log.*: the results stand
-                return Plan(run, run_dir, "done")
-        else:
-            wanted, trained = _steps_wanted(sweep.config(run), run_dir / "summary.json")
-            if wanted is not None and wanted < trained:  # resuming evaluates the longer run, reported as this cell
-                raise ConfigError(
-                    f"{run_dir} trained {trained} steps and this sweep asks for {wanted} "
-                    f"({', '.join(f'{k}={yaml_value(b)}' for k, (_, b) in diffs.items() if k in LENGTH_KEYS)}): "
-                    "a shorter run cannot be made from it; write this sweep to another --out, or remove that "
-                    "directory"
-                )
-            if wanted == trained and not evaluated_otherwise:
-                return Plan(run, run_dir, "done")
-    if not ckpt.is_file():
-        return Plan(run, run_dir, "new")
-    return Plan(run, run_dir, "resume", [f"{k}={yaml_value(b)}" for k, (_, b) in diffs.items()])
 
 
-def _steps_wanted(cfg: Config, summary_file: Path) -> tuple[int | None, int]:
+def finished_run_todo(run_dir: Path, saved: Config, wanted: Config) -> str | None:
+    """What the finished run in ``run_dir`` (configuration ``saved``) still lacks to stand for ``wanted``, the
+    sweep's configuration of it: None when its results are the cell's; else why it is to be resumed (trained
+    longer, evaluated by another protocol, trained on past a collapse stop the sweep no longer asks for).
+
+    Raises:
+        ConfigError: no resume can make it the cell's run: another configuration beyond what a resume may change,
+            more steps than asked for, or another precision than ``wanted`` names (``auto`` accepts either).
+    """
+    _refuse_fixed_changes(run_dir, saved, wanted)
+    summary = read_json_object(run_dir / "summary.json", "the run is resumed") or {}
+    diffs = diff_configs(saved, wanted)
+    recorded, asked = summary.get("precision"), wanted.train.precision
+    if isinstance(recorded, str) and asked in PRECISION_RECORDED and PRECISION_RECORDED[asked] != recorded:
+        # A resume of a finished run trains no step in the new precision: its results would be filed under it.
+        raise ConfigError(
+            f"{run_dir} trained in {recorded} and this sweep asks for train.precision={asked}; remove that "
+            "directory to rerun it, write this sweep to another --out, or ask for the precision it ran in"
+        )
+    todo = []
+    if any(k in LENGTH_KEYS for k in diffs):
+        steps, trained = _steps_wanted(wanted, summary)
+        if steps is not None and steps < trained:  # resuming evaluates the longer run, reported as this cell
+            raise ConfigError(
+                f"{run_dir} trained {trained} steps and this sweep asks for {steps} "
+                f"({', '.join(f'{k}={yaml_value(b)}' for k, (_, b) in diffs.items() if k in LENGTH_KEYS)}): "
+                "a shorter run cannot be made from it; write this sweep to another --out, or remove that "
+                "directory"
+            )
+        if steps != trained:
+            todo.append(f"it trained {trained} steps and the sweep asks for {'more' if steps is None else steps}")
+    evaluated = [k for k in diffs if k.startswith("eval.")]
+    if evaluated:  # resumed, which evaluates again, so the report shows what the sweep says
+        todo.append(f"it was evaluated with other {', '.join(evaluated)}")
+    if summary.get("stopped_early") and not wanted.diag.stop_on_collapse:  # --resume trains it on
+        todo.append("it was stopped on collapse and the sweep asks for diag.stop_on_collapse=false")
+    return "; ".join(todo) or None
+
+
+def _steps_wanted(cfg: Config, summary: Mapping[str, object]) -> tuple[int | None, int]:
     """The steps ``cfg`` asks for and those the finished run trained (its ``summary.json``); None when the summary
     does not say how many steps an epoch has (then the run is resumed, as before)."""
-    summary = read_json_object(summary_file, "the run is resumed") or {}
     trained, epochs = summary.get("steps"), summary.get("epochs")
     if not isinstance(trained, int) or not isinstance(epochs, (int, float)) or epochs <= 0:
         return None, 0

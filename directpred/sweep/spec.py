@@ -45,6 +45,20 @@ from directpred.config import (
 )
 
 TOP_KEYS = ("base", "set", "axes", "variants", "seeds", "paper")
+# Keys that say where the data lies or how a run is shown, not what it computes: --set may override them in cells
+# that set them (a copy of the data elsewhere). Every other key a cell sets, --set refuses.
+WHERE_NOT_WHAT = (
+    "data.path",
+    "data.local_copy",
+    "data.root",
+    "data.cache_dir",
+    "data.download",
+    "data.workers",
+    "train.device",
+    "train.progress",
+    "train.log_every",
+    "log.",
+)
 PAPER_KEYS = ("note", "values")
 _PAPER_VALUE = re.compile(r"^\s*(-?[0-9.]+)\s*(?:(?:±|\+-|\+/-)\s*([0-9.]+))?\s*$")
 
@@ -83,6 +97,7 @@ class Sweep:
     seeds: list[int]
     paper: dict[str, PaperValue] = field(default_factory=dict)
     paper_note: str = ""
+    overrides: list[str] = field(default_factory=list)  # the command line's --set, in every cell (the report says)
 
     @property
     def name(self) -> str:
@@ -109,7 +124,19 @@ def yaml_value(value: Any) -> str:
 
 
 def _flatten(overrides: Any, where: str, prefix: str = "") -> list[tuple[str, Any]]:
-    """``{'a': {'b': 1}, 'c.d': 2}`` -> ``[('a.b', 1), ('c.d', 2)]`` (dotted keys and nested sections mix)."""
+    """``{'a': {'b': 1}, 'c.d': 2}`` -> ``[('a.b', 1), ('c.d', 2)]`` (dotted keys and nested sections mix; a key
+    given both ways, e.g. ``predictor.rho`` and ``predictor: {rho: ...}``, is refused rather than last-wins)."""
+    out = _flatten_pairs(overrides, where, prefix)
+    keys = [k for k, _ in out]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ConfigError(
+            f"{where}: {', '.join(twice)} given twice (as a dotted key and in a nested section); keep one of them"
+        )
+    return out
+
+
+def _flatten_pairs(overrides: Any, where: str, prefix: str = "") -> list[tuple[str, Any]]:
     if not isinstance(overrides, dict):
         raise ConfigError(f"{where}: expected a mapping of config keys to values, e.g. {{predictor.rho: 0.5}}")
     out: list[tuple[str, Any]] = []
@@ -118,7 +145,7 @@ def _flatten(overrides: Any, where: str, prefix: str = "") -> list[tuple[str, An
             raise ConfigError(f"{where}: config keys must be strings, got {key!r}")
         full = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.extend(_flatten(value, where, f"{full}."))
+            out.extend(_flatten_pairs(value, where, f"{full}."))
         else:
             if full == "train.seed":
                 raise ConfigError(f"{where}: train.seed is set by the sweep's `seeds` list; remove it here")
@@ -157,7 +184,12 @@ def parse_paper_value(text: Any, where: str) -> PaperValue:
         raise ConfigError(
             f"{where}: {text!r} is not a paper value; write a number or 'mean +- std', e.g. '77.86 +- 0.16'"
         )
-    return PaperValue(float(match[1]), float(match[2]) if match[2] else None)
+    try:
+        return PaperValue(float(match[1]), float(match[2]) if match[2] else None)
+    except ValueError:  # digits and dots that are no number: 77.86.1
+        raise ConfigError(
+            f"{where}: {text!r} is not a paper value; write a number or 'mean +- std', e.g. '77.86 +- 0.16'"
+        ) from None
 
 
 def _cells(data: dict[str, Any], where: str) -> dict[str, list[tuple[str, Any]]]:
@@ -238,14 +270,21 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise ConfigError(f"{path}: seeds={seeds!r}; expected a list of distinct integers >= 0, e.g. [0, 1, 2]")
     # No progress bar in the runs' logs (a sweep prints one line per run); the sweep's `set` may turn it back on.
     common = ["train.progress=false"] + _sets(_flatten(data.get("set") or {}, f"{path}: set"), path.parent)
+    cell_pairs = _cells(data, str(path))
+    per_cell = {k for pairs in cell_pairs.values() for k, _ in pairs}  # what the axes and variants set
     cli = []
     for text in overrides:
         key, _ = parse_override(text)
         if key == "train.seed":
             raise ConfigError("--set train.seed: the sweep's `seeds` list sets the seed of each run")
+        if key in per_cell and not key.startswith(WHERE_NOT_WHAT):  # one value for every cell, named otherwise
+            raise ConfigError(
+                f"--set {key}: {path} sets {key} per cell (in its axes or variants), and --set would override "
+                f"every cell's value while the cells keep their names; change it in the sweep file (or a copy)"
+            )
         cli.append(text)
-    cells = {name: common + _sets(pairs, path.parent) + cli for name, pairs in _cells(data, str(path)).items()}
-    sweep = Sweep(path=path, base=base, cells=cells, seeds=list(seeds))
+    cells = {name: common + _sets(pairs, path.parent) + cli for name, pairs in cell_pairs.items()}
+    sweep = Sweep(path=path, base=base, cells=cells, seeds=list(seeds), overrides=list(overrides))
     resolved: dict[str, str] = {}  # a cell's resolved config (its first seed's) -> the cell
     for run in sweep.runs():
         try:

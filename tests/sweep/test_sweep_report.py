@@ -286,3 +286,52 @@ def test_report_names_files_relative_to_the_working_directory(tmp_path, tiny_fol
     monkeypatch.chdir(tmp_path)
     assert collect(load_sweep(Path("s.yaml")), tmp_path / "out")["file"] == "s.yaml"
     assert collect(load_sweep(sweep_file), tmp_path / "out")["file"] == "s.yaml"
+
+
+def test_a_finished_run_that_no_longer_matches_the_sweep_is_out_of_date_not_averaged(tmp_path, tiny_folder):
+    """The report counted every run with a summary.json: runs of 1 epoch were averaged as a cell the sweep file
+    asks 2 epochs of (with the paper's figure beside them), and a sweep interrupted while lengthening its runs
+    averaged short and long runs in one cell. Now such a run is out of date: listed with the reason, left out of
+    the means (as the sweep itself would resume it). The --set overrides and the runs' commits are stated."""
+    from directpred.config import dump_config
+
+    sweep_file = _sweep_file(tmp_path, tiny_folder, [0, 1])
+    out = tmp_path / "out"
+    one_epoch = load_sweep(sweep_file)
+    for seed, knn in ((0, 50.0), (1, 60.0)):
+        _run(out, "a", seed, knn=knn, lin=40.0, best=41.0, curve=[(1, knn)], collapsed=False, ips=100.0)
+        run_dir = out / "runs" / "a" / f"seed{seed}"
+        (run_dir / "config.yaml").write_text(dump_config(one_epoch.config(one_epoch.runs()[seed])))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary |= {"epochs": 1, "steps": 8, "git_commit": f"{seed}abcdef0123456789"}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    res = write_reports(one_epoch, out)
+    assert [r["status"] for r in res["runs"]] == ["done", "done"] and res["cells"][0]["n"] == 2
+    assert res["overrides"] == [] and "--set" not in (out / "results.md").read_text().split("\n\n")[1]
+    assert (
+        (out / "results.md")
+        .read_text()
+        .endswith("Code of the finished runs (`git_commit`):\n\n- `0abcdef`: 1 run\n- `1abcdef`: 1 run\n")
+    )
+
+    # Seed 1 lengthened to 2 epochs: the sweep asking 2 epochs reports it alone.
+    two = load_sweep(sweep_file, ["train.epochs=2"])
+    seed1 = out / "runs" / "a" / "seed1"
+    (seed1 / "config.yaml").write_text(dump_config(two.config(two.runs()[1])))
+    summary = json.loads((seed1 / "summary.json").read_text())
+    (seed1 / "summary.json").write_text(json.dumps(summary | {"epochs": 2, "steps": 16}))
+    res = write_reports(two, out)
+    assert [r["status"] for r in res["runs"]] == ["stale", "done"]
+    assert res["runs"][0]["reason"] == "it trained 8 steps and the sweep asks for 16"
+    (cell,) = res["cells"]
+    assert (cell["n"], cell["knn_top1"]["mean"], cell["stale"], cell["missing"]) == (1, 60.0, [0], [])
+    md = (out / "results.md").read_text()
+    assert "2 runs (1 done, 0 failed, 0 missing, 1 out of date). Every cell with `--set` `train.epochs=2`." in md
+    assert "## Runs out of date\n\n" in md and "- `runs/a/seed0`: it trained 8 steps and the sweep asks for 16" in md
+    (row,) = csv.DictReader(io.StringIO((out / "results.csv").read_text()))
+    assert (row["n"], row["stale"]) == ("1", "1")
+    # A run made with another configuration (another learning rate) is out of date too, with the reason.
+    other = load_sweep(sweep_file, ["train.epochs=2", "optim.lr=0.1"])
+    res = write_reports(other, out)
+    assert [r["status"] for r in res["runs"]] == ["stale", "stale"] and res["cells"][0]["n"] == 0
+    assert "optim.lr: 0.03 in the run, 0.1 in the sweep" in res["runs"][1]["reason"]

@@ -523,3 +523,90 @@ def test_a_run_directory_another_process_writes_is_not_cleared_by_the_sweep(tmp_
     assert failed[0] == plans[0] and started == [str(p.run_dir) for p in plans[1:]]  # (the fakes write no summary)
     assert f"not started: {held} is being written by another directpred process" in lines.getvalue()
     assert (held / "metrics.jsonl").read_text() == '{"kind": "train", "step": 1}\n'
+
+
+def test_set_may_not_override_what_a_cell_sets(tmp_path, tiny_folder):
+    """--set of a key an axis or a variant sets gave every cell that one value while the cells kept their names
+    (cells named `*_4ep` trained 2 epochs under --set train.epochs=2); now refused, naming the key. Where the data
+    lies stays the command line's to say; the overrides are recorded for the report."""
+    variants = {"dp": {"predictor.name": "directpred"}, "dc": {"predictor.name": "directcopy"}}
+    path = write_sweep(tmp_path, tiny_folder, variants=variants, axes={"predictor.rho": [0.3, 0.5]})
+    for key in ("predictor.name=linear", "predictor.rho=0.1"):
+        with pytest.raises(ConfigError, match=rf"--set {key.split('=')[0]}: .* sets {key.split('=')[0]} per cell"):
+            load_sweep(path, [key])
+    sweep = load_sweep(path, ["train.epochs=2", f"data.path={tiny_folder}"])
+    assert sweep.overrides == ["train.epochs=2", f"data.path={tiny_folder}"]
+    assert {sweep.config(r).train.epochs for r in sweep.runs()} == {2}
+
+
+def test_a_key_given_dotted_and_nested_is_refused(tmp_path, tiny_folder):
+    """`{predictor.rho: 0.3, predictor: {rho: 0.5}}` silently trained rho = 0.5 (the last one written)."""
+    path = write_sweep(tmp_path, tiny_folder, variants={"dp": {"predictor.rho": 0.3, "predictor": {"rho": 0.5}}})
+    with pytest.raises(ConfigError, match=r"variants.dp: predictor.rho given twice .*keep one of them"):
+        load_sweep(path)
+
+
+def test_a_malformed_paper_value_names_the_cell():
+    with pytest.raises(ConfigError, match=r"paper.values.a: '77.86.1' is not a paper value"):
+        parse_paper_value("77.86.1", "s.yaml: paper.values.a")
+
+
+def _finished(run_dir: Path, cfg, **summary) -> None:
+    """A finished run of ``cfg`` in ``run_dir`` (its config, a checkpoint file and a summary; nothing trained)."""
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    (run_dir / "summary.json").write_text(json.dumps({"knn_top1": 50.0, "steps": 8, "epochs": 1.0, **summary}))
+
+
+def test_a_finished_run_in_another_precision_is_refused_not_reported_as_the_cell(tmp_path, tiny_folder):
+    """A run trained in bf16 was "done" for a sweep asking for fp32 (train.precision may change on resume, but a
+    finished run trains no step more); `auto` accepts what the machine chose."""
+    sweep = load_sweep(write_sweep(tmp_path, tiny_folder), ["train.precision=fp32"])
+    run, out = sweep.runs()[0], tmp_path / "out"
+    _finished(out / run.rel_dir, sweep.config(run), precision="bfloat16")
+    with pytest.raises(ConfigError, match=r"trained in bfloat16 and this sweep asks for train.precision=fp32"):
+        plan_run(sweep, run, out)
+    auto = load_sweep(sweep.path, ["train.precision=auto"])
+    assert plan_run(auto, auto.runs()[0], out).action == "done"
+    bf16 = load_sweep(sweep.path, ["train.precision=bf16"])
+    assert plan_run(bf16, bf16.runs()[0], out).action == "done"
+
+
+def test_a_run_stopped_on_collapse_is_trained_on_when_the_sweep_no_longer_stops(tmp_path, tiny_folder):
+    stop = load_sweep(write_sweep(tmp_path, tiny_folder), ["diag.stop_on_collapse=true"])
+    run, out = stop.runs()[0], tmp_path / "out"
+    _finished(out / run.rel_dir, stop.config(run), stopped_early=True, steps=3)
+    assert plan_run(stop, run, out).action == "done"
+    go_on = load_sweep(stop.path, ["diag.stop_on_collapse=false"])
+    plan = plan_run(go_on, go_on.runs()[0], out)
+    assert (plan.action, plan.sets) == ("resume", ["diag.stop_on_collapse=false"])
+
+
+def test_a_finished_run_without_its_checkpoint_is_never_cleared(tmp_path, tiny_folder, capsys):
+    """A finished run whose last.pt is gone was planned "new" when the sweep asked more of it, and its directory,
+    summary and logs included, was deleted before a run from scratch; now refused, naming the directory."""
+    sweep = load_sweep(write_sweep(tmp_path, tiny_folder))
+    run, out = sweep.runs()[0], tmp_path / "out"
+    run_dir = out / run.rel_dir
+    _finished(run_dir, sweep.config(run))
+    (run_dir / "checkpoints" / "last.pt").unlink()
+    assert plan_run(sweep, run, out).action == "done"  # nothing asked of it: its results stand
+    for sets in (["eval.knn_k=7"], ["train.epochs=2"]):
+        other = load_sweep(sweep.path, sets)
+        with pytest.raises(ConfigError, match=rf"{run_dir} has finished, but .* its checkpoint .* is gone"):
+            plan_run(other, other.runs()[0], out)
+    assert main(["sweep", str(sweep.path), "--out", str(out), "--set", "eval.knn_k=7", "--devices", "cpu"]) == 2
+    assert "has finished, but it was evaluated with other eval.knn_k" in capsys.readouterr().err
+    assert json.loads((run_dir / "summary.json").read_text())["knn_top1"] == 50.0
+
+
+def test_dry_run_says_when_a_new_run_clears_its_directory(tmp_path, tiny_folder, capsys):
+    sweep = load_sweep(write_sweep(tmp_path, tiny_folder))
+    run, out = sweep.runs()[0], tmp_path / "out"
+    (out / run.rel_dir).mkdir(parents=True)
+    (out / run.rel_dir / "metrics.jsonl").write_text("")  # a start killed before its first checkpoint
+    assert main(["sweep", str(sweep.path), "--out", str(out), "--dry-run", "--devices", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(str(out / run.rel_dir) in ln and "is cleared" in ln for ln in lines)
+    assert sum("is cleared" in ln for ln in lines) == 1
