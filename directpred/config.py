@@ -24,6 +24,7 @@ import re
 import types
 import typing
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -240,7 +241,10 @@ class TrainConfig:
     batch_size: int = 128
     """Per process; the global batch is batch_size * world_size."""
     seed: int = 0
-    """Initialisation, data order and augmentation draws."""
+    """Data order, augmentation draws, `data.train_subset`/`test_subset` picks, the linear probe and the hyperplanes
+    of `predictor.partitions`; and the initialisation, because `directpred train` (`Trainer.setup`) and `directpred
+    eval --untrained` call `torch.manual_seed(train.seed)` before they build the network: `build_method(cfg)` itself
+    draws the weights from torch's global generator and does not read this seed."""
     device: str = "auto"
     """`auto`, `cpu`, `cuda` or `cuda:N`."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -506,6 +510,7 @@ def load_config(
 
     Raises:
         ConfigError: on an unknown key, a wrong type or an impossible value.
+        TypeError: ``overrides`` is a single string or a mapping instead of a list of ``"key=value"`` strings.
 
     Examples:
         >>> load_config(None, ["predictor.rho=0.5"]).predictor.rho
@@ -519,6 +524,7 @@ def load_config(
         ...
         directpred.config.ConfigError: predictor.rho=1.5 is not allowed: the moving-average rate must lie in [0, 1)
     """
+    _check_overrides_type(overrides)
     cfg = Config()
     if base:
         merge_into(cfg, base, "")
@@ -542,6 +548,22 @@ def load_config(
             _absolute_data_paths(cfg, Path.cwd(), [key.split(".", 1)[1]])
     validate(cfg)
     return cfg
+
+
+def _check_overrides_type(overrides: object) -> None:
+    """Refuse a single string (iterated character by character, "override 'p' must look like key=value") or a
+    mapping (iterated by key) given as ``overrides``, naming the form that works."""
+    if isinstance(overrides, (str, bytes)):
+        raise TypeError(
+            f'overrides must be a list of "key=value" strings, not a single string: write [{overrides!r}] for '
+            f"overrides={overrides!r}"
+        )
+    if isinstance(overrides, Mapping):
+        pairs = list(flatten(dict(overrides)).items())
+        raise TypeError(
+            f'overrides must be a list of "key=value" strings, not a {type(overrides).__name__}: write '
+            f"{[f'{k}={v}' for k, v in pairs]}"
+        )
 
 
 # data.* keys that name files or folders; stored absolute in a run's config.yaml

@@ -17,6 +17,7 @@ reads::
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from directpred.backbones import resnet
-from directpred.config import Config, ConfigError
+from directpred.config import EXTRAS, Config, ConfigError, install_hint
 from directpred.data.augment import ViewRecipe, eval_transform
 from directpred.data.datasets import IMAGE_EXTENSIONS, DataError, ImageArrays, decode_images, list_members
 from directpred.data.stream import crop_offset
@@ -233,10 +234,13 @@ def export_backbone(
     TorchScript module and an ONNX graph (both take normalised images (B, 3, S, S) and return (B, D)).
 
     Raises:
-        ImportError: ``onnx`` was asked for but the ``onnx`` package is not installed.
+        ModuleNotFoundError: ``onnx`` was asked for but the ``onnx`` or ``onnxscript`` package (the ``onnx`` extra)
+            is not installed; raised before anything is written, its message says how to install them.
     """
     from directpred.train.checkpoint import atomic_write_bytes
 
+    if onnx:
+        _check_onnx_exporter()
     for option, path in (("--out", out), ("--torchscript", torchscript), ("--onnx", onnx)):
         if path:
             _check_export_target(Path(path), option)
@@ -250,8 +254,6 @@ def export_backbone(
             traced = torch.jit.trace(net, example)
             atomic_write_bytes(torchscript, lambda f: torch.jit.save(traced, f), retry="run the command again")
     if onnx:
-        import onnx as _onnx  # noqa: F401 - fail early with ImportError when the exporter cannot run
-
         torch.onnx.export(
             exp.build(),
             (example,),
@@ -261,6 +263,20 @@ def export_backbone(
             dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
         )
     return exp
+
+
+def _check_onnx_exporter() -> None:
+    """Raise :class:`ModuleNotFoundError` naming the install command when ``torch.onnx.export`` cannot run: it needs
+    the ``onnx`` and ``onnxscript`` packages (the ``onnx`` extra)."""
+    for package in EXTRAS["onnx"].split():
+        try:
+            importlib.import_module(package)
+        except ImportError as exc:
+            missing = "is not installed" if exc.name == package else f"cannot be imported ({exc})"
+            raise ModuleNotFoundError(
+                f"export_backbone(onnx=...) needs the {package} package, which {missing}: {install_hint('onnx')}",
+                name=package,
+            ) from exc
 
 
 def _is_training_checkpoint(path: Path) -> bool:
@@ -387,13 +403,23 @@ def embed(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """Features (N, D) of uint8 images (N, H, W, 3) under the deterministic test-time transform, on the CPU."""
+    """Features (N, D) of uint8 images (N, H, W, 3) under the deterministic test-time transform, on the CPU.
+
+    The backbone runs in eval mode; the caller's train/eval mode comes back afterwards (also when a batch fails), as
+    :func:`directpred.eval.extract_features` does. No images (N = 0) give (0, D): the backbone runs on one empty
+    batch for its feature width.
+    """
+    was_training = backbone.training
     backbone.eval()
     out = []
-    for start in range(0, len(images), batch_size):
-        x = eval_transform(images[start : start + batch_size].to(device), recipe)
-        out.append(backbone(x).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)
+    try:
+        # At least one (maybe empty) batch: with no images it still gives the feature width D.
+        for start in range(0, max(len(images), 1), batch_size):
+            x = eval_transform(images[start : start + batch_size].to(device), recipe)
+            out.append(backbone(x).float().cpu())
+    finally:
+        backbone.train(was_training)
+    return torch.cat(out)
 
 
 def save_features(

@@ -218,12 +218,12 @@ def predictor_matrix(predictor: Predictor, *views: torch.Tensor) -> tuple[torch.
 
     Returns:
         ``(W_p, kind)``: ``weight`` for linear predictors (DirectPred, DirectCopy, linear, identity) with kind
-        ``"weight"``; for the two-layer MLP, the mean over ``views`` of each view's batch-mean Jacobian
-        (:func:`mlp_mean_jacobian`: each view has its own BatchNorm batch, as in training) with kind
-        ``"jacobian"``; for the feature-dependent DirectPred, the mean over ``views`` of the batch mean of the
-        per-sample matrices (:meth:`~directpred.heads.directpred.PartitionedDirectPred.mean_weight`, also its mean
-        Jacobian), with kind ``"partitions"``; ``(None, "none")`` otherwise (the MLP and the partitions without
-        ``views``).
+            ``"weight"``; for the two-layer MLP, the mean over ``views`` of each view's batch-mean Jacobian
+            (:func:`mlp_mean_jacobian`: each view has its own BatchNorm batch, as in training) with kind
+            ``"jacobian"``; for the feature-dependent DirectPred, the mean over ``views`` of the batch mean of the
+            per-sample matrices (:meth:`~directpred.heads.directpred.PartitionedDirectPred.mean_weight`, also its mean
+            Jacobian), with kind ``"partitions"``; ``(None, "none")`` otherwise (the MLP and the partitions without
+            ``views``).
     """
     batch_mean = _batch_mean_matrix(predictor)
     if batch_mean is not None:

@@ -21,8 +21,9 @@ from directpred.methods import build_method
 from directpred.train.checkpoint import load_checkpoint, stored_config
 
 
-def resolve_checkpoint(target: Path) -> tuple[Path, Path | None]:
+def resolve_checkpoint(target: str | Path) -> tuple[Path, Path | None]:
     """(checkpoint file, run directory or None) of a run directory or a checkpoint path."""
+    target = Path(target)
     if target.is_dir():
         ckpt = target / "checkpoints" / "last.pt"
         if not ckpt.is_file():
@@ -34,7 +35,7 @@ def resolve_checkpoint(target: Path) -> tuple[Path, Path | None]:
     raise ConfigError(f"{target}: no such run directory or checkpoint file")
 
 
-def diagnose(target: Path, *, batches: int = 2, use_data: bool = True) -> tuple[dict[str, Any], list[str]]:
+def diagnose(target: str | Path, *, batches: int = 2, use_data: bool = True) -> tuple[dict[str, Any], list[str]]:
     """Diagnostics of one checkpoint: the metrics row and the report's lines.
 
     Loads the checkpoint's model, reads F^ (the predictor's own, or the one the training diagnostics kept)

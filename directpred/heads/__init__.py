@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-from directpred.config import PredictorConfig
+from directpred.config import Config, PredictorConfig
 from directpred.heads.base import Predictor
 from directpred.heads.correlation import CorrelationEstimator, symmetric_eigh
 from directpred.heads.directpred import DirectCopy, DirectPred, PartitionedDirectPred, directpred_eigenvalues
@@ -108,7 +108,21 @@ def build_predictor(dim: int, cfg: PredictorConfig, *, bn_affine: bool = False, 
 
     ``bn_affine`` is the BatchNorm setting of the two-layer predictor (shared with the projector); ``seed`` (the
     run's ``train.seed``) draws the random hyperplanes of ``partitions``.
+
+    Raises:
+        TypeError: ``cfg`` is not a predictor section, e.g. the whole :class:`~directpred.config.Config` (pass its
+            ``cfg.predictor``).
+        ValueError: an unknown ``cfg.name``.
     """
+    if isinstance(cfg, Config):
+        raise TypeError(
+            "build_predictor takes the predictor section of a Config, a PredictorConfig, not the whole Config: "
+            "call build_predictor(dim, cfg.predictor, ...)"
+        )
+    if not hasattr(cfg, "name"):
+        raise TypeError(
+            f"build_predictor takes a PredictorConfig (e.g. cfg.predictor of a Config), got {type(cfg).__name__}"
+        )
     if cfg.name not in PREDICTORS:
         raise ValueError(f"unknown predictor {cfg.name!r}; choose one of {sorted(PREDICTORS)}")
     return PREDICTORS[cfg.name](dim, cfg, bn_affine=bn_affine, seed=seed)

@@ -161,6 +161,7 @@ class Siamese(nn.Module):
 
     @property
     def predictor(self) -> Predictor:
+        """The online branch's predictor (the same module as ``online.predictor``: its state is the model's)."""
         return self.online.predictor
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, *, online: nn.Module | None = None) -> StepOutput:
@@ -207,7 +208,16 @@ class Siamese(nn.Module):
 
 
 def build_method(cfg: Config) -> Siamese:
-    """The method of a :class:`directpred.config.Config`."""
+    """The method of a :class:`directpred.config.Config`.
+
+    The weights are drawn from torch's global generator, which ``build_method`` does not seed: ``cfg.train.seed``
+    is read only for the hyperplanes of ``predictor.partitions``. Two calls give two different initialisations.
+    ``Trainer.setup`` (and ``directpred eval --untrained``) call ``torch.manual_seed(cfg.train.seed)`` right before
+    building; do the same for the initialisation a run with this config starts from::
+
+        torch.manual_seed(cfg.train.seed)
+        method = build_method(cfg)
+    """
     from directpred.backbones import build_backbone
     from directpred.heads import MLP, build_predictor
 

@@ -123,7 +123,11 @@ def isoloss_fixed_point(tau: float, eta: float, sigma2: float) -> float:
     """The non-zero fixed point ``p* = (τ − η)/(1+σ²)`` of a closed-form predictor under IsoLoss (ε = 0).
 
     It is stable and ``p = 0`` unstable when τ > η; when τ <= η it is not positive and every mode collapses.
+
+    Raises:
+        ValueError: ``eta`` or ``sigma2`` negative or not finite.
     """
+    _check_eta(eta, "isoloss_fixed_point")
     _check_sigma2(sigma2, "isoloss_fixed_point")
     return (tau - eta) / (1.0 + sigma2)
 
@@ -318,6 +322,12 @@ def _check_sigma2(sigma2: float, where: str) -> None:
         raise ValueError(f"{where}: sigma2 (the augmentation variance σ²) must be a finite number >= 0, got {sigma2!r}")
 
 
+def _check_eta(eta: float, where: str) -> None:
+    # η is a weight decay, as simulate_reduced requires: a negative one gives a negative "fixed point" p*₋
+    if not (np.isfinite(eta) and eta >= 0):
+        raise ValueError(f"{where}: eta (the weight decay η) must be a finite number >= 0, got {eta!r}")
+
+
 def eta_threshold(tau: float, sigma2: float) -> float:
     """Largest weight decay with a non-collapsed fixed point, ``τ² / (4(1+σ²))`` (Obs. #5).
 
@@ -334,8 +344,9 @@ def p_star(tau: float, eta: float, sigma2: float) -> tuple[float, float]:
     Returns ``(nan, nan)`` when ``η > τ²/(4(1+σ²))`` (only the collapsed point p = 0 remains).
 
     Raises:
-        ValueError: ``sigma2`` negative or not finite.
+        ValueError: ``eta`` or ``sigma2`` negative or not finite.
     """
+    _check_eta(eta, "p_star")
     _check_sigma2(sigma2, "p_star")
     lam = 1.0 + sigma2
     disc = tau**2 - 4.0 * eta * lam
@@ -350,6 +361,9 @@ def fixed_points(tau: float, eta: float, sigma2: float) -> Array:
 
     ``[0, p*₋, p*₊]`` for ``0 < η ≤ τ²/(4(1+σ²))``; ``[0]`` beyond; ``[0, τ/(1+σ²)]`` at ``η = 0``.
     Each pair ``(p*, p*²/α_p)`` is a fixed point of the (p, s) system Eqs. 11-12 at fixed τ.
+
+    Raises:
+        ValueError: ``eta`` or ``sigma2`` negative or not finite (raised by :func:`p_star`).
     """
     pm, pp = p_star(tau, eta, sigma2)
     pts = [0.0] + [x for x in (pm, pp) if np.isfinite(x)]

@@ -111,10 +111,11 @@ def make_data(kind: str, n1: int, sigma2: float) -> DataModel:
     * ``isotropic``: ``Σx = I``, ``Σn = σ²I`` (Assumption 2);
     * ``anisotropic``: ``Σx = diag(geomspace(1, 0.1, n1))``, ``Σn = σ²I``;
     * ``additive``: ``Σx = I``, ``Σn = σ² diag(linspace(0, 4, n1))`` (App. D: noisy directions attenuated);
-    * ``scrambling``: ``Σx = I``, the last ``n1 // 2`` coordinates scrambled (App. D).
+    * ``scrambling``: ``Σx = I``, the last ``n1 // 2`` coordinates scrambled (App. D); needs ``n1 >= 2`` (with
+      ``n1 = 1`` no coordinate is scrambled and ``X'`` divides by zero).
 
     Raises:
-        ValueError: an unknown ``kind``, ``n1 < 1`` or ``sigma2 < 0``.
+        ValueError: an unknown ``kind``, ``n1 < 1`` (``n1 < 2`` for ``scrambling``) or ``sigma2 < 0``.
     """
     if isinstance(n1, bool) or int(n1) != n1 or n1 < 1:
         raise ValueError(f"n1 (the input dimension) must be an integer >= 1, got {n1!r}")
@@ -127,6 +128,11 @@ def make_data(kind: str, n1: int, sigma2: float) -> DataModel:
     if kind == "additive":
         return GaussianViews(np.eye(n1), sigma2 * np.diag(np.linspace(0.0, 4.0, n1)))
     if kind == "scrambling":
+        if n1 < 2:
+            raise ValueError(
+                f"n1 (the input dimension) must be an integer >= 2 for the scrambling data model (it scrambles the "
+                f"last n1 // 2 coordinates), got {n1!r}"
+            )
         k = n1 // 2
         return Scrambling(np.eye(n1), np.eye(n1)[:, n1 - k :])
     raise ValueError(f"unknown data model {kind!r}; allowed: isotropic, anisotropic, additive, scrambling")

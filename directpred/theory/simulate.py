@@ -129,6 +129,10 @@ def build_simulate_config(raw: dict[str, Any], overrides: Sequence[str] = ()) ->
         (cfg.beta >= 0, f"beta must be >= 0, got {cfg.beta}"),
         (cfg.sigma2 >= 0, f"sigma2 must be >= 0, got {cfg.sigma2}"),
         (cfg.n1 >= 1 and cfg.n2 >= 1, f"n1 and n2 must be >= 1, got {cfg.n1}, {cfg.n2}"),
+        (
+            cfg.model == "reduced" or cfg.data != "scrambling" or cfg.n1 >= 2,
+            f"data: scrambling needs n1 >= 2 (it scrambles the last n1 // 2 coordinates), got n1: {cfg.n1}",
+        ),
         (cfg.sgd_batch >= 0, f"sgd_batch must be >= 0 (0 = no SGD run), got {cfg.sgd_batch}"),
         (cfg.init_scale > 0, f"init_scale must be > 0, got {cfg.init_scale}"),
         (

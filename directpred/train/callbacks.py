@@ -64,25 +64,30 @@ class Callback:
     state_key: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
+        """The state a resumed run needs (read only when ``state_key`` is set): plain tensors, numbers, lists and
+        dicts. Nothing by default."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Take back what :meth:`state_dict` returned, on resume, right after this callback's ``on_fit_start``.
+        Nothing by default."""
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        pass
+        """After :meth:`Trainer.setup` (and the resumed state), before the first step."""
 
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
-        pass
+        """After every step, also a skipped one (``result.skipped``): ``trainer.step`` already counts it and
+        ``trainer.epoch`` is the epoch it belongs to."""
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
-        pass
+        """After the last step of epoch ``epoch - 1``, i.e. ``epoch`` epochs are done (not when the run is stopped
+        within the epoch)."""
 
     def on_loop_end(self, trainer: Trainer) -> None:
-        pass
+        """When the loop ends in any way (done, stopped, or an exception): release resources here."""
 
     def on_train_end(self, trainer: Trainer) -> None:
-        pass
+        """When training was not interrupted, before the final checkpoint and evaluation."""
 
 
 class DiagnosticsCallback(Callback):

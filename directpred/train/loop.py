@@ -183,6 +183,8 @@ class Trainer:
 
     @property
     def stop_requested(self) -> bool:
+        """Whether a stop was asked for (:meth:`request_stop`, or the ``stop`` event given to the trainer): the run
+        stops after the current step. A stop on collapse (``diag.stop_on_collapse``) is not counted here."""
         return self._stop.is_set()
 
     # ------------------------------------------------------------------------------------------------------------

@@ -81,6 +81,21 @@ def test_exponent_notation_is_a_float_where_a_float_is_expected(tmp_path):
         load_config(None, ["predictor.rho=e-4"])
 
 
+@pytest.mark.parametrize(
+    "overrides, fix",
+    [
+        ("predictor.rho=0.5", "not a single string: write ['predictor.rho=0.5']"),
+        ({"predictor.rho": 0.5}, "not a dict: write ['predictor.rho=0.5']"),
+        ({"predictor": {"rho": 0.5}}, "not a dict: write ['predictor.rho=0.5']"),
+    ],
+)
+def test_overrides_that_are_not_a_list_of_strings_are_refused_naming_the_fix(overrides, fix):
+    """A str was iterated character by character ("override 'p' must look like key=value"), a dict by its keys."""
+    with pytest.raises(TypeError, match=re.escape('overrides must be a list of "key=value" strings, ' + fix)):
+        load_config(None, overrides)
+    assert load_config(None, ("predictor.rho=0.5",)).predictor.rho == 0.5  # a tuple (and any list) still works
+
+
 def test_unknown_key_suggests_the_closest():
     with pytest.raises(ConfigError, match="Did you mean 'predictor.rho'"):
         load_config(None, ["predictor.rh=0.5"])

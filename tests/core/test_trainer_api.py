@@ -8,9 +8,11 @@ import signal
 import threading
 
 import pytest
+import torch
 
 from directpred.cli import main
 from directpred.config import load_config
+from directpred.methods import build_method
 from directpred.train import Callback, Trainer, TrainingInterrupted
 from directpred.train import loop as loop_module
 from directpred.train.checkpoint import load_checkpoint
@@ -24,6 +26,23 @@ def test_constructing_a_trainer_touches_nothing(tiny_overrides, tmp_path, monkey
     trainer = Trainer(load_config(None, tiny_overrides + ["train.max_steps=1"]), tmp_path / "run")
     assert not (tmp_path / "run").exists()
     assert not hasattr(trainer, "data") and not hasattr(trainer, "method")  # nothing loaded or built yet
+
+
+def test_build_method_draws_from_the_global_generator_and_setup_seeds_it_with_train_seed(tiny_overrides, tmp_path):
+    """What train.seed's and build_method's docstrings say: build_method(cfg) does not seed (two calls, two
+    initialisations); Trainer.setup's network is the one torch.manual_seed(cfg.train.seed) + build_method(cfg) gives."""
+    cfg = load_config(None, tiny_overrides + ["train.max_steps=1", "train.seed=3"])
+
+    def weights(method):
+        return {k: v.clone() for k, v in method.state_dict().items() if v.is_floating_point()}
+
+    first, second = weights(build_method(cfg)), weights(build_method(cfg))
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    torch.manual_seed(cfg.train.seed)
+    seeded = weights(build_method(cfg))
+    trainer = Trainer(cfg, tmp_path / "run").setup()
+    trainer.logger.close()
+    assert all(torch.equal(seeded[k], v) for k, v in weights(trainer.method).items())
 
 
 class _StopAt(Callback):

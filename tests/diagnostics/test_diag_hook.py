@@ -224,3 +224,25 @@ def test_logger_writes_spectra_as_tensorboard_histograms(tmp_path):
     assert read_metrics(tmp_path)[0]["s"] == row["s"]
     acc = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     assert "diag/s" in acc.Tags()["histograms"] and "diag/alignment" in acc.Tags()["scalars"]
+
+
+def test_the_package_exports_the_hook_and_its_metrics_and_stays_free_of_torch_until_used():
+    """`from directpred.diagnostics import Diagnostics, diagnostic_row, predictor_matrix` failed (ImportError): the
+    names lived only in the submodules. They come lazily, so the theory's plots still import no torch."""
+    import subprocess
+    import sys
+
+    import directpred.diagnostics as pkg
+    from directpred.diagnostics import Diagnostics as exported
+    from directpred.diagnostics import diagnostic_row, metrics, predictor_matrix
+
+    assert exported is Diagnostics and diagnostic_row is diag_mod.diagnostic_row
+    assert predictor_matrix is metrics.predictor_matrix
+    assert set(pkg.__all__) == {"Diagnostics", "diagnostic_row", "predictor_matrix"}
+    with pytest.raises(AttributeError, match="module 'directpred.diagnostics' has no attribute 'diagnose'"):
+        pkg.diagnose  # noqa: B018 - the report is a layer above (directpred.diagnostics.report.diagnose)
+    code = (
+        "import sys, directpred.diagnostics, directpred.theory.plots; assert 'torch' not in sys.modules; "
+        "from directpred.diagnostics import predictor_matrix; assert 'torch' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

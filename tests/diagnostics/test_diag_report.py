@@ -33,6 +33,15 @@ def test_unloadable_data_is_a_note_and_the_report_still_comes(run_dir, monkeypat
     assert "note: no batch metrics: the data could not be loaded (DataError: the archive is truncated)" in lines
 
 
+def test_diagnose_takes_a_str_as_its_siblings_do(run_dir):
+    """diagnose("RUN") raised AttributeError: 'str' object has no attribute 'is_dir'."""
+    _, lines = report.diagnose(str(run_dir), batches=1)
+    assert lines[0].startswith("checkpoint ") and lines == report.diagnose(run_dir, batches=1)[1]
+    ckpt = str(run_dir / "checkpoints" / "last.pt")
+    assert report.resolve_checkpoint(ckpt) == (run_dir / "checkpoints" / "last.pt", run_dir)
+    assert report.resolve_checkpoint(str(run_dir)) == (run_dir / "checkpoints" / "last.pt", run_dir)
+
+
 def test_a_model_error_is_not_reported_as_missing_data(run_dir, monkeypatch):
     real = report.build_method
 

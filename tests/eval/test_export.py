@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -298,6 +299,53 @@ def test_onnx_export(run, tmp_path):
     session = ort.InferenceSession(str(tmp_path / "b.onnx"))
     x = eval_transform(data.test.images, test_recipe).numpy()
     np.testing.assert_allclose(session.run(None, {"images": x})[0], feats["test"].numpy(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnxscript"])
+def test_onnx_export_without_its_packages_names_the_install_and_writes_nothing(missing, run, tmp_path, monkeypatch):
+    """export_backbone(onnx=F) without onnx wrote the backbone file (and the TorchScript one), then failed with a
+    bare ModuleNotFoundError; without onnxscript, torch.onnx.export failed the same way after the writes."""
+    import types
+
+    from directpred.config import install_hint
+    from directpred.export import export_backbone
+
+    for package in ("onnx", "onnxscript"):  # as if installed, except `missing` (`import` raises ImportError)
+        monkeypatch.setitem(sys.modules, package, None if package == missing else types.ModuleType(package))
+    out, ts, graph = tmp_path / "b.pt", tmp_path / "b.ts", tmp_path / "b.onnx"
+    with pytest.raises(ModuleNotFoundError) as info:
+        export_backbone(run, out, torchscript=ts, onnx=graph)
+    assert str(info.value) == (
+        f"export_backbone(onnx=...) needs the {missing} package, which is not installed: {install_hint('onnx')}"
+    )
+    assert info.value.name == missing and isinstance(info.value, ImportError)  # what callers caught before
+    assert not out.exists() and not ts.exists() and not graph.exists()
+
+
+def test_embed_restores_the_callers_mode_and_gives_zero_rows_of_width_d(run):
+    """embed left the caller's model in eval mode and returned shape (0, 0) for no images; extract_features restores
+    the mode and gives (0, D)."""
+    from directpred.export import embed
+
+    feats, data, test_recipe = _reference(run)
+    backbone = directpred.load_backbone(run).train()
+    torch.testing.assert_close(embed(backbone, data.test.images, test_recipe, batch_size=7), feats["test"], **TOL)
+    assert backbone.training and all(m.training for m in backbone.modules())
+    assert embed(backbone, data.test.images[:0], test_recipe).shape == (0, 32) == (0, feats["test"].shape[1])
+    assert backbone.training
+    assert extract_features(backbone, data.test.images[:0], test_recipe).shape == (0, 32)
+    backbone.eval()
+    embed(backbone, data.test.images[:3], test_recipe)
+    assert not backbone.training
+
+    def failing(x):
+        raise RuntimeError("out of memory")
+
+    backbone.train()
+    backbone.forward = failing
+    with pytest.raises(RuntimeError, match="out of memory"):
+        embed(backbone, data.test.images, test_recipe)
+    assert backbone.training  # also when a batch fails
 
 
 def test_weights_of_another_architecture_give_an_error_that_names_it(run, tmp_path):

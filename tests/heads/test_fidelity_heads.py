@@ -101,6 +101,18 @@ def test_partition_planes_follow_the_seed():
     assert torch.equal(b.planes, c.planes)
 
 
+def test_build_predictor_given_the_whole_config_names_cfg_predictor():
+    """build_predictor(16, cfg) with the whole Config raised AttributeError "'Config' object has no attribute
+    'name'"."""
+    from directpred.config import Config
+
+    with pytest.raises(TypeError, match=r"not the whole Config: call build_predictor\(dim, cfg.predictor, ...\)"):
+        build_predictor(16, Config())
+    with pytest.raises(TypeError, match="takes a PredictorConfig .* got dict"):
+        build_predictor(16, {"name": "linear"})  # type: ignore[arg-type]
+    assert isinstance(build_predictor(16, Config().predictor), DirectPred)
+
+
 def test_partition_planes_follow_train_seed_through_build_method():
     from directpred.config import load_config
     from directpred.methods import build_method

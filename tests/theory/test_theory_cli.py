@@ -55,6 +55,8 @@ def test_shipped_configs_load():
         ({"rho": 0.3}, r"rho .* is read only with a closed-form predictor_rule and sgd_batch > 0; got rho: 0.3"),
         ({"predictor_rule": "directpred", "rho": 0.3}, "is read only with a closed-form predictor_rule and sgd_batch"),
         ({"predictor_rule": "directpred", "sgd_batch": 8, "rho": 1.0}, r"rho .* must lie in \[0, 1\)"),
+        # NaN with a RuntimeWarning (n1 // 2 = 0 coordinates scrambled) before
+        ({"data": "scrambling", "n1": 1}, r"data: scrambling needs n1 >= 2 \(it scrambles .*\), got n1: 1"),
     ],
 )
 def test_config_rejects_bad_values(raw, msg):

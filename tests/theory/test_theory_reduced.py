@@ -16,7 +16,7 @@ from directpred.theory import (
     rhs_ps,
     simulate_reduced,
 )
-from directpred.theory.reduced import rhs_parabola_dp
+from directpred.theory.reduced import isoloss_fixed_point, rhs_parabola_dp
 
 taus = st.floats(0.2, 2.0)
 sig2 = st.floats(0.0, 1.0)
@@ -252,3 +252,23 @@ def test_threshold_and_fixed_points_refuse_a_sigma2_that_is_no_variance(fn, sigm
     assert str(info.value) == (
         f"{where}: sigma2 (the augmentation variance σ²) must be a finite number >= 0, got {sigma2!r}"
     )
+
+
+@pytest.mark.parametrize("eta", [-0.01, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("fn", ["p_star", "fixed_points", "isoloss_fixed_point"])
+def test_fixed_points_refuse_a_weight_decay_that_simulate_reduced_refuses(fn, eta):
+    """A negative weight decay gave a negative "fixed point" p*₋ (p_star(1, -0.1, 0.1) = (-0.09, 1.0)), where
+    simulate_reduced refuses eta < 0."""
+    call = {
+        "p_star": lambda: p_star(1.0, eta, 0.1),
+        "fixed_points": lambda: fixed_points(1.0, eta, 0.1),
+        "isoloss_fixed_point": lambda: isoloss_fixed_point(1.0, eta, 0.1),
+    }[fn]
+    where = "isoloss_fixed_point" if fn == "isoloss_fixed_point" else "p_star"
+    with pytest.raises(ValueError) as info:
+        call()
+    assert str(info.value) == f"{where}: eta (the weight decay η) must be a finite number >= 0, got {eta!r}"
+    if eta < 0:
+        with pytest.raises(ValueError, match="eta >= 0"):
+            simulate_reduced([0.5], [0.5], 0.0, alpha_p=1.0, eta=eta, beta=0.4, sigma2=0.1, dt=0.1, steps=2)
+    assert p_star(1.0, 0.0, 0.1) == (0.0, 1.0 / 1.1) and fixed_points(1.0, 0.0, 0.1).tolist() == [0.0, 1.0 / 1.1]

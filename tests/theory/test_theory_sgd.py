@@ -99,3 +99,16 @@ def test_sgd_and_data_models_reject_bad_input():
     with pytest.raises(ValueError, match=r"Wa must have the shape of W \(2, 2\), got \(3, 2\)"):
         simulate_sgd(np.eye(2), np.eye(2), np.ones((3, 2)), data, **kw)
     assert simulate_sgd(np.eye(2), None, None, data, predictor=False, **kw).Wp.shape == (3, 2, 2)
+
+
+def test_scrambling_refuses_an_n1_with_nothing_to_scramble():
+    """make_data("scrambling", 1, 0.1) scrambled n1 // 2 = 0 coordinates and X' divided by k = 0: NaN with a
+    RuntimeWarning."""
+    with pytest.raises(ValueError) as info:
+        make_data("scrambling", 1, 0.1)
+    assert str(info.value) == (
+        "n1 (the input dimension) must be an integer >= 2 for the scrambling data model (it scrambles the last "
+        "n1 // 2 coordinates), got 1"
+    )
+    assert np.array_equal(make_data("scrambling", 2, 0.1).Xp, np.diag([0.0, 1.0]))  # n1 = 2: one scrambled coordinate
+    assert make_data("isotropic", 1, 0.1).X.shape == (1, 1)  # the other models take n1 = 1
