@@ -312,6 +312,11 @@ class EvalConfig:
     (`eval.linear`) stays the headline."""
     online_probe_lr: float = 0.1
     """SGD learning rate (momentum 0.9, no weight decay) of the online probe."""
+    untrained: bool = False
+    """Also evaluate the network training started from (its initialisation, rebuilt from `train.seed`) at the end, by
+    the same protocol: `untrained_*` figures in `summary.json`, the gain printed and tabulated by sweeps (paired by
+    seed). Training is unchanged (its own random draws are kept apart). `directpred eval RUN --untrained` does the
+    same for a finished run."""
 
 
 @dataclass

@@ -30,9 +30,21 @@ def print_results(results: Mapping[str, object], header: str, eval_cfg: EvalConf
         )
     if results.get("linear_top5") is not None:
         print(f"  linear top-5:        {results['linear_top5']:6.2f} %   (BYOL's protocol, final epoch)")
+    _print_untrained(results)
     values = [results.get(k) for k in ("knn_top1", "linear_top1", "linear_top1_best", "linear_top5")]
     if any(isinstance(v, float) and math.isnan(v) for v in values):
         print("  nan: the features were non-finite (NaN or inf; a diverged model?), so no accuracy can be read")
+
+
+def _print_untrained(results: Mapping[str, object]) -> None:
+    """With ``eval.untrained``: the untrained network's figures beside the trained ones, and the gain."""
+    parts = []
+    for key, label in (("knn_top1", "kNN"), ("linear_top1", "linear"), ("linear_top1_best", "linear best")):
+        before, after = results.get(f"untrained_{key}"), results.get(key)
+        if isinstance(before, float) and isinstance(after, float):
+            parts.append(f"{label} {before:.2f} % ({after - before:+.2f})")
+    if parts:
+        print(f"  untrained network:   {', '.join(parts)}   (eval.untrained: its initialisation; gain in brackets)")
 
 
 def run(args: argparse.Namespace) -> int:

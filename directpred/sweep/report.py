@@ -20,6 +20,8 @@ from directpred.sweep.spec import Run, Sweep
 
 METRICS = (("knn_top1", "kNN top-1"), ("linear_top1", "linear top-1"), ("linear_top1_best", "linear best"))
 TIMING = (("images_per_second", "images/s"), ("wall_seconds", "wall s"))
+# eval.untrained's columns of results.csv (empty for runs without it)
+GAIN_KEYS = [f"{kind}_{k}" for kind in ("untrained", "gain") for k, _ in METRICS]
 METRIC_NOTE = (
     "Accuracies in % on the test split, mean ± std over seeds (sample std, n-1), n = finished seeds. "
     "kNN: weighted kNN on the frozen backbone at the end of training. linear top-1: the linear probe's "
@@ -28,6 +30,12 @@ METRIC_NOTE = (
     "collapsed: seeds whose run the collapse detector flagged. dim. collapsed: seeds whose run the "
     "dimensional-collapse warning flagged. Both show – unless every finished seed recorded a verdict (runs from "
     "before a detector existed have none)."
+)
+
+
+GAIN_NOTE = (
+    "untrained linear best: the same seed's network at its initialisation (eval.untrained), by the same protocol. "
+    "gain: trained minus untrained, paired by seed, mean ± std of the differences (n = seeds with both figures)."
 )
 
 
@@ -163,6 +171,17 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
             "cell": cell,
             "n": len(done),
             **{k: _stats([s[k] for s in done if _finite(s.get(k))]) for k, _ in METRICS},
+            # eval.untrained: each seed's untrained network, and the gain over it paired by seed
+            **{
+                f"untrained_{k}": _stats([s[f"untrained_{k}"] for s in done if _finite(s.get(f"untrained_{k}"))])
+                for k, _ in METRICS
+            },
+            **{
+                f"gain_{k}": _stats(
+                    [s[k] - s[f"untrained_{k}"] for s in done if _finite(s.get(k)) and _finite(s.get(f"untrained_{k}"))]
+                )
+                for k, _ in METRICS
+            },
             "nonfinite": nonfinite,  # seeds whose features held NaN or inf
             # None where no run had the collapse detector on (diag.every=0): "no collapse seen" would mislead
             "collapsed": _flagged(done, "collapsed"),
@@ -220,19 +239,31 @@ def markdown(res: dict[str, Any]) -> str:
     has_paper = any(c["paper"] for c in res["cells"])
     if has_paper:
         lines += ["", f"Paper: {res['paper_note']}"]
+    has_gain = any(
+        c.get("gain_linear_top1_best", {}).get("n") or c.get("gain_knn_top1", {}).get("n") for c in res["cells"]
+    )
+    if has_gain:
+        lines += ["", GAIN_NOTE]
     head = (
         ["cell", "n"]
         + [label for _, label in METRICS]
         + (["paper"] if has_paper else [])
+        + (["untrained linear best", "gain kNN", "gain linear best"] if has_gain else [])
         + ["collapsed", "dim. collapsed", "failed"]
     )
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in res["cells"]:
         paper = [_pm(c["paper"])] if has_paper else []
+        gains = (
+            [_pm(c.get(k)) for k in ("untrained_linear_top1_best", "gain_knn_top1", "gain_linear_top1_best")]
+            if has_gain
+            else []
+        )
         row = (
             [f"`{c['cell']}`", str(c["n"])]
             + [_pm(c[k]) for k, _ in METRICS]
             + paper
+            + gains
             + ["–" if c[k] is None else str(c[k]) for k in ("collapsed", "dim_collapsed")]
             + [str(len(c["failed"]))]
         )
@@ -316,6 +347,7 @@ def csv_text(res: dict[str, Any]) -> str:
             "missing",
             "nonfinite",
             "stale",
+            *[f"{k}_{s}" for k in GAIN_KEYS for s in ("mean", "std")],
             *time_cols,
         ]
     )
@@ -339,6 +371,7 @@ def csv_text(res: dict[str, Any]) -> str:
                 len(c["missing"]),
                 len(c["nonfinite"]),
                 len(c["stale"]),
+                *[f(c[k][s]) for k in GAIN_KEYS for s in ("mean", "std")],
                 *[f(t[k][s]) for k, _ in TIMING for s in ("mean", "std")],
             ]
         )

@@ -732,6 +732,23 @@ class Trainer:
             stacklevel=3,
         )
 
+    def _evaluate_untrained(self) -> dict[str, Any]:
+        """``eval.untrained``: the network this run started from, rebuilt as :meth:`setup` built it (the global
+        generator seeded with ``train.seed``, then :func:`build_method`), evaluated by the final evaluation's protocol;
+        its figures prefixed ``untrained_``. Run after the trained network's evaluation, with the random state kept
+        apart (``fork_rng``), so no figure of the run itself moves."""
+        cfg = self.cfg
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(cfg.train.seed)
+            initial = build_method(cfg).to(self.device)
+            if self.channels_last:
+                initial = initial.to(memory_format=torch.channels_last)
+            results = evaluate(
+                initial, self.data, cfg, self.device, linear=cfg.eval.linear, autocast_dtype=self.autocast_dtype
+            )
+        return {f"untrained_{k}": v for k, v in results.items() if k != "knn_k_used"}
+
     def finish(self, *, stopped_early: bool = False) -> dict[str, Any]:
         """Final kNN + linear probe; writes ``summary.json`` (rank 0) and returns it."""
         cfg = self.cfg
@@ -746,8 +763,9 @@ class Trainer:
             autocast_dtype=self.autocast_dtype,
             features=features,
         )
+        untrained = self._evaluate_untrained() if cfg.eval.untrained else {}
         epochs_done = self.step / self.steps_per_epoch
-        self.logger.log({"step": self.step, "epoch": math.floor(epochs_done), **results}, group="final")
+        self.logger.log({"step": self.step, "epoch": math.floor(epochs_done), **results, **untrained}, group="final")
         if features is not None and probe is not None:  # the online probe on the final test features
             self.eval_features = features
             top1 = probe.test(self, math.floor(epochs_done))
@@ -757,6 +775,7 @@ class Trainer:
         summary: dict[str, Any] = {
             **{k: None for k in ("knn_top1", "linear_top1", "linear_top1_best")},
             **results,
+            **untrained,
             "epochs": round(epochs_done, 4),
             "steps": self.step,
             "images_per_second": images / self.train_seconds if self.train_seconds > 0 else None,

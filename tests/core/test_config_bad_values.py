@@ -125,6 +125,7 @@ BAD = [
     ("eval.batch_size=0", "eval.batch_size", "=0 is not allowed: must be >= 1"),
     ("eval.online_probe=x", "eval.online_probe", "has the wrong type; expected bool"),
     ("eval.online_probe_lr=0", "eval.online_probe_lr", "must be > 0"),
+    ("eval.untrained=sometimes", "eval.untrained", "has the wrong type; expected bool"),
     ("diag.every=-1", "diag.every", "must be >= 0 (0 disables diagnostics)"),
     ("diag.stop_on_collapse=x", "diag.stop_on_collapse", "has the wrong type; expected bool"),
     ("diag.rho=1", "diag.rho", "must lie in [0, 1)"),

@@ -396,6 +396,36 @@ def test_eval_untrained_refuses_a_checkpoint_and_a_config_without_it(tiny_overri
     assert not (run / "eval.json").exists() and not (run / "eval_untrained.json").exists()
 
 
+def test_eval_untrained_in_training_changes_nothing_of_the_run_and_matches_eval_untrained(
+    tiny_overrides, tmp_path, capsys
+):
+    """eval.untrained: the run's summary gains the untrained network's figures (those `directpred eval RUN
+    --untrained` computes on its own, from the seed), while the run itself, its checkpoint and its figures, is bit
+    for bit the run without it (the extra evaluation's random draws are kept apart)."""
+    over = tiny_overrides + ["train.max_steps=3", "eval.linear=true", "eval.linear_epochs=2"]
+    plain = Trainer(load_config(None, over), tmp_path / "plain").fit()
+    args = ["train", str(REPO / "configs" / "cpu" / "quickstart.yaml"), "--out", str(tmp_path / "u")]
+    for o in over + ["eval.untrained=true"]:
+        args += ["--set", o]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "u" / "summary.json").read_text())
+    for key in ("knn_top1", "linear_top1", "linear_top1_best"):
+        assert summary[key] == plain[key], key
+    a = torch.load(tmp_path / "plain" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "u" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert _same_state(a, b)
+    assert main(["eval", str(tmp_path / "u"), "--untrained"]) == 0
+    alone = json.loads((tmp_path / "u" / "eval_untrained.json").read_text())
+    for key in ("knn_top1", "linear_top1", "linear_top1_best"):
+        assert summary[f"untrained_{key}"] == pytest.approx(alone[key], abs=1e-6), key
+    gain = summary["linear_top1_best"] - summary["untrained_linear_top1_best"]
+    assert f"linear best {summary['untrained_linear_top1_best']:.2f} % ({gain:+.2f})" in printed
+    final = [r for r in read_metrics(tmp_path / "u") if r.get("kind") == "final"]
+    assert len(final) == 1 and final[0]["untrained_knn_top1"] == summary["untrained_knn_top1"]
+    assert "untrained_knn_top1" not in plain
+
+
 def test_tiny_run_learns_beyond_its_random_initialisation(tiny_overrides, tmp_path):
     """Random features already separate the coloured blobs (69-81 % kNN measured over seeds); four epochs of BYOL +
     DirectPred must do better than the same network at its initialisation (100 % measured)."""

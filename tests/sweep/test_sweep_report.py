@@ -335,3 +335,33 @@ def test_a_finished_run_that_no_longer_matches_the_sweep_is_out_of_date_not_aver
     res = write_reports(other, out)
     assert [r["status"] for r in res["runs"]] == ["stale", "stale"] and res["cells"][0]["n"] == 0
     assert "optim.lr: 0.03 in the run, 0.1 in the sweep" in res["runs"][1]["reason"]
+
+
+def test_the_gain_over_the_untrained_network_is_paired_by_seed(tmp_path, tiny_folder):
+    """Runs with eval.untrained: the report gives each cell's untrained linear best and the gains, as the mean and
+    std of the per-seed differences (not the difference of the means' stds); runs without it leave the columns out."""
+    sweep = load_sweep(_sweep_file(tmp_path, tiny_folder, [0, 1, 2]))
+    out = tmp_path / "out"
+    knn, best = [36.0, 35.0, 38.0], [37.0, 36.5, 39.0]
+    u_knn, u_best = [31.0, 29.5, 33.5], [33.0, 32.5, 36.0]
+    for seed in range(3):
+        _run(out, "a", seed, knn=knn[seed], lin=best[seed], best=best[seed], curve=[], collapsed=False, ips=1.0)
+        d = out / "runs" / "a" / f"seed{seed}" / "summary.json"
+        extra = {"untrained_knn_top1": u_knn[seed], "untrained_linear_top1_best": u_best[seed]}
+        d.write_text(json.dumps(json.loads(d.read_text()) | extra))
+    (cell,) = write_reports(sweep, out)["cells"]
+    gains = [b - u for b, u in zip(best, u_best)]
+    assert cell["gain_linear_top1_best"] == {
+        "mean": pytest.approx(statistics.mean(gains)),
+        "std": pytest.approx(statistics.stdev(gains)),
+        "n": 3,
+    }
+    assert cell["gain_knn_top1"]["mean"] == pytest.approx(statistics.mean(k - u for k, u in zip(knn, u_knn)))
+    assert cell["gain_knn_top1"]["std"] == pytest.approx(statistics.stdev(k - u for k, u in zip(knn, u_knn)))
+    md = (out / "results.md").read_text()
+    assert "| untrained linear best | gain kNN | gain linear best |" in md
+    row = f"| {statistics.mean(u_best):.2f} ± {statistics.stdev(u_best):.2f} | "
+    assert row + f"{statistics.mean(k - u for k, u in zip(knn, u_knn)):.2f} ± " in md
+    (csv_row,) = csv.DictReader(io.StringIO((out / "results.csv").read_text()))
+    assert float(csv_row["gain_linear_top1_best_mean"]) == pytest.approx(statistics.mean(gains), abs=1e-4)
+    assert csv_row["gain_linear_top1_mean"] == ""  # no untrained linear top-1 recorded
