@@ -53,6 +53,31 @@ def init_from_env(device: torch.device) -> bool:
     return True
 
 
+def die_with_launcher() -> bool:
+    """Under ``torchrun`` on Linux, have this worker killed (SIGKILL) when the launcher that started it dies.
+
+    torchrun starts each worker in a session of its own, so a launcher killed outright (SIGKILL, the OOM killer, a
+    ``directpred sweep`` killed with its runs) left its workers running on as orphans, holding their GPU and the run
+    directory's lock, and a rerun raced them. A launcher that stops normally (SIGINT/SIGTERM) forwards the signal and
+    waits for its workers, which checkpoint and stop as ever: this changes nothing there. Returns whether the request
+    was made (not under torchrun, or not on Linux: False)."""
+    if sys.platform != "linux" or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    launcher = os.getppid()
+    if prctl(1, signal.SIGKILL) != 0:  # 1 = PR_SET_PDEATHSIG
+        return False
+    if os.getppid() != launcher:  # it died before the request could take effect: as it would have had us do
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
 def shutdown() -> bool:
     """Leave the process group, if any: all processes together (a barrier first), since a gloo process whose peer
     has already torn its connections down can abort at exit ("terminate called without an active exception").

@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from directpred.train.loop import Trainer
     from directpred.train.rundir import check_checkpoint_config, check_resume_config
 
+    distributed.die_with_launcher()  # under torchrun: no orphaned worker if the launcher is killed outright
     if args.resume:
         run_dir = Path(args.resume)
         cfg_file = run_dir / "config.yaml"
