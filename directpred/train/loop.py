@@ -236,6 +236,8 @@ class Trainer:
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.step = self.epoch = 0
         self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient (train.skip_nonfinite)
+        # fp16: steps whose gradients the GradScaler found non-finite and did not apply (it lowers its scale on each)
+        self.amp_skipped_steps = 0
         self.epoch_end_pending = False  # stopped on an epoch's last step before that epoch's end ran
         # The run's last step ended an epoch: that epoch's end left its kNN to the final evaluation, so a run extended
         # from here (train.epochs or train.max_steps raised on resume) runs that epoch's end again first.
@@ -403,8 +405,15 @@ class Trainer:
         fault = self.guard.fault(out.loss, check_grads=not self.scaler.is_enabled())
         if fault is not None:
             return self._skip(fault, snapshot, lr, m)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.scaler.is_enabled():
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.scaler.get_scale() < scale:  # it found inf/NaN gradients: the parameters were left as they were
+                self.amp_skipped_steps += 1
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         try:  # update_at=after_step: F^ gets this step's projections and W_p is set (the authors' order)
             self.method.update_predictor(out)
         except FloatingPointError as exc:  # the parameters have been stepped already: this cannot be skipped
@@ -545,6 +554,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "skipped_steps": self.skipped_steps,
+            "amp_skipped_steps": self.amp_skipped_steps,
             "epoch_end_pending": self.epoch_end_pending,
             "epoch_end_final": self.epoch_end_final,
             "skipped_corrupt_stream": self._skipped_stream_total,
@@ -662,6 +672,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.amp_skipped_steps = int(state.get("amp_skipped_steps", 0))
         self.epoch_end_pending = bool(state.get("epoch_end_pending", False))
         self.epoch_end_final = bool(state.get("epoch_end_final", False))
         self.skipped_stream_before = int(state.get("skipped_corrupt_stream", 0))
@@ -793,6 +804,8 @@ class Trainer:
             "jpeg_decoder": getattr(self.source, "jpeg_decoder", None),  # the batched (data.decode=cuda) decoder
             "skipped_corrupt": self.data.pretrain.skipped + self.data.test.skipped + self._streamed_skips(),
             "skipped_steps": self.skipped_steps,
+            # fp16 only (0 otherwise): steps the GradScaler skipped; a few at the start, while it finds its scale
+            "amp_skipped_steps": self.amp_skipped_steps,
             "eigh_fallbacks": int(getattr(self.method.predictor, "eigh_fallbacks", torch.zeros(())).item()),
         }
         summary.update(self.diagnostics.summary())

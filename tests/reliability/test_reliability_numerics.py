@@ -121,6 +121,37 @@ def test_skip_policy_finishes_counts_and_stops_past_its_limit(tiny_overrides, tm
         limited.fit()
 
 
+def test_fp16_loss_scaler_skips_are_counted_logged_and_resumed(tiny_overrides, tmp_path):
+    """Under fp16 the GradScaler leaves a step with inf/NaN gradients unapplied and lowers its scale, silently:
+    such steps are now counted (amp_skipped_steps in the train rows, summary.json and the checkpoint) with the loss
+    scale logged. fp16 needs CUDA, so the run here is fp32 with an enabled CPU GradScaler put in its place and
+    gradients made inf at two steps; the count is checked against the steps whose parameters did not move."""
+    trainer = _trainer(tiny_overrides, tmp_path, "optim.warmup_epochs=0")
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=1000)
+    _poison_grad_at(trainer, {2, 5})
+    params = list(trainer.method.online.encoder.parameters())  # W_p is set by DirectPred, not by the optimiser
+    unmoved = []
+    step = trainer.train_step
+
+    def watched(images):
+        before = [p.detach().clone() for p in params]
+        result = step(images)
+        if all(torch.equal(a, p) for a, p in zip(before, params)):
+            unmoved.append(trainer.step)
+        return result
+
+    trainer.train_step = watched
+    summary = trainer.fit()
+    assert unmoved == [3, 6] and summary["amp_skipped_steps"] == 2 and summary["skipped_steps"] == 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["amp_skipped_steps"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["amp_skipped_steps"] for r in train] == [0, 0, 1, 1, 1, 2, 2, 2]
+    assert [r["loss_scale"] for r in train] == [2.0**20] * 2 + [2.0**19] * 3 + [2.0**18] * 3
+    resumed = Trainer(load_config(None, [], base=trainer.cfg.to_dict()), tmp_path / "run", resume=True).setup()
+    assert resumed.amp_skipped_steps == 2
+
+
 def test_eigh_failure_falls_back_with_warning_and_counter_in_summary(tiny_overrides, tmp_path, monkeypatch):
     eigh, calls = torch.linalg.eigh, []
 
