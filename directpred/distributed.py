@@ -70,7 +70,8 @@ def die_with_launcher() -> bool:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return False
-    launcher = os.getppid()
+    from directpred import _PARENT_AT_IMPORT as launcher  # taken before the imports of torch & co.
+
     if prctl(1, signal.SIGKILL) != 0:  # 1 = PR_SET_PDEATHSIG
         return False
     if os.getppid() != launcher:  # it died before the request could take effect: as it would have had us do

@@ -154,9 +154,17 @@ def run(args: argparse.Namespace) -> int:
     summary_file = None if run_dir is None else run_dir / "summary.json"
     if summary_file is not None and summary_file.is_file() and not args.checkpoint:
         s = read_json_object(summary_file, "no comparison with the training run") or {}
+        from directpred.config import diff_configs
+
         if untrained and saved.train.seed != cfg.train.seed:
             s = {}  # another seed's initialisation than the run trained from: no gain to read
+        otherwise = [k for k in diff_configs(saved, cfg) if k.startswith("eval.") and k != "eval.linear"]
+        if untrained and otherwise and s:
+            print(f"  (no gain over the trained run: evaluated with other {', '.join(otherwise)} than it was)")
+            s = {}
         for key in ("knn_top1", "linear_top1", "linear_top1_best", "linear_top5"):  # top-5: BYOL's streamed probe
+            if key.startswith("linear") and not saved.eval.linear and s.get(key) is None:
+                continue  # the run was trained without the probe: its null says "not run", not NaN
             if key in s and results.get(key) is not None:
                 trained = math.nan if s[key] is None else s[key]  # null: NaN at the end of training (non-finite)
                 if untrained:

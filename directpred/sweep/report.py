@@ -34,9 +34,17 @@ METRIC_NOTE = (
 
 
 GAIN_NOTE = (
-    "untrained linear best: the same seed's network at its initialisation (eval.untrained), by the same protocol. "
-    "gain: trained minus untrained, paired by seed, mean ± std of the differences (n = seeds with both figures)."
+    "untrained: the same seed's network at its initialisation (eval.untrained), by the same protocol. gain: trained "
+    "minus untrained, paired by seed, mean ± std of the differences. Both over the seeds with the trained and the "
+    "untrained figure; (n = k) where that is fewer than the cell's n."
 )
+GAIN_COLUMNS = ("untrained_knn_top1", "untrained_linear_top1_best", "gain_knn_top1", "gain_linear_top1_best")
+
+
+def _n_unless(stat: dict[str, Any] | None, n: int) -> str:
+    """`` (n = k)`` after a paired figure over fewer seeds than the cell's finished ones."""
+    k = (stat or {}).get("n") or 0
+    return f" (n = {k})" if 0 < k < n else ""
 
 
 def _finite(v: Any) -> bool:
@@ -145,6 +153,7 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
                 row["reason"] = stale
             elif s is not None:  # done, readable, and the cell's run
                 row.update({k: s.get(k) for k, _ in METRICS})
+                row.update({f"untrained_{k}": s[f"untrained_{k}"] for k, _ in METRICS if f"untrained_{k}" in s})
                 row.update(collapsed=s.get("collapsed"), dim_collapsed=s.get("dim_collapsed"))
                 row.update(epochs=s.get("epochs"), steps=s.get("steps"))
                 done.append(s)
@@ -171,15 +180,17 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
             "cell": cell,
             "n": len(done),
             **{k: _stats([s[k] for s in done if _finite(s.get(k))]) for k, _ in METRICS},
-            # eval.untrained: each seed's untrained network, and the gain over it paired by seed
+            # eval.untrained: each seed's untrained network, and the gain over it, both over the seeds that have the
+            # trained and the untrained figure (paired: the columns then describe the same runs)
             **{
-                f"untrained_{k}": _stats([s[f"untrained_{k}"] for s in done if _finite(s.get(f"untrained_{k}"))])
-                for k, _ in METRICS
-            },
-            **{
-                f"gain_{k}": _stats(
-                    [s[k] - s[f"untrained_{k}"] for s in done if _finite(s.get(k)) and _finite(s.get(f"untrained_{k}"))]
+                f"{kind}_{k}": _stats(
+                    [
+                        s[f"untrained_{k}"] if kind == "untrained" else s[k] - s[f"untrained_{k}"]
+                        for s in done
+                        if _finite(s.get(k)) and _finite(s.get(f"untrained_{k}"))
+                    ]
                 )
+                for kind in ("untrained", "gain")
                 for k, _ in METRICS
             },
             "nonfinite": nonfinite,  # seeds whose features held NaN or inf
@@ -248,17 +259,13 @@ def markdown(res: dict[str, Any]) -> str:
         ["cell", "n"]
         + [label for _, label in METRICS]
         + (["paper"] if has_paper else [])
-        + (["untrained linear best", "gain kNN", "gain linear best"] if has_gain else [])
+        + (["untrained kNN", "untrained linear best", "gain kNN", "gain linear best"] if has_gain else [])
         + ["collapsed", "dim. collapsed", "failed"]
     )
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in res["cells"]:
         paper = [_pm(c["paper"])] if has_paper else []
-        gains = (
-            [_pm(c.get(k)) for k in ("untrained_linear_top1_best", "gain_knn_top1", "gain_linear_top1_best")]
-            if has_gain
-            else []
-        )
+        gains = [_pm(c.get(k)) + _n_unless(c.get(k), c["n"]) for k in GAIN_COLUMNS] if has_gain else []
         row = (
             [f"`{c['cell']}`", str(c["n"])]
             + [_pm(c[k]) for k, _ in METRICS]

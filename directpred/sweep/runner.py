@@ -76,6 +76,10 @@ class Plan:
         return head + ["train"] + tail
 
 
+# eval.* keys whose change gives a finished run no new figure to report: the kNN every N epochs of a run already
+# trained (its curve cannot be remade), and eval.untrained (figures added beside the run's, which true -> false
+# only leaves unread; false -> true is a re-evaluation, judged apart)
+NO_NEW_FIGURES = ("eval.knn_every", "eval.untrained")
 # train.precision as asked -> as summary.json records it (the autocast dtype the run resolved; ``auto`` is either)
 PRECISION_RECORDED = {"fp32": "fp32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -158,7 +162,9 @@ def finished_run_todo(run_dir: Path, saved: Config, wanted: Config) -> str | Non
             )
         if steps != trained:
             todo.append(f"it trained {trained} steps and the sweep asks for {'more' if steps is None else steps}")
-    evaluated = [k for k in diffs if k.startswith("eval.")]
+    evaluated = [k for k in diffs if k.startswith("eval.") and k not in NO_NEW_FIGURES]
+    if wanted.eval.untrained and not saved.eval.untrained:  # the untrained figures are still to be computed
+        evaluated.append("eval.untrained")
     if evaluated:  # resumed, which evaluates again, so the report shows what the sweep says
         todo.append(f"it was evaluated with other {', '.join(evaluated)}")
     if summary.get("stopped_early") and not wanted.diag.stop_on_collapse:  # --resume trains it on

@@ -274,13 +274,20 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     per_cell = {k for pairs in cell_pairs.values() for k, _ in pairs}  # what the axes and variants set
     cli = []
     for text in overrides:
-        key, _ = parse_override(text)
+        key, value = parse_override(text)
         if key == "train.seed":
             raise ConfigError("--set train.seed: the sweep's `seeds` list sets the seed of each run")
-        if key in per_cell and not key.startswith(WHERE_NOT_WHAT):  # one value for every cell, named otherwise
+        # the keys it sets: a whole section (--set 'predictor={rho: 0.7}') sets each key under it
+        given = [f"{key}.{k}" for k, _ in _flatten(value, f"--set {key}")] if isinstance(value, dict) else [key]
+        clash = sorted(
+            k
+            for k in per_cell
+            if not k.startswith(WHERE_NOT_WHAT) and any(k == g or k.startswith(f"{g}.") for g in given)
+        )
+        if clash:  # one value for every cell, whose names say another
             raise ConfigError(
-                f"--set {key}: {path} sets {key} per cell (in its axes or variants), and --set would override "
-                f"every cell's value while the cells keep their names; change it in the sweep file (or a copy)"
+                f"--set {key}: {path} sets {', '.join(clash)} per cell (in its axes or variants), and --set would "
+                f"override every cell's value while the cells keep their names; change it in the sweep file (or a copy)"
             )
         cli.append(text)
     cells = {name: common + _sets(pairs, path.parent) + cli for name, pairs in cell_pairs.items()}

@@ -370,6 +370,22 @@ def test_eval_untrained_evaluates_the_network_training_starts_from(tiny_override
     assert json.loads(out_json.read_text())["knn_top1"] == 33.0
 
 
+def test_eval_untrained_reads_no_gain_it_cannot_read(tiny_overrides, tmp_path, monkeypatch, capsys):
+    """A run trained without the probe has null linear figures ("not run"): no "nan %" comparison is printed for
+    them; and an untrained network evaluated with other eval settings than the run's gets no gain line."""
+    run = tmp_path / "run"
+    Trainer(load_config(None, tiny_overrides + ["train.max_steps=1"]), run).fit()  # eval.linear=false
+    _evaluated_states(monkeypatch)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--untrained"]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out and "knn_top1: the trained run reported" in out and "linear_top1:" not in out
+    assert main(["eval", str(run), "--untrained", "--set", "eval.knn_k=5"]) == 0
+    out = capsys.readouterr().out
+    assert "(no gain over the trained run: evaluated with other eval.knn_k than it was)" in out
+    assert "over its untrained network" not in out
+
+
 def test_eval_untrained_figures_are_those_of_the_initial_network(tiny_overrides, tmp_path):
     """Unmocked: the kNN and probe figures `eval --untrained` writes are the protocol's figures for the network
     Trainer.setup builds (computed here independently of the CLI)."""

@@ -35,21 +35,26 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_torchrun_worker_dies_with_its_launcher_killed_outright(tmp_path):
+@pytest.mark.parametrize("killed", ["after the request", "during the imports before it"])
+def test_a_torchrun_worker_dies_with_its_launcher_killed_outright(killed, tmp_path):
     """torchrun starts its workers in sessions of their own: a launcher killed with SIGKILL left them running as
     orphans (holding the GPU and the run's lock). A worker that called die_with_launcher is killed with it, and
-    lives on while the launcher does."""
+    lives on while the launcher does; one whose launcher died in the seconds of imports before the call (its parent
+    already init) kills itself at the call."""
     import os
     import signal
     import time
 
-    pid_file = tmp_path / "worker.pid"
+    pid_file, go = tmp_path / "worker.pid", tmp_path / "go"
     script = tmp_path / "worker.py"
+    late = killed != "after the request"
     script.write_text(
         "import os, time\n"
-        "from directpred import distributed\n"
-        "assert distributed.die_with_launcher()\n"
+        "import directpred\n"  # what `-m directpred` imports first: it notes the launcher
         f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        + (f"while not os.path.exists({str(go)!r}):\n    time.sleep(0.05)\n" if late else "")
+        + "from directpred import distributed\n"
+        "assert distributed.die_with_launcher()\n"
         "time.sleep(120)\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -70,6 +75,7 @@ def test_a_torchrun_worker_dies_with_its_launcher_killed_outright(tmp_path):
         assert _alive(worker)  # the launcher lives: so does its worker
         launcher.send_signal(signal.SIGKILL)
         launcher.wait(timeout=30)
+        go.write_text("")
         deadline = time.time() + 30
         while _alive(worker) and time.time() < deadline:
             time.sleep(0.1)

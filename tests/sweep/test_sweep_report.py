@@ -359,9 +359,22 @@ def test_the_gain_over_the_untrained_network_is_paired_by_seed(tmp_path, tiny_fo
     assert cell["gain_knn_top1"]["mean"] == pytest.approx(statistics.mean(k - u for k, u in zip(knn, u_knn)))
     assert cell["gain_knn_top1"]["std"] == pytest.approx(statistics.stdev(k - u for k, u in zip(knn, u_knn)))
     md = (out / "results.md").read_text()
-    assert "| untrained linear best | gain kNN | gain linear best |" in md
+    assert "| untrained kNN | untrained linear best | gain kNN | gain linear best |" in md
     row = f"| {statistics.mean(u_best):.2f} ± {statistics.stdev(u_best):.2f} | "
     assert row + f"{statistics.mean(k - u for k, u in zip(knn, u_knn)):.2f} ± " in md
     (csv_row,) = csv.DictReader(io.StringIO((out / "results.csv").read_text()))
     assert float(csv_row["gain_linear_top1_best_mean"]) == pytest.approx(statistics.mean(gains), abs=1e-4)
     assert csv_row["gain_linear_top1_mean"] == ""  # no untrained linear top-1 recorded
+    assert [r["untrained_linear_top1_best"] for r in write_reports(sweep, out)["runs"]] == u_best
+
+    # A seed without the untrained figure (run without eval.untrained): the untrained column and the gains are over
+    # the same two seeds, and say so.
+    d = out / "runs" / "a" / "seed2" / "summary.json"
+    d.write_text(json.dumps({k: v for k, v in json.loads(d.read_text()).items() if not k.startswith("untrained")}))
+    (cell,) = write_reports(sweep, out)["cells"]
+    assert cell["n"] == 3 and cell["untrained_linear_top1_best"]["mean"] == pytest.approx(statistics.mean(u_best[:2]))
+    assert cell["gain_linear_top1_best"]["mean"] == pytest.approx(statistics.mean(gains[:2]))
+    assert (
+        f"{statistics.mean(u_best[:2]):.2f} ± {statistics.stdev(u_best[:2]):.2f} (n = 2) |"
+        in (out / "results.md").read_text()
+    )

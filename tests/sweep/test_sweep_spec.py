@@ -534,6 +534,8 @@ def test_set_may_not_override_what_a_cell_sets(tmp_path, tiny_folder):
     for key in ("predictor.name=linear", "predictor.rho=0.1"):
         with pytest.raises(ConfigError, match=rf"--set {key.split('=')[0]}: .* sets {key.split('=')[0]} per cell"):
             load_sweep(path, [key])
+    with pytest.raises(ConfigError, match=r"--set predictor: .* sets predictor.rho per cell"):
+        load_sweep(path, ["predictor={rho: 0.7}"])  # a whole section sets the keys under it
     sweep = load_sweep(path, ["train.epochs=2", f"data.path={tiny_folder}"])
     assert sweep.overrides == ["train.epochs=2", f"data.path={tiny_folder}"]
     assert {sweep.config(r).train.epochs for r in sweep.runs()} == {2}
@@ -610,3 +612,19 @@ def test_dry_run_says_when_a_new_run_clears_its_directory(tmp_path, tiny_folder,
     lines = capsys.readouterr().out.splitlines()
     assert any(str(out / run.rel_dir) in ln and "is cleared" in ln for ln in lines)
     assert sum("is cleared" in ln for ln in lines) == 1
+
+
+def test_eval_changes_that_give_no_new_figure_leave_a_finished_run_done(tmp_path, tiny_folder):
+    """eval.untrained true -> false only leaves figures unread, and eval.knn_every cannot remake a finished run's
+    curve: neither re-evaluates it (nor makes the report call it out of date); false -> true computes the untrained
+    figures."""
+    with_untrained = load_sweep(write_sweep(tmp_path, tiny_folder), ["eval.untrained=true"])
+    run, out = with_untrained.runs()[0], tmp_path / "out"
+    _finished(out / run.rel_dir, with_untrained.config(run))
+    for sets in (["eval.untrained=false"], ["eval.untrained=true", "eval.knn_every=2"]):
+        other = load_sweep(with_untrained.path, sets)
+        assert plan_run(other, other.runs()[0], out).action == "done", sets
+    plain = load_sweep(with_untrained.path)  # eval.untrained=false
+    _finished(out / run.rel_dir, plain.config(plain.runs()[0]))
+    plan = plan_run(with_untrained, run, out)
+    assert (plan.action, plan.sets) == ("resume", ["eval.untrained=true"])
