@@ -3,13 +3,10 @@
 Training, evaluation, training diagnostics and the paper's learning-dynamics theory.
 """
 
-import os
 from collections.abc import Callable
 from typing import Any
 
-# The parent process when directpred was first imported, before torch: under torchrun, the launcher. A launcher
-# killed during the seconds of imports that follow is told apart by it (distributed.die_with_launcher).
-_PARENT_AT_IMPORT = os.getppid()
+from directpred import _startup  # noqa: F401 (first: it notes the launcher of a torchrun worker before torch loads)
 
 __version__ = "0.1.0"
 

@@ -70,7 +70,7 @@ def die_with_launcher() -> bool:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return False
-    from directpred import _PARENT_AT_IMPORT as launcher  # taken before the imports of torch & co.
+    from directpred._startup import PARENT_PID as launcher  # noted before the imports of torch & co.
 
     if prctl(1, signal.SIGKILL) != 0:  # 1 = PR_SET_PDEATHSIG
         return False

@@ -13,6 +13,7 @@ LAYERS = {
     "directpred.distributed": 0,
     "directpred.runtime": 0,
     "directpred.files": 0,
+    "directpred._startup": 0,
     "directpred.data": 1,
     "directpred.backbones": 1,
     "directpred.heads": 1,
