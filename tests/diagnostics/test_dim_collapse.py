@@ -182,8 +182,8 @@ def test_replay_of_the_committed_runs_matches_training_and_the_documented_flags(
         "cpu_weight_decay/runs/no_wd,sym/seed3": 800,
         "cpu_weight_decay/runs/no_wd,sym/seed5": 1150,  # and the collapse rule by the final report (step 1560)
         # Table 3's two-layer rows with EMA (§1n): the tied (symmetric) predictor in three of six runs, each ending
-        # above its seed's untrained network in linear best (docs/diagnostics.md, "Flagged runs above the untrained
-        # network")
+        # above its seed's untrained network in linear best (docs/diagnostics.md, "Flagged runs against their own
+        # seed's untrained network")
         "cpu_mlp_symmetric/runs/symmetric=true,mlp_bias=false/seed1": 100,
         "cpu_mlp_symmetric/runs/symmetric=true,mlp_bias=false/seed2": 100,
         "cpu_mlp_symmetric/runs/symmetric=true,mlp_bias=true/seed1": 100,
