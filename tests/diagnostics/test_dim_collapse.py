@@ -134,8 +134,8 @@ def test_replay_of_the_committed_runs_matches_training_and_the_documented_flags(
     # 47 the levels were chosen on, 8 held out, 24 of the eps sweeps (§1e), 12 of c_j (§1f), 12 of alpha_p (§1g),
     # 12 of IsoLoss (§1h), 12 of c_j at freq 2 (§1i), 6 of fp32/bf16 on the AMX Xeon (§1j), 16 of weight decay (§1k),
     # 18 of the optimal predictor (§1l), 9 of the partitions (§1m), 21 of §1's seeds 3-5, 12 of the two-layer
-    # predictor, regular or tied, with or without biases (§1n)
-    assert len(runs) == 209
+    # predictor, regular or tied, with or without biases (§1n), and 12 of its seeds 3-5
+    assert len(runs) == 221
     dim_flags = {}
     for run_dir in runs:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -181,12 +181,14 @@ def test_replay_of_the_committed_runs_matches_training_and_the_documented_flags(
         "cpu_weight_decay/runs/no_wd,sym/seed0": 1300,
         "cpu_weight_decay/runs/no_wd,sym/seed3": 800,
         "cpu_weight_decay/runs/no_wd,sym/seed5": 1150,  # and the collapse rule by the final report (step 1560)
-        # Table 3's two-layer rows with EMA (§1n): the tied (symmetric) predictor in three of six runs, each ending
+        # Table 3's two-layer rows with EMA (§1n): the tied (symmetric) predictor in five of twelve runs, each ending
         # above its seed's untrained network in linear best (docs/diagnostics.md, "Flagged runs against their own
         # seed's untrained network")
         "cpu_mlp_symmetric/runs/symmetric=true,mlp_bias=false/seed1": 100,
         "cpu_mlp_symmetric/runs/symmetric=true,mlp_bias=false/seed2": 100,
         "cpu_mlp_symmetric/runs/symmetric=true,mlp_bias=true/seed1": 100,
+        "cpu_mlp_symmetric_6seeds/runs/symmetric=true,mlp_bias=false/seed3": 100,
+        "cpu_mlp_symmetric_6seeds/runs/symmetric=true,mlp_bias=true/seed3": 100,
         # Table 1 at CPU scale (§1l): the optimal plug-in, every cell and seed, at the second report
         **{
             f"cpu_optimal/runs/{row},freq={freq}/seed{seed}": 100
