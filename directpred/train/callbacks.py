@@ -145,9 +145,9 @@ class LogCallback(Callback):
                 "ema": result.ema,
                 "images_per_second": ips,
             }
-            if trainer.scaler.is_enabled():  # fp16: the loss scale, and the steps it skipped so far
+            if trainer.loss_scale is not None:  # fp16: the loss scale, and the steps it skipped so far
                 trainer.last_log |= {
-                    "loss_scale": trainer.scaler.get_scale(),
+                    "loss_scale": trainer.loss_scale,
                     "amp_skipped_steps": trainer.amp_skipped_steps,
                 }
             trainer.logger.log(trainer.last_log)

@@ -282,6 +282,8 @@ class Trainer:
                     stacklevel=2,
                 )
             self._check_forced_changes()
+        # fp16: the loss scale the next step starts from (the checkpoint's on resume), to tell a skipped step by
+        self.loss_scale: float | None = self.scaler.get_scale() if self.scaler.is_enabled() else None
         # Set up: the command is one that trains or evaluates here (a refused one is not recorded).
         record_command(self.run_dir, cfg, resume=self.resume, command=self.command)
         # After the load: rows a killed process logged past the checkpoint are dropped, as they will be redone.
@@ -405,15 +407,13 @@ class Trainer:
         fault = self.guard.fault(out.loss, check_grads=not self.scaler.is_enabled())
         if fault is not None:
             return self._skip(fault, snapshot, lr, m)
-        if self.scaler.is_enabled():
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scaler.is_enabled():  # fp16: one read of the scale a step (a device sync), kept for the train rows
             scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if self.scaler.get_scale() < scale:  # it found inf/NaN gradients: the parameters were left as they were
-                self.amp_skipped_steps += 1
-        else:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            if self.loss_scale is not None and scale < self.loss_scale:  # it only falls on inf/NaN gradients,
+                self.amp_skipped_steps += 1  # whose step the scaler left unapplied
+            self.loss_scale = scale
         try:  # update_at=after_step: F^ gets this step's projections and W_p is set (the authors' order)
             self.method.update_predictor(out)
         except FloatingPointError as exc:  # the parameters have been stepped already: this cannot be skipped

@@ -128,6 +128,7 @@ def test_fp16_loss_scaler_skips_are_counted_logged_and_resumed(tiny_overrides, t
     gradients made inf at two steps; the count is checked against the steps whose parameters did not move."""
     trainer = _trainer(tiny_overrides, tmp_path, "optim.warmup_epochs=0")
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=1000)
+    trainer.loss_scale = trainer.scaler.get_scale()  # as setup reads it from an enabled scaler
     _poison_grad_at(trainer, {2, 5})
     params = list(trainer.method.online.encoder.parameters())  # W_p is set by DirectPred, not by the optimiser
     unmoved = []
