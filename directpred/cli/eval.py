@@ -8,7 +8,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from directpred.config import Config, ConfigError, EvalConfig
+from directpred.config import Config, ConfigError, EvalConfig, diff_configs
 
 
 def print_results(results: Mapping[str, object], header: str, eval_cfg: EvalConfig) -> None:
@@ -154,8 +154,6 @@ def run(args: argparse.Namespace) -> int:
     summary_file = None if run_dir is None else run_dir / "summary.json"
     if summary_file is not None and summary_file.is_file() and not args.checkpoint:
         s = read_json_object(summary_file, "no comparison with the training run") or {}
-        from directpred.config import diff_configs
-
         if untrained and saved.train.seed != cfg.train.seed:
             s = {}  # another seed's initialisation than the run trained from: no gain to read
         otherwise = [k for k in diff_configs(saved, cfg) if k.startswith("eval.") and k != "eval.linear"]
@@ -187,8 +185,6 @@ EVAL_CHANGES = ("eval.", "data.", "train.device", "train.precision", "train.chan
 
 
 def _check_eval_overrides(saved: Config, cfg: Config) -> None:
-    from directpred.config import diff_configs
-
     other = list(diff_configs(saved, cfg, beyond=EVAL_CHANGES))
     if other:
         raise ConfigError(
