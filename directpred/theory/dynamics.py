@@ -250,9 +250,7 @@ def closed_form_predictor(F: Array, rule: PredictorRule, eps: float = 0.0) -> Ar
         [2.0, 1.0]
     """
     F = sym(np.asarray(F, dtype=np.float64))
-    if rule == "directcopy":  # the eigenvalue rule below, without the eigendecomposition
-        return F + eps * np.eye(F.shape[-1])
-    s, U = np.linalg.eigh(F)
+    s, U = np.linalg.eigh(F)  # DirectCopy too: F + εI alone would keep a negative eigenvalue of F
     p = closed_form_eigenvalues(s, rule, eps)
     return (U * p[..., None, :]) @ _mT(U)
 

@@ -349,10 +349,12 @@ def p_star(tau: float, eta: float, sigma2: float) -> tuple[float, float]:
     _check_eta(eta, "p_star")
     _check_sigma2(sigma2, "p_star")
     lam = 1.0 + sigma2
-    disc = tau**2 - 4.0 * eta * lam
-    if disc < 0:
+    threshold = eta_threshold(tau, sigma2)
+    if eta > threshold:
         return float("nan"), float("nan")
-    r = np.sqrt(disc)
+    # sqrt(τ² − 4η(1+σ²)) as |τ| sqrt(1 − η/threshold): exactly 0 at η = threshold, where τ² − 4η(1+σ²) rounded to
+    # ±1e-17 and either lost the double root (negative) or split it in two a few 1e-9 apart (positive)
+    r = abs(tau) * np.sqrt(max(1.0 - eta / threshold, 0.0)) if threshold > 0 else 0.0
     return float((tau - r) / (2 * lam)), float((tau + r) / (2 * lam))
 
 

@@ -20,6 +20,7 @@ from directpred.theory import (
     simulate_reduced,
     simulate_sgd,
 )
+from directpred.theory.dynamics import closed_form_eigenvalues
 from directpred.theory.invariants import balance, theorem1_applies, track
 from directpred.theory.reduced import (
     ReducedParams,
@@ -51,7 +52,7 @@ def test_directpred_is_the_matrix_square_root_plus_eps_max_s():
     np.testing.assert_allclose(
         closed_form_predictor(F, "directpred", eps=0.1), sqrtm(F).real + 0.1 * s_max * np.eye(5), atol=1e-6
     )
-    np.testing.assert_allclose(closed_form_predictor(F, "directcopy", eps=0.3), F + 0.3 * np.eye(5), atol=1e-15)
+    np.testing.assert_allclose(closed_form_predictor(F, "directcopy", eps=0.3), F + 0.3 * np.eye(5), atol=1e-12)
     stack = np.stack([_psd(rng, 4) for _ in range(3)])
     batched = closed_form_predictor(stack, "directpred", eps=0.2)
     for k in range(3):
@@ -279,3 +280,13 @@ def test_impossible_settings_are_refused(kw, msg):
         simulate_reduced([0.1], [0.1], 0.0, alpha_p=1, eta=0, beta=0, sigma2=0.1, dt=0.1, steps=1, eps=0.1)
     with pytest.raises(ValueError, match="p0 is required with predictor_rule='gradient'"):
         simulate_reduced(None, [0.1], 0.0, alpha_p=1, eta=0, beta=0, sigma2=0.1, dt=0.1, steps=1)
+
+
+def test_negative_eigenvalues_count_as_zero_for_both_rules():
+    """Both rules clip F's eigenvalues at 0, as closed_form_eigenvalues (the reduced model's path) does; DirectCopy
+    returned F + εI unclipped, [-0.9, 2.1] here against the eigenvalue rule's [0.1, 2.1]."""
+    F = np.diag([-1.0, 2.0])
+    for rule, eps in (("directcopy", 0.1), ("directpred", 0.1)):
+        expected = closed_form_eigenvalues(np.linalg.eigvalsh(F), rule, eps)
+        np.testing.assert_allclose(np.linalg.eigvalsh(closed_form_predictor(F, rule, eps)), expected, atol=1e-12)
+    np.testing.assert_allclose(np.diag(closed_form_predictor(F, "directcopy", 0.1)), [0.1, 2.1], atol=1e-12)

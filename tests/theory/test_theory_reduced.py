@@ -59,6 +59,17 @@ def test_fixed_points_below_threshold_zeros_and_stability(tau, sigma2, alpha_p, 
     np.testing.assert_allclose(rhs_parabola(q, tau, eta, sigma2), -(1 + sigma2) * q * (q - pm) * (q - pp), atol=1e-12)
 
 
+@settings(max_examples=200, deadline=None)
+@given(tau=st.floats(0.01, 3.0), sigma2=st.floats(0.0, 2.0))
+def test_at_the_threshold_the_double_root_remains(tau, sigma2):
+    """At η = τ²/(4(1+σ²)) Eq. 16 has the double root τ/(2(1+σ²)) (the interval is closed). The discriminant
+    rounded to ±1e-17: p_star returned (nan, nan) (in 5 % of random (τ, σ²)) or two roots 1e-9 apart."""
+    eta = eta_threshold(tau, sigma2)
+    double = tau / (2 * (1 + sigma2))
+    np.testing.assert_allclose(p_star(tau, eta, sigma2), (double, double), rtol=1e-6)
+    np.testing.assert_allclose(fixed_points(tau, eta, sigma2), [0.0, double], rtol=1e-6)
+
+
 @settings(max_examples=40, deadline=None)
 @given(tau=taus, sigma2=sig2, alpha_p=alphas, factor=st.floats(1.01, 10.0))
 def test_beyond_threshold_only_collapse(tau, sigma2, alpha_p, factor):
