@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(None, args.set, base=saved.to_dict())
         check_checkpoint_config(run_dir, saved, force=args.force)  # config.yaml edited by hand
         check_resume_config(saved, cfg, force=args.force)
-        trainer = Trainer(cfg, run_dir, resume=True, command=command_line(sys.argv))
+        trainer = Trainer(cfg, run_dir, resume=True, command=command_line(sys.argv), accept_changed_images=args.force)
     else:
         if not args.config:
             raise ConfigError(
@@ -202,6 +202,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="with --resume: accept config changes that are not normally allowed on resume",
+        help="with --resume: accept config changes that are not normally allowed on resume, and images that differ "
+        "from the checkpoint's though their count, classes and size match (a corrupt file replaced)",
     )
     p.set_defaults(func=run)

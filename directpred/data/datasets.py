@@ -183,6 +183,9 @@ def _list_source(path: Path) -> dict[str, list[tuple[str, int]]]:
                 continue
             items.append((n, class_dirs.index(cls)))
             counts[cls] += 1
+        # (class, path within the class folder), the streamed FolderReader's order; a plain sort of the paths put
+        # class "a-b"'s images before class "a"'s ("-" sorts before "/")
+        items.sort(key=lambda item: (item[1], item[0]))
         empty = [c for c, k in counts.items() if k == 0]
         if empty:
             raise DataError(

@@ -146,23 +146,43 @@ class Reader(Protocol):
     def read(self, i: int) -> bytes: ...
 
 
-def _split_dir(root: Path, split: str) -> Path:
-    for name in SPLIT_NAMES[split]:
-        if (root / name).is_dir() and any(p.is_dir() for p in (root / name).iterdir()):
+def _has_class_folders(path: Path) -> bool:
+    return path.is_dir() and any(p.is_dir() for p in path.iterdir())
+
+
+def _split_dir(root: Path, split: str, folders: tuple[str, ...] | None = None) -> Path:
+    folders = folders or SPLIT_NAMES[split]
+    for name in folders:
+        if _has_class_folders(root / name):
             return root / name
     raise DataError(
-        f"{root}: no {' or '.join(f'{n}/' for n in SPLIT_NAMES[split])} folder of class folders; a streamed data set "
+        f"{root}: no {' or '.join(f'{n}/' for n in folders)} folder of class folders; a streamed data set "
         "is laid out as train/<class>/<image> and val/<class>/<image> (or test/), or as tar shards "
         "written by `directpred shards`"
     )
 
 
 class FolderReader:
-    """One split of an ImageFolder tree, listed in sorted (class, file name) order; files read on demand."""
+    """One split of an ImageFolder tree, listed in (class, path within the class folder) order, images in subfolders
+    of a class folder included (as torchvision's ``ImageFolder`` and the in-memory path take them); files read on
+    demand.
 
-    def __init__(self, root: str | Path, split: str = "train", classes: list[str] | None = None) -> None:
+    Args:
+        root: the tree (``train/<class>/...``, ``val/<class>/...`` or ``test/<class>/...``).
+        split: ``train``, or ``val``/``test`` (the held-out split: ``val/``, else ``test/``).
+        classes: the class list (a held-out split takes train's, so that labels agree); default: the split's folders.
+        folders: the split's folder names to look for, first found taken (default: by ``split``, see above).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        classes: list[str] | None = None,
+        folders: tuple[str, ...] | None = None,
+    ) -> None:
         self.root = Path(root).expanduser()
-        self.dir = _split_dir(self.root, split)
+        self.dir = _split_dir(self.root, split, folders)
         found = sorted(e.name for e in os.scandir(self.dir) if e.is_dir())
         self.classes = classes if classes is not None else found
         if not self.classes:
@@ -177,29 +197,33 @@ class FolderReader:
         labels: list[int] = []
         for y, cls in enumerate(self.classes):
             cdir = self.dir / cls
+            held_out = "add images of that class to it, or take the class out of train/ too"
             if not cdir.is_dir():
-                raise DataError(f"{self.dir}: class folder {cls!r} (present in train/) is missing")
+                raise DataError(f"{self.dir}: class folder {cls!r} (present in train/) is missing; {held_out}")
             files = sorted(
-                e.name for e in os.scandir(cdir) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+                os.path.relpath(os.path.join(where, f), cdir)
+                for where, _, fs in os.walk(cdir, followlinks=True)
+                for f in fs
+                if f.lower().endswith(IMAGE_EXTENSIONS)
             )
             if not files:
-                raise DataError(
-                    f"{cdir}: empty class folder; remove it or add images (an empty class would shift every label)"
-                )
+                fix = held_out if classes is not None else "remove it or add images"
+                raise DataError(f"{cdir}: empty class folder; {fix} (an empty class would shift every label)")
             names += [f"{cls}/{f}" for f in files]
             labels += [y] * len(files)
-        # One fixed-width byte array: shared copy-on-write by forked workers (no per-image Python objects).
-        self.names = np.array([n.encode() for n in names])
+        # One fixed-width byte array: shared copy-on-write by forked workers (no per-image Python objects). The
+        # file system's bytes (os.fsencode), so that a name that is not UTF-8 reads back as the same file.
+        self.names = np.array([os.fsencode(n) for n in names])
         self.labels = np.asarray(labels, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.names)
 
     def name(self, i: int) -> str:
-        return str(self.dir / self.names[i].decode())
+        return str(self.dir / os.fsdecode(self.names[i]))
 
     def read(self, i: int) -> bytes:
-        return (self.dir / self.names[i].decode()).read_bytes()
+        return (self.dir / os.fsdecode(self.names[i])).read_bytes()
 
 
 class ShardReader:
@@ -227,7 +251,10 @@ class ShardReader:
             raise DataError(
                 f"{classes_file} is missing: the class names of the shards, one a line (written by `directpred shards`)"
             )
-        self.classes = classes_file.read_text().split("\n")[:-1]
+        # one name a line; a last line without its newline (a hand-written file) is a class too
+        self.classes = [c for c in classes_file.read_text().splitlines() if c]
+        if not self.classes:
+            raise DataError(f"{classes_file} lists no class; write the shards again with `directpred shards`")
         self.shards = shards
         shard_ix, offsets, sizes, labels, keys = [], [], [], [], []
         for s, path in enumerate(shards):
@@ -244,6 +271,14 @@ class ShardReader:
                             cls[key] = int(f.read().decode().strip()) if f is not None else -1
                         elif ("." + ext.lower()) in IMAGE_EXTENSIONS:
                             images[key] = (member.offset_data, member.size, member.name)
+                    end = tf.offset
+                # tarfile ends its listing without an error where a cut-off file ends inside a header: a shard is
+                # complete only with the two zero blocks that close a tar archive after its last member
+                with open(path, "rb") as f:
+                    f.seek(end)
+                    if f.read(1024) != bytes(1024):
+                        found = len(images)
+                        raise ValueError(f"no end-of-archive blocks after byte {end}; cut off after {found} image(s)")
             except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
                 raise DataError(
                     f"{path}: the shard is corrupt or truncated ({exc}); rewrite it with `directpred shards`"
@@ -251,6 +286,12 @@ class ShardReader:
             for key in sorted(images, key=_key_order):
                 if key not in cls:
                     raise DataError(f"{path}: {images[key][2]} has no {key}.cls member (its class)")
+                if not 0 <= cls[key] < len(self.classes):
+                    raise DataError(
+                        f"{path}: {key}.cls holds class {cls[key]}, but {classes_file.name} lists "
+                        f"{len(self.classes)} classes (0..{len(self.classes) - 1}); write the shards again with "
+                        "`directpred shards`"
+                    )
                 off, size, _ = images[key]
                 shard_ix.append(s)
                 offsets.append(off)
@@ -316,7 +357,9 @@ def write_shards(
 
     Member ``KEY.<ext>`` holds the file's bytes unchanged (``.jpeg`` written ``.jpg``), ``KEY.cls`` its class index;
     ``KEY`` is the image's index in the split (6 digits or more). ``classes.txt`` lists the class names. A split
-    missing from the folder is skipped (``val`` falls back to ``test``, and is written under the name found).
+    whose folder is missing is skipped (``val`` falls back to ``test``, and is written under the name found; ``test``
+    is ``test/`` only); a held-out folder that is there but unusable (an empty class folder, a class train/ lacks)
+    raises :class:`DataError`, as ``train`` does, rather than leaving the split unwritten.
     Returns the number of images written per split. Shards are written under temporary names and renamed, so an
     interrupted run leaves no half shard under a final name. Shards of a written split numbered past the last one
     written (left in ``out`` by an earlier write with a smaller ``shard_size`` or a larger folder) are removed: a
@@ -327,12 +370,10 @@ def write_shards(
     classes = FolderReader(folder, "train").classes
     counts: dict[str, int] = {}
     for split in splits:
-        try:
-            reader = FolderReader(folder, split, classes=classes)
-        except DataError:
-            if split == "train":
-                raise
-            continue
+        folders = ("test",) if split == "test" else SPLIT_NAMES[split]
+        if split != "train" and not any(_has_class_folders(folder / f) for f in folders):
+            continue  # no such split (ImageNet's test/ holds unlabelled images, no class folders: passed over)
+        reader = FolderReader(folder, split, classes=classes, folders=folders)
         name = reader.dir.name
         if name in counts:  # val and test both asked for, one folder found
             continue
@@ -341,7 +382,7 @@ def write_shards(
             tmp = final.with_name(final.name + ".tmp")
             with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
                 for i in range(start, min(start + shard_size, len(reader))):
-                    ext = reader.names[i].decode().rsplit(".", 1)[-1].lower()
+                    ext = os.fsdecode(reader.names[i]).rsplit(".", 1)[-1].lower()
                     ext = "jpg" if ext == "jpeg" else ext
                     for member, data in (
                         (f"{i:06d}.{ext}", reader.read(i)),
@@ -437,18 +478,27 @@ class BatchDataset(torch.utils.data.Dataset):
                 if not self.skip_corrupt:
                     raise DataError(
                         f"{self.reader.name(j)} cannot be decoded ({decode_failure(exc)}); "
-                        "replace it and resume (removing it would change which image each index is), or set "
+                        "replace it by a good copy and resume (with --force if the run refuses the changed file; "
+                        "removing it would change which image each index is), or resume with --set "
                         "data.skip_corrupt=true to replace it by the next image with a warning"
                     ) from None
                 skipped.append(self.reader.name(j))
         raise DataError(f"{self.reader.name(i)}: no image of the data set can be decoded")
 
+    def _read_raw(self, i: int) -> torch.Tensor:
+        """File ``i``'s bytes as a uint8 tensor; empty when it cannot be read or is empty, which is not a JPEG, so
+        :func:`decode_jpeg_cuda` hands it to the Pillow fallback, whose :meth:`load` names or replaces it."""
+        try:
+            blob = self.reader.read(i)
+        except OSError:
+            blob = b""
+        return torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
+
     def __getitem__(self, index: list[int] | torch.Tensor) -> _Batch:
         idx = torch.as_tensor(index, dtype=torch.int64)
         skipped: list[str] = []
         if self.raw:
-            blobs = [torch.frombuffer(bytearray(self.reader.read(int(i))), dtype=torch.uint8) for i in idx]
-            return _Batch(blobs, idx)
+            return _Batch([self._read_raw(int(i)) for i in idx], idx)
         used: list[int] = []
         images = torch.stack([self.load(int(i), skipped, used) for i in idx])
         return _Batch(images, idx, sorted(set(skipped)), torch.as_tensor(used, dtype=torch.int64))
@@ -655,6 +705,8 @@ class StreamSource(BatchSource):
             with libjpeg-turbo, which is how the tests exercise it without a GPU). None: workers decode (Pillow).
         jpeg_decoder: the batched path's decoder (:func:`jpeg_backend`: ``auto``, ``torchcodec``, ``torchvision``).
         prefetch: batches each worker prepares ahead.
+        pin_memory: put the workers' decoded batches in pinned memory (training on CUDA with ``decode_device``
+            None: faster, asynchronous copies to the GPU).
 
     Attributes:
         skipped: names of the corrupt files replaced so far (``skip_corrupt``), in the order met.
@@ -676,8 +728,10 @@ class StreamSource(BatchSource):
         decode_device: torch.device | str | None = None,
         prefetch: int = 2,
         jpeg_decoder: str = "auto",
+        pin_memory: bool = False,
     ) -> None:
         self.reader, self.size, self.batch_size, self.seed = reader, size, batch_size, seed
+        self.pin_memory = pin_memory
         self.rank, self.world, self.workers, self.prefetch = rank, world, workers, prefetch
         self.decode_device = torch.device(decode_device) if decode_device is not None else None
         raw = self.decode_device is not None  # workers read bytes; decode_jpeg_cuda decodes them on the device
@@ -717,7 +771,7 @@ class StreamSource(BatchSource):
             worker_init_fn=_leave_stop_signals_to_the_trainer,
             prefetch_factor=self.prefetch if self.workers else None,
             persistent_workers=False,
-            pin_memory=self.decode_device is not None and self.decode_device.type == "cuda" and not self.dataset.raw,
+            pin_memory=self.pin_memory and not self.dataset.raw,  # raw bytes are decoded on the device instead
         )
         for b in loader:
             used, skipped = b.used, list(b.skipped)
@@ -735,6 +789,7 @@ class StreamSource(BatchSource):
                     backend=self.jpeg_decoder or "auto",
                 )
                 used = torch.as_tensor(used_list, dtype=torch.int64)
+                skipped = sorted(set(skipped))  # once a batch, as the workers count them
             else:
                 images = b.images
             if skipped:

@@ -113,6 +113,7 @@ def make_batch_source(cfg: Config, data: DataBundle | StreamData, device: torch.
             skip_corrupt=cfg.data.skip_corrupt,
             decode_device=device if decode == "cuda" else None,
             jpeg_decoder=cfg.data.jpeg_decoder,
+            pin_memory=device.type == "cuda" and decode != "cuda",
         )
     return InMemorySource(
         data.pretrain.images,
@@ -144,7 +145,9 @@ class Trainer:
     Constructing a trainer does nothing else: :meth:`setup` (called by :meth:`fit`) joins the process group,
     prepares the run directory, loads the data and builds the model. ``callbacks`` run after the built-in ones;
     ``stop`` is an optional ``threading.Event``-like flag that asks the run to stop after the current step, as
-    :meth:`request_stop` does.
+    :meth:`request_stop` does. ``accept_changed_images`` lets a resume go on (with a warning) on data whose image
+    count, classes and size match the checkpoint's but whose sampled images differ (a corrupt file replaced by a good
+    copy; the CLI's ``--resume RUN --force``).
 
     Example:
         >>> cfg = load_config("configs/cpu/quickstart.yaml")  # doctest: +SKIP
@@ -161,8 +164,10 @@ class Trainer:
         data: DataBundle | StreamData | None = None,
         callbacks: list[Callback] | None = None,
         stop: threading.Event | None = None,
+        accept_changed_images: bool = False,
     ) -> None:
         self.cfg, self.run_dir, self.resume, self.command = cfg, Path(run_dir), resume, command
+        self.accept_changed_images = accept_changed_images
         self.ckpt_dir = self.run_dir / "checkpoints"
         self._given_data = data  # used by setup() instead of loading cfg.data
         self.callbacks = default_callbacks() + list(callbacks or [])
@@ -637,9 +642,13 @@ class Trainer:
                 changed.append("class names " + ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""))
         kinds = [str(record.get("content", "")).partition(":")[0] for record in (saved, now)]
         if not changed and kinds[0] == kinds[1] and saved.get("content") != now["content"]:
-            changed.append(
+            what = (
                 "other images: the same count, classes and size, but a digest of their labels and of 32 of them differs"
             )
+            if self.accept_changed_images:  # a corrupt file replaced by a good copy (--force)
+                warnings.warn(f"{path}: resuming on {what} (accepted by --force)", stacklevel=2)
+                return
+            changed.append(f"{what}; if you replaced a corrupt file by a good copy, resume with --force")
         if changed:
             d = self.cfg.data
             source = f"data.path={d.path}" if d.path else f"data.dataset={d.dataset} in data.root={d.root}"

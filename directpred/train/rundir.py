@@ -30,6 +30,7 @@ RESUMABLE_CHANGES = (
     "data.path",
     "data.local_copy",
     "data.download",
+    "data.skip_corrupt",  # the fix a corrupt file's error names; a changed image count is refused by the data check
     "eval.",
     "log.",
     "diag.stop_on_collapse",

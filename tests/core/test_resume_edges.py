@@ -454,8 +454,8 @@ def test_a_resume_on_other_images_of_the_same_count_and_classes_is_refused(tiny_
     cache = f"data.cache_dir={tmp_path / 'cache2'}"
     expected = (
         f"{run / 'checkpoints' / 'last.pt'} was trained on other data than data.path={mirrored} holds (other images: "
-        "the same count, classes and size, but a digest of their labels and of 32 of them differs); resume with the "
-        "run's own data"
+        "the same count, classes and size, but a digest of their labels and of 32 of them differs; if you replaced a "
+        "corrupt file by a good copy, resume with --force); resume with the run's own data"
     )
     with pytest.raises(TrainingError, match=re.escape(expected)):
         cfg = load_config(

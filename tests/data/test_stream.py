@@ -120,7 +120,10 @@ def test_corrupt_jpeg_is_named_or_replaced_by_the_next_image(mixed, tmp_path):
     with pytest.raises(DataError, match=f"{victim}.*cannot be decoded.*data.skip_corrupt=true") as info:
         BatchDataset(reader, SIZE)[[i]]
     # docs/troubleshooting.md: replace and resume; removing the file would shift the indices a resume relies on
-    assert "replace it and resume (removing it would change which image each index is)" in str(info.value)
+    assert (
+        "replace it by a good copy and resume (with --force if the run refuses the changed file; removing it would "
+        "change which image each index is)" in str(info.value)
+    )
     in_process = str(info.value)
     # Under skip_corrupt the worker replaces it by image i+1: batch shapes and every other sample hold.
     clean = BatchDataset(FolderReader(mixed, "train"), SIZE)
