@@ -167,7 +167,10 @@ class DirectCopy(_SetFromCorrelation):
         except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
             norm = A.new_tensor(float("nan"))
         if not torch.isfinite(norm):  # same fallback as DirectPred's symmetric_eigh: float64
-            norm = torch.linalg.eigvalsh(A.double()).abs().max()
+            try:
+                norm = torch.linalg.eigvalsh(A.double()).abs().max()
+            except RuntimeError as exc:  # as symmetric_eigh: the trainer's non-finite handling names the step
+                raise FloatingPointError(f"eigvalsh of F^ failed even in float64 ({exc})") from None
             self.eigh_fallbacks += 1
             warnings.warn(
                 f"eigvalsh of F^ failed in {self.eigh_dtype}; fell back to float64", RuntimeWarning, stacklevel=2

@@ -351,7 +351,13 @@ class CheckpointCallback(Callback):
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
         every = trainer.cfg.train.checkpoint_every_steps
         if every and trainer.step % every == 0:
-            trainer.save()
+            # On an epoch's last step the epoch end (kNN, kept checkpoint, probe test) is still to come: the
+            # checkpoint says so, so that a process killed during it runs it on resume rather than skipping it.
+            trainer.epoch_end_pending = trainer.step % trainer.steps_per_epoch == 0
+            try:
+                trainer.save()
+            finally:
+                trainer.epoch_end_pending = False
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         trainer.save(keep=epoch % trainer.cfg.train.checkpoint_every == 0)

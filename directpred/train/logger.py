@@ -238,6 +238,11 @@ def probe_test_row(row: dict[str, Any]) -> bool:
     return row.get("kind") == "probe" and "probe_test_top1" in row
 
 
+def epoch_end_row(row: dict[str, Any]) -> bool:
+    """A row an epoch end logs at its step: the periodic kNN (``eval``) and the online probe's test top-1."""
+    return row.get("kind") == "eval" or probe_test_row(row)
+
+
 def final_evaluation_row(row: dict[str, Any]) -> bool:
     """A row of the final evaluation: ``final``, and the online probe's test top-1 on its features (a resume that
     trains no step has no new final report, so ``diag_final`` is not one)."""

@@ -71,7 +71,7 @@ from directpred.train.faults import (
     TrainingInterrupted,
     fault_message,
 )
-from directpred.train.logger import RunLogger, check_backends, final_evaluation_row, probe_test_row
+from directpred.train.logger import RunLogger, check_backends, epoch_end_row, final_evaluation_row
 from directpred.train.optim import build_optimizer, load_optimizer_state, lr_factor, set_lr
 from directpred.train.rundir import (
     RESUMABLE_CHANGES,
@@ -495,6 +495,11 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_end(self)
         self.save()
+        if self.stop_requested:  # asked for after the loop's last check (in the last epoch end or the report)
+            self.logger.close()
+            raise TrainingInterrupted(
+                self.stop_signal, self.step, self.ckpt_dir / "last.pt", self.run_dir, world=self.world, evaluating=True
+            )
         self.evaluating = True
         summary = self.finish(stopped_early=self.collapse_stop)
         self.evaluating = False
@@ -507,8 +512,9 @@ class Trainer:
             # Resumed from a stop on an epoch's last step (that epoch's end comes first), or a run that ended on an
             # epoch boundary is extended: its epoch end is run again as an uninterrupted run would have run it
             # (periodic kNN, online probe test, the kept checkpoint with them).
-            if not self.epoch_end_pending:  # the final evaluation's probe test row gives way to the epoch end's
-                self.logger.drop_rows_at(self.step, probe_test_row)
+            # Rows an epoch end already logged give way to its rerun: the final evaluation's probe test row (a run
+            # extended), or the kNN and probe test rows of an epoch end a kill cut short after the step checkpoint.
+            self.logger.drop_rows_at(self.step, epoch_end_row)
             self.epoch_end_pending = False
             self._end_epoch(self.step // self.steps_per_epoch)
         while self.step < self.last_step:
@@ -678,7 +684,10 @@ class Trainer:
             self.optimizer, state["optimizer"], path, saved_config=state.get("config"), config=self.cfg.to_dict()
         )
         load_optimizer_state(self.optimizer, state["optimizer"])  # optim.* as configured: config.yaml says so
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        # else: an fp32 or bf16 checkpoint resumed in fp16 (train.precision may change on resume): a disabled
+        # GradScaler saved nothing, and fp16 starts from a fresh scale, as a new fp16 run does
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.amp_skipped_steps = int(state.get("amp_skipped_steps", 0))

@@ -113,7 +113,8 @@ def _prepare(run_dir: Path, ckpt_dir: Path, *, resume: bool) -> None:
             f"cannot write to the run directory {run_dir}: {exc.strerror or exc}; "
             + ("free disk space or fix permissions, then resume" if resume else "choose a writable --out")
         ) from None
-    remove_stale_temporaries(ckpt_dir)  # left by a writer killed mid-write; never loaded
+    for folder in (ckpt_dir, run_dir):  # left by a writer killed mid-write (checkpoints, summary.json, config.yaml,
+        remove_stale_temporaries(folder)  # metrics.jsonl); never read
 
 
 def fixed_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:

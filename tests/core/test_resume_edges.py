@@ -463,3 +463,97 @@ def test_a_resume_on_other_images_of_the_same_count_and_classes_is_refused(tiny_
         )
         Trainer(cfg, run, resume=True).fit()
     assert files() == before
+
+
+class _Killed(Exception):
+    """Stands for a SIGKILL: nothing after the raise runs, and nothing is written on the way out."""
+
+
+def test_a_kill_in_an_epoch_end_after_its_step_checkpoint_runs_that_epoch_end_on_resume(
+    tiny_overrides, tmp_path, monkeypatch
+):
+    """With train.checkpoint_every_steps dividing the epoch, the step checkpoint of an epoch's last step was written
+    before that epoch's end and recorded it as done: a process killed during the epoch end (after its kNN row,
+    before its kept checkpoint) resumed into the next epoch, leaving out epoch 1's kNN and epoch_0001.pt. Now the
+    epoch end runs on resume, its logged rows give way to the rerun's, and the run equals the uninterrupted one."""
+    from directpred.train import callbacks as cbm
+
+    common = tiny_overrides + [
+        "predictor.name=directpred",
+        "eval.knn_every=1",
+        "eval.online_probe=true",
+        "train.checkpoint_every=1",
+        "train.checkpoint_every_steps=4",
+        "train.epochs=3",
+    ]  # 8 steps per epoch
+    Trainer(load_config(None, common), tmp_path / "full").fit()
+    run = tmp_path / "part"
+    keep = cbm.CheckpointCallback.on_epoch_end
+
+    def killed_before_the_epoch_checkpoint(self, trainer, epoch):
+        if epoch == 1:
+            raise _Killed
+        keep(self, trainer, epoch)
+
+    monkeypatch.setattr(cbm.CheckpointCallback, "on_epoch_end", killed_before_the_epoch_checkpoint)
+    with pytest.raises(_Killed):
+        Trainer(load_config(None, common), run).fit()
+    assert [(k, s) for k, s, _ in _epoch_rows(run)] == [("eval", 8), ("probe", 8)]  # logged before the kill
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch_end_pending"] is True
+    monkeypatch.setattr(cbm.CheckpointCallback, "on_epoch_end", keep)
+    Trainer(load_config(None, common), run, resume=True).fit()
+    assert _epoch_rows(run) == _epoch_rows(tmp_path / "full")  # once each, as in the uninterrupted run
+    for name in ("epoch_0001.pt", "epoch_0002.pt", "epoch_0003.pt", "last.pt"):
+        _assert_same_checkpoint(tmp_path / "full" / "checkpoints" / name, run / "checkpoints" / name)
+
+
+def test_a_stop_after_the_loops_last_check_is_not_ignored(tiny_overrides, tmp_path):
+    """A SIGTERM arriving in the last epoch end or the final report (after the loop's last stop check) was ignored:
+    the whole final evaluation ran and the command exited 0. The stop now ends the run after its final checkpoint,
+    with the command that evaluates it."""
+
+    class StopInTheLastEpochEnd(Callback):
+        def on_epoch_end(self, trainer, epoch):
+            trainer.request_stop(15)
+
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides + ["train.epochs=1"])
+    with pytest.raises(TrainingInterrupted, match=r"at step 8 \(training done, in the final evaluation\)"):
+        Trainer(cfg, run, callbacks=[StopInTheLastEpochEnd()]).fit()
+    assert not (run / "summary.json").exists()
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 8
+    summary = Trainer(cfg, run, resume=True).fit()  # evaluates the trained model
+    assert summary["steps"] == 8 and (run / "summary.json").is_file()
+
+
+def test_an_fp32_checkpoint_resumes_in_fp16(tiny_overrides, tmp_path, monkeypatch):
+    """train.precision may change on resume, but an fp32 (or bf16) checkpoint's GradScaler state is empty (a disabled
+    scaler saves nothing) and loading it into fp16's enabled scaler raised RuntimeError. fp16 is CUDA-only: its
+    scaler is stood in for by one enabled on the CPU."""
+    from directpred.train import loop
+
+    run = tmp_path / "run"
+    over = tiny_overrides + ["train.epochs=2"]
+    Trainer(load_config(None, over + ["train.max_steps=3", "train.precision=fp32"]), run).fit()
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["scaler"] == {}
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(loop.torch.amp, "GradScaler", lambda *a, **k: real("cpu", enabled=True))
+    trainer = Trainer(load_config(None, over + ["train.max_steps=4"]), run, resume=True)
+    trainer.setup()
+    assert trainer.scaler.is_enabled() and trainer.step == 3
+
+
+def test_a_resume_removes_the_run_directorys_leftover_temporaries(tiny_overrides, tmp_path):
+    """Only checkpoints/ was cleaned; the temporaries of summary.json, config.yaml and metrics.jsonl of a writer
+    killed mid-write stayed (docs/troubleshooting.md says leftover temporaries are removed on resume)."""
+    from directpred.train.checkpoint import TMP_SUFFIX
+
+    run = tmp_path / "run"
+    over = tiny_overrides + ["train.epochs=2"]
+    Trainer(load_config(None, over + ["train.max_steps=3"]), run).fit()
+    left = [run / f".{name}.abc123{TMP_SUFFIX}" for name in ("summary.json", "config.yaml", "metrics.jsonl")]
+    left.append(run / "checkpoints" / f".last.pt.def456{TMP_SUFFIX}")
+    for f in left:
+        f.write_text("torn")
+    Trainer(load_config(None, over), run, resume=True).fit()
+    assert [f for f in left if f.exists()] == []

@@ -173,6 +173,27 @@ def test_eigh_failure_falls_back_with_warning_and_counter_in_summary(tiny_overri
     assert torch.isfinite(W).all() and torch.equal(W, W.T)
 
 
+def test_directcopy_eigvalsh_failing_in_float64_too_stops_as_a_divergence(tiny_overrides, tmp_path, monkeypatch):
+    """DirectCopy's float64 retry was unguarded: its LinAlgError (not a FloatingPointError) bypassed the trainer's
+    divergence handling (TrainingDiverged with the step and the last good checkpoint; train.skip_nonfinite), as
+    DirectPred's symmetric_eigh does not."""
+    from directpred.train.faults import TrainingDiverged
+
+    eigvalsh = torch.linalg.eigvalsh
+
+    def failing_from_step_3(A, *args, **kwargs):
+        if len(calls) >= 2:
+            raise torch.linalg.LinAlgError("injected: the algorithm failed to converge")
+        calls.append(A.dtype)
+        return eigvalsh(A, *args, **kwargs)
+
+    calls: list[torch.dtype] = []
+    monkeypatch.setattr(torch.linalg, "eigvalsh", failing_from_step_3)
+    trainer = _trainer(tiny_overrides, tmp_path, "predictor.name=directcopy", "train.max_steps=5")
+    with pytest.raises(TrainingDiverged, match="eigvalsh of F\\^ failed even in float64"):
+        trainer.fit()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Property-based: DirectPred and DirectCopy on degenerate batches
 
