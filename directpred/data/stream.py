@@ -347,7 +347,14 @@ def open_reader(path: str | Path, split: str) -> Reader:
         return ShardReader(path, split)
     if split == "train":
         return FolderReader(path, "train")
-    return FolderReader(path, split, classes=FolderReader(path, "train").classes if split != "train" else None)
+    return FolderReader(path, split, classes=train_classes(path))
+
+
+def train_classes(path: str | Path) -> list[str]:
+    """The class names of an ImageFolder tree: the sorted folder names of its ``train/`` (without listing their
+    images: ImageNet's train/ holds 1.28M files)."""
+    train = _split_dir(Path(path).expanduser(), "train")
+    return sorted(e.name for e in os.scandir(train) if e.is_dir())
 
 
 def write_shards(
@@ -367,7 +374,7 @@ def write_shards(
     """
     folder, out = Path(folder).expanduser(), Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    classes = FolderReader(folder, "train").classes
+    classes = train_classes(folder)
     counts: dict[str, int] = {}
     for split in splits:
         folders = ("test",) if split == "test" else SPLIT_NAMES[split]

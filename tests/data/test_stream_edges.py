@@ -256,3 +256,16 @@ def test_decoded_batches_are_pinned_for_a_cuda_device_only(tiny_overrides, tmp_p
         cfg = load_config(None, tiny_overrides + sets)
         source = make_batch_source(cfg, load_stream_data(cfg.data), torch.device(device))
         assert isinstance(source, StreamSource) and source.pin_memory is pinned
+
+
+def test_the_held_out_reader_does_not_list_the_train_images(tmp_path, monkeypatch):
+    """open_reader(path, "test") built a whole train FolderReader (every train image listed: 1.28M files for
+    ImageNet, at every process start) only for its class names."""
+    from directpred.data import stream
+
+    root = _folder(tmp_path / "d")
+    walked: list[str] = []
+    walk = os.walk
+    monkeypatch.setattr(stream.os, "walk", lambda top, **kw: walked.append(Path(top).parent.name) or walk(top, **kw))
+    reader = stream.open_reader(root, "test")
+    assert set(walked) == {"val"} and reader.classes == ["a", "b", "c"] and len(reader) == 6
