@@ -112,9 +112,9 @@ def diagnostic_row(
         ``s`` (F^'s eigenvalues, descending), ``s_max``, ``F_rank`` (RankMe of ``F^^{1/2}``, whose singular
             values are ``sqrt(s_j)``); with W_p: ``wp_eig`` (eigenvalues of its symmetric part, descending),
             ``p`` (Rayleigh quotients u_j^T W_p u_j), ``align`` (cos(W_p u_j, u_j) in the order of ``s``),
-            ``alignment``,
-            ``alignment_weighted``, ``asymmetry``, ``commutator`` (``||[F^, W_p]||_F / (||F^||_F ||W_p||_F)``,
-            Theorem 3's quantity), ``p_s_slope``, ``p_sqrt_s_corr``; with h/z: ``rankme_h``, ``rankme_z``,
+            ``alignment``, ``alignment_weighted``, ``asymmetry``, ``commutator``
+            (``||[F^, W_p]||_F / (||F^||_F ||W_p||_F)``, Theorem 3's quantity), ``p_s_slope``, ``p_sqrt_s_corr``;
+            with h/z: ``rankme_h``, ``rankme_z``,
             ``h_std``, ``z_std``, ``z_std_ratio`` (``z_std * sqrt(d)``, ~1 healthy, ~0 collapsed), ``h_rank_max``
             (min(N, D)), ``z_rank_max`` (min(N, d)).
     """
