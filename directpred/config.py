@@ -104,8 +104,8 @@ class PredictorConfig:
     eps_mode: Literal["code", "paper"] = "code"
     """`code` (the authors' code): p_j = sqrt(s_j/s_max) + eps; `paper` (Eq. 18): p_j = sqrt(s_j) + eps s_max."""
     c: float = 0.0
-    """The c_j variant p_j = sqrt(max(s_j - c, 0)) (Table 7), in code mode floored at 0.01 as in the authors' code;
-    0 disables it."""
+    """The c_j variant p_j = sqrt(max(s_j - c, 0)) (Table 7), in code mode on s_j/s_max (so c < 1) and floored at 0.01
+    as in the authors' code; 0 disables it."""
     zero_mean: bool = False
     """Covariance instead of correlation (the paper reports it hurts)."""
     average: Literal["ema", "cumulative"] = "ema"
@@ -602,6 +602,13 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= p.rho < 1.0, "predictor.rho", p.rho, "the moving-average rate must lie in [0, 1)")
     _check(p.eps >= 0.0, "predictor.eps", p.eps, "must be >= 0")
     _check(p.freq >= 1, "predictor.freq", p.freq, "must be an integer >= 1 (1 = set W_p every step)")
+    _check(
+        p.eps_mode != "code" or p.c < 1.0,
+        "predictor.c",
+        p.c,
+        "must be < 1 with predictor.eps_mode=code, where c is subtracted from s_j/s_max <= 1: c >= 1 traps every mode "
+        "at the floor (W_p = (0.01 + eps) I, the identity predictor); Table 7 uses -0.1..0.1",
+    )
     _check(p.hidden_dim >= 1, "predictor.hidden_dim", p.hidden_dim, "must be >= 1")
     _check(p.partitions >= 0, "predictor.partitions", p.partitions, "must be >= 0 (0 = one global F^)")
     _check(

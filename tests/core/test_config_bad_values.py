@@ -42,6 +42,8 @@ BAD = [
     ("predictor.freq=0", "predictor.freq", "must be an integer >= 1"),
     ("predictor.eps_mode=eq18", "predictor.eps_mode", "expected one of 'code', 'paper'"),
     ("predictor.c=x", "predictor.c", "has the wrong type; expected float"),
+    ("predictor.c=1.0", "predictor.c", "must be < 1 with predictor.eps_mode=code"),
+    ("predictor.c=.nan", "predictor.c", "is not a finite number"),
     ("predictor.zero_mean=true predictor.partitions=2", "predictor.zero_mean", "use zero_mean=false with"),
     ("predictor.average=mean", "predictor.average", "expected one of 'ema', 'cumulative'"),
     ("predictor.partitions=-1", "predictor.partitions", "must be >= 0 (0 = one global F^)"),
