@@ -370,7 +370,9 @@ def write_shards(
     Returns the number of images written per split. Shards are written under temporary names and renamed, so an
     interrupted run leaves no half shard under a final name. Shards of a written split numbered past the last one
     written (left in ``out`` by an earlier write with a smaller ``shard_size`` or a larger folder) are removed: a
-    reader takes every ``SPLIT-NNNNNN.tar`` there, and would read their images twice or foreign ones.
+    reader takes every ``SPLIT-NNNNNN.tar`` there, and would read their images twice or foreign ones. For the same
+    reason ``val`` shards are removed (with a warning) when ``test`` shards are written from a folder without ``val/``:
+    the reader takes ``val`` shards first.
     """
     folder, out = Path(folder).expanduser(), Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -400,10 +402,23 @@ def write_shards(
                         tf.addfile(info, io.BytesIO(data))
             os.replace(tmp, final)
         n_shards = -(-len(reader) // shard_size)
+        # val shards in `out` when the folder has no val/ are an earlier write's: the reader would take them for
+        # the held-out split in place of the test shards written now
+        shadowing = name == "test" and not _has_class_folders(folder / "val")
+        stale = []
         for p in out.iterdir():
             m = _SHARD.match(p.name)
             if m and m.group(1) == name and int(m.group(2)) >= n_shards:
                 p.unlink()
+            elif m and shadowing and m.group(1) == "val":
+                stale.append(p.name)
+                p.unlink()
+        if stale:
+            warnings.warn(
+                f"{out}: removed {len(stale)} val shard(s) of an earlier write ({', '.join(stale[:3])}); {folder} has "
+                "no val/, and the reader would have taken them for the held-out split instead of the test shards",
+                stacklevel=2,
+            )
         counts[name] = len(reader)
     (out / "classes.txt").write_text("".join(c + "\n" for c in classes))
     return counts

@@ -269,3 +269,18 @@ def test_the_held_out_reader_does_not_list_the_train_images(tmp_path, monkeypatc
     monkeypatch.setattr(stream.os, "walk", lambda top, **kw: walked.append(Path(top).parent.name) or walk(top, **kw))
     reader = stream.open_reader(root, "test")
     assert set(walked) == {"val"} and reader.classes == ["a", "b", "c"] and len(reader) == 6
+
+
+def test_test_shards_written_over_an_earlier_writes_val_shards_are_read(tmp_path):
+    """The reader takes val shards before test shards: val shards left in --out by a write of another folder were
+    read in place of the test shards written now, from a folder with test/ and no val/."""
+    out = tmp_path / "s"
+    write_shards(_folder(tmp_path / "with_val"), out, shard_size=100)
+    assert (out / "val-000000.tar").is_file()
+    other = _folder(tmp_path / "with_test", classes=("a", "b", "c"), held_out="test")
+    for f in (other / "test" / "a").iterdir():  # 5 held-out images, not 6: which shards are read shows
+        f.unlink()
+        break
+    with pytest.warns(UserWarning, match=r"removed 1 val shard\(s\) of an earlier write \(val-000000.tar\)"):
+        assert write_shards(other, out, shard_size=100) == {"train": 9, "test": 5}
+    assert len(ShardReader(out, "test")) == 5
