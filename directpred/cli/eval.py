@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     (a run directory's or a config file's), into ``RUN_DIR/eval_untrained.json``."""
     import torch
 
+    from directpred import distributed
     from directpred.backbones import resolve_channels_last
     from directpred.cli.train import command_line
     from directpred.config import load_config, read_json_object, read_run_config, run_holding
@@ -100,6 +101,12 @@ def run(args: argparse.Namespace) -> int:
         base_on["eval"]["linear"] = True
         linear = not args.no_linear and load_config(None, args.set, base=base_on).eval.linear
     device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # Under torchrun the processes share the work as at the end of training (each extracts its share of the features;
+    # the streamed probe's global batch is the per-process batch times the processes), and rank 0 writes and prints.
+    distributed.die_with_launcher()
+    distributed.init_from_env(device)
     ckpt: Path | None = None
     step = 0
     if not untrained:
@@ -129,8 +136,11 @@ def run(args: argparse.Namespace) -> int:
         linear=linear,
         autocast_dtype=resolve_precision(cfg.train.precision, device),
     )
+    if not distributed.is_main():
+        return _leave_group()
     record = {
         **results,
+        "world_size": distributed.world_size(),
         "checkpoint": None if ckpt is None else str(ckpt),
         "step": step,
         "overrides": list(args.set),  # what differs from the run's config.yaml (or the config file)
@@ -175,6 +185,16 @@ def run(args: argparse.Namespace) -> int:
                         f"  {key}: training run reported {trained:.2f} %, now {results[key]:.2f} % "
                         f"(difference {results[key] - trained:+.2f})"
                     )
+    return _leave_group()
+
+
+def _leave_group() -> int:
+    """Every process leaves the process group together (under torchrun), then ends without the finalisation that can
+    abort a gloo process (:func:`directpred.distributed.exit_process`); 0."""
+    from directpred import distributed
+
+    if distributed.shutdown():
+        distributed.exit_process(0)
     return 0
 
 

@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
 
         check_gpu_indices(gpus, "--devices")
     if args.dry_run:
-        _print_plans(sweep, [plan_run(sweep, run, out) for run in runs], len(slots), args.torchrun or 0)
+        world = args.torchrun or 1
+        _print_plans(sweep, [plan_run(sweep, run, out, world) for run in runs], len(slots), args.torchrun or 0)
         return 0
     out.mkdir(parents=True, exist_ok=True)
     lock = open(out / ".sweep.lock", "w")  # noqa: SIM115 (held for the whole sweep)
@@ -49,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     try:
-        plans = [plan_run(sweep, run, out) for run in runs]  # refuses mismatched run directories before any run
+        # refuses mismatched run directories before any run
+        plans = [plan_run(sweep, run, out, args.torchrun or 1) for run in runs]
         _print_plans(sweep, plans, len(slots), None)
         failed = execute(sweep, plans, slots=slots, torchrun=args.torchrun or 0)
     except SweepInterrupted as exc:

@@ -144,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
             train_on = (
                 "it was stopped on collapse; train on with --set diag.stop_on_collapse=false"
                 if summary.get("stopped_early")
+                # a run train.max_steps ended trains on only when that limit grows (or goes: 0)
+                else "train longer with --set train.max_steps=N (0: no limit)"
+                if cfg.train.max_steps and summary.get("steps") == cfg.train.max_steps
                 else "train longer with --set train.epochs=N"
             )
             print(

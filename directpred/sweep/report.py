@@ -63,14 +63,16 @@ def _stats(values: list[float]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "n": n}
 
 
-def _knn_curve(run_dir: Path) -> dict[int, float]:
-    """kNN top-1 by epoch from ``metrics.jsonl`` (``eval`` rows, and the ``final`` row at the run's last epoch);
-    rows repeated by a resume count once (the last one)."""
+def _knn_curve(run_dir: Path, steps: Any = None) -> dict[int, float]:
+    """kNN top-1 by epoch from ``metrics.jsonl`` (``eval`` rows, and the ``final`` row at the run's last step,
+    ``steps``: a run extended after it finished keeps its earlier final evaluation's row, which an uninterrupted run
+    has not); rows repeated by a resume count once (the last one)."""
     from directpred.train.logger import read_metrics
 
     curve = {}
     for row in read_metrics(run_dir):
-        if row.get("kind") in ("eval", "final") and row.get("knn_top1") is not None:
+        final_here = row.get("kind") == "final" and (steps is None or row.get("step") == steps)
+        if (row.get("kind") == "eval" or final_here) and row.get("knn_top1") is not None:
             curve[int(row["epoch"])] = float(row["knn_top1"])
     return curve
 
@@ -160,7 +162,7 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
                 if "knn_top1" in s and not _finite(s["knn_top1"]):  # always evaluated: null/NaN = non-finite
                     nonfinite.append(seed)
                 else:  # a diverged run's earlier, finite epochs are left out of the curve too
-                    curves.append(_knn_curve(run_dir))
+                    curves.append(_knn_curve(run_dir, s.get("steps")))
                 timing_runs.append(
                     {
                         "cell": cell,
@@ -168,6 +170,7 @@ def collect(sweep: Sweep, out: Path) -> dict[str, Any]:
                         **{k: s.get(k) for k, _ in TIMING},
                         "hardware": _machine(s),
                         "commit": _short_commit(s.get("git_commit")),
+                        "processes": s.get("world_size", 1),
                     }
                 )
             elif status == "failed":
@@ -325,6 +328,12 @@ def markdown(res: dict[str, Any]) -> str:
     if machines:
         lines += ["", "Hardware of the finished runs:", ""]
         lines += [f"- {name}: {n} run{'s' * (n != 1)}" for name, n in machines.items()]
+    processes: dict[int, int] = {}
+    for r in res["timing"]["runs"]:
+        processes[r.get("processes") or 1] = processes.get(r.get("processes") or 1, 0) + 1
+    if set(processes) != {1}:  # under --torchrun; mixed counts mean mixed global batches in one mean
+        lines += ["", "Processes per run (the global batch is `train.batch_size` times these):", ""]
+        lines += [f"- {w}: {n} run{'s' * (n != 1)}" for w, n in sorted(processes.items())]
     commits: dict[str, int] = {}
     for r in res["timing"]["runs"]:
         name = f"`{r['commit']}`" if r.get("commit") else "not recorded"

@@ -84,7 +84,7 @@ NO_NEW_FIGURES = ("eval.knn_every", "eval.untrained")
 PRECISION_RECORDED = {"fp32": "fp32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def plan_run(sweep: Sweep, run: Run, out: Path) -> Plan:
+def plan_run(sweep: Sweep, run: Run, out: Path, world: int | None = None) -> Plan:
     """Decide from the run directory whether ``run`` is done, to be resumed or to be (re)started.
 
     Raises:
@@ -103,7 +103,7 @@ def plan_run(sweep: Sweep, run: Run, out: Path) -> Plan:
     wanted = sweep.config(run)
     diffs = diff_configs(saved, wanted)
     if (run_dir / "summary.json").is_file():
-        todo = finished_run_todo(run_dir, saved, wanted)  # raises for a run this sweep cannot use
+        todo = finished_run_todo(run_dir, saved, wanted, world)  # raises for a run this sweep cannot use
         if todo is None:
             return Plan(run, run_dir, "done")
         if not ckpt.is_file():  # clearing the directory would delete a finished run's results
@@ -131,14 +131,16 @@ def _refuse_fixed_changes(run_dir: Path, saved: Config, wanted: Config) -> None:
         )
 
 
-def finished_run_todo(run_dir: Path, saved: Config, wanted: Config) -> str | None:
+def finished_run_todo(run_dir: Path, saved: Config, wanted: Config, world: int | None = None) -> str | None:
     """What the finished run in ``run_dir`` (configuration ``saved``) still lacks to stand for ``wanted``, the
     sweep's configuration of it: None when its results are the cell's; else why it is to be resumed (trained
     longer, evaluated by another protocol, trained on past a collapse stop the sweep no longer asks for).
 
     Raises:
         ConfigError: no resume can make it the cell's run: another configuration beyond what a resume may change,
-            more steps than asked for, or another precision than ``wanted`` names (``auto`` accepts either).
+            more steps than asked for, another precision than ``wanted`` names (``auto`` accepts either), or
+            (``world`` given: the processes each run of the sweep has) another number of processes, so another
+            global batch (``train.batch_size`` is per process).
     """
     _refuse_fixed_changes(run_dir, saved, wanted)
     summary = read_json_object(run_dir / "summary.json", "the run is resumed") or {}
@@ -150,6 +152,14 @@ def finished_run_todo(run_dir: Path, saved: Config, wanted: Config) -> str | Non
             f"{run_dir} trained in {recorded} and this sweep asks for train.precision={asked}; remove that "
             "directory to rerun it, write this sweep to another --out, or ask for the precision it ran in"
         )
+    ran_with = summary.get("world_size", 1)
+    if world is not None and isinstance(ran_with, int) and ran_with != world:
+        flag = "without --torchrun" if ran_with == 1 else f"with --torchrun {ran_with}"
+        raise ConfigError(
+            f"{run_dir} trained with {ran_with} process{'es' * (ran_with != 1)} and this sweep runs {world}: another "
+            f"global batch (train.batch_size={wanted.train.batch_size} per process); run the sweep {flag}, remove "
+            "that directory to rerun it, or write this sweep to another --out"
+        )
     todo = []
     if any(k in LENGTH_KEYS for k in diffs):
         steps, trained = _steps_wanted(wanted, summary)
@@ -159,6 +169,20 @@ def finished_run_todo(run_dir: Path, saved: Config, wanted: Config) -> str | Non
                 f"({', '.join(f'{k}={yaml_value(b)}' for k, (_, b) in diffs.items() if k in LENGTH_KEYS)}): "
                 "a shorter run cannot be made from it; write this sweep to another --out, or remove that "
                 "directory"
+            )
+        schedules = [
+            name
+            for name, on in (
+                ("optim.schedule=warmup_cosine", wanted.optim.schedule == "warmup_cosine"),
+                ("method.ema_schedule=cosine", wanted.method.name == "byol" and wanted.method.ema_schedule == "cosine"),
+            )
+            if on
+        ]
+        if steps == trained and "train.epochs" in diffs and schedules:  # capped by train.max_steps, both
+            raise ConfigError(
+                f"{run_dir} trained {trained} steps of a {saved.train.epochs:g}-epoch schedule and this sweep asks "
+                f"for {trained} steps of a {wanted.train.epochs:g}-epoch one ({', '.join(schedules)} follows the "
+                "epochs): another run; remove that directory to rerun it, or write this sweep to another --out"
             )
         if steps != trained:
             todo.append(f"it trained {trained} steps and the sweep asks for {'more' if steps is None else steps}")
@@ -233,11 +257,15 @@ def _finish_line(plan: Plan) -> str:
 
 
 def _last_line(log: Path) -> str:
+    """The reason a run failed, from its log: the CLI's one-line error (``directpred: ...``) among the last 40 lines
+    (not an earlier attempt's), else the last line. Under ``--torchrun`` the log ends with torchrun's summary of the
+    failed ranks, framed by ``====`` lines, after the error."""
     try:
         lines = [ln.strip() for ln in log.read_text(errors="replace").replace("\r", "\n").splitlines() if ln.strip()]
     except OSError:
         return ""
-    return lines[-1][:300] if lines else ""
+    ours = [ln for ln in lines[-40:] if ln.startswith("directpred:")]
+    return (ours or lines or [""])[-1][:300]
 
 
 def visible_devices(slot: str | None, environ: Mapping[str, str]) -> str:

@@ -495,7 +495,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_end(self)
         self.save()
-        if self.stop_requested:  # asked for after the loop's last check (in the last epoch end or the report)
+        if self._agreed(self.stop_requested):  # asked for after the loop's last check (last epoch end, report)
             self.logger.close()
             raise TrainingInterrupted(
                 self.stop_signal, self.step, self.ckpt_dir / "last.pt", self.run_dir, world=self.world, evaluating=True
@@ -549,11 +549,18 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         """Whether to stop now: requested here, on collapse, or (multi-process) on any rank, so all stop together."""
-        requested = self.stop_requested or self.collapse_stop
-        if self.world > 1:
-            flag = torch.tensor([float(requested)], device=self.device)
-            requested = bool(distributed.all_reduce_sum(flag).item() > 0)
-        return requested
+        return self._agreed(self.stop_requested or self.collapse_stop)
+
+    def _agreed(self, requested: bool) -> bool:
+        """``requested`` on any rank (a collective when multi-process). A rank that got no signal itself takes the
+        signal another rank got, so that every rank (rank 0 reports) names it and exits with its code."""
+        if self.world == 1:
+            return requested
+        mine = torch.tensor([[float(requested), float(self.stop_signal or 0)]], device=self.device)
+        every = distributed.gather_cat(mine)  # (world, 2)
+        if self.stop_signal is None and int(every[:, 1].max().item()) > 0:
+            self.stop_signal = int(every[:, 1].max().item())
+        return bool(every[:, 0].max().item() > 0)
 
     # ------------------------------------------------------------------------------------------------------------
     # State: checkpoint, resume, summary

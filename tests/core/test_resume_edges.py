@@ -211,7 +211,8 @@ def test_a_finished_run_resumed_unchanged_is_left_as_it_is(tiny_overrides, tmp_p
     monkeypatch.setattr(Trainer, "finish", counted_finish)
     for _ in range(2):
         assert main(["train", "--resume", str(run)]) == 0
-        assert "had already finished with this configuration" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "had already finished with this configuration" in out and "--set train.epochs=N" in out
     assert evaluated == [] and files() == before and len(finals()) == 1
 
     assert main(["train", "--resume", str(run), "--set", "eval.knn_k=3"]) == 0
@@ -557,3 +558,12 @@ def test_a_resume_removes_the_run_directorys_leftover_temporaries(tiny_overrides
         f.write_text("torn")
     Trainer(load_config(None, over), run, resume=True).fit()
     assert [f for f in left if f.exists()] == []
+
+
+def test_a_run_max_steps_ended_is_told_to_raise_max_steps_not_epochs(tiny_overrides, tmp_path, capsys):
+    """The hint for a finished run said `--set train.epochs=N` also where train.max_steps ended it, which trains no
+    step (the limit still holds): it names train.max_steps there."""
+    run = tmp_path / "r"
+    Trainer(load_config(None, tiny_overrides + ["train.epochs=2", "train.max_steps=3"]), run).fit()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "train longer with --set train.max_steps=N (0: no limit)" in capsys.readouterr().out

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
 
 
-def torchrun(args: list[str], cwd: Path, nproc: int = WORLD) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], cwd: Path, nproc: int = WORLD, command: str = "train") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
@@ -41,7 +41,7 @@ def torchrun(args: list[str], cwd: Path, nproc: int = WORLD) -> subprocess.Compl
         f"--nproc_per_node={nproc}",
         "-m",
         "directpred",
-        "train",
+        command,
         *args,
     ]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)

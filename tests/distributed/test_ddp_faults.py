@@ -141,8 +141,38 @@ def _full_disk_summary(out: str, overrides: list[str]) -> None:
     torch.save({"error": result, "seconds": time.monotonic() - t0}, f"{out}.{distributed.rank()}")
 
 
+def _one_rank_stopped(out: str, overrides: list[str], when: str) -> None:
+    """SIGTERM's stop reaching rank 1 alone (Slurm signals each rank by pid, a few ms apart): mid-epoch, or after
+    the loop's last stop check (in the last epoch end). Each rank records how its fit ended."""
+    import signal
+
+    from directpred.train import Callback, TrainingInterrupted
+    from directpred.train.loop import Trainer
+
+    class StopRank1(Callback):
+        def on_step_end(self, trainer, result):
+            if when == "mid" and trainer.step == 2 and distributed.rank() == 1:
+                trainer.request_stop(signal.SIGTERM)
+
+        def on_epoch_end(self, trainer, epoch):
+            if when == "late" and distributed.rank() == 1:
+                trainer.request_stop(signal.SIGTERM)
+
+    cfg = load_config(REPO / "configs/cpu/quickstart.yaml", [*overrides, "train.epochs=1"])
+    try:
+        Trainer(cfg, Path(out).parent / "run", callbacks=[StopRank1()]).fit()
+        result = "finished"
+    except TrainingInterrupted as exc:
+        result = f"TrainingInterrupted({exc.signum}, {exc.step}): {exc}"
+    except Exception as exc:
+        result = f"{type(exc).__name__}: {exc}"
+    torch.save({"error": result}, f"{out}.{distributed.rank()}")
+
+
 SCENARIOS = {
     "nan": (_nan_step, "the step after the NaN"),
+    "stop_mid": (lambda out, over: _one_rank_stopped(out, over, "mid"), "the stop rank 1 alone got mid-epoch"),
+    "stop_late": (lambda out, over: _one_rank_stopped(out, over, "late"), "the stop rank 1 got in the last epoch end"),
     "setup": (_refused_setup, "the other rank's setup"),
     "summary": (_full_disk_summary, "the other rank's summary"),
     "inf": (_inf_save, "the other rank's save"),
@@ -185,6 +215,8 @@ def fault_runs(tiny_folder, tmp_path_factory) -> Path:
     jobs.append(("setup", str(root / "rundir" / "result"), common))
     jobs.append(("setup", str(root / "data" / "result"), [*common, f"data.path={root / 'bad.tar.gz'}"]))
     jobs.append(("summary", str(root / "summary" / "result"), common))
+    jobs.append(("stop_mid", str(root / "stop_mid" / "result"), common))
+    jobs.append(("stop_late", str(root / "stop_late" / "result"), common))
     jobs.append(("inf", str(root / "inf" / "result"), common))
     procs = mp.spawn(_faults_worker, args=(str(root / "store"), jobs), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 150 * len(jobs)
@@ -245,3 +277,16 @@ def test_a_summary_rank_0_cannot_write_stops_every_rank_with_its_reason(fault_ru
     assert mine.startswith("OSError: [Errno 28] No space left on device: "), mine
     assert theirs == f"TrainingError: process 0 could not write summary.json, so this process stops too: {mine[9:]}"
     assert max(seconds0, seconds1) < 60
+
+
+@pytest.mark.slow  # fault_runs: once for the file
+@pytest.mark.parametrize("when,step", [("mid", 2), ("late", 4)])
+def test_a_stop_one_rank_got_stops_every_rank_under_its_signal(fault_runs, when, step):
+    """Mid-epoch, the other rank stopped too but as "Stopped by stop" (exit 1, not 143): the stop was agreed, its
+    signal not. After the loop's last check (the last epoch end), the stopped rank raised alone and rank 0 went on
+    into the final evaluation's collectives and died there (gloo: connection closed by peer)."""
+    out = str(fault_runs / f"stop_{when}" / "result")
+    results = [torch.load(f"{out}.{k}")["error"] for k in (0, 1)]
+    for r in results:  # 128 images, batch 32: 4 steps in the epoch
+        assert r.startswith(f"TrainingInterrupted(15, {step}): Stopped by SIGTERM at step {step}"), r
+    assert ("(training done, in the final evaluation)" in results[0]) == (when == "late")

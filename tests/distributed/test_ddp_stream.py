@@ -47,3 +47,12 @@ def test_two_process_streamed_run_equals_two_process_in_memory_run(tiny_override
     assert main(["eval", str(tmp_path / "lazy"), "--no-linear"]) == 0
     single = json.loads((tmp_path / "lazy" / "eval.json").read_text())
     assert single["knn_top1"] == pytest.approx(lazy["knn_top1"], abs=1e-6)
+    # `directpred eval` under torchrun joins the process group, as training's final evaluation does: the same
+    # figures, the streamed probe included (its global batch and learning rate scale with the processes); rank 0
+    # alone writes and prints. Before, each process evaluated everything alone, printing it twice.
+    out = torchrun([str(tmp_path / "lazy"), "--json", str(tmp_path / "ddp_eval.json")], cwd=REPO, command="eval")
+    ddp = json.loads((tmp_path / "ddp_eval.json").read_text())
+    assert ddp["world_size"] == 2
+    for key in ("knn_top1", "linear_top1", "linear_top5", "linear_top1_best"):
+        assert ddp[key] == pytest.approx(lazy[key], abs=1e-6), key
+    assert out.stdout.count("kNN top-1") == 1

@@ -378,3 +378,30 @@ def test_the_gain_over_the_untrained_network_is_paired_by_seed(tmp_path, tiny_fo
         f"{statistics.mean(u_best[:2]):.2f} ± {statistics.stdev(u_best[:2]):.2f} (n = 2) |"
         in (out / "results.md").read_text()
     )
+
+
+def test_an_extended_runs_earlier_final_row_is_not_a_point_of_the_knn_curve(tmp_path, tiny_folder):
+    """A finished run extended (1 epoch, then 3) keeps its first final evaluation's row (step 10, epoch 1) in
+    metrics.jsonl: it was read as an epoch-1 point, which the same run made in one go has not (whose epoch-1 kNN is
+    not evaluated: a periodic kNN every 2 epochs here), so two sweeps of equal runs gave different curves."""
+    out = tmp_path / "out"
+    for seed in (0, 1):
+        _run(out, "a", seed, knn=50.0, lin=40.0, best=41.0, curve=[(2, 45.0)], collapsed=False, ips=1.0)
+        rows = [{"kind": "final", "step": 30, "epoch": 3, "knn_top1": 50.0}]
+        if seed == 1:  # the extended one
+            rows.insert(0, {"kind": "final", "step": 10, "epoch": 1, "knn_top1": 33.0})
+        with open(out / "runs" / "a" / f"seed{seed}" / "metrics.jsonl", "a") as f:
+            f.write("\n" + "".join(json.dumps(r) + "\n" for r in rows))
+    res = write_reports(load_sweep(_sweep_file(tmp_path, tiny_folder, [0, 1])), out)
+    assert res["cells"][0]["knn_curve"] == [[2, 45.0, 2], [3, 50.0, 2]]
+
+
+def test_the_report_shows_the_processes_of_runs_made_under_torchrun(tmp_path, tiny_folder):
+    out = tmp_path / "out"
+    for seed in (0, 1):
+        _run(out, "a", seed, knn=50.0, lin=40.0, best=41.0, curve=[(3, 50.0)], collapsed=False, ips=1.0)
+    summary = out / "runs" / "a" / "seed1" / "summary.json"
+    summary.write_text(json.dumps(json.loads(summary.read_text()) | {"world_size": 2}))
+    write_reports(load_sweep(_sweep_file(tmp_path, tiny_folder, [0, 1])), out)
+    md = (out / "results.md").read_text()
+    assert "Processes per run (the global batch is `train.batch_size` times these):\n\n- 1: 1 run\n- 2: 1 run\n" in md

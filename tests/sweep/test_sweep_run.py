@@ -199,3 +199,18 @@ def test_finish_line_reads_strict_json_summaries(tmp_path):
     assert line(knn_top1=None, linear_top1=None, linear_top1_best=None, collapsed=True) == (
         "kNN nan (non-finite features) [collapsed]"
     )
+
+
+def test_a_failed_runs_reason_is_the_clis_error_not_torchruns_banner(tmp_path):
+    """Under --torchrun a failed run's log ends with torchrun's summary of the failed ranks, framed by ==== lines:
+    that banner was the reason shown for every failed run (FAILED line, failed.json, the report)."""
+    from directpred.sweep.runner import _last_line
+
+    log = tmp_path / "sweep.log"
+    banner = ["=" * 60, "directpred FAILED", "-" * 60, "Failures:", "  <NO_OTHER_FAILURES>", "=" * 60]
+    error = "directpred: config error: the checkpoint is at step 129, past train.epochs=10"
+    log.write_text("\n".join(["step 1", error, "[rank1]: " + error, *banner]) + "\n")
+    assert _last_line(log) == error
+    # an earlier attempt's error far above a crash without one: the crash's last line
+    log.write_text("\n".join([error, *(f"line {i}" for i in range(50)), "RuntimeError: boom"]) + "\n")
+    assert _last_line(log) == "RuntimeError: boom"

@@ -628,3 +628,33 @@ def test_eval_changes_that_give_no_new_figure_leave_a_finished_run_done(tmp_path
     _finished(out / run.rel_dir, plain.config(plain.runs()[0]))
     plan = plan_run(with_untrained, run, out)
     assert (plan.action, plan.sets) == ("resume", ["eval.untrained=true"])
+
+
+def test_a_finished_run_with_another_process_count_is_refused_not_reported_as_the_cell(tmp_path, tiny_folder):
+    """train.batch_size is per process, so --torchrun 2 doubles the global batch: a run made under --torchrun 2 was
+    "done" for the same sweep without it (and the other way round), and averaged with the others."""
+    sweep = load_sweep(write_sweep(tmp_path, tiny_folder))
+    run, out = sweep.runs()[0], tmp_path / "out"
+    _finished(out / run.rel_dir, sweep.config(run), world_size=2)
+    with pytest.raises(ConfigError, match=r"trained with 2 processes and this sweep runs 1: .*run the sweep with "):
+        plan_run(sweep, run, out, world=1)
+    assert plan_run(sweep, run, out, world=2).action == "done"
+    _finished(out / run.rel_dir, sweep.config(run))  # a summary from before world_size was recorded: 1 process
+    with pytest.raises(ConfigError, match=r"trained with 1 process and this sweep runs 2: .*without --torchrun"):
+        plan_run(sweep, run, out, world=2)
+
+
+def test_a_capped_run_of_another_cosine_schedule_length_is_refused(tmp_path, tiny_folder):
+    """train.epochs 2 -> 3 with train.max_steps capping both at the same steps: "done", though a cosine schedule
+    (learning rate, EMA) follows the epochs and so differs at every step. A constant schedule is the same run."""
+    for schedule, refused in (("warmup_cosine", True), ("constant", False)):
+        over = ["train.max_steps=8", f"optim.schedule={schedule}"]
+        two = load_sweep(write_sweep(tmp_path, tiny_folder), [*over, "train.epochs=2"])
+        run, out = two.runs()[0], tmp_path / f"out_{schedule}"
+        _finished(out / run.rel_dir, two.config(run), steps=8, epochs=0.5)
+        three = load_sweep(two.path, [*over, "train.epochs=3"])
+        if refused:
+            with pytest.raises(ConfigError, match=r"8 steps of a 2-epoch schedule .*\(optim.schedule=warmup_cosine"):
+                plan_run(three, three.runs()[0], out)
+        else:
+            assert plan_run(three, three.runs()[0], out).action == "done"
