@@ -9,6 +9,7 @@ dynamics), and the diagnostics commands ``plot`` and ``diagnose``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import warnings
@@ -123,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(-1 if args.quiet else 1 if args.verbose else 0)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # stdout piped into `head` or the like, which closed it: nothing left to say, as cat does
+        import os
+
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141  # 128 + SIGPIPE, a shell's code for a command ended by a closed pipe
     except KeyboardInterrupt:  # a second Ctrl-C (the first stops training after a step), or any command's first
         print(
             f"\ndirectpred {args.command}: interrupted; what it was doing is lost (a training run resumes from its "

@@ -81,16 +81,16 @@ def run(args: argparse.Namespace) -> int:
         linear = not args.no_linear and load_config(None, args.set, base=base_on).eval.linear
     else:
         if target.is_file():  # a checkpoint (or a config without --untrained) given where its run goes
+            if target.suffix in (".yaml", ".yml"):
+                raise ConfigError(
+                    f"{target} is a config file: a config has no trained network to evaluate; give the run directory "
+                    f"`directpred train {target} --out RUN` made, or add --untrained to evaluate the network "
+                    "training starts from"
+                )
             run = run_holding(target)
-            config_hint = (
-                f"; to evaluate the untrained network of the recipe {target}, add --untrained"
-                if target.suffix in (".yaml", ".yml")
-                else ""
-            )
             raise ConfigError(
                 f"{target} is a file, not a run directory; give the run directory made by `directpred train`, and "
                 f"the checkpoint with --checkpoint: `directpred eval {run or 'RUN_DIR'} --checkpoint {target}`"
-                + config_hint
             )
         saved = read_run_config(target)
         cfg = load_config(None, args.set, base=saved.to_dict())
@@ -166,7 +166,13 @@ def run(args: argparse.Namespace) -> int:
         s = read_json_object(summary_file, "no comparison with the training run") or {}
         if untrained and saved.train.seed != cfg.train.seed:
             s = {}  # another seed's initialisation than the run trained from: no gain to read
-        otherwise = [k for k in diff_configs(saved, cfg) if k.startswith("eval.") and k != "eval.linear"]
+        otherwise = [
+            k
+            for k in diff_configs(saved, cfg)
+            if (k.startswith(("eval.", "data.")) or k == "train.precision")
+            and k != "eval.linear"
+            and not k.startswith(DATA_LOCATION)
+        ]
         if untrained and otherwise and s:
             print(f"  (no gain over the trained run: evaluated with other {', '.join(otherwise)} than it was)")
             s = {}
@@ -202,6 +208,8 @@ def _leave_group() -> int:
 # how the run was trained: changing it would either not load (another backbone) or change nothing (optim.lr) while
 # eval.json records it as if it had.
 EVAL_CHANGES = ("eval.", "data.", "train.device", "train.precision", "train.channels_last", "train.seed")
+# Where the data lies, not which images or how they are shown: the same figures wherever the copy is.
+DATA_LOCATION = ("data.path", "data.local_copy", "data.root", "data.cache_dir", "data.download", "data.workers")
 
 
 def _check_eval_overrides(saved: Config, cfg: Config) -> None:
@@ -255,7 +263,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="evaluate the network at the initialisation `directpred train` starts from (train.seed; --set "
         "train.seed=S for another): the baseline a trained run is judged against. Writes RUN_DIR/eval_untrained.json",
     )
-    p.add_argument("--json", metavar="FILE", help="write the results here (default: RUN_DIR/eval.json)")
+    p.add_argument(
+        "--json",
+        metavar="FILE",
+        help="write the results here (default: RUN_DIR/eval.json, with --untrained RUN_DIR/eval_untrained.json; "
+        "for a config file nothing unless given)",
+    )
     p.add_argument(
         "--no-linear", action="store_true", help="skip the linear probe (kNN only; same as --set eval.linear=false)"
     )

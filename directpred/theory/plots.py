@@ -29,8 +29,15 @@ def new_figure(nrows: int, ncols: int, *, size: tuple[float, float] = (3.2, 2.6)
 
 
 def image_formats() -> list[str]:
-    """The file extensions (without the dot) matplotlib can write here, sorted."""
-    return sorted(Figure().canvas.get_supported_filetypes())
+    """The file extensions (without the dot) matplotlib can write here, sorted: ``pgf`` only where a TeX engine
+    (``xelatex``, ``lualatex`` or ``pdflatex``) is on the PATH, as matplotlib's pgf backend runs one to lay out the
+    text (without it, saving raised RuntimeError: 'xelatex' not found)."""
+    import shutil
+
+    formats = set(Figure().canvas.get_supported_filetypes())
+    if not any(shutil.which(tex) for tex in ("xelatex", "lualatex", "pdflatex")):
+        formats.discard("pgf")
+    return sorted(formats)
 
 
 def save(fig: Figure, path: str, *, dpi: int = 100) -> None:

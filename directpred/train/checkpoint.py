@@ -299,6 +299,8 @@ def foreign_file_kind(path: str | Path) -> str | None:
                 names = archive.namelist()
         except (zipfile.BadZipFile, OSError, ValueError):
             return None  # a zip archive cut short: a torn checkpoint
+        if any(name.endswith("/constants.pkl") for name in names) and any("/code/" in name for name in names):
+            return "a TorchScript module, as `directpred export --torchscript` writes; give the export's --out file"
         if any(name.endswith("data.pkl") for name in names):
             return None
         return "a zip archive without the data.pkl of torch.save" + (

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -235,6 +236,14 @@ CASES = [
         "that holds it ({run})",
     ),
     ("none", "train --resume {tmp}/list.yaml", 2, "list.yaml is a file, not a run directory; give the run directo"),
+    (  # it suggested `directpred eval RUN_DIR --checkpoint quickstart.yaml`, a YAML file as the checkpoint
+        "none",
+        "eval {quickstart}",
+        2,
+        "{quickstart} is a config file: a config has no trained network to evaluate; give the run directory "
+        "`directpred train {quickstart} --out RUN` made, or add --untrained to evaluate the network training starts "
+        "from",
+    ),
 ]
 
 
@@ -260,7 +269,9 @@ def test_misuse_ends_in_one_error_line(damage, command, code, message, trained, 
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     errors = [line for line in err if line.startswith("directpred")]
     assert len(errors) == 1 and errors[0] == err[-1], err  # the error is one line, the last
-    assert message.replace("{tmp}", str(tmp_path)).replace("{run}", str(run)) in errors[0], errors[0]
+    quickstart = str(REPO / "configs" / "cpu" / "quickstart.yaml")
+    expected = message.replace("{tmp}", str(tmp_path)).replace("{run}", str(run)).replace("{quickstart}", quickstart)
+    assert expected in errors[0], errors[0]
     assert "Traceback" not in "\n".join(err)
 
 
@@ -557,6 +568,19 @@ def test_a_cut_short_checkpoint_of_either_torch_format_is_still_a_damaged_checkp
         assert torch.equal(load_checkpoint(whole)["model"]["w"], torch.arange(4000.0))
 
 
+def test_a_torchscript_module_is_named_not_called_a_damaged_checkpoint(tmp_path):
+    """`directpred export --torchscript`'s file given to embed, diagnose or eval --checkpoint was "a damaged
+    checkpoint, cut short or with changed bytes": it holds a data.pkl, as torch.save's files do."""
+    import torch
+
+    from directpred.train.checkpoint import CheckpointError, load_checkpoint
+
+    ts = tmp_path / "backbone.ts"
+    torch.jit.save(torch.jit.trace(torch.nn.Linear(3, 2), torch.zeros(1, 3)), ts)
+    with pytest.raises(CheckpointError, match=r"is not a checkpoint file \(a TorchScript module, as `directpred exp"):
+        load_checkpoint(ts)
+
+
 def test_an_output_path_error_outside_training_names_the_path_not_checkpoints(trained, tiny_folder, tmp_path, capsys):
     """The OSError line told every command to resume a training run from its checkpoint."""
     (tmp_path / "afile.txt").write_text("x")
@@ -728,3 +752,26 @@ def test_a_forked_child_does_not_keep_the_run_directory_locked(tmp_path):
     finally:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
+
+
+def test_a_closed_stdout_pipe_ends_quietly(tmp_path):
+    """`directpred diagnose RUN | head -1` (a reader that closes the pipe early) printed "Broken pipe (output): give
+    another path there, or fix its permissions or free space" and exited 1. Now it ends as cat does: code 141
+    (128 + SIGPIPE), nothing on stderr."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # the whole parameter table of a theory config, then the figure: far more than a pipe that is closed at once holds
+    cmd = [sys.executable, "-m", "directpred", "theory", "simulate", str(REPO / "configs/theory/linear.yaml")]
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(tmp_path / "sim"), "--set", "steps=10"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+    )
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Broken pipe" not in err and "Traceback" not in err

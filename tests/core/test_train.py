@@ -384,6 +384,12 @@ def test_eval_untrained_reads_no_gain_it_cannot_read(tiny_overrides, tmp_path, m
     out = capsys.readouterr().out
     assert "(no gain over the trained run: evaluated with other eval.knn_k than it was)" in out
     assert "over its untrained network" not in out
+    # nor one on other test images (a gain of 8 images against the run's 128 was printed); a moved copy is fine
+    assert main(["eval", str(run), "--untrained", "--set", "data.test_subset=8"]) == 0
+    out = capsys.readouterr().out
+    assert "(no gain over the trained run: evaluated with other data.test_subset than it was)" in out
+    assert main(["eval", str(run), "--untrained", "--set", "data.cache_dir=" + str(tmp_path / "c2")]) == 0
+    assert "knn_top1: the trained run reported" in capsys.readouterr().out
 
 
 def test_eval_untrained_figures_are_those_of_the_initial_network(tiny_overrides, tmp_path):

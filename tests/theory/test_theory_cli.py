@@ -242,6 +242,18 @@ def test_portrait_names_the_file_it_writes_and_refuses_an_unknown_format(tmp_pat
     assert ".png" in err and "Traceback" not in err and not (tmp_path / "p.v1").exists()
 
 
+def test_pgf_is_offered_only_where_a_tex_engine_is(tmp_path, capsys, monkeypatch):
+    """.pgf was listed as writable and then failed with a traceback (RuntimeError: 'xelatex' not found): matplotlib's
+    pgf backend runs TeX. Without a TeX engine on the PATH it is refused as any unknown format."""
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    assert main(["portrait", "--out", str(tmp_path / "p.pgf")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write '.pgf' files" in err and ".pgf" not in err.split("use one of")[1]
+    assert "Traceback" not in err
+
+
 E = "directpred theory portrait: error: "
 TAU = "the EMA ratio τ = W_a/W, 1 for SimSiam; an EMA started at 0 keeps it >= 0"
 
