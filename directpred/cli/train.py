@@ -43,10 +43,13 @@ def stop_on_signals(trainer: Trainer) -> Iterator[None]:
     """While training: the first SIGINT/SIGTERM asks ``trainer`` to stop after the current step (it writes the
     checkpoint and raises ``TrainingInterrupted``), or in the final evaluation stops that at once (its checkpoint is
     written); a second one stops at once (``KeyboardInterrupt``), unless it comes within :data:`SAME_STOP_SECONDS`
-    of the first (one stop that reached the process twice)."""
+    of the first (one stop that reached the process twice). Before the trainer is set up (loading and decoding the
+    data can take minutes), the first stops at once too: nothing is trained to checkpoint yet."""
     first: list[float] = []
 
     def handle(signum: int, frame: object) -> None:
+        if not trainer.ready and not first:
+            raise KeyboardInterrupt
         if first:
             if time.monotonic() - first[0] < SAME_STOP_SECONDS:
                 return
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from directpred import distributed
     from directpred.config import dump_config, load_config, read_run_config
     from directpred.files import run_dir_lock
+    from directpred.runtime import resolve_device
     from directpred.train.checkpoint import atomic_write_text
     from directpred.train.faults import TrainingInterrupted
     from directpred.train.loop import Trainer
@@ -123,8 +127,21 @@ def run(args: argparse.Namespace) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{stamp}"
         trainer = Trainer(cfg, run_dir, command=command_line(sys.argv))
+    # Join the process group before the lock (torchrun): a lock process 0 cannot take then stops every process with
+    # its reason. Before, the others waited for it in the group's rendezvous, where no signal handler runs, until
+    # torchrun's SIGKILL 30 s after its SIGTERM.
+    distributed.init_from_env(resolve_device(cfg.train.device))
     try:
-        with run_dir_lock(run_dir, create=not args.resume), stop_on_signals(trainer):
+        with contextlib.ExitStack() as held:
+            refused = None
+            try:
+                held.enter_context(run_dir_lock(run_dir, create=not args.resume))
+            except ConfigError as exc:
+                refused = str(exc)
+            refused = distributed.broadcast_object(refused)  # process 0's verdict, on every process
+            if refused is not None:
+                raise ConfigError(refused)
+            held.enter_context(stop_on_signals(trainer))
             if args.resume and cfg != saved:
                 # The changed config.yaml is written only once the checkpoint has loaded into the model it
                 # describes: a resume that fails (no checkpoint, a corrupt one, --force of a new shape) leaves it.

@@ -187,6 +187,12 @@ class Trainer:
         self._stop.set()
 
     @property
+    def ready(self) -> bool:
+        """Whether :meth:`setup` has finished (the process group joined, the data loaded, the model built and any
+        checkpoint loaded): before, a stop has nothing to checkpoint."""
+        return self._ready
+
+    @property
     def stop_requested(self) -> bool:
         """Whether a stop was asked for (:meth:`request_stop`, or the ``stop`` event given to the trainer): the run
         stops after the current step. A stop on collapse (``diag.stop_on_collapse``) is not counted here."""

@@ -187,3 +187,26 @@ def test_two_process_run_resumes_and_gathers_features(tiny_overrides, tmp_path):
     assert main(["eval", str(tmp_path / "full"), "--no-linear"]) == 0
     single = json.loads((tmp_path / "full" / "eval.json").read_text())
     assert single["knn_top1"] == pytest.approx(summary["knn_top1"], abs=1e-6)
+
+
+def test_a_run_directory_locked_by_another_process_stops_every_rank_at_once(tiny_overrides, tmp_path):
+    """Only process 0 takes the run directory's lock. Refused, it exited while process 1 waited for it in the process
+    group's rendezvous, where no signal handler runs: torchrun's SIGTERM did nothing and its SIGKILL came 30 s later.
+    Now the group is joined first and every process stops with process 0's reason."""
+    import fcntl
+
+    run = tmp_path / "busy"
+    run.mkdir()
+    fd = os.open(run, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another directpred process writing it
+    try:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"]
+        args = ["-m", "directpred", "train", "configs/cpu/quickstart.yaml", "--out", str(run), *as_args(tiny_overrides)]
+        proc = subprocess.run([*cmd, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    finally:
+        os.close(fd)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert out.count(f"directpred: config error: {run} is being written by another directpred process") == WORLD, out
+    assert "SIGKILL" not in out and "forcefully exiting" not in out, out
