@@ -17,7 +17,9 @@ reads::
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +61,15 @@ class BackboneExport:
     def recipe(self) -> ViewRecipe:
         """The test-time transform of the run (what :func:`directpred.data.augment.eval_transform` applies)."""
         return ViewRecipe(size=self.image_size, mean=_rgb(self.mean), std=_rgb(self.std))
+
+    @property
+    def held_out(self) -> tuple[str, ...]:
+        """The split folders the run's kNN and linear probe took their test images from, in the order its loader
+        looks for them (the first with class folders wins): a streamed run's ``val/``, else ``test/``
+        (:data:`directpred.data.stream.SPLIT_NAMES`); an in-memory run's ``test/`` (its loader reads no ``val/``),
+        ``val/`` only as the fallback for data laid out otherwise. :func:`read_image_folder`'s default split."""
+        stream = bool(self.config.get("data", {}).get("stream")) if isinstance(self.config, dict) else False
+        return ("val", "test") if stream else ("test", "val")
 
     @property
     def decode_side(self) -> int:
@@ -107,14 +118,20 @@ def _rgb(v: list[float] | None) -> tuple[float, float, float] | None:
     return r, g, b
 
 
-def _from_checkpoint(state: dict[str, Any], cfg: Config, source_hint: str = "") -> BackboneExport:
+def _from_checkpoint(
+    state: dict[str, Any], cfg: Config, source_hint: str = "", *, size_override: bool = False
+) -> BackboneExport:
+    """The export of a training checkpoint ``state`` rebuilt with ``cfg``. The image size is the one the checkpoint
+    records, unless ``size_override`` (``data.image_size=N``, N > 0, given as an override): then ``cfg``'s, as
+    ``directpred eval --set data.image_size=N`` evaluates at N."""
     weights = {
         k[len(_PREFIX) :]: v.detach().cpu().contiguous() for k, v in state["model"].items() if k.startswith(_PREFIX)
     }
     if not weights:
         raise CheckpointError("the checkpoint holds no online backbone (no 'online.encoder.backbone.*' weights)")
     size = (
-        state.get("image_size")
+        (cfg.data.image_size if size_override else 0)
+        or state.get("image_size")
         or cfg.data.image_size
         or {"cifar10": 32, "cifar100": 32, "stl10": 96}.get(cfg.data.dataset, 0)
     )
@@ -157,21 +174,38 @@ def read_backbone(
 
     ``overrides`` (``KEY=VALUE`` strings, as ``--set`` takes them) change the configuration that rebuilds the
     backbone and its evaluation recipe from a run directory or a checkpoint; an exported file records its
-    architecture and recipe, so overrides for it are refused rather than ignored.
+    architecture and recipe, so overrides for it are refused rather than ignored. ``data.image_size=N`` (N > 0)
+    wins over the image size the checkpoint records, as ``directpred eval --set data.image_size=N`` evaluates at N
+    (``data.image_size=0``: the recorded size).
+
+    A ``checkpoint`` of a run directory must have been trained with that run's configuration (beyond what a resume
+    may change), the rule of ``directpred eval RUN --checkpoint``: another run's weights would be exported with this
+    run's normalisation, image size and augmentation.
 
     Raises:
-        CheckpointError: the file is missing, corrupt, or not a directpred checkpoint/export.
+        CheckpointError: ``source`` does not exist; the file is missing, corrupt, or not a directpred
+            checkpoint/export.
         ConfigError: the run's configuration cannot be read; an override is invalid, or given for an exported
-            file; ``checkpoint`` given with a file as ``source``.
+            file; ``checkpoint`` given with a file as ``source``, or trained with another configuration than the
+            run directory's.
     """
-    from directpred.config import load_config, read_run_config
+    from directpred.config import load_config, parse_override, read_run_config
 
     source = Path(source)
+    if not source.exists():  # "no checkpoint at nope" before: as if a run directory had lost its checkpoint
+        raise CheckpointError(
+            f"{source} does not exist; give a run directory (made by `directpred train`), a checkpoint file (e.g. "
+            "RUN_DIR/checkpoints/last.pt) or an exported backbone (made by `directpred export`)"
+        )
+    size_override = any(parse_override(o)[0] == "data.image_size" for o in overrides)
     if source.is_dir():
-        cfg = load_config(None, overrides, base=read_run_config(source).to_dict())
+        saved = read_run_config(source)
+        cfg = load_config(None, overrides, base=saved.to_dict())
         ckpt = Path(checkpoint) if checkpoint else source / "checkpoints" / "last.pt"
         state = load_checkpoint(ckpt, require=("model",))
-        return _from_checkpoint(state, cfg, f"is {ckpt} a checkpoint of the run {source}?")
+        if checkpoint:
+            _check_checkpoint_of_run(ckpt, state, saved, source)
+        return _from_checkpoint(state, cfg, f"is {ckpt} a checkpoint of the run {source}?", size_override=size_override)
     if checkpoint is not None:
         raise ConfigError(
             f"checkpoint {checkpoint} (--checkpoint) picks a checkpoint of a run directory, but {source} is a file; "
@@ -198,8 +232,38 @@ def read_backbone(
         return BackboneExport(**fields)
     if "model" in state and "config" in state:
         cfg = load_config(None, overrides, base=stored_config(state, source).to_dict())
-        return _from_checkpoint(state, cfg, f"the configuration stored in {source} does not describe its weights")
+        return _from_checkpoint(
+            state,
+            cfg,
+            f"the configuration stored in {source} does not describe its weights",
+            size_override=size_override,
+        )
     raise CheckpointError(f"{source} is neither a directpred checkpoint nor an exported backbone")
+
+
+def _check_checkpoint_of_run(ckpt: Path, state: dict[str, Any], saved: Config, run_dir: Path) -> None:
+    """Refuse a ``checkpoint`` trained with another configuration than ``run_dir``'s ``config.yaml`` (``saved``),
+    beyond what a resume may change: the rule of ``directpred eval RUN --checkpoint``
+    (``directpred.cli.eval._check_checkpoint_config``). Another run's weights would be exported (or embedded) with
+    this run's normalisation, image size and augmentation, and the export's config would claim them. A checkpoint
+    without a readable configuration (an old one, another version's) has nothing to compare and is taken."""
+    from directpred.config import load_config
+    from directpred.train.rundir import fixed_changes
+
+    if not isinstance(state.get("config"), dict):
+        return
+    try:
+        trained = load_config(None, [], base=state["config"])
+    except ConfigError:  # written by another version of directpred: nothing to compare
+        return
+    changes = fixed_changes(saved, trained)
+    if changes:
+        shown = "; ".join(f"{k}: {a!r} in the run, {b!r} in the checkpoint" for k, (a, b) in list(changes.items())[:5])
+        raise ConfigError(
+            f"checkpoint {ckpt} (--checkpoint) was trained with another configuration than "
+            f"{run_dir / 'config.yaml'} ({shown}{'; ...' if len(changes) > 5 else ''}); give {ckpt} itself as the "
+            "source (it is rebuilt with the configuration stored in it), or its own run directory with --checkpoint"
+        )
 
 
 def load_backbone(source: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
@@ -233,9 +297,16 @@ def export_backbone(
     """Write the online backbone of ``source`` (see :func:`read_backbone`) to ``out``, and optionally as a traced
     TorchScript module and an ONNX graph (both take normalised images (B, 3, S, S) and return (B, D)).
 
+    Every file is written atomically (a temporary file renamed over the target): an interrupted export leaves the
+    previous file, if any. The ONNX file is self-contained: the weights are inside it, no ``.onnx.data`` sidecar
+    (a graph copied alone would not load without it).
+
     Raises:
         ModuleNotFoundError: ``onnx`` was asked for but the ``onnx`` or ``onnxscript`` package (the ``onnx`` extra)
             is not installed; raised before anything is written, its message says how to install them.
+        CheckpointError: a target would overwrite a file of a run directory (its ``config.yaml``, ``summary.json``,
+            ``metrics.jsonl``, ``command.txt``, ``eval.json``, a file in ``checkpoints/``...) or a training
+            checkpoint, or names a directory (ends in a path separator); refused before anything is read or written.
     """
     from directpred.train.checkpoint import atomic_write_bytes
 
@@ -243,7 +314,7 @@ def export_backbone(
         _check_onnx_exporter()
     for option, path in (("--out", out), ("--torchscript", torchscript), ("--onnx", onnx)):
         if path:
-            _check_export_target(Path(path), option)
+            _check_export_target(path, option)
     exp = read_backbone(source, checkpoint=checkpoint)
     atomic_write_bytes(out, lambda f: torch.save(exp.to_dict(), f), retry="run the command again")
     example = torch.zeros(2, 3, exp.image_size, exp.image_size)
@@ -254,15 +325,29 @@ def export_backbone(
             traced = torch.jit.trace(net, example)
             atomic_write_bytes(torchscript, lambda f: torch.jit.save(traced, f), retry="run the command again")
     if onnx:
-        torch.onnx.export(
-            exp.build(),
-            (example,),
-            str(onnx),
-            input_names=["images"],
-            output_names=["features"],
-            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
-        )
+        graph = _onnx_bytes(exp.build(), example)
+        atomic_write_bytes(onnx, lambda f: f.write(graph), retry="run the command again")
     return exp
+
+
+def _onnx_bytes(net: nn.Module, example: torch.Tensor) -> bytes:
+    """The ONNX graph of ``net`` (input ``images`` (batch, 3, S, S), output ``features`` (batch, D)) as one
+    self-contained file's bytes, weights inside. ``torch.onnx.export`` to a path writes the weights to a
+    ``.onnx.data`` file beside it by default (``external_data=True``) and writes in place; built in memory here
+    (``f=None`` returns the program) and serialised whole, the caller writes it atomically. A backbone is far below
+    protobuf's 2 GiB limit for one file."""
+    program = torch.onnx.export(
+        net,
+        (example,),
+        None,  # in memory: no file (and no .onnx.data sidecar) written by the exporter
+        input_names=["images"],
+        output_names=["features"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        dynamo=True,  # the default since torch 2.9; explicit for torch 2.6-2.8, whose default exporter needs a file
+        verbose=False,  # no progress lines on stdout
+    )
+    assert program is not None  # dynamo=True returns the ONNXProgram
+    return bytes(program.model_proto.SerializeToString())
 
 
 def _check_onnx_exporter() -> None:
@@ -288,15 +373,62 @@ def _is_training_checkpoint(path: Path) -> bool:
     return isinstance(state, dict) and {"model", "optimizer", "step"} <= state.keys()
 
 
-def _check_export_target(path: Path, option: str) -> None:
-    """Refuse an export target that would overwrite a run's training state: a file in a run's ``checkpoints/``
-    folder, or any file holding a training checkpoint (the run could no longer resume)."""
-    in_run = path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file()
-    if in_run or (path.is_file() and _is_training_checkpoint(path)):
-        what = f"a file in the run {path.parent.parent}'s checkpoints/" if in_run else "a training checkpoint"
+# The files of a run directory that `directpred train` (and eval, the sweep runner) write and read back: an export
+# written over one of them would replace the run's configuration, logs or results.
+RUN_FILES = (
+    "config.yaml",
+    "command.txt",
+    "metrics.jsonl",
+    "summary.json",
+    "eval.json",
+    "eval_untrained.json",
+    "failed.json",
+    "sweep.log",
+)
+RUN_FOLDERS = ("checkpoints", "tensorboard")  # every file in them is the run's
+
+
+def _run_file(path: Path) -> tuple[Path, str] | None:
+    """``(run directory, what)`` when ``path`` is a file a run directory owns (:data:`RUN_FILES` in it, anything in
+    its :data:`RUN_FOLDERS`), else None. A run directory is a folder with a ``config.yaml``; folders on the way are
+    resolved (a symlink to a run is still the run), the file's own name is not (a rename replaces a link, not what
+    it points to)."""
+    where = Path(os.path.realpath(path.parent)) / path.name
+    if where.name in RUN_FILES and (where.parent / "config.yaml").is_file():
+        return where.parent, where.name
+    folder = where.parent
+    if folder.name in RUN_FOLDERS and (folder.parent / "config.yaml").is_file():
+        return folder.parent, f"{folder.name}/"
+    return None
+
+
+def _check_export_target(target: str | Path, option: str) -> None:
+    """Refuse an export target that would overwrite a run's files: its training state (a file in its
+    ``checkpoints/`` folder, or any file holding a training checkpoint: the run could no longer resume) or another
+    file the run owns (``config.yaml``, ``summary.json``, ``metrics.jsonl``, ``command.txt``...); and a target that
+    ends in a path separator (a directory: the export would be written to a file named like it)."""
+    text = os.fspath(target)
+    path = Path(text)
+    if text.endswith(("/", os.sep)) and not path.is_dir():  # an existing directory: atomic_write_bytes names it
         raise CheckpointError(
-            f"{option} {path} is {what}: the export would overwrite the state the run resumes from; write the export "
-            "elsewhere (e.g. RUN_DIR/backbone.pt)"
+            f"{option} {text} ends in a path separator, so it names a directory, not a file; give the path of a file "
+            f"to write, e.g. {path / 'backbone.pt'}"
+        )
+    owned = _run_file(path)
+    if owned is not None and owned[1] == "checkpoints/":
+        raise CheckpointError(
+            f"{option} {path} is a file in the run {owned[0]}'s checkpoints/: the export would overwrite the state "
+            "the run resumes from; write the export elsewhere (e.g. RUN_DIR/backbone.pt)"
+        )
+    if owned is not None:
+        raise CheckpointError(
+            f"{option} {path} is the run {owned[0]}'s {owned[1]}, a file the run writes and reads back: the export "
+            f"would replace it; write the export elsewhere (e.g. {owned[0] / 'backbone.pt'})"
+        )
+    if path.is_file() and _is_training_checkpoint(path):
+        raise CheckpointError(
+            f"{option} {path} is a training checkpoint: the export would overwrite the state the run resumes from; "
+            "write the export elsewhere (e.g. RUN_DIR/backbone.pt)"
         )
 
 
@@ -304,7 +436,10 @@ def _check_export_target(path: Path, option: str) -> None:
 # Features of any ImageFolder
 
 
-SPLITS = ("train", "val", "test")  # split folders of a data set's layout (train/ + test/, ImageNet's train/ + val/)
+# Split folders of a data set's layout: train/ + test/ (CIFAR), ImageNet's train/ + val/ (+ a test/ of unlabelled
+# images), STL-10's train/ + test/ + unlabeled/ (unlabelled images at any depth, as the training loader reads them).
+SPLITS = ("train", "val", "test", "unlabeled")
+HELD_OUT = ("val", "test")  # the streamed reader's held-out split (directpred.data.stream.SPLIT_NAMES): val/ first
 
 
 def read_image_folder(
@@ -313,6 +448,7 @@ def read_image_folder(
     image_size: int,
     decode_size: int = 0,
     split: str | None = None,
+    held_out: tuple[str, ...] = HELD_OUT,
     skip_corrupt: bool = False,
     skip_hint: str = "pass skip_corrupt=True",
 ) -> tuple[ImageArrays, list[str]]:
@@ -322,9 +458,13 @@ def read_image_folder(
     in sorted order. ``skip_hint``: how to skip corrupt images, as the error about them says.
 
     Layouts: an ImageFolder (``<class>/<image>``: labels by class folder); a flat folder of images (no class folders:
-    every label -1, no classes); either inside split folders (``train/``, ``val/``, ``test/``), of which ``split``
-    picks one (default: ``test``, else ``val``). The top folders are splits only when all of them are split names
-    (an ImageFolder may have a class named ``train``, as CIFAR-100 has). A ``split`` given for a source without split
+    every label -1, no classes); either inside split folders (``train/``, ``val/``, ``test/``, ``unlabeled/``), of
+    which ``split`` picks one. ``unlabeled/`` (STL-10's) holds unlabelled images at any depth: all label -1, as the
+    training loader takes them. The default split is the held-out one a run evaluates on: the first folder of
+    ``held_out`` that holds class folders (default ``("val", "test")``, the streamed reader's rule; an in-memory run's
+    is ``("test", "val")``, :attr:`BackboneExport.held_out`): a ``test/`` of unlabelled images (ImageNet's) is passed
+    over, as the training loaders pass it over. The top folders are splits only when all of them are split names (an
+    ImageFolder may have a class named ``train``, as CIFAR-100 has). A ``split`` given for a source without split
     folders is refused (:class:`DataError` naming the layout found), rather than ignored.
     """
     path = Path(path).expanduser()
@@ -342,18 +482,35 @@ def read_image_folder(
         tops = {n[len(prefix) :].split("/", 1)[0] for n in images if n[len(prefix) :].count("/") >= 1}
     # Split folders only when every top folder is one: CIFAR-100 has a class named 'train', beside 'apple' and 'bus'.
     splits = [s for s in SPLITS if s in tops] if tops <= set(SPLITS) else []
+    unlabelled = False
     if splits:
-        chosen = split or ("test" if "test" in splits or "val" not in splits else "val")
-        if chosen not in splits:
-            asked = (
-                f"--split {chosen}: {path} has no {prefix}{chosen}/ folder"
-                if split
-                else (f"{path} has no {prefix}test/ or {prefix}val/ folder (the default split)")
-            )
-            raise DataError(
-                f"{asked}; its split folders: {', '.join(s + '/' for s in splits)}; give --split {splits[-1]}"
-            )
+        # A split with class folders: an image below a folder inside it (test/<class>/<image>).
+        labelled = {
+            s for s in splits if any(n.startswith(f"{prefix}{s}/") and n[len(prefix) :].count("/") >= 2 for n in images)
+        }
+        labelled -= {"unlabeled"}
+        chosen = split or next((s for s in held_out if s in labelled), None)
+        if chosen is None or chosen not in splits:
+            if split:
+                asked = f"--split {split}: {path} has no {prefix}{split}/ folder"
+            else:
+                asked = (
+                    f"{path} has no {' or '.join(prefix + s + '/' for s in held_out)} folder (the default split)"
+                    if not any(s in splits for s in held_out)
+                    else f"{path} has no {' or '.join(prefix + s + '/' for s in held_out)} folder of class folders "
+                    "(the default split: the held-out images a run evaluates on"
+                    + "".join(
+                        f"; {prefix}{s}/ holds images without class folders, which no run evaluates on"
+                        for s in held_out
+                        if s in splits
+                    )
+                    + ")"
+                )
+            present = [s for s in held_out if s in splits]  # (unlabelled) held-out images: what the user may want
+            hint = present[0] if present else ([s for s in splits if s != "unlabeled"] or splits)[-1]
+            raise DataError(f"{asked}; its split folders: {', '.join(s + '/' for s in splits)}; give --split {hint}")
         prefix += f"{chosen}/"
+        unlabelled = chosen == "unlabeled"
     elif split is not None:
         layout = "<class>/<image>" if tops else "images without class folders"
         named = sorted(tops & set(SPLITS))
@@ -364,8 +521,8 @@ def read_image_folder(
                 f"{', '.join(t + '/' for t in named)} {'is a class' if len(named) == 1 else 'are classes'}"
             )
         raise DataError(
-            f"--split {split}: {path} has no split folders (train/, val/, test/): it is one set of images "
-            f"({layout}); drop --split to embed all of them"
+            f"--split {split}: {path} has no split folders ({', '.join(s + '/' for s in SPLITS)}): it is one set "
+            f"of images ({layout}); drop --split to embed all of them"
         )
     inside = [n[len(prefix) :] for n in images if n.startswith(prefix)]
     items = sorted(prefix + n for n in inside if "/" in n)
@@ -375,7 +532,9 @@ def read_image_folder(
             f"{path}: no images under '{prefix or './'}'; --data must be a directory or .tar/.tar.gz archive of "
             "images, in <class>/<image> folders (an ImageFolder) or not"
         )
-    if items:
+    if unlabelled:  # STL-10's unlabeled/: every image, at any depth, label -1 (directpred.data.datasets)
+        classes, labelled_items = [], [(n, -1) for n in sorted(items + loose)]
+    elif items:
         if loose:
             warnings.warn(
                 f"{path}: {len(loose)} image(s) directly under '{prefix or './'}' are in no <class>/ folder and are "
@@ -383,11 +542,11 @@ def read_image_folder(
                 stacklevel=2,
             )
         classes = sorted({n[len(prefix) :].split("/", 1)[0] for n in items})
-        labelled = [(n, classes.index(n[len(prefix) :].split("/", 1)[0])) for n in items]
-    else:  # a flat folder of images: unlabelled, as STL-10's unlabeled split
-        classes, labelled = [], [(n, -1) for n in loose]
+        labelled_items = [(n, classes.index(n[len(prefix) :].split("/", 1)[0])) for n in items]
+    else:  # a flat folder of images: unlabelled
+        classes, labelled_items = [], [(n, -1) for n in loose]
     side = max(decode_size, image_size)
-    decoded, labels, skipped, kept = decode_images(path, labelled, side, skip_corrupt, skip_hint)
+    decoded, labels, skipped, kept = decode_images(path, labelled_items, side, skip_corrupt, skip_hint)
     if side != image_size:  # the streamed path's test crop (directpred.data.stream.decode_to_tensor)
         o = crop_offset(side, image_size)
         decoded = np.ascontiguousarray(decoded[:, o : o + image_size, o : o + image_size])
@@ -422,21 +581,65 @@ def embed(
     return torch.cat(out)
 
 
+def features_target_problem(out: str | Path) -> str | None:
+    """What is wrong with ``out`` as :func:`save_features`'s target, or None: an existing directory, or a path ending
+    in a separator (a directory to be), would have given ``<dir>.npy`` beside it. The message names a file to give."""
+    text = os.fspath(out)
+    path = Path(text)
+    what = (
+        "is a directory"
+        if path.is_dir()
+        else "ends in a path separator, so it names a directory"
+        if text.endswith(("/", os.sep))
+        else None
+    )
+    if what is None:
+        return None
+    return (
+        f"{text} {what}, not a file; give another path there: a file to write, e.g. {path / 'features.npy'} (the "
+        f"features, with {path / 'features.labels.npy'} beside it) or {path / 'features.npz'}"
+    )
+
+
 def save_features(
     out: str | Path, features: np.ndarray, labels: np.ndarray, classes: list[str], names: list[str]
 ) -> list[Path]:
     """``.npz``: one file with ``features``, ``labels``, ``classes``, ``paths``; otherwise ``out`` holds the
-    features and ``<stem>.labels.npy`` the labels beside it. Returns the files written."""
+    features and ``<stem>.labels.npy`` the labels beside it. Returns the files written.
+
+    Each file is written atomically (a temporary file renamed over it): a failed or interrupted write leaves the
+    previous file, if any. The features are written and renamed while the labels' temporary file is open, and the
+    labels renamed after them: a failure writing the features (the large file) leaves both previous files as they
+    were, never new features beside old labels.
+
+    Raises:
+        IsADirectoryError: ``out`` is a directory or ends in a path separator (:func:`features_target_problem`);
+            nothing is written.
+        CheckpointError: a file cannot be written (disk full, permissions); its previous content is kept.
+    """
+    from directpred.train.checkpoint import atomic_write_bytes
+
+    problem = features_target_problem(out)
+    if problem is not None:  # refused: it wrote <dir>.npy beside the directory
+        raise IsADirectoryError(errno.EISDIR, problem, os.fspath(out))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    retry = "run the command again"
     if out.suffix == ".npz":
-        np.savez(out, features=features, labels=labels, classes=np.asarray(classes), paths=np.asarray(names))
+
+        def write_npz(f: Any) -> None:
+            np.savez(f, features=features, labels=labels, classes=np.asarray(classes), paths=np.asarray(names))
+
+        atomic_write_bytes(out, write_npz, retry=retry)
         return [out]
     if out.suffix != ".npy":
         out = out.with_name(out.name + ".npy")
     labels_file = out.with_name(out.stem + ".labels.npy")
-    np.save(out, features)
-    np.save(labels_file, labels)
+
+    def write_labels(f: Any) -> None:
+        np.save(f, labels)
+        atomic_write_bytes(out, lambda g: np.save(g, features), retry=retry)
+
+    atomic_write_bytes(labels_file, write_labels, retry=retry)
     return [out, labels_file]
 
 
@@ -444,6 +647,7 @@ __all__ = [
     "BackboneExport",
     "embed",
     "export_backbone",
+    "features_target_problem",
     "load_backbone",
     "read_backbone",
     "read_image_folder",

@@ -164,13 +164,13 @@ def test_embed_of_a_flat_folder_gives_the_same_features_unlabelled(run, tmp_path
         (
             "flat",
             "test",
-            "--split test: {data} has no split folders (train/, val/, test/): it is one set of images "
+            "--split test: {data} has no split folders (train/, val/, test/, unlabeled/): it is one set of images "
             "(images without class folders); drop --split to embed all of them",
         ),
         (
             "loose",
             "train",
-            "--split train: {data} has no split folders (train/, val/, test/): it is one set of "
+            "--split train: {data} has no split folders (train/, val/, test/, unlabeled/): it is one set of "
             "images (<class>/<image>); drop --split to embed all of them",
         ),
         (
@@ -256,7 +256,7 @@ def test_a_class_named_like_a_split_is_a_class_not_a_split(tmp_path):
         with pytest.raises(DataError) as err:
             read_image_folder(data, image_size=8, split="train")
         assert str(err.value) == (
-            f"--split train: {data} has no split folders (train/, val/, test/): it is one set of images "
+            f"--split train: {data} has no split folders (train/, val/, test/, unlabeled/): it is one set of images "
             "(<class>/<image> whose class folders apple/, bus/, train/ are not all split names, so train/ is a "
             "class); drop --split to embed all of them"
         )
