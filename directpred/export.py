@@ -241,28 +241,37 @@ def read_backbone(
     raise CheckpointError(f"{source} is neither a directpred checkpoint nor an exported backbone")
 
 
-def _check_checkpoint_of_run(ckpt: Path, state: dict[str, Any], saved: Config, run_dir: Path) -> None:
-    """Refuse a ``checkpoint`` trained with another configuration than ``run_dir``'s ``config.yaml`` (``saved``),
-    beyond what a resume may change: the rule of ``directpred eval RUN --checkpoint``
-    (``directpred.cli.eval._check_checkpoint_config``). Another run's weights would be exported (or embedded) with
-    this run's normalisation, image size and augmentation, and the export's config would claim them. A checkpoint
-    without a readable configuration (an old one, another version's) has nothing to compare and is taken."""
+def checkpoint_config_differences(state: dict[str, Any], saved: Config) -> str | None:
+    """How the configuration a checkpoint ``state`` records differs from ``saved`` (a run's ``config.yaml``) beyond
+    what a resume may change (``key: A in the run, B in the checkpoint``, the first five), or None: the same, or
+    nothing to compare (an exported backbone, a checkpoint without a configuration or from another version). The
+    rule ``directpred eval RUN --checkpoint`` and ``export``/``embed RUN --checkpoint`` apply: another run's weights
+    would be evaluated or exported with this run's recipe (normalisation, image size, augmentation)."""
     from directpred.config import load_config
     from directpred.train.rundir import fixed_changes
 
     if not isinstance(state.get("config"), dict):
-        return
+        return None
     try:
         trained = load_config(None, [], base=state["config"])
     except ConfigError:  # written by another version of directpred: nothing to compare
-        return
+        return None
     changes = fixed_changes(saved, trained)
-    if changes:
-        shown = "; ".join(f"{k}: {a!r} in the run, {b!r} in the checkpoint" for k, (a, b) in list(changes.items())[:5])
+    if not changes:
+        return None
+    shown = "; ".join(f"{k}: {a!r} in the run, {b!r} in the checkpoint" for k, (a, b) in list(changes.items())[:5])
+    return shown + ("; ..." if len(changes) > 5 else "")
+
+
+def _check_checkpoint_of_run(ckpt: Path, state: dict[str, Any], saved: Config, run_dir: Path) -> None:
+    """Refuse a ``checkpoint`` trained with another configuration than ``run_dir``'s ``config.yaml`` (``saved``):
+    :func:`checkpoint_config_differences`; the export's config would claim another run's weights."""
+    shown = checkpoint_config_differences(state, saved)
+    if shown:
         raise ConfigError(
             f"checkpoint {ckpt} (--checkpoint) was trained with another configuration than "
-            f"{run_dir / 'config.yaml'} ({shown}{'; ...' if len(changes) > 5 else ''}); give {ckpt} itself as the "
-            "source (it is rebuilt with the configuration stored in it), or its own run directory with --checkpoint"
+            f"{run_dir / 'config.yaml'} ({shown}); give {ckpt} itself as the source (it is rebuilt with the "
+            "configuration stored in it), or its own run directory with --checkpoint"
         )
 
 
@@ -645,6 +654,7 @@ def save_features(
 
 __all__ = [
     "BackboneExport",
+    "checkpoint_config_differences",
     "embed",
     "export_backbone",
     "features_target_problem",

@@ -225,22 +225,13 @@ def _check_eval_overrides(saved: Config, cfg: Config) -> None:
 def _check_checkpoint_config(ckpt: Path, state: dict, saved: Config, run_dir: Path) -> None:
     """Refuse a ``--checkpoint`` trained with another configuration than ``run_dir``'s (another run's, of the same
     shape, would be evaluated with this run's recipe and written into its ``eval.json``)."""
-    from directpred.config import load_config
-    from directpred.train.rundir import fixed_changes
+    from directpred.export import checkpoint_config_differences
 
-    if not isinstance(state.get("config"), dict):  # an exported backbone or an old checkpoint: nothing to compare
-        return
-    try:
-        trained = load_config(None, [], base=state["config"])
-    except ConfigError:  # written by another version of directpred: nothing to compare
-        return
-    changes = fixed_changes(saved, trained)
-    if changes:
-        shown = "; ".join(f"{k}: {a!r} in the run, {b!r} in the checkpoint" for k, (a, b) in list(changes.items())[:5])
+    shown = checkpoint_config_differences(state, saved)
+    if shown:
         raise ConfigError(
-            f"--checkpoint {ckpt} was trained with another configuration than {run_dir / 'config.yaml'} ({shown}"
-            f"{'; ...' if len(changes) > 5 else ''}); evaluate it from its own run directory "
-            "(`directpred eval THAT_RUN --checkpoint ...`)"
+            f"--checkpoint {ckpt} was trained with another configuration than {run_dir / 'config.yaml'} ({shown}); "
+            "evaluate it from its own run directory (`directpred eval THAT_RUN --checkpoint ...`)"
         )
 
 
