@@ -783,6 +783,20 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= cfg.diag.rho < 1.0, "diag.rho", cfg.diag.rho, "must lie in [0, 1)")
 
 
+def length_schedules(cfg: Config) -> list[str]:
+    """The schedules of ``cfg`` that follow the run's length (``train.epochs``), by key: ``optim.schedule``
+    (warmup_cosine) and, for BYOL, ``method.ema_schedule`` (cosine). Another ``train.epochs`` changes them at every
+    step, even where ``train.max_steps`` stops two runs at the same step."""
+    return [
+        key
+        for key, on in (
+            ("optim.schedule", cfg.optim.schedule == "warmup_cosine"),
+            ("method.ema_schedule", cfg.method.name == "byol" and cfg.method.ema_schedule == "cosine"),
+        )
+        if on
+    ]
+
+
 def check_schedule(cfg: Config, *, steps_per_epoch: int | None = None) -> None:
     """Refuse a learning-rate warm-up that does not end before training does: the learning rate would never reach
     ``optim.lr`` (with ``warmup_cosine`` the cosine part would never start). ``train.max_steps`` does not make it

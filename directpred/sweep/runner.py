@@ -30,7 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from directpred.config import Config, ConfigError, diff_configs, read_json_object, read_run_config
+from directpred.config import (
+    Config,
+    ConfigError,
+    diff_configs,
+    flatten,
+    length_schedules,
+    read_json_object,
+    read_run_config,
+)
 from directpred.files import run_dir_busy
 from directpred.sweep.spec import Run, Sweep, yaml_value
 
@@ -170,14 +178,7 @@ def finished_run_todo(run_dir: Path, saved: Config, wanted: Config, world: int |
                 "a shorter run cannot be made from it; write this sweep to another --out, or remove that "
                 "directory"
             )
-        schedules = [
-            name
-            for name, on in (
-                ("optim.schedule=warmup_cosine", wanted.optim.schedule == "warmup_cosine"),
-                ("method.ema_schedule=cosine", wanted.method.name == "byol" and wanted.method.ema_schedule == "cosine"),
-            )
-            if on
-        ]
+        schedules = [f"{key}={yaml_value(flatten(wanted.to_dict())[key])}" for key in length_schedules(wanted)]
         if steps == trained and "train.epochs" in diffs and schedules:  # capped by train.max_steps, both
             raise ConfigError(
                 f"{run_dir} trained {trained} steps of a {saved.train.epochs:g}-epoch schedule and this sweep asks "

@@ -31,7 +31,7 @@ from torch import nn
 
 from directpred import distributed
 from directpred.backbones import resolve_channels_last
-from directpred.config import Config, ConfigError, check_schedule, read_run_config
+from directpred.config import Config, ConfigError, check_schedule, length_schedules, read_run_config
 from directpred.data.augment import TwoViewAugment
 from directpred.data.datasets import DataBundle, DataError, load_data
 from directpred.data.order import step_generator
@@ -741,14 +741,7 @@ class Trainer:
         """Warn when a resume with another ``train.epochs`` stretches or shrinks a cosine schedule under the steps
         still to come: the steps taken followed the old one, so the run equals neither length trained throughout."""
         cfg, step = self.cfg, self.step
-        cosine = [
-            key
-            for key, on in (
-                ("optim.schedule", cfg.optim.schedule == "warmup_cosine"),
-                ("method.ema_schedule", cfg.method.ema_schedule == "cosine" and cfg.method.name == "byol"),
-            )
-            if on
-        ]
+        cosine = length_schedules(cfg)
         if not cosine or epochs_before is None or epochs_before == cfg.train.epochs or not 0 < step < self.last_step:
             return
         if not distributed.is_main():
