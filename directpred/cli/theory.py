@@ -30,7 +30,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     except SimulationDiverged as e:
         print(f"directpred theory simulate: error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out}/{{trajectory.npz,summary.json,summary.png}} in {time.perf_counter() - t0:.1f}s")
+    sgd = ["sgd.npz"] if cfg.model == "linear" and cfg.sgd_batch > 0 else []  # the minibatch SGD run beside the flow
+    names = ["trajectory.npz", *sgd, "summary.json", "summary.png"]
+    print(f"wrote {args.out}/{{{','.join(names)}}} in {time.perf_counter() - t0:.1f}s")
     return 0
 
 

@@ -190,7 +190,7 @@ def load_simulate_config(path: str | Path, overrides: Sequence[str] = ()) -> Sim
 
 def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
     """Run one configured simulation; write ``trajectory.npz``, ``summary.json`` and ``summary.png`` into
-    ``out``."""
+    ``out``, and ``sgd.npz`` when the configuration also runs minibatch SGD."""
     from directpred.theory import plots
     from directpred.theory.dynamics import simulate_linear
     from directpred.theory.invariants import theorem1_applies, track

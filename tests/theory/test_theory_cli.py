@@ -295,3 +295,15 @@ def test_register_adds_theory_subcommand():
     assert callable(args.func) and args.only == "fig4"
     args = parser.parse_args(["theory", "portrait", "--eta", "0.2", "--out", "p.png"])
     assert args.eta == 0.2 and args.alpha_p == 1.0
+
+
+def test_simulate_names_every_file_it_writes(tmp_path, capsys):
+    """With sgd_batch > 0 the linear model also writes sgd.npz, which the success line left out."""
+    config = "configs/theory/linear.yaml"
+    assert main(["simulate", config, "--out", str(tmp_path / "a"), "--set", "steps=10"]) == 0
+    written = sorted(p.name for p in (tmp_path / "a").iterdir())
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert written == ["sgd.npz", "summary.json", "summary.png", "trajectory.npz"]
+    assert line.startswith(f"wrote {tmp_path / 'a'}/{{trajectory.npz,sgd.npz,summary.json,summary.png}} in ")
+    assert main(["simulate", config, "--out", str(tmp_path / "b"), "--set", "steps=10", "--set", "sgd_batch=0"]) == 0
+    assert "sgd.npz" not in capsys.readouterr().out and not (tmp_path / "b" / "sgd.npz").exists()
