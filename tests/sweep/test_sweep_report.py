@@ -390,8 +390,9 @@ def test_an_extended_runs_earlier_final_row_is_not_a_point_of_the_knn_curve(tmp_
         rows = [{"kind": "final", "step": 30, "epoch": 3, "knn_top1": 50.0}]
         if seed == 1:  # the extended one
             rows.insert(0, {"kind": "final", "step": 10, "epoch": 1, "knn_top1": 33.0})
-        with open(out / "runs" / "a" / f"seed{seed}" / "metrics.jsonl", "a") as f:
-            f.write("\n" + "".join(json.dumps(r) + "\n" for r in rows))
+        metrics = out / "runs" / "a" / f"seed{seed}" / "metrics.jsonl"
+        kept = metrics.read_text().splitlines()[:-1]  # without _run's torn last line
+        metrics.write_text("".join(line + "\n" for line in kept) + "".join(json.dumps(r) + "\n" for r in rows))
     res = write_reports(load_sweep(_sweep_file(tmp_path, tiny_folder, [0, 1])), out)
     assert res["cells"][0]["knn_curve"] == [[2, 45.0, 2], [3, 50.0, 2]]
 
