@@ -63,7 +63,8 @@ the data is read (`data.path`, `data.local_copy`, `data.root`, `data.download`, 
 the same data moved, as a folder, its archive or (streamed) its shards; other data, with another image count, class
 list, image size or steps per epoch, or other images (a digest of the labels and of 32 images differs), is refused;
 `--force` accepts other images of the same count, classes and size, a corrupt file replaced by a good copy),
-`data.skip_corrupt`, `eval.*` and `diag.stop_on_collapse` may change; anything else is refused with the difference
+`data.skip_corrupt`, `data.decode` and `data.jpeg_decoder` (a resume warns when the decoder changes), `eval.*` and
+`diag.stop_on_collapse` may change; anything else is refused with the difference
 shown, unless `--force` (refused even then when no step is left to train with it: give more steps too). A finished
 run resumed with nothing changed is reported as it is (nothing evaluated or written again); one resumed
 with another `eval.*` is evaluated again (its new `final` row in `metrics.jsonl` replaces the old one); the length

@@ -596,8 +596,16 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "git_commit": self.commit,
             "precision": self._precision_name(),  # as resolved here: train.precision=auto depends on the hardware
+            "decoder": self._decoder_name(),  # as resolved here too: data.decode=auto depends on the device
             "hardware": describe_hardware(self.device),
         }
+
+    def _decoder_name(self) -> str | None:
+        """What decodes a streamed run's JPEGs here: ``pillow`` (the DataLoader workers) or the batched path's
+        decoder (``torchcodec``/``torchvision``, nvJPEG on CUDA); None for in-memory data (decoded once, up front)."""
+        if not isinstance(self.source, StreamSource):
+            return None
+        return self.source.jpeg_decoder or "pillow"
 
     def _precision_name(self) -> str:
         return str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else "fp32"
@@ -733,6 +741,18 @@ class Trainer:
                 f"{self.cfg.train.precision} runs {now} here, so the steps to come differ in precision from those "
                 f"taken (auto picks bf16 on CPUs with AMX and on GPUs, fp32 on other CPUs). To continue as the run "
                 f"began: --set train.precision={setting}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+        decoded, decoder = state.get("decoder"), self._decoder_name()
+        if decoded and decoder and decoded != decoder and self.step < self.last_step and distributed.is_main():
+            setting = "cpu" if decoded == "pillow" else "cuda"
+            warnings.warn(
+                f"{path} was trained on images decoded by {decoded} up to step {self.step}; data.decode="
+                f"{self.cfg.data.decode} decodes them with {decoder} here (auto is the GPU's nvJPEG on CUDA, Pillow in "
+                "the workers on a CPU), whose pixels differ by a few grey levels, so the steps to come see other "
+                f"images than those taken. To continue as the run began: --set data.decode={setting}",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -31,6 +31,8 @@ RESUMABLE_CHANGES = (
     "data.local_copy",
     "data.download",
     "data.skip_corrupt",  # the fix a corrupt file's error names; a changed image count is refused by the data check
+    "data.decode",  # as train.device: where the steps to come decode (a resume warns when the decoder changes)
+    "data.jpeg_decoder",
     "eval.",
     "log.",
     "diag.stop_on_collapse",

@@ -284,3 +284,39 @@ def test_test_shards_written_over_an_earlier_writes_val_shards_are_read(tmp_path
     with pytest.warns(UserWarning, match=r"removed 1 val shard\(s\) of an earlier write \(val-000000.tar\)"):
         assert write_shards(other, out, shard_size=100) == {"train": 9, "test": 5}
     assert len(ShardReader(out, "test")) == 5
+
+
+def test_a_resume_that_decodes_otherwise_says_so_and_the_advice_is_accepted(tiny_overrides, tmp_path, monkeypatch):
+    """data.decode=auto decodes in the workers (Pillow) on a CPU and with nvJPEG on CUDA: a streamed run resumed on
+    the other kind of machine changed decoders, and so pixels, without a word (as train.precision=auto warns). The
+    GPU side is stood in for by the batched path on the CPU (data.decode=cuda's code with libjpeg-turbo)."""
+    from directpred.train import loop
+    from directpred.train.rundir import check_resume_config
+
+    data = write_mixed_folder(tmp_path / "data", n_per_class=4)
+    base = tiny_overrides + [
+        f"data.path={data}",
+        "data.stream=true",
+        "data.image_size=32",
+        "data.decode_size=36",
+        "data.augment=imagenet",
+        "backbone.width=4",
+        "train.batch_size=4",
+        "train.epochs=2",
+        "eval.linear=false",
+        "eval.knn_every=0",
+        "data.decode=auto",
+    ]
+    run = tmp_path / "run"
+    loop.Trainer(load_config(None, base + ["train.max_steps=2"]), run).fit()
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["decoder"] == "pillow"
+    make = loop.make_batch_source
+
+    def on_a_gpu(cfg, data, device):  # what data.decode=auto builds under CUDA: the batched decoder
+        source = make(cfg, data, device)
+        return StreamSource(source.reader, source.size, batch_size=4, seed=cfg.train.seed, decode_device="cpu")
+
+    monkeypatch.setattr(loop, "make_batch_source", on_a_gpu)
+    with pytest.warns(RuntimeWarning, match=r"decoded by pillow up to step 2; data.decode=auto decodes them with "):
+        loop.Trainer(load_config(None, base + ["train.max_steps=3"]), run, resume=True).fit()
+    check_resume_config(load_config(None, base), load_config(None, base + ["data.decode=cpu"]))  # the advice works
