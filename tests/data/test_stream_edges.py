@@ -203,6 +203,22 @@ def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
     assert len(ShardReader(out, "train")) == len(reader)
 
 
+def _streamed(tiny_overrides: list[str], data: Path) -> list[str]:
+    """A tiny streamed run of 12 images in 3 classes (``write_mixed_folder(n_per_class=4)``): 3 steps an epoch."""
+    return tiny_overrides + [
+        f"data.path={data}",
+        "data.stream=true",
+        "data.image_size=32",
+        "data.decode_size=36",
+        "data.augment=imagenet",
+        "backbone.width=4",
+        "train.batch_size=4",
+        "train.epochs=2",
+        "eval.linear=false",
+        "eval.knn_every=0",
+    ]
+
+
 def test_skip_corrupt_may_change_on_resume(tiny_overrides):
     """The corrupt-file error says to resume with data.skip_corrupt=true; the resume check refused that change."""
     saved = load_config(None, tiny_overrides)
@@ -216,18 +232,7 @@ def test_a_replaced_corrupt_file_resumes_with_force_only(tiny_overrides, tmp_pat
     from directpred.train.loop import Trainer, TrainingError
 
     data = write_mixed_folder(tmp_path / "data", n_per_class=4)
-    base = tiny_overrides + [
-        f"data.path={data}",
-        "data.stream=true",
-        "data.image_size=32",
-        "data.decode_size=36",
-        "data.augment=imagenet",
-        "backbone.width=4",
-        "train.batch_size=4",
-        "train.epochs=2",
-        "eval.linear=false",
-        "eval.knn_every=0",
-    ]
+    base = _streamed(tiny_overrides, data)
     run = tmp_path / "run"
     Trainer(load_config(None, base + ["train.max_steps=2"]), run).fit()
     first = FolderReader(data, "train").name(0)
@@ -294,19 +299,7 @@ def test_a_resume_that_decodes_otherwise_says_so_and_the_advice_is_accepted(tiny
     from directpred.train.rundir import check_resume_config
 
     data = write_mixed_folder(tmp_path / "data", n_per_class=4)
-    base = tiny_overrides + [
-        f"data.path={data}",
-        "data.stream=true",
-        "data.image_size=32",
-        "data.decode_size=36",
-        "data.augment=imagenet",
-        "backbone.width=4",
-        "train.batch_size=4",
-        "train.epochs=2",
-        "eval.linear=false",
-        "eval.knn_every=0",
-        "data.decode=auto",
-    ]
+    base = _streamed(tiny_overrides, data) + ["data.decode=auto"]
     run = tmp_path / "run"
     loop.Trainer(load_config(None, base + ["train.max_steps=2"]), run).fit()
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["decoder"] == "pillow"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_images, write_folder
+from conftest import synthetic_images, tiny_override_list, write_folder
 from PIL import Image
 
 from directpred.cli import main
@@ -23,24 +23,7 @@ TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def _tiny(folder: Path, cache: Path, *extra: str) -> list[str]:
-    return [
-        "data.dataset=folder",
-        f"data.path={folder}",
-        f"data.cache_dir={cache}",
-        "backbone.width=4",
-        "projector.hidden_dim=32",
-        "projector.out_dim=16",
-        "train.batch_size=16",
-        "train.progress=false",
-        "train.device=cpu",
-        "train.precision=fp32",
-        "eval.knn_every=0",
-        "eval.linear=false",
-        "eval.knn_k=10",
-        "diag.every=0",
-        "train.max_steps=2",
-        *extra,
-    ]
+    return [*tiny_override_list(folder, cache), "train.max_steps=2", *extra]
 
 
 @pytest.fixture(scope="module")
