@@ -573,6 +573,10 @@ def _check_overrides_type(overrides: object) -> None:
 
 # data.* keys that name files or folders; stored absolute in a run's config.yaml
 DATA_PATH_KEYS = ("path", "local_copy", "root", "cache_dir")
+#: Keys that say where the data lies or how it is read, not which images: the same figures with any of them changed
+#: (a moved copy, an archive of the folder, another cache or worker count). Resumes, sweeps' --set and
+#: `directpred eval` take them as such.
+DATA_LOCATION = ("data.workers", "data.cache_dir", "data.root", "data.path", "data.local_copy", "data.download")
 
 
 def absolute_data_path(value: str, base: Path) -> str:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from directpred.config import Config, ConfigError, EvalConfig, diff_configs
+from directpred.config import DATA_LOCATION, Config, ConfigError, EvalConfig, diff_configs
 
 
 def print_results(results: Mapping[str, object], header: str, eval_cfg: EvalConfig) -> None:
@@ -208,8 +208,6 @@ def _leave_group() -> int:
 # how the run was trained: changing it would either not load (another backbone) or change nothing (optim.lr) while
 # eval.json records it as if it had.
 EVAL_CHANGES = ("eval.", "data.", "train.device", "train.precision", "train.channels_last", "train.seed")
-# Where the data lies, not which images or how they are shown: the same figures wherever the copy is.
-DATA_LOCATION = ("data.path", "data.local_copy", "data.root", "data.cache_dir", "data.download", "data.workers")
 
 
 def _check_eval_overrides(saved: Config, cfg: Config) -> None:

@@ -12,6 +12,7 @@ import csv
 import io
 import math
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -328,10 +329,8 @@ def markdown(res: dict[str, Any]) -> str:
     if machines:
         lines += ["", "Hardware of the finished runs:", ""]
         lines += [f"- {name}: {n} run{'s' * (n != 1)}" for name, n in machines.items()]
-    processes: dict[int, int] = {}
-    for r in res["timing"]["runs"]:
-        processes[r.get("processes") or 1] = processes.get(r.get("processes") or 1, 0) + 1
-    if set(processes) != {1}:  # under --torchrun; mixed counts mean mixed global batches in one mean
+    processes = Counter(r.get("processes") or 1 for r in res["timing"]["runs"])
+    if set(processes) - {1}:  # under --torchrun; mixed counts mean mixed global batches in one mean
         lines += ["", "Processes per run (the global batch is `train.batch_size` times these):", ""]
         lines += [f"- {w}: {n} run{'s' * (n != 1)}" for w, n in sorted(processes.items())]
     commits: dict[str, int] = {}

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from directpred.config import (
+    DATA_LOCATION,
     DATA_PATH_KEYS,
     Config,
     ConfigError,
@@ -48,12 +49,7 @@ TOP_KEYS = ("base", "set", "axes", "variants", "seeds", "paper")
 # Keys that say where the data lies or how a run is shown, not what it computes: --set may override them in cells
 # that set them (a copy of the data elsewhere). Every other key a cell sets, --set refuses.
 WHERE_NOT_WHAT = (
-    "data.path",
-    "data.local_copy",
-    "data.root",
-    "data.cache_dir",
-    "data.download",
-    "data.workers",
+    *DATA_LOCATION,
     "train.device",
     "train.progress",
     "train.log_every",

@@ -562,11 +562,12 @@ class Trainer:
         signal another rank got, so that every rank (rank 0 reports) names it and exits with its code."""
         if self.world == 1:
             return requested
-        mine = torch.tensor([[float(requested), float(self.stop_signal or 0)]], device=self.device)
-        every = distributed.gather_cat(mine)  # (world, 2)
-        if self.stop_signal is None and int(every[:, 1].max().item()) > 0:
-            self.stop_signal = int(every[:, 1].max().item())
-        return bool(every[:, 0].max().item() > 0)
+        # every step: one all-reduce and one host read (the largest signal number stands for the stop's signal)
+        flags = torch.tensor([float(requested), float(self.stop_signal or 0)], device=self.device)
+        anyone, signum = (int(v) for v in distributed.all_reduce_max(flags).tolist())
+        if self.stop_signal is None and signum > 0:
+            self.stop_signal = signum
+        return anyone > 0
 
     # ------------------------------------------------------------------------------------------------------------
     # State: checkpoint, resume, summary

@@ -9,7 +9,15 @@ from typing import Any
 import torch
 
 from directpred import distributed
-from directpred.config import Config, ConfigError, diff_configs, dump_config, read_json_object, read_run_config
+from directpred.config import (
+    DATA_LOCATION,
+    Config,
+    ConfigError,
+    diff_configs,
+    dump_config,
+    read_json_object,
+    read_run_config,
+)
 from directpred.train.checkpoint import atomic_write_text, remove_stale_temporaries
 from directpred.train.faults import TrainingError
 
@@ -24,12 +32,7 @@ RESUMABLE_CHANGES = (
     "train.skip_nonfinite",
     "train.device",
     "train.precision",  # as train.device: the steps to come (a resume warns when it differs from the checkpoint's)
-    "data.workers",
-    "data.cache_dir",
-    "data.root",
-    "data.path",
-    "data.local_copy",
-    "data.download",
+    *DATA_LOCATION,
     "data.skip_corrupt",  # the fix a corrupt file's error names; a changed image count is refused by the data check
     "data.decode",  # as train.device: where the steps to come decode (a resume warns when the decoder changes)
     "data.jpeg_decoder",
