@@ -146,6 +146,11 @@ class Reader(Protocol):
     def read(self, i: int) -> bytes: ...
 
 
+def _class_folders(split_dir: Path) -> list[str]:
+    """The sorted names of the class folders in a split's folder (its images are not listed)."""
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+
+
 def _has_class_folders(path: Path) -> bool:
     return path.is_dir() and any(p.is_dir() for p in path.iterdir())
 
@@ -183,7 +188,7 @@ class FolderReader:
     ) -> None:
         self.root = Path(root).expanduser()
         self.dir = _split_dir(self.root, split, folders)
-        found = sorted(e.name for e in os.scandir(self.dir) if e.is_dir())
+        found = _class_folders(self.dir)
         self.classes = classes if classes is not None else found
         if not self.classes:
             raise DataError(f"{self.dir}: no class folders")
@@ -353,8 +358,7 @@ def open_reader(path: str | Path, split: str) -> Reader:
 def train_classes(path: str | Path) -> list[str]:
     """The class names of an ImageFolder tree: the sorted folder names of its ``train/`` (without listing their
     images: ImageNet's train/ holds 1.28M files)."""
-    train = _split_dir(Path(path).expanduser(), "train")
-    return sorted(e.name for e in os.scandir(train) if e.is_dir())
+    return _class_folders(_split_dir(Path(path).expanduser(), "train"))
 
 
 def write_shards(
