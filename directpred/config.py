@@ -749,6 +749,20 @@ def validate(cfg: Config) -> None:
         "eval.linear_weight_decay=0 --set eval.linear_batch_size=128 --set eval.linear_epochs=80 (the batch is per "
         "process: 1024 on 8 GPUs)",
     )
+    if e.linear_protocol == "byol":  # the rate is refused above; the others are legitimate values, so a warning
+        kept = [
+            f"eval.{key}={getattr(e, key)} (BYOL: {byol})"
+            for key, byol in (("linear_weight_decay", 0), ("linear_epochs", 80))
+            if getattr(e, key) == getattr(EvalConfig, key)
+        ]
+        if kept:
+            warnings.warn(
+                f"eval.linear_protocol=byol runs with {' and '.join(kept)}: the default{'s' if len(kept) > 1 else ''}"
+                " of the authors' Adam probe, not BYOL's values; set them (configs/imagenet/*.yaml do) unless you "
+                "mean these",
+                UserWarning,
+                stacklevel=2,
+            )
     _check(0.0 <= e.linear_momentum < 1.0, "eval.linear_momentum", e.linear_momentum, "must lie in [0, 1)")
     _check(
         d.dataset != "folder" or bool(d.path),

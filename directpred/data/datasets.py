@@ -709,6 +709,13 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
         unlabelled = bool((pretrain.labels < 0).any())  # STL-10's train+unlabeled: the probe keeps all of train
         pretrain = pretrain.subset(balanced_subset(pretrain.labels, cfg.train_subset, seed))
         if not unlabelled:
+            classes = int(torch.unique(train.labels).numel())
+            if classes > int(torch.unique(pretrain.labels).numel()):  # a balanced subset misses one only if n < C
+                raise DataError(
+                    f"data.train_subset={cfg.train_subset} is fewer images than the {classes} classes: the kNN bank "
+                    "and the linear probe would have no training image of some classes and could never predict "
+                    f"them; set data.train_subset to at least {classes} (0: all images)"
+                )
             train = pretrain
     if cfg.test_subset:
         test = test.subset(balanced_subset(test.labels, cfg.test_subset, seed))

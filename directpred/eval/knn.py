@@ -8,7 +8,15 @@ from typing import Any
 
 import torch
 
-from directpred.eval.inputs import as_features, as_labels, check_count, check_fitted, nonfinite_rows, unit_rows
+from directpred.eval.inputs import (
+    accuracy,
+    as_features,
+    as_labels,
+    check_count,
+    check_fitted,
+    nonfinite_rows,
+    unit_rows,
+)
 
 
 def vote_weights(sim: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -69,7 +77,7 @@ class KNNClassifier:
             features, "the training features", "kNN", "every prediction is meaningless and score() returns NaN"
         )
         self.features_ = unit_rows(features)
-        self.labels_ = as_labels(labels, len(features)).to(features.device)
+        self.labels_ = as_labels(labels, len(features)).to(features.device).clone()  # not the caller's tensor
         self.num_classes_ = int(self.labels_.max()) + 1
         if self.k > len(self.labels_):  # every training image votes: say so rather than print the k asked for
             warnings.warn(
@@ -123,4 +131,4 @@ class KNNClassifier:
         bad = nonfinite_rows(features, "the features", "kNN.score", "the score is NaN")
         pred = self.predict_scores(features).argmax(1).cpu()
         hits = pred == as_labels(labels, len(pred)).cpu()
-        return math.nan if bad or self.nonfinite_rows_ else float(hits.float().mean())
+        return math.nan if bad or self.nonfinite_rows_ else accuracy(hits)

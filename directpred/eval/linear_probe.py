@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from directpred.eval.inputs import as_features, as_labels, check_count, check_fitted, nonfinite_rows
+from directpred.eval.inputs import accuracy, as_features, as_labels, check_count, check_fitted, nonfinite_rows
 
 
 class LinearProbe:
@@ -144,4 +144,4 @@ class LinearProbe:
         bad = nonfinite_rows(x, "x", "LinearProbe.score", "the score is NaN")
         pred = self._predict(x).cpu()
         hits = pred == as_labels(y, len(pred), "y").cpu()
-        return math.nan if bad or self.nonfinite_rows_ else float(hits.float().mean())
+        return math.nan if bad or self.nonfinite_rows_ else accuracy(hits)

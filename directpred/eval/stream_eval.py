@@ -28,7 +28,7 @@ from directpred import distributed
 from directpred.config import Config, ConfigError
 from directpred.data.augment import ViewRecipe, augment_view, eval_transform
 from directpred.data.stream import Reader, StreamData, StreamSource, iterate_split
-from directpred.eval.inputs import nonfinite_rows, unit_rows
+from directpred.eval.inputs import accuracy, as_features, as_labels, check_count, nonfinite_rows, unit_rows
 from directpred.eval.knn import vote_weights
 
 
@@ -97,6 +97,11 @@ def knn_stream(
     multi-process run each process streams its part of the training set and the top-k lists are merged; every
     process must pass all test features. NaN when a test or training feature row is non-finite (with a warning,
     as :meth:`KNNClassifier.score <directpred.eval.knn.KNNClassifier.score>`)."""
+    check_count(k, "k", "kNN", "eval.knn_k")  # as KNNClassifier: k=0 or T<=0 returned a number before
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"kNN: temperature={temperature!r} must be > 0 (eval.knn_t)")
+    test_features = as_features(test_features, "test_features")
+    test_labels = as_labels(test_labels, len(test_features), "test_labels")  # a -1 would have counted as a miss
     bad_test = nonfinite_rows(test_features, "the test features", "kNN", "the score is NaN")
     bad_train = torch.zeros((), dtype=torch.long, device=test_features.device)
     q = unit_rows(test_features)
@@ -140,7 +145,7 @@ def knn_stream(
         best_lab = all_lab.gather(1, pos)
     votes = torch.zeros(len(q), num_classes, device=q.device)
     votes.scatter_add_(1, best_lab, vote_weights(best_sim, temperature))  # exp(-inf) = 0: fewer than k neighbours
-    return float((votes.argmax(1).cpu() == test_labels.long().cpu()).float().mean())
+    return accuracy(votes.argmax(1).cpu() == test_labels.cpu())
 
 
 def probe_recipe(test_recipe: ViewRecipe) -> ViewRecipe:
@@ -166,7 +171,8 @@ class ByolLinearEval:
         workers: DataLoader workers decoding the images.
 
     Attributes (after ``fit``):
-        history_: (top-1, top-5) on the test split after each epoch, in [0, 1].
+        history_: (top-1, top-5) on the test split after each epoch, in [0, 1] (top-5 NaN with 5 classes or
+            fewer).
         top1_, top5_: the final epoch's.
         best_top1_: the best top-1 over epochs (selected on the test split: optimistic).
         peak_lr_: the learning rate applied at the first step (``lr`` scaled by the global batch).
@@ -310,8 +316,9 @@ class ByolLinearEval:
         channels_last: bool = False,
         skip_corrupt: bool = False,
     ) -> tuple[float, float]:
-        """(top-1, top-5) in [0, 1] on the centre crops of ``test`` (all processes' images counted); NaN, with a
-        warning, when a feature row is non-finite."""
+        """(top-1, top-5) in [0, 1] on the centre crops of ``test`` (all processes' images counted); both NaN, with a
+        warning, when a feature row is non-finite; top-5 NaN with 5 classes or fewer (it would be 1 whatever the
+        classifier)."""
         device = torch.device(device)
         counts = torch.zeros(4, device=device)  # top-1 hits, top-5 hits, images, non-finite feature rows
         for feats, labels in stream_features(
@@ -344,7 +351,11 @@ class ByolLinearEval:
                 stacklevel=2,
             )
             return math.nan, math.nan
-        return float(counts[0] / counts[2]), float(counts[1] / counts[2])
+        top1, top5, n = (int(c) for c in counts[:3].tolist())  # exact counts (float32 division rounded)
+        if not n:
+            return math.nan, math.nan
+        # With 5 classes or fewer every label is in the top 5: no top-5 figure, rather than a trivial 100 %.
+        return top1 / n, (top5 / n if self.linear_.out_features > 5 else math.nan)
 
 
 @torch.no_grad()
@@ -438,5 +449,6 @@ def evaluate_stream(
             )
         out["linear_top1"] = 100.0 * ev.top1_
         out["linear_top1_best"] = 100.0 * ev.best_top1_
-        out["linear_top5"] = 100.0 * ev.top5_
+        if data.num_classes > 5:  # with fewer, every label is in the top 5: no figure rather than a trivial 100 %
+            out["linear_top5"] = 100.0 * ev.top5_
     return out

@@ -383,5 +383,15 @@ def test_the_byol_probe_values_the_refusal_names_are_the_imagenet_configs_and_lo
         assert {k: float(v) for k, v in fix} == {k: float(getattr(cfg.eval, k[5:])) for k, _ in fix}, path
     cfg = load_config(None, [*STREAM.split(), "eval.linear_protocol=byol", *(f"{k}={v}" for k, v in fix)])
     assert (cfg.eval.linear_lr, cfg.eval.linear_epochs) == (0.2, 80)
-    load_config(None, [*STREAM.split(), "eval.linear_protocol=byol", "eval.linear_lr=3e-3"])  # any other lr is taken
-    assert load_config(None, ["eval.linear_protocol=authors"]).eval.linear_lr == 3e-4  # the authors' probe: untouched
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # BYOL's values draw no warning (nor do the configs above)
+        load_config(None, [*STREAM.split(), "eval.linear_protocol=byol", *(f"{k}={v}" for k, v in fix)])
+        assert load_config(None, ["eval.linear_protocol=authors"]).eval.linear_lr == 3e-4  # the authors' probe
+    # Any other lr is taken; the Adam probe's weight decay and epochs under it, kept unseen before, are named.
+    with pytest.warns(UserWarning) as caught:
+        load_config(None, [*STREAM.split(), "eval.linear_protocol=byol", "eval.linear_lr=3e-3"])
+    assert [str(w.message) for w in caught] == [
+        "eval.linear_protocol=byol runs with eval.linear_weight_decay=0.001 (BYOL: 0) and eval.linear_epochs=50 "
+        "(BYOL: 80): the defaults of the authors' Adam probe, not BYOL's values; set them (configs/imagenet/*.yaml "
+        "do) unless you mean these"
+    ]

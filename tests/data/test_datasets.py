@@ -271,6 +271,18 @@ def test_a_subset_larger_than_the_split_says_that_all_images_are_used(tiny_overr
     assert len(data.test) == 20
 
 
+def test_a_training_subset_smaller_than_the_classes_is_refused(tiny_overrides):
+    """tiny_folder has 4 classes: a train_subset of 3 left one without a training image, so kNN and the probe could
+    never predict it and reported a capped accuracy without a word; 4 keeps one image of each."""
+    from directpred.config import load_config
+    from directpred.data.datasets import load_data
+
+    with pytest.raises(DataError, match=r"data.train_subset=3 is fewer images than the 4 classes.*at least 4"):
+        load_data(load_config(None, tiny_overrides + ["data.train_subset=3"]).data)
+    data = load_data(load_config(None, tiny_overrides + ["data.train_subset=4"]).data)
+    assert sorted(data.train.labels.tolist()) == [0, 1, 2, 3]
+
+
 def _image_bytes(array: np.ndarray, fmt: str) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, fmt)

@@ -207,13 +207,36 @@ def test_byol_linear_evaluation_streams_and_scores_top1_top5(jpegs):
     y = torch.cat(labels)
     top1 = float((logits.argmax(1) == y).float().mean())
     top2 = float((logits.topk(2, 1).indices == y[:, None]).any(1).float().mean())
-    assert ev.top1_ == pytest.approx(top1) and ev.top5_ == 1.0  # 3 classes: the top 5 hold every class
+    assert ev.top1_ == pytest.approx(top1) and math.isnan(ev.top5_)  # 3 classes: no top-5 (it would be 100 %)
     assert ev.history_[-1][0] == pytest.approx(top1) and top2 >= top1
     assert ev.best_top1_ == max(h[0] for h in ev.history_)
     # The test crops are the centre image_size crop of the decode_size image (resize 256 / centre crop 224).
     ((crop, _),) = list(iterate_split(test.inner, 28, crop=24, batch_size=len(test)))
     ((full, _),) = list(iterate_split(test.inner, 28, batch_size=len(test)))
     assert torch.equal(crop, full[:, :, 2:26, 2:26])
+
+
+def test_byol_linear_evaluation_top5_is_the_top5_with_more_than_five_classes(tmp_path):
+    """Top-5 against an independent count on 7 classes; with 5 classes or fewer it was a trivial 100 % (every label
+    is in the top 5) printed as a result: now NaN in the estimator and no figure in the evaluation's output. The
+    accuracies are exact shares (float32 division put 66.66666865 % into summary.json)."""
+    data = write_mixed_folder(tmp_path / "data", n_per_class=3, classes=7)
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 5, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    )
+    train = FolderReader(data, "train")
+    test = FolderReader(data, "test", classes=train.classes)
+    r = recipe("imagenet", 24)[1]
+    ev = ByolLinearEval(epochs=1, lr=0.5, batch_size=6, seed=1).fit(
+        backbone, train, test, r, decode_size=28, num_classes=7, feature_dim=8
+    )
+    feats, labels = zip(*stream_features(backbone, test, r, decode_size=28, batch_size=4))
+    logits, y = ev.linear_(torch.cat(feats)), torch.cat(labels)
+    hits1 = int((logits.argmax(1) == y).sum())
+    hits5 = int((logits.topk(5, 1).indices == y[:, None]).any(1).sum())
+    assert 0 < hits5 < len(y)  # a non-trivial top-5
+    assert ev.history_[-1] == (hits1 / len(y), hits5 / len(y))  # exact shares, not float32 divisions
 
 
 def test_byol_linear_evaluation_scales_its_base_rate_by_the_global_batch_as_byol_does(jpegs, monkeypatch):

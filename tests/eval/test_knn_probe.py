@@ -59,7 +59,7 @@ def test_knn_on_huge_or_tiny_finite_features_is_the_knn_of_the_features(scale):
     assert (ref == y[60:]).float().mean() > 0.9
     assert torch.equal(KNNClassifier(k=5).fit(scale * x[:60], y[:60]).predict(scale * x[60:]), ref)
     batches = [(scale * x[:30], y[:30]), (scale * x[30:60], y[30:60])]
-    assert knn_stream(scale * x[60:], y[60:], iter(batches), num_classes=3, k=5) == (ref == y[60:]).float().mean()
+    assert knn_stream(scale * x[60:], y[60:], iter(batches), num_classes=3, k=5) == int((ref == y[60:]).sum()) / 30
     zero = torch.zeros(1, x.shape[1])
     assert torch.isfinite(KNNClassifier(k=5).fit(x[:60], y[:60]).predict_scores(zero)).all()
 
@@ -132,7 +132,7 @@ def test_knn_with_a_small_temperature_matches_brute_force(t):
     assert torch.isfinite(knn.predict_scores(query)).all()
     assert torch.equal(knn.predict(query), brute_force_knn(train, labels, query, 9, t, 4))
     # the streamed kNN (ImageNet) computes the same votes from streamed training batches
-    ref = float((brute_force_knn(train, labels, query, 9, t, 4) == labels[:30]).float().mean())
+    ref = int((brute_force_knn(train, labels, query, 9, t, 4) == labels[:30]).sum()) / 30
     batches = iter([(train[:50], labels[:50]), (train[50:], labels[50:])])
     assert knn_stream(query, labels[:30], batches, num_classes=4, k=9, temperature=t) == ref
 
@@ -328,3 +328,58 @@ def test_predict_or_score_before_fit_says_call_fit_first(est, call):
     name = type(est).__name__
     assert str(info.value) == f"this {name} is not fitted yet: call fit() first, then predict() or score()"
     assert isinstance(info.value, ValueError) and isinstance(info.value, AttributeError)
+
+
+def test_features_straight_out_of_a_forward_pass_are_frozen_inputs():
+    """Features that carry an autograd graph (``net(x)`` outside ``no_grad``): the probe's second epoch ran
+    ``backward`` through the graph again (RuntimeError) and the kNN bank kept the graph alive; both now detach."""
+    x, y = _blobs()
+    net = torch.nn.Linear(x.shape[1], x.shape[1])
+    feats = net(x)
+    assert feats.requires_grad
+    probe = LinearProbe(epochs=2, seed=0).fit(feats[:60], y[:60], feats[60:], y[60:])
+    plain = LinearProbe(epochs=2, seed=0).fit(feats[:60].detach(), y[:60], feats[60:].detach(), y[60:])
+    assert probe.history_ == plain.history_
+    knn = KNNClassifier(k=5).fit(feats[:60], y[:60])
+    assert not knn.features_.requires_grad and not knn.predict_scores(feats[60:]).requires_grad
+    assert net.weight.grad is None  # nothing flowed back into the network
+
+
+def test_knn_keeps_its_own_copy_of_the_training_labels():
+    x, y = _blobs()
+    labels = y[:60].clone()
+    knn = KNNClassifier(k=5).fit(x[:60], labels)
+    before = knn.predict(x[60:])
+    labels.zero_()  # the caller reuses its tensor
+    assert torch.equal(knn.predict(x[60:]), before)
+
+
+def test_accuracies_are_exact_shares_not_float32_divisions():
+    """2 of 3 right is 2/3 exactly (float32's mean gave 0.6666666865, so 66.66666865 % in summary.json)."""
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    test = torch.tensor([[1.0, 0.1], [0.1, 1.0], [1.0, 0.2]])
+    y_test = torch.tensor([0, 1, 1])  # the third is a miss
+    assert KNNClassifier(k=1).fit(train, torch.tensor([0, 1])).score(test, y_test) == 2 / 3
+    streamed = knn_stream(test, y_test, iter([(train, torch.tensor([0, 1]))]), num_classes=2, k=1)
+    assert streamed == 2 / 3
+    probe = LinearProbe(epochs=30, lr=0.1, seed=0).fit(train.repeat(4, 1), torch.tensor([0, 1]).repeat(4))
+    assert probe.score(test, y_test) == 2 / 3
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"k": 0}, r"kNN: k=0 must be an integer >= 1 \(eval.knn_k\)"),
+        ({"k": 2.0}, r"kNN: k=2.0 must be an integer >= 1"),
+        ({"temperature": 0.0}, r"kNN: temperature=0.0 must be > 0 \(eval.knn_t\)"),
+        ({"temperature": -1.0}, r"kNN: temperature=-1.0 must be > 0"),
+        ({"test_labels": torch.tensor([0, -1, 1, 0])}, r"test_labels must be class indices >= 0, got -1"),
+    ],
+)
+def test_streamed_knn_checks_its_arguments_as_the_in_memory_knn_does(kw, match):
+    """knn_stream returned a number for k=0 (the share of class 0), T<=0, and counted unlabelled (-1) test rows
+    as misses, where KNNClassifier refuses each."""
+    x, y = torch.randn(12, 3), torch.arange(12) % 2
+    args = {"k": 3, "temperature": 0.1, "test_labels": y[:4]} | kw
+    with pytest.raises(ValueError, match=match):
+        knn_stream(x[:4], args.pop("test_labels"), iter([(x[4:], y[4:])]), num_classes=2, **args)
