@@ -196,8 +196,30 @@ def on_main(work: Callable[[], T], what: str, error_type: type[Exception]) -> T 
     if error is not None:
         raise error
     if failed is not None:
-        raise error_type(f"process 0 could not {what}, so this process stops too: {failed}")
+        relayed = error_type(f"process 0 could not {what}, so this process stops too: {failed}")
+        relayed.relayed_what = what  # type: ignore[attr-defined]  # the command line prints one line for it
+        raise relayed
     return result
+
+
+def relayed_failure(exc: BaseException) -> str | None:
+    """What process 0 could not do, when ``exc`` is the error :func:`on_main` raised in another process to stop it
+    with process 0 (whose own error says why); None for any other error."""
+    what = getattr(exc, "relayed_what", None)
+    return what if isinstance(what, str) else None
+
+
+# How a collective fails in a process whose peer has died or stopped (gloo; NCCL reports a DistBackendError).
+PEER_FAILURE_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective's failure because another process of the group has gone (it failed, or was
+    stopped): not this process's own problem, which the other process's output gives."""
+    backend_error = getattr(dist, "DistBackendError", ())
+    return (backend_error != () and isinstance(exc, backend_error)) or (
+        isinstance(exc, RuntimeError) and any(m in str(exc) for m in PEER_FAILURE_MESSAGES)
+    )
 
 
 def barrier() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import warnings
 
@@ -52,6 +53,48 @@ class _Formatter(logging.Formatter):
         return msg if record.levelno < logging.WARNING else f"{record.levelname}: {msg}"
 
 
+# Commands that take part in a torchrun process group; the others would do the same work in every process.
+DISTRIBUTED_COMMANDS = ("train", "eval")
+
+
+def launcher_rank() -> int:
+    """This process's rank as torchrun (or a Slurm-style launcher setting ``RANK``) gives it, known before the
+    process group is joined; 0 outside a launcher."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def launcher_world_size() -> int:
+    """The number of processes torchrun started (``WORLD_SIZE``); 1 outside a launcher."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+class _OtherProcessFilter(logging.Filter):
+    """On a process other than 0 of a launcher's group: drops what process 0 shows as well (the library's log
+    messages below ERROR and the Python warnings other than RuntimeWarning: a config value without effect, a data
+    set's ignored files, ...), so that N processes do not print every line N times; keeps, prefixed with the
+    process, the RuntimeWarnings that can be this process's own (a corrupt image of its shard replaced, a step
+    skipped for its non-finite loss)."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        category = getattr(record, "category", None)
+        if category is None or not issubclass(category, RuntimeWarning):
+            return False
+        record.msg = f"process {self.rank}: {record.msg}"
+        return True
+
+
 def _show_warning(
     message: Warning | str,
     category: type[Warning],
@@ -62,19 +105,23 @@ def _show_warning(
 ) -> None:
     """``warnings.showwarning`` for the command line: the warning as a log record (``WARNING: Category: message``,
     above the progress bar) instead of Python's two-line ``file:line:`` form."""
-    logging.getLogger("directpred.warnings").warning("%s: %s", category.__name__, message)
+    logging.getLogger("directpred.warnings").warning("%s: %s", category.__name__, message, extra={"category": category})
 
 
-def configure_logging(verbosity: int = 0) -> None:
+def configure_logging(verbosity: int = 0, rank: int = 0) -> None:
     """Show the package's log messages (loggers ``directpred.*``) on stderr: INFO and above, WARNING and above with
     ``verbosity < 0`` (``--quiet``), DEBUG with ``verbosity > 0`` (``-v``). Idempotent (one handler however often it
     is called); records still propagate to the root logger's handlers, so a program that configures logging itself
-    should not call this. Python warnings (``warnings.warn``) are shown through the same handler."""
+    should not call this. Python warnings (``warnings.warn``) are shown through the same handler. A process of
+    ``rank`` > 0 in a torchrun group shows only what can be its own (errors; RuntimeWarnings, prefixed with its
+    rank), unless ``verbosity > 0``."""
     logger = logging.getLogger("directpred")
     for h in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
         logger.removeHandler(h)
     handler = _StderrHandler()
     handler.setFormatter(_Formatter("%(message)s"))
+    if rank > 0 and verbosity <= 0:
+        handler.addFilter(_OtherProcessFilter(rank))
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO)
     warnings.showwarning = _show_warning  # Python warnings (skipped steps, corrupt images, ...) shown the same way
@@ -114,6 +161,11 @@ def worker_message(exc: BaseException) -> str:
     return text
 
 
+def relayed_line(rank: int, what: str) -> str:
+    """The one line a process other than 0 prints when it stops because process 0 could not do ``what``."""
+    return f"directpred: process {rank} stops too: process 0 could not {what} (process 0 prints why)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``directpred`` command."""
     parser = build_parser()
@@ -121,7 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    configure_logging(-1 if args.quiet else 1 if args.verbose else 0)
+    rank = launcher_rank()
+    configure_logging(-1 if args.quiet else 1 if args.verbose else 0, rank)
+    if launcher_world_size() > 1 and args.command not in DISTRIBUTED_COMMANDS:
+        if rank == 0:  # every process reads the same command line: one message
+            print(
+                f"directpred: config error: `directpred {args.command}` does not run under torchrun (it would do "
+                f"the same work in each of the {launcher_world_size()} processes): run it as a single process, "
+                f"without torchrun (only {' and '.join(DISTRIBUTED_COMMANDS)} use several processes)",
+                file=sys.stderr,
+            )
+        return 2
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # stdout piped into `head` or the like, which closed it: nothing left to say, as cat does
@@ -138,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     except ConfigError as exc:
+        from directpred.distributed import relayed_failure
+
+        if rank > 0 and (what := relayed_failure(exc)):  # process 0 printed the error itself
+            print(relayed_line(rank, what), file=sys.stderr)
+            return 2
         print(f"directpred: config error: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
@@ -154,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         import urllib.error
 
         from directpred.data.datasets import DataError, DownloadError
+        from directpred.distributed import peer_failure, relayed_failure
         from directpred.train.checkpoint import CheckpointError, file_in_the_way
         from directpred.train.faults import TrainingError
 
@@ -169,6 +237,16 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if isinstance(exc, (DownloadError, urllib.error.URLError)):  # a network failure, never a disk problem
             print(f"directpred: network error: {exc}", file=sys.stderr)
+            return 1
+        if rank > 0 and (what := relayed_failure(exc)):  # process 0 printed the error itself
+            print(relayed_line(rank, what), file=sys.stderr)
+            return 1
+        if launcher_world_size() > 1 and peer_failure(exc):  # another process failed or was stopped first
+            print(
+                f"directpred: process {rank} stops too: another process of the group failed or was stopped (it "
+                f"prints why) [{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}]",
+                file=sys.stderr,
+            )
             return 1
         if isinstance(exc, (DataError, CheckpointError, TrainingError, FloatingPointError)):
             print(f"directpred: error: {worker_message(exc)}", file=sys.stderr)

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from directpred.backbones import resolve_channels_last
     from directpred.cli.train import command_line
     from directpred.config import load_config, read_json_object, read_run_config, run_holding
-    from directpred.data.datasets import DataBundle, load_data
+    from directpred.data.datasets import DataBundle, DataError, load_data
     from directpred.data.stream import StreamData, load_stream_data
     from directpred.eval.protocol import evaluate
     from directpred.methods import build_method
@@ -126,8 +126,9 @@ def run(args: argparse.Namespace) -> int:
     data: DataBundle | StreamData
     if cfg.data.stream:
         data = load_stream_data(cfg.data)
-    else:
-        data = load_data(cfg.data, seed=cfg.train.seed)
+    else:  # as Trainer.setup: process 0 decodes and caches, the others read its cache (or stop if it failed)
+        loaded = distributed.on_main(lambda: load_data(cfg.data, seed=cfg.train.seed), "load the data", DataError)
+        data = loaded if loaded is not None else load_data(cfg.data, seed=cfg.train.seed)
     results = evaluate(
         method,
         data,

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shlex
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,11 +76,28 @@ def stop_on_signals(trainer: Trainer) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def command_line(argv: list[str]) -> str:
+def command_line(argv: list[str], env: Mapping[str, str] | None = None) -> str:
     """The command as the user can type it again (``command.txt``): ``python -m directpred`` rather than the path of
-    ``directpred/__main__.py`` that ``sys.argv[0]`` holds then (also under ``torchrun -m`` and in sweeps), and
-    arguments quoted where the shell needs it (``--set "log.backends=[tensorboard, wandb]"``)."""
-    head = "python -m directpred" if Path(argv[0]).name == "__main__.py" else shlex.quote(argv[0])
+    ``directpred/__main__.py`` that ``sys.argv[0]`` holds then (also in sweeps), and arguments quoted where the
+    shell needs it (``--set "log.backends=[tensorboard, wandb]"``). Under torchrun (``env``, default
+    ``os.environ``, holds its ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE``) the torchrun command of as many processes:
+    one process typing the bare line would train on a fraction of the global batch, or be refused on resume (on
+    several machines, with ``HOST:PORT`` for the rendezvous the user gave).
+
+        >>> command_line(["/x/directpred/__main__.py", "train", "c.yaml"], {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})
+        'torchrun --standalone --nproc_per_node=2 -m directpred train c.yaml'
+    """
+    env = os.environ if env is None else env
+    module = Path(argv[0]).name == "__main__.py"
+    head = "python -m directpred" if module else shlex.quote(argv[0])
+    world, local = int(env.get("WORLD_SIZE", "1") or 1), int(env.get("LOCAL_WORLD_SIZE", "0") or 0)
+    if world > 1 and local > 0:
+        launch = (
+            f"--standalone --nproc_per_node={local}"
+            if world == local
+            else f"--nnodes={world // local} --nproc_per_node={local} --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT"
+        )  # several machines: the rendezvous host and port are the user's to give again
+        head = f"torchrun {launch} " + ("-m directpred" if module else f"--no-python {shlex.quote(argv[0])}")
     return " ".join([head, *map(shlex.quote, argv[1:])])
 
 

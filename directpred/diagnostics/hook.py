@@ -395,7 +395,7 @@ class Diagnostics:
         row["loss"] = _r(loss)
         row["loss_per_term"] = _r(loss / self.loss_terms)
         if distributed.is_distributed():  # batch signals are per rank: average them so all ranks decide alike
-            keys = ("z_std_ratio", "rankme_z", "rankme_h", "loss_per_term")
+            keys = ("z_std_ratio", "rankme_z", "rankme_h", "loss", "loss_per_term")
             vals = torch.tensor([math.nan if row[k] is None else float(row[k]) for k in keys], device=z.device)
             vals = distributed.all_reduce_sum(vals) / distributed.world_size()
             row.update({k: _r(v) for k, v in zip(keys, vals.tolist())})

@@ -127,7 +127,8 @@ class DiagnosticsCallback(Callback):
 
 class LogCallback(Callback):
     """A ``train`` row (loss, lr, EMA momentum, images/s) every ``train.log_every`` steps and at the last step;
-    the row is also ``trainer.last_log``."""
+    the row is also ``trainer.last_log``. In a multi-process run the loss is the mean over the processes (one
+    scalar all-reduce on a logged step), the loss of the global batch: process 0's own was logged before."""
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self.images, self.since = 0, time.time()
@@ -137,10 +138,13 @@ class LogCallback(Callback):
         if trainer.step % trainer.cfg.train.log_every == 0 or trainer.step == trainer.last_step:
             ips = self.images / max(time.time() - self.since, 1e-9)
             self.images, self.since = 0, time.time()
+            loss = torch.as_tensor(result.loss).detach().float().reshape(())
+            if distributed.is_distributed():  # every process logs the same steps: this collective matches up
+                loss = distributed.all_reduce_mean(loss.clone())
             trainer.last_log = {
                 "step": trainer.step,
                 "epoch": trainer.epoch,
-                "loss": float(result.loss),
+                "loss": float(loss),
                 "lr": result.lr,
                 "ema": result.ema,
                 "images_per_second": ips,

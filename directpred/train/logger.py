@@ -48,12 +48,19 @@ def check_backends(backends: Sequence[str]) -> None:
             _import_backend(name)
 
 
+def _tracked(key: str, group: str) -> bool:
+    """Whether a row's ``key`` becomes a tracker's series: not ``step`` (the trackers' own axis), and ``epoch`` only
+    in the ``train`` group: the online probe's train and test rows of one epoch end share a step with different
+    epochs (the epoch trained, the epoch ended), which wrote ``probe/epoch`` twice at that step with two values."""
+    return key != "step" and (key != "epoch" or group == "train")
+
+
 def _numbers(row: dict[str, Any], group: str) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """A row's finite scalars and its lists of numbers (spectra), keyed ``group/key`` (``step`` left out)."""
+    """A row's finite scalars and its lists of numbers (spectra), keyed ``group/key`` (see :func:`_tracked`)."""
     scalars: dict[str, float] = {}
     lists: dict[str, list[float]] = {}
     for k, v in row.items():
-        if k == "step" or isinstance(v, bool):
+        if not _tracked(k, group) or isinstance(v, bool):
             continue
         if isinstance(v, (int, float)):
             if math.isfinite(v):
@@ -75,7 +82,9 @@ class TensorBoardBackend:
 
     def log(self, row: dict[str, Any], group: str, step: int) -> None:
         for k, v in row.items():
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if not _tracked(k, group):
+                continue
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.writer.add_scalar(f"{group}/{k}", v, step)
             elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
                 self.writer.add_histogram(f"{group}/{k}", np.asarray(v, dtype=np.float64), step)

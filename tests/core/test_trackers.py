@@ -78,11 +78,12 @@ def fake_mlflow(calls: list, history: dict | None = None, fail: dict | None = No
 
 
 def _expected(run) -> tuple[dict, dict]:
-    """(step, kind/key) -> value of metrics.jsonl's finite numbers, and of its lists (spectra)."""
+    """(step, kind/key) -> value of metrics.jsonl's finite numbers, and of its lists (spectra); the epoch is a
+    series of the train rows only (the probe's train and test rows of an epoch end share a step, not an epoch)."""
     scalars, lists = {}, {}
     for row in read_metrics(run):
         for k, v in row.items():
-            if k in ("kind", "step") or isinstance(v, bool) or v is None:
+            if k in ("kind", "step") or isinstance(v, bool) or v is None or (k == "epoch" and row["kind"] != "train"):
                 continue
             if isinstance(v, (int, float)):
                 scalars[(row["step"], f"{row['kind']}/{k}")] = v
@@ -205,3 +206,21 @@ def test_log_backends_config_is_strict():
         load_config(None, ["log.backends=[neptune]"])
     with pytest.raises(ConfigError, match="log.backends=.*name each tracker once"):
         load_config(None, ["log.backends=[wandb, wandb]"])
+
+
+def test_tensorboard_holds_each_series_once_per_step_with_the_online_probe(tiny_overrides, tmp_path):
+    """The online probe's train and test rows of an epoch end share a step: both wrote ``probe/epoch`` there, with
+    the epoch trained and the epoch ended (0 and 1 at the first epoch's end). The epoch is a series of the train
+    rows only now, and no (tag, step) is written twice."""
+    from collections import Counter
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    over = tiny_overrides + ["train.epochs=2", "eval.knn_every=1", "eval.online_probe=true", "diag.every=3"]
+    Trainer(load_config(None, over), tmp_path / "run").fit()
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/epoch", "probe/probe_test_top1", "probe/probe_train_top1"} <= set(tags)
+    assert not [t for t in tags if t.endswith("/epoch") and t != "train/epoch"]
+    twice = {t: n for t in tags for (s, n) in Counter(e.step for e in acc.Scalars(t)).items() if n > 1}
+    assert not twice, f"written twice at one step: {twice}"

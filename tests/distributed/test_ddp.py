@@ -162,8 +162,13 @@ def test_two_process_run_resumes_and_gathers_features(tiny_overrides, tmp_path):
     over = tiny_overrides + ["train.batch_size=8", "train.epochs=2", "train.checkpoint_every_steps=2"]
     # The online probe's counts of a logging window (4 steps) that the stop at step 5 cuts: summed over both ranks.
     over += ["eval.online_probe=true", "train.log_every=4"]
+    # What each process prints and logs: k above the training set draws a warning in every process's evaluation.
+    over += ["diag.every=4", "eval.knn_k=1000"]
     cfg_path = "configs/cpu/quickstart.yaml"
-    torchrun([cfg_path, "--out", str(tmp_path / "full"), *as_args(over)], cwd=REPO)
+    full_run = torchrun([cfg_path, "--out", str(tmp_path / "full"), *as_args(over)], cwd=REPO)
+    assert full_run.stderr.count("kNN: k=1000 is more than the") == 1, full_run.stderr  # process 0's, not both
+    command = (tmp_path / "full" / "command.txt").read_text()
+    assert command.startswith("torchrun --standalone --nproc_per_node=2 -m directpred train "), command
     torchrun([cfg_path, "--out", str(tmp_path / "part"), *as_args(over + ["train.max_steps=5"])], cwd=REPO)
     torchrun(["--resume", str(tmp_path / "part"), "--set", "train.max_steps=0"], cwd=REPO)
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
@@ -178,6 +183,15 @@ def test_two_process_run_resumes_and_gathers_features(tiny_overrides, tmp_path):
         return {r["step"]: r["probe_train_top1"] for r in rows if r["kind"] == "probe" and "probe_train_top1" in r}
 
     full, part = probe_rows("full"), probe_rows("part")
+    # The logged loss is the global batch's, the mean over the processes (it was process 0's alone, while the diag
+    # row's loss_per_term was averaged: loss / loss_per_term came out 2.17 for the symmetric loss's 2 terms).
+    rows = read_metrics(tmp_path / "full")
+    train_loss = {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+    diag = [r for r in rows if r["kind"] == "diag"]
+    assert [r["step"] for r in diag] == [4, 8, 12, 16]
+    for r in diag:
+        assert r["loss"] == pytest.approx(2 * r["loss_per_term"], rel=1e-5)
+        assert r["loss"] == pytest.approx(train_loss[r["step"]], rel=1e-5)
     assert sorted(full) == [4, 8, 12, 16] and sorted(part) == [4, 5, 8, 12, 16]
     assert {s: part[s] for s in full} == pytest.approx(full, abs=1e-9)
     # kNN features were gathered from both ranks: the run's figure equals a single-process evaluation.
