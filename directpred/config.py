@@ -16,6 +16,7 @@ validation that names the key.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import json
 import math
@@ -383,6 +384,14 @@ def _type_name(tp: Any) -> str:
 _SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
+def _wrong_type(key: str, value: Any, expected: str, hint: str = "") -> ConfigError:
+    """The error for ``value`` of the wrong type at ``key``, with ``hint`` (how to write what was meant) appended and
+    kept as the error's ``hint`` (an optional key's union passes it on)."""
+    exc = ConfigError(f"{key}: {value!r} has the wrong type; expected {expected}" + (f": {hint}" if hint else ""))
+    exc.hint = hint  # type: ignore[attr-defined]
+    return exc
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp``; int is accepted where float is expected, and so is a number in
     exponent notation that YAML left a string (``4e-4``)."""
@@ -392,12 +401,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
         raise ConfigError(f"{key}: {value!r} is not allowed; expected {_type_name(tp)}")
     if isinstance(tp, types.UnionType) or origin is typing.Union:
+        hints = []
         for arg in get_args(tp):
             try:
                 return _coerce(key, value, arg)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} has the wrong type; expected {_type_name(tp)}")
+            except ConfigError as exc:
+                hints += [getattr(exc, "hint", "")] if getattr(exc, "hint", "") else []
+        raise _wrong_type(key, value, _type_name(tp), hints[0] if hints else "")
     if origin is list:
         (item,) = get_args(tp) or (Any,)
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
@@ -414,6 +424,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        number = float(value) if isinstance(value, str) and _SCIENTIFIC.match(value.strip()) else value
+        if isinstance(number, float) and number.is_integer() and abs(number) < 2**63:  # 2.0, 1e3: say the int
+            raise _wrong_type(key, value, "int", f"write {int(number)}")
     elif tp is float:
         if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
             value = float(value)  # YAML 1.1 (PyYAML) reads 4e-4 and 1e3, without a dot, as strings
@@ -428,6 +441,15 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (int, float, bool, datetime.date)):  # YAML read a name (2024, 2024-01-01, yes) as such
+            article = "an" if type(value).__name__[0] in "aeiou" else "a"
+            raise _wrong_type(
+                key,
+                value,
+                "str",
+                f"YAML read the value as {article} {type(value).__name__}; quote it for a string "
+                f"(--set \"{key}='...'\" or {key}: '...' in a file)",
+            )
     raise ConfigError(f"{key}: {value!r} has the wrong type; expected {_type_name(tp)}")
 
 
@@ -482,7 +504,33 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = load_yaml_text(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: cannot parse the value ({yaml_error(exc)})") from None
+    _refuse_yaml11_surprises(text, raw.strip(), value)
     return key, value
+
+
+def _refuse_yaml11_surprises(text: str, raw: str, value: Any) -> None:
+    """YAML 1.1 (PyYAML) reads some plain values otherwise than a command line means them, silently: ``010`` is 8
+    (octal), ``1:30`` is 90 (base 60), and `` #`` starts a comment (``data.path=imgs #2`` is ``imgs``). Refused,
+    with the spelling that says what was meant; a quoted value is taken as written."""
+    if raw[:1] in ("'", '"'):
+        return
+    if " #" in raw or "\t#" in raw:
+        raise ConfigError(
+            f"override {text!r}: ' #' starts a YAML comment, so the value would be read as {value!r}; quote the "
+            f"value to keep the '#' (--set \"{text.split('=', 1)[0]}='{raw}'\"), or drop the comment"
+        )
+    if isinstance(value, int) and not isinstance(value, bool):
+        digits = raw.lstrip("+-").replace("_", "")
+        if ":" in raw:
+            raise ConfigError(
+                f"override {text!r}: YAML reads {raw} as a base-60 number ({value}); write the number itself, or "
+                "quote the value for a string"
+            )
+        if len(digits) > 1 and digits[0] == "0" and digits[1:2].isdigit():
+            raise ConfigError(
+                f"override {text!r}: a leading 0 makes YAML read {raw} as an octal number ({value}); write "
+                f"{'-' if raw.startswith('-') else ''}{int(digits)} (or quote the value for a string)"
+            )
 
 
 def nest(key: str, value: Any) -> dict[str, Any]:
@@ -658,6 +706,20 @@ def validate(cfg: Config) -> None:
             stacklevel=2,
         )
     _check(0.0 <= m.ema <= 1.0, "method.ema", m.ema, "the target momentum must lie in [0, 1]")
+    if m.name == "simsiam":  # as for the predictor's options: a warning, a sweep may set them over both methods
+        unused = [
+            f"method.{k}={getattr(m, k)}"
+            for k in ("ema", "ema_schedule", "target_init")
+            if getattr(m, k) != getattr(MethodConfig, k)
+        ]
+        if unused:
+            warnings.warn(
+                f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect: method.name=simsiam has no "
+                "EMA target (its target is the online branch under a stop-gradient); config.yaml records "
+                f"{'it' if len(unused) == 1 else 'them'} as given",
+                UserWarning,
+                stacklevel=2,
+            )
     _check(
         m.stop_gradient or m.name == "simsiam",
         "method.stop_gradient",
@@ -704,11 +766,20 @@ def validate(cfg: Config) -> None:
     )
     _check(d.train_subset >= 0, "data.train_subset", d.train_subset, "must be >= 0 (0 = all)")
     _check(d.test_subset >= 0, "data.test_subset", d.test_subset, "must be >= 0 (0 = all)")
-    _check(d.image_size >= 0, "data.image_size", d.image_size, "must be >= 0 (0 = the dataset's size)")
+    # An image side beyond 8192 px is a typo (99999999999999999999 overflowed in the decoder, and every image was
+    # then reported corrupt); below 8 px no augmentation or stride-2 stage has anything to work on.
+    _check(
+        d.image_size == 0 or 8 <= d.image_size <= 8192,
+        "data.image_size",
+        d.image_size,
+        "must be 0 (the dataset's size) or a side of 8 to 8192 pixels (32 for CIFAR, 96 for STL-10, 224 for ImageNet)",
+    )
     _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
     _check(bool(d.root), "data.root", d.root, "must name a folder (torchvision's datasets live there)")
     _check(bool(d.cache_dir), "data.cache_dir", d.cache_dir, "must name a folder (decoded archives go there)")
-    _check(d.decode_size >= 0, "data.decode_size", d.decode_size, "must be >= 0 (0 = data.image_size)")
+    _check(
+        0 <= d.decode_size <= 8192, "data.decode_size", d.decode_size, "must be 0 (= data.image_size) to 8192 pixels"
+    )
     _check(
         not d.stream or d.image_size > 0,
         "data.image_size",

@@ -52,8 +52,10 @@ _INTRO = (
     textwrap.fill(
         """\
 Configs are YAML files that override the defaults below; `--set section.key=value` overrides one key (the value is
-parsed as YAML). Unknown keys, wrong types and impossible values fail before any work with the key's name and what
-is allowed. A `predictor.*` option other than its default that the chosen `predictor.name` does not read
+parsed as YAML; the YAML 1.1 readings a command line does not mean are refused: `010` as octal, `1:30` as base 60,
+`#` after a space as a comment; quote such a value). Unknown keys, wrong types and impossible values fail before
+any work with the key's name and what is allowed. A `predictor.*` option other than its default that the chosen
+`predictor.name` does not read
 ({PREDICTOR_READS}; `update_at` is for all) draws a warning: the run ignores it, though `config.yaml` records it
 (a sweep may set one for cells of several predictors). On `--resume`, only the run's length (`train.epochs`,
 `train.max_steps`), its logging (`train.progress`, `train.log_every`, `log.*`), checkpoint cadence

@@ -321,9 +321,18 @@ def export_backbone(
 
     if onnx:
         _check_onnx_exporter()
-    for option, path in (("--out", out), ("--torchscript", torchscript), ("--onnx", onnx)):
-        if path:
-            _check_export_target(path, option)
+    targets = [
+        (option, path) for option, path in (("--out", out), ("--torchscript", torchscript), ("--onnx", onnx)) if path
+    ]
+    for option, path in targets:
+        _check_export_target(path, option)
+    for i, (option, path) in enumerate(targets):  # one file for two formats kept only the last one written
+        for other, other_path in targets[i + 1 :]:
+            if os.path.realpath(path) == os.path.realpath(other_path):
+                raise CheckpointError(
+                    f"{option} and {other} name the same file, {path}: the second format would replace the first; "
+                    "give each its own file (e.g. backbone.pt, backbone.ts, backbone.onnx)"
+                )
     exp = read_backbone(source, checkpoint=checkpoint)
     atomic_write_bytes(out, lambda f: torch.save(exp.to_dict(), f), retry="run the command again")
     example = torch.zeros(2, 3, exp.image_size, exp.image_size)
@@ -411,33 +420,36 @@ def _run_file(path: Path) -> tuple[Path, str] | None:
     return None
 
 
-def _check_export_target(target: str | Path, option: str) -> None:
+def _check_export_target(
+    target: str | Path, option: str, *, what: str = "the export", example: str = "backbone.pt"
+) -> None:
     """Refuse an export target that would overwrite a run's files: its training state (a file in its
     ``checkpoints/`` folder, or any file holding a training checkpoint: the run could no longer resume) or another
     file the run owns (``config.yaml``, ``summary.json``, ``metrics.jsonl``, ``command.txt``...); and a target that
-    ends in a path separator (a directory: the export would be written to a file named like it)."""
+    ends in a path separator (a directory: the export would be written to a file named like it). ``what`` is written
+    there and ``example`` is the file name the fix suggests (``eval --json`` writes a record, not a backbone)."""
     text = os.fspath(target)
     path = Path(text)
     if text.endswith(("/", os.sep)) and not path.is_dir():  # an existing directory: atomic_write_bytes names it
         raise CheckpointError(
             f"{option} {text} ends in a path separator, so it names a directory, not a file; give the path of a file "
-            f"to write, e.g. {path / 'backbone.pt'}"
+            f"to write, e.g. {path / example}"
         )
     owned = _run_file(path)
     if owned is not None and owned[1] == "checkpoints/":
         raise CheckpointError(
-            f"{option} {path} is a file in the run {owned[0]}'s checkpoints/: the export would overwrite the state "
-            "the run resumes from; write the export elsewhere (e.g. RUN_DIR/backbone.pt)"
+            f"{option} {path} is a file in the run {owned[0]}'s checkpoints/: {what} would overwrite the state the run "
+            f"resumes from; write {what} elsewhere (e.g. {owned[0] / example})"
         )
     if owned is not None:
         raise CheckpointError(
-            f"{option} {path} is the run {owned[0]}'s {owned[1]}, a file the run writes and reads back: the export "
-            f"would replace it; write the export elsewhere (e.g. {owned[0] / 'backbone.pt'})"
+            f"{option} {path} is the run {owned[0]}'s {owned[1]}, a file the run writes and reads back: {what} would "
+            f"replace it; write {what} elsewhere (e.g. {owned[0] / example})"
         )
     if path.is_file() and _is_training_checkpoint(path):
         raise CheckpointError(
-            f"{option} {path} is a training checkpoint: the export would overwrite the state the run resumes from; "
-            "write the export elsewhere (e.g. RUN_DIR/backbone.pt)"
+            f"{option} {path} is a training checkpoint: {what} would overwrite the state the run resumes from; "
+            f"write {what} elsewhere (e.g. RUN_DIR/{example})"
         )
 
 

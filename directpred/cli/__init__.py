@@ -161,6 +161,22 @@ def worker_message(exc: BaseException) -> str:
     return text
 
 
+# Path options (and positional paths) of the subcommands: an empty one (`--out "$DIR"` with DIR unset) is refused.
+PATH_OPTIONS = ("out", "resume", "json", "checkpoint", "torchscript", "onnx", "data")
+POSITIONAL_PATHS = ("run_dir", "config", "folder", "target", "source", "file")
+
+
+def _refuse_empty_paths(args: argparse.Namespace) -> None:
+    """Raise :class:`ConfigError` for a path given as an empty string: ``--resume ""`` trained a new run, ``--out ""``
+    wrote into the current directory (or fell back to a default), unseen. ``train --out`` says more itself."""
+    for name in PATH_OPTIONS + POSITIONAL_PATHS:
+        value = getattr(args, name, None)
+        if not isinstance(value, str) or value.strip() or (args.command, name) == ("train", "out"):
+            continue
+        option = name.upper() if name in POSITIONAL_PATHS else f"--{name}"
+        raise ConfigError(f"{option} is empty (an unset shell variable?); give the path, or leave {option} out")
+
+
 def relayed_line(rank: int, what: str) -> str:
     """The one line a process other than 0 prints when it stops because process 0 could not do ``what``."""
     return f"directpred: process {rank} stops too: process 0 could not {what} (process 0 prints why)"
@@ -185,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 2
     try:
+        _refuse_empty_paths(args)
         return int(args.func(args) or 0)
     except BrokenPipeError:  # stdout piped into `head` or the like, which closed it: nothing left to say, as cat does
         import os

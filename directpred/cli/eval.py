@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         base_on = saved.to_dict()
         base_on["eval"]["linear"] = True
         linear = not args.no_linear and load_config(None, args.set, base=base_on).eval.linear
+    if args.json is not None:
+        _check_json_target(args.json, run_dir, untrained)
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -193,6 +195,22 @@ def run(args: argparse.Namespace) -> int:
                         f"(difference {results[key] - trained:+.2f})"
                     )
     return _leave_group()
+
+
+def _check_json_target(json_out: str, run_dir: Path | None, untrained: bool) -> None:
+    """Refuse a ``--json`` that would overwrite a run's own files (its checkpoint: the run could no longer resume;
+    its ``config.yaml``, ``summary.json``, ...), before any evaluation, as ``export --out`` does; the evaluated
+    run's own ``eval.json`` (``eval_untrained.json``), where the record goes by default, is allowed."""
+    import os
+
+    from directpred.export import _check_export_target
+
+    if not json_out.strip():
+        raise ConfigError("--json is empty; give the path of the JSON file to write, or leave --json out")
+    default = None if run_dir is None else run_dir / ("eval_untrained.json" if untrained else "eval.json")
+    if default is not None and os.path.realpath(json_out) == os.path.realpath(default):
+        return
+    _check_export_target(json_out, "--json", what="the record", example="eval_copy.json")
 
 
 def _leave_group() -> int:

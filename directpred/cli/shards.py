@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from directpred.config import ConfigError
 
@@ -16,7 +17,10 @@ def run(args: argparse.Namespace) -> int:
     counts = write_shards(args.folder, args.out, shard_size=args.shard_size, splits=tuple(args.splits))
     for split, n in counts.items():
         print(f"{split}: {n} images in {-(-n // args.shard_size)} shard(s) {split}-NNNNNN.tar")
-    print(f"written to {args.out} (with classes.txt); train from it with --set data.path={args.out}")
+    print(
+        f"written to {args.out} (with classes.txt); train from it with --set data.dataset=folder --set "
+        f"data.stream=true --set data.image_size=SIZE (e.g. 224) --set data.path={shlex.quote(str(args.out))}"
+    )
     return 0
 
 

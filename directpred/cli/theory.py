@@ -10,6 +10,7 @@ import argparse
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -81,20 +82,36 @@ def _cmd_portrait(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plots.new_figure(1, 1, size=(4.5, 3.8))
-    plots.phase_portrait(
-        axes[0, 0],
-        alpha_p=args.alpha_p,
-        eta=args.eta,
-        tau=args.tau,
-        sigma2=args.sigma2,
-        p_range=(args.p_min, args.p_max),
-        s_range=(0.0, args.s_max),
-    )
+    # Finite but extreme values (--tau 1e200, --eta 1e308) overflow float64: a numpy traceback before. numpy's
+    # warnings on the way are held back and shown only if the portrait is drawn after all.
+    try:
+        with warnings.catch_warnings(record=True) as held:
+            warnings.simplefilter("always", RuntimeWarning)
+            with np.errstate(over="raise", invalid="ignore"):
+                fps = fixed_points(args.tau, args.eta, args.sigma2)
+            plots.phase_portrait(
+                axes[0, 0],
+                alpha_p=args.alpha_p,
+                eta=args.eta,
+                tau=args.tau,
+                sigma2=args.sigma2,
+                p_range=(args.p_min, args.p_max),
+                s_range=(0.0, args.s_max),
+            )
+    except (OverflowError, FloatingPointError, np.linalg.LinAlgError) as exc:
+        print(
+            f"directpred theory portrait: error: --alpha-p {args.alpha_p} --eta {args.eta} --tau {args.tau} "
+            f"--sigma2 {args.sigma2}: beyond what float64 can compute ({type(exc).__name__}: {exc}); use values "
+            "of ordinary size (the paper's figures: --tau 0.5 to 2, --eta 0 to 0.1, --alpha-p 1 to 10)",
+            file=sys.stderr,
+        )
+        return 2
+    for w in held:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     axes[0, 0].legend(fontsize=7, loc="upper left")
+    out.parent.mkdir(parents=True, exist_ok=True)
     plots.save(fig, str(out))
-    fps = fixed_points(args.tau, args.eta, args.sigma2)
     print(f"wrote {out}; fixed points p* on s=p²/α_p: {np.round(fps, 4).tolist()}")
     return 0
 

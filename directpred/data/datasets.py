@@ -163,6 +163,11 @@ def _list_source(path: Path) -> dict[str, list[tuple[str, int]]]:
             {d[len(base) :].split("/")[0] for d in dirs if d.startswith(base) and d != base.rstrip("/")}
             | {n[len(base) :].split("/")[0] for n in names if n.startswith(base) and n[len(base) :].count("/") >= 1}
         )
+        if not class_dirs and path.is_dir() and (path / "classes.txt").is_file() and any(path.glob("train-*.tar")):
+            raise DataError(  # `directpred shards` output: read lazily, shard by shard, never decoded into memory
+                f"{path} holds tar shards (classes.txt, train-NNNNNN.tar), which are read streamed: add --set "
+                "data.stream=true --set data.image_size=SIZE (e.g. 224; docs/imagenet.md)"
+            )
         if not class_dirs:
             raise DataError(
                 f"{path}: no '{base}<class>/' folders found; the data must be laid out as "
@@ -366,11 +371,13 @@ def _cache_key(path: Path, size: int, skip_corrupt: bool) -> str:
     """The decoded cache's key: the source's path, size setting and contents. For a folder every file's relative
     path, size and mtime (a folder's own mtime misses edits inside class folders, and a move or rename keeps a
     file's size and mtime but changes its label or split); for an archive its size and mtime."""
-    h = hashlib.sha1(f"{_CACHE_VERSION}|{path.resolve()}|{size}|{skip_corrupt}".encode())
+    # os.fsencode: a file name that is not valid UTF-8 (a Latin-1 "café.jpg") is held as surrogates, which
+    # str.encode() refused (UnicodeEncodeError before any image was read).
+    h = hashlib.sha1(f"{_CACHE_VERSION}|".encode() + os.fsencode(path.resolve()) + f"|{size}|{skip_corrupt}".encode())
     if path.is_dir():
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
             st = f.stat()
-            h.update(f"|{f.relative_to(path).as_posix()}:{st.st_size}:{st.st_mtime_ns}".encode())
+            h.update(b"|" + os.fsencode(f.relative_to(path).as_posix()) + f":{st.st_size}:{st.st_mtime_ns}".encode())
     else:
         st = path.stat()
         h.update(f"|{st.st_size}:{st.st_mtime_ns}".encode())
@@ -718,5 +725,12 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
                 )
             train = pretrain
     if cfg.test_subset:
+        classes = int(torch.unique(test.labels).numel())
         test = test.subset(balanced_subset(test.labels, cfg.test_subset, seed))
+        if classes > int(torch.unique(test.labels).numel()):  # a one-class test split scored a meaningless 100 %
+            raise DataError(
+                f"data.test_subset={cfg.test_subset} is fewer images than the {classes} classes of the test split: "
+                f"some classes would not be tested at all (one image scores 0 or 100 %); set data.test_subset to "
+                f"at least {classes} (0: all images)"
+            )
     return DataBundle(pretrain, train, test, name)

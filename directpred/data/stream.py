@@ -257,7 +257,7 @@ class ShardReader:
                 f"{classes_file} is missing: the class names of the shards, one a line (written by `directpred shards`)"
             )
         # one name a line; a last line without its newline (a hand-written file) is a class too
-        self.classes = [c for c in classes_file.read_text().splitlines() if c]
+        self.classes = [c for c in classes_file.read_text(encoding="utf-8", errors="surrogateescape").splitlines() if c]
         if not self.classes:
             raise DataError(f"{classes_file} lists no class; write the shards again with `directpred shards`")
         self.shards = shards
@@ -424,7 +424,9 @@ def write_shards(
                 stacklevel=2,
             )
         counts[name] = len(reader)
-    (out / "classes.txt").write_text("".join(c + "\n" for c in classes))
+    # surrogateescape: a class folder named in another encoding than UTF-8 (held as surrogates) is written back as
+    # its bytes, and read so (write_text raised UnicodeEncodeError)
+    (out / "classes.txt").write_text("".join(c + "\n" for c in classes), encoding="utf-8", errors="surrogateescape")
     return counts
 
 

@@ -195,6 +195,17 @@ def _cells(data: dict[str, Any], where: str) -> dict[str, list[tuple[str, Any]]]
         raise ConfigError(f"{where}: `variants` and `axes` must be mappings")
     if not variants and not axes:
         raise ConfigError(f"{where}: give `variants` (named cells) and/or `axes` (keys with lists of values)")
+    for kind, names_ in (("axes", axes), ("variants", variants)):  # `5:` or `~:` as a key crashed or named no cell
+        bad = [k for k in names_ if not isinstance(k, str) or not k.strip()]
+        if bad:
+            raise ConfigError(
+                f"{where}: {kind} has the key {bad[0]!r}, which is not a name; "
+                + (
+                    "an axis is a dotted config key, e.g. predictor.rho"
+                    if kind == "axes"
+                    else "name each variant, e.g. freq5"
+                )
+            )
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: axes.{key} must be a non-empty list of values")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +186,13 @@ def load_simulate_config(path: str | Path, overrides: Sequence[str] = ()) -> Sim
     raw = read_yaml(Path(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values")
+    training = [k for k in ("method", "predictor", "backbone", "train", "optim") if isinstance(raw.get(k), dict)]
+    if training:  # its `data: {...}` section was refused as a value of the simulation's data (a distribution)
+        raise ConfigError(
+            f"{path} is a training config (it has {', '.join(f'{k}:' for k in training)} sections): train with it "
+            f"by `directpred train {path}`; `directpred theory simulate` takes a simulation config "
+            "(configs/theory/*.yaml)"
+        )
     return build_simulate_config(raw, overrides)
 
 
@@ -197,6 +205,13 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
     from directpred.theory.reduced import isoloss_fixed_point, p_star, simulate_reduced
     from directpred.theory.sgd import make_data, simulate_sgd
 
+    held = [name for name in ("config.yaml", "checkpoints") if (out / name).exists()]
+    if held:  # its summary.json (the run's accuracies and verdicts) would be replaced by the simulation's
+        raise ConfigError(
+            f"--out {out} is a training run's directory (it holds {' and '.join(held)}): the simulation's "
+            "summary.json would replace the run's; give the simulation a folder of its own, e.g. "
+            f"--out {out / 'theory'}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"config": dataclasses.asdict(cfg)}
     if cfg.model == "reduced":
@@ -313,7 +328,10 @@ def run_simulate(cfg: SimulateConfig, out: Path) -> dict[str, Any]:
 def _write_summary(out: Path, summary: dict[str, Any]) -> None:
     from directpred.theory.dynamics import _jsonable
 
-    (out / "summary.json").write_text(strict_json(_jsonable(summary), indent=1) + "\n")
+    # Atomically (a temporary file renamed over it), without the training code's writer: the toolkit needs no torch.
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(strict_json(_jsonable(summary), indent=1) + "\n")
+    os.replace(tmp, out / "summary.json")
 
 
 def _stop_if_diverged(name: str, tr: Any, file: str, cfg: SimulateConfig, out: Path, summary: dict[str, Any]) -> None:

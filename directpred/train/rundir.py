@@ -107,6 +107,13 @@ def _prepare(run_dir: Path, ckpt_dir: Path, *, resume: bool) -> None:
             f"{run_dir} holds a config.yaml that no run wrote (no command.txt beside it) and a new run would "
             "overwrite it; choose another --out (an empty or new directory)"
         )
+    elif (run_dir / "metrics.jsonl").is_file() and not (run_dir / "command.txt").is_file():
+        # a run writes command.txt before its first metrics row: this log is someone's file, which the new run's
+        # logger would have truncated and appended to
+        raise TrainingError(
+            f"{run_dir} holds a metrics.jsonl that no run wrote (no command.txt beside it) and a new run would "
+            "edit it; choose another --out (an empty or new directory)"
+        )
     # Fail before any work rather than at the first checkpoint (also on resume: the disk may be full now).
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)

@@ -286,8 +286,8 @@ def test_stl10_pretrains_on_train_plus_unlabeled_and_probes_on_train(monkeypatch
     # NCHW -> NHWC, the same pixels; the unlabelled images keep label -1 (never used by kNN or the probe)
     torch.testing.assert_close(data.train.images, torch.from_numpy(_FakeSTL10._images("train")).permute(0, 2, 3, 1))
     assert data.pretrain.labels[16:].eq(-1).all() and torch.equal(data.pretrain.labels[:16], data.train.labels)
-    sub = load_data(dataclasses.replace(cfg, train_subset=8, test_subset=4))
-    assert len(sub.pretrain) == 8 and len(sub.train) == 16 and len(sub.test) == 4  # the probe keeps every label
+    sub = load_data(dataclasses.replace(cfg, train_subset=8, test_subset=8))  # (the 8 test images: 8 classes)
+    assert len(sub.pretrain) == 8 and len(sub.train) == 16 and len(sub.test) == 8  # the probe keeps every label
 
 
 def test_stl10_from_a_folder_warns_that_it_pretrains_on_train_only(tiny_folder, tmp_path):
