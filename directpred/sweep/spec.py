@@ -171,6 +171,17 @@ def _axis_names(keys: list[str]) -> dict[str, str]:
     return {k: short[k] if counts[short[k]] == 1 else k for k in keys}
 
 
+def _where_wrong(base: Path, exc: ConfigError, run: Any) -> str:
+    """Where a cell's config error lies: in the base config itself (the same error without the sweep's overrides:
+    a typo there, which named only the first cell before), else in the cell."""
+    try:
+        load_config(base)
+    except ConfigError as base_exc:
+        if str(base_exc) == str(exc):
+            return f"its base config {base}"
+    return f"cell '{run.cell}' (seed {run.seed})"
+
+
 def parse_paper_value(text: Any, where: str) -> PaperValue:
     """``77.86``, ``"77.86 +- 0.16"`` or ``"77.86±0.16"`` -> :class:`PaperValue`."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
@@ -304,7 +315,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         try:
             cfg = sweep.config(run)
         except ConfigError as exc:
-            raise ConfigError(f"{path}: cell '{run.cell}' (seed {run.seed}): {exc}") from None
+            raise ConfigError(f"{path}: {_where_wrong(base, exc, run)}: {exc}") from None
         if run.seed == sweep.seeds[0]:
             text = dump_config(cfg)
             if text in resolved:  # e.g. an axis [0, 0.0]: the same runs twice, reported as two cells

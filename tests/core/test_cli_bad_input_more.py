@@ -244,3 +244,17 @@ def test_theory_simulate_given_a_training_config_says_what_it_is(capsys):
     assert err.startswith(f"directpred theory simulate: error: {cfg} is a training config (it has method:, predictor:")
     assert f"train with it by `directpred train {cfg}`" in err
     assert not Path("unused").exists()
+
+
+def test_a_mistake_in_a_sweeps_base_config_is_named_there(tmp_path, capsys):
+    """A typo in the base config was reported as "sw.yaml: cell 'a' (seed 0): unknown config key 'train.epoch'",
+    naming neither the file that holds it nor that every cell has it."""
+    (tmp_path / "badbase.yaml").write_text("train:\n  epoch: 3\n")
+    (tmp_path / "sw.yaml").write_text("base: badbase.yaml\nvariants:\n  a: {predictor.rho: 0.5}\nseeds: [0]\n")
+    assert main(["sweep", str(tmp_path / "sw.yaml"), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"sw.yaml: its base config {tmp_path / 'badbase.yaml'}: unknown config key 'train.epoch'" in err
+    (tmp_path / "sw.yaml").write_text("base: badbase.yaml\nvariants:\n  a: {predictor.rho: -1}\nseeds: [0]\n")
+    (tmp_path / "badbase.yaml").write_text("train:\n  epochs: 3\n")
+    assert main(["sweep", str(tmp_path / "sw.yaml"), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
+    assert "sw.yaml: cell 'a' (seed 0): " in capsys.readouterr().err  # a cell's own mistake: the cell named
