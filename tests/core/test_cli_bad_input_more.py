@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_folder
+from conftest import tiny_override_list, write_folder
 
 from directpred.cli import main
 from directpred.config import ConfigError, load_config, parse_override
@@ -24,24 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 def run(tiny_folder, tmp_path_factory) -> Path:
     """A finished two-step run of the tiny network (tests copy it before changing anything)."""
     base = tmp_path_factory.mktemp("cli_bad_input_more")
-    over = [
-        "data.dataset=folder",
-        f"data.path={tiny_folder}",
-        f"data.cache_dir={base / 'cache'}",
-        "backbone.width=4",
-        "projector.hidden_dim=32",
-        "projector.out_dim=16",
-        "train.batch_size=16",
-        "train.max_steps=2",
-        "train.progress=false",
-        "train.device=cpu",
-        "train.precision=fp32",
-        "eval.knn_every=0",
-        "eval.linear=false",
-        "eval.knn_k=10",
-        "diag.every=0",
-        "log.backends=[]",
-    ]
+    over = tiny_override_list(tiny_folder, base / "cache") + ["train.max_steps=2", "log.backends=[]"]
     Trainer(load_config(None, over), base / "run").fit()
     return base / "run"
 
