@@ -15,6 +15,11 @@ def run(args: argparse.Namespace) -> int:
     from directpred.config import ConfigError, strict_json
     from directpred.diagnostics.report import diagnose
 
+    if args.no_data and args.batches is not None:  # --batches was ignored unseen
+        raise ConfigError(
+            f"--batches {args.batches} runs training batches, which --no-data leaves out; give one of them"
+        )
+    args.batches = 2 if args.batches is None else args.batches
     if args.batches < 0:  # ran as --batches 0 (no batch metrics) before
         raise ConfigError(f"--batches {args.batches}: must be >= 0 (training batches to run; 0 or --no-data: none)")
     row, lines = diagnose(Path(args.target), batches=args.batches, use_data=not args.no_data)
@@ -38,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--batches",
         type=int,
-        default=2,
+        default=None,
         help="training batches to run for the representation/projection metrics (default 2)",
     )
     p.add_argument(

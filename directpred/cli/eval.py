@@ -8,7 +8,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from directpred.config import DATA_LOCATION, Config, ConfigError, EvalConfig, diff_configs
+from directpred.config import DATA_LOCATION, Config, ConfigError, EvalConfig, diff_configs, parse_override
 
 
 def print_results(results: Mapping[str, object], header: str, eval_cfg: EvalConfig) -> None:
@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         base_on = saved.to_dict()
         base_on["eval"]["linear"] = True
         linear = not args.no_linear and load_config(None, args.set, base=base_on).eval.linear
+    if args.no_linear and any(parse_override(o) == ("eval.linear", True) for o in args.set):
+        raise ConfigError("--no-linear and --set eval.linear=true ask for opposite things; give one of them")
     if args.json is not None:
         _check_json_target(args.json, run_dir, untrained)
     device = resolve_device(cfg.train.device)

@@ -71,7 +71,9 @@ def _cmd_portrait(args: argparse.Namespace) -> int:
         print(f"directpred theory portrait: error: {problem}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    if not out.suffix:  # matplotlib writes NAME.png then: say so (the message named NAME before)
+    if out.is_dir():  # an existing folder: the portrait goes in it (it went beside it as FOLDER.png)
+        out = out / "portrait.png"
+    elif not out.suffix:  # matplotlib writes NAME.png then: say so (the message named NAME before)
         out = out.with_name(out.name + ".png")
     else:
         formats = plots.image_formats()

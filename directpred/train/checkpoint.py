@@ -196,6 +196,10 @@ def load_checkpoint(
             damaged (cut short, changed bytes), or holds objects other than plain data.
     """
     path = Path(path)
+    if path.is_dir():  # "no checkpoint at runs" read as if the file were missing
+        raise CheckpointError(
+            f"{path} is a directory, not a checkpoint file; give a file such as {path / 'checkpoints' / 'last.pt'}"
+        )
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     earlier = recovery_hint(path)

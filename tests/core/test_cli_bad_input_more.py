@@ -241,3 +241,26 @@ def test_a_mistake_in_a_sweeps_base_config_is_named_there(tmp_path, capsys):
     (tmp_path / "badbase.yaml").write_text("train:\n  epochs: 3\n")
     assert main(["sweep", str(tmp_path / "sw.yaml"), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
     assert "sw.yaml: cell 'a' (seed 0): " in capsys.readouterr().err  # a cell's own mistake: the cell named
+
+
+def test_options_that_contradict_or_go_unused_are_refused(run, tmp_path, capsys):
+    """--no-linear won over --set eval.linear=true, and diagnose --no-data ignored --batches, both without a word."""
+    assert main(["eval", str(run), "--no-linear", "--set", "eval.linear=true"]) == 2
+    assert "--no-linear and --set eval.linear=true ask for opposite things" in capsys.readouterr().err
+    assert main(["diagnose", str(run), "--no-data", "--batches", "3"]) == 2
+    assert "--batches 3 runs training batches, which --no-data leaves out" in capsys.readouterr().err
+    assert main(["diagnose", str(run), "--no-data"]) == 0  # each alone is fine
+
+
+def test_a_checkpoint_option_naming_a_directory_says_so(run, capsys):
+    assert main(["eval", str(run), "--no-linear", "--checkpoint", str(run)]) == 1
+    assert f"{run} is a directory, not a checkpoint file; give a file such as {run / 'checkpoints' / 'last.pt'}" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_portrait_into_an_existing_folder_goes_inside_it(tmp_path, capsys):
+    folder = tmp_path / "figs"
+    folder.mkdir()
+    assert main(["theory", "portrait", "--out", str(folder)]) == 0
+    assert (folder / "portrait.png").is_file() and not (tmp_path / "figs.png").exists()
