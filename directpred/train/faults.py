@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -114,8 +114,36 @@ class NonFiniteGuard:
             self.method.load_state_dict(snapshot, strict=False)
 
 
-def fault_message(fault: str, step: int, lr: float, run_dir: Path, last_checkpoint: tuple[Path, int] | None) -> str:
-    """What went wrong at ``step``, the likely causes and how to go on."""
+# Settings whose size can make training diverge; named in the message when a run sets them off their defaults.
+DIVERGENCE_SUSPECTS = (
+    "optim.lr",
+    "optim.alpha_p",
+    "optim.weight_decay",
+    "optim.predictor_weight_decay",
+    "predictor.eps",
+    "predictor.c",
+    "method.ema",
+)
+
+
+def fault_message(
+    fault: str,
+    step: int,
+    lr: float,
+    run_dir: Path,
+    last_checkpoint: tuple[Path, int] | None,
+    changed: dict[str, Any] | None = None,
+) -> str:
+    """What went wrong at ``step``, the likely causes and how to go on. ``changed``: the run's settings of
+    :data:`DIVERGENCE_SUSPECTS` that differ from their defaults (a predictor.eps of 1e300 diverged with a message
+    that blamed only the learning rate)."""
+    others = {k: v for k, v in (changed or {}).items() if k != "optim.lr"}
+    also = (
+        f" The run also sets {', '.join(f'{k}={v}' for k, v in others.items())} off their defaults: a value too "
+        "large there diverges too."
+        if others
+        else ""
+    )
     if last_checkpoint is not None:
         path, at = last_checkpoint
         where = (
@@ -130,6 +158,6 @@ def fault_message(fault: str, step: int, lr: float, run_dir: Path, last_checkpoi
     return (
         f"{fault} at step {step}; training stopped. Likely causes: a learning rate too high for this "
         f"batch size (optim.lr={lr}), fp16 overflow (try train.precision=bf16 or fp32), or corrupt "
-        f"inputs. Nothing from this step was written. {where} To skip isolated bad steps instead, set "
+        f"inputs.{also} Nothing from this step was written. {where} To skip isolated bad steps instead, set "
         f"train.skip_nonfinite to the number of steps that may be skipped."
     )

@@ -65,6 +65,7 @@ from directpred.train.checkpoint import (
     stored_config,
 )
 from directpred.train.faults import (
+    DIVERGENCE_SUSPECTS,
     NonFiniteGuard,
     TrainingDiverged,
     TrainingError,
@@ -451,7 +452,11 @@ class Trainer:
 
     def _fault_message(self, fault: str) -> str:
         # The step being taken, numbered as metrics.jsonl and TensorBoard number it (self.step steps are done).
-        return fault_message(fault, self.step + 1, self.cfg.optim.lr, self.run_dir, self.last_checkpoint)
+        from directpred.config import flatten
+
+        now, default = flatten(self.cfg.to_dict()), flatten(Config().to_dict())
+        changed = {k: now[k] for k in DIVERGENCE_SUSPECTS if now.get(k) != default.get(k)}
+        return fault_message(fault, self.step + 1, self.cfg.optim.lr, self.run_dir, self.last_checkpoint, changed)
 
     # ------------------------------------------------------------------------------------------------------------
     # The loop

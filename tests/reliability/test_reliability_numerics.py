@@ -312,3 +312,19 @@ def test_nonfinite_features_give_nan_accuracies_and_the_run_finishes(tiny_overri
     assert main(["eval", str(run)]) == 0
     assert "knn_top1: training run reported nan %, now nan %" in capsys.readouterr().out
     assert "nan: the features were non-finite (NaN or inf; a diverged model?), so no accuracy can be read" in out
+
+
+def test_a_divergence_names_the_runs_settings_that_can_cause_one(tiny_overrides, tmp_path):
+    """predictor.eps=1e300 or optim.weight_decay=1e30 diverged with a message that blamed only the learning rate:
+    the settings the run moved off their defaults that can diverge are named beside it."""
+    trainer = _trainer(tiny_overrides, tmp_path, "predictor.eps=0.5", "optim.alpha_p=3")
+    _poison_loss_at(trainer, {1})
+    with pytest.raises(TrainingError) as info:
+        trainer.fit()
+    msg = str(info.value)
+    assert "The run also sets optim.alpha_p=3.0, predictor.eps=0.5 off their defaults: a value too large" in msg
+    plain = _trainer(tiny_overrides, tmp_path / "plain")
+    _poison_loss_at(plain, {1})
+    with pytest.raises(TrainingError) as info:
+        plain.fit()
+    assert "off their defaults" not in str(info.value)
