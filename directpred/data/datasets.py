@@ -12,6 +12,7 @@ tells network, disk and data problems apart.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import io
@@ -428,6 +429,14 @@ def load_folder_splits(
         return _read_cache(cache)
     except (OSError, _CacheUnreadable) as exc:
         if damaged is None and isinstance(exc, OSError):
+            root = Path(cache_dir).expanduser()
+            denied = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+            if denied and exc.filename and Path(os.fsdecode(exc.filename)).is_relative_to(root):
+                # a cache folder that cannot be made (data.cache_dir=/sys/cache): the message said to resume
+                raise DataError(
+                    f"data.cache_dir={root}: cannot write the decoded-data cache there ({exc.strerror or exc}: "
+                    f"{exc.filename}); set data.cache_dir to a writable folder (default ~/.cache/directpred)"
+                ) from None
             raise  # no cache before: a failure to write the first one is the disk's (the CLI says so)
         if isinstance(exc, OSError):
             reason = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")

@@ -365,3 +365,28 @@ def test_a_file_that_is_no_archive_is_named_in_one_line(tmp_path):
     with pytest.raises(DataError, match=r"images.tar.gz is neither a directory nor a readable tar archive \(") as info:
         list_members(broken)
     assert "\n" not in str(info.value)
+
+
+def test_a_cache_dir_that_cannot_be_written_is_named_with_the_fix(tiny_overrides, tmp_path, monkeypatch):
+    """data.cache_dir=/sys/cache: the message blamed the disk and said to resume, before anything had run."""
+    import errno
+
+    from directpred.config import load_config
+    from directpred.data import datasets
+
+    def denied(path, cache, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(cache))
+
+    monkeypatch.setattr(datasets, "_build_cache", denied)
+    cfg = load_config(None, tiny_overrides + [f"data.cache_dir={tmp_path / 'ro'}"]).data
+    with pytest.raises(
+        DataError, match=r"data.cache_dir=.*/ro: cannot write the decoded-data cache there \(Permission"
+    ):
+        datasets.load_data(cfg)
+
+    def full(path, cache, *args, **kwargs):  # a full disk stays the disk's error (the CLI's message)
+        raise OSError(errno.ENOSPC, "No space left on device", str(cache))
+
+    monkeypatch.setattr(datasets, "_build_cache", full)
+    with pytest.raises(OSError, match="No space left"):
+        datasets.load_data(cfg)
