@@ -184,9 +184,9 @@ class DataConfig:
     image_size: int = 0
     """Training and test image size; 0: the dataset's own size."""
     train_subset: int = 0
-    """A class-balanced subset of this many training images; 0: all."""
+    """A class-balanced subset of this many training images (at least one per class); 0: all."""
     test_subset: int = 0
-    """A class-balanced subset of this many test images (quick evaluations); 0: all."""
+    """A class-balanced subset of this many test images (quick evaluations; at least one per class); 0: all."""
     workers: int = 0
     """DataLoader worker processes decoding a streamed data set (`data.stream`); 0: in this process."""
     skip_corrupt: bool = False
