@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from directpred.backbones import resolve_channels_last
     from directpred.cli.train import command_line
     from directpred.config import load_config, read_json_object, read_run_config, run_holding
-    from directpred.data.datasets import DataBundle, DataError, load_data
+    from directpred.data.datasets import DataBundle, load_data_shared
     from directpred.data.stream import StreamData, load_stream_data
     from directpred.eval.protocol import evaluate
     from directpred.methods import build_method
@@ -130,9 +130,8 @@ def run(args: argparse.Namespace) -> int:
     data: DataBundle | StreamData
     if cfg.data.stream:
         data = load_stream_data(cfg.data)
-    else:  # as Trainer.setup: process 0 decodes and caches, the others read its cache (or stop if it failed)
-        loaded = distributed.on_main(lambda: load_data(cfg.data, seed=cfg.train.seed), "load the data", DataError)
-        data = loaded if loaded is not None else load_data(cfg.data, seed=cfg.train.seed)
+    else:
+        data = load_data_shared(cfg.data, seed=cfg.train.seed)
     results = evaluate(
         method,
         data,
@@ -207,8 +206,6 @@ def _check_json_target(json_out: str, run_dir: Path | None, untrained: bool) -> 
 
     from directpred.export import _check_export_target
 
-    if not json_out.strip():
-        raise ConfigError("--json is empty; give the path of the JSON file to write, or leave --json out")
     default = None if run_dir is None else run_dir / ("eval_untrained.json" if untrained else "eval.json")
     if default is not None and os.path.realpath(json_out) == os.path.realpath(default):
         return

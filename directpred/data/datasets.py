@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from directpred import distributed
 from directpred.config import DataConfig, path_exists
 from directpred.files import fsync_dir
 
@@ -743,3 +744,11 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
                 f"at least {classes} (0: all images)"
             )
     return DataBundle(pretrain, train, test, name)
+
+
+def load_data_shared(cfg: DataConfig, seed: int = 0) -> DataBundle:
+    """:func:`load_data` in every process of a torchrun group, process 0 first: it decodes and caches the images, the
+    others then read its cache (N processes decoding at once did the work N times), and all stop with process 0's
+    reason if it fails. In a single process: :func:`load_data`."""
+    loaded = distributed.on_main(lambda: load_data(cfg, seed=seed), "load the data", DataError)
+    return loaded if loaded is not None else load_data(cfg, seed=seed)

@@ -33,7 +33,7 @@ from directpred import distributed
 from directpred.backbones import resolve_channels_last
 from directpred.config import Config, ConfigError, check_schedule, length_schedules, read_run_config
 from directpred.data.augment import TwoViewAugment
-from directpred.data.datasets import DataBundle, DataError, load_data
+from directpred.data.datasets import DataBundle, load_data_shared
 from directpred.data.order import step_generator
 from directpred.data.stream import (
     BatchSource,
@@ -221,9 +221,7 @@ class Trainer:
         if data is None and cfg.data.stream:
             data = load_stream_data(cfg.data)  # lists the files (or reads the shards' headers); decodes nothing
         if data is None:  # rank 0 decodes and caches first; the others read its cache, or stop if it failed
-            data = distributed.on_main(lambda: load_data(cfg.data, seed=cfg.train.seed), "load the data", DataError)
-            if data is None:
-                data = load_data(cfg.data, seed=cfg.train.seed)
+            data = load_data_shared(cfg.data, seed=cfg.train.seed)
         if isinstance(data, DataBundle) and self.device.type == "cuda" and data.pretrain.images.numel() < 8 * 2**30:
             # Keep the decoded uint8 images on the GPU: batches are gathered and augmented there.
             data.pretrain.images = data.pretrain.images.to(self.device)

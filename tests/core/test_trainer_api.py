@@ -22,7 +22,7 @@ def test_constructing_a_trainer_touches_nothing(tiny_overrides, tmp_path, monkey
     def no_data(*args, **kwargs):
         raise AssertionError("data loaded at construction")
 
-    monkeypatch.setattr(loop_module, "load_data", no_data)
+    monkeypatch.setattr(loop_module, "load_data_shared", no_data)
     trainer = Trainer(load_config(None, tiny_overrides + ["train.max_steps=1"]), tmp_path / "run")
     assert not (tmp_path / "run").exists()
     assert not hasattr(trainer, "data") and not hasattr(trainer, "method")  # nothing loaded or built yet
