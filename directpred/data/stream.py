@@ -602,9 +602,14 @@ def jpeg_backend(name: str = "auto") -> str:
 
 @functools.cache
 def _torchcodec_import_error() -> str | None:
-    """Why ``torchcodec.decoders`` cannot be imported, or None (tried once per process)."""
+    """Why TorchCodec's ``decode_jpeg`` cannot be imported, or None (tried once per process). Releases before its
+    image decoding (0.16) import but have no ``decode_jpeg``: those count as missing too."""
     try:
-        import torchcodec.decoders  # noqa: F401
+        from torchcodec.decoders import decode_jpeg  # noqa: F401
+    except ImportError as exc:
+        if "decode_jpeg" in str(exc):
+            return "this TorchCodec release has no decode_jpeg (added in 0.16)"
+        return f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # noqa: BLE001 - a wheel built for another torch fails with OSError/RuntimeError
         return f"{type(exc).__name__}: {exc}"
     return None

@@ -320,6 +320,27 @@ def test_jpeg_backend_falls_back_or_names_the_fix(monkeypatch):
         _torchcodec_import_error.cache_clear()
 
 
+def test_jpeg_backend_treats_a_torchcodec_without_decode_jpeg_as_missing(monkeypatch):
+    """TorchCodec releases before 0.16 (e.g. 0.11, the one for torch 2.11) import but decode only video and audio:
+    ``auto`` must fall back to torchvision rather than fail at the first batch."""
+    import sys
+    import types
+
+    from directpred.data.stream import _torchcodec_import_error
+
+    old = types.ModuleType("torchcodec.decoders")
+    old.VideoDecoder = object  # what an old release's torchcodec.decoders offers: no decode_jpeg
+    monkeypatch.setitem(sys.modules, "torchcodec", types.ModuleType("torchcodec"))
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", old)
+    _torchcodec_import_error.cache_clear()
+    try:
+        assert jpeg_backend("auto") == "torchvision"
+        with pytest.raises(DataError, match="no decode_jpeg \\(added in 0.16\\).*use the torchvision backend"):
+            jpeg_backend("torchcodec")
+    finally:
+        _torchcodec_import_error.cache_clear()
+
+
 def test_batched_device_decode_replaces_a_corrupt_jpeg_like_the_workers(mixed, tmp_path):
     """Under skip_corrupt a truncated JPEG is replaced by the next decodable image on the batched path too (through
     the Pillow fallback), and the labels follow the images used, exactly as on the workers' path."""
