@@ -49,6 +49,8 @@ dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
 print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, CUDA {torch.version.cuda}, "
       f"commit {commit}{'+dirty' if dirty.strip() else ''}, batched JPEG decoder (auto): {jpeg_backend()}")
 PY
+# the commit above can be stale on a device machine's copy: this digest identifies the code (source_digest.py)
+echo "source digest: $("$PY" benchmarks/source_digest.py)"
 if "$PY" -c "import gc, sys, torch; gc.freeze(); sys.exit(0 if torch.cuda.is_available() else 1)"; then
   DEV=cuda; PREC=bf16; DECODE_IMAGES=512; STEPS=30; EPOCHS=2; DIMS=128,256,512,1024,2048,4096
   SIZE=(--set backbone.width=64)

@@ -125,3 +125,35 @@ def test_augment_syncs_benchmark_counts_no_host_device_sync_per_two_view_call(tm
         assert m["syncs"] == 0 and m["mixed_device_ops"] == {}, (name, m["syncs_by_call"], m["mixed_device_ops"])
         assert m["params_on_device_syncs_by_call"]["nonzero"] >= 38, (name, m["params_on_device_syncs_by_call"])
         assert m["params_on_device_syncs"] > 40
+
+
+def test_source_digest_names_the_code_and_ignores_results_and_caches(tmp_path):
+    """The digest that identifies a device run's code: it moves with a source file's bytes or name, and not with the
+    results the run writes, byte-compiled caches or files outside the code folders; the command line prints it."""
+    import hashlib
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from source_digest import source_digest
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    for rel, text in [("directpred/a.py", "x = 1\n"), ("configs/c.yaml", "k: 1\n"), ("benchmarks/b.sh", "echo\n")]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    (tmp_path / "sweeps").mkdir()
+    expected = hashlib.sha256()  # the documented rule, computed independently: sorted paths, path NUL bytes NUL
+    for rel in ["benchmarks/b.sh", "configs/c.yaml", "directpred/a.py"]:
+        expected.update(rel.encode() + b"\0" + (tmp_path / rel).read_bytes() + b"\0")
+    base = source_digest(tmp_path)
+    assert base == expected.hexdigest()
+    for rel in ["benchmarks/results/r.json", "directpred/__pycache__/a.pyc", "docs/d.md", "README.md"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("noise")
+    assert source_digest(tmp_path) == base
+    (tmp_path / "directpred/a.py").write_text("x = 2\n")
+    changed = source_digest(tmp_path)
+    assert changed != base
+    (tmp_path / "directpred/a.py").rename(tmp_path / "directpred/b.py")
+    assert source_digest(tmp_path) not in (base, changed)
+    proc = subprocess.run([sys.executable, "benchmarks/source_digest.py"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == source_digest(REPO)
