@@ -39,19 +39,25 @@ for wheel in .gpu_data/*.whl; do
   fi
 done
 [[ -d "$SITE" ]] && export PYTHONPATH="$PYTHONPATH:$SITE"
-# (gc.freeze: the exit skips its collection over what importing torch made, 1-2 s of each one-liner on 2 cores)
-"$PY" - <<'PY' || { echo "gpu_check: the package cannot be imported; nothing else runs"; exit 1; }
-import gc, subprocess, torch, torchvision, directpred.data.augment, directpred.train  # noqa: E401,F401
+# One interpreter checks the imports, names the versions and the code, and says whether CUDA is there. (gc.freeze:
+# the exit skips its collection over what importing torch made, 1-2 s on 2 cores.)
+# The commit can be stale on a device machine's copy: the digest identifies the code (benchmarks/source_digest.py).
+CUDA_AVAILABLE=$("$PY" - <<'PY'
+import gc, subprocess, sys, torch, torchvision, directpred.data.augment, directpred.train  # noqa: E401,F401
 from directpred.data.stream import jpeg_backend
+sys.path.insert(0, "benchmarks")
+from source_digest import source_digest
 gc.freeze()
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
 print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, CUDA {torch.version.cuda}, "
-      f"commit {commit}{'+dirty' if dirty.strip() else ''}, batched JPEG decoder (auto): {jpeg_backend()}")
+      f"commit {commit}{'+dirty' if dirty.strip() else ''}, batched JPEG decoder (auto): {jpeg_backend()}",
+      file=sys.stderr)
+print(f"source digest: {source_digest()}", file=sys.stderr)
+print("yes" if torch.cuda.is_available() else "no")
 PY
-# the commit above can be stale on a device machine's copy: this digest identifies the code (source_digest.py)
-echo "source digest: $("$PY" benchmarks/source_digest.py)"
-if "$PY" -c "import gc, sys, torch; gc.freeze(); sys.exit(0 if torch.cuda.is_available() else 1)"; then
+) || { echo "gpu_check: the package cannot be imported; nothing else runs"; exit 1; }
+if [[ $CUDA_AVAILABLE == yes ]]; then
   DEV=cuda; PREC=bf16; DECODE_IMAGES=512; STEPS=30; EPOCHS=2; DIMS=128,256,512,1024,2048,4096
   SIZE=(--set backbone.width=64)
   SWEEP=(--set train.epochs=2 --devices auto)

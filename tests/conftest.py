@@ -125,6 +125,14 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(1, n)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` (each tens of seconds: whole runs in subprocesses) run first, in their collected order,
+    the rest after them as collected. Under pytest-xdist the short tests then fill the workers' time around the long
+    ones; collected alphabetically, a 90-s test could start last and leave the other worker idle that long. Tests
+    that share a module-scoped fixture are not marked, so none is set up twice."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort: the order is otherwise kept
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """The tests are over: the interpreter's exit need not walk torch's import-time objects (1-2 s on 2 cores)."""
     import gc

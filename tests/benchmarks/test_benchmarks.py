@@ -15,6 +15,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_gpu_check_cpu_fallback(tiny_archive, tmp_path):
     if torch.cuda.is_available():  # the fallback is what CI machines (no GPU) run
         pytest.skip("a GPU is present: gpu_check.sh runs its GPU path, not the CPU fallback tested here")
@@ -29,6 +30,7 @@ def test_gpu_check_cpu_fallback(tiny_archive, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "CPU fallback" in proc.stdout and "gpu_check summary" in proc.stdout
+    assert re.search(r"^source digest: [0-9a-f]{64}$", proc.stderr, re.M), proc.stderr[-3000:]  # the code, named
     # step 0: the batched decode tests (their CUDA cases skip here) and the decode benchmark, per decoder
     assert "FAILED" not in proc.stdout and re.search(r"\b[4-9] passed, [2-4] skipped", proc.stdout), proc.stdout
     decode = json.loads((tmp_path / "out" / "decode_cpu.json").read_text())["batched_decode"]
@@ -92,6 +94,7 @@ def test_diagnostics_benchmark_refuses_a_report_period_it_cannot_use(args, messa
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_proxy_check_kill_and_resume_from_shards_equals_the_folder_run(tmp_path):
     """benchmarks/proxy_check.py at a tiny size: the shard run, killed after a checkpoint and resumed, ends with every
     checkpoint tensor equal to the folder run's, and the same figures."""

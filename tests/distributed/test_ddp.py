@@ -158,6 +158,7 @@ def test_two_processes_equal_one_process_on_the_global_batch(
         torch.testing.assert_close(model["online.predictor.corr"], ref["online.predictor.corr"], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_two_process_run_resumes_and_gathers_features(tiny_overrides, tmp_path):
     over = tiny_overrides + ["train.batch_size=8", "train.epochs=2", "train.checkpoint_every_steps=2"]
     # The online probe's counts of a logging window (4 steps) that the stop at step 5 cuts: summed over both ranks.
@@ -203,6 +204,7 @@ def test_two_process_run_resumes_and_gathers_features(tiny_overrides, tmp_path):
     assert single["knn_top1"] == pytest.approx(summary["knn_top1"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_run_directory_locked_by_another_process_stops_every_rank_at_once(tiny_overrides, tmp_path):
     """Only process 0 takes the run directory's lock. Refused, it exited while process 1 waited for it in the process
     group's rendezvous, where no signal handler runs: torchrun's SIGTERM did nothing and its SIGKILL came 30 s later.

@@ -13,6 +13,7 @@ from test_ddp import REPO, as_args, torchrun
 from directpred.cli import main
 
 
+@pytest.mark.slow
 def test_two_process_streamed_run_equals_two_process_in_memory_run(tiny_overrides, tmp_path):
     data = write_mixed_folder(tmp_path / "data", n_per_class=10, classes=3)
     over = tiny_overrides + [

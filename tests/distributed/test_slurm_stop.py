@@ -38,6 +38,7 @@ def _tree(pid: int) -> dict[int, int]:
     return found
 
 
+@pytest.mark.slow
 def test_slurm_style_sigterm_to_every_process_stops_after_a_step_and_resumes(tiny_overrides, tmp_path):
     data = write_mixed_folder(tmp_path / "data", n_per_class=10, classes=3)
     run = tmp_path / "run"

@@ -112,6 +112,7 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     assert ra["knn_top1"] == rb["knn_top1"] and ra["steps"] == rb["steps"]
 
 
+@pytest.mark.slow
 def test_killed_and_stopped_at_random_moments_then_resumed_equals_uninterrupted(config_file, reference, tmp_path):
     """SIGKILL during start-up and at two random steps, SIGTERM at a random mid-epoch step; each signal comes a
     random delay after its step was logged, so kills land in forward passes or checkpoint writes. After every
