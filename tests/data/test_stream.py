@@ -341,22 +341,24 @@ def test_jpeg_backend_treats_a_torchcodec_without_decode_jpeg_as_missing(monkeyp
         _torchcodec_import_error.cache_clear()
 
 
-def test_batched_device_decode_replaces_a_corrupt_jpeg_like_the_workers(mixed, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_batched_device_decode_replaces_a_corrupt_jpeg_like_the_workers(mixed, tmp_path, device):
     """Under skip_corrupt a truncated JPEG is replaced by the next decodable image on the batched path too (through
-    the Pillow fallback), and the labels follow the images used, exactly as on the workers' path."""
+    the Pillow fallback), and the labels follow the images used, exactly as on the workers' path (with nvJPEG where
+    CUDA exists: its error on the bad file must send the batch down the one-by-one path, not stop it)."""
     root = tmp_path / "bad"
     shutil.copytree(mixed, root)
     victim = sorted((root / "train" / "n00000001").glob("*.JPEG"))[0]
     victim.write_bytes(victim.read_bytes()[:200])  # truncated: decode_jpeg and Pillow both refuse it
     reader = FolderReader(root, "train")
-    batched = StreamSource(reader, SIZE, batch_size=len(reader), seed=0, skip_corrupt=True, decode_device="cpu")
+    batched = StreamSource(reader, SIZE, batch_size=len(reader), seed=0, skip_corrupt=True, decode_device=device)
     workers = StreamSource(reader, SIZE, batch_size=len(reader), seed=0, skip_corrupt=True)
     with pytest.warns(RuntimeWarning, match="corrupt"):
         ((images, labels),) = list(batched.labelled_batches(0))
     with pytest.warns(RuntimeWarning, match="corrupt"):
         ((ref_images, ref_labels),) = list(workers.labelled_batches(0))
-    assert torch.equal(labels, ref_labels) and batched.skipped == workers.skipped == [str(victim)]
-    assert (images.float() - ref_images.float()).abs().mean() < 6
+    assert torch.equal(labels.cpu(), ref_labels) and batched.skipped == workers.skipped == [str(victim)]
+    assert images.device.type == device and (images.cpu().float() - ref_images.float()).abs().mean() < 6
 
 
 def test_held_out_class_absent_from_train_is_refused_not_dropped(tmp_path, mixed):
