@@ -25,20 +25,7 @@ DEST=${2:-${OUT:-/tmp/gpu_check}}
 BUDGET=${BUDGET:-420}
 START=$(date +%s)
 mkdir -p "$DEST"
-PY=${PYTHON:-$(command -v python3 || command -v python)}
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fail() { echo "gpu_check: $1 FAILED (see above)"; }
-# carried wheels (.gpu_data/NAME-VERSION-*.whl): installed only where NAME does not import, so nothing shadows the
-# machine's own packages (a TorchCodec wheel built for another torch would not load)
-SITE=/tmp/gpu_check_site
-for wheel in .gpu_data/*.whl; do
-  [[ -e "$wheel" ]] || continue
-  name=$(basename "$wheel"); name=${name%%-*}
-  if ! "$PY" -c "import gc, $name; gc.freeze()" 2>/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$wheel" && echo "gpu_check: installed $wheel"
-  fi
-done
-[[ -d "$SITE" ]] && export PYTHONPATH="$PYTHONPATH:$SITE"
+source "$(dirname "$0")/gpu_env.sh"
 # One interpreter checks the imports, names the versions and the code, and says whether CUDA is there. (gc.freeze:
 # the exit skips its collection over what importing torch made, 1-2 s on 2 cores.)
 # The commit can be stale on a device machine's copy: the digest identifies the code (benchmarks/source_digest.py).
