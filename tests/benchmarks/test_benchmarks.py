@@ -160,3 +160,18 @@ def test_source_digest_names_the_code_and_ignores_results_and_caches(tmp_path):
     assert source_digest(tmp_path) not in (base, changed)
     proc = subprocess.run([sys.executable, "benchmarks/source_digest.py"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == source_digest(REPO)
+
+
+def test_throughput_names_the_step_its_pipeline_ratio_is_against(tmp_path):
+    """Without DirectPred among the predictors, the pipeline / step ratio is against the measured predictor's step,
+    and says so (it was labelled "directpred freq 1" whatever it was against)."""
+    out = tmp_path / "t.json"
+    tiny = ["backbone.width=4", "projector.hidden_dim=32", "train.batch_size=8", "train.precision=fp32"]
+    args = ["--synthetic", "--steps", "1", "--warmup", "1", "--predictors", "linear", "--eigh-dims", "", "--out"]
+    proc = _benchmark("throughput.py", *args, str(out), *[a for kv in tiny for a in ("--set", kv)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    t = json.loads(out.read_text())
+    assert t["pipeline_over_step_of"] == "linear" and "pipeline / step (linear):" in proc.stdout
+    assert t["pipeline_over_step"] == pytest.approx(
+        t["pipeline"]["images_per_s"] / t["steps"]["linear"]["step_images_per_s"]
+    )
