@@ -49,6 +49,7 @@ from directpred.data.stream import (
     decode_jpeg_cuda,
     jpeg_backend,
 )
+from directpred.runtime import git_commit
 
 
 def _rate(n: int, seconds: float) -> float:
@@ -188,6 +189,14 @@ def rss_child(root: Path, steps: int) -> dict[str, float]:
     }
 
 
+def _source_digest() -> str:
+    """benchmarks/source_digest.py's digest of the code (imported here, when the script runs: the module sits beside
+    it, on sys.path then, and not when a test imports this file to read its options)."""
+    from source_digest import source_digest
+
+    return source_digest(Path(__file__).resolve().parents[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="write the results as JSON here")
@@ -211,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         files = list((big / "train").rglob("*.JPEG"))
         mean_kb = sum(f.stat().st_size for f in files) / len(files) / 1024
         results: dict = {
+            "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+            "commit": git_commit(),  # can be stale in a device machine's copy: the digest names the code
+            "source_digest": _source_digest(),
+            "images": a.images,
             "machine": {
                 "cpus": os.cpu_count(),
                 "load_avg_1min_before": os.getloadavg()[0],

@@ -81,6 +81,14 @@ def synthetic_data(n: int = 4096, size: int = 32) -> DataBundle:
     return DataBundle(arr, arr, arr, "synthetic")
 
 
+def _source_digest() -> str:
+    """benchmarks/source_digest.py's digest of the code (imported here, when the script runs: the module sits beside
+    it, on sys.path then, and not when a test imports this file to read its options)."""
+    from source_digest import source_digest
+
+    return source_digest(Path(__file__).resolve().parents[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/cpu/quickstart.yaml", help="training config to benchmark")
@@ -104,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "commit": git_commit(),
+        "source_digest": _source_digest(),  # names the code where commit cannot
         "config": args.config,
         "overrides": args.set,
         "batch_size": base.train.batch_size,

@@ -66,6 +66,8 @@ def test_stream_benchmark_runs_with_fewer_images_than_one_batch(tmp_path):
     results = json.loads(out.read_text())
     assert results["batched_decode"]["batched_decode_torchvision_cpu_images_per_s"] > 0
     assert results["throughput"]["images"] == 4 and results["throughput"]["worker_decode_images_per_s"] > 0
+    # what ran is recorded in the file itself: the command, the image count, the code (a digest git cannot go stale on)
+    assert results["images"] == 8 and "--images 8" in results["command"] and len(results["source_digest"]) == 64
     assert [r["images_in_set"] for r in results["rss"]] == [64]
 
 
@@ -172,6 +174,7 @@ def test_throughput_names_the_step_its_pipeline_ratio_is_against(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     t = json.loads(out.read_text())
     assert t["pipeline_over_step_of"] == "linear" and "pipeline / step (linear):" in proc.stdout
+    assert len(t["source_digest"]) == 64 and "--synthetic" in t["command"]
     assert t["pipeline_over_step"] == pytest.approx(
         t["pipeline"]["images_per_s"] / t["steps"]["linear"]["step_images_per_s"]
     )
