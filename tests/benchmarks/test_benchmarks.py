@@ -178,3 +178,29 @@ def test_throughput_names_the_step_its_pipeline_ratio_is_against(tmp_path):
     assert t["pipeline_over_step"] == pytest.approx(
         t["pipeline"]["images_per_s"] / t["steps"]["linear"]["step_images_per_s"]
     )
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "benchmarks").glob("*.sh")))
+def test_benchmark_shell_scripts_parse(script):
+    """Every shell script of benchmarks/ is valid bash (``bash -n``): the GPU scripts run where no one is watching,
+    once, and a syntax error found there costs a whole device session."""
+    proc = subprocess.run(["bash", "-n", f"benchmarks/{script}"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_gpu_imagenet_step_names_configs_and_predictors_that_exist():
+    """gpu_imagenet_step.sh (no CPU test run: minutes of ResNet-50) loops over configs/imagenet/byol_<P>_<R>.yaml and
+    throughput.py's step variants: each must exist, each config must name the predictor it is timed with."""
+    from directpred.config import load_config
+
+    text = (REPO / "benchmarks" / "gpu_imagenet_step.sh").read_text()
+    recipes = re.search(r"for recipe in ([\w ]+); do", text).group(1).split()
+    pairs = [p.split(":") for p in re.search(r"for pred in ([\w: ]+); do", text).group(1).split()]
+    variants = dict(
+        re.findall(r'\("(\w+)", \["predictor.name=(\w+)"', (REPO / "benchmarks" / "throughput.py").read_text())
+    )
+    assert recipes == ["60ep", "300ep"] and len(pairs) == 3
+    for recipe in recipes:
+        for config_name, variant in pairs:
+            cfg = load_config(REPO / "configs" / "imagenet" / f"byol_{config_name}_{recipe}.yaml", ["data.path=."])
+            assert variants[variant] == cfg.predictor.name == config_name, (recipe, config_name, variant)
