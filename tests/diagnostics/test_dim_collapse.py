@@ -135,8 +135,8 @@ def test_replay_of_the_committed_runs_matches_training_and_the_documented_flags(
     # 12 of IsoLoss (§1h), 12 of c_j at freq 2 (§1i), 6 of fp32/bf16 on the AMX Xeon (§1j), 16 of weight decay (§1k),
     # 18 of the optimal predictor (§1l), 9 of the partitions (§1m), 21 of §1's seeds 3-5, 12 of the two-layer
     # predictor, regular or tied, with or without biases (§1n), 12 of its seeds 3-5, 3 of the freq = 5 hybrid (§1o),
-    # §1o's rerun of §1c's seed 0 and the two 12-epoch runs (§1p)
-    assert len(runs) == 227
+    # §1o's rerun of §1c's seed 0, the two 12-epoch runs (§1p) and 6 of Table 2's weight decay (§1q)
+    assert len(runs) == 233
     dim_flags = {}
     for run_dir in runs:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
