@@ -606,11 +606,9 @@ def _torchcodec_import_error() -> str | None:
     image decoding (0.16) import but have no ``decode_jpeg``: those count as missing too."""
     try:
         from torchcodec.decoders import decode_jpeg  # noqa: F401
-    except ImportError as exc:
-        if "decode_jpeg" in str(exc):
-            return "this TorchCodec release has no decode_jpeg (added in 0.16)"
-        return f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # noqa: BLE001 - a wheel built for another torch fails with OSError/RuntimeError
+        if isinstance(exc, ImportError) and "decode_jpeg" in str(exc):
+            return "this TorchCodec release has no decode_jpeg (added in 0.16)"
         return f"{type(exc).__name__}: {exc}"
     return None
 

@@ -101,18 +101,14 @@ def _prepare(run_dir: Path, ckpt_dir: Path, *, resume: bool) -> None:
             f"{run_dir} already holds a finished run ({summary}; its checkpoints/last.pt is gone) that a new run "
             f"would overwrite; choose another --out, or remove {run_dir} to start over there"
         )
-    elif (run_dir / "config.yaml").is_file() and not (run_dir / "command.txt").is_file():
-        # every run writes both: this config.yaml is someone's file, not a run's
+    elif not (run_dir / "command.txt").is_file() and (
+        foreign := next((n for n in ("config.yaml", "metrics.jsonl") if (run_dir / n).is_file()), None)
+    ):
+        # a run writes command.txt with its config.yaml, before its first metrics row: without it, either file is
+        # someone else's, which the new run would overwrite (the logger truncates metrics.jsonl)
         raise TrainingError(
-            f"{run_dir} holds a config.yaml that no run wrote (no command.txt beside it) and a new run would "
+            f"{run_dir} holds a {foreign} that no run wrote (no command.txt beside it) and a new run would "
             "overwrite it; choose another --out (an empty or new directory)"
-        )
-    elif (run_dir / "metrics.jsonl").is_file() and not (run_dir / "command.txt").is_file():
-        # a run writes command.txt before its first metrics row: this log is someone's file, which the new run's
-        # logger would have truncated and appended to
-        raise TrainingError(
-            f"{run_dir} holds a metrics.jsonl that no run wrote (no command.txt beside it) and a new run would "
-            "edit it; choose another --out (an empty or new directory)"
         )
     # Fail before any work rather than at the first checkpoint (also on resume: the disk may be full now).
     try:
